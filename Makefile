@@ -1,0 +1,35 @@
+# dcn-inspect: set-up, demo and tests on a fresh machine.
+# torch is pinned to the machine's local CPU build here (an unpinned torch pulls a multi-GB
+# CUDA build); the package itself only requires torch>=2.1. Override with TORCH_SPEC=...
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+OUT ?= dcn-inspect-out
+
+.PHONY: setup demo test ops bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "setuptools>=64" wheel
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+# Build (or load from cache) the native ops and show what is active.
+ops: setup
+	$(BIN)/dcn-inspect doctor
+
+demo: ops
+	$(BIN)/dcn-inspect models
+
+test: ops
+	$(BIN)/python -m pytest -q -p no:cacheprovider cli_tests
+
+bench: ops
+	$(BIN)/python bench/ops.py
+
+clean:
+	rm -rf $(VENV) $(OUT) build *.egg-info

@@ -1,0 +1,3 @@
+from dcn_inspect.cli import main
+
+main()

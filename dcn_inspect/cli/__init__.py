@@ -1,0 +1,46 @@
+"""Command-line interface. Each command lives in its own module and only parses and calls
+the library function beside it; :func:`main` turns input errors into one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+import warnings
+
+from dcn_inspect.cli.app import app, state
+from dcn_inspect.errors import InputError
+
+# Importing a command module registers its command on ``app``.
+from dcn_inspect.cli import doctor  # noqa: E402,F401
+
+
+def main() -> None:
+    """Entry point of the ``dcn-inspect`` console script."""
+    warnings.filterwarnings("once", category=RuntimeWarning, module="dcn_inspect")
+    try:
+        app(standalone_mode=False)
+    except SystemExit:
+        raise
+    except InputError as exc:
+        if state["debug"]:
+            traceback.print_exc()
+        print(f"dcn-inspect: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("dcn-inspect: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - last resort: never a bare traceback for users
+        # Typer vendors click; recognise its exceptions by shape rather than by import path.
+        if type(exc).__name__ == "Abort":
+            print("dcn-inspect: aborted", file=sys.stderr)
+            sys.exit(1)
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
+            exc.show()  # usage errors: Typer's message, exit code 2
+            sys.exit(exc.exit_code)
+        if state["debug"]:
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"dcn-inspect: internal error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,39 @@
+"""``dcn-inspect doctor``: what this installation can do."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dcn_inspect.cli.app import app
+
+
+@app.command(epilog="Example: dcn-inspect doctor")
+def doctor() -> None:
+    """Show torch version, devices, which ops backend is active, and the ops build cache."""
+    import torch
+
+    from dcn_inspect.ops import backend_info
+
+    started = time.perf_counter()
+    info = backend_info()
+    elapsed = time.perf_counter() - started
+    table = Table(title="dcn-inspect doctor", show_header=False)
+    table.add_row("python", platform.python_version())
+    table.add_row("torch", torch.__version__)
+    cuda = f"{torch.cuda.device_count()} device(s): " + ", ".join(
+        torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+    ) if torch.cuda.is_available() else "not available"
+    table.add_row("cpu threads", str(torch.get_num_threads()))
+    table.add_row("cuda", cuda)
+    table.add_row("ops backend", f"{info.name} (requested: {info.requested})")
+    if info.error:
+        table.add_row("native ops error", info.error)
+    for key, value in sorted(info.details.items()):
+        table.add_row(f"ops {key}", str(value))
+    table.add_row("backend load time", f"{elapsed:.2f} s")
+    Console().print(table)

@@ -1,0 +1,148 @@
+"""One way for every command to get a model: ``load_model(spec, weights, device)``.
+
+``spec`` is a registered architecture name (weights from ``--weights`` or its bundled
+weights), a checkpoint path (native format; other formats are recognised by
+:mod:`dcn_inspect.importers`), or ``path/to/file.py:function`` returning an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from dcn_inspect.checkpoint import is_native, read_checkpoint_file, sha256_file
+from dcn_inspect.errors import InputError
+from dcn_inspect.models import registry
+from dcn_inspect.models.registry import Preprocess
+
+#: The model every command uses when ``--model`` is not given.
+DEFAULT_MODEL = "dcn-sample"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with everything the outputs must record about it."""
+
+    model: nn.Module
+    name: str  # what the user asked for (or the default)
+    arch: Optional[str]
+    config: Dict[str, Any]
+    preprocess: Preprocess
+    source: str  # "registered", "native", "mmdetection", "detectron2", "user-file"
+    checkpoint: Optional[Path] = None
+    checkpoint_sha256: Optional[str] = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "config": self.config,
+            "source": self.source,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "preprocess": self.preprocess.as_dict(),
+        }
+
+
+def resolve_device(device: str) -> torch.device:
+    """Parse ``--device``; a clear error for unknown or unavailable devices."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r}: unknown device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: only cpu and cuda are supported")
+    return dev
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """Load weights; a shape mismatch is a one-line error naming the key, missing keys an error listing them."""
+    own = model.state_dict()
+    for key, value in state_dict.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise InputError(
+                f"{source}: shape mismatch at {key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+            )
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:3])})")
+        raise InputError(f"{source}: checkpoint does not fit the architecture: {'; '.join(parts)}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _from_native(payload: Dict[str, Any], path: Path, name: str) -> LoadedModel:
+    arch_name = payload.get("arch")
+    try:
+        arch = registry.get(str(arch_name))
+    except KeyError as exc:
+        raise InputError(f"{path}: {exc.args[0]}") from None
+    config = dict(payload.get("config") or {})
+    model = arch.build(**config)
+    load_state_dict_strict(model, payload["state_dict"], str(path))
+    meta = dict(payload.get("meta") or {})
+    preprocess = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else arch.preprocess
+    return LoadedModel(model, name, arch.name, {**arch.default_config, **config}, preprocess, "native", path, sha256_file(path), meta)
+
+
+def load_model(spec: Optional[str] = None, weights: Optional[Path] = None, device: str = "cpu") -> LoadedModel:
+    """Load a model for inference (eval mode, on ``device``)."""
+    dev = resolve_device(device)
+    spec = spec or DEFAULT_MODEL
+    loaded: LoadedModel
+    if spec in registry.names():
+        arch = registry.get(spec)
+        path = Path(weights) if weights is not None else arch.bundled_weights
+        if path is None:
+            model = arch.build()
+            loaded = LoadedModel(model, spec, arch.name, dict(arch.default_config), arch.preprocess, "registered")
+        else:
+            payload = read_checkpoint_file(path)
+            if is_native(payload):
+                if payload.get("arch") != arch.name:
+                    raise InputError(f"{path}: checkpoint is for architecture {payload.get('arch')!r}, not {arch.name!r}")
+                loaded = _from_native(payload, Path(path), spec)
+            else:
+                loaded = _import_foreign(payload, Path(path), spec, arch)
+    elif ":" in spec and spec.split(":", 1)[0].endswith(".py"):
+        loaded = _load_user_file(spec, weights)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise InputError(f"--model {spec}: neither a registered architecture ({', '.join(registry.names())}) nor an existing file")
+        payload = read_checkpoint_file(path)
+        if not is_native(payload):
+            loaded = _import_foreign(payload, path, spec, None)
+        else:
+            loaded = _from_native(payload, path, spec)
+    loaded.model.eval().to(dev)
+    return loaded
+
+
+def _import_foreign(payload: Any, path: Path, name: str, arch: Optional[registry.Architecture]) -> LoadedModel:
+    try:
+        from dcn_inspect import importers
+    except ImportError:
+        raise InputError(f"{path}: not a dcn-inspect checkpoint") from None
+    return importers.import_checkpoint(payload, path, name, arch)
+
+
+def _load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:
+    try:
+        from dcn_inspect import importers
+    except ImportError:
+        raise InputError(f"--model {spec}: user model files are not supported in this build") from None
+    return importers.load_user_file(spec, weights)

@@ -1,0 +1,5 @@
+"""Built-in deformable architectures. Importing this package registers them."""
+
+from dcn_inspect.models.registry import ARCHITECTURES, Architecture, Preprocess, get, names, register
+
+__all__ = ["ARCHITECTURES", "Architecture", "Preprocess", "get", "names", "register"]

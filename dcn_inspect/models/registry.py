@@ -1,0 +1,90 @@
+"""Registry of built-in architectures: a name -> a builder, its preprocessing and bundled weights."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the model's input tensor (part of a model's metadata).
+
+    The image is converted to RGB floats in [0, 1], resized so its shorter side is
+    ``resize`` pixels (0 keeps the image's own size; ``max_size`` caps the longer side),
+    then normalised with ``mean``/``std``.
+    """
+
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize: int = 0
+    max_size: int = 0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: Dict[str, Any]) -> "Preprocess":
+        return Preprocess(
+            mean=tuple(float(v) for v in data.get("mean", Preprocess.mean)),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in data.get("std", Preprocess.std)),  # type: ignore[arg-type]
+            resize=int(data.get("resize", 0)),
+            max_size=int(data.get("max_size", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    builder: Callable[..., nn.Module]
+    description: str
+    default_config: Dict[str, Any] = field(default_factory=dict)
+    preprocess: Preprocess = Preprocess()
+    bundled_weights: Optional[Path] = None  # a native checkpoint shipped with the package
+
+    def build(self, **config: Any) -> nn.Module:
+        merged = {**self.default_config, **config}
+        return self.builder(**merged)
+
+
+ARCHITECTURES: Dict[str, Architecture] = {}
+
+
+def register(
+    name: str,
+    description: str,
+    default_config: Optional[Dict[str, Any]] = None,
+    preprocess: Preprocess = Preprocess(),
+    bundled_weights: Optional[Path] = None,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a builder function under ``name``."""
+
+    def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in ARCHITECTURES:
+            raise ValueError(f"architecture {name!r} is registered twice")
+        ARCHITECTURES[name] = Architecture(name, builder, description, dict(default_config or {}), preprocess, bundled_weights)
+        return builder
+
+    return decorate
+
+
+def get(name: str) -> Architecture:
+    _load_builtin()
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        known = ", ".join(sorted(ARCHITECTURES)) or "none"
+        raise KeyError(f"unknown architecture {name!r} (known: {known})") from None
+
+
+def names() -> List[str]:
+    _load_builtin()
+    return sorted(ARCHITECTURES)
+
+
+def _load_builtin() -> None:
+    # Importing the package registers the built-in architectures (dcn_inspect/models/__init__.py).
+    import dcn_inspect.models  # noqa: F401

@@ -1,0 +1,30 @@
+"""Deformable ops: deformable conv (v1, modulated v2), deformable RoI and PS RoI pooling.
+
+The functions dispatch to the native C++/CUDA extension when it is built (see
+:mod:`dcn_inspect.ops._native`) and to :mod:`dcn_inspect.ops.reference` otherwise;
+``DCN_INSPECT_OPS=reference|native`` forces one.
+"""
+
+from dcn_inspect.ops._backend import info as backend_info
+from dcn_inspect.ops.functional import deform_conv2d, deform_psroi_pool, deform_roi_pool
+from dcn_inspect.ops.modules import (
+    DeformConv2d,
+    DeformConv2dPack,
+    DeformPSRoIPool,
+    DeformRoIPool,
+    DeformRoIPoolPack,
+    ModulatedDeformConv2dPack,
+)
+
+__all__ = [
+    "backend_info",
+    "deform_conv2d",
+    "deform_roi_pool",
+    "deform_psroi_pool",
+    "DeformConv2d",
+    "DeformConv2dPack",
+    "ModulatedDeformConv2dPack",
+    "DeformRoIPool",
+    "DeformRoIPoolPack",
+    "DeformPSRoIPool",
+]
