@@ -1,0 +1,1 @@
+"""Deformable ResNets (paper setting and mmdetection setting). Being written."""

@@ -1,0 +1,1 @@
+"""The small sample network trained for the bundled weights. Being written."""

@@ -1,0 +1,1 @@
+"""Figures made by the commands (one module per command)."""
