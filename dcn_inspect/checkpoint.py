@@ -7,6 +7,8 @@ Written with ``torch.save`` as a plain dict of tensors and primitives so it load
 from __future__ import annotations
 
 import hashlib
+import re
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -16,6 +18,9 @@ from torch import nn
 from dcn_inspect.errors import InputError
 
 NATIVE_FORMAT = "dcn-inspect/1"
+
+#: Suffixes read as plain pickles (detectron2 model-zoo files) rather than PyTorch files.
+PLAIN_PICKLE_SUFFIXES = (".pkl", ".pickle")
 
 
 def sha256_file(path: Path) -> str:
@@ -42,7 +47,14 @@ def save_native(path: Path, arch: str, config: Dict[str, Any], model: nn.Module,
 
 
 def read_checkpoint_file(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` with one-line errors for missing/corrupt/unsafe files."""
+    """Read a checkpoint without running code from it; one-line errors for missing/corrupt/unsafe files.
+
+    PyTorch files (zip or legacy format) go through ``torch.load(weights_only=True)``, with
+    numpy arrays/scalars allowed through guarded reconstructors; plain pickles (detectron2
+    ``.pkl``) through :func:`dcn_inspect.safe_pickle.load_pickle_file`, which refuses code.
+    """
+    from dcn_inspect.safe_pickle import NUMPY_SAFE_GLOBALS, load_pickle_file
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: checkpoint not found")
@@ -50,16 +62,35 @@ def read_checkpoint_file(path: Path) -> Any:
         raise InputError(f"{path}: is a directory, expected a checkpoint file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: checkpoint file is empty")
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip and path.suffix.lower() in PLAIN_PICKLE_SUFFIXES:
+        return load_pickle_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure is reported as a bad checkpoint
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+        text = str(exc).strip()
+        if not is_zip and "magic number" in text:
+            return load_pickle_file(path)  # a plain pickle under another suffix
+        first = text.splitlines()[0] if text else type(exc).__name__
+        if "Weights only load failed" in text or "weights_only" in text:
             raise InputError(
-                f"{path}: refused to load: the file contains pickled code or objects, not only tensors "
-                f"(loaded with weights_only=True; {first[:160]})"
+                f"{path}: refused to load: {_weights_only_reason(text)} (read with torch.load(weights_only=True), "
+                "which never runs code; re-save only the state_dict where the file is trusted)"
             ) from None
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+
+
+def _weights_only_reason(text: str) -> str:
+    """The useful part of PyTorch's multi-paragraph weights_only refusal."""
+    refused = re.search(r"refused: ([^\n]+)", text)
+    if refused:
+        return refused.group(1).strip()[:160]
+    unsupported = re.search(r"GLOBAL ([\w.]+)", text)
+    if unsupported:
+        return f"the file pickles {unsupported.group(1)}, not only tensors"
+    detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return (detail.group(1).strip()[:160] if detail else "the file contains pickled objects, not only tensors")
 
 
 def is_native(payload: Any) -> bool:

@@ -18,6 +18,7 @@ the map is inferred from feature-map size versus input size (the official demo's
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -196,18 +197,28 @@ class FrameTracker(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self._frames: Dict[int, Tuple[torch.Tensor, FrameMap]] = {}
+        self._frames: Dict[int, Tuple["weakref.ReferenceType[torch.Tensor]", FrameMap]] = {}
         self._opaque_depth = 0
 
     def set_frame(self, tensor: torch.Tensor, frame: FrameMap) -> None:
-        # The tensor is kept alive for the duration of the probe so ids are never reused.
-        self._frames[id(tensor)] = (tensor, frame)
+        # Weak references: keeping every intermediate activation alive for the whole forward
+        # would multiply a large model's memory. A dead tensor's id may be reused by a new
+        # tensor, so lookups check that the reference still points at the very same object.
+        key = id(tensor)
+        frames = self._frames
+
+        def forget(ref: "weakref.ReferenceType[torch.Tensor]") -> None:
+            entry = frames.get(key)
+            if entry is not None and entry[0] is ref:
+                del frames[key]
+
+        frames[key] = (weakref.ref(tensor, forget), frame)
 
     def frame_of(self, tensor: Any) -> Optional[FrameMap]:
         if not isinstance(tensor, torch.Tensor):
             return None
         entry = self._frames.get(id(tensor))
-        return entry[1] if entry is not None and entry[0] is tensor else None
+        return entry[1] if entry is not None and entry[0]() is tensor else None
 
     def enter_opaque(self) -> None:
         self._opaque_depth += 1

@@ -272,3 +272,8 @@ def probe(model: nn.Module, images: torch.Tensor, **forward_kwargs: Any) -> Prob
         capture.watch_input(images)
         output = model(images, **forward_kwargs)
     return Probe(output=output, capture=capture)
+
+
+# Foreign layers (torchvision, mmcv, mmdetection 1.x, detectron2): importing the module appends
+# its adapter to ADAPTERS. At the bottom because it imports the names defined above.
+from dcn_inspect import foreign_layers  # noqa: E402,F401

@@ -32,13 +32,13 @@ class LoadedModel:
     arch: Optional[str]
     config: Dict[str, Any]
     preprocess: Preprocess
-    source: str  # "registered", "native", "mmdetection", "detectron2", "user-file"
+    source: str  # "registered", "native", "mmdetection", "detectron2", "state-dict", "user-file"
     checkpoint: Optional[Path] = None
     checkpoint_sha256: Optional[str] = None
     meta: Dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> Dict[str, Any]:
-        return {
+        summary = {
             "name": self.name,
             "arch": self.arch,
             "config": self.config,
@@ -47,6 +47,9 @@ class LoadedModel:
             "checkpoint_sha256": self.checkpoint_sha256,
             "preprocess": self.preprocess.as_dict(),
         }
+        if "import" in self.meta:  # how a foreign checkpoint was mapped (layout, ignored keys, channel order)
+            summary["import"] = self.meta["import"]
+        return summary
 
 
 def resolve_device(device: str) -> torch.device:
@@ -91,8 +94,14 @@ def _from_native(payload: Dict[str, Any], path: Path, name: str) -> LoadedModel:
     except KeyError as exc:
         raise InputError(f"{path}: {exc.args[0]}") from None
     config = dict(payload.get("config") or {})
-    model = arch.build(**config)
-    load_state_dict_strict(model, payload["state_dict"], str(path))
+    try:
+        model = arch.build(**config)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: its config does not fit architecture {arch.name} ({exc})") from None
+    state_dict = payload.get("state_dict")
+    if not isinstance(state_dict, dict):
+        raise InputError(f"{path}: native checkpoint without a state_dict")
+    load_state_dict_strict(model, state_dict, str(path))
     meta = dict(payload.get("meta") or {})
     preprocess = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else arch.preprocess
     return LoadedModel(model, name, arch.name, {**arch.default_config, **config}, preprocess, "native", path, sha256_file(path), meta)
@@ -117,10 +126,12 @@ def load_model(spec: Optional[str] = None, weights: Optional[Path] = None, devic
                 loaded = _from_native(payload, Path(path), spec)
             else:
                 loaded = _import_foreign(payload, Path(path), spec, arch)
-    elif ":" in spec and spec.split(":", 1)[0].endswith(".py"):
+    elif spec.rpartition(":")[0].endswith(".py"):
         loaded = _load_user_file(spec, weights)
     else:
         path = Path(spec)
+        if weights is not None:
+            raise InputError(f"--weights {weights}: --model {spec} is a checkpoint already; --weights goes with an architecture name or a file.py:function")
         if not path.exists():
             raise InputError(f"--model {spec}: neither a registered architecture ({', '.join(registry.names())}) nor an existing file")
         payload = read_checkpoint_file(path)
@@ -133,16 +144,12 @@ def load_model(spec: Optional[str] = None, weights: Optional[Path] = None, devic
 
 
 def _import_foreign(payload: Any, path: Path, name: str, arch: Optional[registry.Architecture]) -> LoadedModel:
-    try:
-        from dcn_inspect import importers
-    except ImportError:
-        raise InputError(f"{path}: not a dcn-inspect checkpoint") from None
+    from dcn_inspect import importers  # imports this module: loaded on first use
+
     return importers.import_checkpoint(payload, path, name, arch)
 
 
 def _load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:
-    try:
-        from dcn_inspect import importers
-    except ImportError:
-        raise InputError(f"--model {spec}: user model files are not supported in this build") from None
+    from dcn_inspect import importers
+
     return importers.load_user_file(spec, weights)

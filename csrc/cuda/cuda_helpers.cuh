@@ -39,9 +39,16 @@ inline bool fits_int32(int64_t n) {
 
 __device__ __forceinline__ float dcn_floor(float v) { return floorf(v); }
 __device__ __forceinline__ double dcn_floor(double v) { return ::floor(v); }
-// Round half to even, as torch.round does.
-__device__ __forceinline__ float dcn_round_even(float v) { return rintf(v); }
-__device__ __forceinline__ double dcn_round_even(double v) { return ::rint(v); }
+// Products rounded on their own (no FMA contraction), so RoI geometry matches the CPU
+// reference bit for bit where it feeds ceil / round.
+__device__ __forceinline__ float dcn_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double dcn_mul_rn(double a, double b) { return __dmul_rn(a, b); }
+// C round(): halves away from zero, computed in double as sign(v) * floor(|v| + 0.5), exactly
+// as the reference does for the PS RoI corners.
+__device__ __forceinline__ double dcn_round_half_away(double v) {
+  const double r = ::floor(::fabs(v) + 0.5);
+  return v < 0.0 ? -r : r;
+}
 
 inline void check_cuda_tensor(const at::Tensor& t, const at::Tensor& ref, const char* name) {
   TORCH_CHECK(t.is_cuda(), "dcn_inspect (CUDA): ", name, " must be a CUDA tensor");

@@ -13,6 +13,10 @@ from dcn_inspect.errors import InputError
 
 # Importing a command module registers its command on ``app``.
 from dcn_inspect.cli import doctor  # noqa: E402,F401
+from dcn_inspect.cli import models  # noqa: E402,F401
+from dcn_inspect.cli import bins  # noqa: E402,F401
+from dcn_inspect.cli import sample_points  # noqa: E402,F401
+from dcn_inspect.cli import dilation_stats  # noqa: E402,F401
 
 
 def main() -> None:

@@ -255,7 +255,10 @@ def deform_psroi_pool(
     outputs = []
     for r in range(rois.shape[0]):
         batch_index = int(rois[r, 0])
-        roi = torch.round(rois[r, 1:])
+        # C round(): halves away from zero (torch.round rounds halves to even). In float64,
+        # where |x| + 0.5 is exact for float32 input.
+        corners = rois[r, 1:].double()
+        roi = (torch.sign(corners) * torch.floor(corners.abs() + 0.5)).to(dtype)
         start_x = roi[0] * spatial_scale - 0.5
         start_y = roi[1] * spatial_scale - 0.5
         roi_w = torch.clamp((roi[2] + 1) * spatial_scale - 0.5 - start_x, min=0.1)

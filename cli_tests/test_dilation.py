@@ -1,0 +1,207 @@
+"""Effective dilation, category assignment and streaming statistics (:mod:`dcn_inspect.dilation`)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dcn_inspect.dilation import (
+    BACKGROUND,
+    BINS,
+    IGNORED,
+    LARGE,
+    MEDIUM,
+    OUTSIDE,
+    SMALL,
+    CategoryStats,
+    adjacent_pairs,
+    area_category,
+    effective_dilation,
+    merge_states,
+    resolve_thresholds,
+    tertile_thresholds,
+    unit_categories,
+)
+from dcn_inspect.errors import InputError
+from dcn_inspect.geometry import FrameMap
+from dcn_inspect.sampling import sampling_locations
+
+# ---------------------------------------------------------------------------------- dilation
+
+
+def test_adjacent_pairs_count_and_adjacency():
+    for kernel, expected in (((3, 3), 12), ((5, 5), 40), ((1, 3), 2), ((3, 1), 2), ((2, 3), 7)):
+        first, second = adjacent_pairs(kernel)
+        assert len(first) == expected
+        rows_a, cols_a = first // kernel[1], first % kernel[1]
+        rows_b, cols_b = second // kernel[1], second % kernel[1]
+        # Every pair is one step right or one step down, and no pair repeats.
+        steps = set(zip((rows_b - rows_a).tolist(), (cols_b - cols_a).tolist()))
+        assert steps <= {(0, 1), (1, 0)}
+        assert len(set(zip(first.tolist(), second.tolist()))) == expected
+
+
+@pytest.mark.parametrize("dilation", [(1, 1), (2, 2), (2, 3)])
+def test_zero_offsets_give_the_dilation(dilation):
+    offset = torch.zeros(2, 2 * 2 * 9, 4, 5)
+    cells = effective_dilation(offset, (3, 3), dilation)
+    assert cells.shape == (2, 2, 4, 5)
+    # 6 horizontal pairs at dilation_x, 6 vertical at dilation_y.
+    torch.testing.assert_close(cells, torch.full_like(cells, (dilation[0] + dilation[1]) / 2))
+    pixels = effective_dilation(offset, (3, 3), dilation, cell_size=(4.0, 8.0))
+    torch.testing.assert_close(pixels, torch.full_like(cells, (6 * dilation[0] * 4.0 + 6 * dilation[1] * 8.0) / 12))
+
+
+def test_effective_dilation_matches_brute_force_on_sampling_locations():
+    generator = torch.Generator().manual_seed(3)
+    offset = torch.randn(1, 2 * 2 * 9, 3, 4, generator=generator, dtype=torch.float64) * 1.5
+    dilation, cell = (2, 2), (3.0, 5.0)
+    got = effective_dilation(offset, (3, 3), dilation, cell)
+    ys, xs = sampling_locations(offset, (3, 3), (1, 1), (2, 2), dilation)  # [1, G, 9, Ho, Wo]
+    for g in range(2):
+        for i in range(3):
+            for j in range(4):
+                points = [(float(ys[0, g, k, i, j]) * cell[0], float(xs[0, g, k, i, j]) * cell[1]) for k in range(9)]
+                distances = []
+                for a in range(3):
+                    for b in range(3):
+                        if b + 1 < 3:
+                            distances.append(math.dist(points[a * 3 + b], points[a * 3 + b + 1]))
+                        if a + 1 < 3:
+                            distances.append(math.dist(points[a * 3 + b], points[(a + 1) * 3 + b]))
+                assert len(distances) == 12
+                assert float(got[0, g, i, j]) == pytest.approx(sum(distances) / 12, rel=1e-12)
+
+
+def test_uniform_spread_and_translation():
+    offset = torch.zeros(1, 18, 2, 2)
+    for a in range(3):
+        for b in range(3):
+            k = a * 3 + b
+            offset[0, 2 * k] = 0.5 * (a - 1) + 7.0  # spread every step by 0.5, then translate
+            offset[0, 2 * k + 1] = 0.5 * (b - 1) - 3.0
+    torch.testing.assert_close(effective_dilation(offset, (3, 3), (2, 2)), torch.full((1, 1, 2, 2), 2.5))
+
+
+# ---------------------------------------------------------------------------------- categories
+
+IDENTITY = FrameMap.image()  # unit (i, j) centred at (j + 0.5, i + 0.5)
+
+
+def test_nested_boxes_smallest_decides():
+    boxes = np.array([[0, 0, 10, 10], [2, 2, 4, 4]], dtype=np.float64)  # area 100 contains area 4
+    codes = unit_categories(IDENTITY, (10, 10), (10, 10), boxes, np.zeros(2, bool), (5.0, 50.0))
+    assert codes[2, 2] == SMALL and codes[3, 3] == SMALL  # centres (2.5, 2.5), (3.5, 3.5): inner box
+    assert codes[6, 6] == LARGE and codes[0, 0] == LARGE  # only the outer box
+    # The same boxes listed the other way round give the same answer.
+    flipped = unit_categories(IDENTITY, (10, 10), (10, 10), boxes[::-1].copy(), np.zeros(2, bool), (5.0, 50.0))
+    np.testing.assert_array_equal(codes, flipped)
+
+
+def test_box_edges_are_inclusive_and_border_boxes():
+    # Centres at 0.5, 1.5, ...: a box from 0.5 to 2.5 has units 0, 1, 2 on or inside its edges.
+    boxes = np.array([[0.5, 0.5, 2.5, 2.5]])
+    codes = unit_categories(IDENTITY, (5, 5), (5, 5), boxes, np.zeros(1, bool), (5.0, 50.0))
+    inside = codes == MEDIUM  # area 4 < 5 -> small; check below
+    assert not inside.any()
+    expected = np.full((5, 5), BACKGROUND)
+    expected[0:3, 0:3] = SMALL
+    np.testing.assert_array_equal(codes, expected)
+    # A box touching the image border (after clipping) covers the border units.
+    border = unit_categories(IDENTITY, (5, 5), (5, 5), np.array([[3.0, 0.0, 5.0, 5.0]]), np.zeros(1, bool), (5.0, 50.0))
+    assert (border[:, 3:] == MEDIUM).all() and (border[:, :3] == BACKGROUND).all()
+
+
+def test_crowd_boxes_count_nowhere_unless_inside_a_real_box():
+    boxes = np.array([[0, 0, 6, 6], [4, 4, 6, 6]], dtype=np.float64)
+    ignore = np.array([True, False])
+    codes = unit_categories(IDENTITY, (8, 8), (8, 8), boxes, ignore, (5.0, 50.0))
+    assert codes[0, 0] == IGNORED  # inside the crowd box only
+    assert codes[4, 4] == SMALL  # inside both: the real box decides (area 4)
+    assert codes[7, 7] == BACKGROUND
+    assert (codes != MEDIUM).all() and (codes != LARGE).all()
+
+
+def test_centres_outside_the_image_count_nowhere():
+    frame = FrameMap(4.0, 4.0, 2.0, 2.0)  # centres at 2, 6, 10, 14
+    codes = unit_categories(frame, (4, 4), (10, 10), np.zeros((0, 4)), np.zeros(0, bool), (5.0, 50.0))
+    assert (codes[:3, :3] == BACKGROUND).all()  # centre 10 lies on the image edge: inside
+    assert (codes[3, :] == OUTSIDE).all() and (codes[:, 3] == OUTSIDE).all()
+
+
+def test_area_category_and_thresholds():
+    np.testing.assert_array_equal(area_category(np.array([1.0, 5.0, 49.9, 50.0, 1e6]), (5.0, 50.0)), [SMALL, MEDIUM, MEDIUM, LARGE, LARGE])
+    assert resolve_thresholds("paper") == ("paper", (96.0**2, 224.0**2))
+    assert resolve_thresholds("COCO") == ("coco", (1024.0, 9216.0))
+    assert resolve_thresholds("100, 2e3") == ("custom", (100.0, 2000.0))
+    assert resolve_thresholds("32^2,96^2") == ("custom", (1024.0, 9216.0))
+    for bad, message in (("1", "expected paper"), ("5,2", "0 < A < B"), ("a,b", "not a number"), ("tertiles", "at least 3")):
+        with pytest.raises(InputError, match=message):
+            resolve_thresholds(bad, np.zeros(0))
+
+
+def test_tertiles_split_into_equal_thirds():
+    areas = np.arange(1.0, 10.0)[::-1].copy()
+    low, high = tertile_thresholds(areas)
+    assert (low, high) == pytest.approx((1 + 8 / 3, 1 + 16 / 3))
+    counts = np.bincount(area_category(areas, (low, high)), minlength=3)
+    np.testing.assert_array_equal(counts, [3, 3, 3])
+    assert resolve_thresholds("tertiles", areas) == ("tertiles", (low, high))
+
+
+# ---------------------------------------------------------------------------------- statistics
+
+
+def _stats_of(values: np.ndarray, codes: np.ndarray) -> CategoryStats:
+    stats = CategoryStats()
+    stats.update(torch.from_numpy(values), torch.from_numpy(codes))
+    return stats
+
+
+def test_statistics_match_numpy_and_skip_negative_codes():
+    rng = np.random.default_rng(0)
+    values = rng.gamma(3.0, 1.2, size=5000)
+    codes = rng.integers(-2, 4, size=5000)
+    stats = _stats_of(values, codes)
+    rows = stats.summary_rows()
+    for category in range(4):
+        chosen = values[codes == category]
+        assert rows[category]["count"] == len(chosen) == int(stats.hist[category].sum())
+        assert rows[category]["mean"] == pytest.approx(chosen.mean(), rel=1e-12)
+        assert rows[category]["std"] == pytest.approx(chosen.std(), rel=1e-10)
+        for key, q in (("median", 0.5), ("p10", 0.1), ("p90", 0.9)):
+            # Each order statistic is estimated within its 0.1 % bin.
+            ordered = np.sort(chosen)
+            rank = q * (len(chosen) - 1)
+            assert ordered[math.floor(rank)] / BINS.ratio <= rows[category][key] <= ordered[math.ceil(rank)] * BINS.ratio
+            assert rows[category][key] == pytest.approx(np.quantile(chosen, q), rel=BINS.ratio - 1)
+
+
+def test_merged_shards_equal_the_whole():
+    rng = np.random.default_rng(1)
+    values = np.concatenate([rng.normal(3.0, 1.0, 3000).clip(0), np.zeros(5), np.full(3, 2e5)])
+    codes = rng.integers(0, 4, size=values.size)
+    whole = _stats_of(values, codes)
+    cuts = [0, 7, 1000, 1001, 2500, values.size]
+    shards = [_stats_of(values[a:b], codes[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    merged = merge_states([{"layer": s} for s in shards[::-1]])["layer"]  # order does not matter
+    assert torch.equal(merged.count, whole.count) and torch.equal(merged.hist, whole.hist)
+    assert torch.equal(merged.minimum, whole.minimum) and torch.equal(merged.maximum, whole.maximum)
+    torch.testing.assert_close(merged.mean, whole.mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(merged.m2, whole.m2, rtol=1e-10, atol=0)
+    assert merged.summary_rows()[2]["median"] == whole.summary_rows()[2]["median"]
+    # Merging with an empty state changes nothing; a state survives the pickle-friendly round trip.
+    empty = CategoryStats()
+    again = CategoryStats.from_state(whole.state()).merge_(empty)
+    assert torch.equal(again.count, whole.count) and torch.equal(again.mean, whole.mean)
+
+
+def test_constant_values_give_exact_percentiles_and_zero_std():
+    stats = _stats_of(np.full(100, 2.5), np.zeros(100, dtype=np.int64))
+    row = stats.summary_rows()[0]
+    assert (row["mean"], row["std"], row["median"], row["p10"], row["p90"]) == (2.5, 0.0, 2.5, 2.5, 2.5)
+    empty = stats.summary_rows()[1]
+    assert empty["count"] == 0 and all(math.isnan(empty[k]) for k in ("mean", "std", "median", "p10", "p90"))

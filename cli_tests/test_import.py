@@ -1,0 +1,422 @@
+"""Checkpoint import: mmdetection and detectron2 layouts (DCN and DCNv2), key problems, user files.
+
+Synthetic checkpoints are written by the tests in each library's key layout with small widths
+(base_channels 4), so every forward pass is tiny.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcn_inspect.errors import InputError
+from dcn_inspect.images import to_model_input
+from dcn_inspect.loading import load_model
+from dcn_inspect.models import registry
+from dcn_inspect.ops import deform_conv2d
+
+BLOCKS_R50 = (3, 4, 6, 3)
+BASE = 4
+
+
+def _image(height: int = 64, width: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights everywhere, offset branches included (so offsets are non-zero), and BN statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
+            elif "conv_offset" in name:
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.05)
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.2)
+
+
+def _small_config(**overrides: object) -> Dict[str, object]:
+    return {**registry.get("resnet50-dcn-mmdet").default_config, "base_channels": BASE, **overrides}
+
+
+# --------------------------------------------------------------------------------- mmdetection
+
+
+@pytest.mark.parametrize("modulated,deform_groups,old_names", [(False, 1, False), (True, 2, False), (True, 1, True)])
+def test_mmdetection_checkpoint_loads_with_identical_outputs(tmp_path, capsys, modulated, deform_groups, old_names):
+    reference = registry.get("resnet50-dcn-mmdet").build(**_small_config(modulated=modulated, deform_groups=deform_groups))
+    _randomise(reference)
+    reference.eval()
+    state = {}
+    for key, value in reference.state_dict().items():
+        if old_names:  # mmdetection 1.x: the offset conv is a sibling named conv2_offset
+            key = key.replace("conv2.conv_offset.", "conv2_offset.")
+        state["backbone." + key] = value.clone()
+    state["neck.lateral_convs.0.conv.weight"] = torch.zeros(8, 16, 1, 1)
+    state["rpn_head.rpn_cls.weight"] = torch.zeros(3, 8, 1, 1)
+    path = tmp_path / "mmdet_dcn.pth"
+    dcn_type = "DCNv2" if modulated else "DCN"  # 54 offset channels fit both v1 x3 and v2 x2: the config decides
+    config_text = f"model = dict(backbone=dict(type='ResNet', dcn=dict(type='{dcn_type}', deform_groups={deform_groups})))"
+    torch.save({"meta": {"config": config_text, "epoch": 12}, "state_dict": state}, path)
+
+    loaded = load_model(str(path))
+    assert loaded.source == "mmdetection"
+    assert loaded.arch == "resnet50-dcn-mmdet"
+    assert loaded.config["modulated"] is modulated
+    assert loaded.config["deform_groups"] == deform_groups
+    assert loaded.config["base_channels"] == BASE and loaded.config["stride_in_1x1"] is False
+    assert loaded.summary()["import"]["ignored_keys"] == 2
+    err = capsys.readouterr().err
+    assert "ignored 2 key(s) outside the backbone" in err and "neck.lateral_convs.*" in err
+
+    images = to_model_input(_image(), loaded.preprocess).tensor
+    with torch.no_grad():
+        expected = reference(images)
+        actual = loaded.model(images)
+    for stage in ("layer2", "layer3", "layer4"):
+        torch.testing.assert_close(actual[stage], expected[stage], rtol=0, atol=0)
+    assert expected["layer4"].abs().max() > 0
+
+
+def test_mmdetection_weights_into_the_paper_architecture(tmp_path):
+    """--model resnet50-dcn-paper --weights mmdet.pth: stride-16 conv5 with the file's weights."""
+    reference = registry.get("resnet50-dcn-paper").build(**{**registry.get("resnet50-dcn-paper").default_config, "base_channels": BASE})
+    _randomise(reference, seed=3)
+    reference.eval()
+    path = tmp_path / "paper.pth"
+    torch.save({"state_dict": {"backbone." + k: v for k, v in reference.state_dict().items()}}, path)
+    loaded = load_model("resnet50-dcn-paper", path)
+    assert loaded.arch == "resnet50-dcn-paper" and loaded.config["dilations"] == [1, 1, 1, 2]
+    assert loaded.config["dcn_stages"] == [False, False, False, True]
+    images = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        out = loaded.model(images)["layer4"]
+        torch.testing.assert_close(out, reference(images)["layer4"], rtol=0, atol=0)
+    assert out.shape[-2:] == (3, 4)  # stride 16
+
+
+def _mmdet_file(tmp_path: Path, edit) -> Path:
+    model = registry.get("resnet50-dcn-mmdet").build(**_small_config())
+    state = {"backbone." + k: v for k, v in model.state_dict().items()}
+    edit(state)
+    path = tmp_path / "edited.pth"
+    torch.save({"state_dict": state}, path)
+    return path
+
+
+def test_shape_mismatch_is_one_line_naming_the_key(tmp_path):
+    def edit(state):
+        state["backbone.layer3.1.conv2.weight"] = torch.zeros(16, 16, 1, 1)
+
+    with pytest.raises(InputError) as info:
+        load_model(str(_mmdet_file(tmp_path, edit)))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "shape mismatch at backbone.layer3.1.conv2.weight" in message and "(16, 16, 1, 1)" in message
+
+
+def test_missing_backbone_keys_show_a_table_then_an_error(tmp_path, capsys):
+    def edit(state):
+        del state["backbone.layer4.2.bn3.running_var"]
+        state["backbone.layer4.2.extra.weight"] = torch.zeros(1)
+
+    with pytest.raises(InputError) as info:
+        load_model(str(_mmdet_file(tmp_path, edit)))
+    assert "1 missing and 1 unexpected backbone key(s)" in str(info.value) and "\n" not in str(info.value)
+    err = capsys.readouterr().err
+    assert re.search(r"missing\s+│\s+layer4\.2\.bn3\.running_var", err)
+    assert re.search(r"unexpected\s+│\s+backbone\.layer4\.2\.extra\.weight", err)
+
+
+def test_depth_mismatch_with_named_architecture(tmp_path):
+    path = _mmdet_file(tmp_path, lambda state: None)
+    with pytest.raises(InputError, match="holds a ResNet-50, but resnet101-dcn-paper is a ResNet-101"):
+        load_model("resnet101-dcn-paper", path)
+
+
+def test_unknown_layout_is_refused_with_a_hint(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"encoder.block.weight": torch.zeros(2)}, path)
+    with pytest.raises(InputError, match="not a dcn-inspect, mmdetection or detectron2"):
+        load_model(str(path))
+
+
+# --------------------------------------------------------------------------------- detectron2
+
+
+def _d2_weights(modulated: bool, deform_stages: Tuple[bool, ...], seed: int) -> Dict[str, np.ndarray]:
+    """Random weights under detectron2's names (bare, without the backbone prefix)."""
+    rng = np.random.default_rng(seed)
+    weights: Dict[str, np.ndarray] = {}
+
+    def conv(name: str, out_c: int, in_c: int, k: int, scale: float = 0.2) -> None:
+        weights[f"{name}.weight"] = (rng.standard_normal((out_c, in_c, k, k)) * scale).astype(np.float32)
+
+    def norm(name: str, channels: int) -> None:
+        for stat, values in (
+            ("weight", rng.standard_normal(channels) * 0.2 + 1),
+            ("bias", rng.standard_normal(channels) * 0.2),
+            ("running_mean", rng.standard_normal(channels) * 0.2),
+            ("running_var", rng.random(channels) + 0.5),
+        ):
+            weights[f"{name}.norm.{stat}"] = values.astype(np.float32)
+
+    conv("stem.conv1", BASE, 3, 7, scale=0.01)
+    norm("stem.conv1", BASE)
+    in_c = BASE
+    for index, blocks in enumerate(BLOCKS_R50):
+        planes = BASE * 2**index
+        for block in range(blocks):
+            prefix = f"res{index + 2}.{block}"
+            conv(f"{prefix}.conv1", planes, in_c, 1)
+            norm(f"{prefix}.conv1", planes)
+            conv(f"{prefix}.conv2", planes, planes, 3)
+            norm(f"{prefix}.conv2", planes)
+            conv(f"{prefix}.conv3", planes * 4, planes, 1)
+            norm(f"{prefix}.conv3", planes * 4)
+            if block == 0:
+                conv(f"{prefix}.shortcut", planes * 4, in_c, 1)
+                norm(f"{prefix}.shortcut", planes * 4)
+            if deform_stages[index]:
+                channels = 27 if modulated else 18
+                conv(f"{prefix}.conv2_offset", channels, planes, 3, scale=0.05)
+                weights[f"{prefix}.conv2_offset.bias"] = (rng.standard_normal(channels) * 0.5).astype(np.float32)
+            in_c = planes * 4
+    return weights
+
+
+def _frozen_bn(x: torch.Tensor, w: Dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    scale = w[f"{name}.norm.weight"] * (w[f"{name}.norm.running_var"] + 1e-5).rsqrt()
+    shift = w[f"{name}.norm.bias"] - w[f"{name}.norm.running_mean"] * scale
+    return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+def _d2_forward(w: Dict[str, torch.Tensor], bgr: torch.Tensor, modulated: bool, deform_stages: Tuple[bool, ...]) -> Dict[str, torch.Tensor]:
+    """detectron2's ResNet by hand: stride on the 1x1 conv (STRIDE_IN_1X1), offsets split [2N | N]."""
+    x = F.relu(_frozen_bn(F.conv2d(bgr, w["stem.conv1.weight"], stride=2, padding=3), w, "stem.conv1"))
+    x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+    outputs = {}
+    for index, blocks in enumerate(BLOCKS_R50):
+        for block in range(blocks):
+            p = f"res{index + 2}.{block}"
+            stride = 2 if (index > 0 and block == 0) else 1
+            out = F.relu(_frozen_bn(F.conv2d(x, w[f"{p}.conv1.weight"], stride=stride), w, f"{p}.conv1"))
+            if deform_stages[index]:
+                raw = F.conv2d(out, w[f"{p}.conv2_offset.weight"], w[f"{p}.conv2_offset.bias"], padding=1)
+                if modulated:
+                    offset, logits = torch.split(raw, [18, 9], dim=1)
+                    out = deform_conv2d(out, offset, w[f"{p}.conv2.weight"], None, 1, 1, 1, torch.sigmoid(logits))
+                else:
+                    out = deform_conv2d(out, raw, w[f"{p}.conv2.weight"], None, 1, 1, 1)
+            else:
+                out = F.conv2d(out, w[f"{p}.conv2.weight"], padding=1)
+            out = F.relu(_frozen_bn(out, w, f"{p}.conv2"))
+            out = _frozen_bn(F.conv2d(out, w[f"{p}.conv3.weight"]), w, f"{p}.conv3")
+            shortcut = _frozen_bn(F.conv2d(x, w[f"{p}.shortcut.weight"], stride=stride), w, f"{p}.shortcut") if block == 0 else x
+            x = F.relu(out + shortcut)
+        outputs[f"res{index + 2}"] = x
+    return outputs
+
+
+@pytest.mark.parametrize(
+    "modulated,deform_stages,layout,fmt",
+    [
+        (True, (False, True, True, True), "fpn", "pkl"),
+        (False, (False, False, False, True), "c4", "pth"),
+    ],
+)
+def test_detectron2_checkpoint_matches_detectron2_conventions(tmp_path, capsys, modulated, deform_stages, layout, fmt):
+    weights = _d2_weights(modulated, deform_stages, seed=7)
+    stored: Dict[str, object] = {}
+    for key, value in weights.items():
+        if layout == "c4" and key.startswith("res5."):
+            stored["roi_heads." + key] = value  # C4 models keep res5 in the RoI head
+        else:
+            stored["backbone.bottom_up." + key if layout == "fpn" else "backbone." + key] = value
+    stored["proposal_generator.rpn_head.conv.weight"] = np.zeros((4, 4, 3, 3), np.float32)
+    if fmt == "pkl":
+        path = tmp_path / "model_final.pkl"
+        with open(path, "wb") as handle:
+            pickle.dump({"model": stored, "__author__": "Detectron2 Model Zoo", "matching_heuristics": True}, handle, protocol=2)
+    else:
+        path = tmp_path / "model_final.pth"
+        torch.save({"model": {k: torch.from_numpy(v) for k, v in stored.items()}, "iteration": 90000}, path)
+
+    loaded = load_model(str(path))
+    assert loaded.source == "detectron2"
+    assert loaded.config["modulated"] is modulated
+    assert loaded.config["dcn_stages"] == list(deform_stages)
+    assert loaded.config["stride_in_1x1"] is True
+    assert "BGR" in loaded.summary()["import"]["input_channels"]
+    assert "ignored 1 key(s)" in capsys.readouterr().err
+
+    image = _image(64, 96, seed=1)
+    ours = to_model_input(image, loaded.preprocess, resize=0).tensor
+    # detectron2's input: BGR, 0-255, minus PIXEL_MEAN (103.530, 116.280, 123.675), PIXEL_STD 1.
+    bgr = torch.from_numpy(image[:, :, ::-1].astype(np.float32).copy()).permute(2, 0, 1).unsqueeze(0)
+    bgr = bgr - torch.tensor([103.530, 116.280, 123.675]).view(1, 3, 1, 1)
+    tensors = {k: torch.from_numpy(v) for k, v in weights.items()}
+    with torch.no_grad():
+        expected = _d2_forward(tensors, bgr, modulated, deform_stages)
+        actual = loaded.model(ours)
+    for stage in (2, 3, 4, 5):
+        want, got = expected[f"res{stage}"], actual[f"layer{stage - 1}"]
+        scale = want.abs().max()
+        assert scale > 0
+        torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=2e-5)
+
+
+# --------------------------------------------------------------------------------- unsafe pickles
+
+
+class _WritesFile:
+    """Unpickling this runs exec(), which creates ``path`` -- the side effect must not happen."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.path)!r}, 'w').write('pwned')",))
+
+
+class _RunsShell:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("payload_type", [_WritesFile, _RunsShell])
+def test_malicious_checkpoints_are_refused_without_side_effects(tmp_path, payload_type):
+    # Control: the payload really is live when unpickled naively.
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(payload_type(control)))
+    assert control.exists()
+
+    marker_pth = tmp_path / "marker_pth"
+    pth = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "meta": payload_type(marker_pth)}, pth)
+    with pytest.raises(InputError) as info:
+        load_model(str(pth))
+    assert "refused to load" in str(info.value) and "\n" not in str(info.value)
+    assert not marker_pth.exists()
+
+    marker_pkl = tmp_path / "marker_pkl"
+    pkl = tmp_path / "evil.pkl"
+    with open(pkl, "wb") as handle:
+        pickle.dump({"model": {"stem.conv1.weight": np.zeros(1)}, "x": payload_type(marker_pkl)}, handle, protocol=2)
+    with pytest.raises(InputError) as info:
+        load_model(str(pkl))
+    assert "refused to load" in str(info.value) and "refused global" in str(info.value)
+    assert not marker_pkl.exists()
+
+
+def test_pkl_object_arrays_and_array_subclasses_are_refused(tmp_path):
+    path = tmp_path / "objects.pkl"
+    with open(path, "wb") as handle:
+        pickle.dump({"model": {"w": np.array([1, "two"], dtype=object)}}, handle, protocol=2)
+    with pytest.raises(InputError, match="object arrays"):
+        load_model(str(path))
+    masked = tmp_path / "masked.pkl"
+    with open(masked, "wb") as handle:
+        pickle.dump({"model": {"w": np.ma.masked_array([1.0, 2.0])}}, handle, protocol=4)
+    with pytest.raises(InputError, match="refused"):
+        load_model(str(masked))
+
+
+def test_numpy_metadata_in_a_pth_is_readable(tmp_path):
+    """weights_only loading still accepts numpy scalars/arrays in metadata (guarded reconstructors)."""
+    from dcn_inspect.checkpoint import read_checkpoint_file
+
+    path = tmp_path / "meta.pth"
+    torch.save({"meta": {"best": np.float64(0.5), "hist": np.arange(3)}, "state_dict": {"a": torch.ones(2)}}, path)
+    payload = read_checkpoint_file(path)
+    assert payload["meta"]["best"] == 0.5 and payload["meta"]["hist"].tolist() == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------------- user files
+
+USER_FILE = '''
+import torch
+from torch import nn
+from dcn_inspect.ops import DeformConv2d
+
+PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "resize": 0}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.offset = nn.Conv2d(4, 18, 3, padding=1)
+        self.dcn = DeformConv2d(4, 4, 3, padding=1)
+
+    def forward(self, images):
+        x = self.stem(images)
+        return self.dcn(x, self.offset(x))
+
+
+def build():
+    return Net()
+
+
+def not_a_model():
+    return 42
+
+
+def broken():
+    raise RuntimeError("weights server unreachable")
+'''
+
+
+def test_user_file_with_weights_and_preprocess(tmp_path):
+    source = tmp_path / "user_net.py"
+    source.write_text(USER_FILE)
+    loaded = load_model(f"{source}:build")
+    assert loaded.source == "user-file" and loaded.arch is None
+    assert loaded.preprocess.mean == (0.5, 0.5, 0.5) and loaded.preprocess.std == (0.25, 0.25, 0.25)
+    trained = {k: torch.randn_like(v) for k, v in loaded.model.state_dict().items()}
+    weights = tmp_path / "user_net.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in trained.items()}}, weights)  # DataParallel names
+    reloaded = load_model(f"{source}:build", weights)
+    for key, value in reloaded.model.state_dict().items():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
+    assert reloaded.checkpoint == weights and len(reloaded.checkpoint_sha256) == 64
+
+
+@pytest.mark.parametrize(
+    "function,message",
+    [
+        ("not_a_model", "returned int, not a torch.nn.Module"),
+        ("broken", "broken() raised RuntimeError: weights server unreachable"),
+        ("missing", "has no function 'missing'"),
+    ],
+)
+def test_user_file_errors_are_one_line(tmp_path, function, message):
+    source = tmp_path / "user_net.py"
+    source.write_text(USER_FILE)
+    with pytest.raises(InputError) as info:
+        load_model(f"{source}:{function}")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_user_file_import_error_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import no_such_module_for_dcn_inspect\n")
+    with pytest.raises(InputError, match=r"importing .*bad.py failed: ModuleNotFoundError"):
+        load_model(f"{bad}:build")
+    with pytest.raises(InputError, match="not found"):
+        load_model(f"{tmp_path / 'absent.py'}:build")

@@ -1,0 +1,195 @@
+"""Built-in deformable ResNets, the ``models`` and ``info`` commands and their library functions."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcn_inspect.checkpoint import save_native
+from dcn_inspect.info import list_architectures, model_info
+from dcn_inspect.loading import load_model
+from dcn_inspect.models import registry
+from dcn_inspect.models.resnet import DeformableResNet
+from dcn_inspect.ops import DeformConv2dPack, ModulatedDeformConv2dPack
+
+RESNETS = ["resnet50-dcn-paper", "resnet101-dcn-paper", "resnet50-dcn-mmdet", "resnet101-dcn-mmdet"]
+
+
+def _run_cli(args: List[str], monkeypatch, capsys) -> Tuple[int, str, str]:
+    from dcn_inspect.cli import main
+
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setattr(sys, "argv", ["dcn-inspect", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def _deformable(model: torch.nn.Module) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, DeformConv2dPack)}
+
+
+def test_resnets_are_registered_with_torchvision_names():
+    assert set(RESNETS) <= set(registry.names())
+    model = registry.get("resnet50-dcn-mmdet").build(base_channels=8)
+    keys = model.state_dict().keys()
+    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.downsample.0.weight", "layer1.0.downsample.1.weight",
+                "layer2.0.conv2.weight", "layer2.0.conv2.conv_offset.weight", "layer4.2.bn3.bias"):
+        assert key in keys
+    assert not any("fc." in k for k in keys)  # backbone only unless num_classes is set
+
+
+def test_paper_setting_structure():
+    model = registry.get("resnet101-dcn-paper").build()
+    deformable = _deformable(model)
+    assert sorted(deformable) == ["layer4.0.conv2", "layer4.1.conv2", "layer4.2.conv2"]
+    for layer in deformable.values():
+        assert (layer.kernel_size, layer.stride, layer.dilation, layer.padding) == ((3, 3), (1, 1), (2, 2), (2, 2))
+        offset = layer.conv_offset
+        assert (offset.kernel_size, offset.dilation, offset.padding, offset.out_channels) == ((3, 3), (2, 2), (2, 2), 18)
+        assert offset.weight.abs().sum() == 0 and offset.bias.abs().sum() == 0  # zero-initialised
+    assert model.layer4[0].downsample[0].stride == (1, 1)
+    assert len(model.layer3) == 23
+    # torchvision's ResNet-101 has 44,549,160 parameters, 2,049,000 of them in the fc classifier;
+    # the three offset convs add 3 x (512*18*9 + 18).
+    assert sum(p.numel() for p in model.parameters()) == 44_549_160 - 2_049_000 + 3 * (512 * 18 * 9 + 18)
+
+
+def test_mmdet_setting_structure_and_options():
+    model = registry.get("resnet50-dcn-mmdet").build(base_channels=8, modulated=True, deform_groups=2)
+    deformable = _deformable(model)
+    assert len(deformable) == 4 + 6 + 3  # every 3x3 conv of layer2..layer4
+    assert all(isinstance(m, ModulatedDeformConv2dPack) for m in deformable.values())
+    assert all(m.conv_offset.out_channels == 2 * 27 for m in deformable.values())
+    for stage in ("layer2", "layer3", "layer4"):  # pytorch style: the stride sits on the 3x3 conv
+        assert deformable[f"{stage}.0.conv2"].stride == (2, 2)
+        assert getattr(model, stage)[0].conv1.stride == (1, 1)
+    caffe = registry.get("resnet50-dcn-mmdet").build(base_channels=8, stride_in_1x1=True)
+    assert caffe.layer3[0].conv1.stride == (2, 2) and caffe.layer3[0].conv2.stride == (1, 1)
+
+
+@pytest.mark.parametrize("arch,stride", [("resnet50-dcn-paper", 16), ("resnet50-dcn-mmdet", 32)])
+def test_forward_returns_stage_outputs(arch, stride):
+    model = registry.get(arch).build(base_channels=4, num_classes=5).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 96))
+    assert out["layer1"].shape == (2, 16, 16, 24)
+    assert out["layer4"].shape == (2, 128, 64 // stride, 96 // stride)
+    assert out["logits"].shape == (2, 5)
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="depth must be one of"):
+        DeformableResNet(depth=34)
+    with pytest.raises(ValueError, match="one value per stage"):
+        DeformableResNet(dcn_stages=[True])
+
+
+def test_native_checkpoint_round_trip(tmp_path):
+    arch = registry.get("resnet50-dcn-paper")
+    config = {**arch.default_config, "base_channels": 4, "modulated": True}
+    model = arch.build(**config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.1)
+    path = tmp_path / "native.pt"
+    save_native(path, arch.name, config, model, meta={"note": "test"})
+    loaded = load_model(str(path))
+    assert loaded.source == "native" and loaded.config["modulated"] is True and loaded.config["base_channels"] == 4
+    images = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images)["layer4"], model(images)["layer4"], rtol=0, atol=0)
+
+
+def test_models_command_lists_architectures(monkeypatch, capsys):
+    code, out, _ = _run_cli(["models"], monkeypatch, capsys)
+    assert code == 0
+    rows = [row for row in list_architectures() if row.name in RESNETS]
+    assert len(rows) == 4 and all(row.weights_label == "-" for row in rows)
+    for name in RESNETS:
+        line = next(line for line in out.splitlines() if f"│ {name} " in line)
+        assert line.rstrip().rstrip("│").rstrip().endswith("-")
+    code, out, _ = _run_cli(["models", "--help"], monkeypatch, capsys)
+    assert code == 0 and "Example: dcn-inspect models" in out
+    code, out, _ = _run_cli(["info", "--help"], monkeypatch, capsys)
+    assert code == 0 and "dcn-inspect info resnet101-dcn-paper" in out
+
+
+def _offset_model_file(tmp_path: Path) -> Path:
+    """A tiny paper-setting ResNet-50 (v2) with non-zero offsets, saved natively."""
+    arch = registry.get("resnet50-dcn-paper")
+    config = {**arch.default_config, "base_channels": 4, "modulated": True}
+    model = arch.build(**config)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "conv_offset" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    path = tmp_path / "r50_paper_v2.pt"
+    save_native(path, arch.name, config, model)
+    return path
+
+
+def _image_file(tmp_path: Path, height: int = 48, width: int = 64) -> Path:
+    path = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_model_info_statistics_match_the_probe(tmp_path):
+    from dcn_inspect.hooks import probe
+    from dcn_inspect.images import load_image, to_model_input
+
+    loaded = load_model(str(_offset_model_file(tmp_path)))
+    image = _image_file(tmp_path)
+    info = model_info(loaded, image, resize=0)
+    assert [layer.name for layer in info.layers] == ["layer4.0.conv2", "layer4.1.conv2", "layer4.2.conv2"]
+    assert info.probe_input_hw == (48, 64) and info.original_hw == (48, 64)
+    layer = info.layers[1]
+    assert (layer.kernel, layer.stride, layer.dilation, layer.offset_channels, layer.mask_channels) == ((3, 3), (1, 1), (2, 2), 18, 9)
+    assert layer.version == "v2" and layer.input_stride_px == (16.0, 16.0) and layer.geometry_method == "hooks"
+    # Offsets by hand from an independent probe: |(dy, dx)| per kernel point and cell.
+    record = probe(loaded.model, to_model_input(load_image(image), loaded.preprocess, 0).tensor).convs["layer4.1.conv2"]
+    dy, dx = record.offset[0, 0::2].double(), record.offset[0, 1::2].double()
+    magnitude = (dy**2 + dx**2).sqrt()
+    assert layer.offsets.mean_cells == pytest.approx(float(magnitude.mean()))
+    assert layer.offsets.max_cells == pytest.approx(float(magnitude.max()))
+    assert layer.offsets.mean_pixels == pytest.approx(16 * float(magnitude.mean()))
+    assert layer.offsets.mean_mask == pytest.approx(float(record.mask.double().mean()))
+    assert layer.offsets.mean_cells > 0.05
+    # Parameter counts: the offset branches of three v2 layers with 32 channels.
+    assert info.offset_branch_parameters == 3 * (32 * 27 * 9 + 27)
+    assert info.deformable_parameters == 3 * 32 * 32 * 9
+    assert info.total_parameters == sum(p.numel() for p in loaded.model.parameters())
+
+
+def test_info_command_with_an_image(tmp_path, monkeypatch, capsys):
+    model_path = _offset_model_file(tmp_path)
+    code, out, err = _run_cli(["info", str(model_path), str(_image_file(tmp_path)), "--resize", "0"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "native" in out and "48x64" not in out and "64x48 model-input pixels" in out
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") > 10]
+    assert [row[0] for row in rows] == ["layer4.0.conv2", "layer4.1.conv2", "layer4.2.conv2"]
+    assert rows[0][1:12] == ["ModulatedDeformConv2dPack", "3x3", "1", "2", "1", "1", "18+9", "v2", "16", "16", "hooks"]
+    assert all(float(row[12]) > 0 for row in rows)
+
+
+def test_info_command_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    code, _, err = _run_cli(["info", "no-such-model"], monkeypatch, capsys)
+    assert code == 1 and err.count("\n") == 1 and "neither a registered architecture" in err
+    code, _, err = _run_cli(["info", "resnet50-dcn-mmdet", str(tmp_path / "missing.png")], monkeypatch, capsys)
+    assert code == 1 and "image not found" in err
+
+
+def test_info_on_a_model_without_deformable_layers(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "plain.py"
+    source.write_text("from torch import nn\n\ndef build():\n    return nn.Conv2d(3, 4, 3)\n")
+    code, out, _ = _run_cli(["info", f"{source}:build"], monkeypatch, capsys)
+    assert code == 0 and "No deformable conv layer ran" in out

@@ -1,0 +1,592 @@
+"""Ground-truth boxes from COCO json files, Pascal VOC directories and small box CSVs.
+
+Every box is returned as ``x1, y1, x2, y2`` in continuous pixel coordinates of the ORIGINAL
+image: (0, 0) is the top-left corner of the top-left pixel, x right, y down (COCO).
+
+- COCO: ``bbox = [x, y, w, h]`` is already continuous, so the box is ``(x, y, x + w, y + h)``.
+- VOC: ``xmin..xmax`` are 1-based inclusive pixel indices, so pixel ``xmin`` starts at
+  continuous ``xmin - 1`` and pixel ``xmax`` ends at continuous ``xmax``: the box is
+  ``(xmin - 1, ymin - 1, xmax, ymax)``.
+
+Boxes that commands must not score (COCO ``iscrowd`` or a non-zero ``ignore`` field, VOC
+``difficult``) are kept with ``ignore = True``. Boxes with zero or negative size are dropped and
+boxes reaching outside their image are clipped; both are counted in
+:attr:`AnnotatedDataset.issues`. Malformed files (missing fields, wrong types, unknown or
+duplicate ids) raise :class:`~dcn_inspect.errors.InputError` naming the file and the entry.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import math
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from dcn_inspect.errors import InputError
+
+ImageId = Union[int, str]
+
+#: Image file suffixes tried when a VOC xml names no file.
+VOC_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+
+
+@dataclass
+class ImageAnnotation:
+    """The ground truth of one image.
+
+    ``boxes`` is [N, 4] float64 ``x1, y1, x2, y2`` in continuous pixels of the original image
+    (already clipped to it); ``ignore[n]`` marks crowd (COCO) / difficult (VOC) boxes.
+    ``path`` is the image file when it was found on disk, else ``None``.
+    """
+
+    image_id: ImageId
+    file_name: str
+    path: Optional[Path]
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: List[str]
+    ignore: np.ndarray
+
+    @property
+    def areas(self) -> np.ndarray:
+        """Box areas in original-image pixels², [N] float64."""
+        if len(self.boxes) == 0:
+            return np.zeros(0, dtype=np.float64)
+        return (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
+
+
+@dataclass
+class AnnotatedDataset:
+    """A parsed dataset: its images in file order and what was repaired while reading it."""
+
+    format: str  # "coco" or "voc"
+    root: Path  # the COCO json file or the VOC directory
+    categories: List[str]
+    images: List[ImageAnnotation]
+    issues: List[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Box clean-up shared by both formats
+# --------------------------------------------------------------------------------------------
+
+
+class _BoxRepairs:
+    """Counts boxes dropped (zero/negative size) and clipped (outside the image)."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.dropped = 0
+        self.clipped = 0
+        self.first_dropped = ""
+        self.first_clipped = ""
+
+    def clean(self, box: Sequence[float], width: int, height: int, where: str) -> Optional[Tuple[float, float, float, float]]:
+        """Clip ``box`` to the image; ``None`` if it has no area (before or after clipping)."""
+        x1, y1, x2, y2 = (float(v) for v in box)
+        if not (x2 > x1 and y2 > y1):
+            self._drop(where)
+            return None
+        cx1, cy1 = min(max(x1, 0.0), float(width)), min(max(y1, 0.0), float(height))
+        cx2, cy2 = min(max(x2, 0.0), float(width)), min(max(y2, 0.0), float(height))
+        if not (cx2 > cx1 and cy2 > cy1):  # entirely outside the image
+            self._drop(where)
+            return None
+        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+            self.clipped += 1
+            self.first_clipped = self.first_clipped or where
+        return cx1, cy1, cx2, cy2
+
+    def _drop(self, where: str) -> None:
+        self.dropped += 1
+        self.first_dropped = self.first_dropped or where
+
+    def issues(self) -> List[str]:
+        out = []
+        if self.dropped:
+            out.append(
+                f"{self.source}: {self.dropped} box(es) with zero or negative size (or entirely outside "
+                f"their image) dropped, first at {self.first_dropped}"
+            )
+        if self.clipped:
+            out.append(f"{self.source}: {self.clipped} box(es) reaching outside their image clipped, first at {self.first_clipped}")
+        return out
+
+
+def _pack(boxes: List[Tuple[float, float, float, float]], ignore: List[bool]) -> Tuple[np.ndarray, np.ndarray]:
+    return (
+        np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+        np.asarray(ignore, dtype=bool).reshape(-1),
+    )
+
+
+def _image_size_from_header(path: Path) -> Tuple[int, int]:
+    """(width, height) of an image file from its header, honouring EXIF orientation."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: ImageOps.exif_transpose swaps the sides
+        width, height = height, width
+    return int(width), int(height)
+
+
+# --------------------------------------------------------------------------------------------
+# COCO
+# --------------------------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_id(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise InputError(f"{path}: annotation file not found") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a UTF-8 text file") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _find_image(file_name: str, search_dirs: Sequence[Path]) -> Optional[Path]:
+    """The first existing ``dir / file_name`` (also tried with the bare file name)."""
+    for directory in search_dirs:
+        for candidate in (directory / file_name, directory / Path(file_name).name):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _coco_search_dirs(json_path: Path, images_dir: Optional[Path]) -> List[Path]:
+    if images_dir is not None:
+        return [Path(images_dir)]
+    return [json_path.parent, json_path.parent / "images"]
+
+
+def load_coco(path: Path, images_dir: Optional[Path] = None) -> AnnotatedDataset:
+    """Parse a COCO detection json. Images are looked up under ``images_dir``, else next to the
+    json and in an ``images/`` folder beside it; ``path`` is ``None`` for images not found."""
+    path = Path(path)
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise InputError(f"--images {images_dir}: not a directory")
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a COCO json object with 'images' and 'annotations', got a {type(data).__name__}")
+    if not isinstance(data.get("images"), list):
+        raise InputError(f"{path}: no 'images' list (not a COCO annotation file?)")
+    raw_annotations = data.get("annotations", [])
+    if not isinstance(raw_annotations, list):
+        raise InputError(f"{path}: 'annotations' must be a list")
+    search_dirs = _coco_search_dirs(path, images_dir)
+
+    # Categories: id -> name, in file order. A file without them labels boxes by category id.
+    category_names: Dict[ImageId, str] = {}
+    raw_categories = data.get("categories")
+    if raw_categories is not None:
+        if not isinstance(raw_categories, list):
+            raise InputError(f"{path}: 'categories' must be a list")
+        for index, entry in enumerate(raw_categories):
+            where = f"categories[{index}]"
+            if not isinstance(entry, dict) or not _is_id(entry.get("id")):
+                raise InputError(f"{path}: {where}: missing or non-integer 'id'")
+            name = entry.get("name", str(entry["id"]))
+            if not isinstance(name, str):
+                raise InputError(f"{path}: {where}: 'name' must be a string")
+            if entry["id"] in category_names:
+                raise InputError(f"{path}: {where}: duplicate category id {entry['id']!r}")
+            category_names[entry["id"]] = name
+
+    # Images: id -> position, in file order.
+    images: List[ImageAnnotation] = []
+    position: Dict[ImageId, int] = {}
+    for index, entry in enumerate(data["images"]):
+        where = f"images[{index}]"
+        if not isinstance(entry, dict):
+            raise InputError(f"{path}: {where}: expected an object, got {type(entry).__name__}")
+        image_id = entry.get("id")
+        if not _is_id(image_id):
+            raise InputError(f"{path}: {where}: missing or invalid 'id' (expected an integer or string)")
+        if image_id in position:
+            raise InputError(f"{path}: {where}: duplicate image id {image_id!r}")
+        file_name = entry.get("file_name")
+        if not isinstance(file_name, str) or not file_name:
+            raise InputError(f"{path}: {where} (id {image_id!r}): missing or invalid 'file_name'")
+        image_path = _find_image(file_name, search_dirs)
+        width, height = entry.get("width"), entry.get("height")
+        if width is None or height is None:
+            if image_path is None:
+                raise InputError(
+                    f"{path}: {where} (id {image_id!r}): no 'width'/'height' and image {file_name} not found to read them"
+                )
+            width, height = _image_size_from_header(image_path)
+        if not (_is_number(width) and _is_number(height) and int(width) == width and int(height) == height and width > 0 and height > 0):
+            raise InputError(f"{path}: {where} (id {image_id!r}): 'width' and 'height' must be positive integers")
+        position[image_id] = len(images)
+        images.append(
+            ImageAnnotation(
+                image_id=image_id,
+                file_name=file_name,
+                path=image_path,
+                width=int(width),
+                height=int(height),
+                boxes=np.zeros((0, 4)),
+                labels=[],
+                ignore=np.zeros(0, dtype=bool),
+            )
+        )
+
+    repairs = _BoxRepairs(path)
+    boxes: List[List[Tuple[float, float, float, float]]] = [[] for _ in images]
+    ignores: List[List[bool]] = [[] for _ in images]
+    labels: List[List[str]] = [[] for _ in images]
+    for index, entry in enumerate(raw_annotations):
+        where = f"annotations[{index}]"
+        if not isinstance(entry, dict):
+            raise InputError(f"{path}: {where}: expected an object, got {type(entry).__name__}")
+        if "id" in entry:
+            where += f" (id {entry['id']!r})"
+        image_id = entry.get("image_id")
+        if not _is_id(image_id):
+            raise InputError(f"{path}: {where}: missing or invalid 'image_id'")
+        if image_id not in position:
+            raise InputError(f"{path}: {where}: unknown image_id {image_id!r} (not in 'images')")
+        bbox = entry.get("bbox")
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise InputError(f"{path}: {where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+        category = entry.get("category_id")
+        if not _is_id(category):
+            raise InputError(f"{path}: {where}: missing or invalid 'category_id'")
+        if category_names and category not in category_names:
+            raise InputError(f"{path}: {where}: unknown category_id {category!r} (not in 'categories')")
+        crowd = entry.get("iscrowd", 0)
+        ignored = entry.get("ignore", 0)
+        for key, value in (("iscrowd", crowd), ("ignore", ignored)):
+            if value not in (0, 1) or not isinstance(value, (int, bool)):
+                raise InputError(f"{path}: {where}: '{key}' must be 0 or 1, got {value!r}")
+        image = images[position[image_id]]
+        x, y, w, h = (float(v) for v in bbox)
+        box = repairs.clean((x, y, x + w, y + h), image.width, image.height, where)
+        if box is None:
+            continue
+        slot = position[image_id]
+        boxes[slot].append(box)
+        ignores[slot].append(bool(crowd) or bool(ignored))
+        labels[slot].append(category_names.get(category, str(category)))
+
+    for slot, image in enumerate(images):
+        image.boxes, image.ignore = _pack(boxes[slot], ignores[slot])
+        image.labels = labels[slot]
+    categories = list(category_names.values()) or sorted({label for image in images for label in image.labels})
+    issues = repairs.issues()
+    missing = sum(1 for image in images if image.path is None)
+    if missing:
+        first = next(image.file_name for image in images if image.path is None)
+        where = ", ".join(str(d) for d in search_dirs)
+        issues.append(f"{path}: {missing} image file(s) not found under {where}, first {first} (set --images DIR)")
+    return AnnotatedDataset(format="coco", root=path, categories=categories, images=images, issues=issues)
+
+
+# --------------------------------------------------------------------------------------------
+# Pascal VOC
+# --------------------------------------------------------------------------------------------
+
+
+def _xml_text(node: ET.Element, tag: str, source: Path, where: str, required: bool = True) -> Optional[str]:
+    child = node.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        if required:
+            raise InputError(f"{source}: {where}: missing <{tag}>")
+        return None
+    return child.text.strip()
+
+
+def _xml_number(node: ET.Element, tag: str, source: Path, where: str) -> float:
+    text = _xml_text(node, tag, source, where)
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except ValueError:
+        raise InputError(f"{source}: {where}: <{tag}> is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise InputError(f"{source}: {where}: <{tag}> is not finite: {text!r}")
+    return value
+
+
+def parse_voc_xml(
+    xml_path: Path,
+    images_dir: Optional[Path] = None,
+    repairs: Optional[_BoxRepairs] = None,
+) -> ImageAnnotation:
+    """Parse one VOC annotation file. Corners are 1-based inclusive: box = (xmin-1, ymin-1, xmax, ymax)."""
+    xml_path = Path(xml_path)
+    repairs = repairs if repairs is not None else _BoxRepairs(xml_path)
+    try:
+        root = ET.parse(xml_path).getroot()
+    except FileNotFoundError:
+        raise InputError(f"{xml_path}: annotation file not found") from None
+    except ET.ParseError as exc:
+        raise InputError(f"{xml_path}: not valid XML ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"{xml_path}: cannot read ({exc.strerror})") from None
+    if root.tag != "annotation":
+        raise InputError(f"{xml_path}: root element is <{root.tag}>, expected a VOC <annotation>")
+    size = root.find("size")
+    if size is None:
+        raise InputError(f"{xml_path}: missing <size>")
+    width, height = _xml_number(size, "width", xml_path, "<size>"), _xml_number(size, "height", xml_path, "<size>")
+    if not (width > 0 and height > 0 and int(width) == width and int(height) == height):
+        raise InputError(f"{xml_path}: <size> width and height must be positive integers, got {width:g}x{height:g}")
+    stem = xml_path.stem
+    file_name = _xml_text(root, "filename", xml_path, "<annotation>", required=False)
+    search_dir = Path(images_dir) if images_dir is not None else xml_path.parent.parent / "JPEGImages"
+    image_path = None
+    if file_name:
+        image_path = _find_image(file_name, [search_dir])
+    if image_path is None:
+        for suffix in VOC_IMAGE_SUFFIXES:
+            if (search_dir / (stem + suffix)).is_file():
+                image_path = search_dir / (stem + suffix)
+                break
+    if not file_name:
+        file_name = image_path.name if image_path is not None else stem + ".jpg"
+
+    boxes: List[Tuple[float, float, float, float]] = []
+    ignore: List[bool] = []
+    labels: List[str] = []
+    for index, obj in enumerate(root.findall("object")):
+        where = f"{stem} <object> #{index}"
+        name = _xml_text(obj, "name", xml_path, where)
+        difficult_text = _xml_text(obj, "difficult", xml_path, where, required=False) or "0"
+        if difficult_text not in ("0", "1"):
+            raise InputError(f"{xml_path}: {where}: <difficult> must be 0 or 1, got {difficult_text!r}")
+        bndbox = obj.find("bndbox")
+        if bndbox is None:
+            raise InputError(f"{xml_path}: {where}: missing <bndbox>")
+        xmin, ymin, xmax, ymax = (_xml_number(bndbox, tag, xml_path, where) for tag in ("xmin", "ymin", "xmax", "ymax"))
+        box = repairs.clean((xmin - 1.0, ymin - 1.0, xmax, ymax), int(width), int(height), where)
+        if box is None:
+            continue
+        boxes.append(box)
+        ignore.append(difficult_text == "1")
+        labels.append(name)  # type: ignore[arg-type]
+    packed_boxes, packed_ignore = _pack(boxes, ignore)
+    return ImageAnnotation(
+        image_id=stem,
+        file_name=file_name,
+        path=image_path,
+        width=int(width),
+        height=int(height),
+        boxes=packed_boxes,
+        labels=labels,
+        ignore=packed_ignore,
+    )
+
+
+def _voc_root(path: Path) -> Optional[Path]:
+    """``path`` if it is a VOC year directory, or its single VOC* child (a VOCdevkit)."""
+    if (path / "Annotations").is_dir():
+        return path
+    children = sorted(child for child in path.iterdir() if child.is_dir() and (child / "Annotations").is_dir())
+    if len(children) == 1:
+        return children[0]
+    if len(children) > 1:
+        names = ", ".join(child.name for child in children)
+        raise InputError(f"{path}: holds several VOC datasets ({names}); pass one of them")
+    return None
+
+
+def load_voc(path: Path, images_dir: Optional[Path] = None, split: Optional[str] = None) -> AnnotatedDataset:
+    """Parse a Pascal VOC directory. ``split`` names ``ImageSets/Main/<split>.txt``; without it,
+    every xml in ``Annotations/`` is used (sorted by name)."""
+    path = Path(path)
+    root = _voc_root(path)
+    if root is None:
+        raise InputError(f"{path}: not a Pascal VOC directory (no Annotations/ folder)")
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise InputError(f"--images {images_dir}: not a directory")
+    annotations_dir = root / "Annotations"
+    if split is not None:
+        split_file = root / "ImageSets" / "Main" / f"{split}.txt"
+        if not split_file.is_file():
+            available = sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
+            hint = f" (available: {', '.join(available)})" if available else ""
+            raise InputError(f"--split {split}: {split_file} not found{hint}")
+        stems = []
+        for line in split_file.read_text(encoding="utf-8").splitlines():
+            tokens = line.split()
+            if tokens:
+                stems.append(tokens[0])  # class files carry a second column (-1/0/1)
+        xml_paths = [annotations_dir / f"{stem}.xml" for stem in stems]
+        missing = [p for p in xml_paths if not p.is_file()]
+        if missing:
+            raise InputError(f"{split_file}: {len(missing)} listed image(s) have no annotation, first {missing[0]}")
+    else:
+        xml_paths = sorted(annotations_dir.glob("*.xml"))
+        if not xml_paths:
+            raise InputError(f"{annotations_dir}: no .xml annotation files")
+    repairs = _BoxRepairs(annotations_dir)
+    images = [parse_voc_xml(xml_path, images_dir, repairs) for xml_path in xml_paths]
+    issues = repairs.issues()
+    missing_images = [image for image in images if image.path is None]
+    if missing_images:
+        where = images_dir if images_dir is not None else root / "JPEGImages"
+        issues.append(f"{root}: {len(missing_images)} image file(s) not found under {where}, first {missing_images[0].file_name}")
+    categories = sorted({label for image in images for label in image.labels})
+    return AnnotatedDataset(format="voc", root=root, categories=categories, images=images, issues=issues)
+
+
+# --------------------------------------------------------------------------------------------
+# Autodetection and single-image look-up
+# --------------------------------------------------------------------------------------------
+
+
+def default_dataset_path() -> Path:
+    """The bundled demo dataset (a COCO json with its images)."""
+    try:
+        from dcn_inspect.datasets import bundled_dataset_path
+    except ImportError:
+        raise InputError("DATASET: no dataset given and the bundled demo dataset is not installed") from None
+    return Path(bundled_dataset_path())
+
+
+def detect_format(path: Path) -> Tuple[str, Path]:
+    """("coco", json file) or ("voc", directory) for ``path``; a one-line error otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: dataset not found")
+    if path.is_file():
+        if path.suffix.lower() == ".json":
+            return "coco", path
+        raise InputError(f"{path}: not a dataset (expected a COCO .json file or a Pascal VOC directory)")
+    if _voc_root(path) is not None:
+        return "voc", path
+    jsons = sorted(path.glob("*.json"))
+    for preferred in ("annotations.json", "instances.json"):
+        if path / preferred in jsons:
+            return "coco", path / preferred
+    if len(jsons) == 1:
+        return "coco", jsons[0]
+    if len(jsons) > 1:
+        raise InputError(f"{path}: several .json files ({', '.join(p.name for p in jsons[:4])}); pass the annotation file itself")
+    raise InputError(f"{path}: not a dataset (no COCO .json file and no Pascal VOC Annotations/ folder)")
+
+
+def load_dataset(path: Optional[Path] = None, images_dir: Optional[Path] = None, split: Optional[str] = None) -> AnnotatedDataset:
+    """Load a COCO json, a VOC directory (detected automatically) or, with ``path=None``, the bundled demo dataset."""
+    path = default_dataset_path() if path is None else Path(path)
+    kind, resolved = detect_format(path)
+    if kind == "coco":
+        if split is not None:
+            raise InputError(f"--split {split}: only Pascal VOC datasets have splits; {resolved} is a COCO json")
+        return load_coco(resolved, images_dir)
+    return load_voc(resolved, images_dir, split)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_coco(path: str, mtime_ns: int, images_dir: Optional[str]) -> AnnotatedDataset:
+    return load_coco(Path(path), Path(images_dir) if images_dir else None)
+
+
+def annotation_for_image(annotation_path: Path, image_path: Path) -> Optional[ImageAnnotation]:
+    """The ground truth of ``image_path`` from a COCO json, a VOC xml file or a VOC directory.
+
+    COCO entries are matched by file name (a ``file_name`` with folders matches on its last
+    component; an exact relative-path match wins). Returns ``None`` when the image is not listed.
+    """
+    annotation_path, image_path = Path(annotation_path), Path(image_path)
+    if not annotation_path.exists():
+        raise InputError(f"{annotation_path}: annotation file not found")
+    if annotation_path.is_file() and annotation_path.suffix.lower() == ".xml":
+        return parse_voc_xml(annotation_path, images_dir=image_path.parent)
+    kind, resolved = detect_format(annotation_path)
+    if kind == "voc":
+        root = _voc_root(resolved)
+        assert root is not None
+        xml_path = root / "Annotations" / f"{image_path.stem}.xml"
+        return parse_voc_xml(xml_path, images_dir=image_path.parent) if xml_path.is_file() else None
+    dataset = _cached_coco(str(resolved), resolved.stat().st_mtime_ns, None)
+    matches = [image for image in dataset.images if Path(image.file_name).name == image_path.name]
+    if len(matches) > 1:
+        exact = [image for image in matches if image_path.as_posix().endswith(image.file_name)]
+        if len(exact) != 1:
+            raise InputError(f"{resolved}: {len(matches)} images are named {image_path.name}; cannot tell which one is {image_path}")
+        matches = exact
+    if not matches:
+        return None
+    # The caller names the image file: that is where it is, whatever the json's folder layout.
+    return dataclasses.replace(matches[0], path=image_path if image_path.is_file() else matches[0].path)
+
+
+# --------------------------------------------------------------------------------------------
+# Box CSVs
+# --------------------------------------------------------------------------------------------
+
+
+def read_box_csv(path: Path) -> Tuple[np.ndarray, List[Optional[str]]]:
+    """Read boxes from a CSV with a header ``x1,y1,x2,y2`` and an optional ``class`` (or ``label``)
+    column, in continuous original-image pixels. Lines starting with ``#`` are comments."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: box file not found") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise InputError(f"{path}: empty box file (expected a header x1,y1,x2,y2[,class])")
+    rows = list(csv.reader([line for _, line in lines]))
+    header = [cell.strip().lower() for cell in rows[0]]
+    missing = [name for name in ("x1", "y1", "x2", "y2") if name not in header]
+    if missing:
+        raise InputError(f"{path}: header must name columns x1,y1,x2,y2[,class]; missing {', '.join(missing)}")
+    columns = [header.index(name) for name in ("x1", "y1", "x2", "y2")]
+    label_column = header.index("class") if "class" in header else (header.index("label") if "label" in header else None)
+    boxes: List[List[float]] = []
+    labels: List[Optional[str]] = []
+    for (number, _), row in zip(lines[1:], rows[1:]):
+        if len(row) < len(header):
+            raise InputError(f"{path}: line {number}: expected {len(header)} columns, got {len(row)}")
+        try:
+            values = [float(row[c]) for c in columns]
+        except ValueError:
+            raise InputError(f"{path}: line {number}: x1,y1,x2,y2 must be numbers") from None
+        if not all(math.isfinite(v) for v in values):
+            raise InputError(f"{path}: line {number}: x1,y1,x2,y2 must be finite")
+        if not (values[2] > values[0] and values[3] > values[1]):
+            raise InputError(f"{path}: line {number}: box has zero or negative size (need x2 > x1 and y2 > y1)")
+        boxes.append(values)
+        label = row[label_column].strip() if label_column is not None else ""
+        labels.append(label or None)
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), labels
+
+
+def count_labels(dataset: AnnotatedDataset) -> Counter:
+    """Number of non-ignored boxes per label (for summaries)."""
+    counts: Counter = Counter()
+    for image in dataset.images:
+        for label, ignored in zip(image.labels, image.ignore):
+            if not ignored:
+                counts[label] += 1
+    return counts

@@ -1,0 +1,910 @@
+"""Regular versus deformed RoI-pooling bins (the paper's Fig. 7): ``dcn-inspect bins``.
+
+A deformable (PS) RoI pooling layer splits every RoI into k x k bins and moves each bin by
+``gamma * normalised offset * (RoI width, RoI height)`` (PAPER.md §2). This module runs the
+model's own forward with ``rois=`` under :func:`dcn_inspect.hooks.probe`, takes the RoIs and
+normalised offsets that the pooling layer actually received from its
+:class:`~dcn_inspect.hooks.RoIPoolRecord` (nothing is recomputed by a second code path), and
+lays out the regular and the deformed bins exactly as the op does:
+
+- deformable PS RoI pooling (R-FCN, MSRA op): RoI corners rounded to integers, feature-cell
+  extent ``[round(x1)*scale - 0.5, (round(x2)+1)*scale - 0.5]`` (width at least 0.1 cell),
+  offsets ``trans`` [R, 2*classes, part, part] x first, bin (i, j) reads part cell
+  ``(floor(i*part/k), floor(j*part/k))``, ``sample_per_part``^2 samples per bin starting at
+  the bin's top-left corner;
+- deformable RoI pooling (mmcv layout): extent ``[x1*scale - 0.5, x2*scale - 0.5]``, offsets
+  [R, 2, ph, pw] x first, ``sampling_ratio``^2 samples per bin centred in sub-cells.
+
+Both ops read the pooled map at feature index ``u = x * scale - 0.5`` for model-input pixel
+``x``, so feature index ``u`` is model-input pixel ``(u + 0.5) / scale``; the CSV uses that op
+convention and ``summary.json`` records how it compares with the frame the probe derived for
+the pooled map. Model-input pixels become original-image pixels through the resize scale.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dcn_inspect import datasets
+from dcn_inspect.annotations import annotation_for_image, read_box_csv
+from dcn_inspect.errors import InputError
+from dcn_inspect.geometry import FrameMap
+from dcn_inspect.hooks import RoIPoolRecord, probe
+from dcn_inspect.images import DEFAULT_MAX_PIXELS, load_image, to_model_input
+from dcn_inspect.loading import LoadedModel, load_model
+from dcn_inspect.outputs import RunSummary, prepare_out_dir, write_csv, write_figure
+
+#: Columns of ``<stem>_bins.csv``, in order.
+CSV_COLUMNS = [
+    "roi", "class", "bin_row", "bin_col",
+    "x1", "y1", "x2", "y2",
+    "dx_norm", "dy_norm", "dx", "dy",
+    "bx1", "by1", "bx2", "by2",
+]  # fmt: skip
+
+#: Columns of ``<stem>_bin_points.csv`` (written with ``points=True``).
+POINT_COLUMNS = ["roi", "class", "bin_row", "bin_col", "point", "x", "y", "inside"]
+
+CSV_UNITS = (
+    "x1,y1,x2,y2 (regular bin), dx,dy (shift) and bx1,by1,bx2,by2 (deformed bin): pixels of the "
+    "original image, COCO continuous coordinates ((0,0) = top-left corner of the top-left pixel, "
+    "x right, y down); dx_norm,dy_norm: the network's normalised offsets (dimensionless; "
+    "shift = gamma * norm * RoI width/height in the op's feature cells); bins follow the pooling "
+    "op's conventions (feature index u <-> model-input pixel (u + 0.5) / spatial_scale)"
+)
+
+POINT_UNITS = (
+    "x,y: bilinear sampling points of each deformed bin in original-image pixels (COCO continuous "
+    "coordinates); inside: 1 if the op reads the point from the feature map, 0 if it falls outside"
+)
+
+#: Class-column value for offsets shared by all classes.
+AGNOSTIC = "agnostic"
+
+#: Figures show at most this many panels (RoI x class); the rest are listed in summary.json.
+MAX_PANELS = 36
+
+Box = Tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class RoIRequest:
+    """One RoI asked for by the user, in original-image pixels (COCO continuous coordinates)."""
+
+    box: Box
+    label: Optional[str]
+    source: str  # where it came from, for error messages and summary.json
+
+
+@dataclass
+class BinGeometry:
+    """Bins of R RoIs (one class choice each) in model-input pixels, as the op lays them out.
+
+    Arrays are float64: ``regular``/``deformed`` [R, ph, pw, 4] (x1, y1, x2, y2), ``offset_norm``
+    [R, ph, pw, 2] (dx^, dy^), ``shift`` [R, ph, pw, 2] (dx, dy). ``points`` holds per RoI the
+    sampling points [ph, pw, S, 2] (x, y) and ``inside`` [ph, pw, S] whether the op reads them.
+    """
+
+    regular: np.ndarray
+    offset_norm: np.ndarray
+    shift: np.ndarray
+    deformed: np.ndarray
+    points: List[np.ndarray]
+    inside: List[np.ndarray]
+    op_rois: np.ndarray  # [R, 4] the RoI extent the op pools, in model-input pixels
+
+    def scaled(self, sx: float, sy: float) -> "BinGeometry":
+        """The same bins in an image scaled by (sx, sy) (model input -> original image)."""
+        box_scale = np.array([sx, sy, sx, sy])
+        xy_scale = np.array([sx, sy])
+        return BinGeometry(
+            regular=self.regular * box_scale,
+            offset_norm=self.offset_norm.copy(),
+            shift=self.shift * xy_scale,
+            deformed=self.deformed * box_scale,
+            points=[p * xy_scale for p in self.points],
+            inside=[m.copy() for m in self.inside],
+            op_rois=self.op_rois * box_scale,
+        )
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """What the bins depend on in one captured pooling layer."""
+
+    layer: str
+    module_type: str
+    kind: str  # "psroi_pool" or "roi_pool"
+    spatial_scale: float
+    pooled_hw: Tuple[int, int]
+    gamma: float  # trans_std for PS pooling
+    num_classes: int  # offset sets per RoI (1: class-agnostic)
+    has_offsets: bool
+    params: Dict[str, Any]
+
+    @property
+    def class_agnostic(self) -> bool:
+        return self.num_classes == 1
+
+    def op_frame(self) -> FrameMap:
+        """Feature index -> model-input pixel as the op uses it: x = (u + 0.5) / spatial_scale."""
+        stride = 1.0 / self.spatial_scale
+        return FrameMap(stride, stride, 0.5 * stride, 0.5 * stride)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "module_type": self.module_type,
+            "head_type": "deformable PS RoI pooling (R-FCN)" if self.kind == "psroi_pool" else "deformable RoI pooling (mmcv)",
+            "kind": self.kind,
+            "spatial_scale": self.spatial_scale,
+            "pooled_size": list(self.pooled_hw),
+            "gamma": self.gamma,
+            "gamma_name": "trans_std" if self.kind == "psroi_pool" else "gamma",
+            "offset_classes": self.num_classes,
+            "class_agnostic": self.class_agnostic,
+            "has_offsets": self.has_offsets,
+            "params": self.params,
+        }
+
+
+def head_info(record: RoIPoolRecord) -> HeadInfo:
+    """Read the pooling parameters and offset layout from a captured pooling call."""
+    params = dict(record.params)
+    if record.kind == "psroi_pool":
+        pooled = int(params["pooled_size"])
+        gamma = float(params["trans_std"])
+        num_classes = 1 if record.offset is None else int(record.offset.shape[1]) // 2
+        pooled_hw = (pooled, pooled)
+    elif record.kind == "roi_pool":
+        size = params["output_size"]
+        pooled_hw = (int(size[0]), int(size[1]))
+        gamma = float(params["gamma"])
+        num_classes = 1
+    else:
+        raise InputError(f"layer {record.name}: unsupported RoI pooling kind {record.kind!r}")
+    return HeadInfo(
+        layer=record.name,
+        module_type=record.module_type,
+        kind=record.kind,
+        spatial_scale=float(params["spatial_scale"]),
+        pooled_hw=pooled_hw,
+        gamma=gamma,
+        num_classes=num_classes,
+        has_offsets=record.offset is not None,
+        params=params,
+    )
+
+
+def round_half_away(values: np.ndarray) -> np.ndarray:
+    """C ``round()``: halves go away from zero (2.5 -> 3, -2.5 -> -3), unlike ``np.round``."""
+    return np.sign(values) * np.floor(np.abs(values) + 0.5)
+
+
+def _psroi_geometry(record: RoIPoolRecord, class_index: np.ndarray) -> BinGeometry:
+    params = record.params
+    scale = float(params["spatial_scale"])
+    pooled = int(params["pooled_size"])
+    part = int(params["part_size"])
+    per_part = int(params["sample_per_part"])
+    trans_std = float(params["trans_std"])
+    height, width = record.input_hw
+    rois = record.rois[:, 1:].detach().cpu().to(torch.float64).numpy()
+    num_rois = rois.shape[0]
+
+    # The op rounds the corners half away from zero (C round(), as the MSRA kernel and our
+    # native kernel do) and treats x2 as an inclusive pixel index, hence the +1; a degenerate
+    # RoI keeps a 0.1-cell extent.
+    corners = round_half_away(rois)
+    start_x = corners[:, 0] * scale - 0.5
+    start_y = corners[:, 1] * scale - 0.5
+    roi_w = np.maximum((corners[:, 2] + 1) * scale - 0.5 - start_x, 0.1)
+    roi_h = np.maximum((corners[:, 3] + 1) * scale - 0.5 - start_y, 0.1)
+    bin_w, bin_h = roi_w / pooled, roi_h / pooled
+
+    index = np.arange(pooled, dtype=np.float64)
+    shape = (num_rois, pooled, pooled)
+    reg_x1 = np.broadcast_to(start_x[:, None, None] + index[None, None, :] * bin_w[:, None, None], shape)  # bin column j
+    reg_y1 = np.broadcast_to(start_y[:, None, None] + index[None, :, None] * bin_h[:, None, None], shape)  # bin row i
+
+    norm = np.zeros((num_rois, pooled, pooled, 2))
+    if record.offset is not None:
+        trans = record.offset.detach().cpu().to(torch.float64).numpy()
+        num_classes = trans.shape[1] // 2
+        trans = trans.reshape(num_rois, num_classes, 2, part, part)
+        part_cell = (np.arange(pooled) * part) // pooled
+        chosen = trans[np.arange(num_rois), class_index]  # [R, 2, part, part]
+        picked = chosen[:, :, part_cell][:, :, :, part_cell]  # [R, 2, k, k]
+        norm = picked.transpose(0, 2, 3, 1).copy()
+    shift_x = trans_std * norm[..., 0] * roi_w[:, None, None]
+    shift_y = trans_std * norm[..., 1] * roi_h[:, None, None]
+
+    # Samples start at the deformed bin's top-left corner, spaced bin/sample_per_part.
+    steps = np.arange(per_part, dtype=np.float64) / per_part
+    points, inside = [], []
+    for r in range(num_rois):
+        xs = (reg_x1[r] + shift_x[r])[:, :, None, None] + steps[None, None, None, :] * bin_w[r]
+        ys = (reg_y1[r] + shift_y[r])[:, :, None, None] + steps[None, None, :, None] * bin_h[r]
+        xs, ys = np.broadcast_arrays(xs, ys)
+        inside.append(((xs >= -0.5) & (xs <= width - 0.5) & (ys >= -0.5) & (ys <= height - 0.5)).reshape(pooled, pooled, -1))
+        points.append(np.stack([xs, ys], axis=-1).reshape(pooled, pooled, -1, 2))
+    op_rois = np.stack([start_x, start_y, start_x + roi_w, start_y + roi_h], axis=1)
+    return _to_pixels(reg_x1, reg_y1, bin_w, bin_h, norm, shift_x, shift_y, points, inside, op_rois, scale)
+
+
+def _roi_pool_geometry(record: RoIPoolRecord) -> BinGeometry:
+    params = record.params
+    scale = float(params["spatial_scale"])
+    pooled_h, pooled_w = (int(v) for v in params["output_size"])
+    sampling_ratio = int(params["sampling_ratio"])
+    gamma = float(params["gamma"])
+    height, width = record.input_hw
+    rois32 = record.rois[:, 1:].detach().cpu()
+    rois = rois32.to(torch.float64).numpy()
+    num_rois = rois.shape[0]
+
+    start_x = rois[:, 0] * scale - 0.5
+    start_y = rois[:, 1] * scale - 0.5
+    roi_w = rois[:, 2] * scale - 0.5 - start_x
+    roi_h = rois[:, 3] * scale - 0.5 - start_y
+    bin_w, bin_h = roi_w / pooled_w, roi_h / pooled_h
+    cols = np.arange(pooled_w, dtype=np.float64)
+    rows = np.arange(pooled_h, dtype=np.float64)
+    shape = (num_rois, pooled_h, pooled_w)
+    reg_x1 = np.broadcast_to(start_x[:, None, None] + cols[None, None, :] * bin_w[:, None, None], shape)
+    reg_y1 = np.broadcast_to(start_y[:, None, None] + rows[None, :, None] * bin_h[:, None, None], shape)
+
+    norm = np.zeros((num_rois, pooled_h, pooled_w, 2))
+    if record.offset is not None:
+        norm = record.offset.detach().cpu().to(torch.float64).numpy().transpose(0, 2, 3, 1).copy()
+    shift_x = gamma * norm[..., 0] * roi_w[:, None, None]
+    shift_y = gamma * norm[..., 1] * roi_h[:, None, None]
+
+    # The adaptive grid is ceil(roi_size / pooled) computed by the op in the RoIs' own dtype;
+    # mirror that arithmetic so the sample count matches at exact integer boundaries.
+    s32 = rois32 * scale - 0.5
+    roi_w32, roi_h32 = s32[:, 2] - s32[:, 0], s32[:, 3] - s32[:, 1]
+    points, inside = [], []
+    for r in range(num_rois):
+        grid_h = sampling_ratio if sampling_ratio > 0 else int(math.ceil(float(roi_h32[r]) / pooled_h))
+        grid_w = sampling_ratio if sampling_ratio > 0 else int(math.ceil(float(roi_w32[r]) / pooled_w))
+        grid_h, grid_w = max(grid_h, 0), max(grid_w, 0)
+        fy = (np.arange(grid_h, dtype=np.float64) + 0.5) / max(grid_h, 1)
+        fx = (np.arange(grid_w, dtype=np.float64) + 0.5) / max(grid_w, 1)
+        xs = (reg_x1[r] + shift_x[r])[:, :, None, None] + fx[None, None, None, :] * bin_w[r]
+        ys = (reg_y1[r] + shift_y[r])[:, :, None, None] + fy[None, None, :, None] * bin_h[r]
+        xs, ys = np.broadcast_arrays(xs, ys)
+        # mmcv's bilinear read is zero only beyond one cell outside the map (RoIAlign rule).
+        inside.append(((ys >= -1) & (ys <= height) & (xs >= -1) & (xs <= width)).reshape(pooled_h, pooled_w, -1))
+        points.append(np.stack([xs, ys], axis=-1).reshape(pooled_h, pooled_w, -1, 2))
+    op_rois = np.stack([start_x, start_y, start_x + roi_w, start_y + roi_h], axis=1)
+    return _to_pixels(reg_x1, reg_y1, bin_w, bin_h, norm, shift_x, shift_y, points, inside, op_rois, scale)
+
+
+def _to_pixels(
+    reg_x1: np.ndarray,
+    reg_y1: np.ndarray,
+    bin_w: np.ndarray,
+    bin_h: np.ndarray,
+    norm: np.ndarray,
+    shift_x: np.ndarray,
+    shift_y: np.ndarray,
+    points: List[np.ndarray],
+    inside: List[np.ndarray],
+    op_rois: np.ndarray,
+    scale: float,
+) -> BinGeometry:
+    """Feature-cell geometry -> model-input pixels with the op's convention x = (u + 0.5) / scale."""
+
+    def px(u: np.ndarray) -> np.ndarray:
+        return (u + 0.5) / scale
+
+    reg_x2 = reg_x1 + bin_w[:, None, None]
+    reg_y2 = reg_y1 + bin_h[:, None, None]
+    regular = np.stack([px(reg_x1), px(reg_y1), px(reg_x2), px(reg_y2)], axis=-1)
+    shift = np.stack([shift_x / scale, shift_y / scale], axis=-1)
+    deformed = np.stack(
+        [px(reg_x1 + shift_x), px(reg_y1 + shift_y), px(reg_x2 + shift_x), px(reg_y2 + shift_y)], axis=-1
+    )
+    return BinGeometry(
+        regular=regular,
+        offset_norm=norm,
+        shift=shift,
+        deformed=deformed,
+        points=[px(p) for p in points],
+        inside=[m.copy() for m in inside],
+        op_rois=px(op_rois),
+    )
+
+
+def roi_bins(record: RoIPoolRecord, class_index: Optional[Sequence[int]] = None) -> BinGeometry:
+    """Regular and deformed bins of every RoI of a captured pooling call, in model-input pixels.
+
+    ``class_index`` chooses, per RoI, whose offsets to use when the PS head's offsets are
+    class-specific (``trans`` with 2*C channels); ignored for class-agnostic offsets.
+    """
+    num_rois = int(record.rois.shape[0])
+    if record.kind == "psroi_pool":
+        info = head_info(record)
+        if class_index is None or info.class_agnostic:
+            chosen = np.zeros(num_rois, dtype=np.int64)
+        else:
+            chosen = np.asarray(class_index, dtype=np.int64).reshape(-1)
+            if chosen.shape[0] != num_rois:
+                raise ValueError(f"class_index has {chosen.shape[0]} entries for {num_rois} RoIs")
+            bad = [int(c) for c in chosen if not 0 <= c < info.num_classes]
+            if bad:
+                raise InputError(f"--class: class index {bad[0]} is outside 0..{info.num_classes - 1} of layer {record.name}")
+        return _psroi_geometry(record, chosen)
+    if record.kind == "roi_pool":
+        return _roi_pool_geometry(record)
+    raise InputError(f"layer {record.name}: unsupported RoI pooling kind {record.kind!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# RoIs from the command line, CSV files and annotations
+
+
+def parse_roi(text: str) -> Box:
+    """``"X1,Y1,X2,Y2"`` -> a box; one-line :class:`InputError` naming the argument otherwise."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise InputError(f"--roi {text!r}: expected four numbers X1,Y1,X2,Y2 in image pixels") from None
+    if len(values) != 4:
+        raise InputError(f"--roi {text!r}: expected four numbers X1,Y1,X2,Y2, got {len(values)}")
+    return values  # type: ignore[return-value]
+
+
+def check_roi(request: RoIRequest) -> None:
+    """RoIs may lie partly outside the image (the op handles that) but must not be inverted."""
+    x1, y1, x2, y2 = request.box
+    if not all(math.isfinite(v) for v in request.box):
+        raise InputError(f"{request.source}: RoI {_fmt_box(request.box)} has a non-finite coordinate")
+    if x2 < x1:
+        raise InputError(f"{request.source}: RoI {_fmt_box(request.box)} has x2 < x1")
+    if y2 < y1:
+        raise InputError(f"{request.source}: RoI {_fmt_box(request.box)} has y2 < y1")
+
+
+def _fmt_box(box: Sequence[float]) -> str:
+    return ",".join(f"{v:g}" for v in box)
+
+
+def collect_rois(
+    image_path: Path,
+    rois: Sequence[Union[Box, str]] = (),
+    rois_file: Optional[Path] = None,
+    annotations: Optional[Path] = None,
+) -> List[RoIRequest]:
+    """The RoIs for one image: ``--roi`` boxes, then ``--rois`` CSV rows, then annotated boxes.
+
+    With none given, a bundled demo image uses its bundled annotations.
+    """
+    requests: List[RoIRequest] = []
+    for item in rois:
+        box = parse_roi(item) if isinstance(item, str) else tuple(float(v) for v in item)
+        requests.append(RoIRequest(box, None, f"--roi {_fmt_box(box)}"))  # type: ignore[arg-type]
+    if rois_file is not None:
+        boxes, labels = read_box_csv(Path(rois_file))
+        for k, (box, label) in enumerate(zip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), labels)):
+            requests.append(RoIRequest(tuple(float(v) for v in box), label, f"--rois {rois_file} box {k}"))  # type: ignore[arg-type]
+    annotation_path = Path(annotations) if annotations is not None else None
+    if annotation_path is None and not requests:
+        annotation_path = _bundled_annotations_for(image_path)
+        if annotation_path is None:
+            raise InputError(f"{image_path}: no RoIs given: use --roi X1,Y1,X2,Y2, --rois FILE or --annotations FILE")
+    if annotation_path is not None:
+        entry = annotation_for_image(annotation_path, Path(image_path))
+        if entry is None:
+            raise InputError(f"--annotations {annotation_path}: no entry for image {Path(image_path).name}")
+        for k, box in enumerate(np.asarray(entry.boxes, dtype=np.float64).reshape(-1, 4)):
+            label = entry.labels[k] if k < len(entry.labels) else None
+            requests.append(RoIRequest(tuple(float(v) for v in box), label, f"{annotation_path} ({entry.file_name}) box {k}"))  # type: ignore[arg-type]
+    if not requests:
+        raise InputError(f"{image_path}: no RoIs (the annotations list no boxes for this image)")
+    for request in requests:
+        check_roi(request)
+    return requests
+
+
+def _bundled_annotations_for(image_path: Path) -> Optional[Path]:
+    """The bundled annotation file if ``image_path`` is one of the bundled demo images."""
+    bundled = {p.resolve() for p in datasets.bundled_images()}
+    if Path(image_path).resolve() in bundled:
+        return Path(datasets.bundled_images_annotations())
+    return None
+
+
+def default_images() -> List[Path]:
+    """The bundled demo images (used when no IMAGE is given)."""
+    images = [Path(p) for p in datasets.bundled_images()]
+    if not images:
+        raise InputError("IMAGE: no image given and no bundled demo images were found")
+    return images
+
+
+# --------------------------------------------------------------------------------------------
+# Classes
+
+
+def class_names(loaded: LoadedModel) -> Optional[List[str]]:
+    """The model's class names if it declares them.
+
+    Looked up in order: the model's ``class_names`` attribute, the checkpoint's meta or
+    config ``class_names``, then a ``CLASS_NAMES`` constant of the module defining the model
+    class (how the built-in architectures declare them). The background class may be omitted.
+    """
+    defining_module = sys.modules.get(type(loaded.model).__module__)
+    for source in (
+        getattr(loaded.model, "class_names", None),
+        loaded.meta.get("class_names"),
+        loaded.config.get("class_names"),
+        getattr(defining_module, "CLASS_NAMES", None),
+    ):
+        if source:
+            return [str(n) for n in source]
+    return None
+
+
+def _offset_class_names(names: Optional[List[str]], num_classes: int) -> Optional[List[str]]:
+    """Names of the head's offset classes: the model's list, with R-FCN's background prepended if short by one."""
+    if names is None:
+        return None
+    if len(names) == num_classes:
+        return list(names)
+    if len(names) == num_classes - 1:
+        return ["background"] + list(names)
+    return None
+
+
+def _label_to_index(label: Optional[str], names: Optional[List[str]], num_classes: int) -> Optional[int]:
+    if label is None:
+        return None
+    text = str(label).strip()
+    if names is not None and text in names:
+        return names.index(text)
+    if text.lstrip("-").isdigit() and 0 <= int(text) < num_classes:
+        return int(text)
+    return None
+
+
+@dataclass
+class ClassChoice:
+    """Which offset set each RoI uses: ``rows`` is a list of (roi, class_index, how chosen)."""
+
+    rows: List[Tuple[int, int, str]]
+
+
+def choose_classes(
+    choice: str,
+    requests: Sequence[RoIRequest],
+    info: HeadInfo,
+    names: Optional[List[str]],
+    roi_logits: Optional[torch.Tensor],
+) -> ClassChoice:
+    """Resolve ``--class`` (auto | gt | pred | all | index | name) into one offset set per row."""
+    count = len(requests)
+    if info.class_agnostic:
+        return ClassChoice([(r, 0, AGNOSTIC) for r in range(count)])
+    num = info.num_classes
+    predicted: Optional[np.ndarray] = None
+    if roi_logits is not None and roi_logits.dim() >= 2 and roi_logits.shape[0] == count and roi_logits.shape[1] == num:
+        predicted = roi_logits.detach().reshape(count, num, -1).mean(dim=2).argmax(dim=1).cpu().numpy()
+    choice = (choice or "auto").strip()
+    if choice == "all":
+        return ClassChoice([(r, c, "all") for r in range(count) for c in range(num)])
+    if choice in ("auto", "gt", "pred"):
+        rows = []
+        for r, request in enumerate(requests):
+            gt = _label_to_index(request.label, names, num) if choice != "pred" else None
+            if gt is not None:
+                rows.append((r, gt, "gt"))
+            elif choice == "gt":
+                what = "has no class" if request.label is None else f"class {request.label!r} is not one of the model's {num} offset classes"
+                raise InputError(f"--class gt: {request.source} {what}")
+            elif predicted is not None:
+                rows.append((r, int(predicted[r]), "pred"))
+            else:
+                raise InputError(
+                    f"--class {choice}: {request.source} needs a class for the class-specific offsets of "
+                    f"{info.layer} ({num} classes) and the model gives no roi_logits to predict one; "
+                    "use --class INDEX|NAME|all"
+                )
+        return ClassChoice(rows)
+    index = _label_to_index(choice, names, num)
+    if index is None:
+        known = f" ({', '.join(names)})" if names else ""
+        raise InputError(f"--class {choice!r}: not a class index 0..{num - 1}, a class name{known}, auto, gt, pred or all")
+    return ClassChoice([(r, index, "given") for r in range(count)])
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class ImageBins:
+    """Results for one image."""
+
+    image: Path
+    csv: Path
+    figure: Path
+    points_csv: Optional[Path]
+    table: pd.DataFrame
+    rois: List[Dict[str, Any]]
+
+
+@dataclass
+class BinsResult:
+    out_dir: Path
+    images: List[ImageBins]
+    summary: Path
+    head: Optional[HeadInfo] = None
+    notes: List[str] = field(default_factory=list)
+
+
+def _run_forward(loaded: LoadedModel, tensor: torch.Tensor, rois: torch.Tensor) -> Any:
+    try:
+        return probe(loaded.model, tensor, rois=rois)
+    except TypeError as exc:
+        if "rois" in str(exc):
+            raise InputError(f"--model {loaded.name}: its forward does not take rois= (bins needs a model with a deformable RoI pooling head)") from None
+        raise
+
+
+def _select_record(records: Dict[str, RoIPoolRecord], layer: Optional[str], model_name: str) -> RoIPoolRecord:
+    if not records:
+        raise InputError(f"--model {model_name}: no deformable RoI pooling layer ran in the forward with rois= (bins needs a deformable (PS) RoI pooling head)")
+    if layer is not None:
+        if layer not in records:
+            raise InputError(f"--layer {layer}: not a RoI pooling layer of the model (found: {', '.join(records)})")
+        return records[layer]
+    with_offsets = [r for r in records.values() if r.offset is not None]
+    return with_offsets[0] if with_offsets else next(iter(records.values()))
+
+
+def _roi_logits(output: Any) -> Optional[torch.Tensor]:
+    if isinstance(output, dict):
+        value = output.get("roi_logits")
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _class_label(class_index: int, how: str, names: Optional[List[str]]) -> str:
+    if how == AGNOSTIC:
+        return AGNOSTIC
+    if names is not None and 0 <= class_index < len(names):
+        return names[class_index]
+    return str(class_index)
+
+
+def bins_table(geometry: BinGeometry, rows: Sequence[Tuple[int, str]]) -> pd.DataFrame:
+    """The CSV table: one row per (RoI row set, bin), columns :data:`CSV_COLUMNS`.
+
+    ``rows[k] = (roi, class label)`` names the k-th RoI row set of ``geometry``.
+    """
+    count, pooled_h, pooled_w = geometry.regular.shape[:3]
+    per_set = pooled_h * pooled_w
+    bin_row, bin_col = np.meshgrid(np.arange(pooled_h), np.arange(pooled_w), indexing="ij")
+    columns: Dict[str, Any] = {
+        "roi": np.repeat([roi for roi, _ in rows], per_set).astype(np.int64),
+        "class": np.repeat(np.array([label for _, label in rows], dtype=object), per_set),
+        "bin_row": np.tile(bin_row.reshape(-1), count),
+        "bin_col": np.tile(bin_col.reshape(-1), count),
+    }
+    flat = {
+        "regular": geometry.regular.reshape(-1, 4),
+        "norm": geometry.offset_norm.reshape(-1, 2),
+        "shift": geometry.shift.reshape(-1, 2),
+        "deformed": geometry.deformed.reshape(-1, 4),
+    }
+    for k, name in enumerate(("x1", "y1", "x2", "y2")):
+        columns[name] = flat["regular"][:, k]
+    columns["dx_norm"], columns["dy_norm"] = flat["norm"][:, 0], flat["norm"][:, 1]
+    columns["dx"], columns["dy"] = flat["shift"][:, 0], flat["shift"][:, 1]
+    for k, name in enumerate(("bx1", "by1", "bx2", "by2")):
+        columns[name] = flat["deformed"][:, k]
+    return pd.DataFrame(columns, columns=CSV_COLUMNS)
+
+
+def points_table(geometry: BinGeometry, rows: Sequence[Tuple[int, str]]) -> pd.DataFrame:
+    """One row per sampling point of every deformed bin, columns :data:`POINT_COLUMNS`."""
+    frames = []
+    for k, (roi, label) in enumerate(rows):
+        pts, inside = geometry.points[k], geometry.inside[k]
+        pooled_h, pooled_w, samples = pts.shape[:3]
+        bin_row, bin_col, point = np.meshgrid(np.arange(pooled_h), np.arange(pooled_w), np.arange(samples), indexing="ij")
+        frames.append(
+            pd.DataFrame(
+                {
+                    "roi": np.full(bin_row.size, roi, dtype=np.int64),
+                    "class": np.full(bin_row.size, label, dtype=object),
+                    "bin_row": bin_row.reshape(-1),
+                    "bin_col": bin_col.reshape(-1),
+                    "point": point.reshape(-1),
+                    "x": pts[..., 0].reshape(-1),
+                    "y": pts[..., 1].reshape(-1),
+                    "inside": inside.reshape(-1).astype(np.int64),
+                },
+                columns=POINT_COLUMNS,
+            )
+        )
+    if not frames:
+        return pd.DataFrame(columns=POINT_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _select_rows(geometry: BinGeometry, picks: Sequence[int]) -> BinGeometry:
+    index = np.asarray(picks, dtype=np.int64)
+    return BinGeometry(
+        regular=geometry.regular[index],
+        offset_norm=geometry.offset_norm[index],
+        shift=geometry.shift[index],
+        deformed=geometry.deformed[index],
+        points=[geometry.points[k] for k in picks],
+        inside=[geometry.inside[k] for k in picks],
+        op_rois=geometry.op_rois[index],
+    )
+
+
+def _frame_comparison(info: HeadInfo, frame: Optional[FrameMap]) -> Dict[str, Any]:
+    """How the op's index convention relates to the frame the probe derived for the pooled map."""
+    op = info.op_frame()
+    result: Dict[str, Any] = {
+        "csv_convention": "op: feature index u <-> model-input pixel (u + 0.5) / spatial_scale",
+        "op_frame": op.as_dict(),
+        "probe_frame": None if frame is None else frame.as_dict(),
+    }
+    if frame is not None:
+        result["probe_minus_op_px"] = {
+            "offset_x": frame.offset_x - op.offset_x,
+            "offset_y": frame.offset_y - op.offset_y,
+            "stride_x": frame.stride_x - op.stride_x,
+            "stride_y": frame.stride_y - op.stride_y,
+        }
+        result["agree"] = bool(
+            abs(frame.offset_x - op.offset_x) < 1e-9
+            and abs(frame.offset_y - op.offset_y) < 1e-9
+            and abs(frame.stride_x - op.stride_x) < 1e-9
+            and abs(frame.stride_y - op.stride_y) < 1e-9
+        )
+    return result
+
+
+def bins(
+    images: Optional[Sequence[Path]] = None,
+    model: Union[str, LoadedModel, None] = None,
+    weights: Optional[Path] = None,
+    rois: Sequence[Union[Box, str]] = (),
+    rois_file: Optional[Path] = None,
+    annotations: Optional[Path] = None,
+    class_choice: str = "auto",
+    points: bool = False,
+    overlay: bool = False,
+    layer: Optional[str] = None,
+    resize: Optional[int] = None,
+    device: str = "cpu",
+    out: Path = Path("dcn-inspect-out"),
+    fmt: str = "png",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> BinsResult:
+    """Run ``dcn-inspect bins``: regular vs deformed RoI-pooling bins for each image.
+
+    Writes ``<stem>_bins.csv``, ``<stem>_bins.<fmt>`` (and ``<stem>_bin_points.csv`` with
+    ``points``) per image and ``summary.json`` into ``out``.
+    """
+    fmt = fmt.lower().lstrip(".")
+    if fmt not in ("png", "svg", "pdf"):
+        raise InputError(f"--format {fmt!r}: use png, svg or pdf")
+    if resize is not None and resize < 0:
+        raise InputError(f"--resize {resize}: must be 0 (the image's own size) or a positive shorter-side length")
+    image_paths = [Path(p) for p in images] if images else default_images()
+    stems: Dict[str, Path] = {}
+    for path in image_paths:
+        if path.stem in stems and stems[path.stem] != path:
+            raise InputError(f"{path}: same file name stem as {stems[path.stem]}; their outputs would overwrite each other")
+        stems[path.stem] = path
+    # Validate every image's RoIs before any work, so a bad RoI fails fast and writes nothing.
+    requests_per_image = [collect_rois(p, rois, rois_file, annotations) for p in image_paths]
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, device)
+    dev = next((p.device for p in loaded.model.parameters()), torch.device("cpu"))
+    out_dir = prepare_out_dir(Path(out))
+    names = class_names(loaded)
+    summary = RunSummary(
+        "bins",
+        {
+            "images": [str(p) for p in image_paths],
+            "rois": [list(map(float, parse_roi(r) if isinstance(r, str) else r)) for r in rois],
+            "rois_file": rois_file,
+            "annotations": annotations,
+            "class": class_choice,
+            "points": points,
+            "overlay": overlay,
+            "layer": layer,
+            "resize": resize,
+            "device": str(dev),
+            "format": fmt,
+        },
+    )
+    summary["model"] = loaded.summary()
+
+    results: List[ImageBins] = []
+    notes: List[str] = []
+    per_image: List[Dict[str, Any]] = []
+    head: Optional[HeadInfo] = None
+    options = _Options(class_choice, points, overlay, layer, resize, fmt, max_pixels)
+    with _progress(progress, len(image_paths)) as advance:
+        for path, requests in zip(image_paths, requests_per_image):
+            item, image_summary, info = _bins_for_image(path, requests, loaded, names, options, out_dir, notes)
+            head = head or info
+            results.append(item)
+            per_image.append(image_summary)
+            advance()
+    summary["head"] = head.as_dict() if head else None
+    summary["class_names"] = _offset_class_names(names, head.num_classes) if head else names
+    summary["images"] = per_image
+    summary["notes"] = notes
+    summary_path = summary.write(out_dir)
+    return BinsResult(out_dir, results, summary_path, head, notes)
+
+
+@dataclass(frozen=True)
+class _Options:
+    class_choice: str
+    points: bool
+    overlay: bool
+    layer: Optional[str]
+    resize: Optional[int]
+    fmt: str
+    max_pixels: int
+
+
+def _bins_for_image(
+    path: Path,
+    requests: Sequence[RoIRequest],
+    loaded: LoadedModel,
+    names: Optional[List[str]],
+    options: _Options,
+    out_dir: Path,
+    notes: List[str],
+) -> Tuple[ImageBins, Dict[str, Any], HeadInfo]:
+    """Probe one image with its RoIs and write its CSV(s) and figure."""
+    from dcn_inspect.plots.bins import RoIPanel, draw_bins_figure
+
+    image = load_image(path, options.max_pixels)
+    model_input = to_model_input(image, loaded.preprocess, options.resize)
+    sx, sy = model_input.scale_to_original
+    dev = next((p.device for p in loaded.model.parameters()), torch.device("cpu"))
+    # Original-image pixels -> model-input pixels (continuous coordinates scale exactly).
+    boxes_in = torch.tensor(
+        [[0.0, r.box[0] / sx, r.box[1] / sy, r.box[2] / sx, r.box[3] / sy] for r in requests], dtype=model_input.tensor.dtype
+    )
+    result = _run_forward(loaded, model_input.tensor.to(dev), boxes_in.to(dev))
+    record = _select_record(result.capture.roi_pools, options.layer, loaded.name)
+    if record.rois.shape[0] != len(requests):
+        raise InputError(f"--model {loaded.name}: layer {record.name} pooled {record.rois.shape[0]} RoIs for the {len(requests)} given")
+    info = head_info(record)
+    if not info.has_offsets:
+        notes.append(f"{path.name}: layer {record.name} ran without offsets; deformed bins equal the regular bins")
+    offset_names = _offset_class_names(names, info.num_classes)
+    choice = choose_classes(options.class_choice, requests, info, offset_names, _roi_logits(result.output))
+    geometry = _geometry_for_rows(record, choice, info).scaled(sx, sy)
+    labels = [(roi, _class_label(c, how, offset_names)) for roi, c, how in choice.rows]
+
+    table = bins_table(geometry, labels)
+    csv_path = out_dir / f"{path.stem}_bins.csv"
+    write_csv(csv_path, table, CSV_UNITS)
+    points_path = None
+    if options.points:
+        points_path = out_dir / f"{path.stem}_bin_points.csv"
+        write_csv(points_path, points_table(geometry, labels), POINT_UNITS)
+
+    panels = [
+        RoIPanel(
+            title=_panel_title(roi, label, how, requests[roi]),
+            roi=requests[roi].box,
+            regular=geometry.regular[k],
+            deformed=geometry.deformed[k],
+            points=geometry.points[k].reshape(-1, 2) if options.points else None,
+            roi_label=f"RoI {roi}" + (f" ({requests[roi].label})" if requests[roi].label is not None else ""),
+        )
+        for k, ((roi, label), (_, _, how)) in enumerate(zip(labels, choice.rows))
+    ]
+    if len(panels) > MAX_PANELS and not options.overlay:
+        notes.append(f"{path.name}: figure shows the first {MAX_PANELS} of {len(panels)} RoI/class panels; the CSV has all")
+        panels = panels[:MAX_PANELS]
+    figure_path = out_dir / f"{path.stem}_bins.{options.fmt}"
+    figure = draw_bins_figure(image, panels, overlay=options.overlay, title=f"{path.name}: {info.module_type} {record.name}")
+    write_figure(figure_path, figure, dpi=100)
+
+    first_row: Dict[int, int] = {}
+    for k, (roi, _, _) in enumerate(choice.rows):
+        first_row.setdefault(roi, k)
+    roi_summary = [
+        {
+            "roi": r,
+            "box": list(request.box),
+            "label": request.label,
+            "source": request.source,
+            "model_input_box": [float(v) for v in record.rois[r, 1:].cpu().tolist()],
+            "op_extent_original": [float(v) for v in geometry.op_rois[first_row[r]]],
+            "classes": [
+                {"class": _class_label(c, how, offset_names), "index": c, "chosen_by": how} for rr, c, how in choice.rows if rr == r
+            ],
+        }
+        for r, request in enumerate(requests)
+    ]
+    image_summary = {
+        "image": str(path),
+        "original_hw": list(model_input.original_hw),
+        "input_hw": list(model_input.input_hw),
+        "scale_to_original": [sx, sy],
+        "layer": record.name,
+        "pooled_map_hw": list(record.input_hw),
+        "coordinates": _frame_comparison(info, record.input_frame),
+        "rois": roi_summary,
+        "outputs": [csv_path.name, figure_path.name] + ([points_path.name] if points_path else []),
+    }
+    return ImageBins(path, csv_path, figure_path, points_path, table, roi_summary), image_summary, info
+
+
+def _geometry_for_rows(record: RoIPoolRecord, choice: ClassChoice, info: HeadInfo) -> BinGeometry:
+    """Bins for every (roi, class) row of ``choice``: one geometry per distinct class, rows picked."""
+    if info.class_agnostic:
+        return roi_bins(record)
+    classes = sorted({c for _, c, _ in choice.rows})
+    per_class = {c: roi_bins(record, [c] * int(record.rois.shape[0])) for c in classes}
+    parts = [_select_rows(per_class[c], [roi]) for roi, c, _ in choice.rows]
+    return BinGeometry(
+        regular=np.concatenate([p.regular for p in parts]),
+        offset_norm=np.concatenate([p.offset_norm for p in parts]),
+        shift=np.concatenate([p.shift for p in parts]),
+        deformed=np.concatenate([p.deformed for p in parts]),
+        points=[p.points[0] for p in parts],
+        inside=[p.inside[0] for p in parts],
+        op_rois=np.concatenate([p.op_rois for p in parts]),
+    )
+
+
+def _panel_title(roi: int, label: str, how: str, request: RoIRequest) -> str:
+    name = f"RoI {roi}"
+    if request.label is not None:
+        name += f" ({request.label})"
+    if how == AGNOSTIC:
+        return name
+    return f"{name}: offsets of {label} [{how}]"
+
+
+class _progress:
+    """A rich progress bar over images (silent when disabled); ``advance()`` steps it."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled
+        self.total = total
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn("bins"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+        self._bar.__enter__()
+        self._task = self._bar.add_task("images", total=self.total)
+        return lambda: self._bar.advance(self._task)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

@@ -1,0 +1,428 @@
+"""Synthetic shape scenes: the demo data and the training task of the sample network.
+
+Every scene is a cluttered, textured background with a few shapes (disc, square, triangle,
+cross, star) at widely varied scales, from ~12 px to nearly the whole image, so that objects
+fall in all three area categories of the paper's analysis (small < 96^2, medium 96^2..224^2,
+large >= 224^2 pixels of box area, COCO). Shape fills are drawn from the same texture
+distribution as the background and are independent of the class: whether a pixel belongs to
+a shape, and to which one, can only be told from the shape's outline, so recognising an
+interior pixel needs context proportional to the object's size. That is what makes learned
+offsets worth having.
+
+Coordinates are COCO continuous pixels: pixel (r, c) covers [c, c+1) x [r, r+1). A shape is
+rasterised by testing pixel centres against its polygon, and its box is the exact extent of
+the drawn pixels (x1 = first column, x2 = last column + 1), so boxes match the image exactly.
+Later (smaller) shapes occlude earlier ones; boxes and polygons are amodal, the label map is
+what is visible.
+
+Everything is drawn from one ``numpy.random.Generator``: the same seed gives the same
+scenes, pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from matplotlib.path import Path as PolygonPath
+from PIL import Image
+
+#: Shape classes; label 0 is background, class k has label k + 1 and COCO category id k + 1.
+CLASSES: Tuple[str, ...] = ("disc", "square", "triangle", "cross", "star")
+
+#: COCO area thresholds (box area in pixels) of the small / medium / large split.
+SMALL_MAX_AREA = 96.0**2
+LARGE_MIN_AREA = 224.0**2
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    """How scenes are drawn. Sizes are box sides in pixels."""
+
+    height: int = 256
+    width: int = 256
+    p_large: float = 0.4  # probability of one large shape in a scene
+    large_side: Tuple[int, int] = (230, 252)
+    medium_count: Tuple[int, int] = (0, 2)  # inclusive range of medium shapes
+    medium_side: Tuple[int, int] = (100, 215)
+    small_count: Tuple[int, int] = (2, 6)
+    small_side: Tuple[int, int] = (12, 90)
+    aspect: Tuple[float, float] = (0.8, 1.25)  # width / height of a shape's box
+    clutter: Tuple[int, int] = (2, 6)  # irregular background blobs and bars (not objects)
+    min_contrast: float = 60.0  # RGB distance between a shape's fill and the background under it
+    max_occlusion: float = 0.3  # a new shape may hide at most this fraction of an earlier one
+
+
+@dataclass
+class SceneObject:
+    """One shape: class, amodal polygon, exact pixel box [x1, y1, x2, y2] and mask area."""
+
+    label: int  # 1..len(CLASSES)
+    polygon: np.ndarray  # [V, 2] (x, y), continuous image coordinates
+    box: Tuple[float, float, float, float]
+    area: float  # pixels of the (amodal) shape mask
+
+    @property
+    def name(self) -> str:
+        return CLASSES[self.label - 1]
+
+    @property
+    def box_area(self) -> float:
+        return (self.box[2] - self.box[0]) * (self.box[3] - self.box[1])
+
+
+@dataclass
+class Scene:
+    image: np.ndarray  # [H, W, 3] uint8
+    labels: np.ndarray  # [H, W] int64, 0 = background, k = visible class k
+    instances: np.ndarray  # [H, W] int64, index into ``objects`` of the visible shape, -1 = none
+    objects: List[SceneObject] = field(default_factory=list)
+
+
+def area_category(box_area: float, small_max: float = SMALL_MAX_AREA, large_min: float = LARGE_MIN_AREA) -> str:
+    """COCO-style size category of a box area (pixels): "small", "medium" or "large"."""
+    if box_area < small_max:
+        return "small"
+    if box_area >= large_min:
+        return "large"
+    return "medium"
+
+
+# --------------------------------------------------------------------------------------------
+# Textures (shared by background, clutter and shape fills)
+# --------------------------------------------------------------------------------------------
+
+
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
+    """Value noise in [0, 1]: a random ``cells`` x ``cells`` grid upsampled bilinearly."""
+    grid = rng.random((cells + 1, cells + 1)).astype(np.float32)
+    image = Image.fromarray(grid, mode="F").resize((width, height), Image.BILINEAR)
+    return np.asarray(image, dtype=np.float32)
+
+
+def random_texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A random texture [H, W, 3] float32 in [0, 255]: flat, stripes, checks, blotches or gradient, with grain."""
+    base = rng.uniform(0, 255, size=3).astype(np.float32)
+    other = rng.uniform(0, 255, size=3).astype(np.float32)
+    kind = rng.integers(0, 5)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    if kind == 0:  # flat
+        mix = np.zeros((height, width), np.float32)
+    elif kind == 1:  # stripes
+        angle = rng.uniform(0, math.pi)
+        period = rng.uniform(4, 24)
+        phase = (xs * math.cos(angle) + ys * math.sin(angle)) / period
+        mix = (np.sin(2 * math.pi * phase) > 0).astype(np.float32) * rng.uniform(0.3, 0.8)
+    elif kind == 2:  # checks
+        period = rng.uniform(4, 20)
+        mix = (((xs // period) + (ys // period)) % 2).astype(np.float32) * rng.uniform(0.3, 0.8)
+    elif kind == 3:  # blotches
+        mix = _smooth_noise(rng, height, width, int(rng.integers(3, 12)))
+    else:  # gradient
+        angle = rng.uniform(0, 2 * math.pi)
+        ramp = xs * math.cos(angle) + ys * math.sin(angle)
+        mix = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0)
+    texture = base[None, None, :] * (1 - mix[..., None]) + other[None, None, :] * mix[..., None]
+    grain = rng.normal(0.0, rng.uniform(2, 14), size=(height, width, 1)).astype(np.float32)
+    return np.clip(texture + grain, 0, 255)
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes
+# --------------------------------------------------------------------------------------------
+
+
+def _unit_outline(label: int, rng: np.random.Generator) -> np.ndarray:
+    """Outline of a class in a unit frame around the origin, [V, 2]."""
+    name = CLASSES[label - 1]
+    if name == "disc":
+        t = np.linspace(0, 2 * math.pi, 64, endpoint=False)
+        return np.stack([np.cos(t), np.sin(t)], axis=1)
+    if name == "square":
+        return np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64)
+    if name == "triangle":
+        t = np.array([-math.pi / 2, math.pi / 6, 5 * math.pi / 6])
+        return np.stack([np.cos(t), np.sin(t)], axis=1)
+    if name == "cross":
+        arm = rng.uniform(0.28, 0.42)
+        a = arm
+        return np.array(
+            [[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]],
+            dtype=np.float64,
+        )
+    if name == "star":
+        inner = rng.uniform(0.38, 0.5)
+        t = -math.pi / 2 + np.arange(10) * math.pi / 5
+        radius = np.where(np.arange(10) % 2 == 0, 1.0, inner)
+        return np.stack([radius * np.cos(t), radius * np.sin(t)], axis=1)
+    raise ValueError(f"unknown class label {label}")
+
+
+def _shape_polygon(rng: np.random.Generator, label: int, box_w: float, box_h: float, x0: float, y0: float) -> np.ndarray:
+    """A randomly rotated outline scaled to fill the box [x0, x0+box_w] x [y0, y0+box_h]."""
+    outline = _unit_outline(label, rng)
+    angle = rng.uniform(0, 2 * math.pi)
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    points = outline @ rotation.T
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    points = (points - lo) / (hi - lo)
+    return points * np.array([box_w, box_h]) + np.array([x0, y0])
+
+
+def rasterize(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Boolean mask [H, W] of the pixels whose centres lie inside ``polygon``."""
+    mask = np.zeros((height, width), dtype=bool)
+    x1 = max(int(math.floor(polygon[:, 0].min())), 0)
+    x2 = min(int(math.ceil(polygon[:, 0].max())), width)
+    y1 = max(int(math.floor(polygon[:, 1].min())), 0)
+    y2 = min(int(math.ceil(polygon[:, 1].max())), height)
+    if x2 <= x1 or y2 <= y1:
+        return mask
+    ys, xs = np.mgrid[y1:y2, x1:x2]
+    centres = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=1)
+    inside = PolygonPath(polygon).contains_points(centres)
+    mask[y1:y2, x1:x2] = inside.reshape(y2 - y1, x2 - x1)
+    return mask
+
+
+def _box_slices(mask: np.ndarray) -> Optional[Tuple[slice, slice]]:
+    """Row and column slices of the mask's bounding box (textures are drawn only there)."""
+    box = _mask_box(mask)
+    if box is None:
+        return None
+    x1, y1, x2, y2 = (int(v) for v in box)
+    return slice(y1, y2), slice(x1, x2)
+
+
+def _mask_box(mask: np.ndarray) -> Optional[Tuple[float, float, float, float]]:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+
+
+def _blob_polygon(rng: np.random.Generator, cx: float, cy: float, radius: float) -> np.ndarray:
+    """An irregular smooth blob (background clutter that is not any shape class)."""
+    t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
+    wobble = np.ones_like(t)
+    for harmonic in (2, 3, 5):
+        wobble += rng.uniform(0.05, 0.25) * np.sin(harmonic * t + rng.uniform(0, 2 * math.pi))
+    return np.stack([cx + radius * wobble * np.cos(t), cy + radius * wobble * np.sin(t)], axis=1)
+
+
+def _bar_polygon(rng: np.random.Generator, cx: float, cy: float, length: float) -> np.ndarray:
+    """A thin rotated bar (clutter)."""
+    angle = rng.uniform(0, math.pi)
+    half_w = rng.uniform(1.5, 5)
+    d = np.array([math.cos(angle), math.sin(angle)]) * length / 2
+    n = np.array([-math.sin(angle), math.cos(angle)]) * half_w
+    c = np.array([cx, cy])
+    return np.stack([c - d - n, c + d - n, c + d + n, c - d + n])
+
+
+# --------------------------------------------------------------------------------------------
+# Scenes
+# --------------------------------------------------------------------------------------------
+
+
+def _sample_sides(rng: np.random.Generator, config: SceneConfig) -> List[Tuple[float, float]]:
+    """Box sizes (w, h) of the scene's shapes, largest first (so smaller shapes are drawn on top)."""
+    sides: List[float] = []
+    if rng.random() < config.p_large:
+        sides.append(rng.uniform(*config.large_side))
+    for _ in range(int(rng.integers(config.medium_count[0], config.medium_count[1] + 1))):
+        sides.append(rng.uniform(*config.medium_side))
+    for _ in range(int(rng.integers(config.small_count[0], config.small_count[1] + 1))):
+        # log-uniform: as many tiny shapes as 60-90 px ones
+        sides.append(math.exp(rng.uniform(math.log(config.small_side[0]), math.log(config.small_side[1]))))
+    sides.sort(reverse=True)
+    out = []
+    for side in sides:
+        aspect = math.exp(rng.uniform(math.log(config.aspect[0]), math.log(config.aspect[1])))
+        w, h = side * math.sqrt(aspect), side / math.sqrt(aspect)
+        # shapes stay inside the image
+        w = min(w, config.width - 1.0)
+        h = min(h, config.height - 1.0)
+        out.append((w, h))
+    return out
+
+
+def generate_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()) -> Scene:
+    """Draw one scene; all randomness comes from ``rng``."""
+    height, width = config.height, config.width
+    canvas = random_texture(rng, height, width)
+    # Background clutter: blobs and bars with their own textures, labelled background.
+    for _ in range(int(rng.integers(config.clutter[0], config.clutter[1] + 1))):
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        if rng.random() < 0.6:
+            polygon = _blob_polygon(rng, cx, cy, rng.uniform(8, 60))
+        else:
+            polygon = _bar_polygon(rng, cx, cy, rng.uniform(20, 160))
+        mask = rasterize(polygon, height, width)
+        region = _box_slices(mask)
+        if region is not None:
+            sub = mask[region]
+            canvas[region][sub] = random_texture(rng, *sub.shape)[sub]
+
+    labels = np.zeros((height, width), dtype=np.int64)
+    instances = np.full((height, width), -1, dtype=np.int64)
+    visible = np.zeros((0, height, width), dtype=bool)
+    objects: List[SceneObject] = []
+    for box_w, box_h in _sample_sides(rng, config):
+        for _attempt in range(20):
+            label = int(rng.integers(1, len(CLASSES) + 1))
+            x0 = rng.uniform(0, width - box_w)
+            y0 = rng.uniform(0, height - box_h)
+            polygon = _shape_polygon(rng, label, box_w, box_h, x0, y0)
+            mask = rasterize(polygon, height, width)
+            if mask.sum() < 16:
+                continue
+            if visible.shape[0]:
+                hidden = (visible & mask[None]).sum(axis=(1, 2))
+                remaining = visible.sum(axis=(1, 2))
+                if np.any(hidden > config.max_occlusion * np.maximum(remaining, 1)):
+                    continue
+            region = _box_slices(mask)
+            assert region is not None
+            sub = mask[region]
+            fill = _contrasting_texture(rng, canvas[region], sub, config.min_contrast)
+            canvas[region][sub] = fill[sub]
+            visible = np.concatenate([visible & ~mask[None], mask[None]], axis=0)
+            labels[mask] = label
+            instances[mask] = len(objects)
+            box = _mask_box(mask)
+            assert box is not None
+            objects.append(SceneObject(label=label, polygon=polygon, box=box, area=float(mask.sum())))
+            break
+    return Scene(image=np.round(canvas).astype(np.uint8), labels=labels, instances=instances, objects=objects)
+
+
+def _contrasting_texture(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, min_contrast: float) -> np.ndarray:
+    """A fill texture whose mean colour differs from the canvas under ``mask`` (else the shape is invisible)."""
+    under = canvas[mask].mean(axis=0)
+    texture = random_texture(rng, *mask.shape)
+    for _ in range(10):
+        if np.linalg.norm(texture[mask].mean(axis=0) - under) >= min_contrast:
+            break
+        texture = random_texture(rng, *mask.shape)
+    return texture
+
+
+def scenes(seed: int, n: int, config: SceneConfig = SceneConfig()) -> Iterator[Scene]:
+    """``n`` scenes from ``seed``; scene k depends only on (seed, k), so prefixes agree."""
+    for index in range(n):
+        yield generate_scene(np.random.default_rng([seed, index]), config)
+
+
+# --------------------------------------------------------------------------------------------
+# Writers: COCO json and Pascal VOC xml
+# --------------------------------------------------------------------------------------------
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    from dcn_inspect.outputs import atomic_path
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", optimize=True)
+
+
+def coco_dict(file_names: Sequence[str], all_scenes: Sequence[Scene]) -> dict:
+    """COCO instances json: boxes [x, y, w, h], mask area, iscrowd 0, polygon segmentation."""
+    images, annotations = [], []
+    for image_id, (file_name, scene) in enumerate(zip(file_names, all_scenes), start=1):
+        height, width = scene.labels.shape
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        for obj in scene.objects:
+            x1, y1, x2, y2 = obj.box
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": obj.label,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": obj.area,
+                    "iscrowd": 0,
+                    "segmentation": [[round(float(v), 2) for v in obj.polygon.ravel()]],
+                }
+            )
+    categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)]
+    return {
+        "info": {"description": "dcn-inspect synthetic shape scenes", "version": "1"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
+
+
+def voc_xml(file_name: str, scene: Scene) -> str:
+    """Pascal VOC annotation; corners 1-based inclusive (xmin = x1 + 1, xmax = x2)."""
+    height, width = scene.labels.shape
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "JPEGImages"
+    ET.SubElement(root, "filename").text = file_name
+    size = ET.SubElement(root, "size")
+    for tag, value in (("width", width), ("height", height), ("depth", 3)):
+        ET.SubElement(size, tag).text = str(value)
+    ET.SubElement(root, "segmented").text = "0"
+    for obj in scene.objects:
+        node = ET.SubElement(root, "object")
+        ET.SubElement(node, "name").text = obj.name
+        ET.SubElement(node, "pose").text = "Unspecified"
+        ET.SubElement(node, "truncated").text = "0"
+        ET.SubElement(node, "difficult").text = "0"
+        bndbox = ET.SubElement(node, "bndbox")
+        x1, y1, x2, y2 = obj.box
+        for tag, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
+            ET.SubElement(bndbox, tag).text = str(int(round(value)))
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def write_dataset(
+    out: Path,
+    n: int,
+    seed: int,
+    fmt: str = "coco",
+    config: SceneConfig = SceneConfig(),
+    progress: Optional[Callable[[int], None]] = None,
+) -> Path:
+    """Generate ``n`` scenes into ``out``; returns the annotation file (COCO) or the VOC root.
+
+    COCO: ``out/annotations.json`` + ``out/images/scene_XXXXX.png``. VOC: ``out/Annotations``,
+    ``out/JPEGImages`` (PNG files), ``out/ImageSets/Main/all.txt``.
+    """
+    from dcn_inspect.outputs import write_text
+
+    if fmt not in ("coco", "voc"):
+        raise ValueError(f"unknown format {fmt!r}")
+    out = Path(out)
+    image_dir = out / ("images" if fmt == "coco" else "JPEGImages")
+    image_dir.mkdir(parents=True, exist_ok=True)
+    names: List[str] = []
+    kept: List[Scene] = []
+    for index, scene in enumerate(scenes(seed, n, config)):
+        name = f"scene_{index:05d}.png"
+        _save_png(image_dir / name, scene.image)
+        names.append(name)
+        if fmt == "coco":
+            kept.append(Scene(image=np.zeros((0, 0, 3), np.uint8), labels=scene.labels, instances=scene.instances, objects=scene.objects))
+        else:
+            (out / "Annotations").mkdir(exist_ok=True)
+            write_text(out / "Annotations" / f"scene_{index:05d}.xml", voc_xml(name, scene))
+        if progress is not None:
+            progress(index + 1)
+    if fmt == "coco":
+        path = out / "annotations.json"
+        write_text(path, json.dumps(coco_dict(names, kept), indent=1) + "\n")
+        return path
+    sets = out / "ImageSets" / "Main"
+    sets.mkdir(parents=True, exist_ok=True)
+    write_text(sets / "all.txt", "".join(Path(name).stem + "\n" for name in names))
+    return out

@@ -1,0 +1,477 @@
+"""Models dcn-inspect did not write: mmdetection / detectron2 checkpoints and user model files.
+
+:func:`import_checkpoint` turns a foreign checkpoint into one of the built-in deformable ResNets
+(:mod:`dcn_inspect.models.resnet`):
+
+* mmdetection (``state_dict``; ``backbone.`` prefix; ``conv2.conv_offset`` or the older
+  ``conv2_offset``): the backbone keys already have torchvision's names, so only the prefix goes.
+* detectron2 (``model`` dict, from ``.pth`` or a model-zoo ``.pkl`` of numpy arrays):
+  ``stem.conv1`` -> ``conv1``/``bn1``, ``resN.i`` -> ``layer{N-1}.i``, ``convK.norm`` -> ``bnK``,
+  ``shortcut`` -> ``downsample.0/1``, ``conv2_offset`` -> ``conv2.conv_offset``.
+
+The structure (depth, width, deformable stages, v1/v2, offset groups) is read from the weights.
+Modulated offset branches need no reordering: detectron2 and mmdetection v1 split the branch's
+output as [first 2N channels: offsets | last N: mask logits], and mmcv's
+``chunk(3)`` + ``cat`` of the first two chunks is the same split, which
+:class:`~dcn_inspect.ops.modules.ModulatedDeformConv2dPack` uses. What the weights cannot tell
+-- stride placement and input channel order -- follows each library's defaults (detectron2:
+stride on the 1x1 conv, BGR input in 0-255 minus the pixel mean; mmdetection: pytorch style,
+RGB ImageNet normalisation, caffe style when its embedded config says so). BGR weights are made
+RGB by reversing the input channels of ``conv1``, so every model takes the same RGB input.
+
+Keys outside the backbone (necks, heads) are reported and ignored; missing or unexpected
+backbone keys are shown as a table on stderr followed by a one-line error.
+
+:func:`load_user_file` loads ``path/to/file.py:function``: a user function returning an
+``nn.Module`` (optionally with ``--weights``). The file may define ``PREPROCESS`` (a dict with
+``mean``, ``std``, ``resize``, ``max_size``) to describe its input normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from dcn_inspect.checkpoint import is_native, read_checkpoint_file, sha256_file
+from dcn_inspect.errors import InputError
+from dcn_inspect.loading import LoadedModel
+from dcn_inspect.models import registry
+from dcn_inspect.models.registry import Preprocess
+from dcn_inspect.models.resnet import BLOCKS_PER_STAGE, RESNET_ARCHITECTURES
+
+#: detectron2's default PIXEL_MEAN (BGR order, 0-255) with PIXEL_STD 1, expressed for our RGB
+#: [0, 1] input: the same per-colour means, divided by 255, and std 1/255.
+CAFFE_MEAN_RGB = (123.675 / 255.0, 116.28 / 255.0, 103.53 / 255.0)
+CAFFE_STD = (1.0 / 255.0, 1.0 / 255.0, 1.0 / 255.0)
+
+_D2_STAGE_KEY = re.compile(r"(?:^|\.)(?:res[2-5]\.\d+|stem\.conv1)\.")
+_TV_STAGE_KEY = re.compile(r"(?:^|\.)layer[1-4]\.\d+\.")
+_D2_RULES: List[Tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^stem\.conv1\.weight$"), "conv1.weight"),
+    (re.compile(r"^stem\.conv1\.norm\.(\w+)$"), "bn1.{0}"),
+    (re.compile(r"^res([2-5])\.(\d+)\.conv([123])\.weight$"), "layer{s}.{1}.conv{2}.weight"),
+    (re.compile(r"^res([2-5])\.(\d+)\.conv([123])\.norm\.(\w+)$"), "layer{s}.{1}.bn{2}.{3}"),
+    (re.compile(r"^res([2-5])\.(\d+)\.shortcut\.weight$"), "layer{s}.{1}.downsample.0.weight"),
+    (re.compile(r"^res([2-5])\.(\d+)\.shortcut\.norm\.(\w+)$"), "layer{s}.{1}.downsample.1.{2}"),
+    (re.compile(r"^res([2-5])\.(\d+)\.conv2_offset\.(weight|bias)$"), "layer{s}.{1}.conv2.conv_offset.{2}"),
+]
+#: Where detectron2 keeps the bottom-up ResNet: FPN models, C4 models (res5 in the RoI head), bare.
+_D2_PREFIXES = ("backbone.bottom_up.", "backbone.", "roi_heads.", "")
+_TV_BACKBONE_KEY = re.compile(r"^(?:conv1|bn1|layer[1-4])\.")
+
+
+@dataclass
+class ConvertedWeights:
+    """A foreign checkpoint's weights renamed to our modules' names."""
+
+    layout: str  # "mmdetection", "detectron2" or "state-dict"
+    backbone: Dict[str, torch.Tensor]  # our name -> tensor
+    origin: Dict[str, str]  # our name -> the key in the checkpoint
+    ignored: List[str]  # checkpoint keys outside the backbone (necks, heads, buffers)
+    extras: Dict[str, torch.Tensor] = field(default_factory=dict)  # all tensors by checkpoint key
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+
+def extract_state_dict(payload: Any, path: Path) -> Tuple[Dict[str, torch.Tensor], str, Dict[str, Any]]:
+    """The weights of a checkpoint payload as tensors: (state, wrapper key, metadata).
+
+    Accepts mmdetection's ``{"state_dict": ..., "meta": ...}``, detectron2's ``{"model": ...}``
+    (numpy arrays in ``.pkl`` files), ``{"blobs": ...}`` and bare dicts of tensors.
+    """
+    if not isinstance(payload, dict):
+        raise InputError(f"{path}: expected a checkpoint dict, found {type(payload).__name__}")
+    wrapper = ""
+    weights: Any = payload
+    for key in ("state_dict", "model", "blobs"):
+        if isinstance(payload.get(key), dict):
+            wrapper, weights = key, payload[key]
+            break
+    state: Dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        if not isinstance(key, str):
+            continue
+        if isinstance(value, torch.Tensor):
+            state[key] = value
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+            state[key] = torch.from_numpy(np.ascontiguousarray(value))
+    if not state:
+        raise InputError(f"{path}: no weights found (expected a 'state_dict' or 'model' dict, or a dict of tensors)")
+    meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
+    return state, wrapper, dict(meta or {})
+
+
+def _strip_module_prefix(key: str) -> str:
+    # DataParallel / DistributedDataParallel wrappers.
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def detect_layout(state: Dict[str, torch.Tensor], wrapper: str) -> str:
+    """"detectron2", "mmdetection", "state-dict" (torchvision names, no wrapper) or "unknown"."""
+    keys = [_strip_module_prefix(k) for k in state]
+    if any(_D2_STAGE_KEY.search(k) for k in keys):
+        return "detectron2"
+    if any(_TV_STAGE_KEY.search(k) for k in keys):
+        if wrapper == "state_dict" or any(k.startswith("backbone.") for k in keys):
+            return "mmdetection"
+        return "state-dict"
+    return "unknown"
+
+
+def convert_mmdetection(state: Dict[str, torch.Tensor]) -> ConvertedWeights:
+    """mmdetection / torchvision key names -> ours (strip ``backbone.``, rename ``conv2_offset``)."""
+    keys = {k: _strip_module_prefix(k) for k in state}
+    prefixed = any(k.startswith("backbone.") for k in keys.values())
+    converted = ConvertedWeights("mmdetection" if prefixed else "state-dict", {}, {}, [], extras=dict(state))
+    for original, key in keys.items():
+        if prefixed:
+            if not key.startswith("backbone."):
+                converted.ignored.append(original)
+                continue
+            key = key[len("backbone."):]
+        elif not _TV_BACKBONE_KEY.match(key):
+            converted.ignored.append(original)  # e.g. torchvision's classifier "fc."
+            continue
+        key = re.sub(r"^(layer[1-4]\.\d+)\.conv2_offset\.", r"\1.conv2.conv_offset.", key)
+        _put(converted, key, original, state[original])
+    return converted
+
+
+def convert_detectron2(state: Dict[str, torch.Tensor]) -> ConvertedWeights:
+    """detectron2 key names -> ours."""
+    converted = ConvertedWeights("detectron2", {}, {}, [], extras=dict(state))
+    for original, value in state.items():
+        key = _strip_module_prefix(original)
+        name = None
+        for prefix in _D2_PREFIXES:
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            if not re.match(r"^(?:res[2-5]\.\d+|stem)\.", rest):
+                continue
+            name = rest  # a backbone key; kept as is (-> "unexpected") unless a rule renames it
+            for pattern, template in _D2_RULES:
+                match = pattern.match(rest)
+                if match:
+                    groups = match.groups()
+                    stage = int(groups[0]) - 1 if template.startswith("layer") else 0
+                    name = template.format(*groups, s=stage)
+                    break
+            break
+        if name is None:
+            converted.ignored.append(original)
+        else:
+            _put(converted, name, original, value)
+    return converted
+
+
+def _put(converted: ConvertedWeights, name: str, original: str, value: torch.Tensor) -> None:
+    if name in converted.backbone:
+        raise InputError(f"checkpoint keys {converted.origin[name]} and {original} both map to {name}")
+    converted.backbone[name] = value
+    converted.origin[name] = original
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def infer_resnet_config(converted: ConvertedWeights, path: Path, modulated_hint: Optional[bool] = None) -> Dict[str, Any]:
+    """Depth, width, deformable stages, v1/v2 and offset groups of a converted ResNet backbone."""
+    weights = converted.backbone
+    stem = weights.get("conv1.weight")
+    if stem is None or stem.dim() != 4:
+        raise InputError(f"{path}: no ResNet stem among the backbone keys (expected conv1.weight / stem.conv1.weight)")
+    blocks = []
+    for stage in range(1, 5):
+        indices = {int(m.group(1)) for k in weights if (m := re.match(rf"^layer{stage}\.(\d+)\.", k))}
+        blocks.append(len(indices))
+    depth = next((d for d, counts in BLOCKS_PER_STAGE.items() if tuple(blocks) == counts), None)
+    if depth is None:
+        supported = ", ".join(f"ResNet-{d} {list(c)}" for d, c in BLOCKS_PER_STAGE.items())
+        raise InputError(f"{path}: backbone has {blocks} blocks per stage; supported: {supported}")
+    offsets = {k: v for k, v in weights.items() if k.endswith("conv2.conv_offset.weight")}
+    dcn_stages = [any(k.startswith(f"layer{s}.") for k in offsets) for s in range(1, 5)]
+    modulated, deform_groups = False, 1
+    if offsets:
+        shapes = {tuple(v.shape[:1]) + tuple(v.shape[2:]) for v in offsets.values()}
+        if len(shapes) > 1:
+            raise InputError(f"{path}: offset branches of different sizes {sorted(shapes)}; one v1/v2 setting per model is supported")
+        channels, kh, kw = next(iter(shapes))
+        modulated, deform_groups = _offset_kind(channels, kh * kw, modulated_hint, path)
+    return {
+        "depth": depth,
+        "base_channels": int(stem.shape[0]),
+        "dcn_stages": dcn_stages,
+        "modulated": modulated,
+        "deform_groups": deform_groups,
+    }
+
+
+def _offset_kind(channels: int, kernel_points: int, hint: Optional[bool], path: Path) -> Tuple[bool, int]:
+    """(modulated, offset groups) from an offset branch's output channels (2N or 3N per group)."""
+    v1 = channels % (2 * kernel_points) == 0
+    v2 = channels % (3 * kernel_points) == 0
+    if not v1 and not v2:
+        raise InputError(f"{path}: offset branch has {channels} channels, not 2 or 3 x {kernel_points} per offset group")
+    modulated = v2 if v1 != v2 else bool(hint)  # both fit (e.g. 54 = 2x27 = 3x18): the hint decides
+    return modulated, channels // ((3 if modulated else 2) * kernel_points)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_weights(
+    model: nn.Module,
+    backbone: Dict[str, torch.Tensor],
+    path: Path,
+    target: str,
+    origin: Optional[Dict[str, str]] = None,
+    ignored: Optional[List[str]] = None,
+) -> List[str]:
+    """Load ``backbone`` into ``model``, reporting key problems.
+
+    A shape mismatch is a one-line error naming the key; missing or unexpected keys are shown as
+    a table on stderr, then a one-line error. Missing ``num_batches_tracked`` counters keep the
+    model's value (detectron2's frozen BN has none). ``ignored`` (non-backbone keys) only warn.
+    Returns the warnings printed.
+    """
+    origin = origin or {}
+    ignored = ignored or []
+    own = model.state_dict()
+    for key, value in backbone.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            source = origin.get(key, key)
+            where = f"{source} (-> {key})" if source != key else key
+            raise InputError(f"{path}: shape mismatch at {where}: checkpoint {tuple(value.shape)} vs {target} {tuple(own[key].shape)}")
+    state = dict(backbone)
+    for key, value in own.items():
+        if key not in state and key.endswith("num_batches_tracked"):
+            state[key] = value
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in backbone if k not in own]
+    warnings: List[str] = []
+    if missing or unexpected or ignored:
+        print_key_report(path, missing, unexpected, ignored, origin)
+    if missing or unexpected:
+        examples = ", ".join((missing + [origin.get(k, k) for k in unexpected])[:3])
+        raise InputError(
+            f"{path}: checkpoint does not fit {target}: {len(missing)} missing and {len(unexpected)} unexpected "
+            f"backbone key(s) (e.g. {examples}; table above)"
+        )
+    if ignored:
+        message = f"{path}: ignored {len(ignored)} key(s) outside the backbone ({', '.join(_prefix_counts(ignored))})"
+        _stderr().print(f"dcn-inspect: warning: {message}", markup=False, highlight=False)
+        warnings.append(message)
+    model.load_state_dict(state, strict=True)
+    return warnings
+
+
+def _prefix(key: str) -> str:
+    parts = key.split(".")
+    return ".".join(parts[:2]) + ".*" if len(parts) > 2 else key
+
+
+def _prefix_counts(keys: List[str]) -> List[str]:
+    counts = Counter(_prefix(k) for k in keys)
+    return [f"{p} x{n}" if n > 1 else p for p, n in sorted(counts.items())][:6] + (["..."] if len(counts) > 6 else [])
+
+
+def _stderr() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def print_key_report(path: Path, missing: List[str], unexpected: List[str], ignored: List[str], origin: Dict[str, str], limit: int = 20) -> None:
+    """The rich table of missing / unexpected / ignored keys, on stderr."""
+    from rich.table import Table
+
+    table = Table(title=f"checkpoint keys: {path.name}", title_justify="left")
+    table.add_column("status")
+    table.add_column("key (model name)")
+    table.add_column("checkpoint key / count")
+    for status, keys in (("missing", missing), ("unexpected", unexpected)):
+        for key in keys[:limit]:
+            table.add_row(status, key if status == "missing" else origin.get(key, key), "-" if status == "missing" else "")
+        if len(keys) > limit:
+            table.add_row(status, f"... {len(keys) - limit} more", "")
+    for prefix, count in sorted(Counter(_prefix(k) for k in ignored).items()):
+        table.add_row("ignored (not backbone)", prefix, str(count))
+    _stderr().print(table)
+
+
+# ----------------------------------------------------------------------------- input conventions
+
+
+def _detectron2_input(extras: Dict[str, torch.Tensor]) -> Tuple[bool, Tuple[float, ...], Tuple[float, ...]]:
+    """(weights expect BGR, RGB mean, std) in [0, 1] units for a detectron2 model."""
+    mean = extras.get("pixel_mean")
+    std = extras.get("pixel_std")
+    if mean is None or mean.numel() != 3:
+        return True, CAFFE_MEAN_RGB, CAFFE_STD  # detectron2's defaults: BGR, caffe means, std 1
+    m = [float(v) for v in mean.flatten()]
+    s = [float(v) for v in std.flatten()] if std is not None and std.numel() == 3 else [1.0, 1.0, 1.0]
+    bgr = m[0] < m[2]  # the blue mean (~103.5) is the smallest of the ImageNet means
+    if bgr:
+        m, s = m[::-1], s[::-1]
+    return bgr, tuple(v / 255.0 for v in m), tuple(v / 255.0 for v in s)
+
+
+def _mmdet_config_text(meta: Dict[str, Any]) -> str:
+    for key in ("config", "cfg"):
+        if isinstance(meta.get(key), str):
+            return meta[key]
+    return ""
+
+
+def import_checkpoint(payload: Any, path: Path, name: str, arch: Optional[registry.Architecture]) -> LoadedModel:
+    """Load a foreign checkpoint into a built-in architecture (``arch``, or one inferred from the weights)."""
+    path = Path(path)
+    state, wrapper, meta = extract_state_dict(payload, path)
+    layout = detect_layout(state, wrapper)
+    if arch is not None and arch.name not in RESNET_ARCHITECTURES:
+        return _import_plain(state, path, name, arch)
+    if layout == "unknown":
+        sample = ", ".join(list(state)[:3])
+        raise InputError(
+            f"{path}: not a dcn-inspect, mmdetection or detectron2 ResNet checkpoint (keys like {sample}); "
+            "for other models use --model path/to/file.py:function --weights FILE"
+        )
+    converted = convert_detectron2(state) if layout == "detectron2" else convert_mmdetection(state)
+    config_text = _mmdet_config_text(meta)
+    hint = bool(re.search(r"type\s*=\s*['\"]DCNv2['\"]", config_text)) or (bool(arch.default_config.get("modulated")) if arch else None)
+    inferred = infer_resnet_config(converted, path, hint)
+    arch_name = arch.name if arch is not None else f"resnet{inferred['depth']}-dcn-mmdet"
+    if arch is None:
+        arch = registry.get(arch_name)
+    if arch.default_config.get("depth") != inferred["depth"]:
+        raise InputError(f"{path}: checkpoint holds a ResNet-{inferred['depth']}, but {arch.name} is a ResNet-{arch.default_config.get('depth')}")
+    if layout == "detectron2":
+        bgr, mean, std = _detectron2_input(converted.extras)
+        inferred["stride_in_1x1"] = True  # detectron2's default (MODEL.RESNETS.STRIDE_IN_1X1)
+    else:
+        caffe = bool(re.search(r"style\s*=\s*['\"]caffe['\"]", config_text))
+        bgr = caffe
+        mean, std = (CAFFE_MEAN_RGB, CAFFE_STD) if caffe else (arch.preprocess.mean, arch.preprocess.std)
+        inferred["stride_in_1x1"] = caffe
+    if bgr:
+        # conv1 reads our RGB input: reverse its input channels once instead of the image every time.
+        converted.backbone["conv1.weight"] = converted.backbone["conv1.weight"].flip(1)
+    config = {**arch.default_config, **inferred}
+    try:
+        model = arch.build(**config)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: cannot build {arch.name} for this checkpoint ({exc})") from None
+    warnings = load_weights(model, converted.backbone, path, arch.name, converted.origin, converted.ignored)
+    preprocess = replace(arch.preprocess, mean=tuple(mean), std=tuple(std))  # type: ignore[arg-type]
+    import_meta = {
+        "layout": converted.layout,
+        "wrapper": wrapper or None,
+        "backbone_keys": len(converted.backbone),
+        "ignored_keys": len(converted.ignored),
+        "input_channels": "BGR weights (conv1 input channels reversed to take RGB)" if bgr else "RGB",
+        "warnings": warnings,
+    }
+    return LoadedModel(model, name, arch.name, config, preprocess, converted.layout, path, sha256_file(path), {"import": import_meta})
+
+
+def _import_plain(state: Dict[str, torch.Tensor], path: Path, name: str, arch: registry.Architecture) -> LoadedModel:
+    """A bare state dict (``module.`` prefixes removed) into a non-ResNet registered architecture."""
+    model = arch.build()
+    weights = {_strip_module_prefix(k): v for k, v in state.items()}
+    load_weights(model, weights, path, arch.name)
+    return LoadedModel(
+        model, name, arch.name, dict(arch.default_config), arch.preprocess, "state-dict", path, sha256_file(path),
+        {"import": {"layout": "state-dict", "backbone_keys": len(weights), "ignored_keys": 0}},
+    )
+
+
+# ----------------------------------------------------------------------------- user files
+
+
+def _import_user_module(path: Path, spec: str) -> Any:
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    module_name = f"dcn_inspect_user_{path.stem}_{digest}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise InputError(f"--model {spec}: cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # let the file import its neighbours
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's code failed: report it as their input problem
+        sys.modules.pop(module_name, None)
+        raise InputError(f"--model {spec}: importing {path} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    return module
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def _user_preprocess(module: Any, model: nn.Module, spec: str) -> Preprocess:
+    declared = getattr(module, "PREPROCESS", None)
+    if declared is None:
+        declared = getattr(model, "preprocess", None)
+    if declared is None:
+        return Preprocess()
+    if isinstance(declared, Preprocess):
+        return declared
+    if isinstance(declared, dict):
+        try:
+            return Preprocess.from_dict(declared)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"--model {spec}: PREPROCESS is not valid ({exc})") from None
+    raise InputError(f"--model {spec}: PREPROCESS must be a dict with mean, std, resize, max_size")
+
+
+def load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:
+    """``path/to/file.py:function`` -> the ``nn.Module`` the function returns (weights optional)."""
+    file_part, _, function = spec.rpartition(":")
+    path = Path(file_part)
+    if not path.is_file():
+        raise InputError(f"--model {spec}: file {path} not found")
+    if not function.isidentifier():
+        raise InputError(f"--model {spec}: {function!r} is not a function name (use path/to/file.py:function)")
+    module = _import_user_module(path, spec)
+    builder = getattr(module, function, None)
+    if not callable(builder):
+        raise InputError(f"--model {spec}: {path} has no function {function!r}")
+    try:
+        model = builder()
+    except Exception as exc:  # noqa: BLE001 - the user's code failed
+        raise InputError(f"--model {spec}: {function}() raised {type(exc).__name__}: {_first_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--model {spec}: {function}() returned {type(model).__name__}, not a torch.nn.Module")
+    preprocess = _user_preprocess(module, model, spec)
+    checkpoint: Optional[Path] = None
+    digest: Optional[str] = None
+    meta: Dict[str, Any] = {}
+    if weights is not None:
+        checkpoint = Path(weights)
+        payload = read_checkpoint_file(checkpoint)
+        if is_native(payload):
+            state = dict(payload["state_dict"])
+        else:
+            state, _, _ = extract_state_dict(payload, checkpoint)
+        state = {_strip_module_prefix(k): v for k, v in state.items()}
+        meta["import"] = {"layout": "native" if is_native(payload) else "state-dict", "warnings": load_weights(model, state, checkpoint, f"{path.name}:{function}")}
+        digest = sha256_file(checkpoint)
+    config = {"file": str(path), "function": function}
+    return LoadedModel(model, spec, None, config, preprocess, "user-file", checkpoint, digest, meta)

@@ -1,0 +1,219 @@
+"""What the ``models`` and ``info`` commands report: registered architectures, and a model's
+deformable layers with their geometry and (given an image) offset statistics.
+
+Layer geometry comes from one probe forward pass (:func:`dcn_inspect.hooks.probe`): on the
+given image, or on a blank image of :data:`BLANK_PROBE_SIZE` pixels when there is none (the
+frame strides do not depend on the image). Offsets are measured in cells of the layer's input
+feature map -- the unit the op adds them in -- and converted to model-input pixels through the
+layer's input frame stride.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from dcn_inspect.hooks import DeformConvRecord, probe
+from dcn_inspect.images import DEFAULT_MAX_PIXELS, load_image, to_model_input
+from dcn_inspect.loading import LoadedModel
+from dcn_inspect.models import registry
+from dcn_inspect.ops import modules as ours
+
+#: Size (height, width) of the blank image probed when ``info`` gets no image.
+BLANK_PROBE_SIZE: Tuple[int, int] = (224, 224)
+
+
+@dataclass(frozen=True)
+class ArchitectureRow:
+    """One line of ``dcn-inspect models``."""
+
+    name: str
+    description: str
+    bundled_weights: Optional[Path]
+
+    @property
+    def weights_label(self) -> str:
+        return str(self.bundled_weights) if self.bundled_weights is not None else "-"
+
+
+def list_architectures() -> List[ArchitectureRow]:
+    """The registered architectures, sorted by name."""
+    return [
+        ArchitectureRow(arch.name, arch.description, arch.bundled_weights)
+        for arch in (registry.get(name) for name in registry.names())
+    ]
+
+
+@dataclass(frozen=True)
+class OffsetStats:
+    """|offset| = sqrt(dy^2 + dx^2) over all cells, kernel points and offset groups of one layer."""
+
+    mean_cells: float
+    median_cells: float
+    max_cells: float
+    mean_pixels: float  # mean |offset| in model-input pixels (cells scaled by the input frame stride)
+    mean_mask: Optional[float]  # DCNv2 only: mean modulation
+
+
+@dataclass(frozen=True)
+class DeformLayerInfo:
+    """One deformable conv layer as the probe saw it."""
+
+    name: str
+    module_type: str
+    kernel: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+    offset_groups: int
+    offset_channels: int  # 2 * offset groups * kernel points (dy, dx)
+    mask_channels: int  # offset groups * kernel points for DCNv2, else 0
+    modulated: bool
+    input_stride_px: Tuple[float, float]  # (x, y) pixels between adjacent cells of the input frame
+    output_stride_px: Tuple[float, float]
+    geometry_method: str  # "hooks" (derived through the forward) or "size" (inferred from sizes)
+    parameters: int  # of the layer module, its offset branch included
+    offsets: Optional[OffsetStats]
+
+    @property
+    def version(self) -> str:
+        return "v2" if self.modulated else "v1"
+
+
+@dataclass(frozen=True)
+class RoIPoolInfo:
+    """A deformable RoI pooling module (found by type; it only runs when a model gets RoIs)."""
+
+    name: str
+    module_type: str
+    output_size: Tuple[int, int]
+    spatial_scale: float
+
+
+@dataclass
+class ModelInfo:
+    """Everything ``dcn-inspect info`` shows."""
+
+    model: Dict[str, Any]  # LoadedModel.summary()
+    total_parameters: int
+    trainable_parameters: int
+    deformable_parameters: int  # deformable conv weights/biases (offset branches excluded)
+    offset_branch_parameters: int
+    probe_input_hw: Tuple[int, int]
+    image: Optional[Path]
+    original_hw: Optional[Tuple[int, int]]
+    layers: List[DeformLayerInfo] = field(default_factory=list)
+    roi_pools: List[RoIPoolInfo] = field(default_factory=list)
+
+
+def offset_stats(record: DeformConvRecord) -> OffsetStats:
+    """Magnitude statistics of one layer's captured offsets (all images of the batch)."""
+    offset = record.offset.detach().to("cpu", torch.float64)
+    batch, channels, height, width = offset.shape
+    pairs = offset.view(batch, channels // 2, 2, height, width)
+    magnitude = pairs.pow(2).sum(dim=2).sqrt().flatten()
+    frame = record.geometry.input_frame
+    # Offsets are (dy, dx) in input cells; the frame stride turns each component into pixels.
+    pixels = (pairs[:, :, 0] * frame.stride_y).pow(2).add((pairs[:, :, 1] * frame.stride_x).pow(2)).sqrt()
+    mean_mask = float(record.mask.detach().to(torch.float64).mean()) if record.mask is not None else None
+    return OffsetStats(
+        mean_cells=float(magnitude.mean()),
+        median_cells=float(magnitude.median()),
+        max_cells=float(magnitude.max()),
+        mean_pixels=float(pixels.mean()),
+        mean_mask=mean_mask,
+    )
+
+
+def _parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _module_by_name(model: nn.Module) -> Dict[str, nn.Module]:
+    return {name or type(model).__name__: module for name, module in model.named_modules()}
+
+
+def _deform_parameter_counts(model: nn.Module, deform_names: List[str]) -> Tuple[int, int]:
+    """(deformable conv parameters without offset branches, offset branch parameters)."""
+    modules = _module_by_name(model)
+    deformable = branches = 0
+    for name in dict.fromkeys(n.split("#")[0] for n in deform_names):  # repeated calls count once
+        module = modules.get(name)
+        if module is None:
+            continue
+        branch_modules = [m for child_name, m in module.named_children() if child_name in ("conv_offset", "conv_offset_mask")]
+        branch = sum(_parameter_count(m) for m in branch_modules)
+        deformable += _parameter_count(module) - branch
+        branches += branch
+    return deformable, branches
+
+
+def _roi_pools(model: nn.Module) -> List[RoIPoolInfo]:
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, ours.DeformRoIPool):
+            found.append(RoIPoolInfo(name, type(module).__name__, module.output_size, module.spatial_scale))
+        elif isinstance(module, ours.DeformPSRoIPool):
+            found.append(RoIPoolInfo(name, type(module).__name__, (module.pooled_size, module.pooled_size), module.spatial_scale))
+    return found
+
+
+def model_info(
+    loaded: LoadedModel,
+    image: Optional[Path] = None,
+    resize: Optional[int] = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ModelInfo:
+    """Probe ``loaded`` once and describe its deformable layers (offset statistics with an image)."""
+    model = loaded.model
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    original_hw: Optional[Tuple[int, int]] = None
+    if image is not None:
+        prepared = to_model_input(load_image(Path(image), max_pixels), loaded.preprocess, resize)
+        tensor, original_hw = prepared.tensor, prepared.original_hw
+    else:
+        tensor = torch.zeros(1, 3, *BLANK_PROBE_SIZE)  # normalised zeros: the dataset's mean colour
+    result = probe(model, tensor.to(device))
+    modules = _module_by_name(model)
+    layers = []
+    for name, record in result.convs.items():
+        geometry = record.geometry
+        module = modules.get(name.split("#")[0])
+        layers.append(
+            DeformLayerInfo(
+                name=name,
+                module_type=record.module_type,
+                kernel=geometry.kernel,
+                stride=geometry.stride,
+                padding=geometry.padding,
+                dilation=geometry.dilation,
+                groups=record.groups,
+                offset_groups=record.offset_groups,
+                offset_channels=int(record.offset.shape[1]),
+                mask_channels=int(record.mask.shape[1]) if record.mask is not None else 0,
+                modulated=record.modulated,
+                input_stride_px=(geometry.input_frame.stride_x, geometry.input_frame.stride_y),
+                output_stride_px=(geometry.output_frame.stride_x, geometry.output_frame.stride_y),
+                geometry_method=geometry.method,
+                parameters=_parameter_count(module) if module is not None else 0,
+                offsets=offset_stats(record) if image is not None else None,
+            )
+        )
+    deformable, branches = _deform_parameter_counts(model, list(result.convs))
+    return ModelInfo(
+        model=loaded.summary(),
+        total_parameters=_parameter_count(model),
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        deformable_parameters=deformable,
+        offset_branch_parameters=branches,
+        probe_input_hw=(int(tensor.shape[-2]), int(tensor.shape[-1])),
+        image=Path(image) if image is not None else None,
+        original_hw=original_hw,
+        layers=layers,
+        roi_pools=_roi_pools(model),
+    )

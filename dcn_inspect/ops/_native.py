@@ -1,0 +1,300 @@
+"""Build, cache and load the native C++/CUDA deformable ops, and wrap them like ``reference``.
+
+The extension is compiled at first use with ``torch.utils.cpp_extension`` (ninja) from the
+sources under ``csrc/``; CUDA kernels (``csrc/cuda/*.cu``) join the build when PyTorch has
+CUDA, a GPU is visible and nvcc is found. The build directory is keyed by a hash of the
+sources, the torch version and the CUDA flag (``~/.cache/dcn_inspect/ops-<hash>``, or
+``DCN_INSPECT_BUILD_DIR``), so later processes load the cached library without touching the
+compiler. Concurrent first uses serialise on a file lock in the build directory.
+
+The wrappers below take the same arguments, defaults and checks as
+:mod:`dcn_inspect.ops.reference` and call ``torch.ops.dcn_inspect.*``; the C++ autograd
+kernels provide the gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+
+from dcn_inspect.ops._validate import (
+    IntPair,
+    check_deform_conv2d,
+    check_deform_psroi_pool,
+    check_deform_roi_pool,
+)
+
+BUILD_DIR_ENV = "DCN_INSPECT_BUILD_DIR"
+#: Environment variable read by the kernels: bytes of im2col buffer per batch chunk.
+COLUMN_BUDGET_ENV = "DCN_INSPECT_COLUMN_BUDGET"
+SOURCE_ROOT = Path(__file__).resolve().parents[2] / "csrc"
+BUILD_INFO = "build_info.json"
+STATUS_LINE = "dcn-inspect: building native ops (first use, ~1 min)…"
+
+_lock = threading.Lock()
+_details: Optional[Dict[str, Any]] = None
+_failure: Optional[BaseException] = None
+
+
+def _with_cuda() -> bool:
+    """Whether this build should include the CUDA kernels."""
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME is not None
+
+
+def _sources(with_cuda: bool) -> List[Path]:
+    patterns = ["*.cpp", "cpu/*.cpp", "autograd/*.cpp"] + (["cuda/*.cu"] if with_cuda else [])
+    files: List[Path] = []
+    for pattern in patterns:
+        files.extend(sorted(SOURCE_ROOT.glob(pattern)))
+    return files
+
+
+def _fingerprint(sources: List[Path], with_cuda: bool) -> str:
+    """Hash of everything that changes the compiled library."""
+    digest = hashlib.sha256()
+    # Only the headers this build can include: CUDA headers change nothing in a CPU build.
+    header_patterns = ["*.h", "cpu/*.h", "autograd/*.h"] + (["cuda/*.h", "cuda/*.cuh"] if with_cuda else [])
+    headers = sorted(p for pattern in header_patterns for p in SOURCE_ROOT.glob(pattern))
+    for path in sources + headers:
+        digest.update(str(path.relative_to(SOURCE_ROOT)).encode())
+        digest.update(path.read_bytes())
+    digest.update(f"torch={torch.__version__};cuda={with_cuda};py={sys.version_info[:2]}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _build_dir(fingerprint: str) -> Path:
+    override = os.environ.get(BUILD_DIR_ENV, "").strip()
+    if override:
+        return Path(override).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "") or Path.home() / ".cache")
+    return cache / "dcn_inspect" / f"ops-{fingerprint}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock between processes building into the same directory."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on cpp_extension's own baton
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_info(build_dir: Path, fingerprint: str) -> Optional[Dict[str, Any]]:
+    """The record of a finished build for this fingerprint, if its library is still there."""
+    try:
+        info = json.loads((build_dir / BUILD_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("fingerprint") != fingerprint or not Path(info.get("library", "")).is_file():
+        return None
+    return info
+
+
+def _compile(build_dir: Path, fingerprint: str, sources: List[Path], with_cuda: bool) -> Dict[str, Any]:
+    """Compile into a fresh attempt directory and record the result in ``build_info.json``.
+
+    Called with the build-directory lock held. Each attempt gets its own directory: a builder
+    that was killed can leave a half-written library, a stale ``torch.utils.cpp_extension``
+    baton (which would block every later build) or an orphaned ninja still writing, and none
+    of that may leak into this attempt; the leftovers are removed first.
+    """
+    from torch.utils import cpp_extension
+
+    for stale in build_dir.glob("attempt-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    attempt = build_dir / f"attempt-{os.getpid()}-{int(time.time())}"
+    attempt.mkdir()
+    print(STATUS_LINE, file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    # at::parallel_for is header code: without -fopenmp the kernels would run on one thread.
+    flags = ["-O3", "-fopenmp"] + (["-DWITH_CUDA"] if with_cuda else [])
+    library = cpp_extension.load(
+        name=f"dcn_inspect_ops_{fingerprint}",
+        sources=[str(p) for p in sources],
+        extra_cflags=flags,
+        extra_cuda_cflags=["-O3", "-DWITH_CUDA"] if with_cuda else None,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(attempt),
+        with_cuda=with_cuda,
+        is_python_module=False,  # loads the library into this process (torch.ops.load_library)
+        verbose=False,
+    )
+    info = {
+        "fingerprint": fingerprint,
+        "library": str(library),
+        "build_seconds": round(time.perf_counter() - start, 1),
+        "torch": torch.__version__,
+        "with_cuda": with_cuda,
+        "sources": [str(p.relative_to(SOURCE_ROOT.parent)) for p in sources],
+    }
+    final = build_dir / "library"
+    shutil.rmtree(final, ignore_errors=True)
+    attempt.rename(final)  # the loaded mapping survives the rename; later processes use `final`
+    info["library"] = str(final / Path(str(library)).name)
+    scratch = build_dir / f"{BUILD_INFO}.{os.getpid()}"
+    scratch.write_text(json.dumps(info, indent=1))
+    os.replace(scratch, build_dir / BUILD_INFO)
+    return info
+
+
+def load() -> Any:
+    """Build (first use) or load the extension; returns this module, whose functions wrap it.
+
+    A failure is remembered: later calls in the same process raise it again at once instead
+    of recompiling.
+    """
+    global _details, _failure
+    with _lock:
+        if _details is not None:
+            return sys.modules[__name__]
+        if _failure is not None:
+            raise _failure
+        try:
+            _details = _load_or_build()
+        except Exception as exc:
+            _failure = exc
+            raise
+        return sys.modules[__name__]
+
+
+def _load_or_build() -> Dict[str, Any]:
+    if not (SOURCE_ROOT / "ops.cpp").is_file():
+        raise RuntimeError(f"native op sources not found under {SOURCE_ROOT}")
+    with_cuda = _with_cuda()
+    sources = _sources(with_cuda)
+    fingerprint = _fingerprint(sources, with_cuda)
+    build_dir = _build_dir(fingerprint)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(build_dir / ".lock"):
+        info = _read_info(build_dir, fingerprint)
+        cached = info is not None
+        if info is None:
+            info = _compile(build_dir, fingerprint, sources, with_cuda)
+        else:
+            torch.ops.load_library(info["library"])
+    return {
+        "backend": "native",
+        "build_dir": str(build_dir),
+        "build_seconds": None if cached else info["build_seconds"],
+        "cached": cached,
+        "with_cuda": with_cuda,
+        "sources": list(info["sources"]),
+    }
+
+
+def build_details() -> Dict[str, Any]:
+    """How the loaded extension was obtained (for ``dcn-inspect doctor``)."""
+    load()
+    assert _details is not None
+    return dict(_details)
+
+
+def deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Deformable convolution v1 / modulated v2; semantics of ``reference.deform_conv2d``."""
+    args = check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    load()
+    empty = input.new_empty(0)
+    return torch.ops.dcn_inspect.deform_conv2d(
+        input,
+        weight,
+        offset,
+        mask if mask is not None else empty,
+        bias if bias is not None else empty,
+        args.stride[0],
+        args.stride[1],
+        args.padding[0],
+        args.padding[1],
+        args.dilation[0],
+        args.dilation[1],
+        args.groups,
+        args.offset_groups,
+        mask is not None,
+    )
+
+
+def deform_roi_pool(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    offset: Optional[torch.Tensor] = None,
+    output_size: IntPair = 7,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    gamma: float = 0.1,
+) -> torch.Tensor:
+    """Deformable RoI pooling (mmcv semantics); see ``reference.deform_roi_pool``."""
+    pooled_h, pooled_w = check_deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio)
+    load()
+    return torch.ops.dcn_inspect.deform_roi_pool(
+        input,
+        rois,
+        offset if offset is not None else input.new_empty(0),
+        pooled_h,
+        pooled_w,
+        float(spatial_scale),
+        int(sampling_ratio),
+        float(gamma),
+    )
+
+
+def deform_psroi_pool(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    trans: Optional[torch.Tensor] = None,
+    spatial_scale: float = 1.0 / 16,
+    output_dim: int = 1,
+    group_size: int = 3,
+    pooled_size: int = 3,
+    part_size: Optional[int] = None,
+    sample_per_part: int = 4,
+    trans_std: float = 0.1,
+) -> torch.Tensor:
+    """Deformable PS RoI pooling (MSRA semantics); see ``reference.deform_psroi_pool``."""
+    part = pooled_size if part_size is None else part_size
+    check_deform_psroi_pool(input, rois, trans, output_dim, group_size, pooled_size, part, sample_per_part)
+    load()
+    output, _count = torch.ops.dcn_inspect.deform_psroi_pool(
+        input,
+        rois,
+        trans if trans is not None else input.new_empty(0),
+        float(spatial_scale),
+        output_dim,
+        group_size,
+        pooled_size,
+        part,
+        sample_per_part,
+        float(trans_std),
+    )
+    return output
+
+
+__all__ = ["load", "build_details", "deform_conv2d", "deform_roi_pool", "deform_psroi_pool"]

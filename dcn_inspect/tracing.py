@@ -1,0 +1,202 @@
+"""Sampling trees: where a unit of a deformable layer reads the image, through several layers.
+
+A unit (row i, column j) of the top deformable layer samples its input at its K kernel
+points plus the learned offsets (PAPER.md §1). Each of those positions lies on the output of
+the previous deformable layer, whose own offsets there give K more positions, and so on:
+K^L points for L levels (9, 81, 729 for three 3x3 layers: the paper's Fig. 5/6).
+
+:func:`trace_sampling_trees` computes every point of every tree at once, one tensor step per
+level:
+
+1. positions (fractional (row, col) in the current layer's output frame) -> the layer's
+   offsets and masks read there by bilinear interpolation with the op's border rule (a read is
+   zero unless -1 < y < H and -1 < x < W; corners outside the map contribute zero), so
+   points that leave the map keep the regular grid instead of being dropped;
+2. sampling locations ``y = r*stride - pad + a*dilation + dy`` (same for x) in the layer's
+   input-index frame -> image pixels through the layer's input :class:`FrameMap`;
+3. image pixels -> fractional index of the next (lower) deformable layer's output frame.
+
+Like the official demo (and the paper's figure) the tree follows only the deformable layers:
+the convs in between are assumed to keep the position (they map through the exact frames, so
+strides and paddings between levels are honoured), and the residual path is ignored.
+``round_positions=True`` reproduces the demo's rule: every position is rounded to the nearest
+cell before its offsets are read, and the kernel is placed around that cell.
+
+A point's weight is the product of the (bilinearly read) DCNv2 masks along its path, 1 for
+layers without a mask. Coordinates are continuous image pixels in the COCO convention
+((0, 0) = top-left corner of the top-left pixel) of the image the frames are scaled to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple, Union
+
+import torch
+
+from dcn_inspect.errors import InputError
+from dcn_inspect.hooks import DeformConvRecord
+from dcn_inspect.ops.reference import bilinear_zero_border
+from dcn_inspect.sampling import kernel_grid
+
+#: ``group`` argument: an offset-group index, or "mean" to average the groups' offsets and masks.
+GroupChoice = Union[int, str]
+
+
+@dataclass
+class SamplingTrees:
+    """All points of the sampling trees of U units through L levels (level 1 = top layer).
+
+    Level ``l`` (1-based) has ``P_l = K_1 * ... * K_l`` points per unit, stored in
+    ``xs[l-1]``, ``ys[l-1]``, ``weights[l-1]``, ``inside[l-1]`` as [U, P_l] tensors. Point
+    ``p`` of level ``l`` is kernel point ``p % K_l`` of point ``p // K_l`` of level ``l - 1``
+    (its parent), kernel points row-major.
+    """
+
+    layers: List[str]  # layer name of each level, top first
+    kernel_points: List[int]  # K of each level
+    units: torch.Tensor  # [U, 2] long: (row, col) in the top layer's output frame
+    unit_xy: torch.Tensor  # [U, 2] float64: unit centre (x, y) in image pixels
+    xs: List[torch.Tensor]  # per level [U, P_l] float64, image pixels
+    ys: List[torch.Tensor]
+    weights: List[torch.Tensor]  # per level [U, P_l] float64 in [0, 1]
+    inside: List[torch.Tensor]  # per level [U, P_l] bool: -1 < y < H and -1 < x < W of the layer's input map
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_units(self) -> int:
+        return int(self.units.shape[0])
+
+    def points_per_unit(self, level: int) -> int:
+        """Number of points of ``level`` (1-based) per unit."""
+        return int(self.xs[level - 1].shape[1])
+
+    def parents(self, level: int) -> torch.Tensor:
+        """Index of each point's parent in ``level - 1`` ([P_level] long); level >= 2."""
+        if level < 2:
+            raise ValueError("level-1 points have no parent")
+        return torch.arange(self.points_per_unit(level)) // self.kernel_points[level - 1]
+
+
+def _layer_field(record: DeformConvRecord, batch_index: int, group: GroupChoice, dtype: torch.dtype) -> torch.Tensor:
+    """The offsets (and mask) a tree reads from one layer: [2K (+K), Ho, Wo] = dy's, dx's (, masks)."""
+    kernel_points = record.kernel_points
+    groups = record.offset_groups
+    out_h, out_w = record.offset.shape[-2:]
+    offset = record.offset[batch_index].to(dtype).reshape(groups, kernel_points, 2, out_h, out_w)
+    mask = None if record.mask is None else record.mask[batch_index].to(dtype).reshape(groups, kernel_points, out_h, out_w)
+    if group == "mean":
+        offset = offset.mean(dim=0)
+        mask = None if mask is None else mask.mean(dim=0)
+    else:
+        # A layer with one offset group uses it for every input channel, so it is every group.
+        g = 0 if groups == 1 else int(group)
+        if not 0 <= g < groups:
+            raise InputError(f"--group {group}: layer {record.name} has {groups} offset groups (0..{groups - 1})")
+        offset = offset[g]
+        mask = None if mask is None else mask[g]
+    parts = [offset[:, 0], offset[:, 1]]
+    if mask is not None:
+        parts.append(mask)
+    return torch.cat(parts, dim=0)
+
+
+def _read_field(field: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Bilinear read of ``field`` [C, H, W] at fractional positions [N] with the op's border rule -> [C, N]."""
+    return bilinear_zero_border(field[None, None], rows.reshape(1, 1, -1), cols.reshape(1, 1, -1))[0, 0]
+
+
+def check_group(group: GroupChoice) -> GroupChoice:
+    """Validate a ``--group`` value ("mean" or a non-negative integer, also given as a string)."""
+    if isinstance(group, str):
+        if group.strip().lower() == "mean":
+            return "mean"
+        try:
+            group = int(group)
+        except ValueError:
+            raise InputError(f"--group {group!r}: expected an offset-group index (0, 1, ...) or 'mean'") from None
+    if int(group) < 0:
+        raise InputError(f"--group {group}: the offset-group index must be >= 0")
+    return int(group)
+
+
+def trace_sampling_trees(
+    records: Sequence[DeformConvRecord],
+    units: torch.Tensor,
+    *,
+    batch_index: int = 0,
+    group: GroupChoice = 0,
+    round_positions: bool = False,
+    scale_to_original: Tuple[float, float] = (1.0, 1.0),
+) -> SamplingTrees:
+    """Trace the sampling trees of ``units`` through ``records`` (top layer first).
+
+    ``units`` is [U, 2] integer (row, col) in the top layer's output frame. ``group`` picks
+    the offset group to follow (layers with a single group use it) or ``"mean"`` averages the
+    groups' offsets and masks. ``scale_to_original`` = (sx, sy) scales the model-input frames
+    of the records to the original image (``ModelInput.scale_to_original``). Computed in
+    float64; no Python loop over units or points.
+    """
+    if not records:
+        raise ValueError("trace_sampling_trees needs at least one deformable layer")
+    group = check_group(group)
+    top = records[0]
+    if not 0 <= batch_index < top.offset.shape[0]:
+        raise ValueError(f"batch_index {batch_index} outside the batch of {top.offset.shape[0]}")
+    units = torch.as_tensor(units, dtype=torch.long).reshape(-1, 2).cpu()
+    out_h, out_w = top.geometry.output_hw
+    if units.numel() and (units[:, 0].min() < 0 or units[:, 0].max() >= out_h or units[:, 1].min() < 0 or units[:, 1].max() >= out_w):
+        raise ValueError(f"units outside the {out_h}x{out_w} output map of {top.name}")
+    dtype = torch.float64
+    sx, sy = float(scale_to_original[0]), float(scale_to_original[1])
+    num_units = units.shape[0]
+
+    unit_x, unit_y = top.geometry.output_frame.to_image(units[:, 1].to(dtype), units[:, 0].to(dtype))
+    # Current positions: [U, N] fractional (row, col) in the current layer's output frame.
+    rows = units[:, :1].to(dtype)
+    cols = units[:, 1:].to(dtype)
+    weight = torch.ones(num_units, 1, dtype=dtype)
+
+    xs: List[torch.Tensor] = []
+    ys: List[torch.Tensor] = []
+    weights: List[torch.Tensor] = []
+    inside: List[torch.Tensor] = []
+    for level, record in enumerate(records):
+        geometry = record.geometry
+        kernel_points = record.kernel_points
+        if round_positions:
+            rows, cols = torch.round(rows), torch.round(cols)
+        field = _layer_field(record, batch_index, group, dtype).cpu()
+        values = _read_field(field, rows, cols).reshape(-1, num_units, rows.shape[1]).permute(1, 2, 0)  # [U, N, C]
+        dy, dx = values[..., :kernel_points], values[..., kernel_points : 2 * kernel_points]
+        grid_y, grid_x = kernel_grid(geometry.kernel, geometry.dilation, dtype=dtype)
+        sample_y = rows[..., None] * geometry.stride[0] - geometry.padding[0] + grid_y + dy  # [U, N, K]
+        sample_x = cols[..., None] * geometry.stride[1] - geometry.padding[1] + grid_x + dx
+        if record.mask is not None:
+            weight = (weight[..., None] * values[..., 2 * kernel_points :]).reshape(num_units, -1)
+        else:
+            weight = weight.repeat_interleave(kernel_points, dim=1)
+        sample_y = sample_y.reshape(num_units, -1)
+        sample_x = sample_x.reshape(num_units, -1)
+        in_h, in_w = geometry.input_hw
+        inside.append((sample_y > -1) & (sample_y < in_h) & (sample_x > -1) & (sample_x < in_w))
+        image_x, image_y = geometry.input_frame.to_image(sample_x, sample_y)
+        xs.append(image_x * sx)
+        ys.append(image_y * sy)
+        weights.append(weight)
+        if level + 1 < len(records):
+            cols, rows = records[level + 1].geometry.output_frame.to_index(image_x, image_y)
+
+    return SamplingTrees(
+        layers=[r.name for r in records],
+        kernel_points=[r.kernel_points for r in records],
+        units=units,
+        unit_xy=torch.stack([unit_x * sx, unit_y * sy], dim=1),
+        xs=xs,
+        ys=ys,
+        weights=weights,
+        inside=inside,
+    )
