@@ -63,7 +63,7 @@ def bench_tracer(height: int, width: int, levels: int, repeats: int) -> None:
     )
 
 
-def bench_cli(repeats: int, image: Optional[Path]) -> None:
+def bench_cli(repeats: int, image: Optional[Path], weights: Optional[Path]) -> None:
     """Wall time of the whole command (process start, model load, forward, tracing, all outputs)."""
     from dcn_inspect.datasets import bundled_images
 
@@ -74,7 +74,7 @@ def bench_cli(repeats: int, image: Optional[Path]) -> None:
             return
         image = images[0]
     exe = Path(sys.executable).with_name("dcn-inspect")
-    command = [str(exe), "sample-points", str(image)]
+    command = [str(exe), "sample-points", str(image)] + (["--weights", str(weights)] if weights else [])
     out = Path(tempfile.mkdtemp(prefix="bench-sample-points-"))
     try:
         for _ in range(repeats):
@@ -84,7 +84,7 @@ def bench_cli(repeats: int, image: Optional[Path]) -> None:
             if done.returncode != 0:
                 print(f"cli: failed: {done.stderr.strip()}")
                 return
-            print(f"cli: dcn-inspect sample-points {image.name}: {elapsed:.2f} s wall (process start included)")
+            print(f"cli: {' '.join(command[1:])}: {elapsed:.2f} s wall (process start included)")
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -97,10 +97,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cli", action="store_true", help="also time one sample-points run with the sample weights")
     parser.add_argument("--image", type=Path, default=None, help="image for --cli (default: the first bundled image)")
+    parser.add_argument("--weights", type=Path, default=None, help="weights for --cli (default: the bundled sample weights)")
     args = parser.parse_args()
     bench_tracer(args.height, args.width, args.levels, args.repeats)
     if args.cli:
-        bench_cli(args.repeats, args.image)
+        bench_cli(args.repeats, args.image, args.weights)
 
 
 if __name__ == "__main__":

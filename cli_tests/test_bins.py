@@ -506,21 +506,29 @@ def test_default_demo_uses_bundled_images_annotations_and_gt_classes(tmp_path: P
     from dcn_inspect import datasets
     from dcn_inspect.annotations import annotation_for_image
     from dcn_inspect.models import registry
+    from dcn_inspect.models.sample_net import CLASS_NAMES
 
     weights = registry.get("dcn-sample").bundled_weights
-    images = datasets.bundled_images()
+    images = [p for p in datasets.bundled_images() if p.name.startswith(("scene", "photo"))]
     if weights is None or not Path(weights).is_file() or not images:
         pytest.skip("the dcn-sample weights or the bundled demo images are not built yet")
-    result = bins(images[:1], out=tmp_path, progress=False)
-    entry = annotation_for_image(datasets.bundled_images_annotations(), images[0])
-    assert entry is not None and len(entry.boxes) > 0
-    table = result.images[0].table
-    assert len(table) == len(entry.boxes) * 9
-    # auto = the annotated class of each box (dcn-sample's offsets are class-specific).
-    assert table.groupby("roi")["class"].first().tolist() == list(entry.labels)
+    # One generated scene (shape classes the model knows) and one photograph (classes it does not).
+    picked = [next(p for p in images if p.name.startswith("scene")), next(p for p in images if p.name.startswith("photo"))]
+    result = bins(picked, out=tmp_path, progress=False)
     summary = json.loads(result.summary.read_text())
-    assert summary["head"]["kind"] == "psroi_pool" and summary["head"]["offset_classes"] == 6
+    assert summary["head"]["kind"] == "psroi_pool" and summary["head"]["offset_classes"] == len(CLASS_NAMES) + 1
     assert summary["model"]["checkpoint_sha256"]
+    for item, image_summary in zip(result.images, summary["images"]):
+        entry = annotation_for_image(datasets.bundled_images_annotations(), item.image)
+        assert entry is not None and len(entry.boxes) > 0
+        assert len(item.table) == len(entry.boxes) * 9
+        # auto: the annotated class where the model has it, else the model's predicted class.
+        chosen = item.table.groupby("roi")["class"].first().tolist()
+        for label, name, roi in zip(entry.labels, chosen, image_summary["rois"]):
+            if label in CLASS_NAMES:
+                assert name == label and roi["classes"][0]["chosen_by"] == "gt"
+            else:
+                assert roi["classes"][0]["chosen_by"] == "pred" and name in ("background",) + tuple(CLASS_NAMES)
 
 
 def test_psroi_corner_rounding_is_half_away_from_zero() -> None:

@@ -17,7 +17,6 @@ from dcn_inspect.dilation import (
     OUTSIDE,
     SMALL,
     CategoryStats,
-    adjacent_pairs,
     area_category,
     effective_dilation,
     merge_states,
@@ -32,16 +31,21 @@ from dcn_inspect.sampling import sampling_locations
 # ---------------------------------------------------------------------------------- dilation
 
 
-def test_adjacent_pairs_count_and_adjacency():
-    for kernel, expected in (((3, 3), 12), ((5, 5), 40), ((1, 3), 2), ((3, 1), 2), ((2, 3), 7)):
-        first, second = adjacent_pairs(kernel)
-        assert len(first) == expected
-        rows_a, cols_a = first // kernel[1], first % kernel[1]
-        rows_b, cols_b = second // kernel[1], second % kernel[1]
-        # Every pair is one step right or one step down, and no pair repeats.
-        steps = set(zip((rows_b - rows_a).tolist(), (cols_b - cols_a).tolist()))
-        assert steps <= {(0, 1), (1, 0)}
-        assert len(set(zip(first.tolist(), second.tolist()))) == expected
+@pytest.mark.parametrize(
+    "kernel, dilation, expected",
+    [
+        ((3, 3), (1, 1), 1.0),
+        ((5, 5), (2, 3), (20 * 3 + 20 * 2) / 40),  # 20 horizontal and 20 vertical pairs
+        ((1, 3), (4, 2), 2.0),  # one row: only horizontal pairs
+        ((3, 1), (4, 2), 4.0),  # one column: only vertical pairs
+        ((2, 3), (2, 5), (4 * 5 + 3 * 2) / 7),  # 2x2 horizontal + 1x3 vertical pairs
+    ],
+)
+def test_pairs_of_any_kernel_shape(kernel, dilation, expected):
+    offset = torch.zeros(1, 2 * kernel[0] * kernel[1], 2, 2, dtype=torch.float64)
+    torch.testing.assert_close(effective_dilation(offset, kernel, dilation), torch.full((1, 1, 2, 2), expected, dtype=torch.float64))
+    with pytest.raises(ValueError, match="at least two kernel points"):
+        effective_dilation(torch.zeros(1, 2, 2, 2), (1, 1), (1, 1))
 
 
 @pytest.mark.parametrize("dilation", [(1, 1), (2, 2), (2, 3)])
@@ -205,3 +209,24 @@ def test_constant_values_give_exact_percentiles_and_zero_std():
     assert (row["mean"], row["std"], row["median"], row["p10"], row["p90"]) == (2.5, 0.0, 2.5, 2.5, 2.5)
     empty = stats.summary_rows()[1]
     assert empty["count"] == 0 and all(math.isnan(empty[k]) for k in ("mean", "std", "median", "p10", "p90"))
+
+
+def test_histogram_figure_densities_integrate_to_one():
+    from dcn_inspect.plots.dilation import category_density, display_bins, display_range, draw_dilation_histograms
+
+    rng = np.random.default_rng(2)
+    values = rng.normal(4.0, 0.3, 4000).clip(0.1)
+    codes = rng.integers(0, 4, size=values.size)
+    stats = _stats_of(values, codes)
+    low, high = display_range(stats)  # the central 99 % of every category
+    assert low == pytest.approx(min(np.quantile(values[codes == c], 0.005) for c in range(4)), rel=2e-3)
+    assert high == pytest.approx(max(np.quantile(values[codes == c], 0.995) for c in range(4)), rel=2e-3)
+    bins = display_bins(stats, low, high)
+    assert 8 <= bins <= 60 and (high - low) / bins >= 2 * high * (BINS.ratio - 1)
+    edges = np.linspace(low, high, bins + 1)
+    for category in range(4):
+        density = category_density(stats, category, edges)
+        # Unit area over the displayed range (values outside it are left out of the curve).
+        assert float((density * np.diff(edges)).sum()) == pytest.approx(1.0)
+    figure = draw_dilation_histograms({"top": stats, "bottom": stats}, "cells", "paper")
+    assert len(figure.axes) == 2 and figure.axes[0].get_title() == "top"

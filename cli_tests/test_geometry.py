@@ -18,7 +18,6 @@ from PIL import Image
 
 from dcn_inspect.geometry import FrameMap, FrameTracker
 from dcn_inspect.hooks import probe
-from dcn_inspect.images import to_model_input
 from dcn_inspect.loading import load_model
 from dcn_inspect.models import registry
 

@@ -7,7 +7,6 @@ from typing import Dict, Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dcn_inspect.foreign_layers import identify

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import pytest

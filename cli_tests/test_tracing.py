@@ -14,7 +14,8 @@ from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap, LayerGeometry
 from dcn_inspect.hooks import DeformConvRecord, probe
 from dcn_inspect.ops import DeformConv2dPack, ModulatedDeformConv2dPack
-from dcn_inspect.tracing import trace_sampling_trees
+from dcn_inspect.ops.reference import bilinear_zero_border
+from dcn_inspect.tracing import read_field, trace_sampling_trees
 
 # ---------------------------------------------------------------------------------------------
 # Constant-offset models: offsets (a*e, b*e) around the kernel centre turn dilation d into d + e.
@@ -129,6 +130,18 @@ def test_group_out_of_range_is_an_input_error() -> None:
         trace_sampling_trees(records, torch.tensor([[1, 1]]), group=2)
     with pytest.raises(InputError, match="--group"):
         trace_sampling_trees(records, torch.tensor([[1, 1]]), group="median")
+
+
+def test_read_field_uses_the_ops_border_rule() -> None:
+    gen = torch.Generator().manual_seed(0)
+    field = torch.randn(5, 6, 7, generator=gen, dtype=torch.float64)
+    rows = torch.cat([torch.rand(300, generator=gen, dtype=torch.float64) * 10 - 2, torch.tensor([-1.0, -0.5, 0.0, 5.0, 5.5, 6.0, 3.0, 1e9, -1e9])])
+    cols = torch.cat([torch.rand(300, generator=gen, dtype=torch.float64) * 11 - 2, torch.tensor([2.0, 2.0, -1.0, 6.0, 6.5, 3.0, 7.0, 3.0, 3.0])])
+    want = bilinear_zero_border(field[None, None], rows[None, None], cols[None, None])[0, 0].T
+    got = read_field(field, rows, cols)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert (got[-9] == 0).all() and got[-8].abs().sum() > 0  # y = -1 is outside the band, y = -0.5 inside
+    assert (got[-4:-2] == 0).all() and (got[-2:] == 0).all()  # y = H, x = W and far outside read zero
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,3 +314,11 @@ def test_border_unit_points_are_kept_and_flagged() -> None:
     assert trees.xs[1][0, :3].tolist() == [-7.5, -3.5, 0.5]
     # The centre unit's tree is entirely inside.
     assert all(level[1].all() for level in trees.inside)
+
+
+def test_no_units_give_empty_levels_and_units_must_be_on_the_map() -> None:
+    records = _random_records(0)
+    trees = trace_sampling_trees(records, torch.zeros(0, 2, dtype=torch.long))
+    assert [tuple(t.shape) for t in trees.xs] == [(0, 9), (0, 54), (0, 486)]
+    with pytest.raises(ValueError, match="outside the 4x4 output map of top"):
+        trace_sampling_trees(records, torch.tensor([[4, 0]]))

@@ -192,7 +192,7 @@ inline int64_t roi_batch_index(const scalar_t* roi, int64_t batch, const char* o
 // processed in chunks that fit. DCN_INSPECT_COLUMN_BUDGET (bytes) overrides the default, so
 // tests can force chunks of a single image.
 inline int64_t column_budget_bytes() {
-  constexpr int64_t kDefaultBudget = int64_t(128) << 20;
+  constexpr int64_t kDefaultBudget = int64_t(64) << 20;
   const char* env = std::getenv("DCN_INSPECT_COLUMN_BUDGET");
   if (env == nullptr || *env == '\0') {
     return kDefaultBudget;

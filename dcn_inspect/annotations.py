@@ -465,7 +465,10 @@ def default_dataset_path() -> Path:
         from dcn_inspect.datasets import bundled_dataset_path
     except ImportError:
         raise InputError("DATASET: no dataset given and the bundled demo dataset is not installed") from None
-    return Path(bundled_dataset_path())
+    path = Path(bundled_dataset_path())
+    if not path.exists():
+        raise InputError(f"DATASET: no dataset given and the bundled demo dataset is missing ({path})")
+    return path
 
 
 def detect_format(path: Path) -> Tuple[str, Path]:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from dcn_inspect.errors import InputError
-from dcn_inspect.geometry import FrameMap, LayerGeometry
+from dcn_inspect.geometry import FrameMap
 from dcn_inspect.sampling import split_offsets
 
 #: Categories in table order. Units counted in none of them carry a negative code.
@@ -57,53 +57,44 @@ NAMED_THRESHOLDS: Dict[str, Tuple[float, float]] = {
 # --------------------------------------------------------------------------------------------
 
 
-def adjacent_pairs(kernel: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Indices (first, second) of horizontally then vertically adjacent kernel points (row-major)."""
-    kh, kw = kernel
-    first: List[int] = []
-    second: List[int] = []
-    for a in range(kh):
-        for b in range(kw - 1):
-            first.append(a * kw + b)
-            second.append(a * kw + b + 1)
-    for a in range(kh - 1):
-        for b in range(kw):
-            first.append(a * kw + b)
-            second.append((a + 1) * kw + b)
-    return torch.tensor(first, dtype=torch.long), torch.tensor(second, dtype=torch.long)
-
-
 def effective_dilation(
     offset: torch.Tensor,
     kernel: Tuple[int, int],
     dilation: Tuple[int, int],
-    cell_size: Tuple[float, float] = (1.0, 1.0),
+    cell_size: Tuple[Union[float, torch.Tensor], Union[float, torch.Tensor]] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Per-group effective dilation [B, G, Ho, Wo] from an offset field [B, 2*G*kh*kw, Ho, Wo].
 
-    ``cell_size = (size_y, size_x)`` is the length of one input cell step in the output unit
-    (1, 1 for cells; the input frame's strides times the original/model-input scale for pixels).
-    The regular grid's positions cancel in the differences, so only the kernel offsets
-    ``a*dilation`` and the learned ``(dy, dx)`` enter.
+    ``cell_size = (size_y, size_x)`` is the length of one input cell step in the output unit:
+    (1, 1) for cells; for pixels the input frame's strides times the original/model-input
+    scale, as floats or as [B] tensors (one scale per image of the batch). The regular grid's
+    positions cancel in the differences, so only the kernel offsets ``a*dilation`` and the
+    learned ``(dy, dx)`` enter.
     """
     if kernel[0] * kernel[1] < 2:
         raise ValueError(f"effective dilation needs at least two kernel points, got kernel {kernel}")
-    dy, dx = split_offsets(offset, kernel)  # [B, G, K, Ho, Wo]
-    first, second = adjacent_pairs(kernel)
-    first, second = first.to(offset.device), second.to(offset.device)
+    batch, _, out_h, out_w = offset.shape
     kh, kw = kernel
-    rows = (torch.arange(kh * kw, device=offset.device) // kw).to(offset.dtype) * dilation[0]
-    cols = (torch.arange(kh * kw, device=offset.device) % kw).to(offset.dtype) * dilation[1]
-    step_y = (rows[second] - rows[first]).view(1, 1, -1, 1, 1) + dy[:, :, second] - dy[:, :, first]
-    step_x = (cols[second] - cols[first]).view(1, 1, -1, 1, 1) + dx[:, :, second] - dx[:, :, first]
-    distance = torch.sqrt((step_y * cell_size[0]) ** 2 + (step_x * cell_size[1]) ** 2)
-    return distance.mean(dim=2)
+    dy, dx = split_offsets(offset, kernel)  # [B, G, K, Ho, Wo]
+    dy = dy.reshape(batch, -1, kh, kw, out_h, out_w)
+    dx = dx.reshape(batch, -1, kh, kw, out_h, out_w)
+    size_y, size_x = (_per_image(size, offset) for size in cell_size)
+    total = torch.zeros((), dtype=offset.dtype, device=offset.device)
+    if kw > 1:  # horizontal neighbours (a, b) -> (a, b + 1): one dilation_x step plus the offset change
+        step_y = (dy[:, :, :, 1:] - dy[:, :, :, :-1]) * size_y
+        step_x = (dx[:, :, :, 1:] - dx[:, :, :, :-1] + dilation[1]) * size_x
+        total = total + torch.sqrt(step_y**2 + step_x**2).sum(dim=(2, 3))
+    if kh > 1:  # vertical neighbours (a, b) -> (a + 1, b)
+        step_y = (dy[:, :, 1:] - dy[:, :, :-1] + dilation[0]) * size_y
+        step_x = (dx[:, :, 1:] - dx[:, :, :-1]) * size_x
+        total = total + torch.sqrt(step_y**2 + step_x**2).sum(dim=(2, 3))
+    return total / (kh * (kw - 1) + (kh - 1) * kw)
 
 
-def pixel_cell_size(geometry: LayerGeometry, scale_to_original: Tuple[float, float]) -> Tuple[float, float]:
-    """(size_y, size_x): original-image pixels per input-cell step of a layer."""
-    frame = geometry.input_frame.scaled(*scale_to_original)
-    return float(frame.stride_y), float(frame.stride_x)
+def _per_image(size: Union[float, torch.Tensor], offset: torch.Tensor) -> Union[float, torch.Tensor]:
+    if isinstance(size, torch.Tensor):
+        return size.to(offset.device, offset.dtype).view(-1, 1, 1, 1, 1, 1)
+    return float(size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,31 +263,31 @@ class CategoryStats:
             values, codes = values[keep], codes[keep]
         if values.numel() == 0:
             return
-        batch = CategoryStats(self.categories, self.bins, self.mean.device)
         slots = self.categories
         count = torch.bincount(codes, minlength=slots)
-        total = torch.bincount(codes, weights=values, minlength=slots)
-        mean = total / count.clamp_min(1).to(torch.float64)
-        # Two passes inside the batch (mean first, then squared deviations) are exact enough;
-        # batches then merge with Chan's formula.
+        mean = torch.bincount(codes, weights=values, minlength=slots) / count.clamp_min(1).to(torch.float64)
+        # Two passes inside the batch (mean first, then squared deviations), then Chan's merge.
         m2 = torch.bincount(codes, weights=(values - mean[codes]) ** 2, minlength=slots)
-        batch.count, batch.mean, batch.m2 = count, mean, m2
-        batch.minimum = batch.minimum.scatter_reduce(0, codes, values, reduce="amin")
-        batch.maximum = batch.maximum.scatter_reduce(0, codes, values, reduce="amax")
+        self._merge_moments(count, mean, m2)
+        self.minimum.scatter_reduce_(0, codes, values, reduce="amin")
+        self.maximum.scatter_reduce_(0, codes, values, reduce="amax")
         flat = codes * self.bins.count + self.bins.index(values)
-        batch.hist = torch.bincount(flat, minlength=slots * self.bins.count).view(slots, self.bins.count)
-        self.merge_(batch)
+        self.hist.view(-1).index_add_(0, flat, torch.ones_like(flat))
+
+    def _merge_moments(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Chan et al. (1979): combine (count, mean, M2) of two data sets exactly."""
+        n_a = self.count.to(torch.float64)
+        n_b = count.to(self.mean.device, torch.float64)
+        total = n_a + n_b
+        safe = total.clamp_min(1.0)
+        delta = mean.to(self.mean.device) - self.mean
+        self.mean = torch.where(total > 0, self.mean + delta * n_b / safe, self.mean)
+        self.m2 = self.m2 + m2.to(self.mean.device) + delta**2 * n_a * n_b / safe
+        self.count = self.count + count.to(self.count.device)
 
     def merge_(self, other: "CategoryStats") -> "CategoryStats":
         """In place: this state becomes the state of both data sets (Chan et al. 1979)."""
-        n_a = self.count.to(torch.float64)
-        n_b = other.count.to(other.mean.device, torch.float64).to(self.mean.device)
-        total = n_a + n_b
-        safe = total.clamp_min(1.0)
-        delta = other.mean.to(self.mean.device) - self.mean
-        self.mean = torch.where(total > 0, self.mean + delta * n_b / safe, self.mean)
-        self.m2 = self.m2 + other.m2.to(self.mean.device) + delta**2 * n_a * n_b / safe
-        self.count = self.count + other.count.to(self.count.device)
+        self._merge_moments(other.count, other.mean, other.m2)
         self.minimum = torch.minimum(self.minimum, other.minimum.to(self.mean.device))
         self.maximum = torch.maximum(self.maximum, other.maximum.to(self.mean.device))
         self.hist = self.hist + other.hist.to(self.hist.device)

@@ -42,7 +42,6 @@ from dcn_inspect.dilation import (
     OUTSIDE,
     CategoryStats,
     effective_dilation,
-    pixel_cell_size,
     resolve_thresholds,
     unit_categories,
 )
@@ -243,35 +242,53 @@ class _Accumulator:
         self.unit_writer = unit_writer
 
     def add(self, records: Sequence[DeformConvRecord], entries: Sequence[ImageAnnotation], indices: Sequence[int], input_hw: Tuple[int, int]) -> None:
+        """Add one batch: ``records`` of its forward (call order), ``entries`` its images."""
         geometries = self.geometry_cache[input_hw]
+        # Original / model-input scale of every image (images of one batch share the input size only).
+        scale_x = torch.tensor([entry.width / input_hw[1] for entry in entries], dtype=torch.float64)
+        scale_y = torch.tensor([entry.height / input_hw[0] for entry in entries], dtype=torch.float64)
         per_image_rows: List[List[List[str]]] = [[] for _ in entries]
+        codes_cache: Dict[Tuple[Any, Tuple[int, int]], Tuple[np.ndarray, torch.Tensor]] = {}
         for record in reversed(records):  # top layer first
             geometry = geometries[record.name]
-            offset = record.offset
-            for b, entry in enumerate(entries):
-                sx, sy = entry.width / input_hw[1], entry.height / input_hw[0]
-                cell = (1.0, 1.0) if self.units == "cells" else pixel_cell_size(geometry, (sx, sy))
-                per_group = effective_dilation(offset[b : b + 1].to(torch.float64), geometry.kernel, geometry.dilation, cell)[0]
-                frame = geometry.output_frame.scaled(sx, sy)
-                codes_np = unit_categories(frame, geometry.output_hw, (entry.width, entry.height), entry.boxes, entry.ignore, self.thresholds)
-                codes = torch.from_numpy(codes_np).to(per_group.device)
-                counts = self.not_counted.setdefault(record.name, np.zeros(2, dtype=np.int64))
-                counts[0] += int((codes_np == IGNORED).sum())
-                counts[1] += int((codes_np == OUTSIDE).sum())
-                rows = (
-                    [(f"{record.name}:g{g}", per_group[g]) for g in range(per_group.shape[0])]
-                    if self.per_group
-                    else [(record.name, per_group.mean(dim=0))]
+            if self.units == "cells":
+                cell: Tuple[Any, Any] = (1.0, 1.0)
+            else:
+                cell = (geometry.input_frame.stride_y * scale_y, geometry.input_frame.stride_x * scale_x)
+            # Distances in float32 or the offsets' own wider precision (~1e-7 relative); the
+            # statistics accumulate in float64.
+            offset = record.offset if record.offset.dtype == torch.float64 else record.offset.float()
+            dilations = effective_dilation(offset, geometry.kernel, geometry.dilation, cell)  # [B, G, Ho, Wo]
+            frames = [geometry.output_frame.scaled(float(sx), float(sy)) for sx, sy in zip(scale_x, scale_y)]
+            key = (geometry.output_frame, geometry.output_hw)
+            if key not in codes_cache:  # layers with the same output cells share their categories
+                codes_np = np.stack(
+                    [
+                        unit_categories(frame, geometry.output_hw, (entry.width, entry.height), entry.boxes, entry.ignore, self.thresholds)
+                        for frame, entry in zip(frames, entries)
+                    ]
                 )
-                for row_name, values in rows:
-                    if row_name not in self.stats:
-                        self.stats[row_name] = CategoryStats(len(CATEGORIES), BINS, self.device)
-                    self.stats[row_name].update(values, codes)
-                    if self.unit_writer is not None:
-                        per_image_rows[b].extend(_unit_rows(entry.file_name, row_name, frame, codes_np, values.cpu().numpy()))
+                codes_cache[key] = (codes_np, torch.from_numpy(codes_np).to(dilations.device))
+            codes_np, codes = codes_cache[key]
+            counts = self.not_counted.setdefault(record.name, np.zeros(2, dtype=np.int64))
+            counts[0] += int((codes_np == IGNORED).sum())
+            counts[1] += int((codes_np == OUTSIDE).sum())
+            rows = (
+                [(f"{record.name}:g{g}", dilations[:, g]) for g in range(dilations.shape[1])]
+                if self.per_group
+                else [(record.name, dilations.mean(dim=1))]
+            )
+            for row_name, values in rows:
+                if row_name not in self.stats:
+                    self.stats[row_name] = CategoryStats(len(CATEGORIES), BINS, self.device)
+                self.stats[row_name].update(values, codes)
+                if self.unit_writer is not None:
+                    host = values.cpu().numpy()
+                    for b, entry in enumerate(entries):
+                        per_image_rows[b].extend(_unit_rows(entry.file_name, row_name, frames[b], codes_np[b], host[b]))
         if self.unit_writer is not None:
-            for index, rows in zip(indices, per_image_rows):
-                self.unit_writer.write_image(index, rows)
+            for index, rows_of_image in zip(indices, per_image_rows):
+                self.unit_writer.write_image(index, rows_of_image)
 
     def state(self) -> Dict[str, Any]:
         return {
@@ -453,7 +470,7 @@ def dilation_stats(
     per_unit: bool = False,
     max_images: Optional[int] = None,
     batch_size: int = 1,
-    workers: int = 0,
+    workers: int = 2,
     device: str = "cpu",
     resize: Optional[int] = None,
     strict: bool = False,

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap, FrameTracker, LayerGeometry, Pair
 from dcn_inspect.ops import modules as ours
 
@@ -126,6 +127,11 @@ class OffsetCapture:
             offset_groups=offset.shape[1] // (2 * kernel_points),
             geometry=geometry,
         )
+        if not bool(torch.isfinite(record.offset).all()) or (record.mask is not None and not bool(torch.isfinite(record.mask).all())):
+            # Tracing or measuring NaN offsets gives silent garbage: stop and name the layer.
+            raise InputError(
+                f"layer {record.name}: its offsets came out non-finite (NaN/Inf); the checkpoint's weights or the input are broken"
+            )
         self.convs[record.name] = record
         return record
 

@@ -34,6 +34,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -71,6 +75,8 @@ def write_figure(path: Path, figure: Any, **savefig_kwargs: Any) -> None:
 def prepare_out_dir(out: Path) -> Path:
     """Create ``out`` (reusing it if present; unrelated files are kept) and check it is writable."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -103,7 +109,7 @@ def versions() -> Dict[str, str]:
 
 
 #: Keys of summary.json that legitimately differ between two identical runs.
-TIMING_KEYS = ("wall_seconds", "finished_at", "started_at")
+TIMING_KEYS = ("wall_seconds", "finished_at", "started_at", "images_per_second", "forward_seconds", "build_seconds", "timing")
 
 
 class RunSummary:

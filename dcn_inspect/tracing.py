@@ -20,7 +20,9 @@ Like the official demo (and the paper's figure) the tree follows only the deform
 the convs in between are assumed to keep the position (they map through the exact frames, so
 strides and paddings between levels are honoured), and the residual path is ignored.
 ``round_positions=True`` reproduces the demo's rule: every position is rounded to the nearest
-cell before its offsets are read, and the kernel is placed around that cell.
+cell (half to even, like ``np.round``) before its offsets are read, and the kernel is placed
+around that cell. Unlike the demo, no point is ever dropped (the demo skips kernel points that
+fall off the map and then pairs the remaining points with the wrong offsets).
 
 A point's weight is the product of the (bilinearly read) DCNv2 masks along its path, 1 for
 layers without a mask. Coordinates are continuous image pixels in the COCO convention
@@ -36,7 +38,6 @@ import torch
 
 from dcn_inspect.errors import InputError
 from dcn_inspect.hooks import DeformConvRecord
-from dcn_inspect.ops.reference import bilinear_zero_border
 from dcn_inspect.sampling import kernel_grid
 
 #: ``group`` argument: an offset-group index, or "mean" to average the groups' offsets and masks.
@@ -104,9 +105,28 @@ def _layer_field(record: DeformConvRecord, batch_index: int, group: GroupChoice,
     return torch.cat(parts, dim=0)
 
 
-def _read_field(field: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Bilinear read of ``field`` [C, H, W] at fractional positions [N] with the op's border rule -> [C, N]."""
-    return bilinear_zero_border(field[None, None], rows.reshape(1, 1, -1), cols.reshape(1, 1, -1))[0, 0]
+def read_field(field: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Bilinear read of ``field`` [C, H, W] at fractional positions [N] with the op's border rule -> [N, C].
+
+    Same values as :func:`dcn_inspect.ops.reference.bilinear_zero_border` (zero unless
+    -1 < y < H and -1 < x < W; corners outside the map contribute zero), laid out for this use:
+    the field is read as a [H*W + 1, C] table (the extra row is the zero of outside corners), so
+    every corner is one row lookup instead of C scattered gathers.
+    """
+    channels, height, width = field.shape
+    table = torch.cat([field.permute(1, 2, 0).reshape(height * width, channels), field.new_zeros(1, channels)])
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    band = (rows > -1) & (rows < height) & (cols > -1) & (cols < width)
+    top, left = torch.floor(rows), torch.floor(cols)
+    fy, fx = rows - top, cols - left
+    top_i, left_i = top.clamp(-2, height + 1).long(), left.clamp(-2, width + 1).long()  # clamped: no overflow far outside
+    out = field.new_zeros(rows.shape[0], channels)
+    for dy, dx, weight in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+        y, x = top_i + dy, left_i + dx
+        inside = band & (y >= 0) & (y < height) & (x >= 0) & (x < width)
+        index = torch.where(inside, y * width + x, height * width)
+        out += table[index] * weight[:, None]
+    return out
 
 
 def check_group(group: GroupChoice) -> GroupChoice:
@@ -170,17 +190,18 @@ def trace_sampling_trees(
         if round_positions:
             rows, cols = torch.round(rows), torch.round(cols)
         field = _layer_field(record, batch_index, group, dtype).cpu()
-        values = _read_field(field, rows, cols).reshape(-1, num_units, rows.shape[1]).permute(1, 2, 0)  # [U, N, C]
+        values = read_field(field, rows, cols).reshape(num_units, rows.shape[1], field.shape[0])  # [U, N, C]
         dy, dx = values[..., :kernel_points], values[..., kernel_points : 2 * kernel_points]
         grid_y, grid_x = kernel_grid(geometry.kernel, geometry.dilation, dtype=dtype)
         sample_y = rows[..., None] * geometry.stride[0] - geometry.padding[0] + grid_y + dy  # [U, N, K]
         sample_x = cols[..., None] * geometry.stride[1] - geometry.padding[1] + grid_x + dx
+        points = rows.shape[1] * kernel_points
         if record.mask is not None:
-            weight = (weight[..., None] * values[..., 2 * kernel_points :]).reshape(num_units, -1)
+            weight = (weight[..., None] * values[..., 2 * kernel_points :]).reshape(num_units, points)
         else:
             weight = weight.repeat_interleave(kernel_points, dim=1)
-        sample_y = sample_y.reshape(num_units, -1)
-        sample_x = sample_x.reshape(num_units, -1)
+        sample_y = sample_y.reshape(num_units, points)
+        sample_x = sample_x.reshape(num_units, points)
         in_h, in_w = geometry.input_hw
         inside.append((sample_y > -1) & (sample_y < in_h) & (sample_x > -1) & (sample_x < in_w))
         image_x, image_y = geometry.input_frame.to_image(sample_x, sample_y)

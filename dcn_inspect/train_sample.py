@@ -42,7 +42,7 @@ class TrainConfig:
 
     arch: str = "dcn-sample"
     seed: int = 0
-    steps: int = 1200
+    steps: int = 1500
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -56,7 +56,7 @@ class TrainConfig:
     device: str = "cpu"
 
     def scene_config(self) -> SceneConfig:
-        return SceneConfig(height=self.image_size, width=self.image_size)
+        return SceneConfig.for_size(self.image_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def train(config: TrainConfig, on_step: Optional[StepCallback] = None) -> Tuple[
 
 
 def evaluation_scenes(seed: int, n: int, image_size: int = 256) -> List[Scene]:
-    config = SceneConfig(height=image_size, width=image_size)
+    config = SceneConfig.for_size(image_size)
     return [generate_scene(np.random.default_rng([seed, _SCENE_STREAM, 0, k]), config) for k in range(n)]
 
 
@@ -349,6 +349,22 @@ def _dilation_table(per_category: List[List[np.ndarray]]) -> Dict[str, Dict[str,
 # --------------------------------------------------------------------------------------------
 
 
+def weights_file_name(arch: str) -> str:
+    """``dcn-sample`` -> ``dcn_sample.pt`` (the file names under ``sample_weights/``)."""
+    return arch.replace("-", "_") + ".pt"
+
+
+def _finite(value: Any) -> Any:
+    """NaN (an empty category) -> None, so the metrics file is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 @dataclass
 class RecipeResult:
     weights: Path
@@ -402,7 +418,7 @@ def train_and_save(
         "preprocess": arch.preprocess.as_dict(),
         "classes": ["background", *CLASSES],
         "ops_backend": backend_info().name,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "train_seconds": log["train_seconds"],
         "eval": {"seed": eval_seed, "images": eval_images, "seg_miou": metrics["seg_miou"], "roi_accuracy": metrics["roi_accuracy"]},
     }
@@ -413,7 +429,7 @@ def train_and_save(
         "sha256": sha256_file(out),
         "train_config": asdict(config),
         "ops_backend": backend_info().name,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "train_seconds": log["train_seconds"],
@@ -421,5 +437,45 @@ def train_and_save(
         "history": log["history"],
         "eval": {"seed": eval_seed, **metrics},
     }
-    write_text(out.with_suffix(".metrics.json"), json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_text(out.with_suffix(".metrics.json"), json.dumps(_finite(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
     return RecipeResult(weights=out, metrics=report)
+
+
+# --------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(row: Optional[Dict[str, Any]]) -> str:
+    if not row or row.get("mean") is None or not row.get("units"):
+        return "-"
+    return f"{row['mean']:.2f} ± {row['std']:.2f} ({row['units']})"
+
+
+def dilation_markdown(report: Dict[str, Any]) -> str:
+    """Markdown table: effective dilation (input cells) per deformable layer and size category."""
+    table = report["eval"].get("effective_dilation") or {}
+    lines = [
+        "| layer | " + " | ".join(SIZE_CATEGORIES) + " |",
+        "| --- | " + " | ".join("---" for _ in SIZE_CATEGORIES) + " |",
+    ]
+    for layer in sorted(table, reverse=True):  # top layer first, as the paper's table
+        lines.append(f"| {layer} | " + " | ".join(_fmt(table[layer].get(c)) for c in SIZE_CATEGORIES) + " |")
+    return "\n".join(lines)
+
+
+def metrics_markdown(reports: Sequence[Dict[str, Any]]) -> str:
+    """Markdown table of the task metrics of several trained models, side by side."""
+    lines = [
+        "| model | weights | train wall time (s) | seg mIoU | pixel acc. | shape pixel acc. small / medium / large | RoI acc. |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for report in reports:
+        ev = report["eval"]
+        shape = ev["shape_pixel_accuracy"]
+        lines.append(
+            f"| {report['arch']} | `{report['weights']}` | {report['train_seconds']} | {ev['seg_miou']:.3f} | "
+            f"{ev['pixel_accuracy']:.3f} | {shape['small']:.3f} / {shape['medium']:.3f} / {shape['large']:.3f} | "
+            f"{ev['roi_accuracy']:.3f} |"
+        )
+    return "\n".join(lines)

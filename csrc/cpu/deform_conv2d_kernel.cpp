@@ -10,14 +10,18 @@
 // checks.h. Sampling geometry is shared by the C / offset_groups channels of an offset group,
 // so it is computed once per (image, offset group, kernel point, position) into a table of
 // four corner indices and four (mask-scaled) weights, and im2col / col2im only gather or
-// scatter. Every parallel loop partitions its writes: im2col and col2im own one (image,
-// channel) plane each, and the offset / mask gradients own one (image, offset group, kernel
-// point, block of positions) each, so the backward needs no atomics.
+// scatter, walking the table in blocks of positions that stay in L1 while a block of
+// channels reuses them. Every parallel loop partitions its writes: im2col and col2im own a
+// block of (image, channel) planes each, and the offset / mask gradients own one (image,
+// offset group, block of positions) each, so the backward needs no atomics. Scratch buffers
+// are kept per thread between calls: fresh large allocations are page-faulted in on every
+// call, which costs as much as the gather itself.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -122,6 +126,27 @@ void build_sample_table(
   });
 }
 
+// Positions per table block (32 bytes per float entry: 8 KiB, L1-resident) and channels per
+// task in im2col / col2im.
+constexpr int64_t kPositionBlock = 256;
+constexpr int64_t kChannelBlock = 16;
+
+// Calls body(b, og, c_begin, c_end) for blocks of channels of one offset group, in parallel.
+template <typename F>
+void parallel_over_channel_blocks(const DeformConvGeometry& g, int64_t count, const F& body) {
+  const int64_t per_group = g.channels / g.offset_groups;
+  const int64_t blocks = (per_group + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, count * g.offset_groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task % blocks;
+      const int64_t og = (task / blocks) % g.offset_groups;
+      const int64_t b = task / (blocks * g.offset_groups);
+      const int64_t c_begin = og * per_group + block * kChannelBlock;
+      body(b, og, c_begin, std::min(c_begin + kChannelBlock, (og + 1) * per_group));
+    }
+  });
+}
+
 // columns[c*K + k][b*L + l] = sampled (masked) input of image first+b, channel c.
 template <typename scalar_t>
 void deformable_im2col(
@@ -135,25 +160,24 @@ void deformable_im2col(
   const int64_t K = g.kernel_points();
   const int64_t L = g.positions();
   const int64_t HW = g.height * g.width;
-  const int64_t channels_per_offset_group = C / g.offset_groups;
   const int64_t row_stride = count * L;
-  at::parallel_for(0, count * C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / C;
-      const int64_t c = task - b * C;
-      const int64_t og = c / channels_per_offset_group;
-      const scalar_t* plane = input + ((first + b) * C + c) * HW;
-      const Sample<scalar_t>* samples = table + (b * g.offset_groups + og) * K * L;
-      for (int64_t k = 0; k < K; ++k) {
-        scalar_t* col = columns + (c * K + k) * row_stride + b * L;
-        const Sample<scalar_t>* s = samples + k * L;
-        if (HW == 0) {
-          std::fill(col, col + L, scalar_t(0));
-          continue;
-        }
-        for (int64_t l = 0; l < L; ++l) {
-          col[l] = s[l].weight[0] * plane[s[l].index[0]] + s[l].weight[1] * plane[s[l].index[1]] +
-              s[l].weight[2] * plane[s[l].index[2]] + s[l].weight[3] * plane[s[l].index[3]];
+  parallel_over_channel_blocks(g, count, [&](int64_t b, int64_t og, int64_t c_begin, int64_t c_end) {
+    const Sample<scalar_t>* samples = table + (b * g.offset_groups + og) * K * L;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t l0 = 0; l0 < L; l0 += kPositionBlock) {
+        const int64_t n = std::min(kPositionBlock, L - l0);
+        const Sample<scalar_t>* s = samples + k * L + l0;
+        for (int64_t c = c_begin; c < c_end; ++c) {
+          scalar_t* col = columns + (c * K + k) * row_stride + b * L + l0;
+          if (HW == 0) {
+            std::fill(col, col + n, scalar_t(0));
+            continue;
+          }
+          const scalar_t* plane = input + ((first + b) * C + c) * HW;
+          for (int64_t t = 0; t < n; ++t) {
+            col[t] = s[t].weight[0] * plane[s[t].index[0]] + s[t].weight[1] * plane[s[t].index[1]] +
+                s[t].weight[2] * plane[s[t].index[2]] + s[t].weight[3] * plane[s[t].index[3]];
+          }
         }
       }
     }
@@ -176,32 +200,43 @@ void deformable_col2im(
   if (HW == 0) {
     return;
   }
-  const int64_t channels_per_offset_group = C / g.offset_groups;
   const int64_t row_stride = count * L;
-  at::parallel_for(0, count * C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / C;
-      const int64_t c = task - b * C;
-      const int64_t og = c / channels_per_offset_group;
-      scalar_t* plane = grad_input + ((first + b) * C + c) * HW;
-      const Sample<scalar_t>* samples = table + (b * g.offset_groups + og) * K * L;
-      for (int64_t k = 0; k < K; ++k) {
-        const scalar_t* col = grad_columns + (c * K + k) * row_stride + b * L;
-        const Sample<scalar_t>* s = samples + k * L;
-        for (int64_t l = 0; l < L; ++l) {
-          const scalar_t v = col[l];
-          plane[s[l].index[0]] += s[l].weight[0] * v;
-          plane[s[l].index[1]] += s[l].weight[1] * v;
-          plane[s[l].index[2]] += s[l].weight[2] * v;
-          plane[s[l].index[3]] += s[l].weight[3] * v;
+  parallel_over_channel_blocks(g, count, [&](int64_t b, int64_t og, int64_t c_begin, int64_t c_end) {
+    const Sample<scalar_t>* samples = table + (b * g.offset_groups + og) * K * L;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t l0 = 0; l0 < L; l0 += kPositionBlock) {
+        const int64_t n = std::min(kPositionBlock, L - l0);
+        const Sample<scalar_t>* s = samples + k * L + l0;
+        for (int64_t c = c_begin; c < c_end; ++c) {
+          const scalar_t* col = grad_columns + (c * K + k) * row_stride + b * L + l0;
+          scalar_t* plane = grad_input + ((first + b) * C + c) * HW;
+          for (int64_t t = 0; t < n; ++t) {
+            const scalar_t v = col[t];
+            plane[s[t].index[0]] += s[t].weight[0] * v;
+            plane[s[t].index[1]] += s[t].weight[1] * v;
+            plane[s[t].index[2]] += s[t].weight[2] * v;
+            plane[s[t].index[3]] += s[t].weight[3] * v;
+          }
         }
       }
     }
   });
 }
 
+// Bilinear corners of one sample for the offset / mask gradients: indices, 0/1 validity and
+// the fractional parts. Samples outside the band have no valid corner and in_band false.
+template <typename scalar_t>
+struct GradSample {
+  int32_t index[4];
+  scalar_t valid[4];
+  scalar_t ly, lx;
+  bool in_band;
+};
+
 // Gradients of the offsets (and mask) for images [first, first + count).
-// grad_columns holds dLoss/d(column) where column = mask * bilinear(input).
+// grad_columns holds dLoss/d(column) where column = mask * bilinear(input). One task owns one
+// (image, offset group, block of positions) for all kernel points and walks the group's
+// channels once, so each input plane is read while it is hot for every kernel point.
 template <typename scalar_t>
 void deformable_offset_mask_grad(
     const DeformConvGeometry& g,
@@ -225,92 +260,121 @@ void deformable_offset_mask_grad(
   const int64_t row_stride = count * L;
   const int64_t blocks = (L + kBlock - 1) / kBlock;
   const SampleLocator locator{g};
-  at::parallel_for(0, count * OG * K * blocks, 1, [&](int64_t begin, int64_t end) {
-    int32_t index[4][kBlock];
-    scalar_t valid[4][kBlock];
-    scalar_t ly[kBlock], lx[kBlock];
-    scalar_t acc_y[kBlock], acc_x[kBlock], acc_m[kBlock];
-    bool in_band[kBlock];
+  at::parallel_for(0, count * OG * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<GradSample<scalar_t>> samples(K * kBlock);
+    std::vector<scalar_t> acc(3 * K * kBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task % blocks;
-      const int64_t bogk = task / blocks;  // (b * OG + og) * K + k
-      const int64_t b = bogk / (OG * K);
-      const int64_t ogk = bogk - b * OG * K;
-      const int64_t og = ogk / K;
-      const int64_t k = ogk - og * K;
+      const int64_t og = (task / blocks) % OG;
+      const int64_t b = task / (blocks * OG);
       const int64_t l_begin = block * kBlock;
       const int64_t n = std::min(kBlock, L - l_begin);
-      const int64_t offset_base = (((first + b) * OG * K + ogk) * 2) * L;
-      const scalar_t* off_y = offset + offset_base;
-      const scalar_t* off_x = off_y + L;
-      for (int64_t t = 0; t < n; ++t) {
-        scalar_t y, x;
-        locator.locate(off_y, off_x, k, l_begin + t, y, x);
-        acc_y[t] = acc_x[t] = acc_m[t] = 0;
-        in_band[t] = HW > 0 && y > -1 && y < H && x > -1 && x < W;
-        for (int c = 0; c < 4; ++c) {
-          index[c][t] = 0;
-          valid[c][t] = 0;
-        }
-        ly[t] = lx[t] = 0;
-        if (!in_band[t]) {
-          continue;
-        }
-        const scalar_t y0f = std::floor(y);
-        const scalar_t x0f = std::floor(x);
-        const int64_t y0 = static_cast<int64_t>(y0f);
-        const int64_t x0 = static_cast<int64_t>(x0f);
-        ly[t] = y - y0f;
-        lx[t] = x - x0f;
-        const bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
-        if (top && left) {
-          index[0][t] = static_cast<int32_t>(y0 * W + x0);
-          valid[0][t] = 1;
-        }
-        if (top && right) {
-          index[1][t] = static_cast<int32_t>(y0 * W + x0 + 1);
-          valid[1][t] = 1;
-        }
-        if (bottom && left) {
-          index[2][t] = static_cast<int32_t>((y0 + 1) * W + x0);
-          valid[2][t] = 1;
-        }
-        if (bottom && right) {
-          index[3][t] = static_cast<int32_t>((y0 + 1) * W + x0 + 1);
-          valid[3][t] = 1;
+      std::fill(acc.begin(), acc.end(), scalar_t(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t offset_base = (((first + b) * OG + og) * K + k) * 2 * L;
+        for (int64_t t = 0; t < n; ++t) {
+          GradSample<scalar_t>& s = samples[k * kBlock + t];
+          scalar_t y, x;
+          locator.locate(offset + offset_base, offset + offset_base + L, k, l_begin + t, y, x);
+          for (int q = 0; q < 4; ++q) {
+            s.index[q] = 0;
+            s.valid[q] = 0;
+          }
+          s.ly = s.lx = 0;
+          s.in_band = HW > 0 && y > -1 && y < H && x > -1 && x < W;
+          if (!s.in_band) {
+            continue;
+          }
+          const scalar_t y0f = std::floor(y);
+          const scalar_t x0f = std::floor(x);
+          const int64_t y0 = static_cast<int64_t>(y0f);
+          const int64_t x0 = static_cast<int64_t>(x0f);
+          s.ly = y - y0f;
+          s.lx = x - x0f;
+          const bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
+          if (top && left) {
+            s.index[0] = static_cast<int32_t>(y0 * W + x0);
+            s.valid[0] = 1;
+          }
+          if (top && right) {
+            s.index[1] = static_cast<int32_t>(y0 * W + x0 + 1);
+            s.valid[1] = 1;
+          }
+          if (bottom && left) {
+            s.index[2] = static_cast<int32_t>((y0 + 1) * W + x0);
+            s.valid[2] = 1;
+          }
+          if (bottom && right) {
+            s.index[3] = static_cast<int32_t>((y0 + 1) * W + x0 + 1);
+            s.valid[3] = 1;
+          }
         }
       }
       if (HW > 0) {
         for (int64_t ci = 0; ci < channels_per_offset_group; ++ci) {
           const int64_t c = og * channels_per_offset_group + ci;
           const scalar_t* plane = input + ((first + b) * C + c) * HW;
-          const scalar_t* col = grad_columns + (c * K + k) * row_stride + b * L + l_begin;
-          for (int64_t t = 0; t < n; ++t) {
-            const scalar_t v00 = valid[0][t] * plane[index[0][t]];
-            const scalar_t v01 = valid[1][t] * plane[index[1][t]];
-            const scalar_t v10 = valid[2][t] * plane[index[2][t]];
-            const scalar_t v11 = valid[3][t] * plane[index[3][t]];
-            const scalar_t hy = 1 - ly[t], hx = 1 - lx[t];
-            const scalar_t gc = col[t];
-            acc_y[t] += gc * (hx * (v10 - v00) + lx[t] * (v11 - v01));
-            acc_x[t] += gc * (hy * (v01 - v00) + ly[t] * (v11 - v10));
-            acc_m[t] += gc * (hy * hx * v00 + hy * lx[t] * v01 + ly[t] * hx * v10 + ly[t] * lx[t] * v11);
+          for (int64_t k = 0; k < K; ++k) {
+            const scalar_t* col = grad_columns + (c * K + k) * row_stride + b * L + l_begin;
+            const GradSample<scalar_t>* s = samples.data() + k * kBlock;
+            scalar_t* acc_y = acc.data() + k * kBlock;
+            scalar_t* acc_x = acc_y + K * kBlock;
+            scalar_t* acc_m = acc_x + K * kBlock;
+            for (int64_t t = 0; t < n; ++t) {
+              const scalar_t v00 = s[t].valid[0] * plane[s[t].index[0]];
+              const scalar_t v01 = s[t].valid[1] * plane[s[t].index[1]];
+              const scalar_t v10 = s[t].valid[2] * plane[s[t].index[2]];
+              const scalar_t v11 = s[t].valid[3] * plane[s[t].index[3]];
+              const scalar_t ly = s[t].ly, lx = s[t].lx;
+              const scalar_t hy = 1 - ly, hx = 1 - lx;
+              const scalar_t gc = col[t];
+              acc_y[t] += gc * (hx * (v10 - v00) + lx * (v11 - v01));
+              acc_x[t] += gc * (hy * (v01 - v00) + ly * (v11 - v10));
+              acc_m[t] += gc * (hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11));
+            }
           }
         }
       }
-      scalar_t* gy = grad_offset + offset_base + l_begin;
-      scalar_t* gx = gy + L;
-      const int64_t mask_base = ((first + b) * OG * K + ogk) * L + l_begin;
-      for (int64_t t = 0; t < n; ++t) {
-        const scalar_t scale = mask ? mask[mask_base + t] : scalar_t(1);
-        gy[t] = in_band[t] ? scale * acc_y[t] : scalar_t(0);
-        gx[t] = in_band[t] ? scale * acc_x[t] : scalar_t(0);
-        if (grad_mask) {
-          grad_mask[mask_base + t] = in_band[t] ? acc_m[t] : scalar_t(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t ogk = og * K + k;
+        scalar_t* gy = grad_offset + (((first + b) * OG * K + ogk) * 2) * L + l_begin;
+        scalar_t* gx = gy + L;
+        const int64_t mask_base = ((first + b) * OG * K + ogk) * L + l_begin;
+        const GradSample<scalar_t>* s = samples.data() + k * kBlock;
+        const scalar_t* acc_y = acc.data() + k * kBlock;
+        const scalar_t* acc_x = acc_y + K * kBlock;
+        const scalar_t* acc_m = acc_x + K * kBlock;
+        for (int64_t t = 0; t < n; ++t) {
+          const scalar_t scale = mask ? mask[mask_base + t] : scalar_t(1);
+          gy[t] = s[t].in_band ? scale * acc_y[t] : scalar_t(0);
+          gx[t] = s[t].in_band ? scale * acc_x[t] : scalar_t(0);
+          if (grad_mask) {
+            grad_mask[mask_base + t] = s[t].in_band ? acc_m[t] : scalar_t(0);
+          }
         }
       }
     }
   });
+}
+
+// Per-thread scratch memory kept between calls (slot: which buffer). The returned tensor is
+// a view of the first numel elements; it must not escape the kernel.
+at::Tensor scratch(int slot, int64_t numel, const at::TensorOptions& options) {
+  thread_local std::array<at::Tensor, 4> cache;
+  at::Tensor& buffer = cache.at(slot);
+  if (!buffer.defined() || buffer.numel() < numel || buffer.scalar_type() != options.dtype()) {
+    buffer = at::Tensor();  // release the old buffer before allocating the new one
+    buffer = at::empty({numel}, options);
+  }
+  return buffer.narrow(0, 0, numel);
+}
+
+enum ScratchSlot { kColumns = 0, kTable = 1, kStaged = 2 };
+
+template <typename scalar_t>
+Sample<scalar_t>* sample_table(int64_t entries) {
+  const int64_t bytes = entries * static_cast<int64_t>(sizeof(Sample<scalar_t>));
+  return reinterpret_cast<Sample<scalar_t>*>(scratch(kTable, bytes, at::TensorOptions().dtype(at::kByte)).data_ptr());
 }
 
 int64_t column_bytes_per_image(const DeformConvGeometry& g, const at::Tensor& input) {
@@ -359,24 +423,16 @@ at::Tensor deform_conv2d_forward_kernel(
   const int64_t col_rows_per_group = g.channels / g.groups * K;
   const at::Tensor weight_groups = weight.view({g.groups, out_per_group, col_rows_per_group});
   const int64_t chunk = images_per_chunk(g.batch, column_bytes_per_image(g, input));
-  at::Tensor columns = at::empty({g.channels * K, chunk * L}, input.options());
-  at::Tensor chunk_output;
-  if (chunk > 1) {
-    chunk_output = at::empty({g.out_channels, chunk * L}, input.options());
-  }
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_forward_cpu", [&] {
-    std::vector<Sample<scalar_t>> table(chunk * g.offset_groups * K * L);
+    Sample<scalar_t>* table = sample_table<scalar_t>(chunk * g.offset_groups * K * L);
     for (int64_t first = 0; first < g.batch; first += chunk) {
       const int64_t count = std::min(chunk, g.batch - first);
       build_sample_table<scalar_t>(
           g, offset.data_ptr<scalar_t>(), use_mask ? mask.data_ptr<scalar_t>() : nullptr, first,
-          count, table.data());
-      // The last chunk may be shorter: it gets buffers of its own size.
-      const at::Tensor cols =
-          count == chunk ? columns : at::empty({g.channels * K, count * L}, input.options());
-      deformable_im2col<scalar_t>(
-          g, input.data_ptr<scalar_t>(), table.data(), first, count, cols.data_ptr<scalar_t>());
+          count, table);
+      const at::Tensor cols = scratch(kColumns, g.channels * K * count * L, input.options());
+      deformable_im2col<scalar_t>(g, input.data_ptr<scalar_t>(), table, first, count, cols.data_ptr<scalar_t>());
       const at::Tensor cols_groups = cols.view({g.groups, col_rows_per_group, count * L});
       if (count == 1) {
         const at::Tensor out_groups = output[first].view({g.groups, out_per_group, L});
@@ -385,9 +441,9 @@ at::Tensor deform_conv2d_forward_kernel(
           at::mm_out(out_slice, weight_groups[grp], cols_groups[grp]);
         }
       } else {
-        const at::Tensor staged = (count == chunk ? chunk_output
-                                                  : at::empty({g.out_channels, count * L}, input.options()))
-                                      .view({g.groups, out_per_group, count * L});
+        // GEMM output is [O, count*L]; the batch dimension goes in front when copied out.
+        const at::Tensor staged =
+            scratch(kStaged, g.out_channels * count * L, input.options()).view({g.groups, out_per_group, count * L});
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           at::Tensor out_slice = staged[grp];
           at::mm_out(out_slice, weight_groups[grp], cols_groups[grp]);
@@ -460,15 +516,14 @@ deform_conv2d_backward_kernel(
   const int64_t chunk = images_per_chunk(g.batch, column_bytes_per_image(g, input));
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
-    std::vector<Sample<scalar_t>> table(chunk * g.offset_groups * K * L);
+    Sample<scalar_t>* table = sample_table<scalar_t>(chunk * g.offset_groups * K * L);
     for (int64_t first = 0; first < g.batch; first += chunk) {
       const int64_t count = std::min(chunk, g.batch - first);
       build_sample_table<scalar_t>(
           g, offset.data_ptr<scalar_t>(), use_mask ? mask.data_ptr<scalar_t>() : nullptr, first,
-          count, table.data());
-      at::Tensor columns = at::empty({g.channels * K, count * L}, input.options());
-      deformable_im2col<scalar_t>(
-          g, input.data_ptr<scalar_t>(), table.data(), first, count, columns.data_ptr<scalar_t>());
+          count, table);
+      const at::Tensor columns = scratch(kColumns, g.channels * K * count * L, input.options());
+      deformable_im2col<scalar_t>(g, input.data_ptr<scalar_t>(), table, first, count, columns.data_ptr<scalar_t>());
       // grad of this chunk's output laid out [O, count*L] like the GEMM output.
       const at::Tensor grad_chunk = count == 1
           ? grad[first].view({g.out_channels, L})
@@ -485,7 +540,7 @@ deform_conv2d_backward_kernel(
       }
       const scalar_t* grad_columns = columns.data_ptr<scalar_t>();
       deformable_col2im<scalar_t>(
-          g, grad_columns, table.data(), first, count, grad_input.data_ptr<scalar_t>());
+          g, grad_columns, table, first, count, grad_input.data_ptr<scalar_t>());
       deformable_offset_mask_grad<scalar_t>(
           g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
           use_mask ? mask.data_ptr<scalar_t>() : nullptr, grad_columns, first, count,

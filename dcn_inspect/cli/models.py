@@ -66,8 +66,14 @@ def info_command(
     from dcn_inspect.info import model_info
     from dcn_inspect.loading import load_model
 
+    errors = Console(stderr=True)
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True), transient=True
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=errors,
+        transient=True,
+        disable=not errors.is_terminal,  # a transient bar still leaves a blank line in logs and pipes
     ) as progress:
         task = progress.add_task("loading model", total=2)
         loaded = load_model(model, weights, device)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -56,6 +56,27 @@ class SceneConfig:
     clutter: Tuple[int, int] = (2, 6)  # irregular background blobs and bars (not objects)
     min_contrast: float = 60.0  # RGB distance between a shape's fill and the background under it
     max_occlusion: float = 0.3  # a new shape may hide at most this fraction of an earlier one
+
+    @staticmethod
+    def for_size(size: int) -> "SceneConfig":
+        """Square scenes of ``size`` pixels with every shape size scaled from the 256-pixel defaults."""
+        base = SceneConfig()
+        if size == base.width:
+            return base
+        scale = size / base.width
+
+        def scaled(pair: Tuple[int, int]) -> Tuple[int, int]:
+            return max(4, int(round(pair[0] * scale))), max(5, int(round(pair[1] * scale)))
+
+        large = scaled(base.large_side)
+        return replace(
+            base,
+            height=size,
+            width=size,
+            large_side=(min(large[0], size - 2), min(large[1], size - 1)),
+            medium_side=scaled(base.medium_side),
+            small_side=scaled(base.small_side),
+        )
 
 
 @dataclass
@@ -105,8 +126,14 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int)
     return np.asarray(image, dtype=np.float32)
 
 
-def random_texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A random texture [H, W, 3] float32 in [0, 255]: flat, stripes, checks, blotches or gradient, with grain."""
+def random_texture(rng: np.random.Generator, height: int, width: int, scale: Optional[float] = None) -> np.ndarray:
+    """A random texture [H, W, 3] float32 in [0, 255]: flat, stripes, checks, blotches or gradient, with grain.
+
+    Pattern sizes are proportional to ``scale`` (default: the region's larger side), as the
+    parts of real objects look bigger on bigger objects: a shape's fill tells its size, not
+    its class.
+    """
+    scale = float(max(height, width) if scale is None else scale)
     base = rng.uniform(0, 255, size=3).astype(np.float32)
     other = rng.uniform(0, 255, size=3).astype(np.float32)
     kind = rng.integers(0, 5)
@@ -115,14 +142,15 @@ def random_texture(rng: np.random.Generator, height: int, width: int) -> np.ndar
         mix = np.zeros((height, width), np.float32)
     elif kind == 1:  # stripes
         angle = rng.uniform(0, math.pi)
-        period = rng.uniform(4, 24)
+        period = max(scale * rng.uniform(0.06, 0.18), 3.0)
         phase = (xs * math.cos(angle) + ys * math.sin(angle)) / period
         mix = (np.sin(2 * math.pi * phase) > 0).astype(np.float32) * rng.uniform(0.3, 0.8)
     elif kind == 2:  # checks
-        period = rng.uniform(4, 20)
+        period = max(scale * rng.uniform(0.06, 0.16), 3.0)
         mix = (((xs // period) + (ys // period)) % 2).astype(np.float32) * rng.uniform(0.3, 0.8)
-    elif kind == 3:  # blotches
-        mix = _smooth_noise(rng, height, width, int(rng.integers(3, 12)))
+    elif kind == 3:  # blotches, a few across the region whatever its size
+        cells = max(int(round(max(height, width) / scale * rng.uniform(3, 7))), 1)
+        mix = _smooth_noise(rng, height, width, cells)
     else:  # gradient
         angle = rng.uniform(0, 2 * math.pi)
         ramp = xs * math.cos(angle) + ys * math.sin(angle)
@@ -256,7 +284,8 @@ def _sample_sides(rng: np.random.Generator, config: SceneConfig) -> List[Tuple[f
 def generate_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()) -> Scene:
     """Draw one scene; all randomness comes from ``rng``."""
     height, width = config.height, config.width
-    canvas = random_texture(rng, height, width)
+    # The background's pattern size is random, independent of the shapes'.
+    canvas = random_texture(rng, height, width, scale=math.exp(rng.uniform(math.log(16), math.log(256))))
     # Background clutter: blobs and bars with their own textures, labelled background.
     for _ in range(int(rng.integers(config.clutter[0], config.clutter[1] + 1))):
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
@@ -325,11 +354,17 @@ def scenes(seed: int, n: int, config: SceneConfig = SceneConfig()) -> Iterator[S
 # --------------------------------------------------------------------------------------------
 
 
-def _save_png(path: Path, image: np.ndarray) -> None:
+#: Image file formats of :func:`write_dataset`: PNG is exact, JPEG (quality 90) ~5x smaller.
+IMAGE_FORMATS = {"png": ("PNG", ".png", {"optimize": True}), "jpg": ("JPEG", ".jpg", {"quality": 90})}
+
+
+def save_image(path: Path, image: np.ndarray, image_format: str = "png") -> None:
+    """Write an RGB uint8 image atomically (deterministic bytes for the same pixels)."""
     from dcn_inspect.outputs import atomic_path
 
+    pil_format, _suffix, options = IMAGE_FORMATS[image_format]
     with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG", optimize=True)
+        Image.fromarray(image).save(tmp, format=pil_format, **options)
 
 
 def coco_dict(file_names: Sequence[str], all_scenes: Sequence[Scene]) -> dict:
@@ -392,24 +427,28 @@ def write_dataset(
     fmt: str = "coco",
     config: SceneConfig = SceneConfig(),
     progress: Optional[Callable[[int], None]] = None,
+    image_format: str = "png",
 ) -> Path:
     """Generate ``n`` scenes into ``out``; returns the annotation file (COCO) or the VOC root.
 
     COCO: ``out/annotations.json`` + ``out/images/scene_XXXXX.png``. VOC: ``out/Annotations``,
-    ``out/JPEGImages`` (PNG files), ``out/ImageSets/Main/all.txt``.
+    ``out/JPEGImages``, ``out/ImageSets/Main/all.txt``. Images are ``image_format`` ("png" or "jpg").
     """
     from dcn_inspect.outputs import write_text
 
     if fmt not in ("coco", "voc"):
         raise ValueError(f"unknown format {fmt!r}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"unknown image format {image_format!r}")
+    suffix = IMAGE_FORMATS[image_format][1]
     out = Path(out)
     image_dir = out / ("images" if fmt == "coco" else "JPEGImages")
     image_dir.mkdir(parents=True, exist_ok=True)
     names: List[str] = []
     kept: List[Scene] = []
     for index, scene in enumerate(scenes(seed, n, config)):
-        name = f"scene_{index:05d}.png"
-        _save_png(image_dir / name, scene.image)
+        name = f"scene_{index:05d}{suffix}"
+        save_image(image_dir / name, scene.image, image_format)
         names.append(name)
         if fmt == "coco":
             kept.append(Scene(image=np.zeros((0, 0, 3), np.uint8), labels=scene.labels, instances=scene.instances, objects=scene.objects))

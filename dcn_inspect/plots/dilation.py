@@ -3,7 +3,8 @@ object-size category (``dilation_hist.png``).
 
 One panel per layer (top layer first), one density curve per category, drawn from the
 streaming histograms (no per-unit values are kept). The fine 0.1 % log bins are summed into
-about 60 equal-width display bins over the central 99 % of all values; each curve is
+at most 60 equal-width display bins (each at least two fine bins wide, so they do not alias)
+over the central 99 % of the layer's values; each panel has its own x range. Each curve is
 normalised to unit area so categories with very different unit counts compare by shape. The
 mean of each category is marked with a dashed line.
 """
@@ -21,18 +22,18 @@ from dcn_inspect.dilation import CATEGORIES, CategoryStats
 #: Category colours (colour-blind safe, Okabe-Ito).
 COLOURS = {"small": "#0072B2", "medium": "#009E73", "large": "#D55E00", "background": "#7F7F7F"}
 DISPLAY_BINS = 60
+MIN_DISPLAY_BINS = 8
 #: Panels per figure row.
 COLUMNS = 3
 
 
-def display_range(stats: Dict[str, CategoryStats]) -> tuple:
-    """(low, high) covering the central 99 % of every non-empty category of every layer."""
+def display_range(layer_stats: CategoryStats) -> tuple:
+    """(low, high) covering the central 99 % of every non-empty category of one layer."""
     lows, highs = [], []
-    for layer_stats in stats.values():
-        for c in range(layer_stats.categories):
-            if int(layer_stats.count[c]) > 0:
-                lows.append(layer_stats.quantile(c, 0.005))
-                highs.append(layer_stats.quantile(c, 0.995))
+    for c in range(layer_stats.categories):
+        if int(layer_stats.count[c]) > 0:
+            lows.append(layer_stats.quantile(c, 0.005))
+            highs.append(layer_stats.quantile(c, 0.995))
     if not lows:
         return 0.0, 1.0
     low, high = min(lows), max(highs)
@@ -40,6 +41,12 @@ def display_range(stats: Dict[str, CategoryStats]) -> tuple:
         pad = max(abs(low) * 0.1, 0.5)
         low, high = low - pad, high + pad
     return max(low, 0.0), high
+
+
+def display_bins(layer_stats: CategoryStats, low: float, high: float) -> int:
+    """At most :data:`DISPLAY_BINS`, each at least two fine bins wide (narrower ones alias into combs)."""
+    fine_width = max(high, layer_stats.bins.low) * (layer_stats.bins.ratio - 1.0)
+    return int(min(DISPLAY_BINS, max(MIN_DISPLAY_BINS, (high - low) // (2.0 * fine_width))))
 
 
 def category_density(layer_stats: CategoryStats, category: int, edges: np.ndarray) -> np.ndarray:
@@ -61,12 +68,13 @@ def draw_dilation_histograms(stats: Dict[str, CategoryStats], units: str, thresh
     columns = min(COLUMNS, max(1, len(names)))
     rows = max(1, math.ceil(len(names) / columns))
     figure = Figure(figsize=(4.2 * columns, 3.2 * rows), constrained_layout=True)
-    low, high = display_range(stats)
-    edges = np.linspace(low, high, DISPLAY_BINS + 1)
-    centres = 0.5 * (edges[:-1] + edges[1:])
     for k, name in enumerate(names):
         axes = figure.add_subplot(rows, columns, k + 1)
         layer_stats = stats[name]
+        # Each layer on its own range: deformation differs a lot between layers.
+        low, high = display_range(layer_stats)
+        edges = np.linspace(low, high, display_bins(layer_stats, low, high) + 1)
+        centres = 0.5 * (edges[:-1] + edges[1:])
         for c, category in enumerate(CATEGORIES):
             n = int(layer_stats.count[c])
             if n == 0:

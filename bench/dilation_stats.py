@@ -1,0 +1,159 @@
+"""Speed of ``dcn-inspect dilation-stats``: images/s of the whole command and of the model's
+forward alone, and the overhead of the statistics (goal, issue #6: at most 10 % of the forward).
+
+Datasets: the bundled demo dataset (when installed) and a generated set of N synthetic scenes
+(``dcn_inspect.datasets.synthetic.write_dataset``, 256x256, default 200 images). Model:
+``--model`` (default dcn-sample; without its trained weights the architecture is built with its
+initial weights, which runs at the same speed).
+
+    .venv/bin/python bench/dilation_stats.py                 # bundled + 200 generated images
+    .venv/bin/python bench/dilation_stats.py --n 50 --batch-size 4 --workers 2
+
+Four timings per dataset, all over the same images, after one warm-up batch:
+
+- ``forward``: ``model(batch)`` under ``torch.no_grad`` on preloaded tensors;
+- ``forward+capture``: the same inside :func:`dcn_inspect.hooks.capture_offsets` (frames
+  tracked only for the first batch of a size, as the command does);
+- ``statistics``: per-unit dilation, categories and streaming statistics on the captured
+  offsets (what the command adds on top of the captured forward);
+- ``command``: :func:`dcn_inspect.dilation_stats.dilation_stats` end to end (decoding in the
+  DataLoader, forward, statistics, outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+from dcn_inspect.annotations import load_dataset
+from dcn_inspect.dilation import NAMED_THRESHOLDS
+from dcn_inspect.dilation_stats import _Accumulator, dilation_stats, size_batches
+from dcn_inspect.errors import InputError
+from dcn_inspect.hooks import capture_offsets
+from dcn_inspect.images import load_image, resized_size, to_model_input
+from dcn_inspect.loading import LoadedModel, load_model
+from dcn_inspect.models import registry
+
+
+def get_model(spec: str, device: str) -> LoadedModel:
+    try:
+        return load_model(spec, None, device)
+    except InputError as exc:
+        if spec not in registry.names():
+            raise
+        print(f"note: {exc}; timing the {spec} architecture with its initial weights")
+        arch = registry.get(spec)
+        model = arch.build().eval().to(device)
+        return LoadedModel(model, spec, arch.name, dict(arch.default_config), arch.preprocess, "registered")
+
+
+def preload(dataset: Path, loaded: LoadedModel, batch_size: int, device: str) -> List[Tuple[torch.Tensor, list]]:
+    data = load_dataset(dataset)
+    entries = [e for e in data.images if e.path is not None]
+    sizes = [resized_size((e.height, e.width), loaded.preprocess.resize, loaded.preprocess.max_size) for e in entries]
+    batches = []
+    for positions in size_batches(sizes, batch_size):
+        chosen = [entries[p] for p in positions]
+        tensors = [to_model_input(load_image(e.path), loaded.preprocess).tensor[0] for e in chosen]
+        batches.append((torch.stack(tensors).to(device), chosen))
+    return batches
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench(dataset: Path, label: str, loaded: LoadedModel, batch_size: int, workers: int, device: str, repeats: int) -> None:
+    batches = preload(dataset, loaded, batch_size, device)
+    images = sum(len(chosen) for _, chosen in batches)
+    model = loaded.model
+    with torch.no_grad():
+        model(batches[0][0])  # warm-up (native ops, allocator)
+        best_forward = best_capture = best_stats = float("inf")
+        for _ in range(repeats):
+            _sync(device)
+            tick = time.perf_counter()
+            for tensor, _ in batches:
+                model(tensor)
+            _sync(device)
+            best_forward = min(best_forward, time.perf_counter() - tick)
+
+            accumulator = _Accumulator(NAMED_THRESHOLDS["paper"], "cells", False, torch.device(device), None)
+            capture_time = stats_time = 0.0
+            for tensor, chosen in batches:
+                input_hw = (int(tensor.shape[-2]), int(tensor.shape[-1]))
+                track = input_hw not in accumulator.geometry_cache
+                _sync(device)
+                tick = time.perf_counter()
+                with capture_offsets(model, track_frames=track) as capture:
+                    capture.watch_input(tensor)
+                    model(tensor)
+                _sync(device)
+                capture_time += time.perf_counter() - tick
+                records = list(capture.convs.values())
+                if track:
+                    accumulator.geometry_cache[input_hw] = {r.name: r.geometry for r in records}
+                tick = time.perf_counter()
+                accumulator.add(records, chosen, list(range(len(chosen))), input_hw)
+                _sync(device)
+                stats_time += time.perf_counter() - tick
+            best_capture = min(best_capture, capture_time)
+            best_stats = min(best_stats, stats_time)
+
+    best_command = float("inf")
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as out:
+            tick = time.perf_counter()
+            dilation_stats(dataset, model=loaded, out=Path(out), batch_size=batch_size, workers=workers, device=device, progress=False)
+            best_command = min(best_command, time.perf_counter() - tick)
+
+    print(f"\n{label}: {images} images, batch size {batch_size}, {workers} worker(s), device {device}, best of {repeats}")
+    print(f"  forward alone     {images / best_forward:8.2f} images/s  ({1000 * best_forward / images:7.2f} ms/image)")
+    print(f"  forward+capture   {images / best_capture:8.2f} images/s  ({1000 * best_capture / images:7.2f} ms/image)")
+    print(f"  statistics        {1000 * best_stats / images:7.2f} ms/image = {100 * best_stats / best_forward:5.1f} % of the forward (goal <= 10 %)")
+    print(f"  whole command     {images / best_command:8.2f} images/s  ({1000 * best_command / images:7.2f} ms/image)")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dcn-sample")
+    parser.add_argument("--n", type=int, default=200, help="generated images (0: skip the generated set)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = get_model(args.model, args.device)
+    print(f"model {loaded.name} ({loaded.source}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from dcn_inspect.ops import backend_info
+
+    print(f"ops backend: {backend_info().name}")
+    try:
+        from dcn_inspect.datasets import bundled_dataset_path
+
+        bundled: Optional[Path] = bundled_dataset_path()
+    except ImportError:
+        bundled = None
+    if bundled is not None and Path(bundled).exists():
+        bench(Path(bundled), "bundled demo dataset", loaded, args.batch_size, args.workers, args.device, args.repeats)
+    else:
+        print("bundled demo dataset not installed: skipped")
+    if args.n > 0:
+        from dcn_inspect.datasets.synthetic import write_dataset
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_dataset(Path(tmp) / "generated", args.n, seed=0)
+            bench(path, f"{args.n} generated scenes", loaded, args.batch_size, args.workers, args.device, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
