@@ -240,8 +240,11 @@ def test_deform_psroi_pool_matches_naive(ops: ModuleType, case: dict) -> None:
 def _grads(fn, tensors: dict, names) -> dict:
     leaves = {n: (t.detach().clone().requires_grad_() if n in names and t is not None else t) for n, t in tensors.items()}
     out = fn(**leaves)
+    if not out.requires_grad:  # the reference builds empty bins from constants: zero gradient
+        return {n: torch.zeros_like(leaves[n]) for n in names if leaves[n] is not None}
     out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
-    return {n: leaves[n].grad for n in names if leaves[n] is not None}
+    return {n: (leaves[n].grad if leaves[n].grad is not None else torch.zeros_like(leaves[n]))
+            for n in names if leaves[n] is not None}
 
 
 @settings(max_examples=15, deadline=None)
@@ -326,3 +329,17 @@ def test_no_rois(ops: ModuleType) -> None:
     rois = torch.zeros(0, 5, dtype=torch.float64)
     assert ops.deform_roi_pool(input, rois, None, 2).shape == (0, 9, 2, 2)
     assert ops.deform_psroi_pool(input, rois, None, 1.0, 1, 3, 3).shape == (0, 1, 3, 3)
+
+
+@pytest.mark.parametrize("height,width", [(0, 5), (4, 0)])
+def test_native_pools_on_empty_maps_are_zero(height: int, width: int) -> None:
+    native = _native_or_skip()
+    input = torch.randn(1, 4, height, width, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]], dtype=torch.float64)
+    offset = torch.randn(1, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    trans = torch.randn(1, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    pooled = native.deform_roi_pool(input, rois, offset, 2)
+    ps = native.deform_psroi_pool(input, rois, trans, 1.0, 1, 2, 2, 2, 2)
+    assert torch.count_nonzero(pooled) == 0 and torch.count_nonzero(ps) == 0
+    (pooled.sum() + ps.sum()).backward()
+    assert torch.count_nonzero(offset.grad) == 0 and torch.count_nonzero(trans.grad) == 0

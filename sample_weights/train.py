@@ -60,12 +60,13 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=200)
     parser.add_argument("--steps", type=int, default=0, help="training steps (0: the recipe's default)")
     parser.add_argument("--arch", action="append", choices=ARCHS, help="train only this one (repeatable); default: both")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--card-only", action="store_true", help="only re-render MODEL_CARD.md from the metrics files")
     args = parser.parse_args()
     if not args.card_only:
         for arch in args.arch or ARCHS:
-            config = TrainConfig(arch=arch, seed=args.seed)
+            config = TrainConfig(arch=arch, seed=args.seed, threads=args.threads)
             if args.steps:
                 config.steps = args.steps
             result = train_and_save(config, args.out / weights_file_name(arch), args.eval_seed, args.eval_images)

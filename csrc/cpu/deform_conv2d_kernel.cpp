@@ -26,6 +26,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "../checks.h"
 
 namespace dcn_inspect {
@@ -33,13 +37,18 @@ namespace ops {
 
 namespace {
 
-// Bilinear sample of one (image, offset group, kernel point, position): corner indices into
-// the H*W plane and weights (already multiplied by the mask). Corners that contribute
-// nothing have weight 0 and index 0, so the gather needs no branch.
+// Bilinear samples of every (image, offset group, kernel point) row of positions, stored
+// structure-of-arrays so the im2col gather vectorises: for row r and corner q, index(r, q)[l]
+// is the corner's index into the H*W plane and weight(r, q)[l] its weight (already
+// multiplied by the mask). Corners that contribute nothing have weight 0 and index 0, so the
+// gather needs no branch.
 template <typename scalar_t>
-struct Sample {
-  int32_t index[4];
-  scalar_t weight[4];
+struct SampleTable {
+  int32_t* indices;  // [rows][4][L]
+  scalar_t* weights;  // [rows][4][L]
+  int64_t L;
+  int32_t* index(int64_t row, int q) const { return indices + (row * 4 + q) * L; }
+  scalar_t* weight(int64_t row, int q) const { return weights + (row * 4 + q) * L; }
 };
 
 // Sampling location of kernel point k at output position l for the given image/offset group.
@@ -70,7 +79,7 @@ void build_sample_table(
     const scalar_t* mask,
     int64_t first,
     int64_t count,
-    Sample<scalar_t>* table) {
+    const SampleTable<scalar_t>& table) {
   const int64_t K = g.kernel_points();
   const int64_t L = g.positions();
   const int64_t OG = g.offset_groups;
@@ -78,58 +87,102 @@ void build_sample_table(
   const int64_t W = g.width;
   const SampleLocator locator{g};
   at::parallel_for(0, count * OG * K, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = begin; task < end; ++task) {  // task = row = (b * OG + og) * K + k
       const int64_t b = task / (OG * K);
       const int64_t ogk = task - b * OG * K;  // og * K + k
       const int64_t k = ogk % K;
       const scalar_t* off_y = offset + (((first + b) * OG * K + ogk) * 2) * L;
       const scalar_t* off_x = off_y + L;
       const scalar_t* m = mask ? mask + ((first + b) * OG * K + ogk) * L : nullptr;
-      Sample<scalar_t>* out = table + task * L;
+      int32_t* index[4] = {table.index(task, 0), table.index(task, 1), table.index(task, 2), table.index(task, 3)};
+      scalar_t* weight[4] = {table.weight(task, 0), table.weight(task, 1), table.weight(task, 2), table.weight(task, 3)};
       for (int64_t l = 0; l < L; ++l) {
-        Sample<scalar_t> s;
-        for (int c = 0; c < 4; ++c) {
-          s.index[c] = 0;
-          s.weight[c] = 0;
+        for (int q = 0; q < 4; ++q) {
+          index[q][l] = 0;
+          weight[q][l] = 0;
         }
         scalar_t y, x;
         locator.locate(off_y, off_x, k, l, y, x);
-        if (y > -1 && y < H && x > -1 && x < W) {
-          const scalar_t y0f = std::floor(y);
-          const scalar_t x0f = std::floor(x);
-          const int64_t y0 = static_cast<int64_t>(y0f);
-          const int64_t x0 = static_cast<int64_t>(x0f);
-          const scalar_t ly = y - y0f, lx = x - x0f;
-          const scalar_t hy = 1 - ly, hx = 1 - lx;
-          const scalar_t scale = m ? m[l] : scalar_t(1);
-          const bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
-          if (top && left) {
-            s.index[0] = static_cast<int32_t>(y0 * W + x0);
-            s.weight[0] = hy * hx * scale;
-          }
-          if (top && right) {
-            s.index[1] = static_cast<int32_t>(y0 * W + x0 + 1);
-            s.weight[1] = hy * lx * scale;
-          }
-          if (bottom && left) {
-            s.index[2] = static_cast<int32_t>((y0 + 1) * W + x0);
-            s.weight[2] = ly * hx * scale;
-          }
-          if (bottom && right) {
-            s.index[3] = static_cast<int32_t>((y0 + 1) * W + x0 + 1);
-            s.weight[3] = ly * lx * scale;
-          }
+        if (!(y > -1 && y < H && x > -1 && x < W)) {
+          continue;
         }
-        out[l] = s;
+        const scalar_t y0f = std::floor(y);
+        const scalar_t x0f = std::floor(x);
+        const int64_t y0 = static_cast<int64_t>(y0f);
+        const int64_t x0 = static_cast<int64_t>(x0f);
+        const scalar_t ly = y - y0f, lx = x - x0f;
+        const scalar_t hy = 1 - ly, hx = 1 - lx;
+        const scalar_t scale = m ? m[l] : scalar_t(1);
+        const bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
+        if (top && left) {
+          index[0][l] = static_cast<int32_t>(y0 * W + x0);
+          weight[0][l] = hy * hx * scale;
+        }
+        if (top && right) {
+          index[1][l] = static_cast<int32_t>(y0 * W + x0 + 1);
+          weight[1][l] = hy * lx * scale;
+        }
+        if (bottom && left) {
+          index[2][l] = static_cast<int32_t>((y0 + 1) * W + x0);
+          weight[2][l] = ly * hx * scale;
+        }
+        if (bottom && right) {
+          index[3][l] = static_cast<int32_t>((y0 + 1) * W + x0 + 1);
+          weight[3][l] = ly * lx * scale;
+        }
       }
     }
   });
 }
 
-// Positions per table block (32 bytes per float entry: 8 KiB, L1-resident) and channels per
+// Positions per table block (32 bytes per float position: 8 KiB, L1-resident) and channels per
 // task in im2col / col2im.
 constexpr int64_t kPositionBlock = 256;
 constexpr int64_t kChannelBlock = 16;
+
+// Vectorised part of the im2col gather: col[t] = sum_q w_q[t] * plane[i_q[t]] for a prefix of
+// [0, n); returns where the scalar loop has to continue. Hardware gathers where the compiler
+// targets them (the auto-vectoriser declines to use them), nothing otherwise.
+template <typename scalar_t>
+inline int64_t gather_rows(
+    const scalar_t*, const int32_t*, const int32_t*, const int32_t*, const int32_t*, const scalar_t*,
+    const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, int64_t) {
+  return 0;
+}
+
+#if defined(__AVX512F__)
+template <>
+inline int64_t gather_rows<float>(
+    const float* plane, const int32_t* i0, const int32_t* i1, const int32_t* i2, const int32_t* i3,
+    const float* w0, const float* w1, const float* w2, const float* w3, float* col, int64_t n) {
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) {
+    __m512 acc = _mm512_mul_ps(
+        _mm512_loadu_ps(w0 + t), _mm512_i32gather_ps(_mm512_loadu_si512(i0 + t), plane, 4));
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + t), _mm512_i32gather_ps(_mm512_loadu_si512(i1 + t), plane, 4), acc);
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + t), _mm512_i32gather_ps(_mm512_loadu_si512(i2 + t), plane, 4), acc);
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + t), _mm512_i32gather_ps(_mm512_loadu_si512(i3 + t), plane, 4), acc);
+    _mm512_storeu_ps(col + t, acc);
+  }
+  return t;
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+template <>
+inline int64_t gather_rows<float>(
+    const float* plane, const int32_t* i0, const int32_t* i1, const int32_t* i2, const int32_t* i3,
+    const float* w0, const float* w1, const float* w2, const float* w3, float* col, int64_t n) {
+  int64_t t = 0;
+  auto idx = [](const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  for (; t + 8 <= n; t += 8) {
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(w0 + t), _mm256_i32gather_ps(plane, idx(i0 + t), 4));
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + t), _mm256_i32gather_ps(plane, idx(i1 + t), 4), acc);
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + t), _mm256_i32gather_ps(plane, idx(i2 + t), 4), acc);
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + t), _mm256_i32gather_ps(plane, idx(i3 + t), 4), acc);
+    _mm256_storeu_ps(col + t, acc);
+  }
+  return t;
+}
+#endif
 
 // Calls body(b, og, c_begin, c_end) for blocks of channels of one offset group, in parallel.
 template <typename F>
@@ -152,7 +205,7 @@ template <typename scalar_t>
 void deformable_im2col(
     const DeformConvGeometry& g,
     const scalar_t* input,
-    const Sample<scalar_t>* table,
+    const SampleTable<scalar_t>& table,
     int64_t first,
     int64_t count,
     scalar_t* columns) {
@@ -162,21 +215,28 @@ void deformable_im2col(
   const int64_t HW = g.height * g.width;
   const int64_t row_stride = count * L;
   parallel_over_channel_blocks(g, count, [&](int64_t b, int64_t og, int64_t c_begin, int64_t c_end) {
-    const Sample<scalar_t>* samples = table + (b * g.offset_groups + og) * K * L;
     for (int64_t k = 0; k < K; ++k) {
+      const int64_t row = (b * g.offset_groups + og) * K + k;
       for (int64_t l0 = 0; l0 < L; l0 += kPositionBlock) {
         const int64_t n = std::min(kPositionBlock, L - l0);
-        const Sample<scalar_t>* s = samples + k * L + l0;
+        const int32_t* __restrict__ i0 = table.index(row, 0) + l0;
+        const int32_t* __restrict__ i1 = table.index(row, 1) + l0;
+        const int32_t* __restrict__ i2 = table.index(row, 2) + l0;
+        const int32_t* __restrict__ i3 = table.index(row, 3) + l0;
+        const scalar_t* __restrict__ w0 = table.weight(row, 0) + l0;
+        const scalar_t* __restrict__ w1 = table.weight(row, 1) + l0;
+        const scalar_t* __restrict__ w2 = table.weight(row, 2) + l0;
+        const scalar_t* __restrict__ w3 = table.weight(row, 3) + l0;
         for (int64_t c = c_begin; c < c_end; ++c) {
-          scalar_t* col = columns + (c * K + k) * row_stride + b * L + l0;
+          scalar_t* __restrict__ col = columns + (c * K + k) * row_stride + b * L + l0;
           if (HW == 0) {
             std::fill(col, col + n, scalar_t(0));
             continue;
           }
-          const scalar_t* plane = input + ((first + b) * C + c) * HW;
-          for (int64_t t = 0; t < n; ++t) {
-            col[t] = s[t].weight[0] * plane[s[t].index[0]] + s[t].weight[1] * plane[s[t].index[1]] +
-                s[t].weight[2] * plane[s[t].index[2]] + s[t].weight[3] * plane[s[t].index[3]];
+          const scalar_t* __restrict__ plane = input + ((first + b) * C + c) * HW;
+          const int64_t t0 = gather_rows<scalar_t>(plane, i0, i1, i2, i3, w0, w1, w2, w3, col, n);
+          for (int64_t t = t0; t < n; ++t) {
+            col[t] = w0[t] * plane[i0[t]] + w1[t] * plane[i1[t]] + w2[t] * plane[i2[t]] + w3[t] * plane[i3[t]];
           }
         }
       }
@@ -184,173 +244,248 @@ void deformable_im2col(
   });
 }
 
-// grad_input[first+b][c] += scatter of columns[c*K + k][b*L + l] through the sample weights.
+// Everything the backward needs about one row of samples (image, offset group, kernel point),
+// structure-of-arrays over positions: corner indices, 0/1 corner validity (all 0 outside the
+// band, which zeroes every gradient of the sample), fractional parts and mask value.
 template <typename scalar_t>
-void deformable_col2im(
-    const DeformConvGeometry& g,
-    const scalar_t* grad_columns,
-    const Sample<scalar_t>* table,
-    int64_t first,
-    int64_t count,
-    scalar_t* grad_input) {
-  const int64_t C = g.channels;
-  const int64_t K = g.kernel_points();
-  const int64_t L = g.positions();
-  const int64_t HW = g.height * g.width;
-  if (HW == 0) {
-    return;
-  }
-  const int64_t row_stride = count * L;
-  parallel_over_channel_blocks(g, count, [&](int64_t b, int64_t og, int64_t c_begin, int64_t c_end) {
-    const Sample<scalar_t>* samples = table + (b * g.offset_groups + og) * K * L;
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t l0 = 0; l0 < L; l0 += kPositionBlock) {
-        const int64_t n = std::min(kPositionBlock, L - l0);
-        const Sample<scalar_t>* s = samples + k * L + l0;
-        for (int64_t c = c_begin; c < c_end; ++c) {
-          const scalar_t* col = grad_columns + (c * K + k) * row_stride + b * L + l0;
-          scalar_t* plane = grad_input + ((first + b) * C + c) * HW;
-          for (int64_t t = 0; t < n; ++t) {
-            const scalar_t v = col[t];
-            plane[s[t].index[0]] += s[t].weight[0] * v;
-            plane[s[t].index[1]] += s[t].weight[1] * v;
-            plane[s[t].index[2]] += s[t].weight[2] * v;
-            plane[s[t].index[3]] += s[t].weight[3] * v;
-          }
-        }
-      }
-    }
-  });
-}
-
-// Bilinear corners of one sample for the offset / mask gradients: indices, 0/1 validity and
-// the fractional parts. Samples outside the band have no valid corner and in_band false.
-template <typename scalar_t>
-struct GradSample {
-  int32_t index[4];
-  scalar_t valid[4];
-  scalar_t ly, lx;
-  bool in_band;
+struct GradTable {
+  int32_t* indices;  // [rows][4][L]
+  scalar_t* valids;  // [rows][4][L]
+  scalar_t* fractions;  // [rows][3][L]: ly, lx, mask
+  int64_t L;
+  int32_t* index(int64_t row, int q) const { return indices + (row * 4 + q) * L; }
+  scalar_t* valid(int64_t row, int q) const { return valids + (row * 4 + q) * L; }
+  scalar_t* ly(int64_t row) const { return fractions + (row * 3 + 0) * L; }
+  scalar_t* lx(int64_t row) const { return fractions + (row * 3 + 1) * L; }
+  scalar_t* mask(int64_t row) const { return fractions + (row * 3 + 2) * L; }
 };
 
-// Gradients of the offsets (and mask) for images [first, first + count).
-// grad_columns holds dLoss/d(column) where column = mask * bilinear(input). One task owns one
-// (image, offset group, block of positions) for all kernel points and walks the group's
-// channels once, so each input plane is read while it is hot for every kernel point.
+// Fills the backward table for the images [first, first + count).
 template <typename scalar_t>
-void deformable_offset_mask_grad(
+void build_grad_table(
     const DeformConvGeometry& g,
-    const scalar_t* input,
     const scalar_t* offset,
     const scalar_t* mask,
-    const scalar_t* grad_columns,
     int64_t first,
     int64_t count,
-    scalar_t* grad_offset,
-    scalar_t* grad_mask) {
-  constexpr int64_t kBlock = 64;
-  const int64_t C = g.channels;
+    const GradTable<scalar_t>& table) {
   const int64_t K = g.kernel_points();
   const int64_t L = g.positions();
   const int64_t OG = g.offset_groups;
   const int64_t H = g.height;
   const int64_t W = g.width;
-  const int64_t HW = H * W;
-  const int64_t channels_per_offset_group = C / OG;
-  const int64_t row_stride = count * L;
-  const int64_t blocks = (L + kBlock - 1) / kBlock;
   const SampleLocator locator{g};
-  at::parallel_for(0, count * OG * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<GradSample<scalar_t>> samples(K * kBlock);
-    std::vector<scalar_t> acc(3 * K * kBlock);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t block = task % blocks;
-      const int64_t og = (task / blocks) % OG;
-      const int64_t b = task / (blocks * OG);
-      const int64_t l_begin = block * kBlock;
-      const int64_t n = std::min(kBlock, L - l_begin);
-      std::fill(acc.begin(), acc.end(), scalar_t(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t offset_base = (((first + b) * OG + og) * K + k) * 2 * L;
-        for (int64_t t = 0; t < n; ++t) {
-          GradSample<scalar_t>& s = samples[k * kBlock + t];
-          scalar_t y, x;
-          locator.locate(offset + offset_base, offset + offset_base + L, k, l_begin + t, y, x);
-          for (int q = 0; q < 4; ++q) {
-            s.index[q] = 0;
-            s.valid[q] = 0;
-          }
-          s.ly = s.lx = 0;
-          s.in_band = HW > 0 && y > -1 && y < H && x > -1 && x < W;
-          if (!s.in_band) {
-            continue;
-          }
-          const scalar_t y0f = std::floor(y);
-          const scalar_t x0f = std::floor(x);
-          const int64_t y0 = static_cast<int64_t>(y0f);
-          const int64_t x0 = static_cast<int64_t>(x0f);
-          s.ly = y - y0f;
-          s.lx = x - x0f;
-          const bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
-          if (top && left) {
-            s.index[0] = static_cast<int32_t>(y0 * W + x0);
-            s.valid[0] = 1;
-          }
-          if (top && right) {
-            s.index[1] = static_cast<int32_t>(y0 * W + x0 + 1);
-            s.valid[1] = 1;
-          }
-          if (bottom && left) {
-            s.index[2] = static_cast<int32_t>((y0 + 1) * W + x0);
-            s.valid[2] = 1;
-          }
-          if (bottom && right) {
-            s.index[3] = static_cast<int32_t>((y0 + 1) * W + x0 + 1);
-            s.valid[3] = 1;
-          }
+  at::parallel_for(0, count * OG * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (OG * K);
+      const int64_t ogk = row - b * OG * K;
+      const int64_t k = ogk % K;
+      const scalar_t* off_y = offset + (((first + b) * OG * K + ogk) * 2) * L;
+      const scalar_t* off_x = off_y + L;
+      const scalar_t* m = mask ? mask + ((first + b) * OG * K + ogk) * L : nullptr;
+      int32_t* index[4] = {table.index(row, 0), table.index(row, 1), table.index(row, 2), table.index(row, 3)};
+      scalar_t* valid[4] = {table.valid(row, 0), table.valid(row, 1), table.valid(row, 2), table.valid(row, 3)};
+      scalar_t* ly = table.ly(row);
+      scalar_t* lx = table.lx(row);
+      scalar_t* scale = table.mask(row);
+      for (int64_t l = 0; l < L; ++l) {
+        for (int q = 0; q < 4; ++q) {
+          index[q][l] = 0;
+          valid[q][l] = 0;
+        }
+        ly[l] = lx[l] = 0;
+        scale[l] = m ? m[l] : scalar_t(1);
+        scalar_t y, x;
+        locator.locate(off_y, off_x, k, l, y, x);
+        if (!(H * W > 0 && y > -1 && y < H && x > -1 && x < W)) {
+          continue;
+        }
+        const scalar_t y0f = std::floor(y);
+        const scalar_t x0f = std::floor(x);
+        const int64_t y0 = static_cast<int64_t>(y0f);
+        const int64_t x0 = static_cast<int64_t>(x0f);
+        ly[l] = y - y0f;
+        lx[l] = x - x0f;
+        const bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
+        if (top && left) {
+          index[0][l] = static_cast<int32_t>(y0 * W + x0);
+          valid[0][l] = 1;
+        }
+        if (top && right) {
+          index[1][l] = static_cast<int32_t>(y0 * W + x0 + 1);
+          valid[1][l] = 1;
+        }
+        if (bottom && left) {
+          index[2][l] = static_cast<int32_t>((y0 + 1) * W + x0);
+          valid[2][l] = 1;
+        }
+        if (bottom && right) {
+          index[3][l] = static_cast<int32_t>((y0 + 1) * W + x0 + 1);
+          valid[3][l] = 1;
         }
       }
-      if (HW > 0) {
-        for (int64_t ci = 0; ci < channels_per_offset_group; ++ci) {
-          const int64_t c = og * channels_per_offset_group + ci;
-          const scalar_t* plane = input + ((first + b) * C + c) * HW;
-          for (int64_t k = 0; k < K; ++k) {
-            const scalar_t* col = grad_columns + (c * K + k) * row_stride + b * L + l_begin;
-            const GradSample<scalar_t>* s = samples.data() + k * kBlock;
-            scalar_t* acc_y = acc.data() + k * kBlock;
-            scalar_t* acc_x = acc_y + K * kBlock;
-            scalar_t* acc_m = acc_x + K * kBlock;
-            for (int64_t t = 0; t < n; ++t) {
-              const scalar_t v00 = s[t].valid[0] * plane[s[t].index[0]];
-              const scalar_t v01 = s[t].valid[1] * plane[s[t].index[1]];
-              const scalar_t v10 = s[t].valid[2] * plane[s[t].index[2]];
-              const scalar_t v11 = s[t].valid[3] * plane[s[t].index[3]];
-              const scalar_t ly = s[t].ly, lx = s[t].lx;
+    }
+  });
+}
+
+// Vectorised part of the fused backward for a prefix of the block: updates the offset / mask
+// sums and writes the four scatter contributions to contrib[q][t]; returns the prefix length
+// (0 where no hardware gather is targeted). The scatter itself stays scalar: two positions of
+// a vector may hit the same input pixel.
+template <typename scalar_t>
+inline int64_t coord_vectorized(
+    const int32_t* const*, const scalar_t* const*, const scalar_t*, const scalar_t*, const scalar_t*,
+    const scalar_t*, const scalar_t*, scalar_t*, scalar_t*, scalar_t*, scalar_t (*)[kPositionBlock], int64_t) {
+  return 0;
+}
+
+#if defined(__AVX512F__)
+template <>
+inline int64_t coord_vectorized<float>(
+    const int32_t* const* index, const float* const* valid, const float* fy, const float* fx, const float* fm,
+    const float* col, const float* plane, float* acc_y, float* acc_x, float* acc_m,
+    float (*contrib)[kPositionBlock], int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) {
+    __m512 v[4];
+    for (int q = 0; q < 4; ++q) {
+      v[q] = _mm512_mul_ps(
+          _mm512_loadu_ps(valid[q] + t), _mm512_i32gather_ps(_mm512_loadu_si512(index[q] + t), plane, 4));
+    }
+    const __m512 ly = _mm512_loadu_ps(fy + t), lx = _mm512_loadu_ps(fx + t);
+    const __m512 hy = _mm512_sub_ps(one, ly), hx = _mm512_sub_ps(one, lx);
+    const __m512 gc = _mm512_loadu_ps(col + t);
+    // d/dy = hx*(v10 - v00) + lx*(v11 - v01); d/dx = hy*(v01 - v00) + ly*(v11 - v10)
+    const __m512 dy = _mm512_fmadd_ps(hx, _mm512_sub_ps(v[2], v[0]), _mm512_mul_ps(lx, _mm512_sub_ps(v[3], v[1])));
+    const __m512 dx = _mm512_fmadd_ps(hy, _mm512_sub_ps(v[1], v[0]), _mm512_mul_ps(ly, _mm512_sub_ps(v[3], v[2])));
+    const __m512 top = _mm512_fmadd_ps(hx, v[0], _mm512_mul_ps(lx, v[1]));
+    const __m512 bottom = _mm512_fmadd_ps(hx, v[2], _mm512_mul_ps(lx, v[3]));
+    const __m512 value = _mm512_fmadd_ps(hy, top, _mm512_mul_ps(ly, bottom));
+    _mm512_storeu_ps(acc_y + t, _mm512_fmadd_ps(gc, dy, _mm512_loadu_ps(acc_y + t)));
+    _mm512_storeu_ps(acc_x + t, _mm512_fmadd_ps(gc, dx, _mm512_loadu_ps(acc_x + t)));
+    _mm512_storeu_ps(acc_m + t, _mm512_fmadd_ps(gc, value, _mm512_loadu_ps(acc_m + t)));
+    const __m512 gm = _mm512_mul_ps(gc, _mm512_loadu_ps(fm + t));
+    const __m512 gy_top = _mm512_mul_ps(gm, hy), gy_bottom = _mm512_mul_ps(gm, ly);
+    _mm512_storeu_ps(contrib[0] + t, _mm512_mul_ps(_mm512_loadu_ps(valid[0] + t), _mm512_mul_ps(gy_top, hx)));
+    _mm512_storeu_ps(contrib[1] + t, _mm512_mul_ps(_mm512_loadu_ps(valid[1] + t), _mm512_mul_ps(gy_top, lx)));
+    _mm512_storeu_ps(contrib[2] + t, _mm512_mul_ps(_mm512_loadu_ps(valid[2] + t), _mm512_mul_ps(gy_bottom, hx)));
+    _mm512_storeu_ps(contrib[3] + t, _mm512_mul_ps(_mm512_loadu_ps(valid[3] + t), _mm512_mul_ps(gy_bottom, lx)));
+  }
+  return t;
+}
+#endif
+
+// One pass over (channel, kernel point, position) of the column gradient computes both
+//   grad_input  (col2im: scatter of mask * bilinear weight * grad_column), and
+//   grad_offset / grad_mask (sum over the group's channels of grad_column times the
+//   derivative of the bilinear sample w.r.t. y, x, and the sample itself),
+// reading each corner value once. Tasks own blocks of (image, channel) planes, so the scatter
+// is race-free; the offset / mask sums run over channels of several tasks and go to one
+// accumulator per thread, reduced at the end.
+// grad_columns holds dLoss/d(column) where column = mask * bilinear(input).
+template <typename scalar_t>
+void deformable_col2im_coord(
+    const DeformConvGeometry& g,
+    const scalar_t* input,
+    const scalar_t* grad_columns,
+    const GradTable<scalar_t>& table,
+    int64_t first,
+    int64_t count,
+    scalar_t* grad_input,
+    scalar_t* grad_offset,
+    scalar_t* grad_mask) {
+  const int64_t C = g.channels;
+  const int64_t K = g.kernel_points();
+  const int64_t L = g.positions();
+  const int64_t OG = g.offset_groups;
+  const int64_t HW = g.height * g.width;
+  const int64_t row_stride = count * L;
+  const int64_t rows = count * OG * K;
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  // [threads][3][rows * L]: d/dy, d/dx, d/dmask sums per thread.
+  std::vector<scalar_t> partial(static_cast<size_t>(threads * 3 * rows * L), scalar_t(0));
+  if (HW > 0) {
+    parallel_over_channel_blocks(g, count, [&](int64_t b, int64_t og, int64_t c_begin, int64_t c_end) {
+      const int64_t thread = std::min<int64_t>(at::get_thread_num(), threads - 1);
+      scalar_t* acc_base = partial.data() + thread * 3 * rows * L;
+      scalar_t contrib[4][kPositionBlock];
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t row = (b * OG + og) * K + k;
+        for (int64_t l0 = 0; l0 < L; l0 += kPositionBlock) {
+          const int64_t n = std::min(kPositionBlock, L - l0);
+          const int32_t* __restrict__ i0 = table.index(row, 0) + l0;
+          const int32_t* __restrict__ i1 = table.index(row, 1) + l0;
+          const int32_t* __restrict__ i2 = table.index(row, 2) + l0;
+          const int32_t* __restrict__ i3 = table.index(row, 3) + l0;
+          const scalar_t* __restrict__ a0 = table.valid(row, 0) + l0;
+          const scalar_t* __restrict__ a1 = table.valid(row, 1) + l0;
+          const scalar_t* __restrict__ a2 = table.valid(row, 2) + l0;
+          const scalar_t* __restrict__ a3 = table.valid(row, 3) + l0;
+          const scalar_t* __restrict__ fy = table.ly(row) + l0;
+          const scalar_t* __restrict__ fx = table.lx(row) + l0;
+          const scalar_t* __restrict__ fm = table.mask(row) + l0;
+          const int32_t* index[4] = {i0, i1, i2, i3};
+          const scalar_t* valid[4] = {a0, a1, a2, a3};
+          scalar_t* __restrict__ acc_y = acc_base + row * L + l0;
+          scalar_t* __restrict__ acc_x = acc_y + rows * L;
+          scalar_t* __restrict__ acc_m = acc_x + rows * L;
+          for (int64_t c = c_begin; c < c_end; ++c) {
+            const scalar_t* __restrict__ col = grad_columns + (c * K + k) * row_stride + b * L + l0;
+            const scalar_t* __restrict__ plane = input + ((first + b) * C + c) * HW;
+            scalar_t* __restrict__ grad_plane = grad_input + ((first + b) * C + c) * HW;
+            const int64_t nv = coord_vectorized<scalar_t>(
+                index, valid, fy, fx, fm, col, plane, acc_y, acc_x, acc_m, contrib, n);
+            for (int q = 0; q < 4; ++q) {
+              const int32_t* iq = index[q];
+              const scalar_t* cq = contrib[q];
+              for (int64_t t = 0; t < nv; ++t) {
+                grad_plane[iq[t]] += cq[t];
+              }
+            }
+            for (int64_t t = nv; t < n; ++t) {
+              const scalar_t ly = fy[t], lx = fx[t];
               const scalar_t hy = 1 - ly, hx = 1 - lx;
               const scalar_t gc = col[t];
+              const scalar_t v00 = a0[t] * plane[i0[t]];
+              const scalar_t v01 = a1[t] * plane[i1[t]];
+              const scalar_t v10 = a2[t] * plane[i2[t]];
+              const scalar_t v11 = a3[t] * plane[i3[t]];
               acc_y[t] += gc * (hx * (v10 - v00) + lx * (v11 - v01));
               acc_x[t] += gc * (hy * (v01 - v00) + ly * (v11 - v10));
               acc_m[t] += gc * (hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11));
+              const scalar_t gm = gc * fm[t];
+              grad_plane[i0[t]] += a0[t] * hy * hx * gm;
+              grad_plane[i1[t]] += a1[t] * hy * lx * gm;
+              grad_plane[i2[t]] += a2[t] * ly * hx * gm;
+              grad_plane[i3[t]] += a3[t] * ly * lx * gm;
             }
           }
         }
       }
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t ogk = og * K + k;
-        scalar_t* gy = grad_offset + (((first + b) * OG * K + ogk) * 2) * L + l_begin;
-        scalar_t* gx = gy + L;
-        const int64_t mask_base = ((first + b) * OG * K + ogk) * L + l_begin;
-        const GradSample<scalar_t>* s = samples.data() + k * kBlock;
-        const scalar_t* acc_y = acc.data() + k * kBlock;
-        const scalar_t* acc_x = acc_y + K * kBlock;
-        const scalar_t* acc_m = acc_x + K * kBlock;
-        for (int64_t t = 0; t < n; ++t) {
-          const scalar_t scale = mask ? mask[mask_base + t] : scalar_t(1);
-          gy[t] = s[t].in_band ? scale * acc_y[t] : scalar_t(0);
-          gx[t] = s[t].in_band ? scale * acc_x[t] : scalar_t(0);
-          if (grad_mask) {
-            grad_mask[mask_base + t] = s[t].in_band ? acc_m[t] : scalar_t(0);
-          }
+    });
+  }
+  // Reduce the per-thread sums into the offset / mask gradients.
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (OG * K);
+      const int64_t ogk = row - b * OG * K;
+      scalar_t* gy = grad_offset + (((first + b) * OG * K + ogk) * 2) * L;
+      scalar_t* gx = gy + L;
+      scalar_t* gmask = grad_mask ? grad_mask + ((first + b) * OG * K + ogk) * L : nullptr;
+      const scalar_t* scale = table.mask(row);
+      for (int64_t l = 0; l < L; ++l) {
+        scalar_t sy = 0, sx = 0, sm = 0;
+        for (int64_t thread = 0; thread < threads; ++thread) {
+          const scalar_t* acc = partial.data() + thread * 3 * rows * L + row * L + l;
+          sy += acc[0];
+          sx += acc[rows * L];
+          sm += acc[2 * rows * L];
+        }
+        gy[l] = scale[l] * sy;
+        gx[l] = scale[l] * sx;
+        if (gmask) {
+          gmask[l] = sm;
         }
       }
     }
@@ -369,12 +504,26 @@ at::Tensor scratch(int slot, int64_t numel, const at::TensorOptions& options) {
   return buffer.narrow(0, 0, numel);
 }
 
-enum ScratchSlot { kColumns = 0, kTable = 1, kStaged = 2 };
+enum ScratchSlot { kColumns = 0, kTable = 1, kStaged = 2, kGradTable = 3 };
 
 template <typename scalar_t>
-Sample<scalar_t>* sample_table(int64_t entries) {
-  const int64_t bytes = entries * static_cast<int64_t>(sizeof(Sample<scalar_t>));
-  return reinterpret_cast<Sample<scalar_t>*>(scratch(kTable, bytes, at::TensorOptions().dtype(at::kByte)).data_ptr());
+SampleTable<scalar_t> sample_table(int64_t rows, int64_t positions) {
+  const int64_t entries = rows * 4 * positions;
+  const int64_t index_bytes = (entries * static_cast<int64_t>(sizeof(int32_t)) + 63) / 64 * 64;
+  const int64_t bytes = index_bytes + entries * static_cast<int64_t>(sizeof(scalar_t));
+  uint8_t* base = scratch(kTable, bytes, at::TensorOptions().dtype(at::kByte)).data_ptr<uint8_t>();
+  return SampleTable<scalar_t>{
+      reinterpret_cast<int32_t*>(base), reinterpret_cast<scalar_t*>(base + index_bytes), positions};
+}
+
+template <typename scalar_t>
+GradTable<scalar_t> grad_table(int64_t rows, int64_t positions) {
+  const int64_t index_bytes = (rows * 4 * positions * static_cast<int64_t>(sizeof(int32_t)) + 63) / 64 * 64;
+  const int64_t bytes = index_bytes + rows * 7 * positions * static_cast<int64_t>(sizeof(scalar_t));
+  uint8_t* base = scratch(kGradTable, bytes, at::TensorOptions().dtype(at::kByte)).data_ptr<uint8_t>();
+  scalar_t* values = reinterpret_cast<scalar_t*>(base + index_bytes);
+  return GradTable<scalar_t>{
+      reinterpret_cast<int32_t*>(base), values, values + rows * 4 * positions, positions};
 }
 
 int64_t column_bytes_per_image(const DeformConvGeometry& g, const at::Tensor& input) {
@@ -425,7 +574,7 @@ at::Tensor deform_conv2d_forward_kernel(
   const int64_t chunk = images_per_chunk(g.batch, column_bytes_per_image(g, input));
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_forward_cpu", [&] {
-    Sample<scalar_t>* table = sample_table<scalar_t>(chunk * g.offset_groups * K * L);
+    const SampleTable<scalar_t> table = sample_table<scalar_t>(chunk * g.offset_groups * K, L);
     for (int64_t first = 0; first < g.batch; first += chunk) {
       const int64_t count = std::min(chunk, g.batch - first);
       build_sample_table<scalar_t>(
@@ -516,7 +665,8 @@ deform_conv2d_backward_kernel(
   const int64_t chunk = images_per_chunk(g.batch, column_bytes_per_image(g, input));
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
-    Sample<scalar_t>* table = sample_table<scalar_t>(chunk * g.offset_groups * K * L);
+    const SampleTable<scalar_t> table = sample_table<scalar_t>(chunk * g.offset_groups * K, L);
+    const GradTable<scalar_t> grad_table_ = grad_table<scalar_t>(chunk * g.offset_groups * K, L);
     for (int64_t first = 0; first < g.batch; first += chunk) {
       const int64_t count = std::min(chunk, g.batch - first);
       build_sample_table<scalar_t>(
@@ -539,11 +689,10 @@ deform_conv2d_backward_kernel(
         at::mm_out(col_slice, weight_groups[grp].t(), grad_groups[grp]);
       }
       const scalar_t* grad_columns = columns.data_ptr<scalar_t>();
-      deformable_col2im<scalar_t>(
-          g, grad_columns, table, first, count, grad_input.data_ptr<scalar_t>());
-      deformable_offset_mask_grad<scalar_t>(
-          g, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-          use_mask ? mask.data_ptr<scalar_t>() : nullptr, grad_columns, first, count,
+      build_grad_table<scalar_t>(
+          g, offset.data_ptr<scalar_t>(), use_mask ? mask.data_ptr<scalar_t>() : nullptr, first, count, grad_table_);
+      deformable_col2im_coord<scalar_t>(
+          g, input.data_ptr<scalar_t>(), grad_columns, grad_table_, first, count, grad_input.data_ptr<scalar_t>(),
           grad_offset.data_ptr<scalar_t>(), use_mask ? grad_mask.data_ptr<scalar_t>() : nullptr);
     }
   });

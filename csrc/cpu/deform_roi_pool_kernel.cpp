@@ -152,7 +152,8 @@ at::Tensor deform_roi_pool_forward_kernel(
   const at::Tensor offset = has_offset ? offset_.contiguous() : at::Tensor();
   const int64_t R = rois.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   at::Tensor output = at::zeros({R, C, pooled_h, pooled_w}, input.options());
-  if (R == 0 || C == 0) {
+  // An empty map has nothing to sample: every bin is zero (and the planes have no storage).
+  if (R == 0 || C == 0 || H * W == 0) {
     return output;
   }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_roi_pool_forward_cpu", [&] {
@@ -224,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_kernel(
   const at::Tensor offset = has_offset ? offset_.contiguous() : at::Tensor();
   at::Tensor grad_input = at::zeros_like(input);
   at::Tensor grad_offset = has_offset ? at::zeros_like(offset) : at::empty({0}, input.options());
-  if (R == 0 || C == 0) {
+  if (R == 0 || C == 0 || H * W == 0) {
     return {grad_input, grad_offset};
   }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_roi_pool_backward_cpu", [&] {

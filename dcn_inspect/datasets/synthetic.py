@@ -4,10 +4,12 @@ Every scene is a cluttered, textured background with a few shapes (disc, square,
 cross, star) at widely varied scales, from ~12 px to nearly the whole image, so that objects
 fall in all three area categories of the paper's analysis (small < 96^2, medium 96^2..224^2,
 large >= 224^2 pixels of box area, COCO). Shape fills are drawn from the same texture
-distribution as the background and are independent of the class: whether a pixel belongs to
-a shape, and to which one, can only be told from the shape's outline, so recognising an
-interior pixel needs context proportional to the object's size. That is what makes learned
-offsets worth having.
+distribution as the background and clutter and are independent of the class; every shape
+(and half the clutter) gets a class-agnostic border. Which shape a pixel belongs to can only
+be told from the outline, so recognising an interior pixel needs context proportional to the
+object's size: that is what makes learned offsets worth having. Texture patterns and border
+widths scale with the region's size (as the parts of real objects look bigger on bigger
+objects), so local features carry a cue to the object's scale but none to its class.
 
 Coordinates are COCO continuous pixels: pixel (r, c) covers [c, c+1) x [r, r+1). A shape is
 rasterised by testing pixel centres against its polygon, and its box is the exact extent of
@@ -127,7 +129,7 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int)
 
 
 def random_texture(rng: np.random.Generator, height: int, width: int, scale: Optional[float] = None) -> np.ndarray:
-    """A random texture [H, W, 3] float32 in [0, 255]: flat, stripes, checks, blotches or gradient, with grain.
+    """A random texture [H, W, 3] float32 in [0, 255]: dots, stripes, checks or blotches, with grain.
 
     Pattern sizes are proportional to ``scale`` (default: the region's larger side), as the
     parts of real objects look bigger on bigger objects: a shape's fill tells its size, not
@@ -136,10 +138,13 @@ def random_texture(rng: np.random.Generator, height: int, width: int, scale: Opt
     scale = float(max(height, width) if scale is None else scale)
     base = rng.uniform(0, 255, size=3).astype(np.float32)
     other = rng.uniform(0, 255, size=3).astype(np.float32)
-    kind = rng.integers(0, 5)
+    kind = rng.integers(0, 4)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    if kind == 0:  # flat
-        mix = np.zeros((height, width), np.float32)
+    if kind == 0:  # dots on a square lattice
+        period = max(scale * rng.uniform(0.08, 0.18), 3.0)
+        radius = period * rng.uniform(0.2, 0.35)
+        dy, dx = ys % period - period / 2, xs % period - period / 2
+        mix = (dy * dy + dx * dx < radius * radius).astype(np.float32) * rng.uniform(0.4, 0.9)
     elif kind == 1:  # stripes
         angle = rng.uniform(0, math.pi)
         period = max(scale * rng.uniform(0.06, 0.18), 3.0)
@@ -148,15 +153,11 @@ def random_texture(rng: np.random.Generator, height: int, width: int, scale: Opt
     elif kind == 2:  # checks
         period = max(scale * rng.uniform(0.06, 0.16), 3.0)
         mix = (((xs // period) + (ys // period)) % 2).astype(np.float32) * rng.uniform(0.3, 0.8)
-    elif kind == 3:  # blotches, a few across the region whatever its size
+    else:  # blotches, a few across the region whatever its size
         cells = max(int(round(max(height, width) / scale * rng.uniform(3, 7))), 1)
         mix = _smooth_noise(rng, height, width, cells)
-    else:  # gradient
-        angle = rng.uniform(0, 2 * math.pi)
-        ramp = xs * math.cos(angle) + ys * math.sin(angle)
-        mix = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0)
     texture = base[None, None, :] * (1 - mix[..., None]) + other[None, None, :] * mix[..., None]
-    grain = rng.normal(0.0, rng.uniform(2, 14), size=(height, width, 1)).astype(np.float32)
+    grain = rng.normal(0.0, rng.uniform(2, 10), size=(height, width, 1)).astype(np.float32)
     return np.clip(texture + grain, 0, 255)
 
 
@@ -298,6 +299,8 @@ def generate_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()
         if region is not None:
             sub = mask[region]
             canvas[region][sub] = random_texture(rng, *sub.shape)[sub]
+            if rng.random() < 0.5:
+                _draw_outline(rng, canvas[region], sub)
 
     labels = np.zeros((height, width), dtype=np.int64)
     instances = np.full((height, width), -1, dtype=np.int64)
@@ -322,6 +325,7 @@ def generate_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()
             sub = mask[region]
             fill = _contrasting_texture(rng, canvas[region], sub, config.min_contrast)
             canvas[region][sub] = fill[sub]
+            _draw_outline(rng, canvas[region], sub)
             visible = np.concatenate([visible & ~mask[None], mask[None]], axis=0)
             labels[mask] = label
             instances[mask] = len(objects)
@@ -330,6 +334,30 @@ def generate_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()
             objects.append(SceneObject(label=label, polygon=polygon, box=box, area=float(mask.sum())))
             break
     return Scene(image=np.round(canvas).astype(np.uint8), labels=labels, instances=instances, objects=objects)
+
+
+def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary erosion by a (2*radius+1)^2 square (separable; outside the crop counts as empty)."""
+    padded = np.pad(mask, radius, constant_values=False)
+    rows = padded[:, 0 : padded.shape[1] - 2 * radius].copy()
+    for shift in range(1, 2 * radius + 1):
+        rows &= padded[:, shift : shift + padded.shape[1] - 2 * radius]
+    out = rows[0 : rows.shape[0] - 2 * radius].copy()
+    for shift in range(1, 2 * radius + 1):
+        out &= rows[shift : shift + rows.shape[0] - 2 * radius]
+    return out
+
+
+def _draw_outline(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray) -> None:
+    """Paint a border inside ``mask`` (a region crop), its width proportional to the region's size.
+
+    Class-agnostic (shapes and clutter get the same kind), so it marks where a region ends,
+    not what it is.
+    """
+    width = max(1, int(round(0.02 * max(mask.shape))))
+    ring = mask & ~_erode(mask, width)
+    level = rng.uniform(0, 50) if rng.random() < 0.5 else rng.uniform(205, 255)
+    canvas[ring] = level + rng.normal(0, 8, size=(int(ring.sum()), 3)).astype(np.float32)
 
 
 def _contrasting_texture(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, min_contrast: float) -> np.ndarray:
