@@ -303,7 +303,7 @@ def deform_psroi_pool(
 ) -> torch.Tensor:
     """Deformable PS RoI pooling (MSRA semantics); see ``reference.deform_psroi_pool``."""
     part = pooled_size if part_size is None else part_size
-    check_deform_psroi_pool(input, rois, trans, output_dim, group_size, pooled_size, part, sample_per_part)
+    check_deform_psroi_pool(input, rois, trans, spatial_scale, output_dim, group_size, pooled_size, part, sample_per_part)
     load()
     output, _count = torch.ops.dcn_inspect.deform_psroi_pool(
         input,

@@ -102,6 +102,8 @@ def check_deform_conv2d(
     if min(dilation_) < 1:
         raise OpsArgumentError(f"dilation must be >= 1, got {dilation_}")
     batch, in_channels, height, width = input.shape
+    if in_channels < 1:
+        raise OpsArgumentError(f"input has no channels: shape {tuple(input.shape)}")
     out_channels, weight_in, kh, kw = weight.shape
     if kh < 1 or kw < 1 or out_channels < 1 or weight_in < 1:
         raise OpsArgumentError(f"weight has an empty dimension: shape {tuple(weight.shape)}")
@@ -188,6 +190,7 @@ def check_deform_psroi_pool(
     input: torch.Tensor,
     rois: torch.Tensor,
     trans: Optional[torch.Tensor],
+    spatial_scale: float,
     output_dim: int,
     group_size: int,
     pooled_size: int,
@@ -198,6 +201,8 @@ def check_deform_psroi_pool(
     _tensor(input, "input", 4)
     _check_half_device(input, "input")
     check_rois(rois, input)
+    if not spatial_scale > 0:
+        raise OpsArgumentError(f"spatial_scale must be > 0, got {spatial_scale}")
     for name, value in (("output_dim", output_dim), ("group_size", group_size), ("pooled_size", pooled_size),
                         ("part_size", part_size), ("sample_per_part", sample_per_part)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

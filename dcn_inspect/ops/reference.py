@@ -169,7 +169,11 @@ def deform_roi_pool(
         grid_w = sampling_ratio if sampling_ratio > 0 else int(math.ceil(float(roi_w) / pooled_w))
         count = max(grid_h * grid_w, 1)
         if grid_h <= 0 or grid_w <= 0:
-            outputs.append(input.new_zeros(channels, pooled_h, pooled_w))
+            # An empty sampling grid pools to zero; keep it in the graph so backward gives zero gradients.
+            zero = input[batch_index].sum() * 0
+            if offset is not None and offset.numel() > 0:
+                zero = zero + offset[r].sum() * 0
+            outputs.append(zero.expand(channels, pooled_h, pooled_w))
             continue
         ph = torch.arange(pooled_h, device=input.device, dtype=input.dtype).view(-1, 1, 1, 1)
         pw = torch.arange(pooled_w, device=input.device, dtype=input.dtype).view(1, -1, 1, 1)
@@ -234,7 +238,7 @@ def deform_psroi_pool(
     Returns [R, output_dim, pooled_size, pooled_size].
     """
     part = pooled_size if part_size is None else part_size
-    num_classes = check_deform_psroi_pool(input, rois, trans, output_dim, group_size, pooled_size, part, sample_per_part)
+    num_classes = check_deform_psroi_pool(input, rois, trans, spatial_scale, output_dim, group_size, pooled_size, part, sample_per_part)
     no_trans = trans is None or trans.numel() == 0
     channels_each_class = output_dim // num_classes
     device, dtype = input.device, input.dtype
