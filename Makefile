@@ -22,14 +22,22 @@ $(VENV)/.installed: pyproject.toml
 ops: setup
 	$(BIN)/dcn-inspect doctor
 
+# The main job on the bundled defaults: sample weights, bundled images and dataset.
 demo: ops
 	$(BIN)/dcn-inspect models
+	$(BIN)/dcn-inspect sample-points --out $(OUT)/sample-points
+	$(BIN)/dcn-inspect dilation-stats --out $(OUT)/dilation-stats
+	$(BIN)/dcn-inspect bins --out $(OUT)/bins
+	@echo "demo outputs in $(OUT)/"
 
 test: ops
 	$(BIN)/python -m pytest -q -p no:cacheprovider cli_tests
 
 bench: ops
 	$(BIN)/python bench/ops.py
+	$(BIN)/python bench/tracing.py
+	$(BIN)/python bench/tracing.py --cli
+	$(BIN)/python bench/dilation_stats.py --threads 1
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info

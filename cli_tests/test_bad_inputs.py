@@ -285,3 +285,17 @@ def test_same_command_twice_gives_identical_outputs(command: List[str], corpus: 
     first = json.loads(snapshots[0]["summary.json"])
     second = json.loads(snapshots[1]["summary.json"])
     assert first != {} and _strip_timing(first) == _strip_timing(second)
+
+
+def test_batch_skips_unreadable_images_and_strict_stops(corpus: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["sample-points", str(corpus["good"]), str(corpus["text"]), "--model", f"{corpus['model']}:build"]
+    code, stdout, stderr = _run(base + ["--out", str(tmp_path / "lenient")], capsys)
+    assert code == 0, stderr
+    assert "1 image(s) skipped" in stdout
+    summary = json.loads((tmp_path / "lenient" / "summary.json").read_text())
+    assert summary["skipped"]["count"] == 1
+    assert "text.png: not an image" in summary["skipped"]["images"][0]["reason"]
+    assert (tmp_path / "lenient" / "good_points.csv").exists()
+    code, _, stderr = _run(base + ["--strict", "--out", str(tmp_path / "strict")], capsys)
+    assert code == 1 and "text.png: not an image" in stderr
+    assert not (tmp_path / "strict" / "summary.json").exists()

@@ -88,6 +88,7 @@ class SamplePointsResult:
     summary: Path
     offsets: Optional[Path]
     notes: List[str] = field(default_factory=list)
+    skipped: List[Dict[str, str]] = field(default_factory=list)  # images that could not be read, with the reason
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,6 +374,7 @@ def sample_points(
     color_by_level: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    strict: bool = False,
 ) -> SamplePointsResult:
     """Run ``dcn-inspect sample-points``: trace sampling trees of chosen units for each image.
 
@@ -445,13 +447,23 @@ def sample_points(
     from dcn_inspect.plots.sampling import MAX_PANELS, draw_sampling_figure, gif_frames, write_sampling_gif
 
     notes: List[str] = []
+    skipped: List[Dict[str, str]] = []
     results: List[ImagePoints] = []
     per_image: List[Dict[str, Any]] = []
     offsets_arrays: Dict[str, np.ndarray] = {}
     traced_layers: Optional[List[Dict[str, Any]]] = None
     with _Progress(progress, len(image_paths)) as advance:
         for path, image_boxes in zip(image_paths, boxes_per_image):
-            image = load_image(path, max_pixels)
+            try:
+                image = load_image(path, max_pixels)
+            except InputError as exc:
+                # One unreadable image in a batch is skipped and reported; alone, or with
+                # --strict, it is an error.
+                if strict or len(image_paths) == 1:
+                    raise
+                skipped.append({"image": str(path), "reason": str(exc)})
+                advance()
+                continue
             model_input = to_model_input(image, loaded.preprocess, resize)
             sx, sy = model_input.scale_to_original
             captured = probe(loaded.model, model_input.tensor.to(dev))
@@ -504,6 +516,8 @@ def sample_points(
             )
             results.append(ImagePoints(path, units, trees, csv_path, figure_path, gif_path, table))
             advance()
+    if not results:
+        raise InputError(f"no readable image among {len(image_paths)}: " + "; ".join(item["reason"] for item in skipped[:3]))
     offsets_path = None
     if save_offsets is not None:
         offsets_path = Path(save_offsets)
@@ -511,8 +525,9 @@ def sample_points(
     summary["layers"] = traced_layers
     summary["images"] = per_image
     summary["notes"] = notes
+    summary["skipped"] = {"count": len(skipped), "images": skipped}
     summary_path = summary.write(out_dir)
-    return SamplePointsResult(out_dir, [r["name"] for r in traced_layers or []], results, summary_path, offsets_path, notes)
+    return SamplePointsResult(out_dir, [r["name"] for r in traced_layers or []], results, summary_path, offsets_path, notes, skipped)
 
 
 class _Progress:

@@ -39,6 +39,7 @@ def sample_points(
     gif: bool = typer.Option(False, "--gif", help="Also write an animated GIF with one frame per unit."),
     save_offsets: Optional[Path] = typer.Option(None, "--save-offsets", help="Write the captured offset/mask fields with their geometry to FILE.npz."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse larger images (0: no limit)."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it (several images)."),
 ) -> None:
     """Trace the sampling points of chosen units back to the image (the paper's Fig. 5/6): CSV, figure, summary.json."""
     from dcn_inspect.sample_points import sample_points as run_sample_points
@@ -63,6 +64,7 @@ def sample_points(
         save_offsets=save_offsets,
         color_by_level=color_by_level,
         max_pixels=max_pixels,
+        strict=strict,
     )
     console = Console()
     console.print(f"traced layers (top first): {', '.join(result.layers)}")
@@ -73,4 +75,8 @@ def sample_points(
         console.print(f"offsets: {result.offsets}")
     for note in result.notes:
         console.print(f"note: {note}")
+    for item in result.skipped:
+        console.print(f"skipped: {item['reason']}")
+    if result.skipped:
+        console.print(f"{len(result.skipped)} image(s) skipped (reasons in summary.json)")
     console.print(f"summary: {result.summary}")
