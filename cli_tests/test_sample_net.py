@@ -80,7 +80,6 @@ def test_probe_sees_the_three_deformable_layers_in_order_and_the_roi_pooling() -
     assert "psroi_pool" in result.capture.roi_pools
 
 
-@pytest.mark.skipif(not (SAMPLE_WEIGHTS_DIR / "dcn_sample.pt").exists(), reason="sample weights not trained yet")
 def test_bundled_weights_load_and_have_learned_offsets() -> None:
     from dcn_inspect.loading import load_model
 

@@ -111,3 +111,15 @@ def test_train_sample_command_writes_weights_and_rejects_a_reused_seed(tmp_path:
     assert (tmp_path / "dcn_sample_dilated.metrics.json").exists()
     result = runner.invoke(app, ["train-sample", str(tmp_path), "--seed", "5", "--eval-seed", "5"])
     assert isinstance(result.exception, InputError) and "--eval-seed" in str(result.exception)
+
+
+def test_dilation_bootstrap_separates_shifted_categories_only() -> None:
+    from dcn_inspect.train_sample import dilation_bootstrap
+
+    rng = np.random.default_rng(0)
+    # [image][small, medium, large, background]: medium = small + 1, large = medium
+    images = [[rng.normal(3, 0.5, 20), rng.normal(4, 0.5, 30), rng.normal(4, 0.5, 30), rng.normal(3, 0.5, 40)] for _ in range(40)]
+    ci = dilation_bootstrap(images, resamples=500)
+    assert 0.8 < ci["medium-small"][0] < ci["medium-small"][1] < 1.2
+    assert ci["large-medium"][0] < 0 < ci["large-medium"][1]
+    assert ci == dilation_bootstrap(images, resamples=500)  # fixed seed: reproducible

@@ -267,7 +267,7 @@ def evaluate(
     size_hits = np.zeros(3)
     size_totals = np.zeros(3)
     roi_correct = roi_total = 0
-    dilation_values: Dict[str, List[List[np.ndarray]]] = {}
+    dilation_values: Dict[str, List[List[np.ndarray]]] = {}  # layer -> [image][category] -> values
     rng = np.random.default_rng([seed, _ROI_STREAM])
     for start in range(0, len(scene_list), batch_size):
         chunk = list(scene_list[start : start + batch_size])
@@ -288,9 +288,7 @@ def evaluate(
         roi_correct += int((out["roi_logits"].argmax(1) == batch.roi_labels).sum().cpu())
         roi_total += len(batch.roi_labels)
         for name, record in capture.convs.items():
-            per_category = dilation_values.setdefault(name, [[] for _ in SIZE_CATEGORIES])
-            for category, values in enumerate(_dilation_by_category(record, chunk, thresholds)):
-                per_category[category].append(values)
+            dilation_values.setdefault(name, []).extend(_dilation_by_category(record, chunk, thresholds))
         if progress is not None:
             progress(len(chunk))
     intersection = np.diag(confusion).astype(np.float64)
@@ -309,34 +307,63 @@ def evaluate(
     }
     if dilation_values:
         metrics["effective_dilation"] = {
-            name: _dilation_table(per_category) for name, per_category in dilation_values.items()
+            name: _dilation_table(per_image) for name, per_image in dilation_values.items()
+        }
+        metrics["effective_dilation_differences_ci95"] = {
+            name: dilation_bootstrap(per_image) for name, per_image in dilation_values.items()
         }
     return metrics
 
 
-def _dilation_by_category(record: Any, chunk: Sequence[Scene], thresholds: Tuple[float, float]) -> List[np.ndarray]:
-    """Effective dilation (input cells) of every unit of one layer, split by size category."""
+def _dilation_by_category(record: Any, chunk: Sequence[Scene], thresholds: Tuple[float, float]) -> List[List[np.ndarray]]:
+    """Effective dilation (input cells) of every unit of one layer: [image][category] -> values."""
     from dcn_inspect.dilation import effective_dilation, unit_categories
 
     geometry = record.geometry
     values = effective_dilation(record.offset, geometry.kernel, geometry.dilation).mean(dim=1).cpu().numpy()  # [B, Ho, Wo]
-    split: List[List[np.ndarray]] = [[] for _ in SIZE_CATEGORIES]
+    per_image: List[List[np.ndarray]] = []
     for index, scene in enumerate(chunk):
         height, width = scene.labels.shape
         boxes = np.array([obj.box for obj in scene.objects], dtype=np.float64).reshape(-1, 4)
         codes = unit_categories(
             geometry.output_frame, geometry.output_hw, (width, height), boxes, np.zeros(len(boxes), bool), thresholds
         )
-        for category in range(len(SIZE_CATEGORIES)):
-            split[category].append(values[index][codes == category])
-    return [np.concatenate(parts) if parts else np.zeros(0) for parts in split]
+        per_image.append([values[index][codes == category] for category in range(len(SIZE_CATEGORIES))])
+    return per_image
 
 
-def _dilation_table(per_category: List[List[np.ndarray]]) -> Dict[str, Dict[str, float]]:
+#: Differences of category means whose bootstrap intervals the evaluation reports.
+DIFFERENCES = (("medium", "small"), ("large", "medium"), ("large", "small"), ("large", "background"))
+
+
+def dilation_bootstrap(per_image: List[List[np.ndarray]], resamples: int = 2000, seed: int = 0) -> Dict[str, List[float]]:
+    """95 % intervals of differences of category means, resampling whole images.
+
+    Units of one image are correlated (neighbouring units share most of their input), so the
+    image, not the unit, is the independent sample: each resample draws images with
+    replacement and recomputes every category's mean over all units of the drawn images.
+    """
+    sums = np.array([[v.sum() for v in image] for image in per_image], dtype=np.float64)  # [N, 4]
+    counts = np.array([[v.size for v in image] for image in per_image], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(per_image), size=(resamples, len(per_image)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)  # [resamples, 4]
+    index = {name: i for i, name in enumerate(SIZE_CATEGORIES)}
+    out = {}
+    for first, second in DIFFERENCES:
+        diff = means[:, index[first]] - means[:, index[second]]
+        diff = diff[np.isfinite(diff)]
+        out[f"{first}-{second}"] = [float(v) for v in np.percentile(diff, [2.5, 97.5])] if diff.size else [float("nan")] * 2
+    return out
+
+
+def _dilation_table(per_image: List[List[np.ndarray]]) -> Dict[str, Dict[str, float]]:
     table = {}
-    for category, parts in zip(SIZE_CATEGORIES, per_category):
+    for category, name in enumerate(SIZE_CATEGORIES):
+        parts = [image[category] for image in per_image]
         values = np.concatenate(parts) if parts else np.zeros(0)
-        table[category] = {
+        table[name] = {
             "mean": float(values.mean()) if values.size else float("nan"),
             "std": float(values.std()) if values.size else float("nan"),
             "units": int(values.size),
@@ -363,6 +390,30 @@ def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def reevaluate(weights: Path, eval_images: int = 200, show_progress: bool = True) -> Dict[str, Any]:
+    """Evaluate saved weights again (same held-out seed) and rewrite the ``eval`` section of
+    their metrics json; training records (config, times, loss history, SHA256) are kept."""
+    import json
+
+    from rich.progress import Progress
+
+    from dcn_inspect.loading import load_model
+    from dcn_inspect.outputs import write_text
+
+    weights = Path(weights)
+    metrics_path = weights.with_suffix(".metrics.json")
+    report = json.loads(metrics_path.read_text(encoding="utf-8"))
+    loaded = load_model(report["arch"], weights=weights)
+    seed = int(report["eval"]["seed"])
+    image_size = int(report["train_config"].get("image_size", 256))
+    with Progress(disable=not show_progress) as bar:
+        task = bar.add_task(f"evaluate {report['arch']}", total=eval_images)
+        scene_list = evaluation_scenes(seed, eval_images, image_size)
+        report["eval"] = {"seed": seed, **evaluate(loaded.model, scene_list, seed, progress=lambda n: bar.advance(task, n))}
+    write_text(metrics_path, json.dumps(_finite(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    return report
 
 
 @dataclass
@@ -461,6 +512,20 @@ def dilation_markdown(report: Dict[str, Any]) -> str:
     ]
     for layer in sorted(table, reverse=True):  # top layer first, as the paper's table
         lines.append(f"| {layer} | " + " | ".join(_fmt(table[layer].get(c)) for c in SIZE_CATEGORIES) + " |")
+    return "\n".join(lines)
+
+
+def dilation_differences_markdown(report: Dict[str, Any]) -> str:
+    """Markdown table: bootstrap 95 % intervals of differences of category means, per layer."""
+    table = report["eval"].get("effective_dilation_differences_ci95") or {}
+    names = [f"{a}-{b}" for a, b in DIFFERENCES]
+    lines = ["| layer | " + " | ".join(f"{n.replace('-', ' − ')}" for n in names) + " |", "| --- |" + " --- |" * len(names)]
+    for layer in sorted(table, reverse=True):
+        cells = []
+        for name in names:
+            low, high = table[layer].get(name, [None, None])
+            cells.append("-" if low is None else f"[{low:+.2f}, {high:+.2f}]")
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

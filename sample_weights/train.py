@@ -3,7 +3,8 @@
 Trains ``dcn-sample`` (deformable) and ``dcn-sample-dilated`` (baseline) with the same recipe
 and seed, evaluates both on held-out scenes from another seed, writes ``dcn_sample.pt``,
 ``dcn_sample_dilated.pt`` and their ``*.metrics.json`` next to this file, then renders the
-results into ``MODEL_CARD.md`` (``--card-only`` re-renders it from the metrics files).
+results into ``MODEL_CARD.md`` (``--card-only`` re-renders it from the metrics files,
+``--reevaluate`` evaluates the saved weights again first).
 Each architecture alone is ``dcn-inspect train-sample sample_weights/ --arch ARCH``.
 The recipe itself is :mod:`dcn_inspect.train_sample`.
 """
@@ -16,8 +17,10 @@ from pathlib import Path
 
 from dcn_inspect.train_sample import (
     TrainConfig,
+    dilation_differences_markdown,
     dilation_markdown,
     metrics_markdown,
+    reevaluate,
     train_and_save,
     weights_file_name,
 )
@@ -35,6 +38,7 @@ def render_card(out: Path) -> Path:
     fields = {
         "metrics_table": metrics_markdown(reports),
         "dilation_table": dilation_markdown(deformable),
+        "dilation_differences": dilation_differences_markdown(deformable),
         "sha_deformable": deformable["sha256"],
         "sha_dilated": dilated["sha256"],
         "train_config": json.dumps(deformable["train_config"], sort_keys=True),
@@ -63,8 +67,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--card-only", action="store_true", help="only re-render MODEL_CARD.md from the metrics files")
+    parser.add_argument("--reevaluate", action="store_true", help="evaluate the saved weights again (no training), then the card")
     args = parser.parse_args()
-    if not args.card_only:
+    if args.reevaluate:
+        for arch in args.arch or ARCHS:
+            reevaluate(args.out / weights_file_name(arch), args.eval_images)
+    elif not args.card_only:
         for arch in args.arch or ARCHS:
             config = TrainConfig(arch=arch, seed=args.seed, threads=args.threads)
             if args.steps:
