@@ -12,7 +12,6 @@ from typing import Any, Dict
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from dcn_inspect.dilation import tertile_thresholds
@@ -24,7 +23,6 @@ from dcn_inspect.loading import load_model
 # zero weights and a chosen bias: every unit gets the same offsets, so the effective dilation
 # is known exactly. ``build_random`` has random offset weights (non-trivial, image-dependent).
 MODEL_SOURCE = '''
-import torch
 from torch import nn
 from dcn_inspect.ops import DeformConv2dPack
 

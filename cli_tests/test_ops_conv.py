@@ -21,19 +21,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import native_or_skip
 from dcn_inspect.ops import _native, reference
-
-
-def _native_or_skip() -> ModuleType:
-    try:
-        return _native.load()
-    except Exception as exc:  # noqa: BLE001 - any build failure is a skip reason
-        pytest.skip(f"native ops unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-
-
-@pytest.fixture(scope="module", params=["reference", "native"])
-def ops(request: pytest.FixtureRequest) -> ModuleType:
-    return reference if request.param == "reference" else _native_or_skip()
 
 
 @contextlib.contextmanager
@@ -202,7 +191,7 @@ def test_forward_matches_naive(ops: ModuleType, case: dict) -> None:
 @settings(max_examples=15, deadline=None)
 @given(case=conv_cases())
 def test_native_gradients_match_reference_autograd(case: dict) -> None:
-    native = _native_or_skip()
+    native = native_or_skip()
     tensors = make_conv_tensors(case)
     names = [n for n, t in tensors.items() if t is not None]
     grads = {}
@@ -286,7 +275,7 @@ def test_border_band(ops: ModuleType, y: float, expected: float) -> None:
 
 
 def test_chunking_gives_same_result_and_gradients() -> None:
-    native = _native_or_skip()
+    native = native_or_skip()
     case = dict(batch=5, channels=4, out_channels=4, groups=2, offset_groups=2, kernel=(3, 3), stride=(1, 1),
                 padding=(1, 1), dilation=(1, 1), height=6, width=7, offset_scale=1.0, use_mask=True,
                 use_bias=True, non_contiguous=False, budget=None, seed=11)
@@ -343,7 +332,7 @@ def test_gradcheck(ops: ModuleType, config) -> None:
 
 def test_float32_gradients_match_float64_reference() -> None:
     """float32 takes the vectorised gather paths (blocks of 16 positions plus a scalar tail)."""
-    native = _native_or_skip()
+    native = native_or_skip()
     case = dict(batch=3, channels=6, out_channels=4, groups=2, offset_groups=3, kernel=(3, 3), stride=(1, 1),
                 padding=(1, 1), dilation=(1, 1), height=7, width=9, offset_scale=2.0, use_mask=True,
                 use_bias=True, non_contiguous=False, budget="two", seed=21)

@@ -10,19 +10,7 @@ import pytest
 import torch
 
 from dcn_inspect.errors import OpsArgumentError
-from dcn_inspect.ops import _native, reference
-
-
-def _native_or_skip() -> ModuleType:
-    try:
-        return _native.load()
-    except Exception as exc:  # noqa: BLE001 - any build failure is a skip reason
-        pytest.skip(f"native ops unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-
-
-@pytest.fixture(scope="module", params=["reference", "native"])
-def ops(request: pytest.FixtureRequest) -> ModuleType:
-    return reference if request.param == "reference" else _native_or_skip()
+from conftest import native_or_skip
 
 
 def _conv_args(**change: object) -> Dict[str, object]:
@@ -171,6 +159,6 @@ def _direct_calls() -> Dict[str, Callable[[], object]]:
 
 @pytest.mark.parametrize("name", sorted(_direct_calls()))
 def test_native_ops_check_shapes(name: str) -> None:
-    _native_or_skip()
+    native_or_skip()
     with pytest.raises(RuntimeError):
         _direct_calls()[name]()

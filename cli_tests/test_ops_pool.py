@@ -18,19 +18,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcn_inspect.ops import _native, reference
-
-
-def _native_or_skip() -> ModuleType:
-    try:
-        return _native.load()
-    except Exception as exc:  # noqa: BLE001 - any build failure is a skip reason
-        pytest.skip(f"native ops unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-
-
-@pytest.fixture(scope="module", params=["reference", "native"])
-def ops(request: pytest.FixtureRequest) -> ModuleType:
-    return reference if request.param == "reference" else _native_or_skip()
+from conftest import native_or_skip
+from dcn_inspect.ops import reference
 
 
 def _bilinear_roi_align(plane: np.ndarray, y: float, x: float) -> float:
@@ -250,7 +239,7 @@ def _grads(fn, tensors: dict, names) -> dict:
 @settings(max_examples=15, deadline=None)
 @given(case=roi_pool_cases())
 def test_deform_roi_pool_native_gradients_match_reference(case: dict) -> None:
-    native = _native_or_skip()
+    native = native_or_skip()
     if case["rois"].shape[0] == 0:
         return
     want = _grads(reference.deform_roi_pool, case, ("input", "offset"))
@@ -263,7 +252,7 @@ def test_deform_roi_pool_native_gradients_match_reference(case: dict) -> None:
 @settings(max_examples=15, deadline=None)
 @given(case=psroi_pool_cases())
 def test_deform_psroi_pool_native_gradients_match_reference(case: dict) -> None:
-    native = _native_or_skip()
+    native = native_or_skip()
     if case["rois"].shape[0] == 0:
         return
     want = _grads(reference.deform_psroi_pool, case, ("input", "trans"))
@@ -333,7 +322,7 @@ def test_no_rois(ops: ModuleType) -> None:
 
 @pytest.mark.parametrize("height,width", [(0, 5), (4, 0)])
 def test_native_pools_on_empty_maps_are_zero(height: int, width: int) -> None:
-    native = _native_or_skip()
+    native = native_or_skip()
     input = torch.randn(1, 4, height, width, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]], dtype=torch.float64)
     offset = torch.randn(1, 2, 2, 2, dtype=torch.float64, requires_grad=True)

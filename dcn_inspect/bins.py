@@ -38,6 +38,7 @@ from dcn_inspect.annotations import annotation_for_image, read_box_csv
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap
 from dcn_inspect.hooks import RoIPoolRecord, probe
+from dcn_inspect.progress import image_progress
 from dcn_inspect.images import DEFAULT_MAX_PIXELS, load_image, to_model_input
 from dcn_inspect.loading import LoadedModel, load_model
 from dcn_inspect.outputs import RunSummary, prepare_out_dir, write_csv, write_figure
@@ -744,7 +745,7 @@ def bins(
     per_image: List[Dict[str, Any]] = []
     head: Optional[HeadInfo] = None
     options = _Options(class_choice, points, overlay, layer, resize, fmt, max_pixels)
-    with _progress(progress, len(image_paths)) as advance:
+    with image_progress("bins", progress, len(image_paths)) as advance:
         for path, requests in zip(image_paths, requests_per_image):
             item, image_summary, info = _bins_for_image(path, requests, loaded, names, options, out_dir, notes)
             head = head or info
@@ -885,26 +886,3 @@ def _panel_title(roi: int, label: str, how: str, request: RoIRequest) -> str:
         return name
     return f"{name}: offsets of {label} [{how}]"
 
-
-class _progress:
-    """A rich progress bar over images (silent when disabled); ``advance()`` steps it."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled = enabled
-        self.total = total
-        self._bar: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> Any:
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(TextColumn("bins"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
-        self._bar.__enter__()
-        self._task = self._bar.add_task("images", total=self.total)
-        return lambda: self._bar.advance(self._task)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)

@@ -23,10 +23,9 @@ import csv
 import io
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -48,6 +47,7 @@ from dcn_inspect.dilation import (
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import LayerGeometry
 from dcn_inspect.hooks import DeformConvRecord, capture_offsets
+from dcn_inspect.progress import image_progress
 from dcn_inspect.images import DEFAULT_MAX_PIXELS, load_image, resized_size, to_model_input
 from dcn_inspect.loading import LoadedModel, load_model, resolve_device
 from dcn_inspect.models.registry import Preprocess
@@ -366,37 +366,6 @@ def _remove_parts(out_dir: Path, world_size: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Any]:
-    """Yields ``advance(n)``: a rich bar with images/s and ETA (nothing when disabled)."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    started = time.perf_counter()
-    bar = Progress(
-        TextColumn("dilation-stats"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        transient=True,
-    )
-    with bar:
-        task = bar.add_task("images", total=total, rate="")
-        done = [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=n, rate=f"{done[0] / elapsed:.1f} images/s")
-
-        yield advance
-
-
 # --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
@@ -440,7 +409,7 @@ def table_markdown(table: pd.DataFrame, units: str, thresholds_name: str, thresh
     counts = table.groupby("category", sort=False)["count"].max()
     lines += [
         "",
-        f"Units per category (largest layer): " + ", ".join(f"{c} {int(counts.get(c, 0))}" for c in CATEGORIES) + ".",
+        "Units per category (largest layer): " + ", ".join(f"{c} {int(counts.get(c, 0))}" for c in CATEGORIES) + ".",
         f"Categories by box area in original-image pixels² ({thresholds_name}): small < {thresholds[0]:g} <= medium < {thresholds[1]:g} <= large;",
         "background = filter centre inside no ground-truth box. Units inside only crowd/difficult boxes are not counted.",
         "",
@@ -580,7 +549,7 @@ def _run(
     used = 0
     forward_seconds = 0.0
     try:
-        with torch.no_grad(), _progress(progress and world.rank == 0, len(shard)) as advance:
+        with torch.no_grad(), image_progress("dilation-stats", progress and world.rank == 0, len(shard)) as advance:
             for items in loader:
                 good = [item for item in items if item.tensor is not None]
                 for item in items:

@@ -29,6 +29,7 @@ import torch
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap
 from dcn_inspect.hooks import DeformConvRecord, probe
+from dcn_inspect.progress import image_progress
 from dcn_inspect.images import DEFAULT_MAX_PIXELS, ModelInput, load_image, to_model_input
 from dcn_inspect.loading import LoadedModel, load_model
 from dcn_inspect.outputs import RunSummary, atomic_path, prepare_out_dir, write_csv, write_figure
@@ -452,7 +453,7 @@ def sample_points(
     per_image: List[Dict[str, Any]] = []
     offsets_arrays: Dict[str, np.ndarray] = {}
     traced_layers: Optional[List[Dict[str, Any]]] = None
-    with _Progress(progress, len(image_paths)) as advance:
+    with image_progress("sample-points", progress, len(image_paths)) as advance:
         for path, image_boxes in zip(image_paths, boxes_per_image):
             try:
                 image = load_image(path, max_pixels)
@@ -529,25 +530,3 @@ def sample_points(
     summary_path = summary.write(out_dir)
     return SamplePointsResult(out_dir, [r["name"] for r in traced_layers or []], results, summary_path, offsets_path, notes, skipped)
 
-
-class _Progress:
-    """A rich progress bar over images (silent when disabled); ``advance()`` steps it."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled = enabled
-        self.total = total
-        self._bar: Any = None
-
-    def __enter__(self) -> Any:
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._bar = Progress(TextColumn("sample-points"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-        self._bar.__enter__()
-        task = self._bar.add_task("images", total=self.total)
-        return lambda: self._bar.advance(task)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)

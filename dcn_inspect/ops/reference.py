@@ -9,7 +9,7 @@ vectorised over positions and kernel points so that small models train with it.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
