@@ -23,6 +23,7 @@ from dcn_inspect.loading import load_model
 # zero weights and a chosen bias: every unit gets the same offsets, so the effective dilation
 # is known exactly. ``build_random`` has random offset weights (non-trivial, image-dependent).
 MODEL_SOURCE = '''
+import torch
 from torch import nn
 from dcn_inspect.ops import DeformConv2dPack
 
