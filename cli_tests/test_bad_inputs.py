@@ -287,15 +287,33 @@ def test_same_command_twice_gives_identical_outputs(command: List[str], corpus: 
     assert first != {} and _strip_timing(first) == _strip_timing(second)
 
 
-def test_batch_skips_unreadable_images_and_strict_stops(corpus: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    base = ["sample-points", str(corpus["good"]), str(corpus["text"]), "--model", f"{corpus['model']}:build"]
+@pytest.mark.parametrize("command", ["sample-points", "bins"])
+def test_batch_skips_unreadable_images_and_strict_stops(command: str, corpus: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    options = ["--model", f"{corpus['model']}:build"] if command == "sample-points" else ["--roi", "2,2,30,30"]
+    base = [command, str(corpus["good"]), str(corpus["text"]), *options]
     code, stdout, stderr = _run(base + ["--out", str(tmp_path / "lenient")], capsys)
     assert code == 0, stderr
     assert "1 image(s) skipped" in stdout
     summary = json.loads((tmp_path / "lenient" / "summary.json").read_text())
     assert summary["skipped"]["count"] == 1
     assert "text.png: not an image" in summary["skipped"]["images"][0]["reason"]
-    assert (tmp_path / "lenient" / "good_points.csv").exists()
+    assert (tmp_path / "lenient" / f"good_{'points' if command == 'sample-points' else 'bins'}.csv").exists()
     code, _, stderr = _run(base + ["--strict", "--out", str(tmp_path / "strict")], capsys)
     assert code == 1 and "text.png: not an image" in stderr
     assert not (tmp_path / "strict" / "summary.json").exists()
+
+
+def test_nan_weights_warn_but_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dcn_inspect.checkpoint import save_native
+    from dcn_inspect.models import get
+
+    model = get("dcn-sample").build()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "head" in n or "cls" in n or "seg" in n).fill_(float("nan"))
+    checkpoint = tmp_path / "nan.pt"
+    save_native(checkpoint, "dcn-sample", {}, model)
+    image = _image(tmp_path / "img.png", size=(64, 64))
+    code, _, stderr = _run(["sample-points", str(image), "--model", str(checkpoint), "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, stderr
+    warnings = [line for line in stderr.splitlines() if line.startswith("dcn-inspect: warning:")]
+    assert len(warnings) == 1 and "nan.pt" in warnings[0] and "NaN/Inf" in warnings[0]

@@ -2,7 +2,8 @@
 
 Hypothesis draws shapes (often inconsistent), dtypes and RoI values; every call must either
 return a tensor of the documented shape or raise ``ValueError``/``TypeError``/``RuntimeError``.
-A crash (segfault, abort) would take the test process down with it.
+Devices are drawn too (cpu, meta, and cuda where present), mixed between arguments. A crash
+(segfault, abort) would take the test process down with it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dcn_inspect.ops import _backend
 
 ACCEPTED = (ValueError, TypeError, RuntimeError)
 DTYPES = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64, torch.bool])
+DEVICES = st.sampled_from(["cpu", "cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else []))
 small = st.integers(min_value=0, max_value=5)
 
 
@@ -34,10 +36,10 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     _backend.reset()
 
 
-def _tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+def _tensor(shape: tuple, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
     if dtype == torch.bool:
-        return torch.zeros(shape, dtype=dtype)
-    return (torch.rand(shape) * 4 - 2).to(dtype)
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return (torch.rand(shape) * 4 - 2).to(dtype).to(device)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -51,10 +53,10 @@ def _tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     dtype=DTYPES,
 )
 def test_deform_conv2d_never_crashes(backend, data, dims, weight_dims, offset_channels, use_mask, use_bias, dtype):
-    input = _tensor(tuple(dims), dtype)
-    weight = _tensor(tuple(weight_dims), data.draw(DTYPES))
+    input = _tensor(tuple(dims), dtype, data.draw(DEVICES))
+    weight = _tensor(tuple(weight_dims), data.draw(DTYPES), data.draw(DEVICES))
     out_hw = (data.draw(small), data.draw(small))
-    offset = _tensor((dims[0], offset_channels, *out_hw), dtype)
+    offset = _tensor((dims[0], offset_channels, *out_hw), dtype, data.draw(DEVICES))
     mask = _tensor((dims[0], offset_channels // 2, *out_hw), dtype) if use_mask else None
     bias = _tensor((weight_dims[0],), dtype) if use_bias else None
     stride = data.draw(st.integers(-1, 3))
@@ -80,7 +82,7 @@ def test_deform_conv2d_never_crashes(backend, data, dims, weight_dims, offset_ch
     dtype=DTYPES,
 )
 def test_roi_pools_never_crash(backend, data, dims, n_rois, roi_cols, batch_index, coords, pooled, dtype):
-    input = _tensor(tuple(dims), dtype)
+    input = _tensor(tuple(dims), dtype, data.draw(DEVICES))
     row = [batch_index, *coords, 0.0][:roi_cols]
     rois = torch.tensor([row] * n_rois, dtype=torch.float32).reshape(n_rois, roi_cols).to(dtype if dtype.is_floating_point else torch.float32)
     offset = _tensor((n_rois, 2, max(pooled, 0), max(pooled, 0)), dtype) if data.draw(st.booleans()) else None

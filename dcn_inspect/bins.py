@@ -552,6 +552,7 @@ class BinsResult:
     summary: Path
     head: Optional[HeadInfo] = None
     notes: List[str] = field(default_factory=list)
+    skipped: List[Dict[str, str]] = field(default_factory=list)  # unreadable images, with the reason
 
 
 def _run_forward(loaded: LoadedModel, tensor: torch.Tensor, rois: torch.Tensor) -> Any:
@@ -699,6 +700,7 @@ def bins(
     fmt: str = "png",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    strict: bool = False,
 ) -> BinsResult:
     """Run ``dcn-inspect bins``: regular vs deformed RoI-pooling bins for each image.
 
@@ -741,23 +743,37 @@ def bins(
     summary["model"] = loaded.summary()
 
     results: List[ImageBins] = []
+    skipped: List[Dict[str, str]] = []
     notes: List[str] = []
     per_image: List[Dict[str, Any]] = []
     head: Optional[HeadInfo] = None
     options = _Options(class_choice, points, overlay, layer, resize, fmt, max_pixels)
     with image_progress("bins", progress, len(image_paths)) as advance:
         for path, requests in zip(image_paths, requests_per_image):
-            item, image_summary, info = _bins_for_image(path, requests, loaded, names, options, out_dir, notes)
+            try:
+                image = load_image(path, max_pixels)
+            except InputError as exc:
+                # One unreadable image among several is skipped and reported; alone, or with
+                # --strict, it is an error.
+                if strict or len(image_paths) == 1:
+                    raise
+                skipped.append({"image": str(path), "reason": str(exc)})
+                advance()
+                continue
+            item, image_summary, info = _bins_for_image(path, image, requests, loaded, names, options, out_dir, notes)
             head = head or info
             results.append(item)
             per_image.append(image_summary)
             advance()
+    if not results:
+        raise InputError(f"no readable image among {len(image_paths)}: " + "; ".join(item["reason"] for item in skipped[:3]))
+    summary["skipped"] = {"count": len(skipped), "images": skipped}
     summary["head"] = head.as_dict() if head else None
     summary["class_names"] = _offset_class_names(names, head.num_classes) if head else names
     summary["images"] = per_image
     summary["notes"] = notes
     summary_path = summary.write(out_dir)
-    return BinsResult(out_dir, results, summary_path, head, notes)
+    return BinsResult(out_dir, results, summary_path, head, notes, skipped)
 
 
 @dataclass(frozen=True)
@@ -773,6 +789,7 @@ class _Options:
 
 def _bins_for_image(
     path: Path,
+    image: np.ndarray,
     requests: Sequence[RoIRequest],
     loaded: LoadedModel,
     names: Optional[List[str]],
@@ -783,7 +800,6 @@ def _bins_for_image(
     """Probe one image with its RoIs and write its CSV(s) and figure."""
     from dcn_inspect.plots.bins import RoIPanel, draw_bins_figure
 
-    image = load_image(path, options.max_pixels)
     model_input = to_model_input(image, loaded.preprocess, options.resize)
     sx, sy = model_input.scale_to_original
     dev = next((p.device for p in loaded.model.parameters()), torch.device("cpu"))

@@ -7,9 +7,10 @@ weights), a checkpoint path (native format; other formats are recognised by
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -139,8 +140,24 @@ def load_model(spec: Optional[str] = None, weights: Optional[Path] = None, devic
             loaded = _import_foreign(payload, path, spec, None)
         else:
             loaded = _from_native(payload, path, spec)
+    warn_non_finite_weights(loaded)
     loaded.model.eval().to(dev)
     return loaded
+
+
+def warn_non_finite_weights(loaded: LoadedModel) -> List[str]:
+    """Warn (one line on stderr) when weights hold NaN/Inf; returns the offending tensor names.
+
+    A warning rather than an error: a broken head or unused buffer need not spoil the offsets.
+    If the offsets themselves come out non-finite, :mod:`dcn_inspect.hooks` stops with an error.
+    """
+    bad = [name for name, tensor in loaded.model.state_dict().items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        source = loaded.checkpoint or loaded.name
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        print(f"dcn-inspect: warning: {source}: {len(bad)} weight tensor(s) contain NaN/Inf ({shown})", file=sys.stderr)
+        loaded.meta.setdefault("non_finite_weights", bad)
+    return bad
 
 
 def _import_foreign(payload: Any, path: Path, name: str, arch: Optional[registry.Architecture]) -> LoadedModel:

@@ -36,6 +36,7 @@ def bins(
     out: Path = typer.Option(Path("dcn-inspect-out"), "--out", help="Output directory."),
     fmt: str = typer.Option("png", "--format", help="Figure format: png, svg or pdf."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse larger images (0: no limit)."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it (several images)."),
 ) -> None:
     """Regular versus deformed RoI-pooling bins (the paper's Fig. 7): CSV, figure and summary.json."""
     from dcn_inspect.bins import bins as run_bins
@@ -56,10 +57,15 @@ def bins(
         out=out,
         fmt=fmt,
         max_pixels=max_pixels,
+        strict=strict,
     )
     console = Console()
     for item in result.images:
         console.print(f"{item.image.name}: {len(item.rois)} RoI(s) -> {item.csv}, {item.figure}")
     for note in result.notes:
         console.print(f"note: {note}")
+    for item in result.skipped:
+        console.print(f"skipped: {item['reason']}")
+    if result.skipped:
+        console.print(f"{len(result.skipped)} image(s) skipped (reasons in summary.json)")
     console.print(f"summary: {result.summary}")
