@@ -39,7 +39,7 @@ from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap
 from dcn_inspect.hooks import RoIPoolRecord, probe
 from dcn_inspect.progress import image_progress
-from dcn_inspect.images import DEFAULT_MAX_PIXELS, load_image, to_model_input
+from dcn_inspect.images import DEFAULT_MAX_PIXELS, ImageBatchReader, to_model_input
 from dcn_inspect.loading import LoadedModel, load_model
 from dcn_inspect.outputs import RunSummary, prepare_out_dir, write_csv, write_figure
 
@@ -743,21 +743,15 @@ def bins(
     summary["model"] = loaded.summary()
 
     results: List[ImageBins] = []
-    skipped: List[Dict[str, str]] = []
+    reader = ImageBatchReader(image_paths, max_pixels, strict)
     notes: List[str] = []
     per_image: List[Dict[str, Any]] = []
     head: Optional[HeadInfo] = None
     options = _Options(class_choice, points, overlay, layer, resize, fmt, max_pixels)
     with image_progress("bins", progress, len(image_paths)) as advance:
         for path, requests in zip(image_paths, requests_per_image):
-            try:
-                image = load_image(path, max_pixels)
-            except InputError as exc:
-                # One unreadable image among several is skipped and reported; alone, or with
-                # --strict, it is an error.
-                if strict or len(image_paths) == 1:
-                    raise
-                skipped.append({"image": str(path), "reason": str(exc)})
+            image = reader.read(path)
+            if image is None:
                 advance()
                 continue
             item, image_summary, info = _bins_for_image(path, image, requests, loaded, names, options, out_dir, notes)
@@ -765,15 +759,14 @@ def bins(
             results.append(item)
             per_image.append(image_summary)
             advance()
-    if not results:
-        raise InputError(f"no readable image among {len(image_paths)}: " + "; ".join(item["reason"] for item in skipped[:3]))
-    summary["skipped"] = {"count": len(skipped), "images": skipped}
+    reader.check_any_read()
+    summary["skipped"] = reader.summary()
     summary["head"] = head.as_dict() if head else None
     summary["class_names"] = _offset_class_names(names, head.num_classes) if head else names
     summary["images"] = per_image
     summary["notes"] = notes
     summary_path = summary.write(out_dir)
-    return BinsResult(out_dir, results, summary_path, head, notes, skipped)
+    return BinsResult(out_dir, results, summary_path, head, notes, reader.skipped)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -98,3 +98,36 @@ def to_model_input(image: np.ndarray, preprocess: Preprocess, resize: int | None
     std = np.asarray(preprocess.std, dtype=np.float32)
     tensor = torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy()).unsqueeze(0)
     return ModelInput(tensor=tensor, original_hw=original_hw, input_hw=input_hw)
+
+
+class ImageBatchReader:
+    """Reads the images of a multi-image command, skipping unreadable ones.
+
+    One unreadable image among several is skipped and its reason kept (for ``summary.json``
+    and the final message); alone, or with ``strict``, it is an error.
+    """
+
+    def __init__(self, paths: List[Path], max_pixels: int, strict: bool) -> None:
+        self.paths = paths
+        self.max_pixels = max_pixels
+        self.strict = strict
+        self.skipped: List[Dict[str, str]] = []
+
+    def read(self, path: Path) -> Optional[np.ndarray]:
+        """The image as RGB uint8, or None when it was skipped."""
+        try:
+            return load_image(path, self.max_pixels)
+        except InputError as exc:
+            if self.strict or len(self.paths) == 1:
+                raise
+            self.skipped.append({"image": str(path), "reason": str(exc)})
+            return None
+
+    def check_any_read(self) -> None:
+        """Fail when every image was skipped: there is nothing to report."""
+        if len(self.skipped) == len(self.paths):
+            reasons = "; ".join(item["reason"] for item in self.skipped[:3])
+            raise InputError(f"no readable image among {len(self.paths)}: {reasons}")
+
+    def summary(self) -> Dict[str, Any]:
+        return {"count": len(self.skipped), "images": self.skipped}

@@ -30,7 +30,7 @@ from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap
 from dcn_inspect.hooks import DeformConvRecord, probe
 from dcn_inspect.progress import image_progress
-from dcn_inspect.images import DEFAULT_MAX_PIXELS, ModelInput, load_image, to_model_input
+from dcn_inspect.images import DEFAULT_MAX_PIXELS, ImageBatchReader, ModelInput, to_model_input
 from dcn_inspect.loading import LoadedModel, load_model
 from dcn_inspect.outputs import RunSummary, atomic_path, prepare_out_dir, write_csv, write_figure
 from dcn_inspect.tracing import GroupChoice, SamplingTrees, check_group, trace_sampling_trees
@@ -448,21 +448,15 @@ def sample_points(
     from dcn_inspect.plots.sampling import MAX_PANELS, draw_sampling_figure, gif_frames, write_sampling_gif
 
     notes: List[str] = []
-    skipped: List[Dict[str, str]] = []
+    reader = ImageBatchReader(image_paths, max_pixels, strict)
     results: List[ImagePoints] = []
     per_image: List[Dict[str, Any]] = []
     offsets_arrays: Dict[str, np.ndarray] = {}
     traced_layers: Optional[List[Dict[str, Any]]] = None
     with image_progress("sample-points", progress, len(image_paths)) as advance:
         for path, image_boxes in zip(image_paths, boxes_per_image):
-            try:
-                image = load_image(path, max_pixels)
-            except InputError as exc:
-                # One unreadable image in a batch is skipped and reported; alone, or with
-                # --strict, it is an error.
-                if strict or len(image_paths) == 1:
-                    raise
-                skipped.append({"image": str(path), "reason": str(exc)})
+            image = reader.read(path)
+            if image is None:
                 advance()
                 continue
             model_input = to_model_input(image, loaded.preprocess, resize)
@@ -517,8 +511,7 @@ def sample_points(
             )
             results.append(ImagePoints(path, units, trees, csv_path, figure_path, gif_path, table))
             advance()
-    if not results:
-        raise InputError(f"no readable image among {len(image_paths)}: " + "; ".join(item["reason"] for item in skipped[:3]))
+    reader.check_any_read()
     offsets_path = None
     if save_offsets is not None:
         offsets_path = Path(save_offsets)
@@ -526,7 +519,7 @@ def sample_points(
     summary["layers"] = traced_layers
     summary["images"] = per_image
     summary["notes"] = notes
-    summary["skipped"] = {"count": len(skipped), "images": skipped}
+    summary["skipped"] = reader.summary()
     summary_path = summary.write(out_dir)
-    return SamplePointsResult(out_dir, [r["name"] for r in traced_layers or []], results, summary_path, offsets_path, notes, skipped)
+    return SamplePointsResult(out_dir, [r["name"] for r in traced_layers or []], results, summary_path, offsets_path, notes, reader.skipped)
 

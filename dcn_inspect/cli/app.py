@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Dict, List
+
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 app = typer.Typer(
     name="dcn-inspect",
@@ -22,3 +27,11 @@ def _global_options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     state["debug"] = debug
+
+
+def print_skipped(console: "Console", skipped: List[Dict[str, str]]) -> None:
+    """The final message about images a multi-image command skipped (reasons are in summary.json too)."""
+    for item in skipped:
+        console.print(f"skipped: {item['reason']}")
+    if skipped:
+        console.print(f"{len(skipped)} image(s) skipped (reasons in summary.json)")

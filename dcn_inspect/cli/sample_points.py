@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from dcn_inspect.cli.app import app
+from dcn_inspect.cli.app import app, print_skipped
 from dcn_inspect.images import DEFAULT_MAX_PIXELS
 
 EPILOG = (
@@ -75,8 +75,5 @@ def sample_points(
         console.print(f"offsets: {result.offsets}")
     for note in result.notes:
         console.print(f"note: {note}")
-    for item in result.skipped:
-        console.print(f"skipped: {item['reason']}")
-    if result.skipped:
-        console.print(f"{len(result.skipped)} image(s) skipped (reasons in summary.json)")
+    print_skipped(console, result.skipped)
     console.print(f"summary: {result.summary}")
