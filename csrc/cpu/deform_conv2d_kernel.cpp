@@ -1,4 +1,5 @@
-// CPU kernels of deformable convolution v1/v2: deformable im2col + GEMM.
+// The planar CPU path of deformable convolution v1/v2: deformable im2col + GEMM (the path
+// deform_conv2d_cpu.cpp picks for few channels per offset group; see deform_conv2d_cpu.h).
 //
 // Semantics (PAPER.md §1, torchvision/DCNv2): the sample for output (i, j), kernel point
 // (a, b) sits at y = i*stride_h - pad_h + a*dilation_h + dy, x = j*stride_w - pad_w +
@@ -14,14 +15,11 @@
 // channels reuses them. Every parallel loop partitions its writes: im2col and col2im own a
 // block of (image, channel) planes each, and the offset / mask gradients own one (image,
 // offset group, block of positions) each, so the backward needs no atomics. Scratch buffers
-// are kept per thread between calls: fresh large allocations are page-faulted in on every
-// call, which costs as much as the gather itself.
+// come from the bounded pool of cpu_common.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -31,6 +29,8 @@
 #endif
 
 #include "../checks.h"
+#include "cpu_common.h"
+#include "deform_conv2d_cpu.h"
 
 namespace dcn_inspect {
 namespace ops {
@@ -86,7 +86,7 @@ void build_sample_table(
   const int64_t H = g.height;
   const int64_t W = g.width;
   const SampleLocator locator{g};
-  at::parallel_for(0, count * OG * K, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, count * OG * K, grain_for(16 * L), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {  // task = row = (b * OG + og) * K + k
       const int64_t b = task / (OG * K);
       const int64_t ogk = task - b * OG * K;  // og * K + k
@@ -189,7 +189,8 @@ template <typename F>
 void parallel_over_channel_blocks(const DeformConvGeometry& g, int64_t count, const F& body) {
   const int64_t per_group = g.channels / g.offset_groups;
   const int64_t blocks = (per_group + kChannelBlock - 1) / kChannelBlock;
-  at::parallel_for(0, count * g.offset_groups * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t work = g.kernel_points() * g.positions() * std::min(per_group, kChannelBlock) * 4;
+  at::parallel_for(0, count * g.offset_groups * blocks, grain_for(work), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task % blocks;
       const int64_t og = (task / blocks) % g.offset_groups;
@@ -275,7 +276,7 @@ void build_grad_table(
   const int64_t H = g.height;
   const int64_t W = g.width;
   const SampleLocator locator{g};
-  at::parallel_for(0, count * OG * K, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, count * OG * K, grain_for(16 * L), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (OG * K);
       const int64_t ogk = row - b * OG * K;
@@ -394,7 +395,8 @@ void deformable_col2im_coord(
     int64_t count,
     scalar_t* grad_input,
     scalar_t* grad_offset,
-    scalar_t* grad_mask) {
+    scalar_t* grad_mask,
+    ScratchLease& scratch) {
   const int64_t C = g.channels;
   const int64_t K = g.kernel_points();
   const int64_t L = g.positions();
@@ -404,11 +406,12 @@ void deformable_col2im_coord(
   const int64_t rows = count * OG * K;
   const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
   // [threads][3][rows * L]: d/dy, d/dx, d/dmask sums per thread.
-  std::vector<scalar_t> partial(static_cast<size_t>(threads * 3 * rows * L), scalar_t(0));
+  scalar_t* const partial_sums = scratch.get<scalar_t>(threads * 3 * rows * L);
+  std::fill(partial_sums, partial_sums + threads * 3 * rows * L, scalar_t(0));
   if (HW > 0) {
     parallel_over_channel_blocks(g, count, [&](int64_t b, int64_t og, int64_t c_begin, int64_t c_end) {
       const int64_t thread = std::min<int64_t>(at::get_thread_num(), threads - 1);
-      scalar_t* acc_base = partial.data() + thread * 3 * rows * L;
+      scalar_t* acc_base = partial_sums + thread * 3 * rows * L;
       scalar_t contrib[4][kPositionBlock];
       for (int64_t k = 0; k < K; ++k) {
         const int64_t row = (b * OG + og) * K + k;
@@ -466,7 +469,7 @@ void deformable_col2im_coord(
     });
   }
   // Reduce the per-thread sums into the offset / mask gradients.
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_for(threads * L), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (OG * K);
       const int64_t ogk = row - b * OG * K;
@@ -477,7 +480,7 @@ void deformable_col2im_coord(
       for (int64_t l = 0; l < L; ++l) {
         scalar_t sy = 0, sx = 0, sm = 0;
         for (int64_t thread = 0; thread < threads; ++thread) {
-          const scalar_t* acc = partial.data() + thread * 3 * rows * L + row * L + l;
+          const scalar_t* acc = partial_sums + thread * 3 * rows * L + row * L + l;
           sy += acc[0];
           sx += acc[rows * L];
           sm += acc[2 * rows * L];
@@ -492,35 +495,21 @@ void deformable_col2im_coord(
   });
 }
 
-// Per-thread scratch memory kept between calls (slot: which buffer). The returned tensor is
-// a view of the first numel elements; it must not escape the kernel.
-at::Tensor scratch(int slot, int64_t numel, const at::TensorOptions& options) {
-  thread_local std::array<at::Tensor, 4> cache;
-  at::Tensor& buffer = cache.at(slot);
-  if (!buffer.defined() || buffer.numel() < numel || buffer.scalar_type() != options.dtype()) {
-    buffer = at::Tensor();  // release the old buffer before allocating the new one
-    buffer = at::empty({numel}, options);
-  }
-  return buffer.narrow(0, 0, numel);
-}
-
-enum ScratchSlot { kColumns = 0, kTable = 1, kStaged = 2, kGradTable = 3 };
-
 template <typename scalar_t>
-SampleTable<scalar_t> sample_table(int64_t rows, int64_t positions) {
+SampleTable<scalar_t> sample_table(ScratchLease& scratch, int64_t rows, int64_t positions) {
   const int64_t entries = rows * 4 * positions;
   const int64_t index_bytes = (entries * static_cast<int64_t>(sizeof(int32_t)) + 63) / 64 * 64;
   const int64_t bytes = index_bytes + entries * static_cast<int64_t>(sizeof(scalar_t));
-  uint8_t* base = scratch(kTable, bytes, at::TensorOptions().dtype(at::kByte)).data_ptr<uint8_t>();
+  uint8_t* base = scratch.get<uint8_t>(bytes);
   return SampleTable<scalar_t>{
       reinterpret_cast<int32_t*>(base), reinterpret_cast<scalar_t*>(base + index_bytes), positions};
 }
 
 template <typename scalar_t>
-GradTable<scalar_t> grad_table(int64_t rows, int64_t positions) {
+GradTable<scalar_t> grad_table(ScratchLease& scratch, int64_t rows, int64_t positions) {
   const int64_t index_bytes = (rows * 4 * positions * static_cast<int64_t>(sizeof(int32_t)) + 63) / 64 * 64;
   const int64_t bytes = index_bytes + rows * 7 * positions * static_cast<int64_t>(sizeof(scalar_t));
-  uint8_t* base = scratch(kGradTable, bytes, at::TensorOptions().dtype(at::kByte)).data_ptr<uint8_t>();
+  uint8_t* base = scratch.get<uint8_t>(bytes);
   scalar_t* values = reinterpret_cast<scalar_t*>(base + index_bytes);
   return GradTable<scalar_t>{
       reinterpret_cast<int32_t*>(base), values, values + rows * 4 * positions, positions};
@@ -530,37 +519,19 @@ int64_t column_bytes_per_image(const DeformConvGeometry& g, const at::Tensor& in
   return g.channels * g.kernel_points() * g.positions() * static_cast<int64_t>(input.element_size());
 }
 
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(
-      t.numel() == 0 || t.device().is_cpu(), "deform_conv2d: ", name, " must be a CPU tensor");
-}
+} // namespace
 
-at::Tensor deform_conv2d_forward_kernel(
+at::Tensor deform_conv2d_forward_planar(
+    const DeformConvGeometry& g,
     const at::Tensor& input_,
     const at::Tensor& weight_,
     const at::Tensor& offset_,
     const at::Tensor& mask_,
-    const at::Tensor& bias_,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t groups,
-    int64_t offset_groups,
-    bool use_mask) {
-  check_cpu(input_, "input");
-  check_cpu(weight_, "weight");
-  check_cpu(offset_, "offset");
-  check_cpu(mask_, "mask");
-  check_cpu(bias_, "bias");
-  const DeformConvGeometry g = check_deform_conv2d_args(
-      input_, weight_, offset_, mask_, bias_, stride_h, stride_w, pad_h, pad_w, dilation_h,
-      dilation_w, groups, offset_groups, use_mask);
+    const at::Tensor& bias_) {
   const at::Tensor input = input_.contiguous();
   const at::Tensor weight = weight_.contiguous();
   const at::Tensor offset = offset_.contiguous();
+  const bool use_mask = g.use_mask;
   const at::Tensor mask = use_mask ? mask_.contiguous() : at::Tensor();
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   if (g.batch == 0) {
@@ -572,17 +543,20 @@ at::Tensor deform_conv2d_forward_kernel(
   const int64_t col_rows_per_group = g.channels / g.groups * K;
   const at::Tensor weight_groups = weight.view({g.groups, out_per_group, col_rows_per_group});
   const int64_t chunk = images_per_chunk(g.batch, column_bytes_per_image(g, input));
+  ScratchLease scratch;
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_forward_cpu", [&] {
-    const SampleTable<scalar_t> table = sample_table<scalar_t>(chunk * g.offset_groups * K, L);
+    const SampleTable<scalar_t> table = sample_table<scalar_t>(scratch, chunk * g.offset_groups * K, L);
+    scalar_t* const columns = scratch.get<scalar_t>(g.channels * K * chunk * L);
+    scalar_t* const staged = chunk > 1 ? scratch.get<scalar_t>(g.out_channels * chunk * L) : nullptr;
     for (int64_t first = 0; first < g.batch; first += chunk) {
       const int64_t count = std::min(chunk, g.batch - first);
       build_sample_table<scalar_t>(
           g, offset.data_ptr<scalar_t>(), use_mask ? mask.data_ptr<scalar_t>() : nullptr, first,
           count, table);
-      const at::Tensor cols = scratch(kColumns, g.channels * K * count * L, input.options());
-      deformable_im2col<scalar_t>(g, input.data_ptr<scalar_t>(), table, first, count, cols.data_ptr<scalar_t>());
-      const at::Tensor cols_groups = cols.view({g.groups, col_rows_per_group, count * L});
+      deformable_im2col<scalar_t>(g, input.data_ptr<scalar_t>(), table, first, count, columns);
+      const at::Tensor cols_groups =
+          at::from_blob(columns, {g.groups, col_rows_per_group, count * L}, input.options());
       if (count == 1) {
         const at::Tensor out_groups = output[first].view({g.groups, out_per_group, L});
         for (int64_t grp = 0; grp < g.groups; ++grp) {
@@ -591,15 +565,15 @@ at::Tensor deform_conv2d_forward_kernel(
         }
       } else {
         // GEMM output is [O, count*L]; the batch dimension goes in front when copied out.
-        const at::Tensor staged =
-            scratch(kStaged, g.out_channels * count * L, input.options()).view({g.groups, out_per_group, count * L});
+        const at::Tensor staged_groups =
+            at::from_blob(staged, {g.groups, out_per_group, count * L}, input.options());
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          at::Tensor out_slice = staged[grp];
+          at::Tensor out_slice = staged_groups[grp];
           at::mm_out(out_slice, weight_groups[grp], cols_groups[grp]);
         }
         output.narrow(0, first, count)
             .view({count, g.out_channels, L})
-            .copy_(staged.view({g.out_channels, count, L}).transpose(0, 1));
+            .copy_(staged_groups.view({g.out_channels, count, L}).transpose(0, 1));
       }
     }
   });
@@ -609,38 +583,15 @@ at::Tensor deform_conv2d_forward_kernel(
   return output;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-deform_conv2d_backward_kernel(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_planar(
+    const DeformConvGeometry& g,
     const at::Tensor& grad_,
     const at::Tensor& input_,
     const at::Tensor& weight_,
     const at::Tensor& offset_,
     const at::Tensor& mask_,
-    const at::Tensor& bias_,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t groups,
-    int64_t offset_groups,
-    bool use_mask) {
-  check_cpu(grad_, "grad");
-  check_cpu(input_, "input");
-  check_cpu(weight_, "weight");
-  check_cpu(offset_, "offset");
-  check_cpu(mask_, "mask");
-  check_cpu(bias_, "bias");
-  const DeformConvGeometry g = check_deform_conv2d_args(
-      input_, weight_, offset_, mask_, bias_, stride_h, stride_w, pad_h, pad_w, dilation_h,
-      dilation_w, groups, offset_groups, use_mask);
-  TORCH_CHECK(
-      grad_.dim() == 4 && grad_.size(0) == g.batch && grad_.size(1) == g.out_channels &&
-          grad_.size(2) == g.out_h && grad_.size(3) == g.out_w,
-      "deform_conv2d backward: grad has shape ", grad_.sizes(), "; expected [", g.batch, ", ",
-      g.out_channels, ", ", g.out_h, ", ", g.out_w, "]");
-  TORCH_CHECK(grad_.scalar_type() == input_.scalar_type(), "deform_conv2d backward: grad dtype differs");
+    const at::Tensor& bias_) {
+  const bool use_mask = g.use_mask;
   const at::Tensor grad = grad_.contiguous();
   const at::Tensor input = input_.contiguous();
   const at::Tensor weight = weight_.contiguous();
@@ -663,24 +614,25 @@ deform_conv2d_backward_kernel(
   const at::Tensor weight_groups = weight.view({g.groups, out_per_group, col_rows_per_group});
   const at::Tensor grad_weight_groups = grad_weight.view({g.groups, out_per_group, col_rows_per_group});
   const int64_t chunk = images_per_chunk(g.batch, column_bytes_per_image(g, input));
+  ScratchLease scratch;
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
-    const SampleTable<scalar_t> table = sample_table<scalar_t>(chunk * g.offset_groups * K, L);
-    const GradTable<scalar_t> grad_table_ = grad_table<scalar_t>(chunk * g.offset_groups * K, L);
+    const SampleTable<scalar_t> table = sample_table<scalar_t>(scratch, chunk * g.offset_groups * K, L);
+    const GradTable<scalar_t> grad_table_ = grad_table<scalar_t>(scratch, chunk * g.offset_groups * K, L);
+    scalar_t* const columns = scratch.get<scalar_t>(g.channels * K * chunk * L);
     for (int64_t first = 0; first < g.batch; first += chunk) {
       const int64_t count = std::min(chunk, g.batch - first);
       build_sample_table<scalar_t>(
           g, offset.data_ptr<scalar_t>(), use_mask ? mask.data_ptr<scalar_t>() : nullptr, first,
           count, table);
-      const at::Tensor columns = scratch(kColumns, g.channels * K * count * L, input.options());
-      deformable_im2col<scalar_t>(g, input.data_ptr<scalar_t>(), table, first, count, columns.data_ptr<scalar_t>());
+      deformable_im2col<scalar_t>(g, input.data_ptr<scalar_t>(), table, first, count, columns);
       // grad of this chunk's output laid out [O, count*L] like the GEMM output.
       const at::Tensor grad_chunk = count == 1
           ? grad[first].view({g.out_channels, L})
           : grad.narrow(0, first, count).view({count, g.out_channels, L}).transpose(0, 1).contiguous().view(
                 {g.out_channels, count * L});
       const at::Tensor grad_groups = grad_chunk.view({g.groups, out_per_group, count * L});
-      const at::Tensor col_groups = columns.view({g.groups, col_rows_per_group, count * L});
+      const at::Tensor col_groups = at::from_blob(columns, {g.groups, col_rows_per_group, count * L}, input.options());
       for (int64_t grp = 0; grp < g.groups; ++grp) {
         at::Tensor grad_weight_slice = grad_weight_groups[grp];
         grad_weight_slice.addmm_(grad_groups[grp], col_groups[grp].t());
@@ -688,24 +640,14 @@ deform_conv2d_backward_kernel(
         at::Tensor col_slice = col_groups[grp];
         at::mm_out(col_slice, weight_groups[grp].t(), grad_groups[grp]);
       }
-      const scalar_t* grad_columns = columns.data_ptr<scalar_t>();
       build_grad_table<scalar_t>(
           g, offset.data_ptr<scalar_t>(), use_mask ? mask.data_ptr<scalar_t>() : nullptr, first, count, grad_table_);
       deformable_col2im_coord<scalar_t>(
-          g, input.data_ptr<scalar_t>(), grad_columns, grad_table_, first, count, grad_input.data_ptr<scalar_t>(),
-          grad_offset.data_ptr<scalar_t>(), use_mask ? grad_mask.data_ptr<scalar_t>() : nullptr);
+          g, input.data_ptr<scalar_t>(), columns, grad_table_, first, count, grad_input.data_ptr<scalar_t>(),
+          grad_offset.data_ptr<scalar_t>(), use_mask ? grad_mask.data_ptr<scalar_t>() : nullptr, scratch);
     }
   });
   return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
-}
-
-} // namespace
-
-TORCH_LIBRARY_IMPL(dcn_inspect, CPU, m) {
-  m.impl(TORCH_SELECTIVE_NAME("dcn_inspect::deform_conv2d"), TORCH_FN(deform_conv2d_forward_kernel));
-  m.impl(
-      TORCH_SELECTIVE_NAME("dcn_inspect::_deform_conv2d_backward"),
-      TORCH_FN(deform_conv2d_backward_kernel));
 }
 
 } // namespace ops

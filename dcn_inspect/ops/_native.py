@@ -68,7 +68,7 @@ def _host_cflags() -> List[str]:
     """Compiler flags for the host code: optimised for this machine's CPU on x86-64 (the
     bilinear gathers vectorise with AVX2/AVX-512); the CPU's feature flags are part of the
     fingerprint, so a build is only ever loaded on a CPU like the one it was made for."""
-    flags = ["-O3", "-fopenmp"]
+    flags = ["-O3", "-fopenmp", "-fno-trapping-math"]  # as PyTorch's own CPU build; lets comparisons vectorise
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-march=native")
     return flags
@@ -201,6 +201,11 @@ def load() -> Any:
         return sys.modules[__name__]
 
 
+def is_loaded() -> bool:
+    """Whether the extension is loaded in this process (builds nothing)."""
+    return _details is not None
+
+
 def _load_or_build() -> Dict[str, Any]:
     if not (SOURCE_ROOT / "ops.cpp").is_file():
         raise RuntimeError(f"native op sources not found under {SOURCE_ROOT}")
@@ -227,10 +232,58 @@ def _load_or_build() -> Dict[str, Any]:
 
 
 def build_details() -> Dict[str, Any]:
-    """How the loaded extension was obtained (for ``dcn-inspect doctor``)."""
+    """How the loaded extension was obtained, and the CPU scratch pool (for ``dcn-inspect doctor``)."""
     load()
     assert _details is not None
-    return dict(_details)
+    details = dict(_details)
+    details["cpu_scratch_held"] = f"{scratch_bytes() / 2**20:.1f} MiB"
+    details["cpu_scratch_limit"] = (
+        f"{torch.ops.dcn_inspect._scratch_limit_bytes() / 2**20:.0f} MiB (DCN_INSPECT_SCRATCH_MIB)"
+    )
+    return details
+
+
+def scratch_bytes() -> int:
+    """Bytes of idle scratch memory the CPU kernels keep for their next call (bounded by
+    ``DCN_INSPECT_SCRATCH_MIB``, default 256 MiB)."""
+    load()
+    return int(torch.ops.dcn_inspect._scratch_bytes())
+
+
+def release_scratch() -> int:
+    """Free the CPU kernels' idle scratch memory; returns the bytes released."""
+    load()
+    return int(torch.ops.dcn_inspect._release_scratch())
+
+
+#: Environment variable forcing the CPU deformable-convolution path (see ``conv_path``).
+CONV_PATH_ENV = "DCN_INSPECT_CONV_PATH"
+
+
+def conv_path(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: Optional[torch.Tensor] = None,
+    backward: bool = False,
+) -> str:
+    """Which CPU path :func:`deform_conv2d` takes for these arguments: ``planar``, ``cl-blas``
+    or ``cl-onednn`` (csrc/cpu/deform_conv2d_cpu.h; ``DCN_INSPECT_CONV_PATH`` forces one)."""
+    args = check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    load()
+    empty = input.new_empty(0)
+    return str(
+        torch.ops.dcn_inspect._deform_conv2d_cpu_path(
+            input.cpu(), weight.cpu(), offset.cpu(), (mask if mask is not None else empty).cpu(),
+            (bias if bias is not None else empty).cpu(), args.stride[0], args.stride[1], args.padding[0],
+            args.padding[1], args.dilation[0], args.dilation[1], args.groups, args.offset_groups, mask is not None,
+            backward,
+        )
+    )
 
 
 def deform_conv2d(
@@ -320,4 +373,13 @@ def deform_psroi_pool(
     return output
 
 
-__all__ = ["load", "build_details", "deform_conv2d", "deform_roi_pool", "deform_psroi_pool"]
+__all__ = [
+    "load",
+    "build_details",
+    "conv_path",
+    "scratch_bytes",
+    "release_scratch",
+    "deform_conv2d",
+    "deform_roi_pool",
+    "deform_psroi_pool",
+]

@@ -1,0 +1,304 @@
+// CPU entry points of deform_conv2d: argument checks, the choice of path (deform_conv2d_cpu.h)
+// and its registration with the dispatcher.
+//
+// THE RULE (DCN_INSPECT_CONV_PATH unset or "auto"), from measurements; bench/ops.py --paths
+// prints the same comparison on any machine:
+//
+// 1. Channels per offset group or per conv group below 8: planar. The channels-last gather
+//    and scatter work on runs of channels; with runs of 4 its vectors are mostly empty and
+//    the per-sample bookkeeping dominates. Measured (Xeon SPR, 1 thread, N2 32x32 k3; fwd,
+//    fwd+bwd of channels-last / planar): 4 channels 0.94 / 1.13, 8 channels 0.76 / 0.84,
+//    16 channels 0.75 / 0.32, 64 channels 0.84 / 0.63; 64 channels in 16 offset groups
+//    (runs of 4) 1.05 / 1.13, in 8 groups (runs of 8) 0.77 / 1.03.
+// 2. Otherwise channels-last, with its GEMMs on BLAS (at::mm, MKL) when oneDNN cannot take
+//    them (not float32, one thread: PyTorch itself sends a single-threaded 1x1 convolution to
+//    its own GEMM path, or oneDNN disabled) or when the CPU is Intel: on the Xeon SPR
+//    (AVX-512) of this project's development machine MKL sgemm ran at 85-90 % of oneDNN's
+//    3x3 convolution, and the 1x1 oneDNN convolution over the same columns was slower than
+//    MKL at every benchmark shape, forward and backward (TODO-MEASURE). A kh x kw
+//    stride-(kh, kw) oneDNN convolution over the columns laid out as [N, C, kh*Ho, kw*Wo]
+//    (issue #15's proposal) was slower still (TODO-MEASURE).
+// 3. Any other CPU (AMD, ARM): "tune". Issue #15 measured MKL sgemm 1.3-2.7x slower than the
+//    oneDNN kernels on the project's AMD EPYC machines, a CPU this rule could not be measured
+//    on here; so each new problem size measures both channels-last engines on its first four
+//    calls (blas, onednn, blas, onednn, whole calls timed) and keeps the faster. Results of
+//    the two engines differ only by float rounding; DCN_INSPECT_CONV_PATH=cl-blas or
+//    cl-onednn pins one for bit-identical reruns.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "../checks.h"
+#include "deform_conv2d_cpu.h"
+
+namespace dcn_inspect {
+namespace ops {
+
+namespace {
+
+enum class ConvPath { kPlanar, kChannelsLastBlas, kChannelsLastOneDNN };
+
+const char* conv_path_name(ConvPath path) {
+  switch (path) {
+    case ConvPath::kPlanar:
+      return "planar";
+    case ConvPath::kChannelsLastBlas:
+      return "cl-blas";
+    case ConvPath::kChannelsLastOneDNN:
+      return "cl-onednn";
+  }
+  return "?";
+}
+
+bool is_intel_cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
+bool onednn_can_take(at::ScalarType dtype) {
+  return dtype == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() &&
+      at::get_num_threads() > 1;
+}
+
+// Everything that decides how fast each engine is on a call.
+using TuneKey = std::array<int64_t, 14>;
+
+TuneKey tune_key(const DeformConvGeometry& g, at::ScalarType dtype, bool backward) {
+  return {backward, static_cast<int64_t>(dtype), g.batch, g.channels, g.out_channels, g.kernel_h,
+          g.kernel_w, g.out_h, g.out_w, g.height * g.width, g.groups, g.offset_groups, g.use_mask,
+          at::get_num_threads()};
+}
+
+// The measurements of DCN_INSPECT_CONV_PATH=tune (and of the rule's third case).
+class Tuner {
+ public:
+  static constexpr int kTrials = 4;  // blas, onednn, blas, onednn
+
+  ConvPath next(const TuneKey& key) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Entry& e = entries_[key];
+    if (e.calls < kTrials) {
+      return e.calls % 2 == 0 ? ConvPath::kChannelsLastBlas : ConvPath::kChannelsLastOneDNN;
+    }
+    return e.best[0] <= e.best[1] ? ConvPath::kChannelsLastBlas : ConvPath::kChannelsLastOneDNN;
+  }
+
+  void record(const TuneKey& key, ConvPath path, double seconds) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Entry& e = entries_[key];
+    if (e.calls < kTrials) {
+      double& best = e.best[path == ConvPath::kChannelsLastBlas ? 0 : 1];
+      best = std::min(best, seconds);
+      ++e.calls;
+    }
+  }
+
+ private:
+  struct Entry {
+    int calls = 0;
+    std::array<double, 2> best = {
+        std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity()};
+  };
+  std::mutex mutex_;
+  std::map<TuneKey, Entry> entries_;
+};
+
+Tuner& tuner() {
+  static Tuner* instance = new Tuner();
+  return *instance;
+}
+
+struct ConvPlan {
+  ConvPath path;
+  bool tuning;  // time the call and tell the tuner
+  TuneKey key;
+};
+
+ConvPlan plan_conv(const DeformConvGeometry& g, at::ScalarType dtype, bool backward) {
+  const TuneKey key = tune_key(g, dtype, backward);
+  const char* forced = std::getenv("DCN_INSPECT_CONV_PATH");
+  const std::string mode = (forced != nullptr && *forced != '\0') ? forced : "auto";
+  if (mode == "planar") return {ConvPath::kPlanar, false, key};
+  if (mode == "cl-blas") return {ConvPath::kChannelsLastBlas, false, key};
+  if (mode == "cl-onednn") return {ConvPath::kChannelsLastOneDNN, false, key};
+  TORCH_CHECK(
+      mode == "auto" || mode == "tune",
+      "DCN_INSPECT_CONV_PATH must be auto, planar, cl-blas, cl-onednn or tune, got '", mode, "'");
+  if (mode == "auto") {
+    const int64_t run = std::min(g.channels / g.offset_groups, g.channels / g.groups);
+    if (run < 8) {
+      return {ConvPath::kPlanar, false, key};
+    }
+    if (!onednn_can_take(dtype) || is_intel_cpu()) {
+      return {ConvPath::kChannelsLastBlas, false, key};
+    }
+  }
+  return {tuner().next(key), true, key};
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(
+      t.numel() == 0 || t.device().is_cpu(), "deform_conv2d: ", name, " must be a CPU tensor");
+}
+
+DeformConvGeometry checked_geometry(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& offset,
+    const at::Tensor& mask,
+    const at::Tensor& bias,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t groups,
+    int64_t offset_groups,
+    bool use_mask) {
+  check_cpu(input, "input");
+  check_cpu(weight, "weight");
+  check_cpu(offset, "offset");
+  check_cpu(mask, "mask");
+  check_cpu(bias, "bias");
+  return check_deform_conv2d_args(
+      input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
+      offset_groups, use_mask);
+}
+
+// Runs fn() under the plan, timing it for the tuner when the plan asks.
+template <typename F>
+auto run_planned(const ConvPlan& plan, const F& fn) -> decltype(fn()) {
+  if (!plan.tuning) {
+    return fn();
+  }
+  const auto start = std::chrono::steady_clock::now();
+  auto result = fn();
+  tuner().record(plan.key, plan.path, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  return result;
+}
+
+at::Tensor deform_conv2d_forward_kernel(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& offset,
+    const at::Tensor& mask,
+    const at::Tensor& bias,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t groups,
+    int64_t offset_groups,
+    bool use_mask) {
+  const DeformConvGeometry g = checked_geometry(
+      input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
+      offset_groups, use_mask);
+  const ConvPlan plan = plan_conv(g, input.scalar_type(), /*backward=*/false);
+  return run_planned(plan, [&] {
+    if (plan.path == ConvPath::kPlanar) {
+      return deform_conv2d_forward_planar(g, input, weight, offset, mask, bias);
+    }
+    return deform_conv2d_forward_channels_last(
+        g, input, weight, offset, mask, bias.numel() > 0 ? bias.contiguous() : bias,
+        plan.path == ConvPath::kChannelsLastOneDNN);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_kernel(
+    const at::Tensor& grad,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& offset,
+    const at::Tensor& mask,
+    const at::Tensor& bias,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t groups,
+    int64_t offset_groups,
+    bool use_mask) {
+  check_cpu(grad, "grad");
+  const DeformConvGeometry g = checked_geometry(
+      input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
+      offset_groups, use_mask);
+  TORCH_CHECK(
+      grad.dim() == 4 && grad.size(0) == g.batch && grad.size(1) == g.out_channels &&
+          grad.size(2) == g.out_h && grad.size(3) == g.out_w,
+      "deform_conv2d backward: grad has shape ", grad.sizes(), "; expected [", g.batch, ", ",
+      g.out_channels, ", ", g.out_h, ", ", g.out_w, "]");
+  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "deform_conv2d backward: grad dtype differs");
+  const ConvPlan plan = plan_conv(g, input.scalar_type(), /*backward=*/true);
+  return run_planned(plan, [&] {
+    if (plan.path == ConvPath::kPlanar) {
+      return deform_conv2d_backward_planar(g, grad, input, weight, offset, mask, bias);
+    }
+    return deform_conv2d_backward_channels_last(
+        g, grad, input, weight, offset, mask, bias, plan.path == ConvPath::kChannelsLastOneDNN);
+  });
+}
+
+// The path the next call with these arguments takes (tests, bench/ops.py); "tune:<path>"
+// while the tuner is still measuring or has measured this problem size.
+std::string deform_conv2d_cpu_path(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& offset,
+    const at::Tensor& mask,
+    const at::Tensor& bias,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t groups,
+    int64_t offset_groups,
+    bool use_mask,
+    bool backward) {
+  const DeformConvGeometry g = checked_geometry(
+      input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
+      offset_groups, use_mask);
+  const ConvPlan plan = plan_conv(g, input.scalar_type(), backward);
+  return std::string(plan.tuning ? "tune:" : "") + conv_path_name(plan.path);
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(dcn_inspect, CPU, m) {
+  m.impl(TORCH_SELECTIVE_NAME("dcn_inspect::deform_conv2d"), TORCH_FN(deform_conv2d_forward_kernel));
+  m.impl(
+      TORCH_SELECTIVE_NAME("dcn_inspect::_deform_conv2d_backward"),
+      TORCH_FN(deform_conv2d_backward_kernel));
+}
+
+TORCH_LIBRARY_FRAGMENT(dcn_inspect, m) {
+  m.def(
+      "_deform_conv2d_cpu_path(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, "
+      "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
+      "int groups, int offset_groups, bool use_mask, bool backward) -> str",
+      &deform_conv2d_cpu_path);
+}
+
+} // namespace ops
+} // namespace dcn_inspect
