@@ -1,5 +1,6 @@
-"""Bad arguments raise OpsArgumentError naming the problem, on both backends; direct calls of
-the native ops with inconsistent shapes raise RuntimeError (TORCH_CHECK) instead of crashing."""
+"""Bad arguments raise OpsArgumentError (a ValueError and a RuntimeError) naming the problem, on
+both backends; direct calls of the native ops with inconsistent shapes raise RuntimeError
+(TORCH_CHECK) instead of crashing."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ ROI_CASES = {
     "offset shape": (_roi_args(offset=torch.zeros(2, 2, 3, 2)), r"offset has shape"),
     "output size zero": (_roi_args(output_size=0, offset=None), r"output_size must be >= 1"),
     "spatial scale zero": (_roi_args(spatial_scale=0.0), r"spatial_scale must be > 0"),
-    "negative sampling ratio": (_roi_args(sampling_ratio=-1), r"sampling_ratio must be >= 0"),
+    "fractional sampling ratio": (_roi_args(sampling_ratio=1.5), r"sampling_ratio must be an int"),
 }
 
 

@@ -133,7 +133,7 @@ inline void check_deform_roi_pool_args(
   check_rois_arg(input, rois, "deform_roi_pool");
   TORCH_CHECK(pooled_height >= 1 && pooled_width >= 1, "deform_roi_pool: pooled size must be >= 1");
   TORCH_CHECK(spatial_scale > 0, "deform_roi_pool: spatial_scale must be > 0");
-  TORCH_CHECK(sampling_ratio >= 0, "deform_roi_pool: sampling_ratio must be >= 0");
+  (void)sampling_ratio;  // <= 0 means adaptive (mmcv 0, torchvision -1)
   if (offset.numel() > 0) {
     TORCH_CHECK(offset.scalar_type() == input.scalar_type(), "deform_roi_pool: offset dtype differs from input");
     TORCH_CHECK(

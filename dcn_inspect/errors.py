@@ -14,5 +14,9 @@ class InputError(Exception):
     """
 
 
-class OpsArgumentError(ValueError):
-    """Arguments that the deformable ops cannot take (shapes, dtypes, devices)."""
+class OpsArgumentError(ValueError, RuntimeError):
+    """Arguments that the deformable ops cannot take (shapes, dtypes, devices).
+
+    Both a ``ValueError`` and a ``RuntimeError``: torchvision's and mmcv's ops raise
+    ``RuntimeError`` for bad shapes, so code written against them keeps catching ours.
+    """

@@ -2,7 +2,8 @@
 
 The functions dispatch to the native C++/CUDA extension when it is built (see
 :mod:`dcn_inspect.ops._native`) and to :mod:`dcn_inspect.ops.reference` otherwise;
-``DCN_INSPECT_OPS=reference|native`` forces one.
+``DCN_INSPECT_OPS=reference|native`` forces one. The modules are drop-ins for torchvision's
+and mmcv's (see :mod:`dcn_inspect.ops.modules` for the differences that remain).
 """
 
 from dcn_inspect.ops._backend import info as backend_info
@@ -14,7 +15,18 @@ from dcn_inspect.ops.modules import (
     DeformRoIPool,
     DeformRoIPoolPack,
     ModulatedDeformConv2dPack,
+    ModulatedDeformRoIPoolPack,
 )
+
+
+def release_scratch() -> int:
+    """Free the idle scratch memory the native CPU kernels keep between calls (bounded by
+    ``DCN_INSPECT_SCRATCH_MIB``, default 256 MiB); returns the bytes freed (0 when the native
+    ops are not loaded)."""
+    from dcn_inspect.ops import _native
+
+    return _native.release_scratch() if _native.is_loaded() else 0
+
 
 __all__ = [
     "backend_info",
@@ -26,5 +38,7 @@ __all__ = [
     "ModulatedDeformConv2dPack",
     "DeformRoIPool",
     "DeformRoIPoolPack",
+    "ModulatedDeformRoIPoolPack",
     "DeformPSRoIPool",
+    "release_scratch",
 ]

@@ -337,7 +337,7 @@ def deform_roi_pool(
         pooled_h,
         pooled_w,
         float(spatial_scale),
-        int(sampling_ratio),
+        max(int(sampling_ratio), 0),  # <= 0: adaptive
         float(gamma),
     )
 

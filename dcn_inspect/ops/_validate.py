@@ -1,11 +1,13 @@
 """Argument checks shared by every backend of the deformable ops.
 
-Each check raises :class:`~dcn_inspect.errors.OpsArgumentError` (a ``ValueError``) with a
-message naming the argument and the problem, so malformed tensors never reach a kernel.
+Each check raises :class:`~dcn_inspect.errors.OpsArgumentError` (both a ``ValueError`` and a
+``RuntimeError``, the latter as torchvision raises) with a message naming the argument and
+the problem, so malformed tensors never reach a kernel.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -175,8 +177,8 @@ def check_deform_roi_pool(
         raise OpsArgumentError(f"output_size must be >= 1, got {pooled}")
     if not spatial_scale > 0:
         raise OpsArgumentError(f"spatial_scale must be > 0, got {spatial_scale}")
-    if sampling_ratio < 0:
-        raise OpsArgumentError(f"sampling_ratio must be >= 0 (0 = adaptive), got {sampling_ratio}")
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, numbers.Integral):
+        raise OpsArgumentError(f"sampling_ratio must be an int (<= 0: adaptive), got {sampling_ratio!r}")
     if offset is not None and offset.numel() > 0:
         _tensor(offset, "offset", 4)
         _same(input, offset, "input", "offset")

@@ -3,6 +3,27 @@
 Every module reports the offsets (and masks) it actually uses to registered observers just
 before calling the op; :mod:`dcn_inspect.hooks` uses that to capture offset fields without
 recomputing them.
+
+Drop-in notes for users of the peers' modules:
+
+* :class:`DeformConv2d` has torchvision's signature and semantics: ``bias=True`` by default,
+  ``forward(input, offset, mask=None)``, offset groups inferred from the offset's channels.
+  mmcv 1.x's ``mmcv.ops.DeformConv2d`` differs: its positional argument after ``groups`` is
+  ``deform_groups``, it has no bias (``bias=False``, and a bias is refused), and its forward
+  takes no mask (v1 only). Port mmcv v1 code with ``DeformConv2d(..., bias=False)`` and
+  keyword arguments, or use :class:`DeformConv2dPack` for mmcv's ``DCN``.
+* :class:`DeformConv2dPack` (mmcv ``DCN``, ``bias=False``) and :class:`ModulatedDeformConv2dPack`
+  (mmcv ``DCNv2`` / ``ModulatedDeformConv2dPack``, ``bias=True``) take mmcv's positional
+  order; the offset group count is ``offset_groups`` (torchvision's word), and mmcv's
+  keywords ``deform_groups`` and ``deformable_groups`` (mmdetection 1.x) are accepted as
+  aliases. ``im2col_step`` is accepted and ignored: it only bounds mmcv's scratch memory and
+  never changes results (our kernels bound theirs by ``DCN_INSPECT_COLUMN_BUDGET``).
+* :class:`DeformRoIPoolPack` / :class:`ModulatedDeformRoIPoolPack` are mmcv's ``dpool`` /
+  ``mdpool``; ``sampling_ratio <= 0`` means adaptive everywhere (mmcv writes 0, torchvision -1).
+* The convolution modules are TorchScript-scriptable (``torch.jit.script(DeformConv2d(...))``).
+  A scripted module calls ``torch.ops.dcn_inspect.deform_conv2d`` when the native backend is
+  active at scripting time, else the pure-PyTorch reference (:mod:`dcn_inspect.ops.reference`);
+  scripted modules skip the offset observers.
 """
 
 from __future__ import annotations
@@ -15,27 +36,61 @@ from torch import nn
 
 from dcn_inspect.ops import functional as F_ops
 from dcn_inspect.ops._validate import IntPair, pair
+from dcn_inspect.ops.reference import deform_conv2d_checked
 
 OffsetObserver = Callable[..., None]
+
+
+def _resolve_offset_groups(
+    offset_groups: Optional[int], deform_groups: Optional[int], deformable_groups: Optional[int]
+) -> int:
+    """The offset group count from ``offset_groups`` or its mmcv aliases (1 when none is given)."""
+    given = {
+        name: int(value)
+        for name, value in (("offset_groups", offset_groups), ("deform_groups", deform_groups),
+                            ("deformable_groups", deformable_groups))
+        if value is not None
+    }
+    if len(set(given.values())) > 1:
+        raise ValueError(f"conflicting offset group counts: {given}")
+    value = next(iter(given.values()), 1)
+    if value < 1:
+        raise ValueError(f"offset_groups must be >= 1, got {value}")
+    return value
 
 
 class _ObservedOffsets(nn.Module):
     """Mixin: a list of callbacks told about every offset tensor the module uses."""
 
+    __jit_ignored_attributes__ = ["_offset_observers"]
+
     def __init__(self) -> None:
         super().__init__()
         self._offset_observers: List[OffsetObserver] = []
+        self._script_native = False
 
-    def _notify(self, **record: object) -> None:
+    @torch.jit.unused
+    def _notify(self, record: dict) -> None:
         for observer in list(self._offset_observers):
             observer(self, **record)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script``: scripted code calls the native op only if it is loaded."""
+        from dcn_inspect.ops import _backend
+
+        self._script_native = _backend.info().name == "native"
+        return self
 
 
 class DeformConv2d(_ObservedOffsets):
     """Deformable convolution whose offsets (and optional mask) are passed in (torchvision style).
 
-    ``forward(input, offset, mask=None)``; ``offset_groups`` is inferred from the offset's channels.
+    ``forward(input, offset, mask=None)``: input [B, C, H, W]; offset [B, 2*G*kh*kw, Ho, Wo]
+    (dy, dx interleaved per kernel point, G offset groups inferred from its channels); mask
+    [B, G*kh*kw, Ho, Wo] or None. See the module docstring for mmcv's ``DeformConv2d``.
     """
+
+    __constants__ = ["_script_native"]
 
     def __init__(
         self,
@@ -73,14 +128,40 @@ class DeformConv2d(_ObservedOffsets):
     def kernel_points(self) -> int:
         return self.kernel_size[0] * self.kernel_size[1]
 
+    @torch.jit.unused
     def deform(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Apply the op with the given offsets, telling the observers first."""
-        self._notify(input=input, offset=offset, mask=mask)
+        self._notify(dict(input=input, offset=offset, mask=mask))
         return F_ops.deform_conv2d(
             input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
         )
 
+    def _deform_scripted(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """What a scripted module runs instead of :meth:`deform` (no observers)."""
+        if self._script_native:
+            empty = torch.empty(0, dtype=input.dtype, device=input.device)
+            kernel_points = self.weight.shape[2] * self.weight.shape[3]
+            return torch.ops.dcn_inspect.deform_conv2d(
+                input,
+                self.weight,
+                offset,
+                mask if mask is not None else empty,
+                self.bias if self.bias is not None else empty,
+                self.stride[0],
+                self.stride[1],
+                self.padding[0],
+                self.padding[1],
+                self.dilation[0],
+                self.dilation[1],
+                input.shape[1] // self.weight.shape[1],
+                offset.shape[1] // (2 * kernel_points),
+                mask is not None,
+            )
+        return deform_conv2d_checked(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
     def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._deform_scripted(input, offset, mask)
         return self.deform(input, offset, mask)
 
     def extra_repr(self) -> str:
@@ -94,7 +175,11 @@ class DeformConv2dPack(DeformConv2d):
     """Deformable conv v1 with its own zero-initialised offset branch ``conv_offset`` (mmcv ``DCN``).
 
     The offset conv has the same kernel, stride, padding and dilation as the deformable conv
-    and ``2 * deform_groups * kh * kw`` output channels (dy, dx interleaved per kernel point).
+    and ``2 * offset_groups * kh * kw`` output channels (dy, dx interleaved per kernel point).
+    Positional order and defaults as mmcv's ``DeformConv2dPack`` (``bias=False``).
+    ``offset_groups`` (default 1): offset groups; the keywords ``deform_groups`` (mmcv) and
+    ``deformable_groups`` (mmdetection 1.x) are compatibility aliases of it. ``im2col_step`` is
+    accepted for mmcv compatibility and has no effect on the results.
     """
 
     def __init__(
@@ -106,11 +191,18 @@ class DeformConv2dPack(DeformConv2d):
         padding: IntPair = 0,
         dilation: IntPair = 1,
         groups: int = 1,
-        deform_groups: int = 1,
+        offset_groups: Optional[int] = None,
         bias: bool = False,
+        im2col_step: int = 32,
+        *,
+        deform_groups: Optional[int] = None,
+        deformable_groups: Optional[int] = None,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        self.deform_groups = deform_groups
+        self.offset_groups = _resolve_offset_groups(offset_groups, deform_groups, deformable_groups)
+        if in_channels % self.offset_groups:
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by offset_groups ({self.offset_groups})")
+        self.im2col_step = int(im2col_step)  # accepted for mmcv compatibility; no effect
         self.conv_offset = nn.Conv2d(
             in_channels,
             self.offset_channels(),
@@ -123,26 +215,59 @@ class DeformConv2dPack(DeformConv2d):
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
+    @property
+    def deform_groups(self) -> int:
+        """mmcv's name of :attr:`offset_groups` (read-only compatibility alias)."""
+        return self.offset_groups
+
     def offset_channels(self) -> int:
-        return 2 * self.deform_groups * self.kernel_points
+        return 2 * self.offset_groups * self.kernel_points
 
     def offsets_and_mask(self, input: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.conv_offset(input), None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         offset, mask = self.offsets_and_mask(input)
+        if torch.jit.is_scripting():
+            return self._deform_scripted(input, offset, mask)
         return self.deform(input, offset, mask)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", offset_groups={self.offset_groups}"
 
 
 class ModulatedDeformConv2dPack(DeformConv2dPack):
     """Modulated deformable conv (DCNv2) with its own offset branch (mmcv ``DCNv2``).
 
-    ``conv_offset`` has ``3 * deform_groups * kh * kw`` channels: the first two thirds are the
+    ``conv_offset`` has ``3 * offset_groups * kh * kw`` channels: the first two thirds are the
     offsets, the last third mask logits passed through a sigmoid (mmcv's chunk-by-3 split).
+    ``bias=True`` by default, like mmcv's ``ModulatedDeformConv2d`` / ``DCNv2`` (so their
+    checkpoints' ``bias`` keys load); other arguments as :class:`DeformConv2dPack`.
     """
 
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        offset_groups: Optional[int] = None,
+        bias: bool = True,
+        im2col_step: int = 32,
+        *,
+        deform_groups: Optional[int] = None,
+        deformable_groups: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, offset_groups, bias,
+            im2col_step, deform_groups=deform_groups, deformable_groups=deformable_groups,
+        )
+
     def offset_channels(self) -> int:
-        return 3 * self.deform_groups * self.kernel_points
+        return 3 * self.offset_groups * self.kernel_points
 
     def offsets_and_mask(self, input: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         out = self.conv_offset(input)
@@ -151,7 +276,10 @@ class ModulatedDeformConv2dPack(DeformConv2dPack):
 
 
 class DeformRoIPool(_ObservedOffsets):
-    """Deformable RoI pooling with offsets passed in: ``forward(input, rois, offset=None)``."""
+    """Deformable RoI pooling with offsets passed in: ``forward(input, rois, offset=None)``.
+
+    ``sampling_ratio``: samples per bin side; ``<= 0`` adaptive (mmcv 0, torchvision -1).
+    """
 
     def __init__(self, output_size: IntPair, spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1) -> None:
         super().__init__()
@@ -161,11 +289,28 @@ class DeformRoIPool(_ObservedOffsets):
         self.gamma = float(gamma)
 
     def pool(self, input: torch.Tensor, rois: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
-        self._notify(input=input, rois=rois, offset=offset)
+        self._notify(dict(input=input, rois=rois, offset=offset))
         return F_ops.deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma)
+
+    def plain(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """Pooling without offsets (the input of the Pack modules' fc branches)."""
+        return F_ops.deform_roi_pool(input, rois, None, self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma)
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.pool(input, rois, offset)
+
+
+def _fc_branch(inputs: int, hidden: int, outputs: int, layers: int) -> nn.Sequential:
+    """mmcv's fc branch: ``layers`` Linear layers with ReLU between, last one zero-initialised."""
+    modules: List[nn.Module] = []
+    width = inputs
+    for _ in range(layers - 1):
+        modules += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+        width = hidden
+    last = nn.Linear(width, outputs)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*modules, last)
 
 
 class DeformRoIPoolPack(DeformRoIPool):
@@ -186,21 +331,46 @@ class DeformRoIPoolPack(DeformRoIPool):
     ) -> None:
         super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
         self.output_channels = output_channels
+        self.deform_fc_channels = deform_fc_channels
         ph, pw = self.output_size
-        self.offset_fc = nn.Sequential(
-            nn.Linear(ph * pw * output_channels, deform_fc_channels),
-            nn.ReLU(inplace=True),
-            nn.Linear(deform_fc_channels, deform_fc_channels),
-            nn.ReLU(inplace=True),
-            nn.Linear(deform_fc_channels, ph * pw * 2),
-        )
-        nn.init.zeros_(self.offset_fc[-1].weight)
-        nn.init.zeros_(self.offset_fc[-1].bias)
+        self.offset_fc = _fc_branch(ph * pw * output_channels, deform_fc_channels, ph * pw * 2, layers=3)
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        plain = F_ops.deform_roi_pool(input, rois, None, self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma)
+        plain = self.plain(input, rois)
         offset = self.offset_fc(plain.flatten(1)).view(rois.shape[0], 2, *self.output_size)
         return self.pool(input, rois, offset)
+
+
+class ModulatedDeformRoIPoolPack(DeformRoIPool):
+    """Modulated deformable RoI pooling (mmcv ``ModulatedDeformRoIPoolPack``, ``mdpool``).
+
+    As :class:`DeformRoIPoolPack`, plus a ``mask_fc`` branch (Linear, ReLU, Linear, Sigmoid;
+    its last Linear zero-initialised, so every bin starts at 0.5) whose [R, 1, ph, pw] output
+    multiplies the deformed pooling. Observers see the offsets; the mask is applied after.
+    """
+
+    def __init__(
+        self,
+        output_size: IntPair,
+        output_channels: int,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
+        self.output_channels = output_channels
+        self.deform_fc_channels = deform_fc_channels
+        ph, pw = self.output_size
+        self.offset_fc = _fc_branch(ph * pw * output_channels, deform_fc_channels, ph * pw * 2, layers=3)
+        mask_fc = _fc_branch(ph * pw * output_channels, deform_fc_channels, ph * pw, layers=2)
+        self.mask_fc = nn.Sequential(*mask_fc, nn.Sigmoid())  # indices as mmcv's: mask_fc[2] is the last Linear
+
+    def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        plain = self.plain(input, rois).flatten(1)
+        offset = self.offset_fc(plain).view(rois.shape[0], 2, *self.output_size)
+        mask = self.mask_fc(plain).view(rois.shape[0], 1, *self.output_size)
+        return self.pool(input, rois, offset) * mask
 
 
 class DeformPSRoIPool(_ObservedOffsets):
@@ -229,7 +399,7 @@ class DeformPSRoIPool(_ObservedOffsets):
         self.trans_std = float(trans_std)
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor, trans: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self._notify(input=input, rois=rois, offset=trans)
+        self._notify(dict(input=input, rois=rois, offset=trans))
         return F_ops.deform_psroi_pool(
             input,
             rois,

@@ -9,7 +9,7 @@ vectorised over positions and kernel points so that small models train with it.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -26,7 +26,7 @@ def _gather_2d(feature: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> tor
 
     feature: [B, G, C, H, W]; ys, xs: integer tensors [B, G, P]. Returns [B, G, C, P].
     """
-    height, width = feature.shape[-2:]
+    height, width = feature.shape[-2], feature.shape[-1]
     valid = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
     index = (ys.clamp(0, height - 1) * width + xs.clamp(0, width - 1)).unsqueeze(2)
     flat = feature.flatten(-2)
@@ -42,7 +42,7 @@ def bilinear_zero_border(feature: torch.Tensor, ys: torch.Tensor, xs: torch.Tens
     feature: [B, G, C, H, W]; ys, xs: float [B, G, P] in the map's index coordinates.
     Returns [B, G, C, P].
     """
-    height, width = feature.shape[-2:]
+    height, width = feature.shape[-2], feature.shape[-1]
     y0 = torch.floor(ys)
     x0 = torch.floor(xs)
     ly, lx = ys - y0, xs - x0
@@ -73,25 +73,43 @@ def deform_conv2d(
     Layouts: offset [B, 2*G*kh*kw, Hout, Wout], channel 2*(g*kh*kw + a*kw + b) = dy and the
     next = dx; mask [B, G*kh*kw, Hout, Wout]. Sampling location of output (i, j), kernel
     point (a, b): y = i*stride - pad + a*dilation + dy, x = j*stride - pad + b*dilation + dx.
+    Any strides are accepted (permuted or sliced tensors, channels-last).
     """
     args = check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
-    batch, in_channels, height, width = input.shape
-    out_channels = weight.shape[0]
-    kh, kw = args.kernel
-    out_h, out_w = args.out_hw
+    return deform_conv2d_checked(input, offset, weight, bias, args.stride, args.padding, args.dilation, mask)
+
+
+def deform_conv2d_checked(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    mask: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """:func:`deform_conv2d` on arguments already validated; TorchScript-compatible (the
+    modules run it when scripted on the reference backend). Groups and offset groups come
+    from the shapes, as in :func:`~dcn_inspect.ops._validate.check_deform_conv2d`."""
+    batch, in_channels, height, width = input.shape[0], input.shape[1], input.shape[2], input.shape[3]
+    out_channels, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+    out_h, out_w = offset.shape[2], offset.shape[3]
     n_points = kh * kw
-    groups, offset_groups = args.groups, args.offset_groups
+    groups = in_channels // weight.shape[1]
+    offset_groups = offset.shape[1] // (2 * n_points)
 
     # Regular grid positions of every kernel point at every output location: [K, Ho, Wo].
     dtype, device = input.dtype, input.device
-    rows = torch.arange(out_h, device=device, dtype=dtype) * args.stride[0] - args.padding[0]
-    cols = torch.arange(out_w, device=device, dtype=dtype) * args.stride[1] - args.padding[1]
-    ka = torch.arange(kh, device=device, dtype=dtype).repeat_interleave(kw) * args.dilation[0]
-    kb = torch.arange(kw, device=device, dtype=dtype).repeat(kh) * args.dilation[1]
+    rows = torch.arange(out_h, device=device, dtype=dtype) * stride[0] - padding[0]
+    cols = torch.arange(out_w, device=device, dtype=dtype) * stride[1] - padding[1]
+    ka = torch.arange(kh, device=device, dtype=dtype).repeat_interleave(kw) * dilation[0]
+    kb = torch.arange(kw, device=device, dtype=dtype).repeat(kh) * dilation[1]
     base_y = ka.view(-1, 1, 1) + rows.view(1, -1, 1)
     base_x = kb.view(-1, 1, 1) + cols.view(1, 1, -1)
 
-    off = offset.view(batch, offset_groups, n_points, 2, out_h, out_w)
+    # reshape, not view: torchvision's tests pass permuted (non-contiguous) offsets and masks.
+    off = offset.reshape(batch, offset_groups, n_points, 2, out_h, out_w)
     ys = (base_y + off[:, :, :, 0]).flatten(2)  # [B, G, K*Ho*Wo]
     xs = (base_x + off[:, :, :, 1]).flatten(2)
 
@@ -99,7 +117,7 @@ def deform_conv2d(
     sampled = bilinear_zero_border(grouped, ys, xs)  # [B, G, C/G, K*L]
     sampled = sampled.view(batch, offset_groups, in_channels // offset_groups, n_points, out_h * out_w)
     if mask is not None:
-        sampled = sampled * mask.view(batch, offset_groups, 1, n_points, out_h * out_w)
+        sampled = sampled * mask.reshape(batch, offset_groups, 1, n_points, out_h * out_w)
 
     # im2col columns, channel-major like the weight layout (c, a, b): [B, groups, Cin/groups*K, L].
     columns = sampled.reshape(batch, groups, (in_channels // groups) * n_points, out_h * out_w)
@@ -152,7 +170,8 @@ def deform_roi_pool(
     rois: [R, 5] (batch_index, x1, y1, x2, y2) in image coordinates. offset: [R, 2, ph, pw],
     channel 0 = x, 1 = y, normalised: bin (i, j) shifts by gamma * offset * (RoI width,
     height). RoI corners map to the feature map as ``coord * spatial_scale - 0.5``; each bin
-    averages a sampling_ratio^2 grid (adaptive ``ceil(roi_size / pooled)`` when 0).
+    averages a sampling_ratio^2 grid (adaptive ``ceil(roi_size / pooled)`` when <= 0: mmcv
+    writes 0, torchvision -1).
     Returns [R, C, ph, pw].
     """
     pooled_h, pooled_w = check_deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio)
