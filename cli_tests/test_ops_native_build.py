@@ -63,3 +63,41 @@ def test_fingerprint_follows_sources(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert _native._fingerprint(sources, True) != first
     (tmp_path / "checks.h").write_text("// changed\n")
     assert _native._fingerprint(sources, False) != first
+
+
+def test_build_progress_names_files_and_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cold build reports which files compile and the elapsed seconds (from the object files
+    ninja writes), and says something at least every PROGRESS_HEARTBEAT seconds."""
+    import io
+    import time
+
+    monkeypatch.setenv("MAX_JOBS", "2")
+    monkeypatch.setattr(_native, "PROGRESS_HEARTBEAT", 0.3)
+    sources = [_native.SOURCE_ROOT / "ops.cpp", _native.SOURCE_ROOT / "cpu" / "scratch.cpp",
+               _native.SOURCE_ROOT / "autograd" / "deform_conv2d_autograd.cpp"]
+    stream = io.StringIO()
+    with _native._BuildProgress(tmp_path, sources, with_cuda=False, stream=stream):
+        time.sleep(0.7)  # nothing finished yet: heartbeat lines
+        (tmp_path / "ops.o").write_bytes(b"")
+        time.sleep(0.5)
+        (tmp_path / "scratch.o").write_bytes(b"")
+        (tmp_path / "deform_conv2d_autograd.o").write_bytes(b"")
+        time.sleep(0.5)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith(_native.STATUS_LINE) and "3 files, 2 at a time" in lines[0]
+    assert "DCN_INSPECT_OPS=reference" in lines[0]
+    assert lines[1] == "dcn-inspect: compiling ops.cpp, cpu/scratch.cpp"
+    assert any(line.startswith("dcn-inspect: still compiling ops.cpp, cpu/scratch.cpp (") for line in lines)
+    assert any(
+        line.startswith("dcn-inspect: [1/3] ops.cpp compiled (")
+        and line.endswith("; compiling cpu/scratch.cpp, autograd/deform_conv2d_autograd.cpp")
+        for line in lines
+    )
+    assert any(line.startswith("dcn-inspect: [3/3] ") and line.endswith("; linking") for line in lines)
+    assert lines[-1].startswith("dcn-inspect: native ops built in ") and lines[-1].endswith(" s")
+
+
+def test_cuda_objects_are_named_like_cpp_extension() -> None:
+    cu = _native.SOURCE_ROOT / "cuda" / "deform_conv2d_kernel.cu"
+    assert _native._object_name(cu, with_cuda=True) == "deform_conv2d_kernel.cuda.o"
+    assert _native._object_name(_native.SOURCE_ROOT / "cpu" / "deform_conv2d_kernel.cpp", True) == "deform_conv2d_kernel.o"

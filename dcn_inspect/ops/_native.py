@@ -40,7 +40,10 @@ BUILD_DIR_ENV = "DCN_INSPECT_BUILD_DIR"
 COLUMN_BUDGET_ENV = "DCN_INSPECT_COLUMN_BUDGET"
 SOURCE_ROOT = Path(__file__).resolve().parents[2] / "csrc"
 BUILD_INFO = "build_info.json"
-STATUS_LINE = "dcn-inspect: building native ops (first use, ~1 min)…"
+#: First line a cold build prints on stderr (the progress lines follow it).
+STATUS_LINE = "dcn-inspect: building native ops"
+#: Seconds between "still compiling" lines while no file finishes.
+PROGRESS_HEARTBEAT = 15.0
 
 _lock = threading.Lock()
 _details: Optional[Dict[str, Any]] = None
@@ -107,6 +110,87 @@ def _build_dir(fingerprint: str) -> Path:
     return cache / "dcn_inspect" / f"ops-{fingerprint}"
 
 
+def _object_name(source: Path, with_cuda: bool) -> str:
+    """The object file torch.utils.cpp_extension's ninja build writes for a source."""
+    return source.stem + (".cuda.o" if with_cuda and source.suffix == ".cu" else ".o")
+
+
+class _BuildProgress:
+    """Reports a cold build on stderr: which files are compiling, what finished, elapsed seconds.
+
+    ninja (under torch.utils.cpp_extension) prints nothing until it is done, so a thread
+    watches the build directory instead: an object file appears when its source has compiled,
+    and ninja starts the sources in order, ``jobs`` at a time, so the first unfinished ones are
+    the ones compiling.
+    """
+
+    def __init__(self, build_dir: Path, sources: List[Path], with_cuda: bool, stream: Any = None) -> None:
+        self.build_dir = build_dir
+        self.names = [str(p.relative_to(SOURCE_ROOT)) for p in sources]
+        self.objects = [_object_name(p, with_cuda) for p in sources]
+        self.jobs = _build_jobs()
+        self.stream = stream if stream is not None else sys.stderr
+        self.start = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dcn-inspect-build-progress", daemon=True)
+
+    def _say(self, message: str) -> None:
+        print(f"dcn-inspect: {message}", file=self.stream, flush=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def _compiling(self, done: set) -> List[str]:
+        pending = [n for n, o in zip(self.names, self.objects) if o not in done]
+        return pending[: self.jobs]
+
+    def _run(self) -> None:
+        done: set = set()
+        last_report = self.elapsed()
+        while not self._stop.wait(0.25):
+            finished = [o for o in self.objects if o not in done and (self.build_dir / o).is_file()]
+            for obj in finished:
+                done.add(obj)
+                name = self.names[self.objects.index(obj)]
+                compiling = self._compiling(done)
+                tail = f"; compiling {', '.join(compiling)}" if compiling else "; linking"
+                self._say(f"[{len(done)}/{len(self.objects)}] {name} compiled ({self.elapsed():.0f} s){tail}")
+                last_report = self.elapsed()
+            if self.elapsed() - last_report >= PROGRESS_HEARTBEAT:
+                compiling = self._compiling(done)
+                what = f"compiling {', '.join(compiling)}" if compiling else "linking"
+                self._say(f"still {what} ({self.elapsed():.0f} s)")
+                last_report = self.elapsed()
+
+    def __enter__(self) -> "_BuildProgress":
+        self._say(
+            f"{STATUS_LINE[len('dcn-inspect: '):]} (first use): {len(self.objects)} files, {self.jobs} at a time, "
+            f"into {self.build_dir.parent}; DCN_INSPECT_OPS=reference skips this"
+        )
+        self._say(f"compiling {', '.join(self._compiling(set()))}")
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc_type is None:
+            self._say(f"native ops built in {self.elapsed():.0f} s")
+        else:
+            self._say(f"native ops build failed after {self.elapsed():.0f} s")
+
+
+def _build_jobs() -> int:
+    """Parallel compile jobs: MAX_JOBS when set (torch.utils.cpp_extension passes it to ninja),
+    else ninja's own default (2 on one CPU, 3 on two, CPUs + 2 above)."""
+    try:
+        return max(1, int(os.environ.get("MAX_JOBS", "")))
+    except ValueError:
+        pass
+    cpus = os.cpu_count() or 1
+    return 2 if cpus <= 1 else 3 if cpus == 2 else cpus + 2
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """Exclusive lock between processes building into the same directory."""
@@ -148,21 +232,21 @@ def _compile(build_dir: Path, fingerprint: str, sources: List[Path], with_cuda: 
         shutil.rmtree(stale, ignore_errors=True)
     attempt = build_dir / f"attempt-{os.getpid()}-{int(time.time())}"
     attempt.mkdir()
-    print(STATUS_LINE, file=sys.stderr, flush=True)
     start = time.perf_counter()
     # at::parallel_for is header code: without -fopenmp the kernels would run on one thread.
     flags = _host_cflags() + (["-DWITH_CUDA"] if with_cuda else [])
-    library = cpp_extension.load(
-        name=f"dcn_inspect_ops_{fingerprint}",
-        sources=[str(p) for p in sources],
-        extra_cflags=flags,
-        extra_cuda_cflags=["-O3", "-DWITH_CUDA"] if with_cuda else None,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(attempt),
-        with_cuda=with_cuda,
-        is_python_module=False,  # loads the library into this process (torch.ops.load_library)
-        verbose=False,
-    )
+    with _BuildProgress(attempt, sources, with_cuda):
+        library = cpp_extension.load(
+            name=f"dcn_inspect_ops_{fingerprint}",
+            sources=[str(p) for p in sources],
+            extra_cflags=flags,
+            extra_cuda_cflags=["-O3", "-DWITH_CUDA"] if with_cuda else None,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(attempt),
+            with_cuda=with_cuda,
+            is_python_module=False,  # loads the library into this process (torch.ops.load_library)
+            verbose=False,
+        )
     info = {
         "fingerprint": fingerprint,
         "library": str(library),
