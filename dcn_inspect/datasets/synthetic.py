@@ -395,25 +395,30 @@ def save_image(path: Path, image: np.ndarray, image_format: str = "png") -> None
         Image.fromarray(image).save(tmp, format=pil_format, **options)
 
 
-def coco_dict(file_names: Sequence[str], all_scenes: Sequence[Scene]) -> dict:
-    """COCO instances json: boxes [x, y, w, h], mask area, iscrowd 0, polygon segmentation."""
-    images, annotations = [], []
-    for image_id, (file_name, scene) in enumerate(zip(file_names, all_scenes), start=1):
-        height, width = scene.labels.shape
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for obj in scene.objects:
-            x1, y1, x2, y2 = obj.box
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": obj.label,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": obj.area,
-                    "iscrowd": 0,
-                    "segmentation": [[round(float(v), 2) for v in obj.polygon.ravel()]],
-                }
-            )
+def coco_entries(image_id: int, file_name: str, scene: Scene, first_annotation_id: int) -> Tuple[dict, List[dict]]:
+    """The COCO ``images`` entry of one scene and its ``annotations`` (ids from ``first_annotation_id``):
+    boxes [x, y, w, h], mask area, iscrowd 0, polygon segmentation."""
+    height, width = scene.labels.shape
+    image = {"id": image_id, "file_name": file_name, "width": width, "height": height}
+    annotations = []
+    for obj in scene.objects:
+        x1, y1, x2, y2 = obj.box
+        annotations.append(
+            {
+                "id": first_annotation_id + len(annotations),
+                "image_id": image_id,
+                "category_id": obj.label,
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": obj.area,
+                "iscrowd": 0,
+                "segmentation": [[round(float(v), 2) for v in obj.polygon.ravel()]],
+            }
+        )
+    return image, annotations
+
+
+def coco_document(images: List[dict], annotations: List[dict]) -> dict:
+    """COCO instances json around ``images`` and ``annotations`` entries (see :func:`coco_entries`)."""
     categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)]
     return {
         "info": {"description": "dcn-inspect synthetic shape scenes", "version": "1"},
@@ -422,6 +427,70 @@ def coco_dict(file_names: Sequence[str], all_scenes: Sequence[Scene]) -> dict:
         "annotations": annotations,
         "categories": categories,
     }
+
+
+def coco_dict(file_names: Sequence[str], all_scenes: Sequence[Scene]) -> dict:
+    """COCO instances json of scenes held in memory (``write_dataset`` streams instead)."""
+    images: List[dict] = []
+    annotations: List[dict] = []
+    for image_id, (file_name, scene) in enumerate(zip(file_names, all_scenes), start=1):
+        image, entries = coco_entries(image_id, file_name, scene, len(annotations) + 1)
+        images.append(image)
+        annotations.extend(entries)
+    return coco_document(images, annotations)
+
+
+class CocoSpool:
+    """Writes a COCO json (:func:`coco_document`) whose entries arrive one scene at a time.
+
+    The ``images`` and ``annotations`` entries go to two temporary files as they come and are
+    joined into the document at the end, so memory does not grow with the number of scenes.
+    The file is byte-identical to ``json.dumps(coco_document(images, annotations), indent=1)``.
+    """
+
+    _ITEM = "  "  # indentation of a list item inside the document (indent=1, depth 2)
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self._parts = {key: tempfile.TemporaryFile("w+", encoding="utf-8") for key in ("images", "annotations")}
+        self._counts = {key: 0 for key in self._parts}
+
+    def add(self, key: str, entry: dict) -> None:
+        handle = self._parts[key]
+        if self._counts[key]:
+            handle.write(",\n")
+        handle.write("\n".join(self._ITEM + line for line in json.dumps(entry, indent=1).splitlines()))
+        self._counts[key] += 1
+
+    def count(self, key: str) -> int:
+        return self._counts[key]
+
+    def write(self, path: Path) -> None:
+        from dcn_inspect.outputs import atomic_path
+
+        marker = {key: f"@@{key}@@" for key in self._parts}
+        skeleton = json.dumps(coco_document([marker["images"]], [marker["annotations"]]), indent=1) + "\n"
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+            rest = skeleton
+            for key in ("images", "annotations"):
+                placeholder = f"[\n{self._ITEM}{json.dumps(marker[key])}\n ]"
+                before, rest = rest.split(placeholder, 1)
+                out.write(before)
+                if not self._counts[key]:
+                    out.write("[]")
+                    continue
+                out.write("[\n")
+                handle = self._parts[key]
+                handle.seek(0)
+                while chunk := handle.read(1 << 20):
+                    out.write(chunk)
+                out.write("\n ]")
+            out.write(rest)
+
+    def close(self) -> None:
+        for handle in self._parts.values():
+            handle.close()
 
 
 def voc_xml(file_name: str, scene: Scene) -> str:
@@ -472,24 +541,31 @@ def write_dataset(
     out = Path(out)
     image_dir = out / ("images" if fmt == "coco" else "JPEGImages")
     image_dir.mkdir(parents=True, exist_ok=True)
-    names: List[str] = []
-    kept: List[Scene] = []
-    for index, scene in enumerate(scenes(seed, n, config)):
-        name = f"scene_{index:05d}{suffix}"
-        save_image(image_dir / name, scene.image, image_format)
-        names.append(name)
-        if fmt == "coco":
-            kept.append(Scene(image=np.zeros((0, 0, 3), np.uint8), labels=scene.labels, instances=scene.instances, objects=scene.objects))
-        else:
-            (out / "Annotations").mkdir(exist_ok=True)
-            write_text(out / "Annotations" / f"scene_{index:05d}.xml", voc_xml(name, scene))
-        if progress is not None:
-            progress(index + 1)
+    # Streamed: each scene's image and annotations go to disk as soon as it is drawn (COCO
+    # entries through a spool file), so memory stays flat in n.
+    spool = CocoSpool() if fmt == "coco" else None
+    try:
+        for index, scene in enumerate(scenes(seed, n, config)):
+            name = f"scene_{index:05d}{suffix}"
+            save_image(image_dir / name, scene.image, image_format)
+            if spool is not None:
+                image, entries = coco_entries(index + 1, name, scene, spool.count("annotations") + 1)
+                spool.add("images", image)
+                for entry in entries:
+                    spool.add("annotations", entry)
+            else:
+                (out / "Annotations").mkdir(exist_ok=True)
+                write_text(out / "Annotations" / f"scene_{index:05d}.xml", voc_xml(name, scene))
+            if progress is not None:
+                progress(index + 1)
+        if spool is not None:
+            spool.write(out / "annotations.json")
+    finally:
+        if spool is not None:
+            spool.close()
     if fmt == "coco":
-        path = out / "annotations.json"
-        write_text(path, json.dumps(coco_dict(names, kept), indent=1) + "\n")
-        return path
+        return out / "annotations.json"
     sets = out / "ImageSets" / "Main"
     sets.mkdir(parents=True, exist_ok=True)
-    write_text(sets / "all.txt", "".join(Path(name).stem + "\n" for name in names))
+    write_text(sets / "all.txt", "".join(f"scene_{index:05d}\n" for index in range(n)))
     return out
