@@ -36,9 +36,10 @@ namespace ops {
 
 namespace {
 
-// A run of channels [begin, end) inside one offset group and one conv group.
+// A run of channels [begin, end) inside one offset group and one conv group; in a column row,
+// its channel `begin` at kernel point k sits at column + k * (C / groups).
 struct Segment {
-  int64_t begin, end, offset_group, group;
+  int64_t begin, end, offset_group, group, column;
 };
 
 // The channel runs of the geometry, split further into pieces of at most max_length channels.
@@ -50,16 +51,12 @@ std::vector<Segment> channel_segments(const DeformConvGeometry& g, int64_t max_l
     const int64_t og = c / per_offset_group;
     const int64_t grp = c / per_group;
     const int64_t end = std::min({(og + 1) * per_offset_group, (grp + 1) * per_group, c + max_length});
-    segments.push_back({c, end, og, grp});
+    // conv group grp owns the block [grp * K * per_group, (grp + 1) * K * per_group) of a row,
+    // ordered (kernel point, channel)
+    segments.push_back({c, end, og, grp, grp * g.kernel_points() * per_group + (c - grp * per_group)});
     c = end;
   }
   return segments;
-}
-
-// Where channel `begin` of conv group `group` at kernel point k sits in a column row.
-inline int64_t column_offset(const DeformConvGeometry& g, int64_t group, int64_t k, int64_t begin) {
-  const int64_t per_group = g.channels / g.groups;
-  return group * g.kernel_points() * per_group + k * per_group + (begin - group * per_group);
 }
 
 // Sampling positions without the offsets: pos_y[l] = i * stride_h - pad_h for l = i * Wo + j
@@ -170,9 +167,9 @@ std::vector<int64_t> first_segments(const std::vector<Segment>& segments, int64_
   return first;
 }
 
-// columns[(b * L + l) * KC + column_offset(group, k, c)] = mask * bilinear(input[first + b], c)
-// for the images [first, first + count). input_nhwc: [N, H, W, C]; zeros: C zeros, read in
-// place of the corners that are off the map.
+// columns[(b * L + l) * KC + segment.column + k * Cg + (c - segment.begin)] = mask * bilinear(
+// input[first + b], c) of kernel point k at position l, for the images [first, first + count).
+// input_nhwc: [N, H, W, C]; zeros: C zeros, read in place of the corners that are off the map.
 template <typename scalar_t>
 void gather_columns(
     const DeformConvGeometry& g,
@@ -187,6 +184,7 @@ void gather_columns(
     scalar_t* columns) {
   constexpr int64_t P = kGatherPositions;
   const int64_t C = g.channels, K = g.kernel_points(), L = g.positions(), OG = g.offset_groups;
+  const int64_t Cg = C / g.groups;
   const int64_t HW = g.height * g.width, KC = K * C;
   const int64_t blocks = (L + P - 1) / P;
   const std::vector<int64_t> first_segment = first_segments(segments, OG);
@@ -220,19 +218,21 @@ void gather_columns(
       const scalar_t* planes = input_nhwc + image * HW * C;
       for (int64_t t = 0; t < n; ++t) {
         scalar_t* row = columns + (b * L + l0 + t) * KC;
-        for (int64_t r = 0; r < OG * K; ++r) {
-          const int64_t og = r / K, k = r - og * K;
-          const int32_t* idx = index.data() + r * 4 * P + t;
-          const scalar_t* w = weight.data() + r * 4 * P + t;
-          const scalar_t* p[4];
-          for (int q = 0; q < 4; ++q) {
-            p[q] = idx[q * P] >= 0 ? planes + int64_t(idx[q * P]) * C : zeros;
-          }
-          for (int64_t si = first_segment[og]; si < first_segment[og + 1]; ++si) {
-            const Segment& s = segments[si];
-            lerp4<scalar_t>(
-                row + column_offset(g, s.group, k, s.begin), p[0] + s.begin, p[1] + s.begin, p[2] + s.begin,
-                p[3] + s.begin, w[0], w[P], w[2 * P], w[3 * P], s.end - s.begin);
+        for (int64_t og = 0; og < OG; ++og) {
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t r = og * K + k;
+            const int32_t* idx = index.data() + r * 4 * P + t;
+            const scalar_t* w = weight.data() + r * 4 * P + t;
+            const scalar_t* p[4];
+            for (int q = 0; q < 4; ++q) {
+              p[q] = idx[q * P] >= 0 ? planes + int64_t(idx[q * P]) * C : zeros;
+            }
+            for (int64_t si = first_segment[og]; si < first_segment[og + 1]; ++si) {
+              const Segment& s = segments[si];
+              lerp4<scalar_t>(
+                  row + s.column + k * Cg, p[0] + s.begin, p[1] + s.begin, p[2] + s.begin, p[3] + s.begin, w[0],
+                  w[P], w[2 * P], w[3 * P], s.end - s.begin);
+            }
           }
         }
       }
@@ -303,7 +303,7 @@ void scatter_columns(
     scalar_t* grad_input_nhwc,
     scalar_t* partial) {
   const int64_t C = g.channels, K = g.kernel_points(), L = g.positions(), OG = g.offset_groups;
-  const int64_t HW = g.height * g.width, KC = K * C;
+  const int64_t HW = g.height * g.width, KC = K * C, Cg = C / g.groups;
   const int64_t S = static_cast<int64_t>(segments.size());
   const int64_t work = K * L * (C / S + 16);
   at::parallel_for(0, count * S, grain_for(work), [&](int64_t begin, int64_t end) {
@@ -320,12 +320,12 @@ void scatter_columns(
       const GradEntry<scalar_t>* rows = entries + (b * OG + s.offset_group) * K * L;
       // A segment that is only part of its group's channels reads the column gradient in
       // pieces one row (K*C values) apart, a stride the hardware prefetchers do not follow.
-      const bool prefetch = n < C / g.groups;
+      const bool prefetch = n < Cg;
       for (int64_t l = 0; l < L; ++l) {
         const scalar_t* grad_row = grad_columns + (b * L + l) * KC;
         for (int64_t k = 0; k < K; ++k) {
           if (prefetch && l + 1 < L) {
-            const char* next = reinterpret_cast<const char*>(grad_row + KC + column_offset(g, s.group, k, s.begin));
+            const char* next = reinterpret_cast<const char*>(grad_row + KC + s.column + k * Cg);
             for (int64_t byte = 0; byte < n * static_cast<int64_t>(sizeof(scalar_t)); byte += 64) {
               __builtin_prefetch(next + byte, 0, 0);
             }
@@ -336,7 +336,7 @@ void scatter_columns(
             out[0] = out[1] = out[2] = 0;
             continue;
           }
-          const scalar_t* __restrict__ gc = grad_row + column_offset(g, s.group, k, s.begin);
+          const scalar_t* __restrict__ gc = grad_row + s.column + k * Cg;
           const scalar_t* __restrict__ v00 = e.index[0] >= 0 ? planes + int64_t(e.index[0]) * C : zero;
           const scalar_t* __restrict__ v01 = e.index[1] >= 0 ? planes + int64_t(e.index[1]) * C : zero;
           const scalar_t* __restrict__ v10 = e.index[2] >= 0 ? planes + int64_t(e.index[2]) * C : zero;

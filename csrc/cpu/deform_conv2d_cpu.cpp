@@ -1,23 +1,36 @@
 // CPU entry points of deform_conv2d: argument checks, the choice of path (deform_conv2d_cpu.h)
 // and its registration with the dispatcher.
 //
-// THE RULE (DCN_INSPECT_CONV_PATH unset or "auto"), from measurements; bench/ops.py --paths
-// prints the same comparison on any machine:
+// THE RULE (DCN_INSPECT_CONV_PATH unset or "auto"). Measured on this project's development
+// machine, a 2-core Intel Xeon (Sapphire Rapids, AVX-512) VM, torch 2.13 with MKL 2024.2 and
+// oneDNN 3.12; bench/ops.py --paths prints the same comparison on any machine.
 //
 // 1. Channels per offset group or per conv group below 8: planar. The channels-last gather
-//    and scatter work on runs of channels; with runs of 4 its vectors are mostly empty and
-//    the per-sample bookkeeping dominates. Measured (Xeon SPR, 1 thread, N2 32x32 k3; fwd,
-//    fwd+bwd of channels-last / planar): 4 channels 0.94 / 1.13, 8 channels 0.76 / 0.84,
-//    16 channels 0.75 / 0.32, 64 channels 0.84 / 0.63; 64 channels in 16 offset groups
-//    (runs of 4) 1.05 / 1.13, in 8 groups (runs of 8) 0.77 / 1.03.
-// 2. Otherwise channels-last, with its GEMMs on BLAS (at::mm, MKL) when oneDNN cannot take
-//    them (not float32, one thread: PyTorch itself sends a single-threaded 1x1 convolution to
-//    its own GEMM path, or oneDNN disabled) or when the CPU is Intel: on the Xeon SPR
-//    (AVX-512) of this project's development machine MKL sgemm ran at 85-90 % of oneDNN's
-//    3x3 convolution, and the 1x1 oneDNN convolution over the same columns was slower than
-//    MKL at every benchmark shape, forward and backward (TODO-MEASURE). A kh x kw
-//    stride-(kh, kw) oneDNN convolution over the columns laid out as [N, C, kh*Ho, kw*Wo]
-//    (issue #15's proposal) was slower still (TODO-MEASURE).
+//    and scatter work on runs of channels; with runs of 4 their vectors are mostly empty and
+//    the per-sample bookkeeping dominates. Ratios channels-last / planar, forward and
+//    forward+backward (1 thread, N2 32x32 k3, min of 21 runs): 4 channels 0.94 / 1.13,
+//    8 channels 0.76 / 0.84, 16 channels 0.75 / 0.32, 64 channels 0.84 / 0.63; 64 channels in
+//    16 offset groups (runs of 4) 1.05 / 1.13, in 8 groups (runs of 8) 0.77 / 1.03.
+// 2. Otherwise channels-last, its GEMMs on BLAS (at::mm: MKL) when oneDNN cannot take them
+//    (not float32; one thread, where PyTorch itself sends a 1x1 convolution to its BLAS path;
+//    oneDNN disabled) and on Intel CPUs. There the GEMM engines were timed alone on the
+//    columns (2 threads, medians of 11, load average 1.4; ms, forward / backward GEMMs):
+//                      MKL mm         oneDNN 1x1     F.conv2d (3x3, for scale)
+//      S1             39.8 /  89.5   43.8 /  95.3   33.7 /  79.7
+//      S3             35.8 /  87.0   36.8 /  86.9   30.7 /  69.9
+//      S2             11.5 /  16.2    9.9 /  40.5    6.9 /  14.9
+//      dcn-sample N1   0.22 /  0.37   0.26 /  0.56   0.28 /  0.62
+//      dcn-sample N4   0.94 /  1.41   0.83 /  2.04   0.75 /  1.53
+//    (S1: N1 512->512 38x63 dilation 2; S3: N2 256->256 64x64; S2: N8 64->64 56x56;
+//    dcn-sample: 48->48 32x32 dilation 2.) MKL is the fastest engine for every backward, and
+//    for the forward at every shape but the batched ones with 48-64 output channels, where
+//    the 1x1 oneDNN convolution saves 10-14 % of the forward GEMM and loses 2-3x that in the
+//    backward: not worth a second rule on one measurement. Issue #15's proposal, a kh x kw
+//    stride-(kh, kw) oneDNN convolution over the samples laid out [N, C, kh*Ho, kw*Wo], timed
+//    1.21-1.28x MKL forward and 1.28-1.93x backward at S1 and S3 (another run, same load).
+//    At the large shapes planar and channels-last are closer than at small channel counts:
+//    planar / cl-blas end to end on one thread (CPU time, medians of 5, forward / fwd+bwd):
+//    S1 1.13 / 1.07, S2 1.36 / 1.00, S3 1.00 / 0.92, dcn-sample 1.49 / 1.21.
 // 3. Any other CPU (AMD, ARM): "tune". Issue #15 measured MKL sgemm 1.3-2.7x slower than the
 //    oneDNN kernels on the project's AMD EPYC machines, a CPU this rule could not be measured
 //    on here; so each new problem size measures both channels-last engines on its first four
