@@ -228,3 +228,35 @@ def test_scratch_is_bounded_and_released(monkeypatch: pytest.MonkeyPatch) -> Non
     assert _native.scratch_bytes() == 0
     details = _native.build_details()
     assert details["cpu_scratch_held"] == "0.0 MiB" and details["cpu_scratch_limit"].startswith("0 MiB")
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@pytest.mark.parametrize("out_channels,batch,expected_forward", [(64, 4, "cl-onednn"), (128, 4, "cl-blas"), (64, 1, "cl-blas")])
+def test_rule_for_float32_engines(
+    monkeypatch: pytest.MonkeyPatch, out_channels: int, batch: int, expected_forward: str
+) -> None:
+    """Intel: oneDNN for forwards with <= 64 outputs per group over >= 4096 positions, MKL
+    otherwise and for every backward; other CPUs measure ("tune")."""
+    native_or_skip()
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("PyTorch without oneDNN")
+    monkeypatch.delenv(_native.CONV_PATH_ENV, raising=False)
+    x = torch.zeros(batch, 32, 32, 32)
+    w = torch.zeros(out_channels, 32, 3, 3)
+    offset = torch.zeros(batch, 18, 32, 32)
+    forward = _native.conv_path(x, offset, w, padding=1)
+    backward = _native.conv_path(x, offset, w, padding=1, backward=True)
+    if _cpu_vendor() == "GenuineIntel":
+        assert (forward, backward) == (expected_forward, "cl-blas")
+    else:
+        assert forward.startswith("tune:") and (backward.startswith("tune:") or backward == "cl-blas")

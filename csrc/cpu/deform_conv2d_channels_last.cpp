@@ -11,9 +11,10 @@
 // weight is permuted once to [O, kh, kw, Cg] and the forward GEMM of image b and group grp is
 //   output[b, grp] [Og, L] = weight'[grp] [Og, K*Cg] x columns[b][:, grp block]^T,
 // either by at::mm per image and group (BLAS) or by one 1x1 convolution over the chunk of
-// images, the columns seen as an NHWC image [count, K*C, Ho, Wo] (oneDNN). The backward is the
-// same two engines' weight and input gradients, followed by one pass that scatters the column
-// gradient into the input gradient and reduces the offset and mask gradients.
+// images, the columns seen as an NHWC image [count, K*C, Ho, Wo] (oneDNN, whose brgemm reads
+// that layout without the packing copy MKL makes of it). The backward is the same two engines'
+// weight and input gradients, followed by one pass that scatters the column gradient into the
+// input gradient and reduces the offset and mask gradients.
 //
 // Parallel loops partition their writes: the gather owns blocks of output positions; the
 // backward pass owns (image, block of channels): it scatters into those channels of the NHWC
@@ -22,6 +23,7 @@
 // the summation order, depend only on the shapes and the thread count).
 #include "deform_conv2d_cpu.h"
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -416,27 +418,38 @@ int64_t backward_segment_length(const DeformConvGeometry& g, int64_t count) {
   return std::max<int64_t>(16, (length + 15) / 16 * 16);
 }
 
-// dst[b][s][r] = src[b][r][s] for b < batches, r < rows, s < cols, in tiles that stay in L1
-// (PyTorch's strided copy takes ~8x longer for NHWC -> NCHW).
+// out[s][r] = in[r][s] for the rows [r0, r1) of an image with `rows` rows and `cols` columns,
+// 32 columns at a time so the source lines stay in L1. Kept out of line with restrict
+// pointers: inlined into the parallel_for lambda, GCC kept the pointers on the stack and ran
+// it four times slower.
+template <typename scalar_t>
+__attribute__((noinline)) void transpose_rows(
+    const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t rows, int64_t cols, int64_t r0, int64_t r1) {
+  constexpr int64_t kTile = 32;
+  for (int64_t s0 = 0; s0 < cols; s0 += kTile) {
+    const int64_t s1 = std::min(cols, s0 + kTile);
+    for (int64_t s = s0; s < s1; ++s) {
+      const scalar_t* __restrict__ src = in + s;
+      scalar_t* __restrict__ dst = out + s * rows;
+#pragma omp simd
+      for (int64_t r = r0; r < r1; ++r) {
+        dst[r] = src[r * cols];
+      }
+    }
+  }
+}
+
+// dst[b][s][r] = src[b][r][s] for b < batches, r < rows, s < cols (PyTorch's strided copy
+// takes ~8x longer for NHWC -> NCHW).
 template <typename scalar_t>
 void transpose_batched(const scalar_t* src, scalar_t* dst, int64_t batches, int64_t rows, int64_t cols) {
-  constexpr int64_t kTile = 32;
-  const int64_t row_tiles = (rows + kTile - 1) / kTile;
-  at::parallel_for(0, batches * row_tiles, grain_for(kTile * cols), [&](int64_t begin, int64_t end) {
+  constexpr int64_t kRows = 32;
+  const int64_t row_tiles = (rows + kRows - 1) / kRows;
+  at::parallel_for(0, batches * row_tiles, grain_for(kRows * cols), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / row_tiles;
-      const int64_t r0 = (task - b * row_tiles) * kTile;
-      const int64_t r1 = std::min(rows, r0 + kTile);
-      const scalar_t* in = src + b * rows * cols;
-      scalar_t* out = dst + b * rows * cols;
-      for (int64_t s0 = 0; s0 < cols; s0 += kTile) {
-        const int64_t s1 = std::min(cols, s0 + kTile);
-        for (int64_t s_ = s0; s_ < s1; ++s_) {
-          for (int64_t r = r0; r < r1; ++r) {
-            out[s_ * rows + r] = in[r * cols + s_];
-          }
-        }
-      }
+      const int64_t r0 = (task - b * row_tiles) * kRows;
+      transpose_rows<scalar_t>(src + b * rows * cols, dst + b * rows * cols, rows, cols, r0, std::min(rows, r0 + kRows));
     }
   });
 }
@@ -472,6 +485,11 @@ at::Tensor input_as_nhwc(const at::Tensor& input, ScratchLease& scratch) {
   }
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   return transposed(input, N, C, H * W, {N, H, W, C}, &scratch);
+}
+
+// Whether at::mkldnn_convolution can run a convolution of this dtype here.
+bool onednn_takes(at::ScalarType dtype) {
+  return dtype == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
 }
 
 // The columns of `count` images seen as an NHWC image [count, K*C, Ho, Wo] (for oneDNN).
@@ -535,11 +553,20 @@ at::Tensor deform_conv2d_forward_channels_last(
           g, grid, segments, input_nhwc.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
           g.use_mask ? mask.data_ptr<scalar_t>() : nullptr, zeros, first, count, columns);
       if (onednn) {
-        const at::Tensor result = at::convolution(
-            columns_as_image(columns, g, count, input.options()), weight_cols.view({g.out_channels, KCg, 1, 1}),
-            has_bias ? c10::optional<at::Tensor>(bias) : c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0},
-            g.groups);
-        output.narrow(0, first, count).copy_(result);
+        const at::Tensor image = columns_as_image(columns, g, count, input.options());
+        const at::Tensor weight_image = weight_cols.view({g.out_channels, KCg, 1, 1});
+        const c10::optional<at::Tensor> bias_opt = has_bias ? c10::optional<at::Tensor>(bias) : c10::nullopt;
+        // oneDNN directly: at::convolution would send a single-threaded 1x1 convolution to
+        // PyTorch's BLAS path instead. Its output is NHWC; transposed into place below.
+        const at::Tensor result = onednn_takes(input.scalar_type())
+            ? at::mkldnn_convolution(image, weight_image, bias_opt, {0, 0}, {1, 1}, {1, 1}, g.groups)
+            : at::convolution(image, weight_image, bias_opt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, g.groups);
+        at::Tensor out = output.narrow(0, first, count);
+        if (result.is_contiguous(at::MemoryFormat::ChannelsLast) && !result.is_contiguous()) {
+          transpose_batched<scalar_t>(result.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), count, L, g.out_channels);
+        } else {
+          out.copy_(result);
+        }
         continue;
       }
       for (int64_t b = 0; b < count; ++b) {

@@ -11,10 +11,13 @@
 //    forward+backward (1 thread, N2 32x32 k3, min of 21 runs): 4 channels 0.94 / 1.13,
 //    8 channels 0.76 / 0.84, 16 channels 0.75 / 0.32, 64 channels 0.84 / 0.63; 64 channels in
 //    16 offset groups (runs of 4) 1.05 / 1.13, in 8 groups (runs of 8) 0.77 / 1.03.
-// 2. Otherwise channels-last, its GEMMs on BLAS (at::mm: MKL) when oneDNN cannot take them
-//    (not float32; one thread, where PyTorch itself sends a 1x1 convolution to its BLAS path;
-//    oneDNN disabled) and on Intel CPUs. There the GEMM engines were timed alone on the
-//    columns (2 threads, medians of 11, load average 1.4; ms, forward / backward GEMMs):
+// 2. Otherwise channels-last. Its GEMMs run on BLAS (at::mm: MKL) where oneDNN cannot take
+//    them (not float32, oneDNN disabled; for the backward also one thread, where PyTorch
+//    sends at::convolution_backward of a 1x1 convolution to its BLAS path). On Intel CPUs:
+//    the forward on oneDNN (at::mkldnn_convolution of a 1x1 convolution over the columns)
+//    when a conv group has at most 64 output channels and the batch at least 4096 output
+//    positions, everything else on MKL. The GEMM engines timed alone on the columns (2 threads,
+//    medians of 11, load average 1.4; ms, forward / backward GEMMs):
 //                      MKL mm         oneDNN 1x1     F.conv2d (3x3, for scale)
 //      S1             39.8 /  89.5   43.8 /  95.3   33.7 /  79.7
 //      S3             35.8 /  87.0   36.8 /  86.9   30.7 /  69.9
@@ -22,12 +25,14 @@
 //      dcn-sample N1   0.22 /  0.37   0.26 /  0.56   0.28 /  0.62
 //      dcn-sample N4   0.94 /  1.41   0.83 /  2.04   0.75 /  1.53
 //    (S1: N1 512->512 38x63 dilation 2; S3: N2 256->256 64x64; S2: N8 64->64 56x56;
-//    dcn-sample: 48->48 32x32 dilation 2.) MKL is the fastest engine for every backward, and
-//    for the forward at every shape but the batched ones with 48-64 output channels, where
-//    the 1x1 oneDNN convolution saves 10-14 % of the forward GEMM and loses 2-3x that in the
-//    backward: not worth a second rule on one measurement. Issue #15's proposal, a kh x kw
-//    stride-(kh, kw) oneDNN convolution over the samples laid out [N, C, kh*Ho, kw*Wo], timed
-//    1.21-1.28x MKL forward and 1.28-1.93x backward at S1 and S3 (another run, same load).
+//    dcn-sample: 48->48 32x32 dilation 2.) On one thread (CPU time, medians of 9, forward
+//    GEMM, oneDNN with a copy of its NHWC output to NCHW / MKL): S1 1.11, S3 1.05, S2 0.82,
+//    dcn-sample N1 1.05, N8 0.79. With few output channels MKL spends as long packing the large
+//    column matrix as multiplying (perf: sgemm_scopy 12.7 %, kernels 20.8 % of an S2 forward),
+//    which oneDNN's brgemm reads in place. MKL is never slower in the backward (oneDNN 1.0-2.5x
+//    its time on 2 threads, 1.1-2.1x on one). Issue
+//    #15's proposal, a kh x kw stride-(kh, kw) oneDNN convolution over the samples laid out
+//    [N, C, kh*Ho, kw*Wo], timed 1.21-1.28x MKL forward and 1.28-1.93x backward at S1 and S3.
 //    At the large shapes planar and channels-last are closer than at small channel counts:
 //    planar / cl-blas end to end on one thread (CPU time, medians of 5, forward / fwd+bwd):
 //    S1 1.13 / 1.07, S2 1.36 / 1.00, S3 1.00 / 0.92, dcn-sample 1.49 / 1.21.
@@ -83,9 +88,11 @@ bool is_intel_cpu() {
 #endif
 }
 
-bool onednn_can_take(at::ScalarType dtype) {
+// The forward calls oneDNN directly; the backward goes through at::convolution_backward,
+// which PyTorch sends to its own BLAS path when it runs on one thread.
+bool onednn_can_take(at::ScalarType dtype, bool backward) {
   return dtype == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() &&
-      at::get_num_threads() > 1;
+      (!backward || at::get_num_threads() > 1);
 }
 
 // Everything that decides how fast each engine is on a call.
@@ -157,8 +164,14 @@ ConvPlan plan_conv(const DeformConvGeometry& g, at::ScalarType dtype, bool backw
     if (run < 8) {
       return {ConvPath::kPlanar, false, key};
     }
-    if (!onednn_can_take(dtype) || is_intel_cpu()) {
+    if (!onednn_can_take(dtype, backward)) {
       return {ConvPath::kChannelsLastBlas, false, key};
+    }
+    if (is_intel_cpu()) {
+      const bool few_outputs_many_positions =
+          g.out_channels / g.groups <= 64 && g.batch * g.positions() >= 4096;
+      return {!backward && few_outputs_many_positions ? ConvPath::kChannelsLastOneDNN : ConvPath::kChannelsLastBlas,
+              false, key};
     }
   }
   return {tuner().next(key), true, key};
