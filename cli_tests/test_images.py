@@ -12,6 +12,8 @@ from dcn_inspect.errors import InputError
 from dcn_inspect.images import load_image, resized_size, to_model_input
 from dcn_inspect.models.registry import Preprocess
 
+from conftest import raises_cli
+
 
 def _gradient(width: int = 12, height: int = 8) -> np.ndarray:
     x = np.linspace(0, 255, width, dtype=np.float64)[None, :, None]
@@ -48,7 +50,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
 def test_pixel_limit_refuses_before_decoding(tmp_path: Path) -> None:
     path = tmp_path / "big.png"
     Image.new("RGB", (300, 200)).save(path)
-    with pytest.raises(InputError, match=r"60000 pixels, above the limit of 1000 \(raise it with --max-pixels\)"):
+    with raises_cli(r"60000 pixels, above the limit of 1000 \(raise it with --max-pixels\)"):
         load_image(path, max_pixels=1000)
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from dcn_inspect.errors import InputError
+from dcn_inspect.cli.render import print_key_table
+from dcn_inspect.errors import DcnInspectWarning
 from dcn_inspect.images import to_model_input
 from dcn_inspect.loading import load_model
 from dcn_inspect.models import registry
@@ -69,14 +71,15 @@ def test_mmdetection_checkpoint_loads_with_identical_outputs(tmp_path, capsys, m
     config_text = f"model = dict(backbone=dict(type='ResNet', dcn=dict(type='{dcn_type}', deform_groups={deform_groups})))"
     torch.save({"meta": {"config": config_text, "epoch": 12}, "state_dict": state}, path)
 
-    loaded = load_model(str(path))
+    with pytest.warns(DcnInspectWarning) as caught:
+        loaded = load_model(str(path))
     assert loaded.source == "mmdetection"
     assert loaded.arch == "resnet50-dcn-mmdet"
     assert loaded.config["modulated"] is modulated
-    assert loaded.config["deform_groups"] == deform_groups
+    assert loaded.config["offset_groups"] == deform_groups
     assert loaded.config["base_channels"] == BASE and loaded.config["stride_in_1x1"] is False
     assert loaded.summary()["import"]["ignored_keys"] == 2
-    err = capsys.readouterr().err
+    err = "\n".join(str(warning.message) for warning in caught)
     assert "ignored 2 key(s) outside the backbone" in err and "neck.lateral_convs.*" in err
 
     images = to_model_input(_image(), loaded.preprocess).tensor
@@ -133,6 +136,7 @@ def test_missing_backbone_keys_show_a_table_then_an_error(tmp_path, capsys):
     with pytest.raises(InputError) as info:
         load_model(str(_mmdet_file(tmp_path, edit)))
     assert "1 missing and 1 unexpected backbone key(s)" in str(info.value) and "\n" not in str(info.value)
+    print_key_table(info.value.details["keys"])  # what the CLI shows above the error line
     err = capsys.readouterr().err
     assert re.search(r"missing\s+│\s+layer4\.2\.bn3\.running_var", err)
     assert re.search(r"unexpected\s+│\s+backbone\.layer4\.2\.extra\.weight", err)
@@ -252,13 +256,14 @@ def test_detectron2_checkpoint_matches_detectron2_conventions(tmp_path, capsys, 
         path = tmp_path / "model_final.pth"
         torch.save({"model": {k: torch.from_numpy(v) for k, v in stored.items()}, "iteration": 90000}, path)
 
-    loaded = load_model(str(path))
+    with pytest.warns(DcnInspectWarning) as caught:
+        loaded = load_model(str(path))
     assert loaded.source == "detectron2"
     assert loaded.config["modulated"] is modulated
     assert loaded.config["dcn_stages"] == list(deform_stages)
     assert loaded.config["stride_in_1x1"] is True
     assert "BGR" in loaded.summary()["import"]["input_channels"]
-    assert "ignored 1 key(s)" in capsys.readouterr().err
+    assert "ignored 1 key(s)" in "\n".join(str(warning.message) for warning in caught)
 
     image = _image(64, 96, seed=1)
     ours = to_model_input(image, loaded.preprocess, resize=0).tensor

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dcn_inspect.checkpoint import save_native
-from dcn_inspect.info import list_architectures, model_info
+from dcn_inspect.commands.info import list_architectures, model_info
 from dcn_inspect.loading import load_model
 from dcn_inspect.models import registry
 from dcn_inspect.models.resnet import DeformableResNet

@@ -17,10 +17,13 @@ from typer.testing import CliRunner
 
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap
-from dcn_inspect.loading import LoadedModel
+from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.models import registry
 from dcn_inspect.models.registry import Preprocess
-from dcn_inspect.sample_points import CSV_COLUMNS, background_unit, grid_units, nearest_unit, sample_points
+from dcn_inspect.commands.sample_points import CSV_COLUMNS, sample_points
+from dcn_inspect.unit_selection import background_unit, grid_units, nearest_unit
+
+from conftest import raises_cli
 
 TREE_POINTS = 9 + 81 + 729
 
@@ -216,9 +219,9 @@ def test_layer_and_level_selection(image_path: Path, tmp_path: Path) -> None:
     assert len(two.images[0].table) == 9 + 81
     one = sample_points([image_path], model=loaded, levels=2, out=tmp_path / "b", progress=False)
     assert one.layers == ["dcn_c", "dcn_b"]
-    with pytest.raises(InputError, match=r"--layers: unknown deformable layer\(s\) conv9; valid: dcn_a, dcn_b, dcn_c"):
+    with raises_cli(r"--layers: unknown deformable layer\(s\) conv9; valid: dcn_a, dcn_b, dcn_c", "sample-points"):
         sample_points([image_path], model=loaded, layers=["conv9"], out=tmp_path / "c", progress=False)
-    with pytest.raises(InputError, match="--levels 4: the model has 3 deformable conv layer"):
+    with raises_cli("--levels 4: the model has 3 deformable conv layer", "sample-points"):
         sample_points([image_path], model=loaded, levels=4, out=tmp_path / "d", progress=False)
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").glob("*.csv"))
 
@@ -235,9 +238,12 @@ def test_input_errors_are_one_line(image_path: Path, tmp_path: Path) -> None:
         (dict(save_offsets=tmp_path / "offsets.bin"), "--save-offsets .*must end in .npz"),
     ]
     for kwargs, message in cases:
-        with pytest.raises(InputError, match=message) as info:
-            sample_points([image_path], model=loaded, out=tmp_path / "out", progress=False, **kwargs)  # type: ignore[arg-type]
-        assert "\n" not in str(info.value)
+        with raises_cli(message, "sample-points"):
+            try:
+                sample_points([image_path], model=loaded, out=tmp_path / "out", progress=False, **kwargs)  # type: ignore[arg-type]
+            except InputError as exc:
+                assert "\n" not in str(exc)
+                raise
 
 
 def test_boxes_give_background_then_boxes_by_area(image_path: Path, tmp_path: Path) -> None:
@@ -287,7 +293,7 @@ def _coco_for(tmp_path: Path, file_name: str, bbox: list) -> Path:
 
 def test_boxes_file_without_the_image_fails_before_writing(image_path: Path, tmp_path: Path) -> None:
     other = _coco_for(tmp_path, "other.png", [1, 1, 5, 5])
-    with pytest.raises(InputError, match=r"--boxes .*other.png.json: no annotation for image scene.png"):
+    with raises_cli(r"--boxes .*other.png.json: no annotation for image scene.png", "sample-points"):
         sample_points([image_path], model=_loaded(), boxes=other, out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -188,7 +188,7 @@ def load_coco(path: Path, images_dir: Optional[Path] = None) -> AnnotatedDataset
     json and in an ``images/`` folder beside it; ``path`` is ``None`` for images not found."""
     path = Path(path)
     if images_dir is not None and not Path(images_dir).is_dir():
-        raise InputError(f"--images {images_dir}: not a directory")
+        raise InputError(f"{images_dir}: not a directory", param="images")
     data = _read_json(path)
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a COCO json object with 'images' and 'annotations', got a {type(data).__name__}")
@@ -422,14 +422,14 @@ def load_voc(path: Path, images_dir: Optional[Path] = None, split: Optional[str]
     if root is None:
         raise InputError(f"{path}: not a Pascal VOC directory (no Annotations/ folder)")
     if images_dir is not None and not Path(images_dir).is_dir():
-        raise InputError(f"--images {images_dir}: not a directory")
+        raise InputError(f"{images_dir}: not a directory", param="images")
     annotations_dir = root / "Annotations"
     if split is not None:
         split_file = root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
             available = sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
             hint = f" (available: {', '.join(available)})" if available else ""
-            raise InputError(f"--split {split}: {split_file} not found{hint}")
+            raise InputError(f"{split}: {split_file} not found{hint}", param="split")
         stems = []
         for line in split_file.read_text(encoding="utf-8").splitlines():
             tokens = line.split()
@@ -499,7 +499,7 @@ def load_dataset(path: Optional[Path] = None, images_dir: Optional[Path] = None,
     kind, resolved = detect_format(path)
     if kind == "coco":
         if split is not None:
-            raise InputError(f"--split {split}: only Pascal VOC datasets have splits; {resolved} is a COCO json")
+            raise InputError(f"{split}: only Pascal VOC datasets have splits; {resolved} is a COCO json", param="split")
         return load_coco(resolved, images_dir)
     return load_voc(resolved, images_dir, split)
 

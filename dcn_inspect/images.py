@@ -3,23 +3,56 @@
 Images are decoded with Pillow, EXIF orientation honoured, converted to 8-bit RGB whatever
 their mode (grayscale, palette, RGBA, CMYK, 16-bit). Images above a pixel limit are refused
 from their header, before the pixels are decoded.
+
+Every multi-image command follows one policy for images it cannot use (:class:`SkippedImages`):
+such an image is skipped and its reason kept for ``summary.json`` and the final message; with
+``strict``, or when it is the only image, it is an error. :class:`ImageError` carries a short
+``kind`` of reason ("image file not found", "unreadable image", ...) so skipped images can be
+counted by kind.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.utils.data
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dcn_inspect.defaults import DEFAULT_MAX_PIXELS
 from dcn_inspect.errors import InputError
 from dcn_inspect.models.registry import Preprocess
 
-#: Default limit on width*height; raise it with ``--max-pixels``.
-DEFAULT_MAX_PIXELS = 50_000_000
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageError",
+    "ModelInput",
+    "SkippedImages",
+    "load_image",
+    "read_model_input",
+    "resized_size",
+    "to_model_input",
+]
+
+#: ``ImageError.kind`` values.
+NOT_FOUND = "image file not found"
+UNREADABLE = "unreadable image"
+TOO_LARGE = "image too large"
+SIZE_MISMATCH = "image size differs from its annotation"
+
+
+class ImageError(InputError):
+    """An image that cannot be used; ``kind`` is a short reason for counting skipped images."""
+
+    def __init__(self, message: str, kind: str = UNREADABLE) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self) -> Any:  # DataLoader workers send these to the main process
+        return (ImageError, (self.message, self.kind))
 
 
 @dataclass(frozen=True)
@@ -40,18 +73,19 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read ``path`` as an RGB uint8 array [H, W, 3]; one-line :class:`InputError` on failure."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path}: image not found")
+        raise ImageError(f"{path}: image not found", NOT_FOUND)
     if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected an image file")
+        raise ImageError(f"{path}: is a directory, expected an image file")
     if path.stat().st_size == 0:
-        raise InputError(f"{path}: image file is empty")
+        raise ImageError(f"{path}: image file is empty")
     try:
         with Image.open(path) as image:
             width, height = image.size
             if max_pixels > 0 and width * height > max_pixels:
-                raise InputError(
+                raise ImageError(
                     f"{path}: image is {width}x{height} = {width * height} pixels, above the limit of "
-                    f"{max_pixels} (raise it with --max-pixels)"
+                    f"{max_pixels} (raise it with `max_pixels`)",
+                    TOO_LARGE,
                 )
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -67,11 +101,11 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     except InputError:
         raise
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{path}: refused as a decompression bomb ({exc}); raise the limit with --max-pixels") from None
+        raise ImageError(f"{path}: refused as a decompression bomb ({exc}); raise the limit with `max_pixels`", TOO_LARGE) from None
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image Pillow can read") from None
+        raise ImageError(f"{path}: not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{path}: image is corrupt or truncated ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise ImageError(f"{path}: image is corrupt or truncated ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
 def resized_size(hw: Tuple[int, int], resize: int, max_size: int = 0) -> Tuple[int, int]:
@@ -100,34 +134,112 @@ def to_model_input(image: np.ndarray, preprocess: Preprocess, resize: int | None
     return ModelInput(tensor=tensor, original_hw=original_hw, input_hw=input_hw)
 
 
-class ImageBatchReader:
-    """Reads the images of a multi-image command, skipping unreadable ones.
+def read_model_input(
+    path: Path,
+    preprocess: Preprocess,
+    resize: Optional[int] = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    expected_hw: Optional[Tuple[int, int]] = None,
+) -> Tuple[np.ndarray, ModelInput]:
+    """Read ``path`` and prepare it for a model: (RGB uint8 image, model input).
 
-    One unreadable image among several is skipped and its reason kept (for ``summary.json``
-    and the final message); alone, or with ``strict``, it is an error.
+    ``expected_hw`` (from an annotation) must match the decoded size, else :class:`ImageError`.
+    """
+    image = load_image(path, max_pixels)
+    if expected_hw is not None and tuple(image.shape[:2]) != tuple(expected_hw):
+        raise ImageError(
+            f"{path}: image is {image.shape[1]}x{image.shape[0]} but its annotation says {expected_hw[1]}x{expected_hw[0]}",
+            SIZE_MISMATCH,
+        )
+    return image, to_model_input(image, preprocess, resize)
+
+
+#: How many skipped images ``summary.json`` lists by name (all are counted).
+SKIPPED_LISTED = 20
+
+
+@dataclass
+class SkippedImages:
+    """The one policy for images a command cannot use, and their record for ``summary.json``.
+
+    :meth:`skip` keeps an image's reason, or raises its error when ``strict`` is set or the
+    image is the only one (``total == 1``): a single unusable input is the user's error, one
+    bad file among many is not. :meth:`check_any_used` fails when nothing was usable.
     """
 
-    def __init__(self, paths: List[Path], max_pixels: int, strict: bool) -> None:
-        self.paths = paths
-        self.max_pixels = max_pixels
-        self.strict = strict
-        self.skipped: List[Dict[str, str]] = []
+    total: int
+    strict: bool = False
+    items: List[Dict[str, str]] = field(default_factory=list)  # {"image", "kind", "reason"} in order
 
-    def read(self, path: Path) -> Optional[np.ndarray]:
-        """The image as RGB uint8, or None when it was skipped."""
-        try:
-            return load_image(path, self.max_pixels)
-        except InputError as exc:
-            if self.strict or len(self.paths) == 1:
-                raise
-            self.skipped.append({"image": str(path), "reason": str(exc)})
-            return None
+    def skip(self, image: str, error: InputError) -> None:
+        if self.strict:
+            raise InputError(f"{error} (skipped images are errors with `strict`)", details=error.details) from error
+        if self.total == 1:
+            raise error
+        self.items.append({"image": str(image), "kind": getattr(error, "kind", UNREADABLE), "reason": str(error)})
 
-    def check_any_read(self) -> None:
-        """Fail when every image was skipped: there is nothing to report."""
-        if len(self.skipped) == len(self.paths):
-            reasons = "; ".join(item["reason"] for item in self.skipped[:3])
-            raise InputError(f"no readable image among {len(self.paths)}: {reasons}")
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+    def by_kind(self) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for item in self.items:
+            counts[item["kind"]] = counts.get(item["kind"], 0) + 1
+        return counts
+
+    def check_any_used(self, used: int, what: str) -> None:
+        """Fail when none of the ``total`` inputs could be used (``what`` names them)."""
+        if used == 0 and self.total > 0:
+            reasons = "; ".join(item["reason"] for item in self.items[:3]) or "none listed"
+            raise InputError(f"{what}: no image could be used ({reasons})")
+
+    def merge(self, others: Sequence["SkippedImages"]) -> "SkippedImages":
+        """One record of several (the ranks of a distributed run), in the given order."""
+        merged = SkippedImages(self.total, self.strict, list(self.items))
+        for other in others:
+            merged.items.extend(other.items)
+        return merged
 
     def summary(self) -> Dict[str, Any]:
-        return {"count": len(self.skipped), "images": self.skipped}
+        """The ``skipped`` section of every command's ``summary.json``."""
+        return {"count": self.count, "by_kind": self.by_kind(), "images": self.items[:SKIPPED_LISTED]}
+
+
+@dataclass
+class ImageItem:
+    """One image of a dataset as a DataLoader worker prepared it: its model input, or why not."""
+
+    index: int  # position in the dataset's image list
+    tensor: Optional[torch.Tensor]  # [3, H, W] model input; None when the image cannot be used
+    error: Optional[ImageError] = None
+
+
+class DatasetImages(torch.utils.data.Dataset):
+    """Decodes and preprocesses the annotated images ``indices`` of ``entries`` (in DataLoader
+    workers); an image that cannot be used becomes an item with its error, never an exception,
+    so the main process applies :class:`SkippedImages` to it.
+
+    ``entries`` need ``path`` (None when not found), ``file_name``, ``width`` and ``height``.
+    """
+
+    def __init__(self, entries: Sequence[Any], indices: Sequence[int], preprocess: Preprocess, resize: Optional[int], max_pixels: int) -> None:
+        self.entries = entries
+        self.indices = list(indices)
+        self.preprocess = preprocess
+        self.resize = resize
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> ImageItem:
+        index = self.indices[position]
+        entry = self.entries[index]
+        if entry.path is None:
+            return ImageItem(index, None, ImageError(f"{entry.file_name}: image file not found", NOT_FOUND))
+        try:
+            _, model_input = read_model_input(entry.path, self.preprocess, self.resize, self.max_pixels, (entry.height, entry.width))
+        except ImageError as exc:
+            return ImageItem(index, None, exc)
+        return ImageItem(index, model_input.tensor[0])

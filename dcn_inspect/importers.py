@@ -19,8 +19,9 @@ stride on the 1x1 conv, BGR input in 0-255 minus the pixel mean; mmdetection: py
 RGB ImageNet normalisation, caffe style when its embedded config says so). BGR weights are made
 RGB by reversing the input channels of ``conv1``, so every model takes the same RGB input.
 
-Keys outside the backbone (necks, heads) are reported and ignored; missing or unexpected
-backbone keys are shown as a table on stderr followed by a one-line error.
+Keys outside the backbone (necks, heads) are ignored with one warning line (and counted in
+``summary.json``); missing or unexpected backbone keys are a one-line error whose ``details``
+carry the full :class:`KeyReport` (the CLI shows it as a table with ``--verbose``).
 
 :func:`load_user_file` loads ``path/to/file.py:function``: a user function returning an
 ``nn.Module`` (optionally with ``--weights``). The file may define ``PREPROCESS`` (a dict with
@@ -43,8 +44,8 @@ import torch
 from torch import nn
 
 from dcn_inspect.checkpoint import is_native, read_checkpoint_file, sha256_file
-from dcn_inspect.errors import InputError
-from dcn_inspect.loading import LoadedModel
+from dcn_inspect.errors import InputError, warn
+from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.models import registry
 from dcn_inspect.models.registry import Preprocess
 from dcn_inspect.models.resnet import BLOCKS_PER_STAGE, RESNET_ARCHITECTURES
@@ -203,19 +204,19 @@ def infer_resnet_config(converted: ConvertedWeights, path: Path, modulated_hint:
         raise InputError(f"{path}: backbone has {blocks} blocks per stage; supported: {supported}")
     offsets = {k: v for k, v in weights.items() if k.endswith("conv2.conv_offset.weight")}
     dcn_stages = [any(k.startswith(f"layer{s}.") for k in offsets) for s in range(1, 5)]
-    modulated, deform_groups = False, 1
+    modulated, offset_groups = False, 1
     if offsets:
         shapes = {tuple(v.shape[:1]) + tuple(v.shape[2:]) for v in offsets.values()}
         if len(shapes) > 1:
             raise InputError(f"{path}: offset branches of different sizes {sorted(shapes)}; one v1/v2 setting per model is supported")
         channels, kh, kw = next(iter(shapes))
-        modulated, deform_groups = _offset_kind(channels, kh * kw, modulated_hint, path)
+        modulated, offset_groups = _offset_kind(channels, kh * kw, modulated_hint, path)
     return {
         "depth": depth,
         "base_channels": int(stem.shape[0]),
         "dcn_stages": dcn_stages,
         "modulated": modulated,
-        "deform_groups": deform_groups,
+        "offset_groups": offset_groups,
     }
 
 
@@ -232,6 +233,29 @@ def _offset_kind(channels: int, kernel_points: int, hint: Optional[bool], path: 
 # ----------------------------------------------------------------------------- loading
 
 
+@dataclass
+class KeyReport:
+    """How a checkpoint's keys met the model's: what is missing, unexpected or ignored."""
+
+    path: Path
+    missing: List[str]  # model keys the checkpoint lacks
+    unexpected: List[str]  # backbone keys the model lacks (our names)
+    ignored: List[str]  # checkpoint keys outside the backbone (necks, heads, buffers)
+    origin: Dict[str, str] = field(default_factory=dict)  # our name -> checkpoint key
+
+    def rows(self, limit: int = 20) -> List[Tuple[str, str, str]]:
+        """(status, key, checkpoint key or count) rows of the key table, ``limit`` per status."""
+        rows: List[Tuple[str, str, str]] = []
+        for status, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            for key in keys[:limit]:
+                rows.append((status, key if status == "missing" else self.origin.get(key, key), "-" if status == "missing" else ""))
+            if len(keys) > limit:
+                rows.append((status, f"... {len(keys) - limit} more", ""))
+        for prefix, count in sorted(Counter(_prefix(k) for k in self.ignored).items()):
+            rows.append(("ignored (not backbone)", prefix, str(count)))
+        return rows
+
+
 def load_weights(
     model: nn.Module,
     backbone: Dict[str, torch.Tensor],
@@ -242,10 +266,10 @@ def load_weights(
 ) -> List[str]:
     """Load ``backbone`` into ``model``, reporting key problems.
 
-    A shape mismatch is a one-line error naming the key; missing or unexpected keys are shown as
-    a table on stderr, then a one-line error. Missing ``num_batches_tracked`` counters keep the
-    model's value (detectron2's frozen BN has none). ``ignored`` (non-backbone keys) only warn.
-    Returns the warnings printed.
+    A shape mismatch is a one-line error naming the key; missing or unexpected keys are a
+    one-line error whose ``details["keys"]`` holds the :class:`KeyReport`. Missing
+    ``num_batches_tracked`` counters keep the model's value (detectron2's frozen BN has none).
+    ``ignored`` (non-backbone keys) only warn. Returns the warnings issued.
     """
     origin = origin or {}
     ignored = ignored or []
@@ -261,18 +285,18 @@ def load_weights(
             state[key] = value
     missing = [k for k in own if k not in state]
     unexpected = [k for k in backbone if k not in own]
-    warnings: List[str] = []
-    if missing or unexpected or ignored:
-        print_key_report(path, missing, unexpected, ignored, origin)
+    report = KeyReport(Path(path), missing, unexpected, ignored, origin)
     if missing or unexpected:
         examples = ", ".join((missing + [origin.get(k, k) for k in unexpected])[:3])
         raise InputError(
             f"{path}: checkpoint does not fit {target}: {len(missing)} missing and {len(unexpected)} unexpected "
-            f"backbone key(s) (e.g. {examples}; table above)"
+            f"backbone key(s) (e.g. {examples})",
+            details={"keys": report},
         )
+    warnings: List[str] = []
     if ignored:
         message = f"{path}: ignored {len(ignored)} key(s) outside the backbone ({', '.join(_prefix_counts(ignored))})"
-        _stderr().print(f"dcn-inspect: warning: {message}", markup=False, highlight=False)
+        warn(message)
         warnings.append(message)
     model.load_state_dict(state, strict=True)
     return warnings
@@ -286,30 +310,6 @@ def _prefix(key: str) -> str:
 def _prefix_counts(keys: List[str]) -> List[str]:
     counts = Counter(_prefix(k) for k in keys)
     return [f"{p} x{n}" if n > 1 else p for p, n in sorted(counts.items())][:6] + (["..."] if len(counts) > 6 else [])
-
-
-def _stderr() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def print_key_report(path: Path, missing: List[str], unexpected: List[str], ignored: List[str], origin: Dict[str, str], limit: int = 20) -> None:
-    """The rich table of missing / unexpected / ignored keys, on stderr."""
-    from rich.table import Table
-
-    table = Table(title=f"checkpoint keys: {path.name}", title_justify="left")
-    table.add_column("status")
-    table.add_column("key (model name)")
-    table.add_column("checkpoint key / count")
-    for status, keys in (("missing", missing), ("unexpected", unexpected)):
-        for key in keys[:limit]:
-            table.add_row(status, key if status == "missing" else origin.get(key, key), "-" if status == "missing" else "")
-        if len(keys) > limit:
-            table.add_row(status, f"... {len(keys) - limit} more", "")
-    for prefix, count in sorted(Counter(_prefix(k) for k in ignored).items()):
-        table.add_row("ignored (not backbone)", prefix, str(count))
-    _stderr().print(table)
 
 
 # ----------------------------------------------------------------------------- input conventions
@@ -347,7 +347,7 @@ def import_checkpoint(payload: Any, path: Path, name: str, arch: Optional[regist
         sample = ", ".join(list(state)[:3])
         raise InputError(
             f"{path}: not a dcn-inspect, mmdetection or detectron2 ResNet checkpoint (keys like {sample}); "
-            "for other models use --model path/to/file.py:function --weights FILE"
+            "for other models use `model` path/to/file.py:function `weights` FILE"
         )
     converted = convert_detectron2(state) if layout == "detectron2" else convert_mmdetection(state)
     config_text = _mmdet_config_text(meta)
@@ -406,7 +406,7 @@ def _import_user_module(path: Path, spec: str) -> Any:
     module_name = f"dcn_inspect_user_{path.stem}_{digest}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise InputError(f"--model {spec}: cannot import {path} as a Python module")
+        raise InputError(f"{spec}: cannot import {path} as a Python module", param="model")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
     folder = str(path.resolve().parent)
@@ -416,7 +416,7 @@ def _import_user_module(path: Path, spec: str) -> Any:
         module_spec.loader.exec_module(module)
     except Exception as exc:  # noqa: BLE001 - the user's code failed: report it as their input problem
         sys.modules.pop(module_name, None)
-        raise InputError(f"--model {spec}: importing {path} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise InputError(f"{spec}: importing {path} failed: {type(exc).__name__}: {_first_line(exc)}", param="model") from exc
     return module
 
 
@@ -437,8 +437,8 @@ def _user_preprocess(module: Any, model: nn.Module, spec: str) -> Preprocess:
         try:
             return Preprocess.from_dict(declared)
         except (TypeError, ValueError) as exc:
-            raise InputError(f"--model {spec}: PREPROCESS is not valid ({exc})") from None
-    raise InputError(f"--model {spec}: PREPROCESS must be a dict with mean, std, resize, max_size")
+            raise InputError(f"{spec}: PREPROCESS is not valid ({exc})", param="model") from None
+    raise InputError(f"{spec}: PREPROCESS must be a dict with mean, std, resize, max_size", param="model")
 
 
 def load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:
@@ -446,19 +446,19 @@ def load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:
     file_part, _, function = spec.rpartition(":")
     path = Path(file_part)
     if not path.is_file():
-        raise InputError(f"--model {spec}: file {path} not found")
+        raise InputError(f"{spec}: file {path} not found", param="model")
     if not function.isidentifier():
-        raise InputError(f"--model {spec}: {function!r} is not a function name (use path/to/file.py:function)")
+        raise InputError(f"{spec}: {function!r} is not a function name (use path/to/file.py:function)", param="model")
     module = _import_user_module(path, spec)
     builder = getattr(module, function, None)
     if not callable(builder):
-        raise InputError(f"--model {spec}: {path} has no function {function!r}")
+        raise InputError(f"{spec}: {path} has no function {function!r}", param="model")
     try:
         model = builder()
     except Exception as exc:  # noqa: BLE001 - the user's code failed
-        raise InputError(f"--model {spec}: {function}() raised {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise InputError(f"{spec}: {function}() raised {type(exc).__name__}: {_first_line(exc)}", param="model") from exc
     if not isinstance(model, nn.Module):
-        raise InputError(f"--model {spec}: {function}() returned {type(model).__name__}, not a torch.nn.Module")
+        raise InputError(f"{spec}: {function}() returned {type(model).__name__}, not a torch.nn.Module", param="model")
     preprocess = _user_preprocess(module, model, spec)
     checkpoint: Optional[Path] = None
     digest: Optional[str] = None

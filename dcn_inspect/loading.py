@@ -1,70 +1,42 @@
 """One way for every command to get a model: ``load_model(spec, weights, device)``.
 
-``spec`` is a registered architecture name (weights from ``--weights`` or its bundled
+``spec`` is a registered architecture name (weights from ``weights`` or its bundled
 weights), a checkpoint path (native format; other formats are recognised by
 :mod:`dcn_inspect.importers`), or ``path/to/file.py:function`` returning an ``nn.Module``.
+:func:`open_model` is the same for callers that may already hold a :class:`LoadedModel`.
 """
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from dcn_inspect import importers
 from dcn_inspect.checkpoint import is_native, read_checkpoint_file, sha256_file
+from dcn_inspect.defaults import DEFAULT_MODEL
 from dcn_inspect.errors import InputError
+from dcn_inspect.loaded_model import LoadedModel, model_device, warn_non_finite_weights
 from dcn_inspect.models import registry
 from dcn_inspect.models.registry import Preprocess
 
-#: The model every command uses when ``--model`` is not given.
-DEFAULT_MODEL = "dcn-sample"
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for inference, with everything the outputs must record about it."""
-
-    model: nn.Module
-    name: str  # what the user asked for (or the default)
-    arch: Optional[str]
-    config: Dict[str, Any]
-    preprocess: Preprocess
-    source: str  # "registered", "native", "mmdetection", "detectron2", "state-dict", "user-file"
-    checkpoint: Optional[Path] = None
-    checkpoint_sha256: Optional[str] = None
-    meta: Dict[str, Any] = field(default_factory=dict)
-
-    def summary(self) -> Dict[str, Any]:
-        summary = {
-            "name": self.name,
-            "arch": self.arch,
-            "config": self.config,
-            "source": self.source,
-            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "preprocess": self.preprocess.as_dict(),
-        }
-        if "import" in self.meta:  # how a foreign checkpoint was mapped (layout, ignored keys, channel order)
-            summary["import"] = self.meta["import"]
-        return summary
+__all__ = ["LoadedModel", "load_model", "open_model", "resolve_device"]
 
 
 def resolve_device(device: str) -> torch.device:
-    """Parse ``--device``; a clear error for unknown or unavailable devices."""
+    """Parse a device name; a clear error for unknown or unavailable devices."""
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise InputError(f"--device {device!r}: unknown device (use cpu, cuda or cuda:N)") from None
+        raise InputError(f"{device!r}: unknown device (use cpu, cuda or cuda:N)", param="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine")
+        raise InputError(f"{device}: CUDA is not available on this machine", param="device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+        raise InputError(f"{device}: only {torch.cuda.device_count()} CUDA device(s) present", param="device")
     if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {device!r}: only cpu and cuda are supported")
+        raise InputError(f"{device!r}: only cpu and cuda are supported", param="device")
     return dev
 
 
@@ -126,18 +98,21 @@ def load_model(spec: Optional[str] = None, weights: Optional[Path] = None, devic
                     raise InputError(f"{path}: checkpoint is for architecture {payload.get('arch')!r}, not {arch.name!r}")
                 loaded = _from_native(payload, Path(path), spec)
             else:
-                loaded = _import_foreign(payload, Path(path), spec, arch)
+                loaded = importers.import_checkpoint(payload, Path(path), spec, arch)
     elif spec.rpartition(":")[0].endswith(".py"):
-        loaded = _load_user_file(spec, weights)
+        loaded = importers.load_user_file(spec, weights)
     else:
         path = Path(spec)
         if weights is not None:
-            raise InputError(f"--weights {weights}: --model {spec} is a checkpoint already; --weights goes with an architecture name or a file.py:function")
+            raise InputError(
+                f"{weights}: `model` {spec} is a checkpoint already; `weights` goes with an architecture name or a file.py:function",
+                param="weights",
+            )
         if not path.exists():
-            raise InputError(f"--model {spec}: neither a registered architecture ({', '.join(registry.names())}) nor an existing file")
+            raise InputError(f"{spec}: neither a registered architecture ({', '.join(registry.names())}) nor an existing file", param="model")
         payload = read_checkpoint_file(path)
         if not is_native(payload):
-            loaded = _import_foreign(payload, path, spec, None)
+            loaded = importers.import_checkpoint(payload, path, spec, None)
         else:
             loaded = _from_native(payload, path, spec)
     warn_non_finite_weights(loaded)
@@ -145,28 +120,7 @@ def load_model(spec: Optional[str] = None, weights: Optional[Path] = None, devic
     return loaded
 
 
-def warn_non_finite_weights(loaded: LoadedModel) -> List[str]:
-    """Warn (one line on stderr) when weights hold NaN/Inf; returns the offending tensor names.
-
-    A warning rather than an error: a broken head or unused buffer need not spoil the offsets.
-    If the offsets themselves come out non-finite, :mod:`dcn_inspect.hooks` stops with an error.
-    """
-    bad = [name for name, tensor in loaded.model.state_dict().items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-    if bad:
-        source = loaded.checkpoint or loaded.name
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        print(f"dcn-inspect: warning: {source}: {len(bad)} weight tensor(s) contain NaN/Inf ({shown})", file=sys.stderr)
-        loaded.meta.setdefault("non_finite_weights", bad)
-    return bad
-
-
-def _import_foreign(payload: Any, path: Path, name: str, arch: Optional[registry.Architecture]) -> LoadedModel:
-    from dcn_inspect import importers  # imports this module: loaded on first use
-
-    return importers.import_checkpoint(payload, path, name, arch)
-
-
-def _load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:
-    from dcn_inspect import importers
-
-    return importers.load_user_file(spec, weights)
+def open_model(model: Union[str, LoadedModel, None], weights: Optional[Path], device: str) -> Tuple[LoadedModel, torch.device]:
+    """``model`` as a :class:`LoadedModel` (loaded unless it is one already) and the device it runs on."""
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, device)
+    return loaded, model_device(loaded)

@@ -62,6 +62,18 @@ def write_csv(path: Path, frame: pd.DataFrame, units_comment: Optional[str] = No
             frame.to_csv(handle, index=False, float_format=CSV_FLOAT_FORMAT, lineterminator="\n")
 
 
+def write_npz(path: Path, arrays: Dict[str, Any]) -> None:
+    """Write a compressed ``.npz`` atomically (a file object keeps numpy from appending a suffix)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
 def write_figure(path: Path, figure: Any, **savefig_kwargs: Any) -> None:
     """Save a matplotlib figure atomically; PNG metadata is fixed so bytes are reproducible."""
     fmt = path.suffix.lstrip(".").lower() or "png"
@@ -76,15 +88,15 @@ def prepare_out_dir(out: Path) -> Path:
     """Create ``out`` (reusing it if present; unrelated files are kept) and check it is writable."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
+        raise InputError(f"{out}: exists and is not a directory", param="out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(f"--out {out}: cannot create the output directory ({exc.strerror})") from None
+        raise InputError(f"{out}: cannot create the output directory ({exc.strerror})", param="out") from None
     if not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
+        raise InputError(f"{out}: exists and is not a directory", param="out")
     if not os.access(out, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: the output directory is not writable")
+        raise InputError(f"{out}: the output directory is not writable", param="out")
     return out
 
 

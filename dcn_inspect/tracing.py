@@ -32,13 +32,29 @@ layers without a mask. Coordinates are continuous image pixels in the COCO conve
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
+import numpy as np
+import pandas as pd
 import torch
 
 from dcn_inspect.errors import InputError
-from dcn_inspect.hooks import DeformConvRecord
+from dcn_inspect.records import DeformConvRecord
 from dcn_inspect.sampling import kernel_grid
+
+#: Columns of ``<stem>_points.csv``, in order.
+CSV_COLUMNS = ["unit", "unit_x", "unit_y", "level", "point", "parent", "layer", "x", "y", "weight", "inside"]
+
+CSV_UNITS = (
+    "unit_x,unit_y (the traced unit's centre) and x,y (sampling points): pixels of the original image, "
+    "COCO continuous coordinates ((0,0) = top-left corner of the top-left pixel, x right, y down); "
+    "unit: index of the unit (summary.json lists how it was chosen); level: 1 = samples of the top "
+    "deformable layer (layer column) down to L; point: index within the level, parent*K + kernel point "
+    "(row-major); parent: point of the level above (empty at level 1); weight: product of the DCNv2 "
+    "masks along the path (1 without masks; dimensionless, 0..1); inside: 1 if the point lies in the "
+    "op's sampling band of the map it samples (-1 < row < H and -1 < col < W of that layer's input), "
+    "else 0 (kept, never dropped; offsets read outside a map are zero, as in the op)"
+)
 
 #: ``group`` argument: an offset-group index, or "mean" to average the groups' offsets and masks.
 GroupChoice = Union[int, str]
@@ -96,7 +112,7 @@ def _layer_field(record: DeformConvRecord, batch_index: int, group: GroupChoice,
         # A layer with one offset group uses it for every input channel, so it is every group.
         g = 0 if groups == 1 else int(group)
         if not 0 <= g < groups:
-            raise InputError(f"--group {group}: layer {record.name} has {groups} offset groups (0..{groups - 1})")
+            raise InputError(f"{group}: layer {record.name} has {groups} offset groups (0..{groups - 1})", param="group")
         offset = offset[g]
         mask = None if mask is None else mask[g]
     parts = [offset[:, 0], offset[:, 1]]
@@ -130,16 +146,16 @@ def read_field(field: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> t
 
 
 def check_group(group: GroupChoice) -> GroupChoice:
-    """Validate a ``--group`` value ("mean" or a non-negative integer, also given as a string)."""
+    """Validate a ``group`` value ("mean" or a non-negative integer, also given as a string)."""
     if isinstance(group, str):
         if group.strip().lower() == "mean":
             return "mean"
         try:
             group = int(group)
         except ValueError:
-            raise InputError(f"--group {group!r}: expected an offset-group index (0, 1, ...) or 'mean'") from None
+            raise InputError(f"{group!r}: expected an offset-group index (0, 1, ...) or 'mean'", param="group") from None
     if int(group) < 0:
-        raise InputError(f"--group {group}: the offset-group index must be >= 0")
+        raise InputError(f"{group}: the offset-group index must be >= 0", param="group")
     return int(group)
 
 
@@ -221,3 +237,29 @@ def trace_sampling_trees(
         weights=weights,
         inside=inside,
     )
+
+
+def points_table(trees: SamplingTrees) -> pd.DataFrame:
+    """One row per point, units outermost, then levels, then points (the CSV's row order)."""
+    columns: Dict[str, List[np.ndarray]] = {name: [] for name in CSV_COLUMNS}
+    num_units = trees.num_units
+    unit_index = np.arange(num_units)
+    for level in range(1, trees.num_levels + 1):
+        count = trees.points_per_unit(level)
+        columns["unit"].append(np.repeat(unit_index, count))
+        columns["unit_x"].append(np.repeat(trees.unit_xy[:, 0].numpy(), count))
+        columns["unit_y"].append(np.repeat(trees.unit_xy[:, 1].numpy(), count))
+        columns["level"].append(np.full(num_units * count, level))
+        columns["point"].append(np.tile(np.arange(count), num_units))
+        parent = trees.parents(level).numpy().astype(np.float64) if level > 1 else np.full(count, np.nan)
+        columns["parent"].append(np.tile(parent, num_units))
+        columns["layer"].append(np.full(num_units * count, trees.layers[level - 1], dtype=object))
+        columns["x"].append(trees.xs[level - 1].numpy().reshape(-1))
+        columns["y"].append(trees.ys[level - 1].numpy().reshape(-1))
+        columns["weight"].append(trees.weights[level - 1].numpy().reshape(-1))
+        columns["inside"].append(trees.inside[level - 1].numpy().reshape(-1).astype(np.int64))
+    table = pd.DataFrame({name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()})
+    table["parent"] = table["parent"].astype("Int64")  # integers, empty at level 1
+    # Units outermost: a stable sort keeps levels and points in order within each unit.
+    order = np.argsort(table["unit"].to_numpy(), kind="stable")
+    return table.iloc[order].reset_index(drop=True)

@@ -5,8 +5,8 @@ and seed, evaluates both on held-out scenes from another seed, writes ``dcn_samp
 ``dcn_sample_dilated.pt`` and their ``*.metrics.json`` next to this file, then renders the
 results into ``MODEL_CARD.md`` (``--card-only`` re-renders it from the metrics files,
 ``--reevaluate`` evaluates the saved weights again first).
-Each architecture alone is ``dcn-inspect train-sample sample_weights/ --arch ARCH``.
-The recipe itself is :mod:`dcn_inspect.train_sample`.
+Each architecture alone: ``python sample_weights/train.py --arch ARCH``.
+The recipe itself is ``sample_weights/recipe.py`` (beside this file; not part of the package).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dcn_inspect.train_sample import (
+from recipe import (
     TrainConfig,
     dilation_differences_markdown,
     dilation_markdown,
@@ -24,6 +24,7 @@ from dcn_inspect.train_sample import (
     train_and_save,
     weights_file_name,
 )
+
 from dcn_inspect.outputs import write_text
 
 HERE = Path(__file__).resolve().parent
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--card-only", action="store_true", help="only re-render MODEL_CARD.md from the metrics files")
     parser.add_argument("--reevaluate", action="store_true", help="evaluate the saved weights again (no training), then the card")
     args = parser.parse_args()
+    if args.eval_seed == args.seed:
+        parser.error(f"--eval-seed {args.eval_seed}: must differ from --seed so the evaluation scenes are unseen")
     if args.reevaluate:
         for arch in args.arch or ARCHS:
             reevaluate(args.out / weights_file_name(arch), args.eval_images)

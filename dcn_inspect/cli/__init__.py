@@ -1,15 +1,14 @@
-"""Command-line interface. Each command lives in its own module and only parses and calls
-the library function beside it; :func:`main` turns input errors into one line and exit 1.
+"""Command-line interface. Each command lives in its own module and only parses, calls the
+library function beside it and prints; :func:`main` turns input errors into one line naming the
+flag (exit 1), prints warnings once, and never shows a traceback unless ``--debug``.
 """
 
 from __future__ import annotations
 
 import sys
 import traceback
-import warnings
 
 from dcn_inspect.cli.app import app, state
-from dcn_inspect.errors import InputError
 
 # Importing a command module registers its command on ``app``.
 from dcn_inspect.cli import doctor  # noqa: E402,F401
@@ -22,7 +21,11 @@ from dcn_inspect.cli import demo  # noqa: E402,F401
 
 def main() -> None:
     """Entry point of the ``dcn-inspect`` console script."""
-    warnings.filterwarnings("once", category=RuntimeWarning, module="dcn_inspect")
+    from dcn_inspect.cli.render import error_line, install_warning_printer, invoked_command, print_key_table
+    from dcn_inspect.errors import InputError
+
+    command = invoked_command(sys.argv[1:])
+    install_warning_printer(command)
     try:
         app(standalone_mode=False)
     except SystemExit:
@@ -30,7 +33,9 @@ def main() -> None:
     except InputError as exc:
         if state["debug"]:
             traceback.print_exc()
-        print(f"dcn-inspect: error: {exc}", file=sys.stderr)
+        if "keys" in exc.details:
+            print_key_table(exc.details["keys"])
+        print(f"dcn-inspect: error: {error_line(exc, command)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("dcn-inspect: interrupted", file=sys.stderr)

@@ -8,12 +8,9 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import typer
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from dcn_inspect.cli import options
 from dcn_inspect.cli.app import app
-from dcn_inspect.images import DEFAULT_MAX_PIXELS
 
 MODELS_EPILOG = "Example: dcn-inspect models"
 
@@ -28,7 +25,10 @@ INFO_EPILOG = (
 @app.command("models", epilog=MODELS_EPILOG)
 def models_command() -> None:
     """List the built-in deformable architectures and their bundled weights."""
-    from dcn_inspect.info import list_architectures
+    from rich.console import Console
+    from rich.table import Table
+
+    from dcn_inspect.commands.info import list_architectures
 
     table = Table(title="dcn-inspect architectures", title_justify="left")
     table.add_column("name", no_wrap=True)
@@ -54,16 +54,20 @@ def _pair_label(pair: Tuple[float, float], sep: str = "x") -> str:
 def info_command(
     model: str = typer.Argument(..., help="Registered architecture, checkpoint path, or path/to/file.py:function."),
     image: Optional[Path] = typer.Argument(None, help="Image to probe: adds offset magnitude statistics per layer."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint for a registered architecture or a user file."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    weights: Optional[Path] = options.weights(),
+    device: str = options.device(),
     resize: Optional[int] = typer.Option(
         None, "--resize", min=0, help="Shorter image side in pixels before the forward; 0 keeps the image's size. Default: the model's."
     ),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse larger images (width*height)."),
+    max_pixels: int = options.max_pixels(),
 ) -> None:
     """Show a model's deformable layers (kernel, stride, dilation, groups, offset channels, v1/v2,
     feature-frame stride in pixels), its parameter counts and, with an image, offset statistics."""
-    from dcn_inspect.info import model_info
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from dcn_inspect.commands.info import model_info
     from dcn_inspect.loading import load_model
 
     errors = Console(stderr=True)

@@ -1,4 +1,9 @@
-"""Registry of built-in architectures: a name -> a builder, its preprocessing and bundled weights."""
+"""Registry of built-in architectures: a name -> a builder, its preprocessing and bundled weights.
+
+The built-in architectures register themselves when :mod:`dcn_inspect.models` is imported, and
+Python imports that package before any of its modules, this one included: whoever can call
+:func:`get` sees them.
+"""
 
 from __future__ import annotations
 
@@ -72,7 +77,6 @@ def register(
 
 
 def get(name: str) -> Architecture:
-    _load_builtin()
     try:
         return ARCHITECTURES[name]
     except KeyError:
@@ -81,10 +85,4 @@ def get(name: str) -> Architecture:
 
 
 def names() -> List[str]:
-    _load_builtin()
     return sorted(ARCHITECTURES)
-
-
-def _load_builtin() -> None:
-    # Importing the package registers the built-in architectures (dcn_inspect/models/__init__.py).
-    import dcn_inspect.models  # noqa: F401

@@ -49,7 +49,7 @@ class Bottleneck(nn.Module):
         downsample: Optional[nn.Module] = None,
         deformable: bool = False,
         modulated: bool = False,
-        deform_groups: int = 1,
+        offset_groups: int = 1,
         stride_in_1x1: bool = False,
     ) -> None:
         super().__init__()
@@ -60,7 +60,7 @@ class Bottleneck(nn.Module):
         if deformable:
             conv_type = ModulatedDeformConv2dPack if modulated else DeformConv2dPack
             self.conv2 = conv_type(
-                planes, planes, 3, stride=stride_3x3, padding=dilation, dilation=dilation, deform_groups=deform_groups, bias=False
+                planes, planes, 3, stride=stride_3x3, padding=dilation, dilation=dilation, deform_groups=offset_groups, bias=False
             )
         else:
             self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride_3x3, padding=dilation, dilation=dilation, bias=False)
@@ -87,7 +87,7 @@ class DeformableResNet(nn.Module):
             tests use small values).
         dcn_stages: for layer1..layer4, whether the stage's 3x3 convs are deformable.
         modulated: DCNv2 (offsets + sigmoid masks) instead of DCNv1.
-        deform_groups: offset groups of every deformable conv.
+        offset_groups: offset groups of every deformable conv.
         strides: stride of each stage's first block (the paper's setting uses (1, 2, 2, 1)).
         dilations: dilation (= padding) of each stage's 3x3 convs.
         stride_in_1x1: caffe style (stride on the first 1x1 conv) instead of pytorch style.
@@ -100,7 +100,7 @@ class DeformableResNet(nn.Module):
         base_channels: int = 64,
         dcn_stages: Sequence[bool] = (False, True, True, True),
         modulated: bool = False,
-        deform_groups: int = 1,
+        offset_groups: int = 1,
         strides: Sequence[int] = (1, 2, 2, 2),
         dilations: Sequence[int] = (1, 1, 1, 1),
         stride_in_1x1: bool = False,
@@ -112,10 +112,10 @@ class DeformableResNet(nn.Module):
         for label, values in (("dcn_stages", dcn_stages), ("strides", strides), ("dilations", dilations)):
             if len(values) != 4:
                 raise ValueError(f"{label} needs one value per stage (4), got {list(values)}")
-        if base_channels < 1 or deform_groups < 1:
-            raise ValueError("base_channels and deform_groups must be positive")
-        if base_channels % deform_groups:
-            raise ValueError(f"base_channels ({base_channels}) must be divisible by deform_groups ({deform_groups})")
+        if base_channels < 1 or offset_groups < 1:
+            raise ValueError("base_channels and offset_groups must be positive")
+        if base_channels % offset_groups:
+            raise ValueError(f"base_channels ({base_channels}) must be divisible by offset_groups ({offset_groups})")
         self.depth = depth
         self.conv1 = nn.Conv2d(3, base_channels, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(base_channels)
@@ -132,7 +132,7 @@ class DeformableResNet(nn.Module):
                 int(dilations[index]),
                 bool(dcn_stages[index]),
                 bool(modulated),
-                int(deform_groups),
+                int(offset_groups),
                 bool(stride_in_1x1),
             )
             self.add_module(name, stage)
@@ -151,7 +151,7 @@ class DeformableResNet(nn.Module):
         dilation: int,
         deformable: bool,
         modulated: bool,
-        deform_groups: int,
+        offset_groups: int,
         stride_in_1x1: bool,
     ) -> Tuple[nn.Sequential, int]:
         downsample = None
@@ -173,7 +173,7 @@ class DeformableResNet(nn.Module):
                     downsample=downsample if block == 0 else None,
                     deformable=deformable,
                     modulated=modulated,
-                    deform_groups=deform_groups,
+                    offset_groups=offset_groups,
                     stride_in_1x1=stride_in_1x1,
                 )
             )
@@ -201,26 +201,16 @@ class DeformableResNet(nn.Module):
 
 
 def _config(depth: int, setting: str) -> Dict[str, object]:
-    if setting == "paper":
-        return {
-            "depth": depth,
-            "base_channels": 64,
-            "dcn_stages": [False, False, False, True],
-            "modulated": False,
-            "deform_groups": 1,
-            "strides": [1, 2, 2, 1],
-            "dilations": [1, 1, 1, 2],
-            "stride_in_1x1": False,
-            "num_classes": None,
-        }
+    """Paper: deformable res5 only, kept at stride 16 with dilation 2. mmdetection: deformable c3-c5, stride 32."""
+    paper = setting == "paper"
     return {
         "depth": depth,
         "base_channels": 64,
-        "dcn_stages": [False, True, True, True],
+        "dcn_stages": [False, False, False, True] if paper else [False, True, True, True],
         "modulated": False,
-        "deform_groups": 1,
-        "strides": [1, 2, 2, 2],
-        "dilations": [1, 1, 1, 1],
+        "offset_groups": 1,
+        "strides": [1, 2, 2, 1] if paper else [1, 2, 2, 2],
+        "dilations": [1, 1, 1, 2] if paper else [1, 1, 1, 1],
         "stride_in_1x1": False,
         "num_classes": None,
     }
@@ -253,7 +243,13 @@ def _description(depth: int, setting: str) -> str:
 
 
 def build_resnet(**config: object) -> DeformableResNet:
-    """Build a :class:`DeformableResNet` from a (JSON-like) config dict."""
+    """Build a :class:`DeformableResNet` from a (JSON-like) config dict.
+
+    ``deform_groups`` (mmcv's word, in configs written before dcn-inspect settled on
+    ``offset_groups``) is read as ``offset_groups``.
+    """
+    if "deform_groups" in config:
+        config["offset_groups"] = config.pop("deform_groups")
     return DeformableResNet(**config)  # type: ignore[arg-type]
 
 

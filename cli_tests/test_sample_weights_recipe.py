@@ -1,8 +1,10 @@
-"""Training and evaluation recipe of the sample weights, on tiny settings (issue #4)."""
+"""Training and evaluation recipe of the sample weights (``sample_weights/recipe.py``), on tiny settings (issue #4)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,11 @@ import torch
 from dcn_inspect.checkpoint import read_checkpoint_file
 from dcn_inspect.loading import load_model
 from dcn_inspect.models import registry
-from dcn_inspect.train_sample import (
+
+SAMPLE_WEIGHTS = Path(__file__).resolve().parents[1] / "sample_weights"
+sys.path.insert(0, str(SAMPLE_WEIGHTS))  # the recipe lives beside the weights, outside the package
+
+from recipe import (  # noqa: E402
     TrainConfig,
     box_iou,
     evaluate,
@@ -98,27 +104,25 @@ def test_train_and_save_writes_a_loadable_checkpoint_and_strict_json(tmp_path: P
         train_and_save(TrainConfig(**TINY, seed=3), tmp_path / "x.pt", eval_seed=3, show_progress=False)
 
 
-def test_train_sample_command_writes_weights_and_rejects_a_reused_seed(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from dcn_inspect.cli import app
-    from dcn_inspect.errors import InputError
-
-    runner = CliRunner()
-    result = runner.invoke(app, ["train-sample", str(tmp_path), "--arch", "dcn-sample-dilated", "--steps", "1", "--eval-images", "1"])
-    assert result.exit_code == 0, result.output
+def test_train_script_writes_weights_and_rejects_a_reused_seed(tmp_path: Path) -> None:
+    script = [sys.executable, str(SAMPLE_WEIGHTS / "train.py")]
+    done = subprocess.run(
+        script + ["--arch", "dcn-sample-dilated", "--steps", "1", "--eval-images", "1", "--out", str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
     assert read_checkpoint_file(tmp_path / "dcn_sample_dilated.pt")["arch"] == "dcn-sample-dilated"
     assert (tmp_path / "dcn_sample_dilated.metrics.json").exists()
-    result = runner.invoke(app, ["train-sample", str(tmp_path), "--seed", "5", "--eval-seed", "5"])
-    assert isinstance(result.exception, InputError) and "--eval-seed" in str(result.exception)
+    refused = subprocess.run(script + ["--seed", "5", "--eval-seed", "5", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--eval-seed" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_dilation_bootstrap_separates_shifted_categories_only() -> None:
-    from dcn_inspect.train_sample import dilation_bootstrap
+    from recipe import dilation_bootstrap
 
     rng = np.random.default_rng(0)
     # [image][small, medium, large, background]: medium = small + 1, large = medium
-    images = [[rng.normal(3, 0.5, 20), rng.normal(4, 0.5, 30), rng.normal(4, 0.5, 30), rng.normal(3, 0.5, 40)] for _ in range(40)]
+    values = [[rng.normal(3, 0.5, 20), rng.normal(4, 0.5, 30), rng.normal(4, 0.5, 30), rng.normal(3, 0.5, 40)] for _ in range(40)]
+    images = [(k, np.array([v.sum() for v in image]), np.array([v.size for v in image])) for k, image in enumerate(values)]
     ci = dilation_bootstrap(images, resamples=500)
     assert 0.8 < ci["medium-small"][0] < ci["medium-small"][1] < 1.2
     assert ci["large-medium"][0] < 0 < ci["large-medium"][1]

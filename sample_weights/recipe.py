@@ -1,4 +1,6 @@
-"""Training and evaluation of the sample networks (``dcn-sample`` and its dilated baseline).
+"""The recipe of the bundled sample weights: training and evaluation of the demo network
+(``dcn-sample``) and its dilated baseline (``dcn-sample-dilated``). Not part of the runtime
+package: ``python sample_weights/train.py`` runs it.
 
 The task (PAPER.md §3 at toy size): per-pixel shape-class segmentation of synthetic scenes
 (:mod:`dcn_inspect.datasets.synthetic`) plus R-FCN classification of jittered ground-truth
@@ -8,8 +10,10 @@ files and is reproducible: scene k of step s depends only on (seed, s, k).
 Evaluation uses a fresh set generated from a different seed: segmentation mIoU (over the
 background and the shape classes), per-size-category pixel accuracy of the shapes, RoI
 accuracy, and - for deformable models - the effective dilation of every deformable layer
-per object-size category (:mod:`dcn_inspect.dilation`: units grouped by the smallest
-ground-truth box containing the unit's centre, background if none).
+per object-size category, measured by the same code as ``dcn-inspect dilation-stats``
+(:class:`dcn_inspect.dilation.DilationAccumulator`: units grouped by the smallest ground-truth
+box containing the unit's centre, background if none; bootstrap intervals over images from
+:func:`dcn_inspect.category_stats.bootstrap_means`).
 """
 
 from __future__ import annotations
@@ -26,14 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcn_inspect.annotations import ImageAnnotation
+from dcn_inspect.category_stats import bootstrap_means
 from dcn_inspect.datasets.synthetic import CLASSES, Scene, SceneConfig, generate_scene
+from dcn_inspect.dilation import CATEGORIES, NAMED_THRESHOLDS, DilationAccumulator, area_category
 from dcn_inspect.models import registry
 from dcn_inspect.models.registry import Preprocess
 
 #: Stream ids mixed into the seed so that scenes, RoIs and evaluation never share randomness.
 _SCENE_STREAM, _ROI_STREAM = 1, 2
-#: Size categories in table order (background last), as in :mod:`dcn_inspect.dilation`.
-SIZE_CATEGORIES = ("small", "medium", "large", "background")
 
 
 @dataclass
@@ -239,17 +244,13 @@ def evaluation_scenes(seed: int, n: int, image_size: int = 256) -> List[Scene]:
     return [generate_scene(np.random.default_rng([seed, _SCENE_STREAM, 0, k]), config) for k in range(n)]
 
 
-def _size_code(box_area: float, thresholds: Tuple[float, float]) -> int:
-    return 0 if box_area < thresholds[0] else (1 if box_area < thresholds[1] else 2)
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     scene_list: Sequence[Scene],
     seed: int,
     batch_size: int = 8,
-    thresholds: Tuple[float, float] = (96.0**2, 224.0**2),
+    thresholds: Tuple[float, float] = NAMED_THRESHOLDS["paper"],
     progress: Optional[Callable[[int], None]] = None,
 ) -> Dict[str, Any]:
     """Task metrics on ``scene_list``; adds the effective dilation table for deformable models.
@@ -267,7 +268,7 @@ def evaluate(
     size_hits = np.zeros(3)
     size_totals = np.zeros(3)
     roi_correct = roi_total = 0
-    dilation_values: Dict[str, List[List[np.ndarray]]] = {}  # layer -> [image][category] -> values
+    dilation = DilationAccumulator(thresholds)
     rng = np.random.default_rng([seed, _ROI_STREAM])
     for start in range(0, len(scene_list), batch_size):
         chunk = list(scene_list[start : start + batch_size])
@@ -282,13 +283,15 @@ def evaluate(
             correct = prediction[index] == truth[index]
             for k, obj in enumerate(scene.objects):
                 pixels = scene.instances == k
-                code = _size_code(obj.box_area, thresholds)
+                code = int(area_category(np.array([obj.box_area]), thresholds)[0])
                 size_hits[code] += correct[pixels].sum()
                 size_totals[code] += pixels.sum()
         roi_correct += int((out["roi_logits"].argmax(1) == batch.roi_labels).sum().cpu())
         roi_total += len(batch.roi_labels)
-        for name, record in capture.convs.items():
-            dilation_values.setdefault(name, []).extend(_dilation_by_category(record, chunk, thresholds))
+        records = [r for r in capture.convs.values() if r.kernel_points >= 2]
+        if records:
+            entries = [_scene_annotation(start + k, scene) for k, scene in enumerate(chunk)]
+            dilation.add(records, entries, list(range(start, start + len(chunk))), tuple(batch.images.shape[-2:]))
         if progress is not None:
             progress(len(chunk))
     intersection = np.diag(confusion).astype(np.float64)
@@ -300,75 +303,43 @@ def evaluate(
         "seg_iou_per_class": {name: float(v) for name, v in zip(("background",) + CLASSES, iou)},
         "pixel_accuracy": float(intersection.sum() / max(confusion.sum(), 1)),
         "shape_pixel_accuracy": {
-            name: float(size_hits[i] / max(size_totals[i], 1)) for i, name in enumerate(SIZE_CATEGORIES[:3])
+            name: float(size_hits[i] / max(size_totals[i], 1)) for i, name in enumerate(CATEGORIES[:3])
         },
         "roi_accuracy": roi_correct / max(roi_total, 1),
         "roi_count": roi_total,
     }
-    if dilation_values:
-        metrics["effective_dilation"] = {
-            name: _dilation_table(per_image) for name, per_image in dilation_values.items()
-        }
-        metrics["effective_dilation_differences_ci95"] = {
-            name: dilation_bootstrap(per_image) for name, per_image in dilation_values.items()
-        }
+    if dilation.stats:
+        metrics["effective_dilation"] = {name: _dilation_table(stats.summary_rows()) for name, stats in dilation.stats.items()}
+        metrics["effective_dilation_differences_ci95"] = {name: dilation_bootstrap(rows) for name, rows in dilation.image_sums.items()}
     return metrics
 
 
-def _dilation_by_category(record: Any, chunk: Sequence[Scene], thresholds: Tuple[float, float]) -> List[List[np.ndarray]]:
-    """Effective dilation (input cells) of every unit of one layer: [image][category] -> values."""
-    from dcn_inspect.dilation import effective_dilation, unit_categories
-
-    geometry = record.geometry
-    values = effective_dilation(record.offset, geometry.kernel, geometry.dilation).mean(dim=1).cpu().numpy()  # [B, Ho, Wo]
-    per_image: List[List[np.ndarray]] = []
-    for index, scene in enumerate(chunk):
-        height, width = scene.labels.shape
-        boxes = np.array([obj.box for obj in scene.objects], dtype=np.float64).reshape(-1, 4)
-        codes = unit_categories(
-            geometry.output_frame, geometry.output_hw, (width, height), boxes, np.zeros(len(boxes), bool), thresholds
-        )
-        per_image.append([values[index][codes == category] for category in range(len(SIZE_CATEGORIES))])
-    return per_image
+def _scene_annotation(index: int, scene: Scene) -> ImageAnnotation:
+    """A generated scene's ground truth in the form the dilation statistics read."""
+    height, width = scene.labels.shape
+    boxes = np.array([obj.box for obj in scene.objects], dtype=np.float64).reshape(-1, 4)
+    labels = [CLASSES[obj.label - 1] for obj in scene.objects]
+    return ImageAnnotation(index, f"scene_{index:05d}", None, width, height, boxes, labels, np.zeros(len(boxes), dtype=bool))
 
 
 #: Differences of category means whose bootstrap intervals the evaluation reports.
 DIFFERENCES = (("medium", "small"), ("large", "medium"), ("large", "small"), ("large", "background"))
 
 
-def dilation_bootstrap(per_image: List[List[np.ndarray]], resamples: int = 2000, seed: int = 0) -> Dict[str, List[float]]:
-    """95 % intervals of differences of category means, resampling whole images.
-
-    Units of one image are correlated (neighbouring units share most of their input), so the
-    image, not the unit, is the independent sample: each resample draws images with
-    replacement and recomputes every category's mean over all units of the drawn images.
-    """
-    sums = np.array([[v.sum() for v in image] for image in per_image], dtype=np.float64)  # [N, 4]
-    counts = np.array([[v.size for v in image] for image in per_image], dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(per_image), size=(resamples, len(per_image)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)  # [resamples, 4]
-    index = {name: i for i, name in enumerate(SIZE_CATEGORIES)}
-    out = {}
-    for first, second in DIFFERENCES:
-        diff = means[:, index[first]] - means[:, index[second]]
-        diff = diff[np.isfinite(diff)]
-        out[f"{first}-{second}"] = [float(v) for v in np.percentile(diff, [2.5, 97.5])] if diff.size else [float("nan")] * 2
-    return out
+def dilation_bootstrap(image_sums: Sequence[Tuple[int, np.ndarray, np.ndarray]], resamples: int = 2000, seed: int = 0) -> Dict[str, List[float]]:
+    """95 % intervals of differences of category means, resampling whole images (see
+    :func:`dcn_inspect.category_stats.bootstrap_means`)."""
+    sums = np.array([s for _, s, _ in image_sums], dtype=np.float64).reshape(-1, len(CATEGORIES))
+    counts = np.array([c for _, _, c in image_sums], dtype=np.float64).reshape(-1, len(CATEGORIES))
+    index = {name: i for i, name in enumerate(CATEGORIES)}
+    pairs = [(index[first], index[second]) for first, second in DIFFERENCES]
+    _, differences = bootstrap_means(sums, counts, pairs, resamples=resamples, seed=seed)
+    return {f"{first}-{second}": list(differences[pair]) for (first, second), pair in zip(DIFFERENCES, pairs)}
 
 
-def _dilation_table(per_image: List[List[np.ndarray]]) -> Dict[str, Dict[str, float]]:
-    table = {}
-    for category, name in enumerate(SIZE_CATEGORIES):
-        parts = [image[category] for image in per_image]
-        values = np.concatenate(parts) if parts else np.zeros(0)
-        table[name] = {
-            "mean": float(values.mean()) if values.size else float("nan"),
-            "std": float(values.std()) if values.size else float("nan"),
-            "units": int(values.size),
-        }
-    return table
+def _dilation_table(rows: Sequence[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+    """mean, std and number of units per category, from :meth:`CategoryStats.summary_rows`."""
+    return {name: {"mean": row["mean"], "std": row["std"], "units": int(row["count"])} for name, row in zip(CATEGORIES, rows)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,11 +478,11 @@ def dilation_markdown(report: Dict[str, Any]) -> str:
     """Markdown table: effective dilation (input cells) per deformable layer and size category."""
     table = report["eval"].get("effective_dilation") or {}
     lines = [
-        "| layer | " + " | ".join(SIZE_CATEGORIES) + " |",
-        "| --- | " + " | ".join("---" for _ in SIZE_CATEGORIES) + " |",
+        "| layer | " + " | ".join(CATEGORIES) + " |",
+        "| --- | " + " | ".join("---" for _ in CATEGORIES) + " |",
     ]
     for layer in sorted(table, reverse=True):  # top layer first, as the paper's table
-        lines.append(f"| {layer} | " + " | ".join(_fmt(table[layer].get(c)) for c in SIZE_CATEGORIES) + " |")
+        lines.append(f"| {layer} | " + " | ".join(_fmt(table[layer].get(c)) for c in CATEGORIES) + " |")
     return "\n".join(lines)
 
 

@@ -17,9 +17,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from dcn_inspect.hooks import DeformConvRecord, probe
-from dcn_inspect.images import DEFAULT_MAX_PIXELS, load_image, to_model_input
-from dcn_inspect.loading import LoadedModel
+from dcn_inspect.defaults import DEFAULT_MAX_PIXELS
+from dcn_inspect.hooks import probe
+from dcn_inspect.images import load_image, to_model_input
+from dcn_inspect.loaded_model import LoadedModel, model_device
+from dcn_inspect.records import DeformConvRecord
 from dcn_inspect.models import registry
 from dcn_inspect.ops import modules as ours
 
@@ -171,7 +173,7 @@ def model_info(
 ) -> ModelInfo:
     """Probe ``loaded`` once and describe its deformable layers (offset statistics with an image)."""
     model = loaded.model
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    device = model_device(loaded)
     original_hw: Optional[Tuple[int, int]] = None
     if image is not None:
         prepared = to_model_input(load_image(Path(image), max_pixels), loaded.preprocess, resize)

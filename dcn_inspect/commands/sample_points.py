@@ -1,0 +1,280 @@
+"""``dcn-inspect sample-points``: sampling trees of chosen units drawn on the image (Fig. 5/6).
+
+For each image: one forward under :func:`dcn_inspect.hooks.probe` (the offsets and masks the
+deformable layers used, and each layer's exact frame) -> the layers to follow
+(:func:`dcn_inspect.records.select_layers`) -> the units (:mod:`dcn_inspect.unit_selection`) ->
+their sampling trees (:func:`dcn_inspect.tracing.trace_sampling_trees`) -> written as
+
+- ``<stem>_points.csv``: one row per point (every level, points outside the maps included);
+- ``<stem>_sampling.<fmt>``: one panel per unit, the unit green, its deepest points red;
+- ``<stem>_sampling.gif`` (``gif=True``): one frame per unit;
+- ``save_offsets``: an ``.npz`` of the captured offset/mask fields with their geometry;
+- ``summary.json``: model, checkpoint hash, layers and their geometry, units, parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dcn_inspect.commands.common import (
+    CommandRun,
+    check_figure_format,
+    check_npz_path,
+    check_resize,
+    image_list,
+    images_of_run,
+    offset_field_arrays,
+    start_run,
+)
+from dcn_inspect.defaults import DEFAULT_LEVELS, DEFAULT_MAX_PIXELS, DEFAULT_OUT
+from dcn_inspect.errors import InputError
+from dcn_inspect.hooks import probe
+from dcn_inspect.images import ModelInput, to_model_input
+from dcn_inspect.loaded_model import LoadedModel
+from dcn_inspect.outputs import write_csv, write_figure, write_npz
+from dcn_inspect.records import DeformConvRecord, select_layers
+from dcn_inspect.tracing import CSV_COLUMNS, CSV_UNITS, GroupChoice, SamplingTrees, check_group, points_table, trace_sampling_trees
+from dcn_inspect.unit_selection import Boxes, Unit, boxes_per_image, choose_units, parse_point
+
+__all__ = ["CSV_COLUMNS", "ImagePoints", "SamplePointsResult", "sample_points"]
+
+
+@dataclass
+class ImagePoints:
+    """What ``sample_points`` produced for one image."""
+
+    image: Path
+    units: List[Unit]
+    trees: SamplingTrees
+    csv: Path
+    figure: Path
+    gif: Optional[Path]
+    table: pd.DataFrame
+
+
+@dataclass
+class SamplePointsResult:
+    out_dir: Path
+    layers: List[str]  # traced layers, top first
+    images: List[ImagePoints]
+    summary: Path
+    offsets: Optional[Path]
+    notes: List[str] = field(default_factory=list)
+    skipped: List[Dict[str, str]] = field(default_factory=list)  # images that could not be read: image, kind, reason
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The per-image choices of one run, checked."""
+
+    layers: Optional[Sequence[str]]
+    levels: Optional[int]
+    at: List[Tuple[float, float]]
+    grid: Optional[int]
+    group: GroupChoice
+    round_positions: bool
+    resize: Optional[int]
+    fmt: str
+    gif: bool
+    color_by_level: bool
+
+
+def sample_points(
+    images: Optional[Sequence[Path]] = None,
+    model: Union[str, LoadedModel, None] = None,
+    weights: Optional[Path] = None,
+    layers: Optional[Sequence[str]] = None,
+    levels: Optional[int] = None,
+    at: Sequence[Union[str, Tuple[float, float]]] = (),
+    grid: Optional[int] = None,
+    boxes: Optional[Path] = None,
+    round_positions: bool = False,
+    group: GroupChoice = 0,
+    resize: Optional[int] = None,
+    device: str = "cpu",
+    out: Path = Path(DEFAULT_OUT),
+    fmt: str = "png",
+    gif: bool = False,
+    save_offsets: Optional[Path] = None,
+    color_by_level: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+    strict: bool = False,
+) -> SamplePointsResult:
+    """Trace the sampling trees of chosen units for each image.
+
+    Writes ``<stem>_points.csv`` and ``<stem>_sampling.<fmt>`` (and ``<stem>_sampling.gif``)
+    per image, ``save_offsets`` if given, and ``summary.json`` into ``out``.
+    """
+    options = _check_options(layers, levels, at, grid, group, round_positions, resize, fmt, gif, color_by_level)
+    check_npz_path(save_offsets, "save_offsets")
+    image_paths = image_list(images)
+    boxes_of_images, boxes_source = boxes_per_image(image_paths, boxes, use_bundled=not options.at and grid is None)
+    run = start_run("sample-points", _parameters(image_paths, options, boxes, save_offsets), model, weights, device, out)
+
+    results: List[ImagePoints] = []
+    per_image: List[Dict[str, Any]] = []
+    offsets_arrays: Dict[str, np.ndarray] = {}
+    traced_layers: Optional[List[Dict[str, Any]]] = None
+    boxes_of = dict(zip(image_paths, boxes_of_images))
+    with images_of_run(image_paths, strict, max_pixels, "sample-points", progress) as (readable, skipped):
+        for path, image in readable:
+            model_input = to_model_input(image, run.loaded.preprocess, options.resize)
+            captured = probe(run.loaded.model, model_input.tensor.to(run.device))
+            records = _traced_records(captured.convs, options, run.loaded.name)
+            units, trees = _trace_image(path, model_input, records, boxes_of[path], boxes_source, options, run.notes)
+            item = _write_image_outputs(path, image, units, trees, options, run)
+            if save_offsets is not None:
+                offsets_arrays.update(offset_field_arrays(path.stem, captured.convs, model_input))
+            _note_approximate_frames(path, records, run.notes)
+            image_summary = _image_summary(path, model_input, records, units, item)
+            traced_layers = traced_layers or image_summary["layers"]
+            per_image.append(image_summary)
+            results.append(item)
+    offsets_path = None
+    if save_offsets is not None:
+        offsets_path = Path(save_offsets)
+        write_npz(offsets_path, offsets_arrays)
+    run.summary["layers"] = traced_layers
+    run.summary["images"] = per_image
+    summary_path = run.finish(skipped)
+    return SamplePointsResult(run.out_dir, [r["name"] for r in traced_layers or []], results, summary_path, offsets_path, run.notes, skipped.items)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+
+
+def _check_options(
+    layers: Optional[Sequence[str]],
+    levels: Optional[int],
+    at: Sequence[Union[str, Tuple[float, float]]],
+    grid: Optional[int],
+    group: GroupChoice,
+    round_positions: bool,
+    resize: Optional[int],
+    fmt: str,
+    gif: bool,
+    color_by_level: bool,
+) -> _Options:
+    fmt = check_figure_format(fmt)
+    check_resize(resize)
+    checked_group = check_group(group)
+    points_at = [parse_point(p) if isinstance(p, str) else (float(p[0]), float(p[1])) for p in at]
+    if grid is not None and grid < 1:
+        raise InputError(f"{grid}: STEP must be a positive number of units", param="grid")
+    if levels is not None and levels < 1:
+        raise InputError(f"{levels}: must be at least 1", param="levels")
+    if layers and levels is not None:
+        raise InputError("and `levels`: give one or the other", param="layers")
+    return _Options(layers, levels, points_at, grid, checked_group, round_positions, resize, fmt, gif, color_by_level)
+
+
+def _parameters(image_paths: Sequence[Path], options: _Options, boxes: Optional[Path], save_offsets: Optional[Path]) -> Dict[str, Any]:
+    return {
+        "images": [str(p) for p in image_paths],
+        "layers": list(options.layers) if options.layers else None,
+        "levels": options.levels,
+        "at": [list(p) for p in options.at],
+        "grid": options.grid,
+        "boxes": boxes,
+        "round": options.round_positions,
+        "group": options.group,
+        "resize": options.resize,
+        "format": options.fmt,
+        "gif": options.gif,
+        "save_offsets": save_offsets,
+        "color_by_level": options.color_by_level,
+    }
+
+
+def _traced_records(convs: Dict[str, DeformConvRecord], options: _Options, model_name: str) -> List[DeformConvRecord]:
+    """The layers to trace, top (last called) first."""
+    chosen = select_layers(convs, options.layers, options.levels, default_count=DEFAULT_LEVELS, model_name=model_name)
+    return list(reversed(chosen))
+
+
+def _trace_image(
+    path: Path,
+    model_input: ModelInput,
+    records: List[DeformConvRecord],
+    boxes: Optional[Boxes],
+    boxes_source: str,
+    options: _Options,
+    notes: List[str],
+) -> Tuple[List[Unit], SamplingTrees]:
+    sx, sy = model_input.scale_to_original
+    top = records[0]
+    top_frame = top.geometry.output_frame.scaled(sx, sy)
+    units = choose_units(path, top_frame, top.geometry.output_hw, model_input.original_hw, options.at, options.grid, boxes, boxes_source, notes)
+    trees = trace_sampling_trees(
+        records,
+        torch.tensor([[u.row, u.col] for u in units], dtype=torch.long),
+        group=options.group,
+        round_positions=options.round_positions,
+        scale_to_original=(sx, sy),
+    )
+    return units, trees
+
+
+def _write_image_outputs(path: Path, image: np.ndarray, units: List[Unit], trees: SamplingTrees, options: _Options, run: CommandRun) -> ImagePoints:
+    from dcn_inspect.plots.sampling import MAX_PANELS, draw_sampling_figure, gif_frames, write_sampling_gif
+
+    table = points_table(trees)
+    csv_path = run.out_dir / f"{path.stem}_points.csv"
+    write_csv(csv_path, table, CSV_UNITS)
+    titles = [f"unit {k} ({u.row}, {u.col}): {u.source}" for k, u in enumerate(units)]
+    figure_path = run.out_dir / f"{path.stem}_sampling.{options.fmt}"
+    write_figure(figure_path, draw_sampling_figure(image, trees, titles, options.color_by_level), dpi=100)
+    if trees.num_units > MAX_PANELS:
+        also = " and GIF have" if options.gif else " has"
+        run.notes.append(f"{path.name}: the figure shows the first {MAX_PANELS} of {trees.num_units} units; the CSV{also} all")
+    gif_path = None
+    if options.gif:
+        gif_path = run.out_dir / f"{path.stem}_sampling.gif"
+        write_sampling_gif(gif_path, gif_frames(image, trees, options.color_by_level))
+    return ImagePoints(path, units, trees, csv_path, figure_path, gif_path, table)
+
+
+def _note_approximate_frames(path: Path, records: Sequence[DeformConvRecord], notes: List[str]) -> None:
+    approximate = [r.name for r in records if r.geometry.method != "hooks"]
+    if approximate:
+        notes.append(
+            f"{path.name}: frames of {', '.join(approximate)} inferred from map sizes "
+            "(the forward could not be followed there); positions are approximate"
+        )
+
+
+def _layer_summary(level: int, record: DeformConvRecord) -> Dict[str, Any]:
+    return {
+        "level": level,
+        "name": record.name,
+        "module_type": record.module_type,
+        "kernel_points": record.kernel_points,
+        "offset_groups": record.offset_groups,
+        "modulated": record.modulated,
+        "geometry": record.geometry.as_dict(),
+    }
+
+
+def _image_summary(path: Path, model_input: ModelInput, records: Sequence[DeformConvRecord], units: List[Unit], item: ImagePoints) -> Dict[str, Any]:
+    sx, sy = model_input.scale_to_original
+    table = item.table
+    return {
+        "image": str(path),
+        "original_hw": list(model_input.original_hw),
+        "input_hw": list(model_input.input_hw),
+        "scale_to_original": [sx, sy],
+        "top_layer_map_hw": list(records[0].geometry.output_hw),
+        "layers": [_layer_summary(level, r) for level, r in enumerate(records, start=1)],
+        "units": [{"unit": k, **u.as_dict()} for k, u in enumerate(units)],
+        "points": int(len(table)),
+        "points_outside": int(len(table) - int(table["inside"].sum())),
+        "outputs": [item.csv.name, item.figure.name] + ([item.gif.name] if item.gif else []),
+    }

@@ -1,0 +1,219 @@
+"""Which RoIs the ``bins`` command pools and whose offsets it shows.
+
+RoIs come from boxes typed by the user (``rois``: ``"X1,Y1,X2,Y2"`` in original-image pixels),
+a CSV file (``rois_file``: ``x1,y1,x2,y2[,class]``) and an annotation file (``annotations``:
+COCO json or Pascal VOC), in that order; a bundled demo image with none of them uses its
+bundled annotations. RoIs may lie partly outside the image (the pooling op handles that) but
+must not be inverted.
+
+A class-specific deformable PS RoI pooling head predicts one set of offsets per class;
+:func:`choose_classes` picks, per RoI, the set to show: ``auto`` (the RoI's ground-truth class,
+else the model's prediction), ``gt``, ``pred``, ``all``, or a class index or name.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from dcn_inspect import datasets
+from dcn_inspect.annotations import annotation_for_image, read_box_csv
+from dcn_inspect.errors import InputError
+from dcn_inspect.loaded_model import LoadedModel
+from dcn_inspect.roi_bins import AGNOSTIC, HeadInfo
+
+Box = Tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class RoIRequest:
+    """One RoI asked for by the user, in original-image pixels (COCO continuous coordinates)."""
+
+    box: Box
+    label: Optional[str]
+    source: str  # where it came from, for error messages and summary.json
+
+
+def parse_roi(text: str) -> Box:
+    """``"X1,Y1,X2,Y2"`` -> a box; one-line :class:`InputError` naming the ``rois`` parameter otherwise."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise InputError(f"{text!r}: expected four numbers X1,Y1,X2,Y2 in image pixels", param="rois") from None
+    if len(values) != 4:
+        raise InputError(f"{text!r}: expected four numbers X1,Y1,X2,Y2, got {len(values)}", param="rois")
+    return values  # type: ignore[return-value]
+
+
+def check_roi(request: RoIRequest) -> None:
+    """RoIs may lie partly outside the image (the op handles that) but must not be inverted."""
+    x1, y1, x2, y2 = request.box
+    if not all(math.isfinite(v) for v in request.box):
+        raise InputError(f"{request.source}: RoI {_fmt_box(request.box)} has a non-finite coordinate")
+    if x2 < x1:
+        raise InputError(f"{request.source}: RoI {_fmt_box(request.box)} has x2 < x1")
+    if y2 < y1:
+        raise InputError(f"{request.source}: RoI {_fmt_box(request.box)} has y2 < y1")
+
+
+def _fmt_box(box: Sequence[float]) -> str:
+    return ",".join(f"{v:g}" for v in box)
+
+
+def collect_rois(
+    image_path: Path,
+    rois: Sequence[Union[Box, str]] = (),
+    rois_file: Optional[Path] = None,
+    annotations: Optional[Path] = None,
+) -> List[RoIRequest]:
+    """The RoIs for one image: ``--roi`` boxes, then ``--rois`` CSV rows, then annotated boxes.
+
+    With none given, a bundled demo image uses its bundled annotations.
+    """
+    requests: List[RoIRequest] = []
+    for item in rois:
+        box = parse_roi(item) if isinstance(item, str) else tuple(float(v) for v in item)
+        requests.append(RoIRequest(box, None, f"--roi {_fmt_box(box)}"))  # type: ignore[arg-type]
+    if rois_file is not None:
+        boxes, labels = read_box_csv(Path(rois_file))
+        for k, (box, label) in enumerate(zip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), labels)):
+            requests.append(RoIRequest(tuple(float(v) for v in box), label, f"--rois {rois_file} box {k}"))  # type: ignore[arg-type]
+    annotation_path = Path(annotations) if annotations is not None else None
+    if annotation_path is None and not requests:
+        annotation_path = _bundled_annotations_for(image_path)
+        if annotation_path is None:
+            raise InputError(f"{image_path}: no RoIs given: use `rois` X1,Y1,X2,Y2, `rois_file` FILE or `annotations` FILE")
+    if annotation_path is not None:
+        entry = annotation_for_image(annotation_path, Path(image_path))
+        if entry is None:
+            raise InputError(f"{annotation_path}: no entry for image {Path(image_path).name}", param="annotations")
+        for k, box in enumerate(np.asarray(entry.boxes, dtype=np.float64).reshape(-1, 4)):
+            label = entry.labels[k] if k < len(entry.labels) else None
+            requests.append(RoIRequest(tuple(float(v) for v in box), label, f"{annotation_path} ({entry.file_name}) box {k}"))  # type: ignore[arg-type]
+    if not requests:
+        raise InputError(f"{image_path}: no RoIs (the annotations list no boxes for this image)")
+    for request in requests:
+        check_roi(request)
+    return requests
+
+
+def _bundled_annotations_for(image_path: Path) -> Optional[Path]:
+    """The bundled annotation file if ``image_path`` is one of the bundled demo images."""
+    bundled = {p.resolve() for p in datasets.bundled_images()}
+    if Path(image_path).resolve() in bundled:
+        return Path(datasets.bundled_images_annotations())
+    return None
+
+
+def class_names(loaded: LoadedModel) -> Optional[List[str]]:
+    """The model's class names if it declares them.
+
+    Looked up in order: the model's ``class_names`` attribute, the checkpoint's meta or
+    config ``class_names``, then a ``CLASS_NAMES`` constant of the module defining the model
+    class (how the built-in architectures declare them). The background class may be omitted.
+    """
+    defining_module = sys.modules.get(type(loaded.model).__module__)
+    for source in (
+        getattr(loaded.model, "class_names", None),
+        loaded.meta.get("class_names"),
+        loaded.config.get("class_names"),
+        getattr(defining_module, "CLASS_NAMES", None),
+    ):
+        if source:
+            return [str(n) for n in source]
+    return None
+
+
+def offset_class_names(names: Optional[List[str]], num_classes: int) -> Optional[List[str]]:
+    """Names of the head's offset classes: the model's list, with R-FCN's background prepended if short by one."""
+    if names is None:
+        return None
+    if len(names) == num_classes:
+        return list(names)
+    if len(names) == num_classes - 1:
+        return ["background"] + list(names)
+    return None
+
+
+def _label_to_index(label: Optional[str], names: Optional[List[str]], num_classes: int) -> Optional[int]:
+    if label is None:
+        return None
+    text = str(label).strip()
+    if names is not None and text in names:
+        return names.index(text)
+    if text.lstrip("-").isdigit() and 0 <= int(text) < num_classes:
+        return int(text)
+    return None
+
+
+@dataclass
+class ClassChoice:
+    """Which offset set each RoI uses: ``rows`` is a list of (roi, class_index, how chosen)."""
+
+    rows: List[Tuple[int, int, str]]
+
+
+def choose_classes(
+    choice: str,
+    requests: Sequence[RoIRequest],
+    info: HeadInfo,
+    names: Optional[List[str]],
+    roi_logits: Optional[torch.Tensor],
+) -> ClassChoice:
+    """Resolve a class choice (auto | gt | pred | all | index | name) into one offset set per row."""
+    count = len(requests)
+    if info.class_agnostic:
+        return ClassChoice([(r, 0, AGNOSTIC) for r in range(count)])
+    num = info.num_classes
+    predicted: Optional[np.ndarray] = None
+    if roi_logits is not None and roi_logits.dim() >= 2 and roi_logits.shape[0] == count and roi_logits.shape[1] == num:
+        predicted = roi_logits.detach().reshape(count, num, -1).mean(dim=2).argmax(dim=1).cpu().numpy()
+    choice = (choice or "auto").strip()
+    if choice == "all":
+        return ClassChoice([(r, c, "all") for r in range(count) for c in range(num)])
+    if choice in ("auto", "gt", "pred"):
+        rows = []
+        for r, request in enumerate(requests):
+            gt = _label_to_index(request.label, names, num) if choice != "pred" else None
+            if gt is not None:
+                rows.append((r, gt, "gt"))
+            elif choice == "gt":
+                what = "has no class" if request.label is None else f"class {request.label!r} is not one of the model's {num} offset classes"
+                raise InputError(f"gt: {request.source} {what}", param="class_choice")
+            elif predicted is not None:
+                rows.append((r, int(predicted[r]), "pred"))
+            else:
+                raise InputError(
+                    f"{choice}: {request.source} needs a class for the class-specific offsets of "
+                    f"{info.layer} ({num} classes) and the model gives no roi_logits to predict one; "
+                    "use `class_choice` INDEX|NAME|all",
+                    param="class_choice",
+                )
+        return ClassChoice(rows)
+    index = _label_to_index(choice, names, num)
+    if index is None:
+        known = f" ({', '.join(names)})" if names else ""
+        raise InputError(f"{choice!r}: not a class index 0..{num - 1}, a class name{known}, auto, gt, pred or all", param="class_choice")
+    return ClassChoice([(r, index, "given") for r in range(count)])
+
+
+def roi_logits(output: Any) -> Optional[torch.Tensor]:
+    if isinstance(output, dict):
+        value = output.get("roi_logits")
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def class_label(class_index: int, how: str, names: Optional[List[str]]) -> str:
+    if how == AGNOSTIC:
+        return AGNOSTIC
+    if names is not None and 0 <= class_index < len(names):
+        return names[class_index]
+    return str(class_index)
