@@ -179,7 +179,7 @@ def _bins_for_image(
     choice = choose_classes(options.class_choice, requests, info, offset_names, roi_logits(result.output))
     geometry = geometry_for_rows(record, choice.rows, info).scaled(*model_input.scale_to_original)
     labels = [(roi, class_label(c, how, offset_names)) for roi, c, how in choice.rows]
-    files = _write_image_outputs(path, image, requests, geometry, labels, choice, f"{path.name}: {info.module_type} {record.name}", options, run)
+    files = _write_image_outputs(path, image, requests, geometry, labels, choice, info, f"{path.name}: {info.module_type} {record.name}", options, run)
     roi_summary = _roi_summary(requests, record, geometry, choice, offset_names)
     image_summary = {
         "image": str(path),
@@ -240,11 +240,12 @@ def _write_image_outputs(
     geometry: BinGeometry,
     labels: List[Tuple[int, str]],
     choice: ClassChoice,
+    info: HeadInfo,
     title: str,
     options: _Options,
     run: CommandRun,
 ) -> _ImageFiles:
-    from dcn_inspect.plots.bins import RoIPanel, draw_bins_figure
+    from dcn_inspect.plots.bins import OP_EXTENT_LABELS, RoIPanel, draw_bins_figure
 
     table = bins_table(geometry, labels)
     csv_path = run.out_dir / f"{path.stem}_bins.csv"
@@ -261,6 +262,7 @@ def _write_image_outputs(
             deformed=geometry.deformed[k],
             points=geometry.points[k].reshape(-1, 2) if options.points else None,
             roi_label=f"RoI {roi}" + (f" ({requests[roi].label})" if requests[roi].label is not None else ""),
+            op_roi=tuple(float(v) for v in geometry.op_rois[k]),  # type: ignore[arg-type]
         )
         for k, ((roi, label), (_, _, how)) in enumerate(zip(labels, choice.rows))
     ]
@@ -268,7 +270,8 @@ def _write_image_outputs(
         run.notes.append(f"{path.name}: figure shows the first {MAX_PANELS} of {len(panels)} RoI/class panels; the CSV has all")
         panels = panels[:MAX_PANELS]
     figure_path = run.out_dir / f"{path.stem}_bins.{options.fmt}"
-    write_figure(figure_path, draw_bins_figure(image, panels, overlay=options.overlay, title=title), dpi=100)
+    figure = draw_bins_figure(image, panels, overlay=options.overlay, title=title, op_extent_label=OP_EXTENT_LABELS[info.kind])
+    write_figure(figure_path, figure, dpi=100)
     return _ImageFiles(csv_path, figure_path, points_path, table)
 
 
