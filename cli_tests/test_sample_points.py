@@ -261,17 +261,49 @@ def test_boxes_give_background_then_boxes_by_area(image_path: Path, tmp_path: Pa
     assert [(u.row, u.col) for u in from_coco.images[0].units][1:] == [(11, 17)]
 
 
-def test_background_unit_is_farthest_from_boxes_and_border() -> None:
-    frame = FrameMap(1.0, 1.0, 0.5, 0.5)  # a 10x20 map on a 10x20 image
-    boxes = np.array([[0.0, 0.0, 8.0, 10.0]])
-    unit = background_unit(frame, (10, 20), boxes, (10, 20))
-    # The border limits every unit to 4.5 px (rows y = 4.5, 5.5); in the free area x in [8, 20]
-    # centres x = 12.5 .. 15.5 are at least 4.5 px from the box and the right border too: a tie,
-    # which goes to the first unit in row-major order. Units left of x = 12.5 are nearer the box.
-    assert (unit.row, unit.col) == (4, 12)
-    moved = background_unit(frame, (10, 20), np.array([[0.0, 0.0, 11.0, 10.0]]), (10, 20))
-    assert (moved.row, moved.col) == (4, 15)  # x = 15.5: 4.5 px from the box and from the border
-    assert unit.source == "background"
+def test_background_unit_is_farthest_from_boxes_among_units_whose_tree_stays_on_the_image() -> None:
+    frame = FrameMap(1.0, 1.0, 0.5, 0.5)  # map cell (r, c) centred on image pixel (c + 0.5, r + 0.5)
+    # 10x20 image, box on the left 8 columns, clearance 3 px: centres x <= 16.5, 3.5 <= y <= 6.5
+    # keep it; x = 16.5 is the farthest from the box (8.5 px). Rows 3..6 tie on that distance and
+    # on centrality (the x border binds), so the first row wins.
+    unit = background_unit(frame, (10, 20), np.array([[0.0, 0.0, 8.0, 10.0]]), (10, 20), clearance=(3.0, 3.0))
+    assert (unit.row, unit.col, unit.source) == (3, 16, "background")
+    # 40x40 image, a box in the middle, clearance 8: the farthest clear units are the four corners
+    # of the clear square [8, 32]^2 (2.1 px from the box), not the image corners (13.4 px away).
+    unit = background_unit(frame, (40, 40), np.array([[10.0, 10.0, 30.0, 30.0]]), (40, 40), clearance=(8.0, 8.0))
+    assert (unit.x, unit.y) == (8.5, 8.5)
+    # 10x10 image too small for a clearance of 8: the most central background units (4.5 px from
+    # the border), the farthest from the box of these; never the far corner (9.5, 9.5).
+    unit = background_unit(frame, (10, 10), np.array([[0.0, 0.0, 3.0, 3.0]]), (10, 10), clearance=(8.0, 8.0))
+    assert (unit.x, unit.y) == (5.5, 5.5)
+    # Every clear unit lies in the box: a background unit with as much clearance as possible
+    # (the x = 16.5 column / y = 16.5 row, 3.5 px), the farthest from the box among those.
+    unit = background_unit(frame, (20, 20), np.array([[0.0, 0.0, 16.0, 16.0]]), (20, 20), clearance=(6.0, 6.0))
+    assert (unit.x, unit.y) == (16.5, 16.5)
+
+
+def test_sample_points_background_unit_keeps_half_the_tree_extent_from_the_border(image_path: Path, tmp_path: Path) -> None:
+    from dcn_inspect.hooks import probe
+    from dcn_inspect.images import load_image, to_model_input
+    from dcn_inspect.tracing import tree_half_extent
+
+    # The tiny model's three deformable layers all read stride-2 maps: the undeformed tree reaches
+    # 1*1*2 + 1*2*2 + 1*2*2 = 10 px from the unit, plus half a 2-px cell: 11 px each way.
+    loaded = _loaded()
+    captured = probe(loaded.model, to_model_input(load_image(image_path), Preprocess(resize=0), None).tensor)
+    records = [captured.convs[name] for name in ("dcn_c", "dcn_b", "dcn_a")]
+    assert tree_half_extent(records) == (11.0, 11.0)
+    boxes_csv = tmp_path / "boxes.csv"
+    boxes_csv.write_text("x1,y1,x2,y2\n0,0,24,32\n")  # the left half of the 48x32 image
+    result = sample_points([image_path], model=loaded, boxes=boxes_csv, out=tmp_path / "out", progress=False)
+    background = result.images[0].units[0]
+    # Clear centres (2j + 0.5): 11 <= x <= 37 and 11 <= y <= 21; the farthest from the box is
+    # x = 36.5; every clear row ties (the box spans the height), so the first clear row, y = 12.5.
+    assert (background.source, background.x, background.y) == ("background", 36.5, 12.5)
+    assert result.images[0].categories[0].name == "background"
+    summary = json.loads(result.summary.read_text())
+    assert summary["images"][0]["units"][0]["category"]["name"] == "background"
+    assert "at least 11 px (x) and 11 px (y)" in summary["images"][0]["units"][0]["detail"]
 
 
 def test_default_unit_is_the_image_centre(image_path: Path, tmp_path: Path) -> None:

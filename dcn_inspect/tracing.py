@@ -239,6 +239,29 @@ def trace_sampling_trees(
     )
 
 
+def tree_half_extent(records: Sequence[DeformConvRecord], scale_to_original: Tuple[float, float] = (1.0, 1.0)) -> Tuple[float, float]:
+    """Half the theoretical receptive field (x, y) of a top-layer unit through ``records`` (top
+    first), in image pixels: how far its undeformed sampling tree reaches from the unit's centre.
+
+    Every kernel point of a layer with kernel k and dilation d lies ``(a - (k-1)/2) * d`` input
+    cells from the unit's centre (the frames put the centre in the kernel's middle), so level
+    l adds ``(k-1)/2 * d * input stride``; the deepest points read cells of the deepest input
+    map, half a cell more. Like the trees, only the traced deformable layers count (the layers
+    below them and the residual path do not).
+    """
+    sx, sy = (float(v) for v in scale_to_original)
+    reach_x = reach_y = 0.0
+    for record in records:
+        geometry = record.geometry
+        reach_y += (geometry.kernel[0] - 1) / 2 * geometry.dilation[0] * geometry.input_frame.stride_y * sy
+        reach_x += (geometry.kernel[1] - 1) / 2 * geometry.dilation[1] * geometry.input_frame.stride_x * sx
+    if records:
+        deepest = records[-1].geometry.input_frame
+        reach_x += deepest.stride_x * sx / 2
+        reach_y += deepest.stride_y * sy / 2
+    return reach_x, reach_y
+
+
 def points_table(trees: SamplingTrees) -> pd.DataFrame:
     """One row per point, units outermost, then levels, then points (the CSV's row order)."""
     columns: Dict[str, List[np.ndarray]] = {name: [] for name in CSV_COLUMNS}

@@ -8,22 +8,26 @@ here, in the top deformable layer's output frame mapped to original-image pixels
 - a ``grid`` step: every STEP-th unit in both directions, starting at STEP // 2 (the official
   demo's layout);
 - boxes (COCO / VOC annotation or a CSV ``x1,y1,x2,y2[,class]``): the paper's Fig. 6 triplets,
-  one background unit (:func:`background_unit`) then one unit at each box centre, smallest box
-  first; for a bundled image with nothing else asked, its bundled annotations;
+  one background unit (:func:`background_unit`: farthest from every box among the units whose
+  undeformed tree stays on the image) then one unit at each box centre, smallest box first;
+  for a bundled image with nothing else asked, its bundled annotations;
 - otherwise the image centre.
 
-Units are kept once (the first reason that chose a unit names it).
+Units are kept once (the first reason that chose a unit names it). :func:`unit_category` names
+a unit's class for figure titles (the box that chose it, else Table 2's smallest containing
+box, else background).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dcn_inspect.dilation import CATEGORIES, area_category
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap
 
@@ -41,9 +45,26 @@ class Unit:
     y: float
     source: str  # how it was chosen, short (panel titles)
     detail: str = ""  # more about the choice (summary.json)
+    box: Optional[int] = None  # index of the box whose centre chose it
 
     def as_dict(self) -> Dict[str, Any]:
-        return {"row": self.row, "col": self.col, "x": self.x, "y": self.y, "source": self.source, "detail": self.detail or self.source}
+        found = {"row": self.row, "col": self.col, "x": self.x, "y": self.y, "source": self.source, "detail": self.detail or self.source}
+        if self.box is not None:
+            found["box"] = self.box
+        return found
+
+
+@dataclass(frozen=True)
+class UnitCategory:
+    """Where a unit's centre lies: ``background`` or the size category of its box (Table 2's classes)."""
+
+    name: str  # small, medium, large or background
+    box: Optional[int]  # index of the box in the image's boxes
+    label: Optional[str]
+    coords: Optional[Tuple[float, float, float, float]]  # x1, y1, x2, y2 in original-image pixels
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "box": self.box, "box_label": self.label, "box_coords": list(self.coords) if self.coords else None}
 
 
 def parse_point(text: str) -> Tuple[float, float]:
@@ -85,39 +106,104 @@ def grid_units(frame: FrameMap, map_hw: Tuple[int, int], step: int) -> List[Unit
     ]
 
 
-def background_unit(frame: FrameMap, map_hw: Tuple[int, int], boxes: np.ndarray, image_hw: Tuple[int, int]) -> Unit:
-    """The unit farthest from every box and from the image border (the middle of the largest empty area).
+def background_unit(
+    frame: FrameMap, map_hw: Tuple[int, int], boxes: np.ndarray, image_hw: Tuple[int, int], clearance: Tuple[float, float]
+) -> Unit:
+    """The background unit of the Fig. 6 triplets: in open background, with its tree on the image.
 
-    The border counts like a box so that the background unit's tree stays on the image; ties go
-    to the first unit in row-major order.
+    ``clearance = (cx, cy)`` is half the theoretical receptive field of the traced layers in
+    image pixels (:func:`dcn_inspect.tracing.tree_half_extent`). A unit is *clear* when its
+    centre is at least ``cx`` from the left and right image borders and ``cy`` from the top and
+    bottom ones (its undeformed tree lies on the image), and *background* when its centre lies
+    in no box (edges count as inside). The chosen unit is
+
+    1. among the clear background units, the one farthest from every box (distance from its
+       centre to the nearest box rectangle);
+    2. when the image allows none, among the background units those that come closest to the
+       clearance (the largest fraction of it on their tighter side), the farthest from every box;
+    3. when every unit lies in a box, the most central one.
+
+    So a corner unit whose tree lies mostly outside the image is never chosen while a more
+    central background unit exists. Ties go to the more central unit, then to the first in
+    row-major order.
     """
     rows, cols = np.meshgrid(np.arange(map_hw[0]), np.arange(map_hw[1]), indexing="ij")
     xs, ys = frame.to_image(cols.astype(np.float64), rows.astype(np.float64))
-    gap_x = np.maximum(np.maximum(boxes[:, 0][None, None] - xs[..., None], xs[..., None] - boxes[:, 2][None, None]), 0.0)
-    gap_y = np.maximum(np.maximum(boxes[:, 1][None, None] - ys[..., None], ys[..., None] - boxes[:, 3][None, None]), 0.0)
-    to_boxes = np.hypot(gap_x, gap_y).min(axis=-1)
-    to_border = np.minimum(np.minimum(xs, image_hw[1] - xs), np.minimum(ys, image_hw[0] - ys))
-    score = np.minimum(to_boxes, to_border)  # negative for a centre outside the image
-    flat = int(np.argmax(score))
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes):
+        gap_x = np.maximum(np.maximum(boxes[:, 0][None, None] - xs[..., None], xs[..., None] - boxes[:, 2][None, None]), 0.0)
+        gap_y = np.maximum(np.maximum(boxes[:, 1][None, None] - ys[..., None], ys[..., None] - boxes[:, 3][None, None]), 0.0)
+        to_boxes = np.hypot(gap_x, gap_y).min(axis=-1).reshape(-1)
+    else:
+        to_boxes = np.full(xs.size, np.inf)
+    border_x = np.minimum(xs, image_hw[1] - xs).reshape(-1)  # negative for a centre outside the image
+    border_y = np.minimum(ys, image_hw[0] - ys).reshape(-1)
+    cx, cy = (max(float(c), 1e-9) for c in clearance)
+    fit = np.minimum(border_x / cx, border_y / cy)  # >= 1: the undeformed tree lies on the image
+    background = to_boxes > 0
+    pool = background if background.any() else np.ones_like(background)
+    candidates = pool & (fit >= 1.0)
+    kept_clear = bool(candidates.any())
+    if not kept_clear:
+        candidates = pool & (fit >= fit[pool].max() - 1e-9)
+    score = np.where(candidates, to_boxes, -np.inf)
+    flat = int(np.lexsort((np.arange(score.size), -fit, -score))[0])
     row, col = divmod(flat, map_hw[1])
-    detail = f"background: the unit farthest from every box and the image border ({to_boxes.flat[flat]:.1f} px from the nearest box)"
+    if kept_clear:
+        where = f"at least {cx:.0f} px (x) and {cy:.0f} px (y), half the traced layers' receptive field, from the image border"
+    else:
+        where = f"as far from the image border as the image allows ({border_x[flat]:.0f} px (x), {border_y[flat]:.0f} px (y); half the receptive field is {cx:.0f}, {cy:.0f} px)"
+    distance = "no box" if not np.isfinite(to_boxes[flat]) else f"{to_boxes[flat]:.1f} px from the nearest box"
+    detail = f"background: the unit farthest from every box {where} ({distance})"
     return _unit(frame, row, col, "background", detail)
 
 
-def box_units(frame: FrameMap, map_hw: Tuple[int, int], boxes: np.ndarray, labels: Sequence[Optional[str]], image_hw: Tuple[int, int], source: str) -> List[Unit]:
-    """Fig. 6 triplets: one background unit, then one unit at each box centre, smallest box first."""
+def box_units(
+    frame: FrameMap,
+    map_hw: Tuple[int, int],
+    boxes: np.ndarray,
+    labels: Sequence[Optional[str]],
+    image_hw: Tuple[int, int],
+    source: str,
+    clearance: Tuple[float, float],
+) -> List[Unit]:
+    """Fig. 6 triplets: one background unit (:func:`background_unit`), then one unit at each box
+    centre, smallest box first."""
     if len(boxes) == 0:
         return []
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    units = [background_unit(frame, map_hw, boxes, image_hw)]
+    units = [background_unit(frame, map_hw, boxes, image_hw, clearance)]
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     for n in np.argsort(areas, kind="stable"):
         x1, y1, x2, y2 = boxes[n]
         label = f" {labels[n]}" if labels[n] else ""
         detail = f"centre of box {int(n)}{label} [{x1:g},{y1:g},{x2:g},{y2:g}] ({source}), area {areas[n]:.0f} px^2"
         short = f"box {int(n)}{label} ({x2 - x1:g}x{y2 - y1:g} px)"
-        units.append(nearest_unit(frame, map_hw, 0.5 * (x1 + x2), 0.5 * (y1 + y2), short, detail))
+        unit = nearest_unit(frame, map_hw, 0.5 * (x1 + x2), 0.5 * (y1 + y2), short, detail)
+        units.append(replace(unit, box=int(n)))
     return units
+
+
+def unit_category(unit: Unit, boxes: Optional[Boxes], thresholds: Tuple[float, float]) -> Optional[UnitCategory]:
+    """The unit's category for panel titles: from the box that chose it, else (Table 2's rule) the
+    smallest box containing its centre (edges inclusive), else background; ``None`` without boxes."""
+    if boxes is None:
+        return None
+    coords = np.asarray(boxes[0], dtype=np.float64).reshape(-1, 4)
+    labels = list(boxes[1])
+    if unit.box is not None:
+        index: Optional[int] = unit.box
+    else:
+        inside = (coords[:, 0] <= unit.x) & (unit.x <= coords[:, 2]) & (coords[:, 1] <= unit.y) & (unit.y <= coords[:, 3])
+        hits = np.flatnonzero(inside)
+        areas = (coords[:, 2] - coords[:, 0]) * (coords[:, 3] - coords[:, 1])
+        index = int(hits[np.argmin(areas[hits])]) if hits.size else None
+    if index is None:
+        return UnitCategory("background", None, None, None)
+    box = coords[index]
+    area = float((box[2] - box[0]) * (box[3] - box[1]))
+    name = CATEGORIES[int(area_category(np.array([area]), thresholds)[0])]
+    return UnitCategory(name, index, labels[index] if index < len(labels) else None, (float(box[0]), float(box[1]), float(box[2]), float(box[3])))
 
 
 def read_boxes(image_path: Path, boxes_file: Path) -> Optional[Boxes]:
@@ -155,11 +241,13 @@ def choose_units(
     boxes: Optional[Boxes],
     boxes_source: str,
     notes: List[str],
+    clearance: Tuple[float, float],
 ) -> List[Unit]:
     """Units of the top layer (output frame ``frame`` in original pixels) for one image, duplicates removed.
 
     ``boxes`` come from ``--boxes`` (``boxes_source`` names it) or, when nothing else chose
     units, from the bundled annotations; with no units at all the image centre is traced.
+    ``clearance`` is what the background unit keeps from the image border (:func:`background_unit`).
     """
     height, width = image_hw
     units: List[Unit] = []
@@ -170,7 +258,7 @@ def choose_units(
     if grid is not None:
         units.extend(grid_units(frame, map_hw, grid))
     if boxes is not None:
-        found = box_units(frame, map_hw, boxes[0], boxes[1], image_hw, boxes_source)
+        found = box_units(frame, map_hw, boxes[0], boxes[1], image_hw, boxes_source, clearance)
         if not found:
             notes.append(f"{image_path.name}: {boxes_source} has no box for this image")
         units.extend(found)

@@ -31,6 +31,8 @@ def sample_points(
     round_positions: bool = typer.Option(False, "--round", help="Round positions to the nearest cell before reading offsets (the official demo's rule)."),
     group: str = typer.Option("0", "--group", help="Offset group to follow (G), or 'mean' to average the groups' offsets."),
     color_by_level: bool = typer.Option(False, "--color-by-level", help="Draw every level in its own colour (deepest stays red)."),
+    zoom: bool = typer.Option(False, "--zoom", help="Fit each panel to its own unit's points (default: every panel the whole image at one scale)."),
+    thresholds: str = typer.Option("paper", "--thresholds", help="Box-area split for the titles' small/medium/large: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
     out: Path = options.out(),

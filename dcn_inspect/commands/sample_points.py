@@ -6,8 +6,10 @@ deformable layers used, and each layer's exact frame) -> the layers to follow
 their sampling trees (:func:`dcn_inspect.tracing.trace_sampling_trees`) -> written as
 
 - ``<stem>_points.csv``: one row per point (every level, points outside the maps included);
-- ``<stem>_sampling.<fmt>``: one panel per unit, the unit green, its deepest points red;
-- ``<stem>_sampling.gif`` (``gif=True``): one frame per unit;
+- ``<stem>_sampling.<fmt>``: one panel per unit, the unit green, its deepest points red, every
+  panel the whole image at one scale (``zoom``: each fitted to its points), titled with the
+  unit's (x, y) and category (sizes by ``thresholds``, as in dilation-stats), with a legend;
+- ``<stem>_sampling.gif`` (``gif=True``): one labelled frame per unit;
 - ``save_offsets``: an ``.npz`` of the captured offset/mask fields with their geometry;
 - ``summary.json``: model, checkpoint hash, layers and their geometry, units, parameters.
 """
@@ -33,14 +35,15 @@ from dcn_inspect.commands.common import (
     start_run,
 )
 from dcn_inspect.defaults import DEFAULT_LEVELS, DEFAULT_MAX_PIXELS, DEFAULT_OUT
+from dcn_inspect.dilation import resolve_thresholds
 from dcn_inspect.errors import InputError
 from dcn_inspect.hooks import probe
 from dcn_inspect.images import ModelInput, to_model_input
 from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.outputs import write_csv, write_figure, write_npz
 from dcn_inspect.records import DeformConvRecord, select_layers
-from dcn_inspect.tracing import CSV_COLUMNS, CSV_UNITS, GroupChoice, SamplingTrees, check_group, points_table, trace_sampling_trees
-from dcn_inspect.unit_selection import Boxes, Unit, boxes_per_image, choose_units, parse_point
+from dcn_inspect.tracing import CSV_COLUMNS, CSV_UNITS, GroupChoice, SamplingTrees, check_group, points_table, trace_sampling_trees, tree_half_extent
+from dcn_inspect.unit_selection import Boxes, Unit, UnitCategory, boxes_per_image, choose_units, parse_point, unit_category
 
 __all__ = ["CSV_COLUMNS", "ImagePoints", "SamplePointsResult", "sample_points"]
 
@@ -51,6 +54,7 @@ class ImagePoints:
 
     image: Path
     units: List[Unit]
+    categories: List[Optional[UnitCategory]]  # per unit; None when the image has no boxes
     trees: SamplingTrees
     csv: Path
     figure: Path
@@ -83,6 +87,8 @@ class _Options:
     fmt: str
     gif: bool
     color_by_level: bool
+    zoom: bool
+    thresholds: Tuple[float, float]
 
 
 def sample_points(
@@ -103,6 +109,8 @@ def sample_points(
     gif: bool = False,
     save_offsets: Optional[Path] = None,
     color_by_level: bool = False,
+    zoom: bool = False,
+    thresholds: str = "paper",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     strict: bool = False,
@@ -110,12 +118,16 @@ def sample_points(
     """Trace the sampling trees of chosen units for each image.
 
     Writes ``<stem>_points.csv`` and ``<stem>_sampling.<fmt>`` (and ``<stem>_sampling.gif``)
-    per image, ``save_offsets`` if given, and ``summary.json`` into ``out``.
+    per image, ``save_offsets`` if given, and ``summary.json`` into ``out``. ``thresholds``
+    (as in dilation-stats: ``paper``, ``coco``, ``tertiles`` of the given boxes, or ``A,B``
+    px²) sizes the boxes for the panel titles' categories.
     """
-    options = _check_options(layers, levels, at, grid, group, round_positions, resize, fmt, gif, color_by_level)
     check_npz_path(save_offsets, "save_offsets")
     image_paths = image_list(images)
-    boxes_of_images, boxes_source = boxes_per_image(image_paths, boxes, use_bundled=not options.at and grid is None)
+    use_bundled = not at and grid is None
+    boxes_of_images, boxes_source = boxes_per_image(image_paths, boxes, use_bundled=use_bundled)
+    areas = np.concatenate([_box_areas(b) for b in boxes_of_images if b is not None] or [np.zeros(0)])
+    options = _check_options(layers, levels, at, grid, group, round_positions, resize, fmt, gif, color_by_level, zoom, thresholds, areas)
     run = start_run("sample-points", _parameters(image_paths, options, boxes, save_offsets), model, weights, device, out)
 
     results: List[ImagePoints] = []
@@ -129,7 +141,8 @@ def sample_points(
             captured = probe(run.loaded.model, model_input.tensor.to(run.device))
             records = _traced_records(captured.convs, options, run.loaded.name)
             units, trees = _trace_image(path, model_input, records, boxes_of[path], boxes_source, options, run.notes)
-            item = _write_image_outputs(path, image, units, trees, options, run)
+            categories = [unit_category(u, boxes_of[path], options.thresholds) for u in units]
+            item = _write_image_outputs(path, image, units, categories, trees, options, run)
             if save_offsets is not None:
                 offsets_arrays.update(offset_field_arrays(path.stem, captured.convs, model_input))
             _note_approximate_frames(path, records, run.notes)
@@ -162,8 +175,12 @@ def _check_options(
     fmt: str,
     gif: bool,
     color_by_level: bool,
+    zoom: bool,
+    thresholds: str,
+    box_areas: np.ndarray,
 ) -> _Options:
     fmt = check_figure_format(fmt)
+    _, threshold_values = resolve_thresholds(thresholds, box_areas)
     check_resize(resize)
     checked_group = check_group(group)
     points_at = [parse_point(p) if isinstance(p, str) else (float(p[0]), float(p[1])) for p in at]
@@ -173,7 +190,12 @@ def _check_options(
         raise InputError(f"{levels}: must be at least 1", param="levels")
     if layers and levels is not None:
         raise InputError("and `levels`: give one or the other", param="layers")
-    return _Options(layers, levels, points_at, grid, checked_group, round_positions, resize, fmt, gif, color_by_level)
+    return _Options(layers, levels, points_at, grid, checked_group, round_positions, resize, fmt, gif, color_by_level, zoom, threshold_values)
+
+
+def _box_areas(boxes: Boxes) -> np.ndarray:
+    coords = np.asarray(boxes[0], dtype=np.float64).reshape(-1, 4)
+    return (coords[:, 2] - coords[:, 0]) * (coords[:, 3] - coords[:, 1])
 
 
 def _parameters(image_paths: Sequence[Path], options: _Options, boxes: Optional[Path], save_offsets: Optional[Path]) -> Dict[str, Any]:
@@ -191,6 +213,8 @@ def _parameters(image_paths: Sequence[Path], options: _Options, boxes: Optional[
         "gif": options.gif,
         "save_offsets": save_offsets,
         "color_by_level": options.color_by_level,
+        "zoom": options.zoom,
+        "thresholds": list(options.thresholds),
     }
 
 
@@ -212,7 +236,8 @@ def _trace_image(
     sx, sy = model_input.scale_to_original
     top = records[0]
     top_frame = top.geometry.output_frame.scaled(sx, sy)
-    units = choose_units(path, top_frame, top.geometry.output_hw, model_input.original_hw, options.at, options.grid, boxes, boxes_source, notes)
+    clearance = tree_half_extent(records, (sx, sy))
+    units = choose_units(path, top_frame, top.geometry.output_hw, model_input.original_hw, options.at, options.grid, boxes, boxes_source, notes, clearance)
     trees = trace_sampling_trees(
         records,
         torch.tensor([[u.row, u.col] for u in units], dtype=torch.long),
@@ -223,23 +248,32 @@ def _trace_image(
     return units, trees
 
 
-def _write_image_outputs(path: Path, image: np.ndarray, units: List[Unit], trees: SamplingTrees, options: _Options, run: CommandRun) -> ImagePoints:
-    from dcn_inspect.plots.sampling import MAX_PANELS, draw_sampling_figure, gif_frames, write_sampling_gif
+def _write_image_outputs(
+    path: Path,
+    image: np.ndarray,
+    units: List[Unit],
+    categories: List[Optional[UnitCategory]],
+    trees: SamplingTrees,
+    options: _Options,
+    run: CommandRun,
+) -> ImagePoints:
+    from dcn_inspect.plots.sampling import MAX_PANELS, draw_sampling_figure, frame_label, gif_frames, panel_title, write_sampling_gif
 
     table = points_table(trees)
     csv_path = run.out_dir / f"{path.stem}_points.csv"
     write_csv(csv_path, table, CSV_UNITS)
-    titles = [f"unit {k} ({u.row}, {u.col}): {u.source}" for k, u in enumerate(units)]
+    titles = [panel_title(k, u, c) for k, (u, c) in enumerate(zip(units, categories))]
     figure_path = run.out_dir / f"{path.stem}_sampling.{options.fmt}"
-    write_figure(figure_path, draw_sampling_figure(image, trees, titles, options.color_by_level), dpi=100)
+    write_figure(figure_path, draw_sampling_figure(image, trees, titles, options.color_by_level, zoom=options.zoom), dpi=100)
     if trees.num_units > MAX_PANELS:
         also = " and GIF have" if options.gif else " has"
         run.notes.append(f"{path.name}: the figure shows the first {MAX_PANELS} of {trees.num_units} units; the CSV{also} all")
     gif_path = None
     if options.gif:
         gif_path = run.out_dir / f"{path.stem}_sampling.gif"
-        write_sampling_gif(gif_path, gif_frames(image, trees, options.color_by_level))
-    return ImagePoints(path, units, trees, csv_path, figure_path, gif_path, table)
+        labels = [frame_label(k, (u.x, u.y), c) for k, (u, c) in enumerate(zip(units, categories))]
+        write_sampling_gif(gif_path, gif_frames(image, trees, options.color_by_level, labels=labels))
+    return ImagePoints(path, units, categories, trees, csv_path, figure_path, gif_path, table)
 
 
 def _note_approximate_frames(path: Path, records: Sequence[DeformConvRecord], notes: List[str]) -> None:
@@ -273,7 +307,7 @@ def _image_summary(path: Path, model_input: ModelInput, records: Sequence[Deform
         "scale_to_original": [sx, sy],
         "top_layer_map_hw": list(records[0].geometry.output_hw),
         "layers": [_layer_summary(level, r) for level, r in enumerate(records, start=1)],
-        "units": [{"unit": k, **u.as_dict()} for k, u in enumerate(units)],
+        "units": [{"unit": k, **u.as_dict(), "category": c.as_dict() if c else None} for k, (u, c) in enumerate(zip(units, item.categories))],
         "points": int(len(table)),
         "points_outside": int(len(table) - int(table["inside"].sum())),
         "outputs": [item.csv.name, item.figure.name] + ([item.gif.name] if item.gif else []),
