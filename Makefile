@@ -6,8 +6,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= dcn-inspect-out
+# The README's pictures: written by `make figures` from the real outputs on the bundled defaults.
+EXAMPLES ?= sample_weights/examples
+FIGURE_IMAGE ?= dcn_inspect/data/images/scene_00.jpg
+FIGURE_STEM := $(basename $(notdir $(FIGURE_IMAGE)))
+FIGURES_OUT ?= $(OUT)/figures
 
-.PHONY: setup demo test ops bench clean
+.PHONY: setup demo figures test ops bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +33,22 @@ demo: ops
 	$(BIN)/dcn-inspect sample-points --out $(OUT)/sample-points
 	$(BIN)/dcn-inspect dilation-stats --out $(OUT)/dilation-stats
 	$(BIN)/dcn-inspect bins --out $(OUT)/bins
+	$(BIN)/dcn-inspect offsets --out $(OUT)/offsets
 	@echo "demo outputs in $(OUT)/"
+
+# Regenerate the README's pictures (never edited by hand): the bundled weights on a bundled
+# image with its bundled annotations, and dilation-stats on the bundled demo dataset.
+figures: ops
+	rm -rf $(FIGURES_OUT)
+	$(BIN)/dcn-inspect sample-points $(FIGURE_IMAGE) --out $(FIGURES_OUT)/sample-points
+	$(BIN)/dcn-inspect bins $(FIGURE_IMAGE) --out $(FIGURES_OUT)/bins
+	$(BIN)/dcn-inspect offsets $(FIGURE_IMAGE) --out $(FIGURES_OUT)/offsets
+	$(BIN)/dcn-inspect dilation-stats --out $(FIGURES_OUT)/dilation-stats
+	cp $(FIGURES_OUT)/sample-points/$(FIGURE_STEM)_sampling.png $(EXAMPLES)/sample_points.png
+	cp $(FIGURES_OUT)/bins/$(FIGURE_STEM)_bins.png $(EXAMPLES)/bins.png
+	cp $(FIGURES_OUT)/offsets/$(FIGURE_STEM)_offsets.png $(EXAMPLES)/offsets.png
+	cp $(FIGURES_OUT)/dilation-stats/dilation_hist.png $(EXAMPLES)/dilation_hist.png
+	@echo "README pictures written to $(EXAMPLES)/"
 
 test: ops
 	$(BIN)/python -m pytest -q -p no:cacheprovider cli_tests
