@@ -199,6 +199,8 @@ def test_bins_legend_and_every_deformed_bin_linked_to_its_regular_bin() -> None:
     large = _panel((10.0, 10.0, 90.0, 90.0), (10.0, 10.0, 90.0, 90.0), shift=4.0)
     fig = draw_bins_figure(image, [large], op_extent_label=OP_EXTENT_LABELS["psroi_pool"])
     assert _legend_texts(fig) == ["RoI", "regular bins", "deformed bins", "bin shift (from its regular bin's centre)"]
+    overlay = draw_bins_figure(image, [large], overlay=True)
+    assert _legend_texts(overlay) == _legend_texts(fig)
     connectors = _box_lines(fig.axes[0])
     assert len(connectors) == 4
     for line, regular, deformed in zip(connectors, large.regular.reshape(-1, 4), large.deformed.reshape(-1, 4)):

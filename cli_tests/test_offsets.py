@@ -154,6 +154,23 @@ def test_offset_groups_one_or_their_mean(workspace: Dict[str, Any], tmp_path: Pa
         offsets([workspace["image"]], model=loaded, group=2, out=tmp_path / "bad", progress=False)
 
 
+def test_a_1x1_deformable_layer_has_offsets_but_no_dilation(workspace: Dict[str, Any], tmp_path: Path) -> None:
+    import torch
+
+    from dcn_inspect.ops import DeformConv2dPack
+
+    layer = DeformConv2dPack(3, 2, 1)
+    with torch.no_grad():
+        layer.conv_offset.bias.copy_(torch.tensor([0.5, -1.0]))  # dy, dx of the single kernel point
+    loaded = LoadedModel(torch.nn.Sequential(layer).eval(), "one-by-one", None, {}, Preprocess(resize=0), "user-file")
+    result = offsets([workspace["image"]], model=loaded, out=tmp_path, progress=False)
+    maps = result.images[0].maps[0]
+    assert np.allclose(maps.mean.dx, -1.0) and np.allclose(maps.mean.dy, 0.5)  # stride-1 input: cells are pixels
+    assert np.isnan(maps.dilation).all()
+    assert json.loads(result.summary.read_text())["images"][0]["layers"][0]["effective_dilation_px"] is None
+    assert result.images[0].figure.is_file()
+
+
 def test_npz_has_the_save_offsets_layout(workspace: Dict[str, Any], tmp_path: Path) -> None:
     loaded = _loaded(workspace)
     result = offsets([workspace["image"]], model=loaded, resize=RESIZE, out=tmp_path / "maps", progress=False)

@@ -111,7 +111,9 @@ class LayerOffsetMaps:
                 }
                 for f in self.fields
             ],
-            "effective_dilation_px": {
+            "effective_dilation_px": None
+            if not math.isfinite(self.undeformed_dilation)
+            else {
                 "mean": round(float(self.dilation.mean()), 6),
                 "min": round(float(self.dilation.min()), 6),
                 "max": round(float(self.dilation.max()), 6),
