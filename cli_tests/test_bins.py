@@ -351,12 +351,15 @@ def test_class_choices_for_class_specific_offsets(workspace: Dict[str, Any], tmp
     assert gt.groupby("roi")["class"].first().tolist() == ["dog", "cat"]
     assert [r["classes"][0]["chosen_by"] for r in summary["images"][0]["rois"]] == ["gt", "gt"]
     pd.testing.assert_frame_equal(rows_of(gt), every.loc[rows_of(gt).index])
-    # auto without labels: the class the model scores highest for the RoI.
+    # auto without labels: the foreground class the model scores highest for the RoI (never
+    # background, class 0 here, although the model scores it highest for one of these RoIs).
     spy = PoolSpy(loaded.model.pool)
     auto, summary = _run(workspace, loaded, tmp_path / "auto")
-    predicted = spy.output.mean(axis=(2, 3)).argmax(axis=1)
-    assert auto.groupby("roi")["class"].first().tolist() == [["background", "cat", "dog"][p] for p in predicted]
+    scores = spy.output.mean(axis=(2, 3))
+    assert 0 in scores.argmax(axis=1).tolist(), "the test needs an RoI where background scores highest"
+    assert auto.groupby("roi")["class"].first().tolist() == [["cat", "dog"][p] for p in scores[:, 1:].argmax(axis=1)]
     assert {c["chosen_by"] for r in summary["images"][0]["rois"] for c in r["classes"]} == {"pred"}
+    assert [r["top_scored_class"] for r in summary["images"][0]["rois"]] == [["background", "cat", "dog"][p] for p in scores.argmax(axis=1)]
     with raises_cli("--class 'horse'", "bins"):
         _run(workspace, loaded, tmp_path / "bad", class_choice="horse")
     with raises_cli("--class gt: --roi 5,4,30,33 has no class", "bins"):
@@ -524,13 +527,13 @@ def test_default_demo_uses_bundled_images_annotations_and_gt_classes(tmp_path: P
         entry = annotation_for_image(datasets.bundled_images_annotations(), item.image)
         assert entry is not None and len(entry.boxes) > 0
         assert len(item.table) == len(entry.boxes) * 9
-        # auto: the annotated class where the model has it, else the model's predicted class.
+        # auto: the annotated class where the model has it, else the most confident foreground class.
         chosen = item.table.groupby("roi")["class"].first().tolist()
         for label, name, roi in zip(entry.labels, chosen, image_summary["rois"]):
             if label in CLASS_NAMES:
                 assert name == label and roi["classes"][0]["chosen_by"] == "gt"
             else:
-                assert roi["classes"][0]["chosen_by"] == "pred" and name in ("background",) + tuple(CLASS_NAMES)
+                assert roi["classes"][0]["chosen_by"] == "pred" and name in CLASS_NAMES
 
 
 def test_psroi_corner_rounding_is_half_away_from_zero() -> None:

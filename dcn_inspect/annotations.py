@@ -9,7 +9,10 @@ image: (0, 0) is the top-left corner of the top-left pixel, x right, y down (COC
   ``(xmin - 1, ymin - 1, xmax, ymax)``.
 
 Boxes that commands must not score (COCO ``iscrowd`` or a non-zero ``ignore`` field, VOC
-``difficult``) are kept with ``ignore = True``. Boxes with zero or negative size are dropped and
+``difficult``) are kept with ``ignore = True``. A COCO box keeps its ``segmentation`` as written
+(polygons, uncompressed or compressed RLE); :func:`object_mask` / :func:`decode_segmentation`
+turn it into a boolean mask of the original image, checked then (a malformed mask is an error
+naming its annotation only for the commands that read masks). Boxes with zero or negative size are dropped and
 boxes reaching outside their image are clipped; both are counted in
 :attr:`AnnotatedDataset.issues`. Malformed files (missing fields, wrong types, unknown or
 duplicate ids) raise :class:`~dcn_inspect.errors.InputError` naming the file and the entry.
@@ -44,7 +47,9 @@ class ImageAnnotation:
 
     ``boxes`` is [N, 4] float64 ``x1, y1, x2, y2`` in continuous pixels of the original image
     (already clipped to it); ``ignore[n]`` marks crowd (COCO) / difficult (VOC) boxes.
-    ``path`` is the image file when it was found on disk, else ``None``.
+    ``path`` is the image file when it was found on disk, else ``None``. ``segmentations[n]``
+    is box n's COCO ``segmentation`` as written (``None``: no mask) and ``sources[n]`` says
+    where box n is in its file (for messages); both are empty lists for formats without masks.
     """
 
     image_id: ImageId
@@ -55,6 +60,12 @@ class ImageAnnotation:
     boxes: np.ndarray
     labels: List[str]
     ignore: np.ndarray
+    segmentations: List[Any] = field(default_factory=list)
+    sources: List[str] = field(default_factory=list)
+
+    def has_mask(self, index: int) -> bool:
+        """Whether box ``index`` comes with an object mask."""
+        return index < len(self.segmentations) and self.segmentations[index] is not None
 
     @property
     def areas(self) -> np.ndarray:
@@ -183,9 +194,10 @@ def _coco_search_dirs(json_path: Path, images_dir: Optional[Path]) -> List[Path]
     return [json_path.parent, json_path.parent / "images"]
 
 
-def load_coco(path: Path, images_dir: Optional[Path] = None) -> AnnotatedDataset:
+def load_coco(path: Path, images_dir: Optional[Path] = None, masks: bool = False) -> AnnotatedDataset:
     """Parse a COCO detection json. Images are looked up under ``images_dir``, else next to the
-    json and in an ``images/`` folder beside it; ``path`` is ``None`` for images not found."""
+    json and in an ``images/`` folder beside it; ``path`` is ``None`` for images not found.
+    ``masks`` keeps every box's ``segmentation`` (memory: the polygons of the whole file)."""
     path = Path(path)
     if images_dir is not None and not Path(images_dir).is_dir():
         raise InputError(f"{images_dir}: not a directory", param="images")
@@ -259,6 +271,8 @@ def load_coco(path: Path, images_dir: Optional[Path] = None) -> AnnotatedDataset
     boxes: List[List[Tuple[float, float, float, float]]] = [[] for _ in images]
     ignores: List[List[bool]] = [[] for _ in images]
     labels: List[List[str]] = [[] for _ in images]
+    segmentations: List[List[Any]] = [[] for _ in images]
+    sources: List[List[str]] = [[] for _ in images]
     for index, entry in enumerate(raw_annotations):
         where = f"annotations[{index}]"
         if not isinstance(entry, dict):
@@ -292,10 +306,15 @@ def load_coco(path: Path, images_dir: Optional[Path] = None) -> AnnotatedDataset
         boxes[slot].append(box)
         ignores[slot].append(bool(crowd) or bool(ignored))
         labels[slot].append(category_names.get(category, str(category)))
+        segmentation = entry.get("segmentation") if masks else None
+        segmentations[slot].append(None if segmentation is None or segmentation == [] else segmentation)
+        sources[slot].append(f"{path}: {where}")
 
     for slot, image in enumerate(images):
         image.boxes, image.ignore = _pack(boxes[slot], ignores[slot])
         image.labels = labels[slot]
+        image.segmentations = segmentations[slot]
+        image.sources = sources[slot]
     categories = list(category_names.values()) or sorted({label for image in images for label in image.labels})
     issues = repairs.issues()
     missing = sum(1 for image in images if image.path is None)
@@ -493,27 +512,31 @@ def detect_format(path: Path) -> Tuple[str, Path]:
     raise InputError(f"{path}: not a dataset (no COCO .json file and no Pascal VOC Annotations/ folder)")
 
 
-def load_dataset(path: Optional[Path] = None, images_dir: Optional[Path] = None, split: Optional[str] = None) -> AnnotatedDataset:
-    """Load a COCO json, a VOC directory (detected automatically) or, with ``path=None``, the bundled demo dataset."""
+def load_dataset(
+    path: Optional[Path] = None, images_dir: Optional[Path] = None, split: Optional[str] = None, masks: bool = False
+) -> AnnotatedDataset:
+    """Load a COCO json, a VOC directory (detected automatically) or, with ``path=None``, the
+    bundled demo dataset. ``masks`` keeps the COCO boxes' segmentations (VOC has none)."""
     path = default_dataset_path() if path is None else Path(path)
     kind, resolved = detect_format(path)
     if kind == "coco":
         if split is not None:
             raise InputError(f"{split}: only Pascal VOC datasets have splits; {resolved} is a COCO json", param="split")
-        return load_coco(resolved, images_dir)
+        return load_coco(resolved, images_dir, masks)
     return load_voc(resolved, images_dir, split)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_coco(path: str, mtime_ns: int, images_dir: Optional[str]) -> AnnotatedDataset:
-    return load_coco(Path(path), Path(images_dir) if images_dir else None)
+def _cached_coco(path: str, mtime_ns: int, images_dir: Optional[str], masks: bool = False) -> AnnotatedDataset:
+    return load_coco(Path(path), Path(images_dir) if images_dir else None, masks)
 
 
-def annotation_for_image(annotation_path: Path, image_path: Path) -> Optional[ImageAnnotation]:
+def annotation_for_image(annotation_path: Path, image_path: Path, masks: bool = False) -> Optional[ImageAnnotation]:
     """The ground truth of ``image_path`` from a COCO json, a VOC xml file or a VOC directory.
 
     COCO entries are matched by file name (a ``file_name`` with folders matches on its last
     component; an exact relative-path match wins). Returns ``None`` when the image is not listed.
+    ``masks`` keeps the COCO boxes' segmentations.
     """
     annotation_path, image_path = Path(annotation_path), Path(image_path)
     if not annotation_path.exists():
@@ -526,7 +549,7 @@ def annotation_for_image(annotation_path: Path, image_path: Path) -> Optional[Im
         assert root is not None
         xml_path = root / "Annotations" / f"{image_path.stem}.xml"
         return parse_voc_xml(xml_path, images_dir=image_path.parent) if xml_path.is_file() else None
-    dataset = _cached_coco(str(resolved), resolved.stat().st_mtime_ns, None)
+    dataset = _cached_coco(str(resolved), resolved.stat().st_mtime_ns, None, masks)
     matches = [image for image in dataset.images if Path(image.file_name).name == image_path.name]
     if len(matches) > 1:
         exact = [image for image in matches if image_path.as_posix().endswith(image.file_name)]
@@ -537,6 +560,148 @@ def annotation_for_image(annotation_path: Path, image_path: Path) -> Optional[Im
         return None
     # The caller names the image file: that is where it is, whatever the json's folder layout.
     return dataclasses.replace(matches[0], path=image_path if image_path.is_file() else matches[0].path)
+
+
+# --------------------------------------------------------------------------------------------
+# Object masks (COCO ``segmentation``)
+# --------------------------------------------------------------------------------------------
+
+#: Rows rasterised at once by the polygon filler (bounds its scratch memory to ~this x width).
+_SCANLINE_ROWS = 256
+
+
+def object_mask(entry: ImageAnnotation, index: int, max_pixels: int = 0) -> Optional[np.ndarray]:
+    """Box ``index``'s object mask, [H, W] bool at the image's original size; ``None`` without one.
+
+    Decoded on demand (one mask at a time keeps memory at one image's pixels);
+    ``max_pixels`` > 0 refuses images larger than that before allocating.
+    """
+    if not entry.has_mask(index):
+        return None
+    where = entry.sources[index] if index < len(entry.sources) else f"{entry.file_name} box {index}"
+    return decode_segmentation(entry.segmentations[index], entry.height, entry.width, where, max_pixels)
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int, where: str, max_pixels: int = 0) -> np.ndarray:
+    """A COCO ``segmentation`` as a boolean mask [height, width] of the original image.
+
+    - polygons ``[[x1, y1, x2, y2, ...], ...]`` in continuous pixels: a pixel belongs to the
+      object when its centre (c + 0.5, r + 0.5) lies inside one of the polygons (even-odd rule;
+      several polygons are united, as COCO merges an object's parts);
+    - RLE ``{"size": [h, w], "counts": ...}``: run lengths over the pixels in column-major
+      order, starting with a run of zeros; ``counts`` a list of integers (uncompressed, as in
+      ``iscrowd`` annotations) or a string (compressed, COCO's LEB128-like text encoding with
+      counts after the second stored as differences). ``size`` must equal the image's size and
+      the runs must cover it exactly.
+
+    Anything else is an :class:`InputError` naming ``where`` (the file and annotation).
+    """
+    if max_pixels and height * width > max_pixels:
+        raise InputError(f"{where}: mask of {width}x{height} pixels exceeds the limit of {max_pixels} (`max_pixels`)")
+    if isinstance(segmentation, dict):
+        return _decode_rle(segmentation, height, width, where)
+    if isinstance(segmentation, list):
+        return rasterize_polygons(_polygons(segmentation, where), height, width)
+    raise InputError(f"{where}: 'segmentation' must be a list of polygons or an RLE object, got {type(segmentation).__name__}")
+
+
+def _polygons(segmentation: List[Any], where: str) -> List[np.ndarray]:
+    polygons = []
+    for k, polygon in enumerate(segmentation):
+        if not isinstance(polygon, list) or not all(_is_number(v) for v in polygon):
+            raise InputError(f"{where}: segmentation polygon {k} must be a flat list of finite numbers [x1, y1, x2, y2, ...]")
+        if len(polygon) % 2 or len(polygon) < 6:
+            raise InputError(f"{where}: segmentation polygon {k} has {len(polygon)} numbers; need an even count of at least 6 (3 points)")
+        polygons.append(np.asarray(polygon, dtype=np.float64).reshape(-1, 2))
+    return polygons
+
+
+def rasterize_polygons(polygons: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
+    """Pixels whose centres lie inside any polygon ([V, 2] (x, y) continuous pixels), [H, W] bool.
+
+    Scanline filling: for pixel row r, each edge crossing the line y = r + 0.5 (an edge counts
+    when exactly one endpoint lies at or above the line, so a vertex on the line counts once)
+    toggles the inside state of every pixel whose centre lies to the right of the crossing.
+    """
+    mask = np.zeros((height, width), dtype=bool)
+    for polygon in polygons:
+        _fill_polygon(mask, np.asarray(polygon, dtype=np.float64))
+    return mask
+
+
+def _fill_polygon(mask: np.ndarray, polygon: np.ndarray) -> None:
+    height, width = mask.shape
+    x0, y0 = polygon[:, 0], polygon[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    first = max(int(math.floor(y0.min() - 0.5)), 0)
+    last = min(int(math.ceil(y0.max() - 0.5)) + 1, height)
+    rows_per_chunk = max(1, min(_SCANLINE_ROWS, 4_000_000 // max(width + 1, len(polygon))))
+    for start in range(first, last, rows_per_chunk):
+        rows = np.arange(start, min(start + rows_per_chunk, last))
+        line = rows[:, None] + 0.5
+        crosses = (y0[None, :] <= line) != (y1[None, :] <= line)  # [rows, edges]
+        row_index, edge = np.nonzero(crosses)
+        if row_index.size == 0:
+            continue
+        ya, yb, xa, xb = y0[edge], y1[edge], x0[edge], x1[edge]
+        x = xa + (rows[row_index] + 0.5 - ya) / (yb - ya) * (xb - xa)
+        # The first pixel whose centre c + 0.5 lies right of the crossing: c = floor(x - 0.5) + 1.
+        column = np.clip(np.floor(x - 0.5) + 1, 0, width).astype(np.int64)
+        toggles = np.zeros((len(rows), width + 1), dtype=np.int32)
+        np.add.at(toggles, (row_index, column), 1)
+        mask[rows] |= (np.cumsum(toggles[:, :width], axis=1) & 1).astype(bool)
+
+
+def _decode_rle(rle: Dict[str, Any], height: int, width: int, where: str) -> np.ndarray:
+    size, counts = rle.get("size"), rle.get("counts")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+        raise InputError(f"{where}: RLE 'size' must be [height, width] integers, got {size!r}")
+    if tuple(size) != (height, width):
+        raise InputError(f"{where}: RLE 'size' {size[1]}x{size[0]} (width x height) differs from the image's {width}x{height}")
+    if isinstance(counts, str):
+        runs = _rle_string_counts(counts, where)
+    elif isinstance(counts, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+        runs = counts
+    else:
+        raise InputError(f"{where}: RLE 'counts' must be a list of integers or a compressed string")
+    lengths = np.asarray(runs, dtype=np.int64)
+    if lengths.size and lengths.min() < 0:
+        raise InputError(f"{where}: RLE 'counts' has a negative run length")
+    total = int(lengths.sum())
+    if total != height * width:
+        raise InputError(f"{where}: RLE runs cover {total} pixels, the {width}x{height} image has {height * width}")
+    values = (np.arange(lengths.size) % 2).astype(bool)  # zeros first, then alternating
+    flat = np.repeat(values, lengths)
+    return flat.reshape(width, height).T.copy()  # column-major: pixel (r, c) is flat[c * h + r]
+
+
+def _rle_string_counts(text: str, where: str) -> List[int]:
+    """COCO's compressed RLE text -> run lengths.
+
+    Each number is written in 5-bit groups, least significant first, one character per group
+    (``chr(48 + group)``, bit 0x20 = more groups follow, bit 0x10 of the last group = negative);
+    from the third number on, the value is the difference to the number two places before.
+    """
+    counts: List[int] = []
+    position, length = 0, len(text)
+    while position < length:
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= length:
+                raise InputError(f"{where}: compressed RLE 'counts' ends in the middle of a number")
+            group = ord(text[position]) - 48
+            if not 0 <= group < 64:
+                raise InputError(f"{where}: compressed RLE 'counts' has an invalid character {text[position]!r} at {position}")
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            position += 1
+            shift += 5
+            if not more and group & 0x10:
+                value -= 1 << shift  # sign-extend
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ CSV_COLUMNS = [
     "x1", "y1", "x2", "y2",
     "dx_norm", "dy_norm", "dx", "dy",
     "bx1", "by1", "bx2", "by2",
+    "fg_regular", "fg_deformed",
 ]  # fmt: skip
 
 #: Columns of ``<stem>_bin_points.csv`` (written with ``points=True``).
@@ -51,7 +52,9 @@ CSV_UNITS = (
     "original image, COCO continuous coordinates ((0,0) = top-left corner of the top-left pixel, "
     "x right, y down); dx_norm,dy_norm: the network's normalised offsets (dimensionless; "
     "shift = gamma * norm * RoI width/height in the op's feature cells); bins follow the pooling "
-    "op's conventions (feature index u <-> model-input pixel (u + 0.5) / spatial_scale)"
+    "op's conventions (feature index u <-> model-input pixel (u + 0.5) / spatial_scale); "
+    "fg_regular,fg_deformed: fraction of the regular / deformed bin's sampling points on the RoI's object mask "
+    "(empty without a mask)"
 )
 
 POINT_UNITS = (
@@ -69,7 +72,8 @@ class BinGeometry:
 
     Arrays are float64: ``regular``/``deformed`` [R, ph, pw, 4] (x1, y1, x2, y2), ``offset_norm``
     [R, ph, pw, 2] (dx^, dy^), ``shift`` [R, ph, pw, 2] (dx, dy). ``points`` holds per RoI the
-    sampling points [ph, pw, S, 2] (x, y) and ``inside`` [ph, pw, S] whether the op reads them.
+    sampling points [ph, pw, S, 2] (x, y) and ``inside`` [ph, pw, S] whether the op reads them;
+    ``regular_points`` the points the op would read with zero offsets (same layout).
     """
 
     regular: np.ndarray
@@ -79,6 +83,13 @@ class BinGeometry:
     points: List[np.ndarray]
     inside: List[np.ndarray]
     op_rois: np.ndarray  # [R, 4] the RoI extent the op pools, in model-input pixels
+    regular_points: Optional[List[np.ndarray]] = None
+
+    def undeformed_points(self, row: int) -> np.ndarray:
+        """Sampling points of row set ``row``'s regular bins [ph, pw, S, 2]."""
+        if self.regular_points is not None:
+            return self.regular_points[row]
+        return self.points[row] - self.shift[row][:, :, None, :]
 
     def scaled(self, sx: float, sy: float) -> "BinGeometry":
         """The same bins in an image scaled by (sx, sy) (model input -> original image)."""
@@ -92,6 +103,7 @@ class BinGeometry:
             points=[p * xy_scale for p in self.points],
             inside=[m.copy() for m in self.inside],
             op_rois=self.op_rois * box_scale,
+            regular_points=None if self.regular_points is None else [p * xy_scale for p in self.regular_points],
         )
 
 
@@ -208,15 +220,20 @@ def _psroi_geometry(record: RoIPoolRecord, class_index: np.ndarray) -> BinGeomet
 
     # Samples start at the deformed bin's top-left corner, spaced bin/sample_per_part.
     steps = np.arange(per_part, dtype=np.float64) / per_part
-    points, inside = [], []
+
+    def grid(r: int, dx: Any, dy: Any) -> Tuple[np.ndarray, np.ndarray]:
+        xs = (reg_x1[r] + dx)[:, :, None, None] + steps[None, None, None, :] * bin_w[r]
+        ys = (reg_y1[r] + dy)[:, :, None, None] + steps[None, None, :, None] * bin_h[r]
+        return np.broadcast_arrays(xs, ys)  # type: ignore[return-value]
+
+    points, inside, regular_points = [], [], []
     for r in range(num_rois):
-        xs = (reg_x1[r] + shift_x[r])[:, :, None, None] + steps[None, None, None, :] * bin_w[r]
-        ys = (reg_y1[r] + shift_y[r])[:, :, None, None] + steps[None, None, :, None] * bin_h[r]
-        xs, ys = np.broadcast_arrays(xs, ys)
+        xs, ys = grid(r, shift_x[r], shift_y[r])
         inside.append(((xs >= -0.5) & (xs <= width - 0.5) & (ys >= -0.5) & (ys <= height - 0.5)).reshape(pooled, pooled, -1))
         points.append(np.stack([xs, ys], axis=-1).reshape(pooled, pooled, -1, 2))
+        regular_points.append(np.stack(grid(r, 0.0, 0.0), axis=-1).reshape(pooled, pooled, -1, 2))
     op_rois = np.stack([start_x, start_y, start_x + roi_w, start_y + roi_h], axis=1)
-    return _to_pixels(reg_x1, reg_y1, bin_w, bin_h, norm, shift_x, shift_y, points, inside, op_rois, scale)
+    return _to_pixels(reg_x1, reg_y1, bin_w, bin_h, norm, shift_x, shift_y, points, inside, op_rois, scale, regular_points)
 
 
 def _roi_pool_geometry(record: RoIPoolRecord) -> BinGeometry:
@@ -251,7 +268,7 @@ def _roi_pool_geometry(record: RoIPoolRecord) -> BinGeometry:
     # mirror that arithmetic so the sample count matches at exact integer boundaries.
     s32 = rois32 * scale - 0.5
     roi_w32, roi_h32 = s32[:, 2] - s32[:, 0], s32[:, 3] - s32[:, 1]
-    points, inside = [], []
+    points, inside, regular_points = [], [], []
     for r in range(num_rois):
         grid_h = sampling_ratio if sampling_ratio > 0 else int(math.ceil(float(roi_h32[r]) / pooled_h))
         grid_w = sampling_ratio if sampling_ratio > 0 else int(math.ceil(float(roi_w32[r]) / pooled_w))
@@ -264,8 +281,11 @@ def _roi_pool_geometry(record: RoIPoolRecord) -> BinGeometry:
         # mmcv's bilinear read is zero only beyond one cell outside the map (RoIAlign rule).
         inside.append(((ys >= -1) & (ys <= height) & (xs >= -1) & (xs <= width)).reshape(pooled_h, pooled_w, -1))
         points.append(np.stack([xs, ys], axis=-1).reshape(pooled_h, pooled_w, -1, 2))
+        rx = reg_x1[r][:, :, None, None] + fx[None, None, None, :] * bin_w[r]
+        ry = reg_y1[r][:, :, None, None] + fy[None, None, :, None] * bin_h[r]
+        regular_points.append(np.stack(np.broadcast_arrays(rx, ry), axis=-1).reshape(pooled_h, pooled_w, -1, 2))
     op_rois = np.stack([start_x, start_y, start_x + roi_w, start_y + roi_h], axis=1)
-    return _to_pixels(reg_x1, reg_y1, bin_w, bin_h, norm, shift_x, shift_y, points, inside, op_rois, scale)
+    return _to_pixels(reg_x1, reg_y1, bin_w, bin_h, norm, shift_x, shift_y, points, inside, op_rois, scale, regular_points)
 
 
 def _to_pixels(
@@ -280,6 +300,7 @@ def _to_pixels(
     inside: List[np.ndarray],
     op_rois: np.ndarray,
     scale: float,
+    regular_points: Optional[List[np.ndarray]] = None,
 ) -> BinGeometry:
     """Feature-cell geometry -> model-input pixels with the op's convention x = (u + 0.5) / scale."""
 
@@ -301,6 +322,7 @@ def _to_pixels(
         points=[px(p) for p in points],
         inside=[m.copy() for m in inside],
         op_rois=px(op_rois),
+        regular_points=None if regular_points is None else [px(p) for p in regular_points],
     )
 
 
@@ -328,10 +350,17 @@ def roi_bins(record: RoIPoolRecord, class_index: Optional[Sequence[int]] = None)
     raise InputError(f"layer {record.name}: unsupported RoI pooling kind {record.kind!r}")
 
 
-def bins_table(geometry: BinGeometry, rows: Sequence[Tuple[int, str]]) -> pd.DataFrame:
+def bins_table(
+    geometry: BinGeometry,
+    rows: Sequence[Tuple[int, str]],
+    fg_regular: Optional[np.ndarray] = None,
+    fg_deformed: Optional[np.ndarray] = None,
+) -> pd.DataFrame:
     """The CSV table: one row per (RoI row set, bin), columns :data:`CSV_COLUMNS`.
 
-    ``rows[k] = (roi, class label)`` names the k-th RoI row set of ``geometry``.
+    ``rows[k] = (roi, class label)`` names the k-th RoI row set of ``geometry``;
+    ``fg_regular`` / ``fg_deformed`` [sets, ph, pw] are the bins' foreground fractions
+    (:mod:`dcn_inspect.foreground`; NaN where the RoI has no object mask, all NaN when omitted).
     """
     count, pooled_h, pooled_w = geometry.regular.shape[:3]
     per_set = pooled_h * pooled_w
@@ -354,6 +383,9 @@ def bins_table(geometry: BinGeometry, rows: Sequence[Tuple[int, str]]) -> pd.Dat
     columns["dx"], columns["dy"] = flat["shift"][:, 0], flat["shift"][:, 1]
     for k, name in enumerate(("bx1", "by1", "bx2", "by2")):
         columns[name] = flat["deformed"][:, k]
+    missing = np.full(count * per_set, np.nan)
+    columns["fg_regular"] = missing if fg_regular is None else np.asarray(fg_regular, dtype=np.float64).reshape(-1)
+    columns["fg_deformed"] = missing if fg_deformed is None else np.asarray(fg_deformed, dtype=np.float64).reshape(-1)
     return pd.DataFrame(columns, columns=CSV_COLUMNS)
 
 
@@ -394,6 +426,7 @@ def select_rows(geometry: BinGeometry, picks: Sequence[int]) -> BinGeometry:
         points=[geometry.points[k] for k in picks],
         inside=[geometry.inside[k] for k in picks],
         op_rois=geometry.op_rois[index],
+        regular_points=None if geometry.regular_points is None else [geometry.regular_points[k] for k in picks],
     )
 
 
@@ -436,4 +469,5 @@ def geometry_for_rows(record: RoIPoolRecord, rows: Sequence[Tuple[int, int, str]
         points=[p.points[0] for p in parts],
         inside=[p.inside[0] for p in parts],
         op_rois=np.concatenate([p.op_rois for p in parts]),
+        regular_points=None if any(p.regular_points is None for p in parts) else [p.regular_points[0] for p in parts],  # type: ignore[index]
     )

@@ -7,24 +7,32 @@ bundled annotations. RoIs may lie partly outside the image (the pooling op handl
 must not be inverted.
 
 A class-specific deformable PS RoI pooling head predicts one set of offsets per class;
-:func:`choose_classes` picks, per RoI, the set to show: ``auto`` (the RoI's ground-truth class,
-else the model's prediction), ``gt``, ``pred``, ``all``, or a class index or name.
+:func:`choose_classes` picks, per RoI, the set to show: ``auto`` (the RoI's ground-truth class
+where the model has it, else the most confident foreground class), ``gt``, ``pred`` (the most
+confident foreground class), ``all``, or a class index or name. The background class's offsets
+are shown only when asked for (its index or name, or ``all``): :func:`background_index` says
+which class that is (the class named background, or R-FCN's class 0 when the model names none).
+
+Every RoI may belong to an annotated object (:func:`dcn_inspect.foreground.match_object`): the
+box it was made from, or the best-IoU annotated box of the image; ``RoIRequest.object_index``
+is that box's position in the image's annotation.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from dcn_inspect import datasets
-from dcn_inspect.annotations import annotation_for_image, read_box_csv
+from dcn_inspect.annotations import ImageAnnotation, annotation_for_image, read_box_csv
 from dcn_inspect.errors import InputError
+from dcn_inspect.foreground import MATCH_IOU, box_iou, match_object
 from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.roi_bins import AGNOSTIC, HeadInfo
 
@@ -38,6 +46,7 @@ class RoIRequest:
     box: Box
     label: Optional[str]
     source: str  # where it came from, for error messages and summary.json
+    object_index: Optional[int] = None  # the annotated box it was made from (position in the image's annotation)
 
 
 def parse_roi(text: str) -> Box:
@@ -96,12 +105,54 @@ def collect_rois(
             raise InputError(f"{annotation_path}: no entry for image {Path(image_path).name}", param="annotations")
         for k, box in enumerate(np.asarray(entry.boxes, dtype=np.float64).reshape(-1, 4)):
             label = entry.labels[k] if k < len(entry.labels) else None
-            requests.append(RoIRequest(tuple(float(v) for v in box), label, f"{annotation_path} ({entry.file_name}) box {k}"))  # type: ignore[arg-type]
+            requests.append(RoIRequest(tuple(float(v) for v in box), label, f"{annotation_path} ({entry.file_name}) box {k}", k))  # type: ignore[arg-type]
     if not requests:
         raise InputError(f"{image_path}: no RoIs (the annotations list no boxes for this image)")
     for request in requests:
         check_roi(request)
     return requests
+
+
+def image_annotations(image_path: Path, annotations: Optional[Path] = None) -> Optional[ImageAnnotation]:
+    """The ground truth (with object masks) of one image: from ``annotations``, else the bundled
+    annotations of a bundled demo image, else ``None``."""
+    path = Path(annotations) if annotations is not None else _bundled_annotations_for(Path(image_path))
+    if path is None:
+        return None
+    return annotation_for_image(path, Path(image_path), masks=True)
+
+
+@dataclass(frozen=True)
+class RoIObject:
+    """The annotated object an RoI belongs to: its box's position in the image's annotation,
+    how it was found ("annotation": the RoI is that box; "best IoU": :func:`match_object`),
+    the IoU of RoI and box, and the object's class label."""
+
+    index: int
+    matched_by: str
+    iou: float
+    label: Optional[str]
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"index": self.index, "matched_by": self.matched_by, "iou": self.iou, "label": self.label}
+
+
+def roi_objects(requests: Sequence[RoIRequest], entry: Optional[ImageAnnotation], min_iou: float = MATCH_IOU) -> List[Optional[RoIObject]]:
+    """Which annotated object each RoI belongs to (``None``: none, or no annotation)."""
+    if entry is None or len(entry.boxes) == 0:
+        return [None] * len(requests)
+    found: List[Optional[RoIObject]] = []
+    for request in requests:
+        index, iou = request.object_index, 1.0
+        how = "annotation"
+        if index is None or index >= len(entry.boxes):
+            index, iou = match_object(request.box, entry.boxes, min_iou)
+            how = "best IoU"
+        else:
+            iou = float(box_iou(request.box, entry.boxes[index : index + 1])[0])
+        label = None if index is None else (entry.labels[index] if index < len(entry.labels) else None)
+        found.append(None if index is None else RoIObject(int(index), how, iou, label))
+    return found
 
 
 def _bundled_annotations_for(image_path: Path) -> Optional[Path]:
@@ -153,11 +204,45 @@ def _label_to_index(label: Optional[str], names: Optional[List[str]], num_classe
     return None
 
 
+#: Class names read as the background class (compared lower-case).
+BACKGROUND_NAMES = ("background", "__background__", "bg", "__bg__")
+
+
+def background_index(names: Optional[List[str]], num_classes: int) -> Optional[int]:
+    """The background class among a class-specific head's ``num_classes`` offset classes.
+
+    With class names: the class named background (``background``, ``__background__``, ``bg``),
+    else none. Without names: class 0, R-FCN's convention (C + 1 outputs, background first).
+    """
+    if num_classes < 2:
+        return None
+    if names is None:
+        return 0
+    for index, name in enumerate(names):
+        if str(name).strip().lower() in BACKGROUND_NAMES:
+            return index
+    return None
+
+
 @dataclass
 class ClassChoice:
-    """Which offset set each RoI uses: ``rows`` is a list of (roi, class_index, how chosen)."""
+    """Which offset set each RoI uses: ``rows`` is a list of (roi, class_index, how chosen).
+
+    ``top_class[r]`` is the class the model scores highest for RoI r including background
+    (``None`` without ``roi_logits``), recorded so a reader sees when a foreground class was
+    chosen although background scored higher.
+    """
 
     rows: List[Tuple[int, int, str]]
+    top_class: List[Optional[int]] = field(default_factory=list)
+    background: Optional[int] = None
+
+
+def _scores(roi_logits: Optional[torch.Tensor], count: int, num: int) -> Optional[np.ndarray]:
+    """Per-RoI class scores [R, classes] from the model's ``roi_logits`` (extra dims averaged)."""
+    if roi_logits is None or roi_logits.dim() < 2 or roi_logits.shape[0] != count or roi_logits.shape[1] != num:
+        return None
+    return roi_logits.detach().reshape(count, num, -1).to(torch.float64).mean(dim=2).cpu().numpy()
 
 
 def choose_classes(
@@ -167,17 +252,28 @@ def choose_classes(
     names: Optional[List[str]],
     roi_logits: Optional[torch.Tensor],
 ) -> ClassChoice:
-    """Resolve a class choice (auto | gt | pred | all | index | name) into one offset set per row."""
+    """Resolve a class choice (auto | gt | pred | all | index | name) into one offset set per row.
+
+    ``pred`` and ``auto``'s fallback take the most confident FOREGROUND class: the background
+    class (:func:`background_index`) only when it is the head's only class. Background is
+    shown when asked for by index or name, or with ``all``.
+    """
     count = len(requests)
     if info.class_agnostic:
-        return ClassChoice([(r, 0, AGNOSTIC) for r in range(count)])
+        return ClassChoice([(r, 0, AGNOSTIC) for r in range(count)], [None] * count)
     num = info.num_classes
+    background = background_index(names, num)
+    scores = _scores(roi_logits, count, num)
+    top: List[Optional[int]] = [None] * count if scores is None else [int(v) for v in scores.argmax(axis=1)]
     predicted: Optional[np.ndarray] = None
-    if roi_logits is not None and roi_logits.dim() >= 2 and roi_logits.shape[0] == count and roi_logits.shape[1] == num:
-        predicted = roi_logits.detach().reshape(count, num, -1).mean(dim=2).argmax(dim=1).cpu().numpy()
+    if scores is not None:
+        foreground = scores.copy()
+        if background is not None:
+            foreground[:, background] = -np.inf
+        predicted = foreground.argmax(axis=1)
     choice = (choice or "auto").strip()
     if choice == "all":
-        return ClassChoice([(r, c, "all") for r in range(count) for c in range(num)])
+        return ClassChoice([(r, c, "all") for r in range(count) for c in range(num)], top, background)
     if choice in ("auto", "gt", "pred"):
         rows = []
         for r, request in enumerate(requests):
@@ -196,12 +292,12 @@ def choose_classes(
                     "use `class_choice` INDEX|NAME|all",
                     param="class_choice",
                 )
-        return ClassChoice(rows)
+        return ClassChoice(rows, top, background)
     index = _label_to_index(choice, names, num)
     if index is None:
         known = f" ({', '.join(names)})" if names else ""
         raise InputError(f"{choice!r}: not a class index 0..{num - 1}, a class name{known}, auto, gt, pred or all", param="class_choice")
-    return ClassChoice([(r, index, "given") for r in range(count)])
+    return ClassChoice([(r, index, "given") for r in range(count)], top, background)
 
 
 def roi_logits(output: Any) -> Optional[torch.Tensor]:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -13,13 +13,19 @@ from dcn_inspect.cli.app import app, print_skipped
 
 EPILOG = (
     "Example: dcn-inspect bins  (the bundled demo images with their annotated boxes)\n\n"
-    "Example: dcn-inspect bins photo.jpg --roi 40,30,220,260 --class all --points --out out/"
+    "Example: dcn-inspect bins photo.jpg --roi 40,30,220,260 --class all --points --out out/\n\n"
+    "Example: dcn-inspect bins dcn_inspect/data/demo/annotations.json  (a dataset: foreground fractions per class)"
 )
 
 
 @app.command(epilog=EPILOG)
 def bins(
-    images: Optional[List[Path]] = options.images("the bundled demo images"),
+    images: Optional[List[Path]] = typer.Argument(
+        None,
+        help="Images, or one dataset (COCO json or VOC directory: every annotated box is an RoI, foreground table only). "
+        "Default: the bundled demo images.",
+        show_default=False,
+    ),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
     rois: Optional[List[str]] = typer.Option(None, "--roi", help="RoI X1,Y1,X2,Y2 in original-image pixels (repeatable)."),
@@ -37,6 +43,9 @@ def bins(
     fmt: str = options.figure_format(),
     max_pixels: int = options.max_pixels(),
     strict: bool = options.strict(),
+    images_dir: Optional[Path] = typer.Option(None, "--images", help="Dataset only: image folder (default: next to the COCO json / VOC JPEGImages/)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Dataset only: VOC ImageSets/Main/<split>.txt."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Dataset only: use the first N images."),
 ) -> None:
     """Regular versus deformed RoI-pooling bins (the paper's Fig. 7): CSV, figure and summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters
@@ -48,7 +57,29 @@ def bins(
     console = Console()
     for item in result.images:
         console.print(f"{item.image.name}: {len(item.rois)} RoI(s) -> {item.csv}, {item.figure}")
+    if result.foreground is not None:
+        console.print(foreground_table(result.foreground))
+    for name, path in result.files.items():
+        console.print(f"{name}: {path}", soft_wrap=True)
     for note in result.notes:
         console.print(f"note: {note}")
     print_skipped(console, result.skipped)
     console.print(f"summary: {result.summary}")
+
+
+def foreground_table(table: Any) -> Any:
+    """Fraction of bin sampling points on the object's mask, per class and overall, as a rich table."""
+    import math
+
+    from rich.table import Table
+
+    out = Table(title="Bin sampling points on the object's mask (mean over RoIs)")
+    for name, justify in (("class", "left"), ("RoIs", "right"), ("regular", "right"), ("deformed", "right"), ("gain [95% CI]", "right"), ("improved", "right")):
+        out.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in table.itertuples(index=False):
+        interval = "" if not math.isfinite(row.gain_ci_low) else f" [{100 * row.gain_ci_low:+.1f}, {100 * row.gain_ci_high:+.1f}]"
+        out.add_row(
+            str(row.group), str(row.rois), f"{100 * row.fg_regular:.1f} %", f"{100 * row.fg_deformed:.1f} %",
+            f"{100 * row.gain:+.1f} pt{interval}", f"{100 * row.improved:.0f} %",
+        )  # fmt: skip
+    return out

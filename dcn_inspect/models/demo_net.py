@@ -13,7 +13,9 @@ training starts from the plain dilated network), then
   2*k*k*(C+1) class-specific offset maps; the offsets are PS-RoI-pooled from the offset maps
   (no offsets of their own) into trans [R, 2*(C+1), k, k] (x first), which deform the
   pooling of the score maps (:class:`~dcn_inspect.ops.DeformPSRoIPool`, 3x3 bins); the bins
-  are averaged ("voting") into ``roi_logits`` [R, C+1].
+  are averaged ("voting") into ``roi_logits`` [R, C+1]. With ``offset_bound`` b > 0 the
+  pooled normalised offsets are bounded softly, ``b * tanh(trans / b)`` (|offset| < b, so a
+  bin moves less than ``trans_std * b`` RoI widths); 0 leaves them unbounded.
 
 ``dcn-sample-dilated`` is the same network with regular dilated convs in place of the
 deformable ones: the baseline of the model card.
@@ -113,10 +115,12 @@ class DemoNet(nn.Module):
         deformable: bool = True,
         bins: int = 3,
         trans_std: float = 0.1,
+        offset_bound: float = 0.0,
     ) -> None:
         super().__init__()
         w0, w1, w2, w3, w4 = widths
         self.num_classes = int(num_classes)
+        self.offset_bound = float(offset_bound)
         self.deformable = bool(deformable)
         self.bins = int(bins)
         self.stem = nn.Sequential(_conv_bn(3, w0, stride=2), _conv_bn(w0, w1, stride=2))
@@ -170,6 +174,8 @@ class DemoNet(nn.Module):
             sample_per_part=4,
             trans_std=0.0,
         )
+        if self.offset_bound > 0:
+            trans = self.offset_bound * torch.tanh(trans / self.offset_bound)
         pooled = self.psroi_pool(scores, rois, trans)  # [R, C+1, k, k]
         return pooled.mean(dim=(2, 3))
 
