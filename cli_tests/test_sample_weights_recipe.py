@@ -127,3 +127,33 @@ def test_dilation_bootstrap_separates_shifted_categories_only() -> None:
     assert 0.8 < ci["medium-small"][0] < ci["medium-small"][1] < 1.2
     assert ci["large-medium"][0] < 0 < ci["large-medium"][1]
     assert ci == dilation_bootstrap(images, resamples=500)  # fixed seed: reproducible
+
+
+def test_head_finetune_changes_only_the_rfcn_offset_branch_and_bounds_the_offsets(tmp_path: Path) -> None:
+    from recipe import HeadFinetuneConfig, finetune_and_save, finetune_head_offsets
+
+    from dcn_inspect.hooks import probe
+
+    torch.manual_seed(0)
+    model = registry.get("dcn-sample").build().eval()
+    with torch.no_grad():
+        model.rfcn_offset.bias.fill_(5.0)  # unbounded, every normalised offset would be ~5
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = HeadFinetuneConfig(steps=2, batch_size=2, image_size=96, offset_bound=2.0, threads=0)
+    log = finetune_head_offsets(model, config)
+    after = model.state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["rfcn_offset.bias", "rfcn_offset.weight"] and log["history"][-1]["step"] == 2
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+    rois = torch.tensor([[0.0, 4.0, 4.0, 60.0, 70.0]])
+    record = next(iter(probe(model, torch.randn(1, 3, 96, 96), rois=rois).capture.roi_pools.values()))
+    assert 1.5 < record.offset.abs().max() < 2.0  # 2 tanh(~5 / 2): near the bound, never past it
+    # The shipped procedure: base weights -> fine-tuned file; a fine-tuned base is refused.
+    base = train_and_save(TrainConfig(**{**TINY, "steps": 1}), tmp_path / "dcn_sample.pt", eval_seed=9, eval_images=2, show_progress=False)
+    report = finetune_and_save(config, base.weights, tmp_path / "dcn_sample.pt", eval_seed=9, eval_images=2, show_progress=False)
+    assert report["head_finetune"]["base_sha256"] == base.metrics["sha256"] != report["sha256"]
+    assert set(report["eval"]["foreground"]) >= {"all"} and report["eval"]["roi_offset_magnitude"]["max"] < 2.0
+    loaded = load_model("dcn-sample", weights=tmp_path / "dcn_sample.pt")
+    assert loaded.config["offset_bound"] == 2.0 and loaded.model.offset_bound == 2.0
+    with pytest.raises(ValueError, match="already fine-tuned"):
+        finetune_and_save(config, tmp_path / "dcn_sample.pt", tmp_path / "again.pt", eval_seed=9, eval_images=2, show_progress=False)
