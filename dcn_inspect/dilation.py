@@ -279,8 +279,20 @@ class DilationAccumulator:
         """Whether the next batch of this model-input size must be run with frames followed."""
         return tuple(input_hw) not in self._geometries
 
-    def add(self, records: Sequence[DeformConvRecord], entries: Sequence[AnnotatedImage], indices: Sequence[int], input_hw: Tuple[int, int]) -> None:
-        """Add one batch: the ``records`` of its forward (call order) for ``entries`` (dataset ``indices``)."""
+    def add(
+        self,
+        records: Sequence[DeformConvRecord],
+        entries: Sequence[AnnotatedImage],
+        indices: Sequence[int],
+        input_hw: Tuple[int, int],
+        content_hw: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> None:
+        """Add one batch: the ``records`` of its forward (call order) for ``entries`` (dataset ``indices``).
+
+        ``content_hw``: each image's resized size inside the (padded) model input of ``input_hw``
+        (default: no padding). The original / model-input scale is original / resized size, so
+        units in the padding map beyond the image and count in no category.
+        """
         input_hw = (int(input_hw[0]), int(input_hw[1]))
         if input_hw not in self._geometries:
             self._geometries[input_hw] = {r.name: r.geometry for r in records}
@@ -292,8 +304,9 @@ class DilationAccumulator:
                     record.name, record.module_type, geometry.kernel, geometry.dilation, record.offset_groups, record.modulated, geometry.as_dict()
                 )
         # Original / model-input scale of every image (images of one batch share the input size only).
-        scale_x = torch.tensor([entry.width / input_hw[1] for entry in entries], dtype=torch.float64)
-        scale_y = torch.tensor([entry.height / input_hw[0] for entry in entries], dtype=torch.float64)
+        content = list(content_hw) if content_hw is not None else [input_hw] * len(entries)
+        scale_x = torch.tensor([entry.width / hw[1] for entry, hw in zip(entries, content)], dtype=torch.float64)
+        scale_y = torch.tensor([entry.height / hw[0] for entry, hw in zip(entries, content)], dtype=torch.float64)
         per_image: List[List[Tuple[str, FrameMap, np.ndarray, np.ndarray]]] = [[] for _ in entries]
         codes_cache: Dict[Tuple[Any, Tuple[int, int]], Tuple[np.ndarray, torch.Tensor]] = {}
         for record in reversed(records):  # top layer first

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dcn_inspect.geometry import FrameMap, Pair
-from dcn_inspect.records import LayerAdapter, OffsetCapture, opaque_hooks
+from dcn_inspect.records import LOOKED_FOR, LayerAdapter, OffsetCapture, opaque_hooks
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,11 @@ FOREIGN_LAYERS: Tuple[ForeignLayer, ...] = (
     ForeignLayer("mmdet", ("mmdet.ops",), "ModulatedDeformConvPack", "conv_offset", True),
     ForeignLayer("detectron2", ("detectron2.layers",), "DeformConv", "arguments", False),
     ForeignLayer("detectron2", ("detectron2.layers",), "ModulatedDeformConv", "arguments", True),
+)
+
+
+LOOKED_FOR.append(
+    "library modules: " + ", ".join(dict.fromkeys(f"{layer.library} {layer.class_name}" for layer in FOREIGN_LAYERS))
 )
 
 
@@ -119,6 +124,7 @@ class ForeignDeformConvAdapter(LayerAdapter):
                 _pair(module.padding),
                 _pair(module.dilation),
                 int(getattr(module, "groups", 1)),
+                weight_shape=tuple(module.weight.shape) if isinstance(getattr(module, "weight", None), torch.Tensor) else None,
             )
             last["frame"] = entry.geometry.output_frame if entry.geometry.method == "hooks" else None
 

@@ -8,11 +8,17 @@ exit. RoI-pooling layers (deformable RoI pooling, deformable PS RoI pooling) are
 the same way with their RoIs and normalised offsets. The record types live in
 :mod:`dcn_inspect.records`.
 
-Layers are recognised through adapters (:class:`~dcn_inspect.records.LayerAdapter`): ours
-report their offsets through the observer mechanism of :mod:`dcn_inspect.ops.modules`;
-foreign layers (torchvision / mmcv / mmdetection / detectron2, :mod:`dcn_inspect.foreign_layers`)
-are matched by class name, without importing those libraries, and read their offsets from the
-call arguments or from their ``conv_offset`` branch.
+Two levels of capture, and no call counted twice:
+
+* module level, through adapters (:class:`~dcn_inspect.records.LayerAdapter`): ours report
+  their offsets through the observer mechanism of :mod:`dcn_inspect.ops.modules`; foreign
+  layers (torchvision / mmcv / mmdetection / detectron2, :mod:`dcn_inspect.foreign_layers`) are
+  matched by class name, without importing those libraries, and read their offsets from the
+  call arguments or from their ``conv_offset`` branch; DCNv3 / DCNv4 layers
+  (:mod:`dcn_inspect.internimage_layers`) are converted into the standard layout;
+* op level (:mod:`dcn_inspect.op_capture`): every other deformable-conv op call the forward
+  makes (a research module calling ``torchvision.ops.deform_conv2d`` with its own offset and
+  modulator convs), named after the innermost module whose forward made the call.
 """
 
 from __future__ import annotations
@@ -26,10 +32,15 @@ from torch import nn
 
 from dcn_inspect.foreign_layers import FOREIGN_ADAPTERS
 from dcn_inspect.geometry import FrameMap, FrameTracker
+from dcn_inspect.internimage_layers import INTERNIMAGE_ADAPTERS
+from dcn_inspect.op_capture import capture_ops
 from dcn_inspect.ops import modules as ours
-from dcn_inspect.records import DeformConvRecord, LayerAdapter, OffsetCapture, RoIPoolRecord, opaque_hooks
+from dcn_inspect.records import LOOKED_FOR, DeformConvRecord, LayerAdapter, OffsetCapture, RoIPoolRecord, opaque_hooks
 
 __all__ = ["ADAPTERS", "Probe", "capture_offsets", "probe", "DeformConvRecord", "RoIPoolRecord", "OffsetCapture"]
+
+
+LOOKED_FOR.insert(0, "dcn-inspect modules: DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack")
 
 
 class OurDeformConvAdapter(LayerAdapter):
@@ -44,7 +55,8 @@ class OurDeformConvAdapter(LayerAdapter):
 
         def observer(mod: ours.DeformConv2d, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
             record = capture.add_conv(
-                name, mod, input, offset, mask, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.groups
+                name, mod, input, offset, mask, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.groups,
+                weight_shape=tuple(mod.weight.shape),
             )
             last["frame"] = record.geometry.output_frame if record.geometry.method == "hooks" else None
 
@@ -99,12 +111,12 @@ class OurRoIPoolAdapter(LayerAdapter):
 
 
 #: Adapters tried in order for every submodule: dcn-inspect's own layers, then the foreign ones.
-ADAPTERS: List[LayerAdapter] = [OurDeformConvAdapter(), OurRoIPoolAdapter(), *FOREIGN_ADAPTERS]
+ADAPTERS: List[LayerAdapter] = [OurDeformConvAdapter(), OurRoIPoolAdapter(), *FOREIGN_ADAPTERS, *INTERNIMAGE_ADAPTERS]
 
 
 @contextlib.contextmanager
 def capture_offsets(model: nn.Module, track_frames: bool = True) -> Iterator[OffsetCapture]:
-    """Record the offsets of every deformable layer of ``model`` during the enclosed forward.
+    """Record the offsets of every deformable layer and op call of ``model`` during the enclosed forward.
 
     Call ``capture.watch_input(images)`` before ``model(images)`` so frames can be derived.
     """
@@ -116,10 +128,10 @@ def capture_offsets(model: nn.Module, track_frames: bool = True) -> Iterator[Off
                 if adapter.matches(module):
                     removers.extend(adapter.attach(name or type(module).__name__, module, capture))
                     break
-        if capture.tracker is not None:
-            with capture.tracker:
-                yield capture
-        else:
+        with contextlib.ExitStack() as stack:
+            if capture.tracker is not None:
+                stack.enter_context(capture.tracker)
+            stack.enter_context(capture_ops(model, capture))  # inside the tracker: sees op calls first
             yield capture
     finally:
         for remove in reversed(removers):

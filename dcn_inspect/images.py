@@ -4,6 +4,13 @@ Images are decoded with Pillow, EXIF orientation honoured, converted to 8-bit RG
 their mode (grayscale, palette, RGBA, CMYK, 16-bit). Images above a pixel limit are refused
 from their header, before the pixels are decoded.
 
+A model input is made the way the checkpoint's framework makes it (:class:`Preprocess`,
+:mod:`dcn_inspect.resize`): resized (size rule and interpolation of that framework),
+normalised, then zero-padded at the bottom and right to the size divisor. The padded cells
+are model input but not image: :attr:`ModelInput.scale_to_original` is original / resized
+size, so frames map padding to positions beyond the image (border units of the padding count
+in no category, like units whose centre lies outside the image).
+
 Every multi-image command follows one policy for images it cannot use (:class:`SkippedImages`):
 such an image is skipped and its reason kept for ``summary.json`` and the final message; with
 ``strict``, or when it is the only image, it is an error. :class:`ImageError` carries a short
@@ -25,6 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dcn_inspect.defaults import DEFAULT_MAX_PIXELS
 from dcn_inspect.errors import InputError
 from dcn_inspect.models.registry import Preprocess
+from dcn_inspect.resize import padded_size, resize_image, resized_size
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -32,6 +40,7 @@ __all__ = [
     "ModelInput",
     "SkippedImages",
     "load_image",
+    "model_input_size",
     "read_model_input",
     "resized_size",
     "to_model_input",
@@ -59,14 +68,24 @@ class ImageError(InputError):
 class ModelInput:
     """One image prepared for a model."""
 
-    tensor: torch.Tensor  # [1, 3, H, W], normalised
+    tensor: torch.Tensor  # [1, 3, H, W], normalised (and padded)
     original_hw: Tuple[int, int]
-    input_hw: Tuple[int, int]
+    input_hw: Tuple[int, int]  # the tensor's size, padding included
+    resized_hw: Optional[Tuple[int, int]] = None  # the image inside it (default: input_hw, no padding)
+
+    @property
+    def content_hw(self) -> Tuple[int, int]:
+        """Size of the resized image inside the model input (the rest is padding)."""
+        return self.resized_hw if self.resized_hw is not None else self.input_hw
 
     @property
     def scale_to_original(self) -> Tuple[float, float]:
-        """(sx, sy): original-image x = model-input x * sx (continuous pixel coordinates)."""
-        return self.original_hw[1] / self.input_hw[1], self.original_hw[0] / self.input_hw[0]
+        """(sx, sy): original-image x = model-input x * sx (continuous pixel coordinates).
+
+        Original over RESIZED size: the padding at the bottom/right changes nothing here.
+        """
+        content = self.content_hw
+        return self.original_hw[1] / content[1], self.original_hw[0] / content[0]
 
 
 def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -108,30 +127,29 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"{path}: image is corrupt or truncated ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
-def resized_size(hw: Tuple[int, int], resize: int, max_size: int = 0) -> Tuple[int, int]:
-    """Size after scaling the shorter side to ``resize`` (0: unchanged), longer side capped at ``max_size``."""
-    height, width = hw
-    if resize <= 0:
-        return height, width
-    scale = resize / min(height, width)
-    if max_size > 0 and max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+def model_input_size(original_hw: Tuple[int, int], preprocess: Preprocess, resize: Optional[int] = None) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """(resized size, padded model-input size) of an image of ``original_hw``.
+
+    ``resize`` overrides the model's shorter side (0: the image's own size; the model's
+    ``max_size`` then does not apply); the model's size rule and size divisor always do.
+    """
+    target = preprocess.resize if resize is None else resize
+    max_size = preprocess.max_size if resize is None else 0
+    resized = resized_size(original_hw, target, max_size, preprocess.size_rule)
+    return resized, padded_size(resized, preprocess.size_divisor)
 
 
 def to_model_input(image: np.ndarray, preprocess: Preprocess, resize: int | None = None) -> ModelInput:
-    """Normalise (and resize) an RGB uint8 image for a model. ``resize`` overrides the model's own."""
-    target = preprocess.resize if resize is None else resize
+    """Resize, normalise and pad an RGB uint8 image for a model. ``resize`` overrides the model's own."""
     original_hw = (int(image.shape[0]), int(image.shape[1]))
-    input_hw = resized_size(original_hw, target, preprocess.max_size if resize is None else 0)
-    pil = Image.fromarray(image)
-    if input_hw != original_hw:
-        pil = pil.resize((input_hw[1], input_hw[0]), Image.BILINEAR)
-    array = np.asarray(pil, dtype=np.float32) / 255.0
+    resized_hw, input_hw = model_input_size(original_hw, preprocess, resize)
+    array = resize_image(image, resized_hw, preprocess.interpolation).astype(np.float32) / 255.0
     mean = np.asarray(preprocess.mean, dtype=np.float32)
     std = np.asarray(preprocess.std, dtype=np.float32)
-    tensor = torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy()).unsqueeze(0)
-    return ModelInput(tensor=tensor, original_hw=original_hw, input_hw=input_hw)
+    normalised = ((array - mean) / std).transpose(2, 0, 1)
+    tensor = torch.zeros((1, 3, input_hw[0], input_hw[1]), dtype=torch.float32)
+    tensor[0, :, : resized_hw[0], : resized_hw[1]] = torch.from_numpy(np.ascontiguousarray(normalised))
+    return ModelInput(tensor=tensor, original_hw=original_hw, input_hw=input_hw, resized_hw=resized_hw)
 
 
 def read_model_input(
@@ -213,6 +231,7 @@ class ImageItem:
     index: int  # position in the dataset's image list
     tensor: Optional[torch.Tensor]  # [3, H, W] model input; None when the image cannot be used
     error: Optional[ImageError] = None
+    resized_hw: Optional[Tuple[int, int]] = None  # the image inside the (padded) model input
 
 
 class DatasetImages(torch.utils.data.Dataset):
@@ -242,4 +261,4 @@ class DatasetImages(torch.utils.data.Dataset):
             _, model_input = read_model_input(entry.path, self.preprocess, self.resize, self.max_pixels, (entry.height, entry.width))
         except ImageError as exc:
             return ImageItem(index, None, exc)
-        return ImageItem(index, model_input.tensor[0])
+        return ImageItem(index, model_input.tensor[0], resized_hw=model_input.content_hw)

@@ -8,10 +8,17 @@ The types every capture adapter shares (:mod:`dcn_inspect.hooks` for dcn-inspect
 - :class:`RoIPoolRecord`: the RoIs and normalised offsets a deformable (PS) RoI pooling call used;
 - :class:`OffsetCapture`: the records of one forward pass, in call order;
 - :class:`LayerAdapter`: how one family of layers is recognised and hooked;
-- :func:`select_layers`: the records an analysis follows, chosen by name or by count.
+- :func:`select_layers`: the records an analysis follows, chosen by name or by count;
+- :data:`LOOKED_FOR`: what the capture adapters recognise (named when nothing was captured).
 
 Offset layout (PAPER.md §1): ``[B, 2*G*kh*kw, Hout, Wout]``, channel ``2*(g*kh*kw + a*kw + b)``
-is dy and the next dx, in cells of the layer's input map.
+is dy and the next dx, in cells of the layer's input map. Every adapter converts to it:
+layers with another native layout (DCNv3 / DCNv4, :mod:`dcn_inspect.internimage_layers`)
+are converted at capture time, so every analysis reads one layout.
+
+No call is counted twice: a module-level adapter claims its module's forward
+(:func:`opaque_hooks`), and op-level capture (:mod:`dcn_inspect.op_capture`) leaves the op
+calls made inside a claimed module to it.
 """
 
 from __future__ import annotations
@@ -23,7 +30,11 @@ import torch
 from torch import nn
 
 from dcn_inspect.errors import InputError
-from dcn_inspect.geometry import FrameMap, FrameTracker, LayerGeometry, Pair
+from dcn_inspect.geometry import FrameMap, FrameTracker, LayerGeometry, MapLayout, Pair
+
+#: What capture looks for, by family (each adapter module adds its own lines); named in the
+#: error when a forward ran none of them.
+LOOKED_FOR: List[str] = []
 
 
 @dataclass
@@ -37,6 +48,9 @@ class DeformConvRecord:
     groups: int
     offset_groups: int
     geometry: LayerGeometry
+    op: Optional[str] = None  # the op entry point that received the offsets (op-level capture), else None
+    weight_shape: Optional[Tuple[int, ...]] = None  # the conv weight the op received, when there is one
+    converted_from: Optional[str] = None  # native layout converted into the standard one ("DCNv3", "DCNv4")
 
     @property
     def modulated(self) -> bool:
@@ -69,6 +83,7 @@ class OffsetCapture:
     roi_pools: Dict[str, RoIPoolRecord] = field(default_factory=dict)
     tracker: Optional[FrameTracker] = None
     input_hw: Optional[Pair] = None
+    claimed: int = 0  # depth of module-level captures running (their op calls are theirs)
 
     def watch_input(self, images: torch.Tensor) -> None:
         """Declare the model-input image batch [B, 3, H, W] (its frame is the image's)."""
@@ -76,13 +91,15 @@ class OffsetCapture:
         if self.tracker is not None:
             self.tracker.set_frame(images, FrameMap.image())
 
-    def input_frame(self, tensor: torch.Tensor) -> Tuple[FrameMap, str]:
+    def input_frame(self, tensor: torch.Tensor, map_hw: Optional[Pair] = None) -> Tuple[FrameMap, str]:
+        """The frame of ``tensor``'s map (``map_hw``: its size, default the last two dimensions)."""
         frame = self.tracker.frame_of(tensor) if self.tracker is not None else None
-        if frame is not None:
+        layout = self.tracker.layout_of(tensor) if self.tracker is not None else None
+        if frame is not None and (map_hw is None or layout is None or tuple(layout.hw) == tuple(map_hw)):
             return frame, "hooks"
         if self.input_hw is None:
             raise RuntimeError("capture_offsets: call watch_input(images) before the forward pass")
-        return FrameMap.from_sizes(self.input_hw, tensor.shape[-2:]), "size"
+        return FrameMap.from_sizes(self.input_hw, map_hw or tensor.shape[-2:]), "size"
 
     def _unique(self, table: Dict[str, Any], name: str) -> str:
         if name not in table:
@@ -104,15 +121,23 @@ class OffsetCapture:
         padding: Pair,
         dilation: Pair,
         groups: int,
+        *,
+        input_hw: Optional[Pair] = None,
+        op: Optional[str] = None,
+        weight_shape: Optional[Tuple[int, ...]] = None,
+        converted_from: Optional[str] = None,
     ) -> DeformConvRecord:
-        frame, method = self.input_frame(input)
+        """Record one call: ``offset`` (and ``mask``) in the standard layout, the kernel arithmetic,
+        and the frame of ``input`` (whose map is ``input_hw``, default its last two dimensions)."""
+        map_hw = (int(input.shape[-2]), int(input.shape[-1])) if input_hw is None else (int(input_hw[0]), int(input_hw[1]))
+        frame, method = self.input_frame(input, map_hw)
         kernel_points = kernel[0] * kernel[1]
         geometry = LayerGeometry(
             kernel=kernel,
             stride=stride,
             padding=padding,
             dilation=dilation,
-            input_hw=(input.shape[-2], input.shape[-1]),
+            input_hw=map_hw,
             output_hw=(offset.shape[-2], offset.shape[-1]),
             input_frame=frame,
             method=method,
@@ -125,6 +150,9 @@ class OffsetCapture:
             groups=groups,
             offset_groups=offset.shape[1] // (2 * kernel_points),
             geometry=geometry,
+            op=op,
+            weight_shape=None if weight_shape is None else tuple(int(v) for v in weight_shape),
+            converted_from=converted_from,
         )
         if not bool(torch.isfinite(record.offset).all()) or (record.mask is not None and not bool(torch.isfinite(record.mask).all())):
             # Tracing or measuring NaN offsets gives silent garbage: stop and name the layer.
@@ -146,22 +174,32 @@ class LayerAdapter:
         raise NotImplementedError
 
 
-def opaque_hooks(module: nn.Module, capture: OffsetCapture, output_frame: Callable[[], Optional[FrameMap]]) -> List[Callable[[], None]]:
-    """Make the module opaque to the frame tracker and give its output the module's frame."""
+def opaque_hooks(
+    module: nn.Module,
+    capture: OffsetCapture,
+    output_frame: Callable[[], Optional[FrameMap]],
+    output_layout: Optional[Callable[[torch.Tensor], Optional[MapLayout]]] = None,
+) -> List[Callable[[], None]]:
+    """A module-level capture's hooks: the module claims the op calls of its forward (op-level
+    capture leaves them to it), is opaque to the frame tracker, and its output gets the
+    module's frame (in ``output_layout(out)``, default channels-first)."""
     tracker = capture.tracker
-    if tracker is None:
-        return []
 
     def pre(mod: nn.Module, args: Any) -> None:
-        tracker.enter_opaque()
+        capture.claimed += 1
+        if tracker is not None:
+            tracker.enter_opaque()
 
     def post(mod: nn.Module, args: Any, out: Any) -> None:
+        capture.claimed -= 1
+        if tracker is None:
+            return
         tracker.exit_opaque()
         frame = output_frame()
         if frame is not None and isinstance(out, torch.Tensor):
-            tracker.set_frame(out, frame)
+            tracker.set_frame(out, frame, output_layout(out) if output_layout is not None else None)
 
-    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
     return [h.remove for h in handles]
 
 
@@ -182,7 +220,11 @@ def select_layers(
     """
     available = [name for name, record in convs.items() if record.kernel_points >= min_kernel_points]
     if not available:
-        raise InputError(f"{model_name}: the model ran no deformable conv layer that dcn-inspect recognises on this input", param="model")
+        looked_for = "; ".join(LOOKED_FOR) or "none registered"
+        raise InputError(
+            f"{model_name}: the model ran no deformable conv layer that dcn-inspect recognises on this input (looked for: {looked_for})",
+            param="model",
+        )
     if names and count is not None:
         raise InputError("and `levels`: give one or the other", param="layers")
     if names:

@@ -22,11 +22,12 @@ from dcn_inspect.cli import demo  # noqa: E402,F401
 
 def main() -> None:
     """Entry point of the ``dcn-inspect`` console script."""
-    from dcn_inspect.cli.render import error_line, install_warning_printer, invoked_command, print_key_table
+    from dcn_inspect.cli.render import error_line, install_detail_printer, install_warning_printer, invoked_command, print_key_table
     from dcn_inspect.errors import InputError
 
     command = invoked_command(sys.argv[1:])
     install_warning_printer(command)
+    install_detail_printer()
     try:
         app(standalone_mode=False)
     except SystemExit:

@@ -1,5 +1,6 @@
 """``dcn-inspect models`` and ``dcn-inspect info``: what can be loaded, and what a model's
-deformable layers look like. Parsing and printing only; the work is in :mod:`dcn_inspect.info`.
+deformable layers look like, under the names the model's own checkpoint uses. Parsing and
+printing only; the work is in :mod:`dcn_inspect.commands.info`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ INFO_EPILOG = (
     "Examples: dcn-inspect info resnet101-dcn-paper  |  "
     "dcn-inspect info resnet50-dcn-mmdet street.jpg --weights mmdet_dcn_r50.pth  |  "
     "dcn-inspect info detectron2_model_final.pkl street.jpg --resize 0  |  "
-    "dcn-inspect info my_model.py:build street.jpg"
+    "dcn-inspect info my_model.py:build street.jpg  |  "
+    "dcn-inspect --verbose info mmdet_dcn.pth  (also lists the checkpoint's ignored neck/head keys)"
 )
 
 
@@ -98,9 +100,13 @@ def info_command(
     pre = summary["preprocess"]
     header.add_row(
         "preprocess",
-        f"resize {pre['resize'] or 'none'}, max {pre['max_size'] or 'none'}, mean {tuple(round(v, 4) for v in pre['mean'])}, "
-        f"std {tuple(round(v, 4) for v in pre['std'])}",
+        f"resize {pre['resize'] or 'none'}, max {pre['max_size'] or 'none'} ({pre.get('size_rule', 'round')} sizes, "
+        f"{pre.get('interpolation', 'pil-bilinear')}), pad to {pre.get('size_divisor') or 'none'}, "
+        f"mean {tuple(round(v, 4) for v in pre['mean'])}, std {tuple(round(v, 4) for v in pre['std'])}",
     )
+    imported = summary.get("import") or {}
+    if imported.get("layer_names"):
+        header.add_row("layer names", str(imported["layer_names"]))
     probe_label = f"{info.probe_input_hw[1]}x{info.probe_input_hw[0]} model-input pixels"
     if info.image is not None and info.original_hw is not None:
         probe_label += f" from {info.image} ({info.original_hw[1]}x{info.original_hw[0]})"
@@ -121,6 +127,7 @@ def info_command(
         if with_stats:
             for column in ("mean |off|", "median", "max", "mean px", "mask"):
                 table.add_column(column, justify="right")
+        table.add_column("captured as")
         for layer in info.layers:
             row = [
                 layer.name,
@@ -145,6 +152,7 @@ def info_command(
                     f"{stats.mean_pixels:.2f}",
                     f"{stats.mean_mask:.3f}" if stats.mean_mask is not None else "-",
                 ]
+            row.append(layer.captured_by)
             table.add_row(*row)
         console.print(table)
     if info.roi_pools:

@@ -97,3 +97,26 @@ def install_warning_printer(command: Optional[str]) -> None:
 
     warnings.showwarning = show  # type: ignore[assignment]
     warnings.simplefilter("always", DcnInspectWarning)
+
+
+def install_detail_printer() -> None:
+    """With the global ``--verbose``, print what the library logs at INFO on the ``dcn_inspect``
+    logger (e.g. a checkpoint's ignored neck/head keys, as a key table) on stderr."""
+    import logging
+
+    from dcn_inspect.cli.app import state
+
+    class DetailPrinter(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if not state["verbose"]:
+                return
+            report = getattr(record, "key_report", None)
+            if report is not None:
+                print_key_table(report)
+            print(f"dcn-inspect: {record.getMessage()}", file=sys.stderr)
+
+    logger = logging.getLogger("dcn_inspect")
+    if not any(type(h).__name__ == "DetailPrinter" for h in logger.handlers):
+        logger.addHandler(DetailPrinter(logging.INFO))
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)

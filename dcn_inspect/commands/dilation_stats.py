@@ -3,9 +3,8 @@
 
 Pipeline: annotations (:mod:`dcn_inspect.annotations`) -> a ``DataLoader`` that decodes and
 preprocesses images in worker processes (:class:`~dcn_inspect.images.DatasetImages`) ->
-batches of images with the SAME model-input size (no padding: padding would add border units
-and shift nothing else, so batching only equal sizes keeps every unit exactly what a one-image
-forward gives) -> one forward per batch with the offsets captured (:mod:`dcn_inspect.hooks`)
+batches of images with the SAME model-input size (after the model's own padding to its size
+divisor; no padding beyond that, so every unit is exactly what a one-image forward gives) -> one forward per batch with the offsets captured (:mod:`dcn_inspect.hooks`)
 -> :class:`~dcn_inspect.dilation.DilationAccumulator` (effective dilation and category of every
 unit, streaming statistics) -> the ranks merged (:mod:`dcn_inspect.distributed`) -> rank 0
 writes ``dilation_table.csv``, ``dilation_table.md``, ``dilation_hist.png``,
@@ -40,7 +39,7 @@ from dcn_inspect.distributed import World, join_world
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap
 from dcn_inspect.hooks import capture_offsets
-from dcn_inspect.images import DatasetImages, ImageItem, SkippedImages, resized_size
+from dcn_inspect.images import DatasetImages, ImageItem, SkippedImages, model_input_size
 from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.outputs import CSV_FLOAT_FORMAT, atomic_path, write_csv, write_figure, write_text
 from dcn_inspect.records import select_layers
@@ -187,9 +186,7 @@ def size_batches(input_sizes: Sequence[Tuple[int, int]], batch_size: int) -> Lis
 def _image_loader(run: CommandRun, entries: Sequence[ImageAnnotation], shard: List[int], resize: Optional[int], max_pixels: int, batch_size: int, workers: int) -> DataLoader:
     """Batches of equal model-input size, decoded in ``workers`` processes."""
     preprocess = run.loaded.preprocess
-    target = resize if resize is not None else preprocess.resize
-    max_size = preprocess.max_size if resize is None else 0
-    input_sizes = [resized_size((entries[i].height, entries[i].width), target, max_size) for i in shard]
+    input_sizes = [model_input_size((entries[i].height, entries[i].width), preprocess, resize)[1] for i in shard]
     return DataLoader(
         DatasetImages(entries, shard, preprocess, resize, max_pixels),
         batch_sampler=size_batches(input_sizes, batch_size),
@@ -259,7 +256,9 @@ def _measure(
                     if selected is None:
                         selected = [r.name for r in select_layers(capture.convs, layers, min_kernel_points=2, model_name=run.loaded.name)]
                     chosen = [r for r in capture.convs.values() if r.name in selected]
-                    accumulator.add(chosen, [entries[item.index] for item in good], [item.index for item in good], input_hw)
+                    accumulator.add(
+                        chosen, [entries[item.index] for item in good], [item.index for item in good], input_hw, [item.resized_hw or input_hw for item in good]
+                    )
                     used += len(good)
                 advance(len(items))
     except BaseException:

@@ -3,7 +3,9 @@ deformable layers with their geometry and (given an image) offset statistics.
 
 Layer geometry comes from one probe forward pass (:func:`dcn_inspect.hooks.probe`): on the
 given image, or on a blank image of :data:`BLANK_PROBE_SIZE` pixels when there is none (the
-frame strides do not depend on the image). Offsets are measured in cells of the layer's input
+frame strides do not depend on the image). Layers are named as the model names them (a
+detectron2 checkpoint's ``res5.0.conv2``), whether they were captured as a module, as an op
+call inside the user's module, or as a DCNv3/DCNv4 layer (converted to the standard layout). Offsets are measured in cells of the layer's input
 feature map -- the unit the op adds them in -- and converted to model-input pixels through the
 layer's input frame stride.
 """
@@ -81,6 +83,7 @@ class DeformLayerInfo:
     geometry_method: str  # "hooks" (derived through the forward) or "size" (inferred from sizes)
     parameters: int  # of the layer module, its offset branch included
     offsets: Optional[OffsetStats]
+    captured_by: str = "module"  # "module", the op entry point called, or "DCNv3"/"DCNv4 (converted)"
 
     @property
     def version(self) -> str:
@@ -140,6 +143,18 @@ def _module_by_name(model: nn.Module) -> Dict[str, nn.Module]:
     return {name or type(model).__name__: module for name, module in model.named_modules()}
 
 
+#: Children that compute offsets or modulation: mmcv/ours, mmdetection 1.0, research code
+#: calling the functional op, DCNv3 (``offset``, ``mask``, ``dw_conv``) and DCNv4.
+OFFSET_BRANCHES = ("conv_offset", "conv_offset_mask", "offset_conv", "modulator_conv", "mask_conv", "offset", "mask", "dw_conv", "offset_mask", "offset_mask_dw")
+
+
+def captured_by(record: DeformConvRecord) -> str:
+    """How a record was captured, for people: "module", the op called, or the converted layout."""
+    if record.converted_from:
+        return f"{record.converted_from} (converted)"
+    return record.op or "module"
+
+
 def _deform_parameter_counts(model: nn.Module, deform_names: List[str]) -> Tuple[int, int]:
     """(deformable conv parameters without offset branches, offset branch parameters)."""
     modules = _module_by_name(model)
@@ -148,7 +163,7 @@ def _deform_parameter_counts(model: nn.Module, deform_names: List[str]) -> Tuple
         module = modules.get(name)
         if module is None:
             continue
-        branch_modules = [m for child_name, m in module.named_children() if child_name in ("conv_offset", "conv_offset_mask")]
+        branch_modules = [m for child_name, m in module.named_children() if child_name in OFFSET_BRANCHES]
         branch = sum(_parameter_count(m) for m in branch_modules)
         deformable += _parameter_count(module) - branch
         branches += branch
@@ -204,6 +219,7 @@ def model_info(
                 geometry_method=geometry.method,
                 parameters=_parameter_count(module) if module is not None else 0,
                 offsets=offset_stats(record) if image is not None else None,
+                captured_by=captured_by(record),
             )
         )
     deformable, branches = _deform_parameter_counts(model, list(result.convs))

@@ -14,19 +14,33 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from torch import nn
 
 
+#: ``Preprocess.interpolation`` values: Pillow's bilinear resize (antialiased when shrinking:
+#: torchvision-style models, detectron2's ``ResizeShortestEdge``) or cv2's ``INTER_LINEAR``
+#: (no antialiasing, half-pixel centres, uint8 result: mmdetection / mmcv ``imresize``).
+INTERPOLATIONS = ("pil-bilinear", "cv2-bilinear")
+#: ``Preprocess.size_rule`` values: how the resized size is rounded (see :func:`dcn_inspect.images.resized_size`).
+SIZE_RULES = ("round", "mmdetection", "detectron2")
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How an image becomes the model's input tensor (part of a model's metadata).
 
-    The image is converted to RGB floats in [0, 1], resized so its shorter side is
-    ``resize`` pixels (0 keeps the image's own size; ``max_size`` caps the longer side),
-    then normalised with ``mean``/``std``.
+    The image (RGB, uint8) is resized so its shorter side is ``resize`` pixels (0 keeps the
+    image's own size; ``max_size`` caps the longer side), with ``interpolation`` and the size
+    rounding ``size_rule`` of the framework the weights come from; converted to floats in
+    [0, 1], normalised with ``mean``/``std`` (RGB order), then zero-padded at the bottom and
+    right to a multiple of ``size_divisor`` (0: no padding). Padding never changes the
+    original <-> model-input scale (original / resized size).
     """
 
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
     resize: int = 0
     max_size: int = 0
+    interpolation: str = "pil-bilinear"
+    size_rule: str = "round"
+    size_divisor: int = 0
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -38,6 +52,9 @@ class Preprocess:
             std=tuple(float(v) for v in data.get("std", Preprocess.std)),  # type: ignore[arg-type]
             resize=int(data.get("resize", 0)),
             max_size=int(data.get("max_size", 0)),
+            interpolation=str(data.get("interpolation", Preprocess.interpolation)),
+            size_rule=str(data.get("size_rule", Preprocess.size_rule)),
+            size_divisor=int(data.get("size_divisor", 0)),
         )
 
 
