@@ -35,7 +35,7 @@ from dcn_inspect.commands.dilation_stats import dilation_stats, size_batches
 from dcn_inspect.dilation import NAMED_THRESHOLDS, DilationAccumulator
 from dcn_inspect.errors import InputError
 from dcn_inspect.hooks import capture_offsets
-from dcn_inspect.images import load_image, resized_size, to_model_input
+from dcn_inspect.images import load_image, model_input_size, to_model_input
 from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.loading import load_model
 from dcn_inspect.models import registry
@@ -56,7 +56,7 @@ def get_model(spec: str, device: str) -> LoadedModel:
 def preload(dataset: Path, loaded: LoadedModel, batch_size: int, device: str) -> List[Tuple[torch.Tensor, list]]:
     data = load_dataset(dataset)
     entries = [e for e in data.images if e.path is not None]
-    sizes = [resized_size((e.height, e.width), loaded.preprocess.resize, loaded.preprocess.max_size) for e in entries]
+    sizes = [model_input_size((e.height, e.width), loaded.preprocess)[1] for e in entries]
     batches = []
     for positions in size_batches(sizes, batch_size):
         chosen = [entries[p] for p in positions]

@@ -652,3 +652,15 @@ def test_ignored_keys_table_only_with_verbose(tmp_path, monkeypatch, capsys):
     code, out, err = _run_cli(["--verbose", "info", str(path)], monkeypatch, capsys)
     assert code == 0
     assert "checkpoint keys: model_final.pkl" in err and "roi_heads.box_predictor" in err and "ignored 1 key(s) outside the backbone" in err
+
+
+def test_user_file_preprocess_takes_the_framework_keys(tmp_path):
+    source = tmp_path / "user_net.py"
+    source.write_text(USER_FILE.replace('"resize": 0}', '"resize": 800, "max_size": 1333, "interpolation": "cv2-bilinear", "size_rule": "mmdetection", "size_divisor": 32}'))
+    pre = load_model(f"{source}:build").preprocess
+    assert (pre.interpolation, pre.size_rule, pre.size_divisor, pre.resize, pre.max_size) == ("cv2-bilinear", "mmdetection", 32, 800, 1333)
+    bad = tmp_path / "bad_net.py"
+    bad.write_text(USER_FILE.replace('"resize": 0}', '"resize": 0, "interpolation": "bicubic"}'))
+    with pytest.raises(InputError) as info:
+        load_model(f"{bad}:build")
+    assert "PREPROCESS is not valid (interpolation 'bicubic': use pil-bilinear or cv2-bilinear)" in str(info.value) and "\n" not in str(info.value)

@@ -226,6 +226,8 @@ class LayerInfo:
     offset_groups: int
     modulated: bool
     geometry: Dict[str, Any]  # of the first model-input size seen
+    op: Optional[str] = None  # op-level capture: the op entry point called
+    converted_from: Optional[str] = None  # "DCNv3"/"DCNv4": converted to the standard layout
 
     def as_dict(self) -> Dict[str, Any]:
         return {
@@ -235,6 +237,8 @@ class LayerInfo:
             "dilation": list(self.dilation),
             "offset_groups": self.offset_groups,
             "modulated": self.modulated,
+            "op": self.op,
+            "converted_from": self.converted_from,
             "geometry": self.geometry,
         }
 
@@ -301,8 +305,9 @@ class DilationAccumulator:
             if record.name not in self.layers:
                 geometry = geometries[record.name]
                 self.layers[record.name] = LayerInfo(
-                    record.name, record.module_type, geometry.kernel, geometry.dilation, record.offset_groups, record.modulated, geometry.as_dict()
-                )
+                    record.name, record.module_type, geometry.kernel, geometry.dilation, record.offset_groups, record.modulated, geometry.as_dict(),
+                    record.op, record.converted_from,
+                )  # fmt: skip
         # Original / model-input scale of every image (images of one batch share the input size only).
         content = list(content_hw) if content_hw is not None else [input_hw] * len(entries)
         scale_x = torch.tensor([entry.width / hw[1] for entry, hw in zip(entries, content)], dtype=torch.float64)

@@ -556,7 +556,7 @@ def _user_preprocess(module: Any, model: nn.Module, spec: str) -> Preprocess:
             return Preprocess.from_dict(declared)
         except (TypeError, ValueError) as exc:
             raise InputError(f"{spec}: PREPROCESS is not valid ({exc})", param="model") from None
-    raise InputError(f"{spec}: PREPROCESS must be a dict with mean, std, resize, max_size", param="model")
+    raise InputError(f"{spec}: PREPROCESS must be a dict with mean, std, resize, max_size, interpolation, size_rule, size_divisor", param="model")
 
 
 def load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:

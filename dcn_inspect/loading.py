@@ -76,7 +76,10 @@ def _from_native(payload: Dict[str, Any], path: Path, name: str) -> LoadedModel:
         raise InputError(f"{path}: native checkpoint without a state_dict")
     load_state_dict_strict(model, state_dict, str(path))
     meta = dict(payload.get("meta") or {})
-    preprocess = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else arch.preprocess
+    try:
+        preprocess = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else arch.preprocess
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: its preprocessing metadata is not valid ({exc})") from None
     return LoadedModel(model, name, arch.name, {**arch.default_config, **config}, preprocess, "native", path, sha256_file(path), meta)
 
 

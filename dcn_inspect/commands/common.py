@@ -159,6 +159,8 @@ def offset_field_arrays(stem: str, convs: Dict[str, DeformConvRecord], model_inp
         geometry = {
             **record.geometry.as_dict(),
             "module_type": record.module_type,
+            "op": record.op,
+            "converted_from": record.converted_from,
             "offset_groups": record.offset_groups,
             "groups": record.groups,
             "frames_in": "model-input pixels (multiply by scale_to_original for the original image)",

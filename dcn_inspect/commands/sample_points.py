@@ -293,6 +293,8 @@ def _layer_summary(level: int, record: DeformConvRecord) -> Dict[str, Any]:
         "kernel_points": record.kernel_points,
         "offset_groups": record.offset_groups,
         "modulated": record.modulated,
+        "op": record.op,  # the op entry point that received the offsets (op-level capture), else null
+        "converted_from": record.converted_from,  # "DCNv3"/"DCNv4": offsets converted to the standard layout
         "geometry": record.geometry.as_dict(),
     }
 

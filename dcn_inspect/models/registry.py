@@ -47,6 +47,16 @@ class Preprocess:
 
     @staticmethod
     def from_dict(data: Dict[str, Any]) -> "Preprocess":
+        """From a JSON-like dict (a user file's ``PREPROCESS``, a checkpoint's metadata); a
+        ``ValueError`` names an unknown ``interpolation`` / ``size_rule`` or a negative ``size_divisor``."""
+        interpolation = str(data.get("interpolation", Preprocess.interpolation))
+        size_rule = str(data.get("size_rule", Preprocess.size_rule))
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {interpolation!r}: use {' or '.join(INTERPOLATIONS)}")
+        if size_rule not in SIZE_RULES:
+            raise ValueError(f"size_rule {size_rule!r}: use {', '.join(SIZE_RULES)}")
+        if int(data.get("size_divisor", 0)) < 0:
+            raise ValueError(f"size_divisor {data.get('size_divisor')}: must be 0 (no padding) or positive")
         return Preprocess(
             mean=tuple(float(v) for v in data.get("mean", Preprocess.mean)),  # type: ignore[arg-type]
             std=tuple(float(v) for v in data.get("std", Preprocess.std)),  # type: ignore[arg-type]
