@@ -100,9 +100,10 @@ def cv2_bilinear(image: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
         return image.copy()
     x0, x1, a0, a1 = _axis(width, out_w, clamp=True)
     y0, y1, b0, b1 = _axis(height, out_h, clamp=False)
-    rows = np.unique(np.concatenate([y0, y1]))  # only the source rows the output reads
-    source = image[rows].astype(np.int32)
-    horizontal = source[:, x0] * a0[None, :, None] + source[:, x1] * a1[None, :, None]  # [R, out_w, C]
+    rows = np.unique(np.concatenate([y0, y1]))  # only the source rows and columns the output reads
+    left = image[np.ix_(rows, x0)].astype(np.int32)
+    right = image[np.ix_(rows, x1)].astype(np.int32)
+    horizontal = left * a0[None, :, None] + right * a1[None, :, None]  # [R, out_w, C]
     where = np.searchsorted(rows, np.arange(height))
     top = horizontal[where[y0]] >> 4
     bottom = horizontal[where[y1]] >> 4
