@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dcn_inspect"
 #: Modules that compute one figure's numbers (and the math under them): no I/O, no CLI, no reports.
 ANALYSIS = {
     "geometry", "sampling", "records", "category_stats", "tracing", "dilation", "roi_bins", "foreground", "unit_selection", "roi_selection", "offset_maps",
+    "receptive_field",
 }  # fmt: skip
 #: What analysis modules may not import.
 ABOVE_ANALYSIS = ("dcn_inspect.commands", "dcn_inspect.cli", "dcn_inspect.plots", "dcn_inspect.outputs", "dcn_inspect.loading", "dcn_inspect.importers", "dcn_inspect.progress")

@@ -115,12 +115,14 @@ ADAPTERS: List[LayerAdapter] = [OurDeformConvAdapter(), OurRoIPoolAdapter(), *FO
 
 
 @contextlib.contextmanager
-def capture_offsets(model: nn.Module, track_frames: bool = True) -> Iterator[OffsetCapture]:
+def capture_offsets(model: nn.Module, track_frames: bool = True, tracker: Optional[FrameTracker] = None) -> Iterator[OffsetCapture]:
     """Record the offsets of every deformable layer and op call of ``model`` during the enclosed forward.
 
     Call ``capture.watch_input(images)`` before ``model(images)`` so frames can be derived.
+    ``tracker`` replaces the default :class:`FrameTracker` (e.g. a subclass that follows more
+    than frames); it is ignored without ``track_frames``.
     """
-    capture = OffsetCapture(tracker=FrameTracker() if track_frames else None)
+    capture = OffsetCapture(tracker=(tracker or FrameTracker()) if track_frames else None)
     removers: List[Callable[[], None]] = []
     try:
         for name, module in model.named_modules():

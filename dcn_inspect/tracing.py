@@ -31,7 +31,7 @@ layers without a mask. Coordinates are continuous image pixels in the COCO conve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
@@ -78,6 +78,10 @@ class SamplingTrees:
     ys: List[torch.Tensor]
     weights: List[torch.Tensor]  # per level [U, P_l] float64 in [0, 1]
     inside: List[torch.Tensor]  # per level [U, P_l] bool: -1 < y < H and -1 < x < W of the layer's input map
+    #: Per level, where its offsets were read: (rows, cols) [U, P_{l-1}] (P_0 = 1: the unit) in the
+    #: level's output frame, after rounding with ``round_positions``. Point p of the level is kernel
+    #: point p % K_l of the layer's filter at read position p // K_l.
+    read_at: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
     def num_levels(self) -> int:
@@ -200,13 +204,15 @@ def trace_sampling_trees(
     ys: List[torch.Tensor] = []
     weights: List[torch.Tensor] = []
     inside: List[torch.Tensor] = []
+    read_at: List[Tuple[torch.Tensor, torch.Tensor]] = []
     for level, record in enumerate(records):
         geometry = record.geometry
         kernel_points = record.kernel_points
         if round_positions:
             rows, cols = torch.round(rows), torch.round(cols)
-        field = _layer_field(record, batch_index, group, dtype).cpu()
-        values = read_field(field, rows, cols).reshape(num_units, rows.shape[1], field.shape[0])  # [U, N, C]
+        read_at.append((rows, cols))
+        layer_field = _layer_field(record, batch_index, group, dtype).cpu()
+        values = read_field(layer_field, rows, cols).reshape(num_units, rows.shape[1], layer_field.shape[0])  # [U, N, C]
         dy, dx = values[..., :kernel_points], values[..., kernel_points : 2 * kernel_points]
         grid_y, grid_x = kernel_grid(geometry.kernel, geometry.dilation, dtype=dtype)
         sample_y = rows[..., None] * geometry.stride[0] - geometry.padding[0] + grid_y + dy  # [U, N, K]
@@ -236,6 +242,7 @@ def trace_sampling_trees(
         ys=ys,
         weights=weights,
         inside=inside,
+        read_at=read_at,
     )
 
 

@@ -81,6 +81,15 @@ def parse_point(text: str) -> Tuple[float, float]:
     return x, y
 
 
+def check_unit_options(at: Sequence[Any], grid: Optional[int]) -> List[Tuple[float, float]]:
+    """The ``at`` points as (x, y) (strings ``"X,Y"`` or pairs) and a checked ``grid`` step,
+    before any work: the unit options every unit-analysing command takes."""
+    points = [parse_point(p) if isinstance(p, str) else (float(p[0]), float(p[1])) for p in at]
+    if grid is not None and grid < 1:
+        raise InputError(f"{grid}: STEP must be a positive number of units", param="grid")
+    return points
+
+
 def _unit(frame: FrameMap, row: int, col: int, source: str, detail: str = "") -> Unit:
     x, y = frame.to_image(float(col), float(row))
     return Unit(row, col, float(x), float(y), source, detail)

@@ -17,6 +17,7 @@ from dcn_inspect.cli import bins  # noqa: E402,F401
 from dcn_inspect.cli import sample_points  # noqa: E402,F401
 from dcn_inspect.cli import dilation_stats  # noqa: E402,F401
 from dcn_inspect.cli import offsets  # noqa: E402,F401
+from dcn_inspect.cli import receptive_field  # noqa: E402,F401
 from dcn_inspect.cli import demo  # noqa: E402,F401
 
 

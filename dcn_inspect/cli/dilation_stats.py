@@ -63,13 +63,13 @@ def dilation_stats(
         console.print(f"{name}: {path}")
 
 
-def rich_table(table: Any, units: str) -> Any:
+def rich_table(table: Any, units: str, title: str = "Effective dilation") -> Any:
     """The Table 2 layout (layers as rows, categories as columns, mean ± std) as a rich table."""
     from rich.table import Table
 
     from dcn_inspect.dilation import CATEGORIES
 
-    out = Table(title=f"Effective dilation (mean ± std, {units})")
+    out = Table(title=f"{title} (mean ± std, {units})")
     out.add_column("layer")
     for category in CATEGORIES:
         out.add_column(category, justify="right")

@@ -482,10 +482,10 @@ def _remove_parts(parts: Sequence[Path]) -> None:
 # Table layouts
 
 
-def table_markdown(table: pd.DataFrame, units: str, thresholds_name: str, thresholds: Tuple[float, float]) -> str:
+def table_markdown(table: pd.DataFrame, units: str, thresholds_name: str, thresholds: Tuple[float, float], title: str = "Effective dilation") -> str:
     """The paper's Table 2 layout: layers as rows (top first), categories as columns, mean ± std."""
     lines = [
-        f"# Effective dilation (mean ± std, {units})",
+        f"# {title} (mean ± std, {units})",
         "",
         "| layer | " + " | ".join(CATEGORIES) + " |",
         "|---|" + "---:|" * len(CATEGORIES),

@@ -43,7 +43,7 @@ from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.outputs import write_csv, write_figure, write_npz
 from dcn_inspect.records import DeformConvRecord, select_layers
 from dcn_inspect.tracing import CSV_COLUMNS, CSV_UNITS, GroupChoice, SamplingTrees, check_group, points_table, trace_sampling_trees, tree_half_extent
-from dcn_inspect.unit_selection import Boxes, Unit, UnitCategory, boxes_per_image, choose_units, parse_point, unit_category
+from dcn_inspect.unit_selection import Boxes, Unit, UnitCategory, boxes_per_image, check_unit_options, choose_units, unit_category
 
 __all__ = ["CSV_COLUMNS", "ImagePoints", "SamplePointsResult", "sample_points"]
 
@@ -183,9 +183,7 @@ def _check_options(
     _, threshold_values = resolve_thresholds(thresholds, box_areas)
     check_resize(resize)
     checked_group = check_group(group)
-    points_at = [parse_point(p) if isinstance(p, str) else (float(p[0]), float(p[1])) for p in at]
-    if grid is not None and grid < 1:
-        raise InputError(f"{grid}: STEP must be a positive number of units", param="grid")
+    points_at = check_unit_options(at, grid)
     if levels is not None and levels < 1:
         raise InputError(f"{levels}: must be at least 1", param="levels")
     if layers and levels is not None:
