@@ -430,3 +430,189 @@ def test_erf_numbers_of_a_ring_and_a_box() -> None:
     only_centre = np.zeros((5, 5))
     only_centre[2, 2] = 3.0
     assert erf_numbers(only_centre).radius_90 == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The command: outputs, compare model, dataset mode, errors
+
+TINY_SOURCE = '''
+import torch
+from torch import nn
+from dcn_inspect.ops import DeformConv2dPack, ModulatedDeformConv2dPack
+
+
+class TinyRF(nn.Module):
+    """Stride-2 stem, then three 3x3 layers: deformable (the last modulated) or regular convs of the same names."""
+
+    def __init__(self, deformable=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        if deformable:
+            self.dcn_a = DeformConv2dPack(4, 4, 3, padding=1)
+            self.dcn_b = DeformConv2dPack(4, 4, 3, padding=2, dilation=2)
+            self.dcn_c = ModulatedDeformConv2dPack(4, 4, 3, padding=2, dilation=2)
+            for layer in (self.dcn_a, self.dcn_b, self.dcn_c):
+                nn.init.normal_(layer.conv_offset.weight, std=0.3)
+        else:
+            self.dcn_a = nn.Conv2d(4, 4, 3, padding=1)
+            self.dcn_b = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+            self.dcn_c = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+
+    def forward(self, x):
+        return self.dcn_c(torch.relu(self.dcn_b(torch.relu(self.dcn_a(torch.relu(self.stem(x)))))))
+
+
+def build():
+    return TinyRF().eval()
+
+
+def build_plain():
+    return TinyRF(deformable=False).eval()
+'''
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> Dict[str, Path]:
+    model = tmp_path / "tiny_rf.py"
+    model.write_text(TINY_SOURCE)
+    rng = np.random.default_rng(0)
+    image = tmp_path / "scene.png"
+    Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(image)
+    return {"model": model, "image": image, "root": tmp_path}
+
+
+def _main(args: List[str], capsys: pytest.CaptureFixture) -> Tuple[int, str, str]:
+    from dcn_inspect.cli import main
+    from dcn_inspect.cli.app import state
+
+    import sys
+
+    state["debug"] = False
+    old = sys.argv
+    sys.argv = ["dcn-inspect", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_writes_every_output_and_compares_with_a_plain_twin(tiny: Dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    out = tiny["root"] / "out"
+    model = f"{tiny['model']}:build"
+    args = ["receptive-field", str(tiny["image"]), "--model", model, "--at", "20,16", "--at", "3,37", "--compare-model", f"{tiny['model']}:build_plain", "--out", str(out)]
+    code, stdout, stderr = _main(args, capsys)
+    assert code == 0, stderr
+    assert "dcn_c, dcn_b, dcn_a" in stdout
+    table = pd.read_csv(out / "scene_receptive_field.csv", comment="#", keep_default_na=False)
+    assert list(table.columns) == CSV_COLUMNS
+    assert list(table["model"]) == ["model", "model", "compare", "compare"]
+    # The same image positions: the plain twin has the same frames, so the same cells and theoretical fields.
+    assert list(table["unit_row"]) == [8, 18, 8, 18] and list(table["unit_col"]) == [10, 1, 10, 1]
+    for column in ("rf_x1", "rf_y1", "rf_x2", "rf_y2"):
+        assert list(table[column][:2]) == list(table[column][2:])
+    arrays = np.load(out / "scene_erf.npz")
+    assert arrays["model/erf"].shape == (2, 40, 48) and arrays["compare/erf"].shape == (2, 40, 48)
+    assert arrays["model/level3/grad_weight"].shape == (2, 729)
+    # A regular conv is a deformable one with zero offsets: the twin's points form the regular grid,
+    # and its ERF never leaves the theoretical receptive field.
+    for u in range(2):
+        rows, cols = np.nonzero(arrays["compare/erf"][u])
+        x1, y1, x2, y2 = arrays["compare/theoretical_rf"][u]
+        assert cols.min() >= math.floor(x1) and cols.max() + 1 <= math.ceil(x2) and rows.min() >= math.floor(y1) and rows.max() + 1 <= math.ceil(y2)
+    assert (arrays["compare/level1/grad_weight"] > 0).any()
+    assert (out / "scene_receptive_field.png").stat().st_size > 10_000
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["response"]["channel"] == "sum over channels"
+    assert "sum over channels" in summary["response"]["definition"]
+    assert "dataset mean" in summary["saliency"]["schedule"]
+    assert summary["compare_model"]["name"].endswith(":build_plain")
+    assert summary["layers"] == ["dcn_c", "dcn_b", "dcn_a"]
+
+
+def test_channel_response_is_that_channels_output(tiny: Dict[str, Path]) -> None:
+    from dcn_inspect.commands.receptive_field import receptive_field
+    from dcn_inspect.loading import load_model
+
+    loaded = load_model(f"{tiny['model']}:build")
+    result = receptive_field([tiny["image"]], model=loaded, at=["20,16"], channel=2, out=tiny["root"] / "out", progress=False, saliency_error=0.2)
+    image = np.asarray(Image.open(tiny["image"]).convert("RGB"))
+    with torch.no_grad():
+        output = loaded.model(to_model_input(image, loaded.preprocess).tensor)
+    row = result.images[0].table.iloc[0]
+    assert row["channel"] == "2"
+    assert row["response"] == pytest.approx(float(output[0, 2, int(row["unit_row"]), int(row["unit_col"])]), rel=1e-5)
+    assert row["saliency_error"] <= 0.2
+
+
+def test_same_inputs_same_csv_bytes(tiny: Dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    out = tiny["root"] / "out"
+    args = ["receptive-field", str(tiny["image"]), "--model", f"{tiny['model']}:build", "--grid", "8", "--out", str(out)]
+    snapshots = []
+    for _ in range(2):
+        code, _, stderr = _main(args, capsys)
+        assert code == 0, stderr
+        snapshots.append((out / "scene_receptive_field.csv").read_bytes())
+    assert snapshots[0] == snapshots[1]
+
+
+def test_dataset_mode_tabulates_radius_and_area_by_category_like_dilation_stats(tiny: Dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    from dcn_inspect.dilation import CATEGORIES, TABLE_COLUMNS
+
+    dataset = tiny["root"] / "ds.json"
+    dataset.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "scene.png", "width": 48, "height": 40}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 8, 6], "area": 48, "iscrowd": 0},
+                        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [20, 10, 26, 28], "area": 728, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }))  # fmt: skip
+    out = tiny["root"] / "stats"
+    args = ["receptive-field", str(dataset), "--stats", "--model", f"{tiny['model']}:build", "--thresholds", "100,500", "--levels", "2", "--out", str(out)]
+    code, stdout, stderr = _main(args, capsys)
+    assert code == 0, stderr
+    radius = pd.read_csv(out / "erf_radius_table.csv", comment="#")
+    area = pd.read_csv(out / "saliency_area_table.csv", comment="#")
+    assert list(radius.columns) == TABLE_COLUMNS and list(area.columns) == TABLE_COLUMNS
+    assert list(radius["layer"]) == ["dcn_c"] * 4 + ["dcn_b"] * 4
+    assert list(radius["category"]) == list(CATEGORIES) * 2
+    # per layer: the 8x6 box is small (48 < 100), the 26x28 one large (728 >= 500), plus one background unit
+    assert list(radius["count"][:4]) == [1, 0, 1, 1] and list(area["count"][4:]) == [1, 0, 1, 1]
+    units = pd.read_csv(out / "receptive_field_units.csv", comment="#")
+    assert len(units) == 6 and set(units["category"]) == {"small", "large", "background"}
+    assert (units["saliency_area"] > 0).all() and (units["erf_radius_90"] >= units["erf_radius_50"]).all()
+    assert "ERF radius" in (out / "erf_radius_table.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--at", "500,500"], r"--at 500,500: outside scene\.png"),
+        (["--channel", "99"], r"--channel 99: layer dcn_c has 4 channels"),
+        (["--model", "PLAIN"], r"--model .*no deformable conv layer"),
+        (["--saliency-error", "1.5"], r"--saliency-error 1\.5: .*\[0, 1\)"),
+        (["--layers", "dcn_z"], r"--layers: unknown deformable layer\(s\) dcn_z; valid: dcn_a, dcn_b, dcn_c"),
+        (["--compare-model", "PLAIN_OTHER"], r"--compare-model .*other\.py:build: no layer named dcn_c, dcn_b, dcn_a"),
+        (["--stats", "--grid", "4"], r"--grid is not read with --stats"),
+    ],
+    ids=["unit-outside", "unknown-channel", "no-deformable-layer", "bad-error-bound", "unknown-layer", "compare-without-layer", "mode-mixup"],
+)
+def test_bad_input_is_one_line_and_writes_nothing(extra: List[str], message: str, tiny: Dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    import re
+
+    other = tiny["root"] / "other.py"
+    other.write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 2, 3))\n")
+    out = tiny["root"] / "out"
+    replaced = [e.replace("PLAIN_OTHER", f"{other}:build").replace("PLAIN", f"{tiny['model']}:build_plain") for e in extra]
+    args = ["receptive-field", str(tiny["image"]), "--model", f"{tiny['model']}:build", *replaced, "--out", str(out)]
+    code, stdout, stderr = _main(args, capsys)
+    assert code == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("dcn-inspect: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr + stdout, stderr
+    assert re.search(message, errors[0]), errors[0]
+    written = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert written == []

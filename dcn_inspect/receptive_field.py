@@ -297,6 +297,19 @@ def _regular_conv_padding(module: nn.Conv2d) -> Tuple[int, int]:
     return (int(module.padding[0]), int(module.padding[1]))
 
 
+def unusable_layers(model: nn.Module, names: Sequence[str]) -> Dict[str, str]:
+    """Of ``names`` (``name`` or ``name#k``), those ``model`` lacks or cannot analyse, with the reason."""
+    modules = dict(model.named_modules())
+    problems: Dict[str, str] = {}
+    for name in names:
+        module = modules.get(name.split("#")[0])
+        if module is None:
+            problems[name] = "missing"
+        elif not isinstance(module, nn.Conv2d) and not _is_deformable(module):
+            problems[name] = f"a {type(module).__name__}, neither a deformable conv nor an nn.Conv2d"
+    return problems
+
+
 def _is_deformable(module: nn.Module) -> bool:
     return any(adapter.matches(module) for adapter in ADAPTERS)
 
@@ -331,12 +344,9 @@ class GradientForward:
         self.calls: Dict[str, LayerCall] = {}
         self.capture: Optional[OffsetCapture] = None
         modules = dict(model.named_modules())
-        missing = [name for name in regular if name.split("#")[0] not in modules]
-        if missing:
-            raise InputError(f"the model has no layer named {', '.join(missing)}", param="compare_model")
-        wrong = [name for name in regular if not isinstance(modules[name.split("#")[0]], nn.Conv2d) and not _is_deformable(modules[name.split("#")[0]])]
-        if wrong:
-            raise InputError(f"layer {', '.join(wrong)} is neither a deformable conv nor an nn.Conv2d", param="compare_model")
+        problems = unusable_layers(model, regular)
+        if problems:
+            raise ValueError(f"layers that cannot be analysed: {problems}")
         self._run(modules, {name.split("#")[0] for name in regular}, stop_after)
 
     def _run(self, modules: Dict[str, nn.Module], regular: set, stop_after: Optional[str]) -> None:

@@ -49,6 +49,7 @@ from dcn_inspect.receptive_field import (
     field_arrays,
     receptive_fields,
     units_table,
+    unusable_layers,
 )
 from dcn_inspect.records import DeformConvRecord, select_layers
 from dcn_inspect.tracing import GroupChoice, check_group
@@ -323,6 +324,12 @@ def _compare_fields(
     advance: Any,
 ) -> Tuple[ReceptiveFields, List[Unit]]:
     """The same image positions under the compare model, through its layers of the same names."""
+    problems = unusable_layers(compare.model, names)
+    missing = [name for name, problem in problems.items() if problem == "missing"]
+    if missing:
+        raise InputError(f"{compare.name}: no layer named {', '.join(missing)} (the followed layers of the model)", param="compare_model")
+    if problems:
+        raise InputError(f"{compare.name}: " + "; ".join(f"layer {name} is {problem}" for name, problem in problems.items()), param="compare_model")
     model_input = to_model_input(image, compare.preprocess, options.resize)
     forward = GradientForward(compare.model, model_input.tensor.to(device), regular=list(names))
     found = forward.records
