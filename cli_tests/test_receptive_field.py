@@ -616,3 +616,27 @@ def test_bad_input_is_one_line_and_writes_nothing(extra: List[str], message: str
     assert re.search(message, errors[0]), errors[0]
     written = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
     assert written == []
+
+
+def test_sample_points_grad_weight_column_is_the_receptive_field_gradient(tiny: Dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    from dcn_inspect.tracing import CSV_COLUMNS as POINT_COLUMNS
+
+    model = f"{tiny['model']}:build"
+    code, _, stderr = _main(["sample-points", str(tiny["image"]), "--model", model, "--at", "20,16", "--at", "0,0", "--grad-weight", "--out", str(tiny["root"] / "sp")], capsys)
+    assert code == 0, stderr
+    points = pd.read_csv(tiny["root"] / "sp" / "scene_points.csv", comment="#", keep_default_na=False)
+    assert list(points.columns) == POINT_COLUMNS + ["grad_weight"]
+    code, _, stderr = _main(["receptive-field", str(tiny["image"]), "--model", model, "--at", "20,16", "--at", "0,0", "--out", str(tiny["root"] / "rf")], capsys)
+    assert code == 0, stderr
+    arrays = np.load(tiny["root"] / "rf" / "scene_erf.npz")
+    for level in (1, 2, 3):
+        rows = points[points["level"] == level]
+        got = rows["grad_weight"].to_numpy().reshape(2, -1)
+        np.testing.assert_allclose(got, arrays[f"model/level{level}/grad_weight"], rtol=1e-4, atol=1e-9)
+    # The unit's own sampling points are real locations: one the op reads as zero does not matter at all.
+    level1 = points[points["level"] == 1]
+    assert (level1["grad_weight"] > 0).any() and (level1.loc[level1["inside"] == 0, "grad_weight"] == 0).all()
+    assert (level1["inside"] == 0).any()
+    code, _, stderr = _main(["sample-points", str(tiny["image"]), "--model", model, "--at", "20,16", "--out", str(tiny["root"] / "plain")], capsys)
+    assert code == 0, stderr
+    assert list(pd.read_csv(tiny["root"] / "plain" / "scene_points.csv", comment="#").columns) == POINT_COLUMNS

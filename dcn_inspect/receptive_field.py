@@ -645,6 +645,34 @@ def tree_gradient_weights(
     return PointGradients(grad_x, grad_y)
 
 
+def sampling_point_gradients(
+    model: nn.Module,
+    images: torch.Tensor,
+    levels: Sequence[str],
+    trees: SamplingTrees,
+    *,
+    group: GroupChoice = 0,
+    scale_to_original: Tuple[float, float] = (1.0, 1.0),
+    channel: Optional[int] = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Optional[PointGradients]:
+    """dr/dp of every point of ``trees`` (traced through the layers ``levels``, top first, on
+    ``images`` [1, 3, H, W]), r the response of each tree's unit; None when a layer's op cannot be
+    re-run (see :meth:`GradientForward.offset_gradient`)."""
+    forward = GradientForward(model, images, stop_after=levels[0])
+    records = [forward.calls[name].record for name in levels]
+    fields: Dict[str, List[torch.Tensor]] = {name: [] for name in levels}
+    for batch in forward.backward_units(levels[0], trees.units, channel, levels, batch_size):
+        if set(batch.offset_grads) != set(levels):
+            return None
+        for name in levels:
+            fields[name].append(batch.offset_grads[name].cpu())
+    if trees.num_units == 0:
+        empty = [torch.zeros(0, trees.points_per_unit(level), dtype=torch.float64) for level in range(1, trees.num_levels + 1)]
+        return PointGradients(empty, [e.clone() for e in empty])
+    return tree_gradient_weights(trees, records, {name: torch.cat(parts) for name, parts in fields.items()}, group, scale_to_original)
+
+
 # --------------------------------------------------------------------------------------------
 # Summary numbers of an ERF
 # --------------------------------------------------------------------------------------------

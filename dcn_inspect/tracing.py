@@ -32,7 +32,7 @@ layers without a mask. Coordinates are continuous image pixels in the COCO conve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -54,6 +54,13 @@ CSV_UNITS = (
     "masks along the path (1 without masks; dimensionless, 0..1); inside: 1 if the point lies in the "
     "op's sampling band of the map it samples (-1 < row < H and -1 < col < W of that layer's input), "
     "else 0 (kept, never dropped; offsets read outside a map are zero, as in the op)"
+)
+
+#: Column added by ``sample-points --grad-weight`` (after the others) and its units.
+GRAD_WEIGHT_COLUMN = "grad_weight"
+GRAD_WEIGHT_UNITS = (
+    "grad_weight: |d response / d point| of the unit's response (sum over the top layer's channels at the unit) "
+    "with respect to the point's position, per original-image pixel (the total derivative: how much the point matters)"
 )
 
 #: ``group`` argument: an offset-group index, or "mean" to average the groups' offsets and masks.
@@ -269,9 +276,14 @@ def tree_half_extent(records: Sequence[DeformConvRecord], scale_to_original: Tup
     return reach_x, reach_y
 
 
-def points_table(trees: SamplingTrees) -> pd.DataFrame:
-    """One row per point, units outermost, then levels, then points (the CSV's row order)."""
-    columns: Dict[str, List[np.ndarray]] = {name: [] for name in CSV_COLUMNS}
+def points_table(trees: SamplingTrees, grad_weights: Optional[Sequence[torch.Tensor]] = None) -> pd.DataFrame:
+    """One row per point, units outermost, then levels, then points (the CSV's row order).
+
+    ``grad_weights`` (per level [U, P_l], e.g. from :func:`dcn_inspect.receptive_field.sampling_point_gradients`)
+    adds the :data:`GRAD_WEIGHT_COLUMN` column.
+    """
+    names = CSV_COLUMNS + ([GRAD_WEIGHT_COLUMN] if grad_weights is not None else [])
+    columns: Dict[str, List[np.ndarray]] = {name: [] for name in names}
     num_units = trees.num_units
     unit_index = np.arange(num_units)
     for level in range(1, trees.num_levels + 1):
@@ -288,6 +300,8 @@ def points_table(trees: SamplingTrees) -> pd.DataFrame:
         columns["y"].append(trees.ys[level - 1].numpy().reshape(-1))
         columns["weight"].append(trees.weights[level - 1].numpy().reshape(-1))
         columns["inside"].append(trees.inside[level - 1].numpy().reshape(-1).astype(np.int64))
+        if grad_weights is not None:
+            columns[GRAD_WEIGHT_COLUMN].append(grad_weights[level - 1].numpy().reshape(-1))
     table = pd.DataFrame({name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()})
     table["parent"] = table["parent"].astype("Int64")  # integers, empty at level 1
     # Units outermost: a stable sort keeps levels and points in order within each unit.

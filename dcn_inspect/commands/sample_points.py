@@ -42,7 +42,7 @@ from dcn_inspect.images import ModelInput, to_model_input
 from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.outputs import write_csv, write_figure, write_npz
 from dcn_inspect.records import DeformConvRecord, select_layers
-from dcn_inspect.tracing import CSV_COLUMNS, CSV_UNITS, GroupChoice, SamplingTrees, check_group, points_table, trace_sampling_trees, tree_half_extent
+from dcn_inspect.tracing import CSV_COLUMNS, CSV_UNITS, GRAD_WEIGHT_UNITS, GroupChoice, SamplingTrees, check_group, points_table, trace_sampling_trees, tree_half_extent
 from dcn_inspect.unit_selection import Boxes, Unit, UnitCategory, boxes_per_image, check_unit_options, choose_units, unit_category
 
 __all__ = ["CSV_COLUMNS", "ImagePoints", "SamplePointsResult", "sample_points"]
@@ -89,6 +89,7 @@ class _Options:
     color_by_level: bool
     zoom: bool
     thresholds: Tuple[float, float]
+    grad_weight: bool = False
 
 
 def sample_points(
@@ -111,6 +112,7 @@ def sample_points(
     color_by_level: bool = False,
     zoom: bool = False,
     thresholds: str = "paper",
+    grad_weight: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     strict: bool = False,
@@ -120,14 +122,16 @@ def sample_points(
     Writes ``<stem>_points.csv`` and ``<stem>_sampling.<fmt>`` (and ``<stem>_sampling.gif``)
     per image, ``save_offsets`` if given, and ``summary.json`` into ``out``. ``thresholds``
     (as in dilation-stats: ``paper``, ``coco``, ``tertiles`` of the given boxes, or ``A,B``
-    px²) sizes the boxes for the panel titles' categories.
+    px²) sizes the boxes for the panel titles' categories. ``grad_weight`` adds each point's
+    |dr/dp| (:func:`dcn_inspect.receptive_field.sampling_point_gradients`) to the CSV and sizes
+    the points by it.
     """
     check_npz_path(save_offsets, "save_offsets")
     image_paths = image_list(images)
     use_bundled = not at and grid is None
     boxes_of_images, boxes_source = boxes_per_image(image_paths, boxes, use_bundled=use_bundled)
     areas = np.concatenate([_box_areas(b) for b in boxes_of_images if b is not None] or [np.zeros(0)])
-    options = _check_options(layers, levels, at, grid, group, round_positions, resize, fmt, gif, color_by_level, zoom, thresholds, areas)
+    options = _check_options(layers, levels, at, grid, group, round_positions, resize, fmt, gif, color_by_level, zoom, thresholds, areas, grad_weight)
     run = start_run("sample-points", _parameters(image_paths, options, boxes, save_offsets), model, weights, device, out)
 
     results: List[ImagePoints] = []
@@ -142,7 +146,8 @@ def sample_points(
             records = _traced_records(captured.convs, options, run.loaded.name)
             units, trees = _trace_image(path, model_input, records, boxes_of[path], boxes_source, options, run.notes)
             categories = [unit_category(u, boxes_of[path], options.thresholds) for u in units]
-            item = _write_image_outputs(path, image, units, categories, trees, options, run)
+            grad_weights = _grad_weights(run, model_input, records, trees, options, path) if options.grad_weight else None
+            item = _write_image_outputs(path, image, units, categories, trees, options, run, grad_weights)
             if save_offsets is not None:
                 offsets_arrays.update(offset_field_arrays(path.stem, captured.convs, model_input))
             _note_approximate_frames(path, records, run.notes)
@@ -178,6 +183,7 @@ def _check_options(
     zoom: bool,
     thresholds: str,
     box_areas: np.ndarray,
+    grad_weight: bool = False,
 ) -> _Options:
     fmt = check_figure_format(fmt)
     _, threshold_values = resolve_thresholds(thresholds, box_areas)
@@ -188,7 +194,7 @@ def _check_options(
         raise InputError(f"{levels}: must be at least 1", param="levels")
     if layers and levels is not None:
         raise InputError("and `levels`: give one or the other", param="layers")
-    return _Options(layers, levels, points_at, grid, checked_group, round_positions, resize, fmt, gif, color_by_level, zoom, threshold_values)
+    return _Options(layers, levels, points_at, grid, checked_group, round_positions, resize, fmt, gif, color_by_level, zoom, threshold_values, grad_weight)
 
 
 def _box_areas(boxes: Boxes) -> np.ndarray:
@@ -211,6 +217,7 @@ def _parameters(image_paths: Sequence[Path], options: _Options, boxes: Optional[
         "gif": options.gif,
         "save_offsets": save_offsets,
         "color_by_level": options.color_by_level,
+        "grad_weight": options.grad_weight,
         "zoom": options.zoom,
         "thresholds": list(options.thresholds),
     }
@@ -246,6 +253,20 @@ def _trace_image(
     return units, trees
 
 
+def _grad_weights(run: CommandRun, model_input: ModelInput, records: List[DeformConvRecord], trees: SamplingTrees, options: _Options, path: Path) -> Optional[List[torch.Tensor]]:
+    """|dr/dp| of every point (per level [U, P_l]), r = the unit's response (sum over the top layer's channels)."""
+    from dcn_inspect.receptive_field import sampling_point_gradients
+
+    gradients = sampling_point_gradients(
+        run.loaded.model, model_input.tensor.to(run.device), [r.name for r in records], trees,
+        group=options.group, scale_to_original=model_input.scale_to_original,
+    )  # fmt: skip
+    if gradients is None:
+        run.notes.append(f"{path.name}: a traced layer's op could not be re-run to reproduce its output: no grad_weight column")
+        return None
+    return gradients.weights
+
+
 def _write_image_outputs(
     path: Path,
     image: np.ndarray,
@@ -254,15 +275,17 @@ def _write_image_outputs(
     trees: SamplingTrees,
     options: _Options,
     run: CommandRun,
+    grad_weights: Optional[List[torch.Tensor]] = None,
 ) -> ImagePoints:
     from dcn_inspect.plots.sampling import MAX_PANELS, draw_sampling_figure, frame_label, gif_frames, panel_title, write_sampling_gif
 
-    table = points_table(trees)
+    table = points_table(trees, grad_weights)
     csv_path = run.out_dir / f"{path.stem}_points.csv"
-    write_csv(csv_path, table, CSV_UNITS)
+    write_csv(csv_path, table, CSV_UNITS + ("; " + GRAD_WEIGHT_UNITS if grad_weights is not None else ""))
     titles = [panel_title(k, u, c) for k, (u, c) in enumerate(zip(units, categories))]
     figure_path = run.out_dir / f"{path.stem}_sampling.{options.fmt}"
-    write_figure(figure_path, draw_sampling_figure(image, trees, titles, options.color_by_level, zoom=options.zoom), dpi=100)
+    size_label = "|d response / d point| (grad_weight)" if grad_weights is not None else None
+    write_figure(figure_path, draw_sampling_figure(image, trees, titles, options.color_by_level, zoom=options.zoom, size_weights=grad_weights, size_label=size_label), dpi=100)
     if trees.num_units > MAX_PANELS:
         also = " and GIF have" if options.gif else " has"
         run.notes.append(f"{path.name}: the figure shows the first {MAX_PANELS} of {trees.num_units} units; the CSV{also} all")
