@@ -11,6 +11,8 @@ EXAMPLES ?= sample_weights/examples
 FIGURE_IMAGE ?= dcn_inspect/data/images/scene_00.jpg
 FIGURE_STEM := $(basename $(notdir $(FIGURE_IMAGE)))
 FIGURES_OUT ?= $(OUT)/figures
+# receptive-field: three units (background, a small cross, the large disc) under dcn-sample and its plain dilated baseline.
+RF_FIGURE_ARGS := dcn_inspect/data/images/scene_04.jpg --at 8,8 --at 64,232 --at 128,136 --compare-model dcn-sample-dilated
 
 .PHONY: setup demo figures test ops bench clean
 
@@ -34,6 +36,7 @@ demo: ops
 	$(BIN)/dcn-inspect dilation-stats --out $(OUT)/dilation-stats
 	$(BIN)/dcn-inspect bins --out $(OUT)/bins
 	$(BIN)/dcn-inspect offsets --out $(OUT)/offsets
+	$(BIN)/dcn-inspect receptive-field $(RF_FIGURE_ARGS) --out $(OUT)/receptive-field
 	@echo "demo outputs in $(OUT)/"
 
 # Regenerate the README's pictures (never edited by hand): the bundled weights on a bundled
@@ -48,6 +51,8 @@ figures: ops
 	cp $(FIGURES_OUT)/bins/$(FIGURE_STEM)_bins.png $(EXAMPLES)/bins.png
 	cp $(FIGURES_OUT)/offsets/$(FIGURE_STEM)_offsets.png $(EXAMPLES)/offsets.png
 	cp $(FIGURES_OUT)/dilation-stats/dilation_hist.png $(EXAMPLES)/dilation_hist.png
+	$(BIN)/dcn-inspect receptive-field $(RF_FIGURE_ARGS) --out $(FIGURES_OUT)/receptive-field
+	cp $(FIGURES_OUT)/receptive-field/scene_04_receptive_field.png $(EXAMPLES)/receptive_field.png
 	@echo "README pictures written to $(EXAMPLES)/"
 
 test: ops
@@ -58,6 +63,7 @@ bench: ops
 	$(BIN)/python bench/tracing.py
 	$(BIN)/python bench/tracing.py --cli
 	$(BIN)/python bench/dilation_stats.py --threads 1
+	$(BIN)/python bench/receptive_field.py --only bundled
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info

@@ -640,3 +640,19 @@ def test_sample_points_grad_weight_column_is_the_receptive_field_gradient(tiny: 
     code, _, stderr = _main(["sample-points", str(tiny["image"]), "--model", model, "--at", "20,16", "--out", str(tiny["root"] / "plain")], capsys)
     assert code == 0, stderr
     assert list(pd.read_csv(tiny["root"] / "plain" / "scene_points.csv", comment="#").columns) == POINT_COLUMNS
+
+
+def test_batched_copies_single_backwards_and_vmap_give_the_same_gradients() -> None:
+    model = InPlaceAfter(True).eval()
+    forward = GradientForward(model, torch.rand(1, 3, 18, 22))
+    units = torch.tensor([[9, 9], [3, 15], [0, 0], [17, 21], [8, 2]])
+    levels = ["dcn_b", "dcn_a"]
+    copies = list(forward.backward_units("dcn_b", units, levels=levels, batch_size=3))
+    assert [b.input_grad.shape[0] for b in copies] == [3, 2]
+    one_by_one = list(forward.backward_units("dcn_b", units, levels=levels, batch_size=3, memory_bytes=forward.saved_bytes))
+    assert forward.replicas(3, forward.saved_bytes) == 1 and len(one_by_one) == 5
+    vmapped = list(forward.backward_units("dcn_b", units, levels=levels, batch_size=5, strategy="vmap"))
+    for other in (one_by_one, vmapped):
+        torch.testing.assert_close(torch.cat([b.input_grad for b in other]), torch.cat([b.input_grad for b in copies]), rtol=1e-4, atol=1e-6)
+        for name in levels:
+            torch.testing.assert_close(torch.cat([b.offset_grads[name] for b in other]), torch.cat([b.offset_grads[name] for b in copies]), rtol=1e-4, atol=1e-6)

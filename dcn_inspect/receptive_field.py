@@ -31,11 +31,16 @@ How the gradients are computed (:class:`GradientForward`, :meth:`GradientForward
    gradient. Forward hooks keep, for every analysed layer call, its input (a detached copy) and
    its output (the tensor in the graph; downstream code receives a clone, so in-place
    operations after the layer cannot rewrite it).
-2. One backward per batch of units: ``torch.autograd.grad(y_top, [model input, outputs of the
-   lower analysed layers], E, is_grads_batched=True)``, E a batch of one-hot selections (ones
-   over the unit's channels at the unit's cell). It returns, per unit, dr/d(model input) and
-   dr/dy_l for every lower layer l (the total derivative: through everything between y_l and
-   the unit).
+2. One backward per batch of units. The batch is an ordinary batched graph: a forward of B
+   copies of the model input (stopped after the units' layer), and one
+   ``torch.autograd.grad(y_top, [copies, outputs of the lower analysed layers], E)`` with E the
+   one-hot selections (ones over unit b's channels at its cell, in copy b). It returns, per unit,
+   dr/d(model input) and dr/dy_l for every lower layer l (the total derivative: through
+   everything between y_l and the unit). B is capped so that the copies' saved activations stay
+   within :data:`BATCH_MEMORY_BYTES` (measured on the single-image forward); when one copy is
+   all that fits, each unit is one backward through the single-image graph. (Batching the
+   one-hots with ``is_grads_batched`` instead is kept as ``strategy="vmap"``: on CPU its
+   convolution-backward and custom-op fallbacks loop over the batch, which measured slower.)
 3. The offsets: dr/d(offset_l) = (dy_l/d(offset_l))^T dr/dy_l. The layer's op is run again
    on its captured input with the captured offsets (and masks) as leaves, one copy per unit in
    the batch, and one vector-Jacobian product gives every unit's offset gradient field
@@ -88,6 +93,8 @@ from dcn_inspect.tracing import GroupChoice, SamplingTrees, check_group, read_fi
 DEFAULT_SALIENCY_ERROR = 0.1
 #: Default number of units per backward (and masked images per forward).
 DEFAULT_BATCH_SIZE = 8
+#: Saved activations one batched backward may hold (copies of the image x what one forward saves).
+BATCH_MEMORY_BYTES = 2 * 1024**3
 #: A re-run of a layer's op must match its captured output to this (relative to the output's scale).
 RERUN_TOLERANCE = 1e-4
 
@@ -337,12 +344,14 @@ class GradientForward:
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, regular: Sequence[str] = (), stop_after: Optional[str] = None) -> None:
-        if images.dim() != 4 or images.shape[0] != 1:
-            raise ValueError(f"GradientForward takes one image [1, 3, H, W], got {tuple(images.shape)}")
+        if images.dim() != 4:
+            raise ValueError(f"GradientForward takes images [B, 3, H, W], got {tuple(images.shape)}")
         self.model = model
         self.images = images.detach().clone().requires_grad_(True)
         self.calls: Dict[str, LayerCall] = {}
         self.capture: Optional[OffsetCapture] = None
+        self.regular = list(regular)
+        self.saved_bytes = 0  # memory autograd keeps for the backward (what each replica of the image costs)
         modules = dict(model.named_modules())
         problems = unusable_layers(model, regular)
         if problems:
@@ -389,16 +398,25 @@ class GradientForward:
             for name, module in modules.items():
                 if name and (name in regular or _is_deformable(module)):
                     removers.append(module.register_forward_hook(hook_for(name, module), with_kwargs=True).remove)
+            storages: Dict[int, int] = {}
+
+            def pack(tensor: torch.Tensor) -> torch.Tensor:
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+                return tensor
+
             try:
                 capture.watch_input(self.images)
                 tracker.set_extent(self.images, Extent.pixel())
-                try:
-                    self.model(self.images)
-                except _Stop:
-                    pass
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                    try:
+                        self.model(self.images)
+                    except _Stop:
+                        pass
             finally:
                 for remove in removers:
                     remove()
+            self.saved_bytes = sum(storages.values())
 
     @staticmethod
     def _regular_record(
@@ -450,6 +468,13 @@ class GradientForward:
         values = output[0, :, rows, cols]  # [C, U]
         return (values.sum(dim=0) if channel is None else values[channel]).to(torch.float64)
 
+    def replicas(self, batch_size: int, memory_bytes: int) -> int:
+        """How many copies of the image one batched backward may use: ``batch_size``, at most
+        ``memory_bytes`` of saved activations (measured on this forward)."""
+        if self.saved_bytes <= 0:
+            return max(1, batch_size)
+        return max(1, min(batch_size, memory_bytes // self.saved_bytes))
+
     def backward_units(
         self,
         layer: str,
@@ -457,12 +482,19 @@ class GradientForward:
         channel: Optional[int] = None,
         levels: Sequence[str] = (),
         batch_size: int = DEFAULT_BATCH_SIZE,
+        strategy: str = "replicate",
+        memory_bytes: int = BATCH_MEMORY_BYTES,
     ) -> Iterator["UnitGradients"]:
         """dr/d(model input) and dr/d(offsets of each of ``levels``) for ``units`` [U, 2] (row, col) of ``layer``.
 
-        Yields one :class:`UnitGradients` per batch of at most ``batch_size`` units, in order.
-        ``levels`` are layer names (``layer`` itself may be one of them) whose offset gradient
-        fields are wanted.
+        Yields one :class:`UnitGradients` per batch of units, in order. ``levels`` are layer names
+        (``layer`` itself may be one of them) whose offset gradient fields are wanted.
+        ``strategy``: ``"replicate"`` (default) runs one forward of B copies of the image (B =
+        :meth:`replicas`, at most ``batch_size``) and one backward whose ``grad_outputs`` select
+        unit b in copy b; with room for one copy only, every unit is one backward through this
+        forward's graph. ``"vmap"`` runs ``torch.autograd.grad(..., is_grads_batched=True)``
+        through this forward's graph (on CPU its convolution-backward and custom-op fallbacks loop
+        per sample: slower, see ``bench/receptive_field.py``).
         """
         top = self.calls[layer]
         output = top.output
@@ -471,24 +503,35 @@ class GradientForward:
         out_h, out_w = output.shape[-2:]
         if units.numel() and (units[:, 0].min() < 0 or units[:, 0].max() >= out_h or units[:, 1].min() < 0 or units[:, 1].max() >= out_w):
             raise ValueError(f"units outside the {out_h}x{out_w} output map of {layer}")
+        if strategy not in ("replicate", "vmap"):
+            raise ValueError(f"strategy must be 'replicate' or 'vmap', got {strategy!r}")
         lower = [name for name in levels if name != layer]
-        wanted = [self.images] + [self.calls[name].output for name in lower]
-        for start in range(0, units.shape[0], batch_size):
-            chunk = units[start : start + batch_size]
-            count = chunk.shape[0]
-            selection = torch.zeros((count,) + tuple(output.shape), dtype=output.dtype, device=output.device)
+        step = max(1, batch_size) if strategy == "vmap" else self.replicas(batch_size, memory_bytes)
+        for start in range(0, units.shape[0], step):
+            chunk = units[start : start + step]
+            count = int(chunk.shape[0])
+            selection = torch.zeros((count,) + tuple(output.shape[1:]), dtype=output.dtype, device=output.device)
             index = torch.arange(count, device=output.device)
             rows, cols = chunk[:, 0].to(output.device), chunk[:, 1].to(output.device)
             if channel is None:
-                selection[index, 0, :, rows, cols] = 1.0
+                selection[index, :, rows, cols] = 1.0
             else:
-                selection[index, 0, channel, rows, cols] = 1.0
+                selection[index, channel, rows, cols] = 1.0
             with torch.enable_grad():
-                grads = torch.autograd.grad(output, wanted, selection, retain_graph=True, allow_unused=True, is_grads_batched=True)
-            input_grad = grads[0][:, 0] if grads[0] is not None else torch.zeros((count,) + tuple(self.images.shape[1:]), dtype=self.images.dtype)
-            output_grads = {layer: selection[:, 0]}
+                if strategy == "vmap":
+                    wanted = [self.images] + [self.calls[name].output for name in lower]
+                    grads = [g if g is None else g[:, 0] for g in torch.autograd.grad(output, wanted, selection[:, None], retain_graph=True, allow_unused=True, is_grads_batched=True)]
+                elif count == 1:
+                    wanted = [self.images] + [self.calls[name].output for name in lower]
+                    grads = list(torch.autograd.grad(output, wanted, selection, retain_graph=True, allow_unused=True))
+                else:
+                    copies = GradientForward(self.model, self.images.detach().expand(count, -1, -1, -1), regular=self.regular, stop_after=layer)
+                    wanted = [copies.images] + [copies.calls[name].output for name in lower]
+                    grads = list(torch.autograd.grad(copies.calls[layer].output, wanted, selection, allow_unused=True))
+            input_grad = grads[0] if grads[0] is not None else torch.zeros((count,) + tuple(self.images.shape[1:]), dtype=self.images.dtype, device=self.images.device)
+            output_grads = {layer: selection}
             for name, grad in zip(lower, grads[1:]):
-                output_grads[name] = grad[:, 0] if grad is not None else torch.zeros((count,) + tuple(self.calls[name].output.shape[1:]), dtype=output.dtype, device=output.device)
+                output_grads[name] = grad if grad is not None else torch.zeros((count,) + tuple(self.calls[name].output.shape[1:]), dtype=output.dtype, device=output.device)
             offset_grads = {name: self.offset_gradient(name, output_grads[name]) for name in levels}
             yield UnitGradients(start, input_grad.detach(), {k: v for k, v in offset_grads.items() if v is not None})
 
@@ -993,8 +1036,10 @@ def receptive_fields(
         notes.append(f"the frames before {layer} were not all derived through the forward: no theoretical receptive field")
     regions: List[SaliencyRegion] = []
     if saliency_error is not None and count:
+        masked_batch = forward.replicas(batch_size, BATCH_MEMORY_BYTES)  # what a gradient forward saves bounds a plain one's peak
+
         def evaluate(indices: torch.Tensor, boxes_in: torch.Tensor) -> torch.Tensor:
-            return forward.evaluate_masked(layer, units[indices], boxes_in, channel, batch_size)
+            return forward.evaluate_masked(layer, units[indices], boxes_in, channel, masked_batch)
 
         step = saliency_step if saliency_step is not None else default_saliency_step(records[0])
         regions = saliency_regions(evaluate, unit_xy_input, responses, input_hw, saliency_error, step)
