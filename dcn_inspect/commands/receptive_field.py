@@ -52,7 +52,7 @@ from dcn_inspect.receptive_field import (
     unusable_layers,
 )
 from dcn_inspect.records import DeformConvRecord, select_layers
-from dcn_inspect.tracing import GroupChoice, check_group
+from dcn_inspect.tracing import GroupChoice, check_group, tree_half_extent
 from dcn_inspect.unit_selection import Boxes, Unit, boxes_per_image, check_unit_options, choose_units, nearest_unit
 
 __all__ = ["CSV_COLUMNS", "ImageFields", "ReceptiveFieldResult", "receptive_field", "RESPONSE_DEFINITION"]
@@ -258,7 +258,8 @@ def _analyse_image(
     records = followed_records(forward, options, run.loaded.name)
     sx, sy = model_input.scale_to_original
     top = records[0]
-    units = choose_units(path, top.geometry.output_frame.scaled(sx, sy), top.geometry.output_hw, model_input.original_hw, options.at, options.grid, boxes, boxes_source, run.notes)
+    clearance = tree_half_extent(records, (sx, sy))  # as sample-points: the background unit keeps its tree on the image
+    units = choose_units(path, top.geometry.output_frame.scaled(sx, sy), top.geometry.output_hw, model_input.original_hw, options.at, options.grid, boxes, boxes_source, run.notes, clearance)
     _check_memory(path, len(units) * (2 if compare is not None else 1), model_input.original_hw)
     box_array = None if boxes is None else np.asarray(boxes[0], dtype=np.float64).reshape(-1, 4)
     fields: Dict[str, ReceptiveFields] = {}
@@ -521,7 +522,8 @@ def receptive_field_stats(
             for record in records:
                 frame = record.geometry.output_frame.scaled(sx, sy)
                 codes_map = unit_categories(frame, record.geometry.output_hw, (entry.width, entry.height), entry.boxes, entry.ignore, threshold_values)
-                units = box_units(frame, record.geometry.output_hw, entry.boxes[kept], [entry.labels[i] for i in np.nonzero(kept)[0]], (entry.height, entry.width), "annotations")
+                labels = [entry.labels[i] for i in np.nonzero(kept)[0]]
+                units = box_units(frame, record.geometry.output_hw, entry.boxes[kept], labels, (entry.height, entry.width), "annotations", tree_half_extent([record], (sx, sy)))
                 if not units:
                     units = [nearest_unit(frame, record.geometry.output_hw, entry.width / 2, entry.height / 2, "image centre")]
                 cells = list(dict.fromkeys((u.row, u.col) for u in units))
