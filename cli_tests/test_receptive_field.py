@@ -656,3 +656,27 @@ def test_batched_copies_single_backwards_and_vmap_give_the_same_gradients() -> N
         torch.testing.assert_close(torch.cat([b.input_grad for b in other]), torch.cat([b.input_grad for b in copies]), rtol=1e-4, atol=1e-6)
         for name in levels:
             torch.testing.assert_close(torch.cat([b.offset_grads[name] for b in other]), torch.cat([b.offset_grads[name] for b in copies]), rtol=1e-4, atol=1e-6)
+
+
+def test_erf_with_a_resize_is_the_gradient_through_the_float_preprocessing() -> None:
+    """A linear model, an image shrunk 60x84 -> 25x35 by the real preprocessing: the ERF equals
+    autograd through resize (PIL's operator in float) + normalisation + model, w.r.t. the 8-bit pixels."""
+    model = LinearTwoLevels().eval()
+    rng = np.random.default_rng(4)
+    image = (rng.random((60, 84, 3)) * 255).astype(np.uint8)
+    preprocess = Preprocess(resize=25)
+    model_input = to_model_input(image, preprocess)
+    assert model_input.input_hw == (25, 35)
+    forward = GradientForward(model, model_input.tensor)
+    records = list(reversed(select_layers(forward.deformable_records(), None, 2)))
+    units = torch.tensor([[12, 17], [3, 30]])
+    fields = receptive_fields(forward, records, units, model_input.original_hw, preprocess.std, saliency_error=None)
+    pixels = torch.from_numpy(image).double().permute(2, 0, 1).clone().requires_grad_(True)
+    rows, cols = bilinear_resize_matrix(60, 25), bilinear_resize_matrix(84, 35)
+    mean = torch.tensor(preprocess.mean, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(preprocess.std, dtype=torch.float64).view(3, 1, 1)
+    output = model.double()(((rows @ pixels @ cols.T / 255 - mean) / std)[None])
+    for u, (i, j) in enumerate(units.tolist()):
+        (grad,) = torch.autograd.grad(output[0, :, i, j].sum(), pixels, retain_graph=True)
+        np.testing.assert_allclose(fields.erf[u].numpy(), grad.abs().sum(dim=0).numpy(), rtol=2e-4, atol=1e-9)
+    assert fields.erf.shape == (2, 60, 84)

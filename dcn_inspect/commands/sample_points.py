@@ -284,7 +284,7 @@ def _write_image_outputs(
     write_csv(csv_path, table, CSV_UNITS + ("; " + GRAD_WEIGHT_UNITS if grad_weights is not None else ""))
     titles = [panel_title(k, u, c) for k, (u, c) in enumerate(zip(units, categories))]
     figure_path = run.out_dir / f"{path.stem}_sampling.{options.fmt}"
-    size_label = "|d response / d point| (grad_weight)" if grad_weights is not None else None
+    size_label = "grad_weight |dr/dp|" if grad_weights is not None else None
     write_figure(figure_path, draw_sampling_figure(image, trees, titles, options.color_by_level, zoom=options.zoom, size_weights=grad_weights, size_label=size_label), dpi=100)
     if trees.num_units > MAX_PANELS:
         also = " and GIF have" if options.gif else " has"
