@@ -83,7 +83,7 @@ import torch
 from torch import nn
 
 from dcn_inspect.errors import InputError
-from dcn_inspect.geometry import FrameMap, FrameTracker, LayerGeometry, _arg, _flat_tensors, _pair, _spatial
+from dcn_inspect.geometry import FrameMap, FrameTracker, LayerGeometry, _arg, _flat_tensors, _pair
 from dcn_inspect.hooks import ADAPTERS, capture_offsets
 from dcn_inspect.ops import deform_conv2d
 from dcn_inspect.records import DeformConvRecord, OffsetCapture
@@ -187,6 +187,13 @@ class Extent:
     def box(self, x: float, y: float) -> Tuple[float, float, float, float]:
         """(x1, y1, x2, y2) of the receptive field of a cell centred at (x, y)."""
         return (x - self.left, y - self.top, x + self.right, y + self.bottom)
+
+
+def _spatial(t: Any) -> Optional[Tuple[int, int]]:
+    """(H, W) of a channels-first 4-D map (extents follow NCHW maps only)."""
+    if isinstance(t, torch.Tensor) and t.dim() == 4:
+        return (t.shape[2], t.shape[3])
+    return None
 
 
 _CONV = {torch.conv2d, torch.nn.functional.conv2d}
