@@ -190,6 +190,14 @@ def trace_sampling_trees(
     if not records:
         raise ValueError("trace_sampling_trees needs at least one deformable layer")
     group = check_group(group)
+    most = max(record.offset_groups for record in records)
+    if group != "mean" and group >= most:
+        names = ", ".join(record.name for record in records)
+        raise InputError(
+            f"{group}: the traced layers ({names}) have {most} offset group{'s' if most > 1 else ''} "
+            f"(use {'0' if most == 1 else f'0..{most - 1}'} or mean)",
+            param="group",
+        )
     top = records[0]
     if not 0 <= batch_index < top.offset.shape[0]:
         raise ValueError(f"batch_index {batch_index} outside the batch of {top.offset.shape[0]}")
