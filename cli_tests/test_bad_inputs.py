@@ -133,7 +133,11 @@ def _image(path: Path, size=(48, 40), mode: str = "RGB") -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
-    root = tmp_path_factory.mktemp("corpus")
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def build_corpus(root: Path) -> Dict[str, Path]:
+    """Every broken and hostile file of the table, in ``root`` (``bench/hostile_memory.py`` uses it too)."""
     files: Dict[str, Path] = {"root": root}
     (root / "tiny.py").write_text(TINY_MODEL)
     files["model"] = root / "tiny.py"
@@ -392,7 +396,10 @@ CASES = [
     Case("model-forward-raises", ["sample-points", "{good}", "--model", "{model}:build_raising"],
          r"--model .*tiny\.py:build_raising: the model raised ValueError in its forward: shapes do not line up in block 3"),
     Case("model-build-exits", ["sample-points", "{good}", "--model", "{model}:build_exits"], r"--model .*tiny\.py:build_exits: build_exits\(\): it called sys\.exit\(0\)"),
-    Case("group-beyond-the-model", ["sample-points", "{good}", "--model", "{model}:build", "--group", "5"], r"--group 5: the traced layers \(d3, d2, d1\) have 1 offset group \(use 0 or mean\)"),
+    Case("group-beyond-the-model", ["sample-points", "{good}", "--model", "{model}:build", "--group", "5"], r"--group 5: layer d3 has 1 offset group \(use 0 or mean\)"),
+    Case("offsets-group-beyond-the-model", ["offsets", "{good}", "--model", "{model}:build", "--group", "5"], r"--group 5: layer d3 has 1 offset group \(use 0 or mean\)"),
+    Case("offsets-model-input-too-large", ["offsets", "{thin}", "--model", "{model}:build", "--resize", "600"], r"thin\.png: the 40000x1 image becomes a 24000000x600 = 14400000000 pixel model input"),
+    Case("offsets-model-forward-raises", ["offsets", "{good}", "--model", "{model}:build_raising"], r"tiny\.py:build_raising: the model raised ValueError in its forward"),
     Case("device-cpu-99", ["sample-points", "{good}", "--model", "{model}:build", "--device", "cpu:99"], r"--device cpu:99: there is one CPU device"),
     # interrupts: a KeyboardInterrupt from the user's model is an interrupt, exit 130
     Case("model-build-keyboard-interrupt", ["sample-points", "{good}", "--model", "{model}:build_interrupted"], r"", code=130),
