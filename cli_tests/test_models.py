@@ -233,12 +233,20 @@ def test_preprocess_from_dict_keeps_valid_values_and_defaults():
         ({"dcn_stages": [True, True]}, "dcn_stages must be a list of 4 values"),
         ({"strides": [1, 2, "2", 2]}, "strides[2] must be a whole number"),
         ({"num_classes": 2.5}, "num_classes must be a whole number"),
-        ({"widths": [16]}, "unknown option 'widths' for resnet50-dcn-paper"),
+        ({"extra": {"nested": 1}}, "extra must be a number, a string, true/false or a short list of them"),
+        ({"extra": [[1]]}, "extra[0] must be a number"),
+        ({"extra": 10**40}, "extra must be a whole number"),
+        ({7: 1}, "option names must be identifiers, got 7"),
     ],
 )
 def test_config_options_are_checked_against_their_defaults(config, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         registry.get("resnet50-dcn-paper").check_config(config)
+
+
+def test_an_option_the_builder_does_not_take_is_named_by_the_skeleton():
+    with pytest.raises(ValueError, match="unexpected keyword argument 'widths'"):
+        registry.get("resnet50-dcn-paper").build_skeleton(widths=[16])
 
 
 def test_config_aliases_and_none_defaults_pass():

@@ -117,6 +117,20 @@ def _check_preprocess_field(name: str, value: Any, default: Any) -> Any:
     return _check_like_default(name, value, default)
 
 
+def _check_plain(name: str, value: Any, depth: int = 0) -> Any:
+    """A value of an option without a default: a bool, a bounded int, a finite float, a short
+    string, None, or a short list of those."""
+    if value is None or isinstance(value, bool) or (isinstance(value, str) and len(value) <= 1000):
+        return value
+    if _is_int(value):
+        return _check_like_default(name, value, 0)
+    if isinstance(value, float):
+        return _check_like_default(name, value, 0.0)
+    if isinstance(value, (list, tuple)) and len(value) <= 64 and depth == 0:
+        return [_check_plain(f"{name}[{i}]", v, depth + 1) for i, v in enumerate(value)]
+    raise ValueError(f"{name} must be a number, a string, true/false or a short list of them, got {_short(value)}")
+
+
 def _check_like_default(name: str, value: Any, default: Any) -> Any:
     """``value`` if it has the type of ``default`` (ints and floats bounded and finite, sequences
     of the same length and element types); ``ValueError`` naming ``name`` otherwise."""
@@ -162,16 +176,16 @@ class Architecture:
 
     def check_config(self, config: Mapping[str, Any]) -> Dict[str, Any]:
         """The full config (defaults + ``config``, aliases renamed) with every option checked
-        against the type of its default; ``ValueError`` naming the option otherwise."""
+        against the type of its default (an option without a default: a plain JSON value; the
+        builder says whether it takes it); ``ValueError`` naming the option otherwise."""
         if not isinstance(config, Mapping):
             raise ValueError(f"the config must be a dict of options, got {type(config).__name__}")
         merged = dict(self.default_config)
         for key, value in config.items():
-            name = self.config_aliases.get(key, key) if isinstance(key, str) else key
-            if name not in self.default_config:
-                known = ", ".join(self.default_config) or "none"
-                raise ValueError(f"unknown option {_short(key)} for {self.name} (known: {known})")
-            merged[name] = _check_like_default(name, value, self.default_config[name])
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ValueError(f"option names must be identifiers, got {_short(key)}")
+            name = self.config_aliases.get(key, key)
+            merged[name] = _check_like_default(name, value, self.default_config[name]) if name in self.default_config else _check_plain(name, value)
         return merged
 
     def build(self, **config: Any) -> nn.Module:
