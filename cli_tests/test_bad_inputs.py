@@ -246,7 +246,8 @@ def _zip_bomb(path: Path, inflated: int) -> Path:
 
 def _hostile_files(root: Path, files: Dict[str, Path]) -> None:
     """Files built to cost memory or to reach unusual code paths."""
-    files["thin"] = _image(root / "thin.png", size=(40000, 1))  # ~200 bytes; 600 x 24,000,000 at --resize 600
+    files["thin"] = root / "thin.png"  # a 1x40000 PNG of ~200 bytes: 600 x 24,000,000 at --resize 600
+    Image.fromarray(np.zeros((1, 40000, 3), np.uint8)).save(files["thin"])
     files["loop"] = root / "loop.png"
     os.symlink(files["loop"].name, files["loop"])
     files["loop_dir"] = root / "loop_dir"
