@@ -203,7 +203,9 @@ def test_info_on_a_model_without_deformable_layers(tmp_path, monkeypatch, capsys
 @pytest.mark.parametrize(
     "data,message",
     [
-        (5, "expected a dict of mean, std, resize, max_size, got int"),
+        (5, "expected a dict of mean, std, resize, max_size, interpolation, size_rule, size_divisor, got int"),
+        ({"size_divisor": 10**6}, "size_divisor 1000000: must be 0 (no padding) or a positive number of pixels up to 16384"),
+        ({"interpolation": 3}, "interpolation 3: use pil-bilinear or cv2-bilinear"),
         ({"resize": "600"}, "resize must be a whole number of pixels from 0 to 16384, got '600'"),
         ({"resize": 60000}, "resize must be a whole number of pixels from 0 to 16384, got 60000"),
         ({"max_size": -1}, "max_size must be a whole number"),
@@ -270,5 +272,5 @@ def test_skeleton_has_every_shape_and_no_memory():
 
 
 def test_builder_refusal_on_the_skeleton_is_a_value_error():
-    with pytest.raises(ValueError, match="base_channels .* must be divisible by offset_groups"):
+    with pytest.raises(ValueError, match=r"width \(6\) must be divisible by offset_groups \(4\)"):
         registry.get("resnet50-dcn-mmdet").build_skeleton(base_channels=6, offset_groups=4)
