@@ -31,7 +31,7 @@ from dcn_inspect.annotations import AnnotatedDataset, ImageAnnotation, detect_fo
 from dcn_inspect.commands.common import CommandRun, check_figure_format, check_resize, image_list, images_of_run, start_run
 from dcn_inspect.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
 from dcn_inspect.errors import InputError
-from dcn_inspect.foreground import MATCH_IOU, ROI_COLUMNS, TABLE_COLUMNS, BinForeground, bin_foreground, foreground_table
+from dcn_inspect.foreground import MATCH_IOU, TABLE_COLUMNS, BinForeground, bin_foreground, foreground_table
 from dcn_inspect.hooks import ModelRaised, Probe, probe
 from dcn_inspect.images import ImageError, ModelInput, SkippedImages, check_max_pixels, read_model_input, to_model_input
 from dcn_inspect.loaded_model import LoadedModel

@@ -28,7 +28,7 @@ import torch
 
 from dcn_inspect.defaults import FIGURE_FORMATS
 from dcn_inspect.errors import InputError
-from dcn_inspect.images import ImageError, ModelInput, SkippedImages, check_image, check_max_pixels, check_resize, load_image
+from dcn_inspect.images import ImageError, ModelInput, SkippedImages, check_image, check_max_pixels, check_resize, load_image  # noqa: F401  (check_resize: part of the shared set-up)
 from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.loading import open_model
 from dcn_inspect.models.registry import Preprocess
