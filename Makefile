@@ -6,8 +6,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= dcn-inspect-out
+# The README's pictures: written by `make figures` from the real outputs on the bundled defaults.
+EXAMPLES ?= sample_weights/examples
+FIGURE_IMAGE ?= dcn_inspect/data/images/scene_00.jpg
+FIGURE_STEM := $(basename $(notdir $(FIGURE_IMAGE)))
+FIGURES_OUT ?= $(OUT)/figures
+# receptive-field: three units (background, a small cross, the large disc) under dcn-sample and its plain dilated baseline.
+RF_FIGURE_ARGS := dcn_inspect/data/images/scene_04.jpg --at 8,8 --at 64,232 --at 128,136 --compare-model dcn-sample-dilated
 
-.PHONY: setup demo test ops bench clean
+.PHONY: setup demo figures test ops bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +35,25 @@ demo: ops
 	$(BIN)/dcn-inspect sample-points --out $(OUT)/sample-points
 	$(BIN)/dcn-inspect dilation-stats --out $(OUT)/dilation-stats
 	$(BIN)/dcn-inspect bins --out $(OUT)/bins
+	$(BIN)/dcn-inspect offsets --out $(OUT)/offsets
+	$(BIN)/dcn-inspect receptive-field $(RF_FIGURE_ARGS) --out $(OUT)/receptive-field
 	@echo "demo outputs in $(OUT)/"
+
+# Regenerate the README's pictures (never edited by hand): the bundled weights on a bundled
+# image with its bundled annotations, and dilation-stats on the bundled demo dataset.
+figures: ops
+	rm -rf $(FIGURES_OUT)
+	$(BIN)/dcn-inspect sample-points $(FIGURE_IMAGE) --out $(FIGURES_OUT)/sample-points
+	$(BIN)/dcn-inspect bins $(FIGURE_IMAGE) --out $(FIGURES_OUT)/bins
+	$(BIN)/dcn-inspect offsets $(FIGURE_IMAGE) --out $(FIGURES_OUT)/offsets
+	$(BIN)/dcn-inspect dilation-stats --out $(FIGURES_OUT)/dilation-stats
+	cp $(FIGURES_OUT)/sample-points/$(FIGURE_STEM)_sampling.png $(EXAMPLES)/sample_points.png
+	cp $(FIGURES_OUT)/bins/$(FIGURE_STEM)_bins.png $(EXAMPLES)/bins.png
+	cp $(FIGURES_OUT)/offsets/$(FIGURE_STEM)_offsets.png $(EXAMPLES)/offsets.png
+	cp $(FIGURES_OUT)/dilation-stats/dilation_hist.png $(EXAMPLES)/dilation_hist.png
+	$(BIN)/dcn-inspect receptive-field $(RF_FIGURE_ARGS) --out $(FIGURES_OUT)/receptive-field
+	cp $(FIGURES_OUT)/receptive-field/scene_04_receptive_field.png $(EXAMPLES)/receptive_field.png
+	@echo "README pictures written to $(EXAMPLES)/"
 
 test: ops
 	$(BIN)/python -m pytest -q -p no:cacheprovider cli_tests
@@ -38,6 +63,7 @@ bench: ops
 	$(BIN)/python bench/tracing.py
 	$(BIN)/python bench/tracing.py --cli
 	$(BIN)/python bench/dilation_stats.py --threads 1
+	$(BIN)/python bench/receptive_field.py --only bundled
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info

@@ -31,12 +31,13 @@ from typing import List, Optional, Tuple
 import torch
 
 from dcn_inspect.annotations import load_dataset
-from dcn_inspect.dilation import NAMED_THRESHOLDS
-from dcn_inspect.dilation_stats import _Accumulator, dilation_stats, size_batches
+from dcn_inspect.commands.dilation_stats import dilation_stats, size_batches
+from dcn_inspect.dilation import NAMED_THRESHOLDS, DilationAccumulator
 from dcn_inspect.errors import InputError
 from dcn_inspect.hooks import capture_offsets
-from dcn_inspect.images import load_image, resized_size, to_model_input
-from dcn_inspect.loading import LoadedModel, load_model
+from dcn_inspect.images import load_image, model_input_size, to_model_input
+from dcn_inspect.loaded_model import LoadedModel
+from dcn_inspect.loading import load_model
 from dcn_inspect.models import registry
 
 
@@ -55,7 +56,7 @@ def get_model(spec: str, device: str) -> LoadedModel:
 def preload(dataset: Path, loaded: LoadedModel, batch_size: int, device: str) -> List[Tuple[torch.Tensor, list]]:
     data = load_dataset(dataset)
     entries = [e for e in data.images if e.path is not None]
-    sizes = [resized_size((e.height, e.width), loaded.preprocess.resize, loaded.preprocess.max_size) for e in entries]
+    sizes = [model_input_size((e.height, e.width), loaded.preprocess)[1] for e in entries]
     batches = []
     for positions in size_batches(sizes, batch_size):
         chosen = [entries[p] for p in positions]
@@ -84,11 +85,11 @@ def bench(dataset: Path, label: str, loaded: LoadedModel, batch_size: int, worke
             _sync(device)
             best_forward = min(best_forward, time.perf_counter() - tick)
 
-            accumulator = _Accumulator(NAMED_THRESHOLDS["paper"], "cells", False, torch.device(device), None)
+            accumulator = DilationAccumulator(NAMED_THRESHOLDS["paper"], "cells", False, torch.device(device))
             capture_time = stats_time = 0.0
             for tensor, chosen in batches:
                 input_hw = (int(tensor.shape[-2]), int(tensor.shape[-1]))
-                track = input_hw not in accumulator.geometry_cache
+                track = accumulator.needs_frames(input_hw)
                 _sync(device)
                 tick = time.perf_counter()
                 with capture_offsets(model, track_frames=track) as capture:
@@ -97,8 +98,6 @@ def bench(dataset: Path, label: str, loaded: LoadedModel, batch_size: int, worke
                 _sync(device)
                 capture_time += time.perf_counter() - tick
                 records = list(capture.convs.values())
-                if track:
-                    accumulator.geometry_cache[input_hw] = {r.name: r.geometry for r in records}
                 tick = time.perf_counter()
                 accumulator.add(records, chosen, list(range(len(chosen))), input_hw)
                 _sync(device)

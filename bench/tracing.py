@@ -23,7 +23,7 @@ from typing import List, Optional
 import torch
 
 from dcn_inspect.geometry import FrameMap, LayerGeometry
-from dcn_inspect.hooks import DeformConvRecord
+from dcn_inspect.records import DeformConvRecord
 from dcn_inspect.tracing import trace_sampling_trees
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 from types import ModuleType
+from typing import Iterator
 
 import pytest
 
@@ -21,3 +24,22 @@ def native_or_skip() -> ModuleType:
 def ops(request: pytest.FixtureRequest) -> ModuleType:
     """Each test using it runs once on the reference backend and once on the native one."""
     return reference if request.param == "reference" else native_or_skip()
+
+
+def cli_message(error: BaseException, command: str = "") -> str:
+    """The line the CLI prints for a library error (parameter names spelled as ``command``'s flags)."""
+    from dcn_inspect.cli.render import error_line
+
+    return error_line(error, command or None)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def raises_cli(pattern: str, command: str = "") -> Iterator[None]:
+    """Like ``pytest.raises(InputError, match=pattern)``, matched against the CLI's line for the
+    error: the library names parameters, the CLI spells them as flags."""
+    from dcn_inspect.errors import InputError
+
+    with pytest.raises(InputError) as info:
+        yield
+    message = cli_message(info.value, command)
+    assert re.search(pattern, message), f"{pattern!r} not found in {message!r}"

@@ -23,10 +23,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dcn_inspect.bins import CSV_COLUMNS, POINT_COLUMNS, bins
+from dcn_inspect.commands.bins import CSV_COLUMNS, POINT_COLUMNS, bins
 from dcn_inspect.errors import InputError
-from dcn_inspect.loading import LoadedModel
+from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.models.registry import Preprocess
+
+from conftest import raises_cli
 
 MODEL_SOURCE = '''
 """Tiny detectors with deformable RoI pooling heads, for the bins tests (random weights)."""
@@ -349,15 +351,18 @@ def test_class_choices_for_class_specific_offsets(workspace: Dict[str, Any], tmp
     assert gt.groupby("roi")["class"].first().tolist() == ["dog", "cat"]
     assert [r["classes"][0]["chosen_by"] for r in summary["images"][0]["rois"]] == ["gt", "gt"]
     pd.testing.assert_frame_equal(rows_of(gt), every.loc[rows_of(gt).index])
-    # auto without labels: the class the model scores highest for the RoI.
+    # auto without labels: the foreground class the model scores highest for the RoI (never
+    # background, class 0 here, although the model scores it highest for one of these RoIs).
     spy = PoolSpy(loaded.model.pool)
     auto, summary = _run(workspace, loaded, tmp_path / "auto")
-    predicted = spy.output.mean(axis=(2, 3)).argmax(axis=1)
-    assert auto.groupby("roi")["class"].first().tolist() == [["background", "cat", "dog"][p] for p in predicted]
+    scores = spy.output.mean(axis=(2, 3))
+    assert 0 in scores.argmax(axis=1).tolist(), "the test needs an RoI where background scores highest"
+    assert auto.groupby("roi")["class"].first().tolist() == [["cat", "dog"][p] for p in scores[:, 1:].argmax(axis=1)]
     assert {c["chosen_by"] for r in summary["images"][0]["rois"] for c in r["classes"]} == {"pred"}
-    with pytest.raises(InputError, match="--class 'horse'"):
+    assert [r["top_scored_class"] for r in summary["images"][0]["rois"]] == [["background", "cat", "dog"][p] for p in scores.argmax(axis=1)]
+    with raises_cli("--class 'horse'", "bins"):
         _run(workspace, loaded, tmp_path / "bad", class_choice="horse")
-    with pytest.raises(InputError, match="--class gt: --roi 5,4,30,33 has no class"):
+    with raises_cli("--class gt: --roi 5,4,30,33 has no class", "bins"):
         _run(workspace, loaded, tmp_path / "bad", class_choice="gt")
 
 
@@ -436,9 +441,9 @@ def test_mmcv_deform_roi_pool_bins(workspace: Dict[str, Any], tmp_path: Path) ->
 
 def test_inverted_roi_is_an_input_error_and_writes_nothing(workspace: Dict[str, Any], tmp_path: Path) -> None:
     loaded = _loaded(workspace["module"], "build")
-    with pytest.raises(InputError, match=r"--roi 30,4,5,33: RoI 30,4,5,33 has x2 < x1"):
+    with raises_cli(r"--roi 30,4,5,33: RoI 30,4,5,33 has x2 < x1", "bins"):
         bins([workspace["image"]], model=loaded, rois=["30,4,5,33"], out=tmp_path / "out", progress=False)
-    with pytest.raises(InputError, match=r"--roi '1,2,3': expected four numbers"):
+    with raises_cli(r"--roi '1,2,3': expected four numbers", "bins"):
         bins([workspace["image"]], model=loaded, rois=["1,2,3"], out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -506,7 +511,7 @@ def test_default_demo_uses_bundled_images_annotations_and_gt_classes(tmp_path: P
     from dcn_inspect import datasets
     from dcn_inspect.annotations import annotation_for_image
     from dcn_inspect.models import registry
-    from dcn_inspect.models.sample_net import CLASS_NAMES
+    from dcn_inspect.models.demo_net import CLASS_NAMES
 
     weights = registry.get("dcn-sample").bundled_weights
     images = [p for p in datasets.bundled_images() if p.name.startswith(("scene", "photo"))]
@@ -522,19 +527,19 @@ def test_default_demo_uses_bundled_images_annotations_and_gt_classes(tmp_path: P
         entry = annotation_for_image(datasets.bundled_images_annotations(), item.image)
         assert entry is not None and len(entry.boxes) > 0
         assert len(item.table) == len(entry.boxes) * 9
-        # auto: the annotated class where the model has it, else the model's predicted class.
+        # auto: the annotated class where the model has it, else the most confident foreground class.
         chosen = item.table.groupby("roi")["class"].first().tolist()
         for label, name, roi in zip(entry.labels, chosen, image_summary["rois"]):
             if label in CLASS_NAMES:
                 assert name == label and roi["classes"][0]["chosen_by"] == "gt"
             else:
-                assert roi["classes"][0]["chosen_by"] == "pred" and name in ("background",) + tuple(CLASS_NAMES)
+                assert roi["classes"][0]["chosen_by"] == "pred" and name in CLASS_NAMES
 
 
 def test_psroi_corner_rounding_is_half_away_from_zero() -> None:
     """The MSRA op rounds RoI corners with C round(): 2.5 -> 3 and -1.5 -> -2 (not to even)."""
-    from dcn_inspect.bins import roi_bins
-    from dcn_inspect.hooks import RoIPoolRecord
+    from dcn_inspect.roi_bins import roi_bins
+    from dcn_inspect.records import RoIPoolRecord
 
     params = {"spatial_scale": 0.25, "output_dim": 1, "group_size": 2, "pooled_size": 2, "part_size": 2, "sample_per_part": 2, "trans_std": 0.1}
     rois = torch.tensor([[0.0, 2.5, -1.5, 9.5, 6.4]])

@@ -8,18 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from dcn_inspect.category_stats import BINS, CategoryStats, merge_states
 from dcn_inspect.dilation import (
     BACKGROUND,
-    BINS,
     IGNORED,
     LARGE,
     MEDIUM,
     OUTSIDE,
     SMALL,
-    CategoryStats,
     area_category,
     effective_dilation,
-    merge_states,
     resolve_thresholds,
     tertile_thresholds,
     unit_categories,

@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 from dcn_inspect.dilation import tertile_thresholds
-from dcn_inspect.dilation_stats import TABLE_COLUMNS, UNIT_COLUMNS, dilation_stats, size_batches
-from dcn_inspect.errors import InputError
+from dcn_inspect.commands.dilation_stats import TABLE_COLUMNS, UNIT_COLUMNS, dilation_stats, size_batches
 from dcn_inspect.loading import load_model
+
+from conftest import raises_cli
 
 # A conv stem (stride 2) and three 3x3 deformable convs with dilation 2 whose offset convs have
 # zero weights and a chosen bias: every unit gets the same offsets, so the effective dilation
@@ -215,7 +216,7 @@ def test_tertiles_and_layer_selection(ws, tmp_path):
     areas = np.array([36.0, 144.0, 540.0] * 5)  # non-crowd boxes of the five images
     assert result.thresholds == pytest.approx(tertile_thresholds(areas))
     assert result.table["layer"].unique().tolist() == ["blocks.0"]
-    with pytest.raises(InputError, match=r"--layers: unknown deformable layer\(s\) nope \(available: blocks.0, blocks.1, blocks.2\)"):
+    with raises_cli(r"--layers: unknown deformable layer\(s\) nope; valid: blocks.0, blocks.1, blocks.2", "dilation-stats"):
         _run(ws, "build_zero", tmp_path / "bad", layers=["nope"])
 
 
@@ -223,6 +224,13 @@ def test_size_batches_group_equal_sizes_only():
     sizes = [(2, 2), (3, 3), (2, 2), (2, 2), (3, 3), (4, 4), (2, 2)]
     assert size_batches(sizes, 2) == [[0, 2], [1, 4], [3, 6], [5]]
     assert size_batches(sizes, 1) == [[i] for i in range(7)]
+
+
+def test_size_batches_keep_one_forward_within_max_pixels():
+    sizes = [(10, 10)] * 7 + [(100, 100)] * 2
+    # 100-pixel images: at most 3 per batch under 350 pixels; a 10000-pixel image still makes its own batch
+    assert size_batches(sizes, 8, max_pixels=350) == [[0, 1, 2], [3, 4, 5], [7], [8], [6]]
+    assert size_batches(sizes, 8, max_pixels=0) == [[0, 1, 2, 3, 4, 5, 6], [7, 8]]
 
 
 # ---------------------------------------------------------------------------------- datasets, skips
@@ -240,13 +248,13 @@ def test_skipped_images_are_counted_and_strict_stops(ws, tmp_path):
     dataset.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
     result = dilation_stats(dataset, model=_model(ws, "build_zero"), out=tmp_path / "out", workers=0, progress=False, figure=False)
     assert result.images_used == 1
-    assert result.skipped == {"image file not found": 1, "unreadable image": 1, "image size differs from its annotation": 1}
+    assert result.skipped.by_kind() == {"image file not found": 1, "unreadable image": 1, "image size differs from its annotation": 1}
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["images"]["skipped"] == 3
-    assert [e["image"] for e in summary["images"]["skipped_examples"]] == ["missing.png", "corrupt.png", "wrong_size.png"]
+    assert summary["skipped"]["count"] == 3
+    assert [e["image"] for e in summary["skipped"]["images"]] == ["missing.png", "corrupt.png", "wrong_size.png"]
     # Only background units: no boxes.
     assert (result.table[result.table["category"] != "background"]["count"] == 0).all()
-    with pytest.raises(InputError, match=r"missing.png: image file not found \(skipped images are errors with --strict\)"):
+    with raises_cli(r"missing.png: image file not found \(skipped images are errors with --strict\)", "dilation-stats"):
         dilation_stats(dataset, model=_model(ws, "build_zero"), out=tmp_path / "strict", strict=True, workers=0, progress=False)
     assert not (tmp_path / "strict" / "summary.json").exists()
 

@@ -6,17 +6,24 @@ Synthetic checkpoints are written by the tests in each library's key layout with
 
 from __future__ import annotations
 
+import json
+import logging
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Dict, Tuple
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from dcn_inspect.errors import InputError
+from dcn_inspect.cli.render import print_key_table
+from dcn_inspect.errors import DcnInspectWarning
 from dcn_inspect.images import to_model_input
 from dcn_inspect.loading import load_model
 from dcn_inspect.models import registry
@@ -53,7 +60,7 @@ def _small_config(**overrides: object) -> Dict[str, object]:
 
 
 @pytest.mark.parametrize("modulated,deform_groups,old_names", [(False, 1, False), (True, 2, False), (True, 1, True)])
-def test_mmdetection_checkpoint_loads_with_identical_outputs(tmp_path, capsys, modulated, deform_groups, old_names):
+def test_mmdetection_checkpoint_loads_with_identical_outputs(tmp_path, caplog, modulated, deform_groups, old_names):
     reference = registry.get("resnet50-dcn-mmdet").build(**_small_config(modulated=modulated, deform_groups=deform_groups))
     _randomise(reference)
     reference.eval()
@@ -69,15 +76,20 @@ def test_mmdetection_checkpoint_loads_with_identical_outputs(tmp_path, capsys, m
     config_text = f"model = dict(backbone=dict(type='ResNet', dcn=dict(type='{dcn_type}', deform_groups={deform_groups})))"
     torch.save({"meta": {"config": config_text, "epoch": 12}, "state_dict": state}, path)
 
-    loaded = load_model(str(path))
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="dcn_inspect"):
+        warnings.simplefilter("error", DcnInspectWarning)  # the neck/head keys every zoo file has: no warning
+        loaded = load_model(str(path))
     assert loaded.source == "mmdetection"
     assert loaded.arch == "resnet50-dcn-mmdet"
     assert loaded.config["modulated"] is modulated
-    assert loaded.config["deform_groups"] == deform_groups
+    assert loaded.config["offset_groups"] == deform_groups
     assert loaded.config["base_channels"] == BASE and loaded.config["stride_in_1x1"] is False
-    assert loaded.summary()["import"]["ignored_keys"] == 2
-    err = capsys.readouterr().err
-    assert "ignored 2 key(s) outside the backbone" in err and "neck.lateral_convs.*" in err
+    summary = loaded.summary()["import"]
+    assert summary["ignored_keys"] == 2
+    # One line in summary.json; the key table goes to the INFO log (the CLI's --verbose).
+    assert "ignored 2 key(s) outside the backbone" in summary["ignored"] and "neck.lateral_convs.*" in summary["ignored"]
+    reports = [r.key_report for r in caplog.records if hasattr(r, "key_report")]
+    assert len(reports) == 1 and sorted(reports[0].ignored) == ["neck.lateral_convs.0.conv.weight", "rpn_head.rpn_cls.weight"]
 
     images = to_model_input(_image(), loaded.preprocess).tensor
     with torch.no_grad():
@@ -133,6 +145,7 @@ def test_missing_backbone_keys_show_a_table_then_an_error(tmp_path, capsys):
     with pytest.raises(InputError) as info:
         load_model(str(_mmdet_file(tmp_path, edit)))
     assert "1 missing and 1 unexpected backbone key(s)" in str(info.value) and "\n" not in str(info.value)
+    print_key_table(info.value.details["keys"])  # what the CLI shows above the error line
     err = capsys.readouterr().err
     assert re.search(r"missing\s+│\s+layer4\.2\.bn3\.running_var", err)
     assert re.search(r"unexpected\s+│\s+backbone\.layer4\.2\.extra\.weight", err)
@@ -252,13 +265,20 @@ def test_detectron2_checkpoint_matches_detectron2_conventions(tmp_path, capsys, 
         path = tmp_path / "model_final.pth"
         torch.save({"model": {k: torch.from_numpy(v) for k, v in stored.items()}, "iteration": 90000}, path)
 
-    loaded = load_model(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DcnInspectWarning)
+        loaded = load_model(str(path))
     assert loaded.source == "detectron2"
     assert loaded.config["modulated"] is modulated
     assert loaded.config["dcn_stages"] == list(deform_stages)
     assert loaded.config["stride_in_1x1"] is True
-    assert "BGR" in loaded.summary()["import"]["input_channels"]
-    assert "ignored 1 key(s)" in capsys.readouterr().err
+    assert loaded.config["stage_names"] == ["res2", "res3", "res4", "res5"]
+    summary = loaded.summary()["import"]
+    assert "BGR" in summary["input_channels"] and "ignored 1 key(s)" in summary["ignored"]
+    # detectron2's preprocessing: ResizeShortestEdge(800, 1333), pads to 32 with FPN only.
+    pre = loaded.preprocess
+    assert (pre.resize, pre.max_size, pre.size_rule, pre.interpolation) == (800, 1333, "detectron2", "pil-bilinear")
+    assert pre.size_divisor == (32 if layout == "fpn" else 0)
 
     image = _image(64, 96, seed=1)
     ours = to_model_input(image, loaded.preprocess, resize=0).tensor
@@ -270,7 +290,7 @@ def test_detectron2_checkpoint_matches_detectron2_conventions(tmp_path, capsys, 
         expected = _d2_forward(tensors, bgr, modulated, deform_stages)
         actual = loaded.model(ours)
     for stage in (2, 3, 4, 5):
-        want, got = expected[f"res{stage}"], actual[f"layer{stage - 1}"]
+        want, got = expected[f"res{stage}"], actual[f"res{stage}"]
         scale = want.abs().max()
         assert scale > 0
         # float32 through a ResNet: the native ops sum in another order than the hand-written forward.
@@ -421,3 +441,294 @@ def test_user_file_import_error_and_missing_file(tmp_path):
         load_model(f"{bad}:build")
     with pytest.raises(InputError, match="not found"):
         load_model(f"{tmp_path / 'absent.py'}:build")
+
+
+# --------------------------------------------------------------------------------- the frameworks' preprocessing
+
+
+def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth photo-like image (noise would make every resize look alike)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    rng = np.random.default_rng(seed)
+    channels = [127 + 120 * np.sin(x / (20 + 7 * c) + rng.random() * 6) * np.cos(y / (30 + 5 * c) + rng.random() * 6) for c in range(3)]
+    return np.clip(np.stack(channels, axis=2), 0, 255).astype(np.uint8)
+
+
+def _bilinear_no_antialias(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """cv2.INTER_LINEAR's arithmetic when cv2 is installed, else float bilinear (half-pixel
+    centres, no antialiasing) rounded: within one grey level of it."""
+    try:
+        import cv2
+    except ImportError:
+        source = torch.from_numpy(image).permute(2, 0, 1)[None].double()
+        return F.interpolate(source, size=size, mode="bilinear", align_corners=False).round()[0].permute(1, 2, 0).numpy().astype(np.uint8)
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def _mmdetection_pipeline(image: np.ndarray, divisor: int = 32) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """mmdetection's test pipeline by hand: Resize(img_scale=(1333, 800), keep_ratio=True) with
+    mmcv's rounding, Normalize(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True),
+    Pad(size_divisor) with zeros -> [3, H, W] RGB, and the resized size."""
+    h, w = image.shape[:2]
+    factor = min(1333 / max(h, w), 800 / min(h, w))
+    new_w, new_h = int(w * factor + 0.5), int(h * factor + 0.5)
+    resized = _bilinear_no_antialias(image, (new_h, new_w)).astype(np.float32)
+    normalised = (resized - np.array([123.675, 116.28, 103.53], np.float32)) / np.array([58.395, 57.12, 57.375], np.float32)
+    padded = np.zeros((3, -(-new_h // divisor) * divisor, -(-new_w // divisor) * divisor), np.float32)
+    padded[:, :new_h, :new_w] = normalised.transpose(2, 0, 1)
+    return padded, (new_h, new_w)
+
+
+def _detectron2_pipeline(image: np.ndarray, divisor: int) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """detectron2's by hand: ResizeShortestEdge(800, 1333) (PIL bilinear on the uint8 image), BGR,
+    minus PIXEL_MEAN [103.530, 116.280, 123.675], PIXEL_STD 1, padded with zeros to the divisor
+    -> [3, H, W] in BGR order, and the resized size."""
+    h, w = image.shape[:2]
+    size = 800.0
+    scale = size / min(h, w)
+    new_h, new_w = (size, scale * w) if h < w else (scale * h, size)
+    if max(new_h, new_w) > 1333:
+        scale = 1333.0 / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    new_h, new_w = int(new_h + 0.5), int(new_w + 0.5)
+    bgr = np.asarray(Image.fromarray(image[:, :, ::-1].copy()).resize((new_w, new_h), Image.BILINEAR), np.float32)
+    normalised = bgr - np.array([103.530, 116.280, 123.675], np.float32)
+    pad_h, pad_w = (-(-new_h // divisor) * divisor, -(-new_w // divisor) * divisor) if divisor else (new_h, new_w)
+    padded = np.zeros((3, pad_h, pad_w), np.float32)
+    padded[:, :new_h, :new_w] = normalised.transpose(2, 0, 1)
+    return padded, (new_h, new_w)
+
+
+@pytest.mark.parametrize("height,width,divisor_config", [(1500, 2000, None), (3024, 4032, None), (333, 517, 64)])
+def test_mmdetection_preprocessing_matches_its_pipeline(tmp_path, height, width, divisor_config):
+    def edit(state):
+        pass
+
+    path = _mmdet_file(tmp_path, edit)
+    if divisor_config:
+        payload = torch.load(path, weights_only=True)
+        payload["meta"] = {"config": f"test_pipeline = [dict(type='Pad', size_divisor={divisor_config})]"}
+        torch.save(payload, path)
+    loaded = load_model(str(path))
+    image = _photo(height, width)
+    prepared = to_model_input(image, loaded.preprocess)
+    expected, resized = _mmdetection_pipeline(image, divisor_config or 32)
+    assert prepared.resized_hw == resized and prepared.input_hw == expected.shape[1:]
+    assert prepared.input_hw[0] % (divisor_config or 32) == 0 and prepared.input_hw[1] % (divisor_config or 32) == 0
+    assert prepared.scale_to_original == (width / resized[1], height / resized[0])
+    tolerance = 1e-4 if _has_cv2() else 1.0 / 57.12 + 1e-4  # bit-exact with cv2; else within a grey level
+    np.testing.assert_allclose(prepared.tensor[0].numpy(), expected, atol=tolerance, rtol=0)
+    assert "embedded config" in loaded.summary()["import"]["size_divisor"] if divisor_config else True
+
+
+def _has_cv2() -> bool:
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("layout,divisor", [("fpn", 32), ("c4", 0)])
+def test_detectron2_preprocessing_matches_its_pipeline(tmp_path, layout, divisor):
+    weights = _d2_weights(True, (False, True, True, True), seed=3)
+    prefix = "backbone.bottom_up." if layout == "fpn" else ""
+    stored = {(("roi_heads." if layout == "c4" and k.startswith("res5.") else prefix) + k): v for k, v in weights.items()}
+    path = tmp_path / "d2.pkl"
+    with open(path, "wb") as handle:
+        pickle.dump({"model": stored}, handle, protocol=2)
+    loaded = load_model(str(path))
+    image = _photo(375, 500, seed=2)
+    prepared = to_model_input(image, loaded.preprocess)
+    expected, resized = _detectron2_pipeline(image, divisor)
+    assert prepared.resized_hw == resized == (800, 1067) and prepared.input_hw == expected.shape[1:]
+    # Our input is RGB (conv1's weights were reversed to take it): compare against BGR reversed.
+    np.testing.assert_allclose(prepared.tensor[0].numpy(), expected[::-1], atol=1e-3, rtol=0)
+
+
+# --------------------------------------------------------------------------------- mmdetection ambiguities
+
+
+def _mmdet_checkpoint(tmp_path: Path, **config: object) -> Tuple[Path, torch.nn.Module]:
+    reference = registry.get("resnet50-dcn-mmdet").build(**_small_config(**config))
+    _randomise(reference, seed=11)
+    reference.eval()
+    path = tmp_path / "mmdet.pth"
+    torch.save({"state_dict": {"backbone." + k: v.clone() for k, v in reference.state_dict().items()}}, path)
+    return path, reference
+
+
+def test_108_channel_offsets_without_a_config_load_as_dcnv2_with_4_groups(tmp_path):
+    """3 x 9 x 4 = 2 x 9 x 6 = 108: 4 groups divide the 8..32-channel convs, 6 do not."""
+    path, reference = _mmdet_checkpoint(tmp_path, modulated=True, deform_groups=4)
+    assert reference.layer2[0].conv2.conv_offset.weight.shape[0] == 108
+    loaded = load_model(str(path))
+    assert loaded.config["modulated"] is True and loaded.config["offset_groups"] == 4
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images)["layer4"], reference(images)["layer4"], rtol=0, atol=0)
+    # A config that says otherwise wins.
+    from dcn_inspect.importers import _offset_kind
+
+    assert _offset_kind(108, 9, False, path, [8, 16, 32], None) == (False, 6)
+    assert _offset_kind(108, 9, None, path, [12, 24], 6) == (False, 6)
+    assert _offset_kind(108, 9, None, path, [12, 24], None) == (True, 4)  # both divide: DCNv2
+
+
+def test_resnext_dcn_backbones_load(tmp_path):
+    """A small ResNeXt (4 groups of 2 channels in layer1) loads with identical outputs; the model
+    zoo's x101-32x4d and x101-64x4d build with mmdetection's parameter shapes."""
+    path, reference = _mmdet_checkpoint(tmp_path, groups=4, width_per_group=2)
+    loaded = load_model(str(path))
+    assert loaded.config["groups"] == 4 and loaded.config["width_per_group"] == 2
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images)["layer4"], reference(images)["layer4"], rtol=0, atol=0)
+    # mmdetection's ResNeXt: width = floor(planes * base_width / 64) * groups, planes = 64 * 2**stage.
+    for groups, base_width in ((32, 4), (64, 4)):
+        config = {**registry.get("resnet101-dcn-mmdet").default_config, "groups": groups, "width_per_group": base_width}
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in registry.get("resnet101-dcn-mmdet").build(**config).state_dict().items()}
+        for stage in range(4):
+            width = (64 * 2**stage * base_width // 64) * groups
+            assert shapes[f"layer{stage + 1}.0.conv2.weight"] == (width, width // groups, 3, 3)
+            assert shapes[f"layer{stage + 1}.0.conv3.weight"] == (64 * 2**stage * 4, width, 1, 1)
+        assert shapes["layer4.2.conv2.conv_offset.weight"] == (18, (64 * 8 * base_width // 64) * groups, 3, 3)
+
+
+# --------------------------------------------------------------------------------- the user's names, quietly
+
+
+def _d2_c4_file(tmp_path: Path) -> Path:
+    weights = _d2_weights(False, (False, False, False, True), seed=5)
+    stored = {("roi_heads." + k if k.startswith("res5.") else "backbone." + k): v for k, v in weights.items()}
+    stored["roi_heads.box_predictor.cls_score.weight"] = np.zeros((3, 8), np.float32)
+    path = tmp_path / "model_final.pkl"
+    with open(path, "wb") as handle:
+        pickle.dump({"model": stored}, handle, protocol=2)
+    return path
+
+
+def _run_cli(args, monkeypatch, capsys):
+    import sys
+
+    from dcn_inspect.cli import main
+
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setattr(sys, "argv", ["dcn-inspect", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_detectron2_checkpoint_speaks_of_res5_everywhere(tmp_path, monkeypatch, capsys):
+    path = _d2_c4_file(tmp_path)
+    image = tmp_path / "scene.png"
+    Image.fromarray(_photo(64, 96)).save(image)
+    code, out, err = _run_cli(["info", str(path), str(image), "--resize", "0"], monkeypatch, capsys)
+    assert code == 0, err
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") > 10]
+    assert [row[0] for row in rows] == ["res5.0.conv2", "res5.1.conv2", "res5.2.conv2"]
+    assert "warning" not in err  # the heads' keys are ignored quietly
+    code, out, err = _run_cli(
+        ["sample-points", str(image), "--model", str(path), "--layers", "res5.2.conv2,res5.1.conv2", "--resize", "0", "--out", str(tmp_path / "out")],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "out" / "scene_points.csv", comment="#")
+    assert sorted(table["layer"].unique()) == ["res5.1.conv2", "res5.2.conv2"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [layer["name"] for layer in summary["layers"]] == ["res5.2.conv2", "res5.1.conv2"]
+    assert "ignored 1 key(s)" in summary["model"]["import"]["ignored"] and "res2..res5" in summary["model"]["import"]["layer_names"]
+    code, _, err = _run_cli(["sample-points", str(image), "--model", str(path), "--layers", "layer4.2.conv2", "--out", str(tmp_path / "x")], monkeypatch, capsys)
+    assert code == 1 and "unknown deformable layer(s) layer4.2.conv2; valid: res5.0.conv2, res5.1.conv2, res5.2.conv2" in err
+
+
+def test_ignored_keys_table_only_with_verbose(tmp_path, monkeypatch, capsys):
+    path = _d2_c4_file(tmp_path)
+    code, out, err = _run_cli(["info", str(path)], monkeypatch, capsys)
+    assert code == 0 and "ignored" not in err and "checkpoint keys" not in err
+    code, out, err = _run_cli(["--verbose", "info", str(path)], monkeypatch, capsys)
+    assert code == 0
+    assert "checkpoint keys: model_final.pkl" in err and "roi_heads.box_predictor" in err and "ignored 1 key(s) outside the backbone" in err
+
+
+def test_user_file_preprocess_takes_the_framework_keys(tmp_path):
+    source = tmp_path / "user_net.py"
+    source.write_text(USER_FILE.replace('"resize": 0}', '"resize": 800, "max_size": 1333, "interpolation": "cv2-bilinear", "size_rule": "mmdetection", "size_divisor": 32}'))
+    pre = load_model(f"{source}:build").preprocess
+    assert (pre.interpolation, pre.size_rule, pre.size_divisor, pre.resize, pre.max_size) == ("cv2-bilinear", "mmdetection", 32, 800, 1333)
+    bad = tmp_path / "bad_net.py"
+    bad.write_text(USER_FILE.replace('"resize": 0}', '"resize": 0, "interpolation": "bicubic"}'))
+    with pytest.raises(InputError) as info:
+        load_model(f"{bad}:build")
+    assert "PREPROCESS is not valid (interpolation 'bicubic': use pil-bilinear or cv2-bilinear)" in str(info.value) and "\n" not in str(info.value)
+# --------------------------------------------------------------------------------- bounded memory
+
+
+def test_deflated_checkpoint_loads_but_a_zip_bomb_is_refused_before_inflating(tmp_path):
+    import io
+    import zipfile
+
+    from dcn_inspect.checkpoint import MAX_INFLATION, read_checkpoint_file
+
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.randn(5000)}}, buffer)
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    deflated = tmp_path / "deflated.pth"
+    with zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info.filename))
+    assert torch.equal(read_checkpoint_file(deflated)["state_dict"]["w"], torch.load(io.BytesIO(buffer.getvalue()))["state_dict"]["w"])
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info.filename))
+        archive.writestr("archive/data/9", bytes(80 * 2**20))  # 80 MiB of zeros in ~80 KB
+    assert bomb.stat().st_size * MAX_INFLATION < 2**20
+    with pytest.raises(InputError, match=r"bomb\.pth: the \d+-byte archive declares \d+ bytes uncompressed \(\d compressed entries, over 4x its size\): refused before inflating"):
+        read_checkpoint_file(bomb)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_pickled_bytearrays_still_load_but_not_a_zero_filled_length(tmp_path, protocol):
+    from dcn_inspect.safe_pickle import load_pickle_file
+
+    path = tmp_path / "ok.pkl"
+    path.write_bytes(pickle.dumps({"model": {"w": np.arange(4.0)}, "raw": bytearray(b"\x00\xffab")}, protocol=protocol))
+    payload = load_pickle_file(path)
+    assert payload["raw"] == bytearray(b"\x00\xffab") and payload["model"]["w"].tolist() == [0, 1, 2, 3]
+    bomb = tmp_path / "bomb.pkl"
+    bomb.write_bytes(b"\x80\x04cbuiltins\nbytearray\n\x8a\x05" + (4_000_000_000).to_bytes(5, "little") + b"\x85R.")
+    with pytest.raises(InputError, match=r"bomb\.pkl: refused to load: refused: bytearray from anything but bytes"):
+        load_pickle_file(bomb)
+
+
+def test_foreign_checkpoint_is_sized_on_the_meta_device_before_the_build(tmp_path, monkeypatch):
+    """A ResNet stem of 20000 channels (whose real build would need ~100 GB) with nothing else fitting."""
+    built = []
+    original = registry.Architecture.build
+    monkeypatch.setattr(registry.Architecture, "build", lambda self, **c: built.append(c) or original(self, **c))
+    reference = registry.get("resnet50-dcn-mmdet").build(**_small_config())
+    state = {f"backbone.{k}": v for k, v in reference.state_dict().items()}
+    state["backbone.conv1.weight"] = torch.zeros(20000, 3, 1, 1)
+    path = tmp_path / "wide.pth"
+    torch.save({"state_dict": state}, path)
+    built.clear()
+    with pytest.raises(InputError, match=r"wide\.pth: shape mismatch at .*conv1\.weight"):
+        load_model(str(path))
+    assert built == []
+
+
+def test_user_file_sys_exit_is_an_error_and_ctrl_c_an_interrupt(tmp_path):
+    source = tmp_path / "exits.py"
+    source.write_text("def build():\n    raise SystemExit(3)\n\n\ndef interrupted():\n    raise KeyboardInterrupt\n")
+    with pytest.raises(InputError, match=r"build\(\): it called sys\.exit\(3\)"):
+        load_model(f"{source}:build")
+    with pytest.raises(KeyboardInterrupt):
+        load_model(f"{source}:interrupted")
+    on_import = tmp_path / "exits_on_import.py"
+    on_import.write_text("import sys\nsys.exit(2)\n")
+    with pytest.raises(InputError, match=r"importing .*exits_on_import\.py failed: it called sys\.exit\(2\)"):
+        load_model(f"{on_import}:build")

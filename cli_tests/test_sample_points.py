@@ -17,10 +17,13 @@ from typer.testing import CliRunner
 
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap
-from dcn_inspect.loading import LoadedModel
+from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.models import registry
 from dcn_inspect.models.registry import Preprocess
-from dcn_inspect.sample_points import CSV_COLUMNS, background_unit, grid_units, nearest_unit, sample_points
+from dcn_inspect.commands.sample_points import CSV_COLUMNS, sample_points
+from dcn_inspect.unit_selection import background_unit, grid_units, nearest_unit
+
+from conftest import raises_cli
 
 TREE_POINTS = 9 + 81 + 729
 
@@ -216,9 +219,9 @@ def test_layer_and_level_selection(image_path: Path, tmp_path: Path) -> None:
     assert len(two.images[0].table) == 9 + 81
     one = sample_points([image_path], model=loaded, levels=2, out=tmp_path / "b", progress=False)
     assert one.layers == ["dcn_c", "dcn_b"]
-    with pytest.raises(InputError, match=r"--layers: unknown deformable layer\(s\) conv9; valid: dcn_a, dcn_b, dcn_c"):
+    with raises_cli(r"--layers: unknown deformable layer\(s\) conv9; valid: dcn_a, dcn_b, dcn_c", "sample-points"):
         sample_points([image_path], model=loaded, layers=["conv9"], out=tmp_path / "c", progress=False)
-    with pytest.raises(InputError, match="--levels 4: the model has 3 deformable conv layer"):
+    with raises_cli("--levels 4: the model has 3 deformable conv layer", "sample-points"):
         sample_points([image_path], model=loaded, levels=4, out=tmp_path / "d", progress=False)
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").glob("*.csv"))
 
@@ -235,9 +238,12 @@ def test_input_errors_are_one_line(image_path: Path, tmp_path: Path) -> None:
         (dict(save_offsets=tmp_path / "offsets.bin"), "--save-offsets .*must end in .npz"),
     ]
     for kwargs, message in cases:
-        with pytest.raises(InputError, match=message) as info:
-            sample_points([image_path], model=loaded, out=tmp_path / "out", progress=False, **kwargs)  # type: ignore[arg-type]
-        assert "\n" not in str(info.value)
+        with raises_cli(message, "sample-points"):
+            try:
+                sample_points([image_path], model=loaded, out=tmp_path / "out", progress=False, **kwargs)  # type: ignore[arg-type]
+            except InputError as exc:
+                assert "\n" not in str(exc)
+                raise
 
 
 def test_boxes_give_background_then_boxes_by_area(image_path: Path, tmp_path: Path) -> None:
@@ -255,17 +261,49 @@ def test_boxes_give_background_then_boxes_by_area(image_path: Path, tmp_path: Pa
     assert [(u.row, u.col) for u in from_coco.images[0].units][1:] == [(11, 17)]
 
 
-def test_background_unit_is_farthest_from_boxes_and_border() -> None:
-    frame = FrameMap(1.0, 1.0, 0.5, 0.5)  # a 10x20 map on a 10x20 image
-    boxes = np.array([[0.0, 0.0, 8.0, 10.0]])
-    unit = background_unit(frame, (10, 20), boxes, (10, 20))
-    # The border limits every unit to 4.5 px (rows y = 4.5, 5.5); in the free area x in [8, 20]
-    # centres x = 12.5 .. 15.5 are at least 4.5 px from the box and the right border too: a tie,
-    # which goes to the first unit in row-major order. Units left of x = 12.5 are nearer the box.
-    assert (unit.row, unit.col) == (4, 12)
-    moved = background_unit(frame, (10, 20), np.array([[0.0, 0.0, 11.0, 10.0]]), (10, 20))
-    assert (moved.row, moved.col) == (4, 15)  # x = 15.5: 4.5 px from the box and from the border
-    assert unit.source == "background"
+def test_background_unit_is_farthest_from_boxes_among_units_whose_tree_stays_on_the_image() -> None:
+    frame = FrameMap(1.0, 1.0, 0.5, 0.5)  # map cell (r, c) centred on image pixel (c + 0.5, r + 0.5)
+    # 10x20 image, box on the left 8 columns, clearance 3 px: centres x <= 16.5, 3.5 <= y <= 6.5
+    # keep it; x = 16.5 is the farthest from the box (8.5 px). Rows 3..6 tie on that distance and
+    # on centrality (the x border binds), so the first row wins.
+    unit = background_unit(frame, (10, 20), np.array([[0.0, 0.0, 8.0, 10.0]]), (10, 20), clearance=(3.0, 3.0))
+    assert (unit.row, unit.col, unit.source) == (3, 16, "background")
+    # 40x40 image, a box in the middle, clearance 8: the farthest clear units are the four corners
+    # of the clear square [8, 32]^2 (2.1 px from the box), not the image corners (13.4 px away).
+    unit = background_unit(frame, (40, 40), np.array([[10.0, 10.0, 30.0, 30.0]]), (40, 40), clearance=(8.0, 8.0))
+    assert (unit.x, unit.y) == (8.5, 8.5)
+    # 10x10 image too small for a clearance of 8: the most central background units (4.5 px from
+    # the border), the farthest from the box of these; never the far corner (9.5, 9.5).
+    unit = background_unit(frame, (10, 10), np.array([[0.0, 0.0, 3.0, 3.0]]), (10, 10), clearance=(8.0, 8.0))
+    assert (unit.x, unit.y) == (5.5, 5.5)
+    # Every clear unit lies in the box: a background unit with as much clearance as possible
+    # (the x = 16.5 column / y = 16.5 row, 3.5 px), the farthest from the box among those.
+    unit = background_unit(frame, (20, 20), np.array([[0.0, 0.0, 16.0, 16.0]]), (20, 20), clearance=(6.0, 6.0))
+    assert (unit.x, unit.y) == (16.5, 16.5)
+
+
+def test_sample_points_background_unit_keeps_half_the_tree_extent_from_the_border(image_path: Path, tmp_path: Path) -> None:
+    from dcn_inspect.hooks import probe
+    from dcn_inspect.images import load_image, to_model_input
+    from dcn_inspect.tracing import tree_half_extent
+
+    # The tiny model's three deformable layers all read stride-2 maps: the undeformed tree reaches
+    # 1*1*2 + 1*2*2 + 1*2*2 = 10 px from the unit, plus half a 2-px cell: 11 px each way.
+    loaded = _loaded()
+    captured = probe(loaded.model, to_model_input(load_image(image_path), Preprocess(resize=0), None).tensor)
+    records = [captured.convs[name] for name in ("dcn_c", "dcn_b", "dcn_a")]
+    assert tree_half_extent(records) == (11.0, 11.0)
+    boxes_csv = tmp_path / "boxes.csv"
+    boxes_csv.write_text("x1,y1,x2,y2\n0,0,24,32\n")  # the left half of the 48x32 image
+    result = sample_points([image_path], model=loaded, boxes=boxes_csv, out=tmp_path / "out", progress=False)
+    background = result.images[0].units[0]
+    # Clear centres (2j + 0.5): 11 <= x <= 37 and 11 <= y <= 21; the farthest from the box is
+    # x = 36.5; every clear row ties (the box spans the height), so the first clear row, y = 12.5.
+    assert (background.source, background.x, background.y) == ("background", 36.5, 12.5)
+    assert result.images[0].categories[0].name == "background"
+    summary = json.loads(result.summary.read_text())
+    assert summary["images"][0]["units"][0]["category"]["name"] == "background"
+    assert "at least 11 px (x) and 11 px (y)" in summary["images"][0]["units"][0]["detail"]
 
 
 def test_default_unit_is_the_image_centre(image_path: Path, tmp_path: Path) -> None:
@@ -287,7 +325,7 @@ def _coco_for(tmp_path: Path, file_name: str, bbox: list) -> Path:
 
 def test_boxes_file_without_the_image_fails_before_writing(image_path: Path, tmp_path: Path) -> None:
     other = _coco_for(tmp_path, "other.png", [1, 1, 5, 5])
-    with pytest.raises(InputError, match=r"--boxes .*other.png.json: no annotation for image scene.png"):
+    with raises_cli(r"--boxes .*other.png.json: no annotation for image scene.png", "sample-points"):
         sample_points([image_path], model=_loaded(), boxes=other, out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -15,6 +15,8 @@ from dcn_inspect.datasets import bundled_dataset_path, bundled_images, bundled_i
 from dcn_inspect.datasets.synthetic import CLASSES, SceneConfig, area_category, generate_scene, rasterize, scenes, write_dataset
 from dcn_inspect.errors import InputError
 
+from conftest import cli_message
+
 
 def test_same_seed_same_scene_and_different_seed_different_scene() -> None:
     a = generate_scene(np.random.default_rng([5, 1]))
@@ -92,7 +94,7 @@ def test_demo_data_command_is_reproducible_and_rejects_bad_input(tmp_path: Path)
     for rel in ("annotations.json", "images/scene_00000.png", "images/scene_00001.png"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
     result = runner.invoke(app, ["demo-data", str(tmp_path / "c"), "--format", "yolo"])
-    assert isinstance(result.exception, InputError) and "--format" in str(result.exception)
+    assert isinstance(result.exception, InputError) and "--format" in cli_message(result.exception, "demo-data")
 
 
 def test_bundled_data_is_present_and_annotated() -> None:

@@ -10,12 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap, LayerGeometry
-from dcn_inspect.hooks import DeformConvRecord, probe
+from dcn_inspect.hooks import probe
+from dcn_inspect.records import DeformConvRecord
 from dcn_inspect.ops import DeformConv2dPack, ModulatedDeformConv2dPack
 from dcn_inspect.ops.reference import bilinear_zero_border
 from dcn_inspect.tracing import read_field, trace_sampling_trees
+
+from conftest import raises_cli
 
 # ---------------------------------------------------------------------------------------------
 # Constant-offset models: offsets (a*e, b*e) around the kernel centre turn dilation d into d + e.
@@ -126,9 +128,9 @@ def test_modulated_weights_multiply_along_the_path_and_frames_scale() -> None:
 def test_group_out_of_range_is_an_input_error() -> None:
     model = ThreeLevels(STRETCH).eval()
     records = _top_first(model, torch.randn(1, 4, 16, 16))
-    with pytest.raises(InputError, match="--group 2: layer dcn3 has 2 offset groups"):
+    with raises_cli("--group 2: layer dcn3 has 2 offset groups", "sample-points"):
         trace_sampling_trees(records, torch.tensor([[1, 1]]), group=2)
-    with pytest.raises(InputError, match="--group"):
+    with raises_cli("--group", "sample-points"):
         trace_sampling_trees(records, torch.tensor([[1, 1]]), group="median")
 
 

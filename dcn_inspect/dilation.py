@@ -1,4 +1,4 @@
-"""Effective dilation of deformable filters, object-size categories and streaming statistics.
+"""Effective dilation of deformable filters by object size (the paper's Table 2).
 
 Effective dilation (PAPER.md §3, Table 2) of a k_h x k_w filter at one output unit is the mean
 Euclidean distance between horizontally and vertically adjacent sampling locations of its
@@ -16,24 +16,25 @@ is a filter of its own that samples its own channels); ``per_group`` keeps them 
 Units are assigned a category by where their filter centre (the output cell's centre, mapped
 through the layer's output frame to the original image) lies, see :func:`unit_categories`.
 
-Statistics are streamed: :class:`CategoryStats` keeps, per category, the count, Welford
-mean and sum of squared deviations (merged exactly with Chan et al.'s pairwise formula),
-minimum, maximum and a fixed log-spaced histogram (:data:`BINS`) for the median and
-percentiles. Two states merge into the state of the concatenated data, so shards, batches
-and ranks can be combined in any grouping.
+:class:`DilationAccumulator` streams a dataset into the table: per row layer (or layer and
+offset group) a mergeable :class:`~dcn_inspect.category_stats.CategoryStats`, plus each image's
+per-category sums and counts for bootstrap intervals over images.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
+import pandas as pd
 import torch
 
+from dcn_inspect.category_stats import BINS, CategoryStats
 from dcn_inspect.errors import InputError
-from dcn_inspect.geometry import FrameMap
+from dcn_inspect.geometry import FrameMap, LayerGeometry
+from dcn_inspect.records import DeformConvRecord
 from dcn_inspect.sampling import split_offsets
 
 #: Categories in table order. Units counted in none of them carry a negative code.
@@ -111,12 +112,12 @@ def resolve_thresholds(spec: str, box_areas: Optional[np.ndarray] = None) -> Tup
     if text == "tertiles":
         if box_areas is None or len(box_areas) < 3:
             count = 0 if box_areas is None else len(box_areas)
-            raise InputError(f"--thresholds tertiles: needs at least 3 ground-truth boxes, the dataset has {count}")
+            raise InputError(f"tertiles: needs at least 3 ground-truth boxes, the dataset has {count}", param="thresholds")
         low, high = tertile_thresholds(box_areas)
         return "tertiles", (low, high)
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != 2:
-        raise InputError(f"--thresholds {spec!r}: expected paper, coco, tertiles or two areas 'A,B' in pixels² (e.g. 1024,9216 or 32^2,96^2)")
+        raise InputError(f"{spec!r}: expected paper, coco, tertiles or two areas 'A,B' in pixels² (e.g. 1024,9216 or 32^2,96^2)", param="thresholds")
     values = []
     for part in parts:
         try:
@@ -126,10 +127,14 @@ def resolve_thresholds(spec: str, box_areas: Optional[np.ndarray] = None) -> Tup
             else:
                 value = float(part)
         except ValueError:
-            raise InputError(f"--thresholds {spec!r}: {part!r} is not a number") from None
+            raise InputError(f"{spec!r}: {part!r} is not a number", param="thresholds") from None
+        except OverflowError:
+            raise InputError(f"{spec!r}: {part!r} is too large (areas are in pixels²)", param="thresholds") from None
+        if isinstance(value, complex):  # a negative base to a fractional power
+            raise InputError(f"{spec!r}: {part!r} is not a real number", param="thresholds")
         values.append(value)
     if not (0 < values[0] < values[1] and all(math.isfinite(v) for v in values)):
-        raise InputError(f"--thresholds {spec!r}: need 0 < A < B")
+        raise InputError(f"{spec!r}: need 0 < A < B", param="thresholds")
     return "custom", (values[0], values[1])
 
 
@@ -197,196 +202,192 @@ def unit_categories(
 
 
 # --------------------------------------------------------------------------------------------
-# Streaming statistics
+# Streaming a dataset into the table
 # --------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class LogBins:
-    """Fixed log-spaced histogram bins: bin 0 holds values below ``low`` (including 0), bin
-    ``1 + floor(log(v / low) / log(ratio))`` the rest, the last bin everything from ``high``."""
-
-    low: float = 1e-3
-    high: float = 1e5
-    ratio: float = 1.001
-
-    @property
-    def count(self) -> int:
-        return int(math.ceil(math.log(self.high / self.low) / math.log(self.ratio))) + 2
-
-    def index(self, values: torch.Tensor) -> torch.Tensor:
-        scaled = torch.log(values.clamp_min(self.low * 0.5) / self.low) / math.log(self.ratio)
-        index = torch.floor(scaled).to(torch.long) + 1
-        index = torch.where(values < self.low, torch.zeros_like(index), index)
-        return index.clamp(0, self.count - 1)
-
-    def lower_edge(self, index: int) -> float:
-        return 0.0 if index == 0 else self.low * self.ratio ** (index - 1)
-
-    def upper_edge(self, index: int) -> float:
-        return self.low if index == 0 else self.low * self.ratio**index
-
-    def as_dict(self) -> Dict[str, float]:
-        return {"low": self.low, "high": self.high, "ratio": self.ratio, "bins": self.count}
+#: Columns of ``dilation_table.csv``, in order.
+TABLE_COLUMNS = ["layer", "category", "count", "mean", "std", "median", "p10", "p90", "units"]
+UNITS = ("cells", "pixels")
 
 
-#: The histogram every statistic uses: 0.1 % relative bin width from 1e-3 to 1e5 (cells or pixels).
-BINS = LogBins()
+class AnnotatedImage(Protocol):
+    """What the accumulator needs of an image's annotation (see :class:`~dcn_inspect.annotations.ImageAnnotation`)."""
+
+    width: int
+    height: int
+    boxes: np.ndarray
+    ignore: np.ndarray
 
 
-class CategoryStats:
-    """Mergeable statistics of one layer's dilation values, one slot per category.
+@dataclass
+class LayerInfo:
+    """A measured deformable layer, as ``summary.json`` describes it."""
 
-    Float state is float64; ``count`` and ``hist`` are exact integers. ``update`` accepts a
-    batch of values with their category codes (negative codes are skipped).
-    """
+    name: str
+    module_type: str
+    kernel: Tuple[int, int]
+    dilation: Tuple[int, int]
+    offset_groups: int
+    modulated: bool
+    geometry: Dict[str, Any]  # of the first model-input size seen
+    op: Optional[str] = None  # op-level capture: the op entry point called
+    converted_from: Optional[str] = None  # "DCNv3"/"DCNv4": converted to the standard layout
 
-    def __init__(self, categories: int = len(CATEGORIES), bins: LogBins = BINS, device: torch.device | str = "cpu") -> None:
-        self.bins = bins
-        self.count = torch.zeros(categories, dtype=torch.int64, device=device)
-        self.mean = torch.zeros(categories, dtype=torch.float64, device=device)
-        self.m2 = torch.zeros(categories, dtype=torch.float64, device=device)
-        self.minimum = torch.full((categories,), math.inf, dtype=torch.float64, device=device)
-        self.maximum = torch.full((categories,), -math.inf, dtype=torch.float64, device=device)
-        self.hist = torch.zeros(categories, bins.count, dtype=torch.int64, device=device)
-
-    @property
-    def categories(self) -> int:
-        return int(self.count.shape[0])
-
-    def update(self, values: torch.Tensor, codes: torch.Tensor) -> None:
-        """Add ``values`` (any shape) whose categories are ``codes`` (same shape)."""
-        values = values.reshape(-1).to(self.mean.device, torch.float64)
-        codes = codes.reshape(-1).to(self.mean.device, torch.long)
-        keep = codes >= 0
-        if not bool(keep.all()):
-            values, codes = values[keep], codes[keep]
-        if values.numel() == 0:
-            return
-        slots = self.categories
-        count = torch.bincount(codes, minlength=slots)
-        mean = torch.bincount(codes, weights=values, minlength=slots) / count.clamp_min(1).to(torch.float64)
-        # Two passes inside the batch (mean first, then squared deviations), then Chan's merge.
-        m2 = torch.bincount(codes, weights=(values - mean[codes]) ** 2, minlength=slots)
-        self._merge_moments(count, mean, m2)
-        self.minimum.scatter_reduce_(0, codes, values, reduce="amin")
-        self.maximum.scatter_reduce_(0, codes, values, reduce="amax")
-        flat = codes * self.bins.count + self.bins.index(values)
-        self.hist.view(-1).index_add_(0, flat, torch.ones_like(flat))
-
-    def _merge_moments(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        """Chan et al. (1979): combine (count, mean, M2) of two data sets exactly."""
-        n_a = self.count.to(torch.float64)
-        n_b = count.to(self.mean.device, torch.float64)
-        total = n_a + n_b
-        safe = total.clamp_min(1.0)
-        delta = mean.to(self.mean.device) - self.mean
-        self.mean = torch.where(total > 0, self.mean + delta * n_b / safe, self.mean)
-        self.m2 = self.m2 + m2.to(self.mean.device) + delta**2 * n_a * n_b / safe
-        self.count = self.count + count.to(self.count.device)
-
-    def merge_(self, other: "CategoryStats") -> "CategoryStats":
-        """In place: this state becomes the state of both data sets (Chan et al. 1979)."""
-        self._merge_moments(other.count, other.mean, other.m2)
-        self.minimum = torch.minimum(self.minimum, other.minimum.to(self.mean.device))
-        self.maximum = torch.maximum(self.maximum, other.maximum.to(self.mean.device))
-        self.hist = self.hist + other.hist.to(self.hist.device)
-        return self
-
-    def std(self) -> torch.Tensor:
-        """Population standard deviation (ddof = 0) per category; NaN where empty."""
-        out = torch.sqrt(self.m2 / self.count.to(torch.float64))
-        return torch.where(self.count > 0, out, torch.full_like(out, math.nan))
-
-    def quantile(self, category: int, q: float) -> float:
-        """The ``q`` quantile of one category from its histogram.
-
-        numpy's linear definition: interpolate between order statistics ``floor(r)`` and
-        ``floor(r) + 1`` for rank ``r = q*(n-1)``. Each order statistic is estimated inside its
-        histogram bin (values spread evenly on a log scale), so it is off by less than one bin
-        (0.1 %); results are clamped to the exact minimum and maximum, so constant data give
-        their value exactly.
-        """
-        n = int(self.count[category])
-        if n == 0:
-            return math.nan
-        hist = self.hist[category].cpu().numpy()
-        cumulative = np.cumsum(hist)
-        rank = q * (n - 1)
-        below = math.floor(rank)
-        value = self._order_statistic(hist, cumulative, below)
-        if rank > below:
-            value += (rank - below) * (self._order_statistic(hist, cumulative, below + 1) - value)
-        lowest, highest = float(self.minimum[category]), float(self.maximum[category])
-        return float(min(max(value, lowest), highest))
-
-    def _order_statistic(self, hist: np.ndarray, cumulative: np.ndarray, k: int) -> float:
-        """Estimate of the k-th smallest value (0-based) from the histogram."""
-        index = int(np.searchsorted(cumulative, k, side="right"))
-        before = int(cumulative[index - 1]) if index > 0 else 0
-        fraction = (k - before + 0.5) / int(hist[index])
-        low, high = self.bins.lower_edge(index), self.bins.upper_edge(index)
-        if index == 0:
-            return low + (high - low) * fraction
-        if index == self.bins.count - 1:
-            return low  # overflow bin: only its lower edge is known (then clamped to the maximum)
-        return low * (high / low) ** fraction
-
-    def state(self) -> Dict[str, np.ndarray]:
-        """CPU copy of the state (for torch.distributed gathering and pickling)."""
+    def as_dict(self) -> Dict[str, Any]:
         return {
-            "count": self.count.cpu().numpy(),
-            "mean": self.mean.cpu().numpy(),
-            "m2": self.m2.cpu().numpy(),
-            "minimum": self.minimum.cpu().numpy(),
-            "maximum": self.maximum.cpu().numpy(),
-            "hist": self.hist.cpu().numpy(),
+            "name": self.name,
+            "module_type": self.module_type,
+            "kernel": list(self.kernel),
+            "dilation": list(self.dilation),
+            "offset_groups": self.offset_groups,
+            "modulated": self.modulated,
+            "op": self.op,
+            "converted_from": self.converted_from,
+            "geometry": self.geometry,
         }
 
-    @staticmethod
-    def from_state(state: Dict[str, np.ndarray], bins: LogBins = BINS) -> "CategoryStats":
-        stats = CategoryStats(len(state["count"]), bins)
-        stats.count = torch.as_tensor(state["count"], dtype=torch.int64).clone()
-        stats.mean = torch.as_tensor(state["mean"], dtype=torch.float64).clone()
-        stats.m2 = torch.as_tensor(state["m2"], dtype=torch.float64).clone()
-        stats.minimum = torch.as_tensor(state["minimum"], dtype=torch.float64).clone()
-        stats.maximum = torch.as_tensor(state["maximum"], dtype=torch.float64).clone()
-        stats.hist = torch.as_tensor(state["hist"], dtype=torch.int64).clone()
-        return stats
 
-    def to(self, device: torch.device | str) -> "CategoryStats":
-        return CategoryStats.from_state(self.state(), self.bins) if str(device) == "cpu" else self._moved(device)
+#: ``on_image_units(image index, [(row name, output frame in original pixels, codes [Ho, Wo], dilations [Ho, Wo])])``
+UnitSink = Callable[[int, List[Tuple[str, FrameMap, np.ndarray, np.ndarray]]], None]
 
-    def _moved(self, device: torch.device | str) -> "CategoryStats":
-        stats = CategoryStats(self.categories, self.bins, device)
-        stats.merge_(self)
-        return stats
 
-    def summary_rows(self) -> List[Dict[str, float]]:
-        """Per category: count, mean, std, median, p10, p90."""
-        std = self.std()
-        rows = []
-        for category in range(self.categories):
-            n = int(self.count[category])
-            rows.append(
-                {
-                    "count": n,
-                    "mean": float(self.mean[category]) if n else math.nan,
-                    "std": float(std[category]),
-                    "median": self.quantile(category, 0.5),
-                    "p10": self.quantile(category, 0.1),
-                    "p90": self.quantile(category, 0.9),
-                }
+class DilationAccumulator:
+    """Effective dilation of every unit of every measured layer, streamed over batches.
+
+    Per row (a layer, or ``"<layer>:g<k>"`` with ``per_group``): a :class:`CategoryStats`
+    (:attr:`stats`), the units counted in no category (:attr:`not_counted`: ignored-box and
+    centre-outside-image counts) and every image's per-category sums and counts
+    (:attr:`image_sums`, for bootstrap intervals). Frames are taken from the first batch of
+    each model-input size, whose forward must have followed the frames
+    (:meth:`needs_frames`); later batches of that size reuse them.
+    """
+
+    def __init__(
+        self,
+        thresholds: Tuple[float, float],
+        units: str = "cells",
+        per_group: bool = False,
+        device: Union[torch.device, str] = "cpu",
+        on_image_units: Optional[UnitSink] = None,
+    ) -> None:
+        if units not in UNITS:
+            raise InputError(f"{units!r}: use cells or pixels", param="units")
+        self.thresholds = thresholds
+        self.units = units
+        self.per_group = per_group
+        self.device = torch.device(device)
+        self.on_image_units = on_image_units
+        self.stats: Dict[str, CategoryStats] = {}
+        self.not_counted: Dict[str, np.ndarray] = {}  # layer -> [ignored, outside] unit counts
+        self.layers: Dict[str, LayerInfo] = {}  # call order
+        self.image_sums: Dict[str, List[Tuple[int, np.ndarray, np.ndarray]]] = {}  # row -> [(image index, sums, counts)]
+        self._geometries: Dict[Tuple[int, int], Dict[str, LayerGeometry]] = {}
+
+    def needs_frames(self, input_hw: Tuple[int, int]) -> bool:
+        """Whether the next batch of this model-input size must be run with frames followed."""
+        return tuple(input_hw) not in self._geometries
+
+    def add(
+        self,
+        records: Sequence[DeformConvRecord],
+        entries: Sequence[AnnotatedImage],
+        indices: Sequence[int],
+        input_hw: Tuple[int, int],
+        content_hw: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> None:
+        """Add one batch: the ``records`` of its forward (call order) for ``entries`` (dataset ``indices``).
+
+        ``content_hw``: each image's resized size inside the (padded) model input of ``input_hw``
+        (default: no padding). The original / model-input scale is original / resized size, so
+        units in the padding map beyond the image and count in no category.
+        """
+        input_hw = (int(input_hw[0]), int(input_hw[1]))
+        if input_hw not in self._geometries:
+            self._geometries[input_hw] = {r.name: r.geometry for r in records}
+        geometries = self._geometries[input_hw]
+        for record in records:
+            if record.name not in self.layers:
+                geometry = geometries[record.name]
+                self.layers[record.name] = LayerInfo(
+                    record.name, record.module_type, geometry.kernel, geometry.dilation, record.offset_groups, record.modulated, geometry.as_dict(),
+                    record.op, record.converted_from,
+                )  # fmt: skip
+        # Original / model-input scale of every image (images of one batch share the input size only).
+        content = list(content_hw) if content_hw is not None else [input_hw] * len(entries)
+        scale_x = torch.tensor([entry.width / hw[1] for entry, hw in zip(entries, content)], dtype=torch.float64)
+        scale_y = torch.tensor([entry.height / hw[0] for entry, hw in zip(entries, content)], dtype=torch.float64)
+        per_image: List[List[Tuple[str, FrameMap, np.ndarray, np.ndarray]]] = [[] for _ in entries]
+        codes_cache: Dict[Tuple[Any, Tuple[int, int]], Tuple[np.ndarray, torch.Tensor]] = {}
+        for record in reversed(records):  # top layer first
+            geometry = geometries[record.name]
+            if self.units == "cells":
+                cell: Tuple[Any, Any] = (1.0, 1.0)
+            else:
+                cell = (geometry.input_frame.stride_y * scale_y, geometry.input_frame.stride_x * scale_x)
+            # Distances in float32 or the offsets' own wider precision (~1e-7 relative); the
+            # statistics accumulate in float64.
+            offset = record.offset if record.offset.dtype == torch.float64 else record.offset.float()
+            dilations = effective_dilation(offset, geometry.kernel, geometry.dilation, cell)  # [B, G, Ho, Wo]
+            frames = [geometry.output_frame.scaled(float(sx), float(sy)) for sx, sy in zip(scale_x, scale_y)]
+            key = (geometry.output_frame, geometry.output_hw)
+            if key not in codes_cache:  # layers with the same output cells share their categories
+                codes_np = np.stack(
+                    [
+                        unit_categories(frame, geometry.output_hw, (entry.width, entry.height), entry.boxes, entry.ignore, self.thresholds)
+                        for frame, entry in zip(frames, entries)
+                    ]
+                )
+                codes_cache[key] = (codes_np, torch.from_numpy(codes_np).to(dilations.device))
+            codes_np, codes = codes_cache[key]
+            counts = self.not_counted.setdefault(record.name, np.zeros(2, dtype=np.int64))
+            counts[0] += int((codes_np == IGNORED).sum())
+            counts[1] += int((codes_np == OUTSIDE).sum())
+            rows = (
+                [(f"{record.name}:g{g}", dilations[:, g]) for g in range(dilations.shape[1])]
+                if self.per_group
+                else [(record.name, dilations.mean(dim=1))]
             )
-        return rows
+            for row_name, values in rows:
+                if row_name not in self.stats:
+                    self.stats[row_name] = CategoryStats(len(CATEGORIES), BINS, self.device)
+                self.stats[row_name].update(values, codes)
+                self._add_image_sums(row_name, values, codes, indices)
+                if self.on_image_units is not None:
+                    host = values.cpu().numpy()
+                    for b in range(len(entries)):
+                        per_image[b].append((row_name, frames[b], codes_np[b], host[b]))
+        if self.on_image_units is not None:
+            for index, layers in zip(indices, per_image):
+                self.on_image_units(index, layers)
+
+    def _add_image_sums(self, row_name: str, values: torch.Tensor, codes: torch.Tensor, indices: Sequence[int]) -> None:
+        """Each image's sum and count per category (units in no category left out)."""
+        batch = values.shape[0]
+        slots = len(CATEGORIES)
+        flat_codes = codes.reshape(batch, -1).to(torch.long)
+        keep = flat_codes >= 0
+        slot = (torch.arange(batch, device=flat_codes.device)[:, None] * slots + flat_codes)[keep]
+        sums = torch.bincount(slot, weights=values.reshape(batch, -1)[keep].to(torch.float64), minlength=batch * slots)
+        counts = torch.bincount(slot, minlength=batch * slots)
+        sums_np = sums.reshape(batch, slots).cpu().numpy()
+        counts_np = counts.reshape(batch, slots).cpu().numpy()
+        rows = self.image_sums.setdefault(row_name, [])
+        rows.extend((int(index), sums_np[b], counts_np[b]) for b, index in enumerate(indices))
+
+    def state(self) -> Dict[str, Any]:
+        """A picklable CPU copy, for merging the ranks of a distributed run."""
+        return {
+            "stats": {name: stats.state() for name, stats in self.stats.items()},
+            "not_counted": {name: counts.tolist() for name, counts in self.not_counted.items()},
+            "layers": {name: info.as_dict() for name, info in self.layers.items()},
+            "image_sums": {name: [(i, s.tolist(), c.tolist()) for i, s, c in rows] for name, rows in self.image_sums.items()},
+        }
 
 
-def merge_states(states: Sequence[Dict[str, CategoryStats]]) -> Dict[str, CategoryStats]:
-    """Merge per-layer statistics of several shards, in the given order (layers keep first-seen order)."""
-    merged: Dict[str, CategoryStats] = {}
-    for shard in states:
-        for name, stats in shard.items():
-            if name not in merged:
-                merged[name] = CategoryStats(stats.categories, stats.bins)
-            merged[name].merge_(stats.to("cpu"))
-    return merged
+def table_frame(stats: Dict[str, CategoryStats], units: str) -> pd.DataFrame:
+    """``dilation_table.csv`` rows: every row layer (in the given order) x every category."""
+    rows = []
+    for layer, layer_stats in stats.items():
+        for category, values in zip(CATEGORIES, layer_stats.summary_rows()):
+            rows.append({"layer": layer, "category": category, **values, "units": units})
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)

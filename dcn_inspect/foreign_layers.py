@@ -14,7 +14,7 @@ imported, and nothing here imports them). Two families:
 Every layer records its kernel, stride, padding, dilation and groups from its attributes; the
 offset layout of all of them is the standard one (PAPER.md §1). A subclass counts as its parent
 only if it does not override ``forward`` (an overriding subclass may take other arguments).
-Importing this module appends the adapters to :data:`dcn_inspect.hooks.ADAPTERS`.
+:data:`FOREIGN_ADAPTERS` is what :mod:`dcn_inspect.hooks` tries after its own adapters.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dcn_inspect.geometry import FrameMap, Pair
-from dcn_inspect.hooks import ADAPTERS, LayerAdapter, OffsetCapture, _opaque_hooks
+from dcn_inspect.records import LOOKED_FOR, LayerAdapter, OffsetCapture, opaque_hooks
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,11 @@ FOREIGN_LAYERS: Tuple[ForeignLayer, ...] = (
     ForeignLayer("mmdet", ("mmdet.ops",), "ModulatedDeformConvPack", "conv_offset", True),
     ForeignLayer("detectron2", ("detectron2.layers",), "DeformConv", "arguments", False),
     ForeignLayer("detectron2", ("detectron2.layers",), "ModulatedDeformConv", "arguments", True),
+)
+
+
+LOOKED_FOR.append(
+    "library modules: " + ", ".join(dict.fromkeys(f"{layer.library} {layer.class_name}" for layer in FOREIGN_LAYERS))
 )
 
 
@@ -119,6 +124,7 @@ class ForeignDeformConvAdapter(LayerAdapter):
                 _pair(module.padding),
                 _pair(module.dilation),
                 int(getattr(module, "groups", 1)),
+                weight_shape=tuple(module.weight.shape) if isinstance(getattr(module, "weight", None), torch.Tensor) else None,
             )
             last["frame"] = entry.geometry.output_frame if entry.geometry.method == "hooks" else None
 
@@ -160,13 +166,8 @@ class ForeignDeformConvAdapter(LayerAdapter):
             removers.append(module.register_forward_hook(post_pack).remove)
         # Registered after ours, so the output frame is known when the tracker asks for it.
         frame_of_output: Callable[[], Optional[FrameMap]] = lambda: last["frame"]
-        return removers + _opaque_hooks(module, capture, frame_of_output)
+        return removers + opaque_hooks(module, capture, frame_of_output)
 
 
-def register() -> None:
-    """Append the foreign adapter to :data:`dcn_inspect.hooks.ADAPTERS` (once)."""
-    if not any(isinstance(adapter, ForeignDeformConvAdapter) for adapter in ADAPTERS):
-        ADAPTERS.append(ForeignDeformConvAdapter())
-
-
-register()
+#: The foreign adapters, tried after dcn-inspect's own (see :data:`dcn_inspect.hooks.ADAPTERS`).
+FOREIGN_ADAPTERS: List[LayerAdapter] = [ForeignDeformConvAdapter()]

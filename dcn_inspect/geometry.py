@@ -14,19 +14,73 @@ pad and element-wise op, so any model built from torch ops is covered, including
 models that cannot be traced by torch.fx). Where a layer's input frame cannot be derived,
 the map is inferred from feature-map size versus input size (the official demo's
 ``(p + 0.5) * image_size / map_size``) and the method is recorded as ``"size"``.
+
+A frame belongs to a tensor together with its :class:`MapLayout`: where the map's rows and
+columns are among the tensor's dimensions. Convolutional networks keep ``[N, C, H, W]``
+(``nchw``); InternImage's DCNv3 stages work channels-last ``[N, H, W, C]`` (``nhwc``) and
+FlashInternImage's DCNv4 stages on flattened tokens ``[N, H*W, C]`` (``tokens``, row-major:
+token ``i*W + j`` is cell ``(i, j)``) or ``[N, C, H*W]`` (``tokens_cf``). Permutes,
+transposes and reshapes between these layouts keep the frame; ops that keep a layout's map
+dimensions (a ``Linear`` or ``LayerNorm`` over the channels of an ``nhwc`` map) inherit it.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 Pair = Tuple[int, int]
+
+#: Map layouts (see :class:`MapLayout`).
+NCHW, NHWC, TOKENS, TOKENS_CF = "nchw", "nhwc", "tokens", "tokens_cf"
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    """Where a feature map's rows and columns are in a tensor: ``kind`` and the map size ``hw``.
+
+    ``nchw``: ``[..., C, H, W]``; ``nhwc``: ``[N, H, W, C]``; ``tokens``: ``[N, H*W, C]`` and
+    ``tokens_cf``: ``[N, C, H*W]`` (row-major token order).
+    """
+
+    kind: str
+    hw: Pair
+
+    @staticmethod
+    def of(tensor: torch.Tensor, kind: str = NCHW, hw: Optional[Pair] = None) -> Optional["MapLayout"]:
+        """The layout ``kind`` of ``tensor`` (``hw`` needed for token layouts), or None if it does not fit."""
+        if kind == NCHW and tensor.dim() == 4:
+            layout = MapLayout(NCHW, (int(tensor.shape[2]), int(tensor.shape[3])))
+        elif kind == NHWC and tensor.dim() == 4:
+            layout = MapLayout(NHWC, (int(tensor.shape[1]), int(tensor.shape[2])))
+        elif kind in (TOKENS, TOKENS_CF) and hw is not None:
+            layout = MapLayout(kind, (int(hw[0]), int(hw[1])))
+        else:
+            return None
+        return layout if layout.fits(tensor) else None
+
+    def fits(self, tensor: Any) -> bool:
+        """Whether ``tensor`` holds a map of this layout and size."""
+        if not isinstance(tensor, torch.Tensor):
+            return False
+        shape = tuple(tensor.shape)
+        if self.kind == NCHW:
+            return len(shape) == 4 and shape[2:] == self.hw
+        if self.kind == NHWC:
+            return len(shape) == 4 and shape[1:3] == self.hw
+        cells = self.hw[0] * self.hw[1]
+        if self.kind == TOKENS:
+            return len(shape) == 3 and shape[1] == cells
+        return len(shape) == 3 and shape[2] == cells  # TOKENS_CF
+
+    def map_axes(self) -> Tuple[int, ...]:
+        """The tensor dimensions that hold the map: (rows, columns), or (tokens,)."""
+        return {NCHW: (2, 3), NHWC: (1, 2), TOKENS: (1,), TOKENS_CF: (2,)}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -154,23 +208,36 @@ def _pool_frame(frame: FrameMap, args: Sequence[Any], kwargs: Dict[str, Any], wi
     return frame.conv_output(kernel, stride, padding, dilation)
 
 
-def _pad_frame(frame: FrameMap, args: Sequence[Any], kwargs: Dict[str, Any]) -> FrameMap:
-    pad = list(_arg(args, kwargs, 1, "pad", ()))
-    left = pad[0] if len(pad) > 0 else 0
-    top = pad[2] if len(pad) > 2 else 0
-    return frame.padded(left, top)
+def _pad_frame(frame: FrameMap, layout: "MapLayout", ndim: int, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[FrameMap]:
+    """``F.pad``: pair k of ``pad`` pads dimension ``ndim - 1 - k`` (before, after)."""
+    if layout.kind not in (NCHW, NHWC):
+        return None
+    pad = [int(v) for v in _arg(args, kwargs, 1, "pad", ())]
+    rows, cols = layout.map_axes()
+
+    def before(axis: int) -> int:
+        k = ndim - 1 - axis
+        return pad[2 * k] if len(pad) > 2 * k else 0
+
+    return frame.padded(before(cols), before(rows))
+
+
+def _method_and_function(name: str) -> set:
+    found = set()
+    for owner in (torch, torch.Tensor):
+        function = getattr(owner, name, None)
+        if function is not None:
+            found.add(function)
+    return found
 
 
 _CONV_FUNCS = {torch.conv2d, F.conv2d}
 _MAXPOOL_FUNCS = {F.max_pool2d, torch.max_pool2d, torch.nn.functional.max_pool2d_with_indices}
 _AVGPOOL_FUNCS = {F.avg_pool2d, torch._C._nn.avg_pool2d}
 _PAD_FUNCS = {F.pad, torch._C._nn.pad, torch.constant_pad_nd}
-
-
-def _spatial(t: Any) -> Optional[Pair]:
-    if isinstance(t, torch.Tensor) and t.dim() == 4:
-        return (t.shape[2], t.shape[3])
-    return None
+_PERMUTE_FUNCS = _method_and_function("permute")
+_TRANSPOSE_FUNCS = set().union(*(_method_and_function(n) for n in ("transpose", "swapaxes", "swapdims")))
+_RESHAPE_FUNCS = set().union(*(_method_and_function(n) for n in ("view", "reshape", "flatten", "unflatten")))
 
 
 def _flat_tensors(obj: Any) -> Iterable[torch.Tensor]:
@@ -184,23 +251,81 @@ def _flat_tensors(obj: Any) -> Iterable[torch.Tensor]:
             yield from _flat_tensors(item)
 
 
+def _permutation(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any], ndim: int) -> Optional[List[int]]:
+    """Output dimension i = input dimension perm[i], for a permute or transpose call."""
+    try:
+        if func in _PERMUTE_FUNCS:
+            dims = list(args[1:]) if len(args) > 1 else list(kwargs.get("dims", ()))
+            if len(dims) == 1 and isinstance(dims[0], (list, tuple, torch.Size)):
+                dims = list(dims[0])
+            perm = [int(d) % ndim for d in dims]
+            return perm if sorted(perm) == list(range(ndim)) else None
+        first = _arg(args, kwargs, 1, "dim0", None)
+        second = _arg(args, kwargs, 2, "dim1", None)
+        if first is None or second is None:
+            return None
+        a, b = int(first) % ndim, int(second) % ndim
+        perm = list(range(ndim))
+        perm[a], perm[b] = b, a
+        return perm
+    except (TypeError, ValueError):
+        return None
+
+
+def _permuted_layout(layout: "MapLayout", perm: List[int]) -> Optional["MapLayout"]:
+    """The layout after moving input dimension perm[i] to output dimension i (batch stays first)."""
+    if not perm or perm[0] != 0:
+        return None
+    axes = tuple(perm.index(axis) for axis in layout.map_axes())
+    kind = {(2, 3): NCHW, (1, 2): NHWC, (1,): TOKENS, (2,): TOKENS_CF}.get(axes)
+    if kind is None or (len(perm) == 4) != (kind in (NCHW, NHWC)):
+        return None
+    return MapLayout(kind, layout.hw)
+
+
+def _reshaped_layout(layout: "MapLayout", source: torch.Tensor, out: torch.Tensor) -> Optional["MapLayout"]:
+    """The layout after a view/reshape/flatten that merges or splits the map's rows and columns."""
+    if layout.fits(out) and out.shape[0] == source.shape[0] and out.dim() == source.dim():
+        return layout
+    height, width = layout.hw
+    shape, new = tuple(source.shape), tuple(out.shape)
+    if new[:1] != shape[:1]:
+        return None
+    if layout.kind == NHWC and new == (shape[0], height * width, shape[3]):
+        return MapLayout(TOKENS, layout.hw)
+    if layout.kind == NCHW and len(shape) == 4 and new == (shape[0], shape[1], height * width):
+        return MapLayout(TOKENS_CF, layout.hw)
+    if layout.kind == TOKENS and new == (shape[0], height, width, shape[2]):
+        return MapLayout(NHWC, layout.hw)
+    if layout.kind == TOKENS_CF and new == (shape[0], shape[1], height, width):
+        return MapLayout(NCHW, layout.hw)
+    return None
+
+
 class FrameTracker(TorchFunctionMode):
     """Propagates :class:`FrameMap` s through one forward pass.
 
-    Convs, pools and pads apply their arithmetic; any other op whose 4-D output has the same
-    spatial size as a 4-D input with a known frame inherits that frame (activations, norms,
-    residual sums, channel concatenations, chunks). Anything else (resizes, flattening)
-    loses the frame. Deformable modules are registered with :meth:`enter_opaque` /
-    :meth:`exit_opaque` so the ops inside them are skipped and the module's own conv
-    arithmetic is applied instead.
+    Convs, pools and pads apply their arithmetic; permutes, transposes and reshapes move a
+    map between its layouts (:class:`MapLayout`); any other op whose output holds a map of the
+    same layout and size as an input with a known frame inherits that frame (activations,
+    norms, residual sums, channel concatenations, chunks, ``Linear`` layers over channels-last
+    maps). Anything else (resizes, pooling to vectors) loses the frame. Deformable modules and
+    ops are registered with :meth:`enter_opaque` / :meth:`exit_opaque` so the ops inside them
+    are skipped and the layer's own conv arithmetic is applied instead (:meth:`set_frame` on
+    its output).
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._frames: Dict[int, Tuple["weakref.ReferenceType[torch.Tensor]", FrameMap]] = {}
+        self._frames: Dict[int, Tuple["weakref.ReferenceType[torch.Tensor]", FrameMap, MapLayout]] = {}
         self._opaque_depth = 0
 
-    def set_frame(self, tensor: torch.Tensor, frame: FrameMap) -> None:
+    def set_frame(self, tensor: torch.Tensor, frame: FrameMap, layout: Optional[MapLayout] = None) -> None:
+        """Declare ``tensor``'s frame; ``layout`` defaults to ``nchw`` (a 4-D tensor)."""
+        if layout is None:
+            layout = MapLayout.of(tensor, NCHW)
+            if layout is None:
+                return
         # Weak references: keeping every intermediate activation alive for the whole forward
         # would multiply a large model's memory. A dead tensor's id may be reused by a new
         # tensor, so lookups check that the reference still points at the very same object.
@@ -212,13 +337,21 @@ class FrameTracker(TorchFunctionMode):
             if entry is not None and entry[0] is ref:
                 del frames[key]
 
-        frames[key] = (weakref.ref(tensor, forget), frame)
+        frames[key] = (weakref.ref(tensor, forget), frame, layout)
 
-    def frame_of(self, tensor: Any) -> Optional[FrameMap]:
+    def _entry(self, tensor: Any) -> Optional[Tuple[FrameMap, MapLayout]]:
         if not isinstance(tensor, torch.Tensor):
             return None
         entry = self._frames.get(id(tensor))
-        return entry[1] if entry is not None and entry[0]() is tensor else None
+        return (entry[1], entry[2]) if entry is not None and entry[0]() is tensor else None
+
+    def frame_of(self, tensor: Any) -> Optional[FrameMap]:
+        entry = self._entry(tensor)
+        return entry[0] if entry is not None else None
+
+    def layout_of(self, tensor: Any) -> Optional[MapLayout]:
+        entry = self._entry(tensor)
+        return entry[1] if entry is not None else None
 
     def enter_opaque(self) -> None:
         self._opaque_depth += 1
@@ -231,33 +364,49 @@ class FrameTracker(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self._opaque_depth > 0:
             return out
-        inputs = list(_flat_tensors(args)) + list(_flat_tensors(kwargs))
-        known = [(t, self.frame_of(t)) for t in inputs if self.frame_of(t) is not None and _spatial(t) is not None]
+        known: List[Tuple[torch.Tensor, FrameMap, MapLayout]] = []
+        for t in list(_flat_tensors(args)) + list(_flat_tensors(kwargs)):
+            entry = self._entry(t)
+            if entry is not None:
+                known.append((t, entry[0], entry[1]))
         if not known:
             return out
-        first_tensor, first_frame = known[0]
-        assert first_frame is not None
+        first_tensor, first_frame, first_layout = known[0]
         if func in _CONV_FUNCS:
-            frame = _conv_frame(first_frame, args, kwargs, out)
+            frame = _conv_frame(first_frame, args, kwargs, out) if first_layout.kind == NCHW else None
             if frame is not None and isinstance(out, torch.Tensor):
                 self.set_frame(out, frame)
             return out
         if func in _MAXPOOL_FUNCS or func in _AVGPOOL_FUNCS:
+            if first_layout.kind != NCHW:
+                return out
             frame = _pool_frame(first_frame, args, kwargs, with_dilation=func in _MAXPOOL_FUNCS)
             for t in _flat_tensors(out):
-                if _spatial(t) is not None:
+                if t.dim() == 4:
                     self.set_frame(t, frame)
             return out
         if func in _PAD_FUNCS:
-            if isinstance(out, torch.Tensor):
-                self.set_frame(out, _pad_frame(first_frame, args, kwargs))
+            frame = _pad_frame(first_frame, first_layout, first_tensor.dim(), args, kwargs)
+            if frame is not None and isinstance(out, torch.Tensor):
+                layout = MapLayout.of(out, first_layout.kind)
+                if layout is not None:
+                    self.set_frame(out, frame, layout)
+            return out
+        if (func in _PERMUTE_FUNCS or func in _TRANSPOSE_FUNCS) and isinstance(out, torch.Tensor) and args and args[0] is first_tensor:
+            perm = _permutation(func, args, kwargs, first_tensor.dim())
+            layout = _permuted_layout(first_layout, perm) if perm is not None else None
+            if layout is not None and layout.fits(out):
+                self.set_frame(out, first_frame, layout)
+            return out
+        if func in _RESHAPE_FUNCS and isinstance(out, torch.Tensor) and args and args[0] is first_tensor:
+            layout = _reshaped_layout(first_layout, first_tensor, out)
+            if layout is not None:
+                self.set_frame(out, first_frame, layout)
             return out
         for t in _flat_tensors(out):
-            hw = _spatial(t)
-            if hw is None:
-                continue
-            for source, frame in known:
-                if _spatial(source) == hw:
-                    self.set_frame(t, frame)  # type: ignore[arg-type]
+            for source, frame, layout in known:
+                # Channels-first maps keep today's rule (any leading size); the others must keep the batch.
+                if layout.fits(t) and (layout.kind == NCHW or t.shape[0] == source.shape[0]):
+                    self.set_frame(t, frame, layout)
                     break
         return out

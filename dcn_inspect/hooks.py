@@ -5,165 +5,47 @@ call, the offset tensor and mask passed to the op, the layer's qualified name an
 kernel/stride/padding/dilation/groups, together with the exact frame geometry of its input
 (see :mod:`dcn_inspect.geometry`). Model outputs are unchanged and every hook is removed on
 exit. RoI-pooling layers (deformable RoI pooling, deformable PS RoI pooling) are recorded
-the same way with their RoIs and normalised offsets.
+the same way with their RoIs and normalised offsets. The record types live in
+:mod:`dcn_inspect.records`.
 
-Layers are recognised through adapters (:class:`LayerAdapter`): ours report their offsets
-through the observer mechanism of :mod:`dcn_inspect.ops.modules`; foreign layers
-(torchvision / mmcv) are matched by class name, without importing those libraries, and read
-their offsets from the call arguments or from their ``conv_offset`` branch.
+Two levels of capture, and no call counted twice:
+
+* module level, through adapters (:class:`~dcn_inspect.records.LayerAdapter`): ours report
+  their offsets through the observer mechanism of :mod:`dcn_inspect.ops.modules`; foreign
+  layers (torchvision / mmcv / mmdetection / detectron2, :mod:`dcn_inspect.foreign_layers`) are
+  matched by class name, without importing those libraries, and read their offsets from the
+  call arguments or from their ``conv_offset`` branch; DCNv3 / DCNv4 layers
+  (:mod:`dcn_inspect.internimage_layers`) are converted into the standard layout;
+* op level (:mod:`dcn_inspect.op_capture`): every other deformable-conv op call the forward
+  makes (a research module calling ``torchvision.ops.deform_conv2d`` with its own offset and
+  modulator convs), named after the innermost module whose forward made the call.
+
+:func:`forward` calls a model the way every command does: an exception the model raises (the
+user's code, or an input it cannot take) becomes a one-line :class:`~dcn_inspect.errors.InputError`
+naming the model and quoting the exception, instead of a crash.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
 
 from dcn_inspect.errors import InputError
-from dcn_inspect.geometry import FrameMap, FrameTracker, LayerGeometry, Pair
+from dcn_inspect.foreign_layers import FOREIGN_ADAPTERS
+from dcn_inspect.geometry import FrameMap, FrameTracker
+from dcn_inspect.internimage_layers import INTERNIMAGE_ADAPTERS
+from dcn_inspect.op_capture import capture_ops
 from dcn_inspect.ops import modules as ours
+from dcn_inspect.records import LOOKED_FOR, DeformConvRecord, LayerAdapter, OffsetCapture, RoIPoolRecord, opaque_hooks
+
+__all__ = ["ADAPTERS", "ModelRaised", "Probe", "capture_offsets", "forward", "probe", "DeformConvRecord", "RoIPoolRecord", "OffsetCapture"]
 
 
-@dataclass
-class DeformConvRecord:
-    """One call of a deformable conv layer."""
-
-    name: str
-    module_type: str
-    offset: torch.Tensor  # [B, 2*G*kh*kw, Hout, Wout], dy then dx per kernel point
-    mask: Optional[torch.Tensor]  # [B, G*kh*kw, Hout, Wout] after the sigmoid, or None
-    groups: int
-    offset_groups: int
-    geometry: LayerGeometry
-
-    @property
-    def modulated(self) -> bool:
-        return self.mask is not None
-
-    @property
-    def kernel_points(self) -> int:
-        return self.geometry.kernel[0] * self.geometry.kernel[1]
-
-
-@dataclass
-class RoIPoolRecord:
-    """One call of a deformable RoI pooling layer (plain or position-sensitive)."""
-
-    name: str
-    module_type: str
-    kind: str  # "roi_pool" (mmcv DeformRoIPool layout) or "psroi_pool" (R-FCN)
-    rois: torch.Tensor  # [R, 5] (batch_index, x1, y1, x2, y2) in model-input pixels
-    offset: Optional[torch.Tensor]  # normalised offsets, x first: [R, 2, ph, pw] or [R, 2*C, part, part]
-    params: Dict[str, Any]
-    input_hw: Pair
-    input_frame: Optional[FrameMap]
-
-
-@dataclass
-class OffsetCapture:
-    """What :func:`capture_offsets` collected; layers in call order."""
-
-    convs: Dict[str, DeformConvRecord] = field(default_factory=dict)
-    roi_pools: Dict[str, RoIPoolRecord] = field(default_factory=dict)
-    tracker: Optional[FrameTracker] = None
-    input_hw: Optional[Pair] = None
-
-    def watch_input(self, images: torch.Tensor) -> None:
-        """Declare the model-input image batch [B, 3, H, W] (its frame is the image's)."""
-        self.input_hw = (images.shape[-2], images.shape[-1])
-        if self.tracker is not None:
-            self.tracker.set_frame(images, FrameMap.image())
-
-    def input_frame(self, tensor: torch.Tensor) -> Tuple[FrameMap, str]:
-        frame = self.tracker.frame_of(tensor) if self.tracker is not None else None
-        if frame is not None:
-            return frame, "hooks"
-        if self.input_hw is None:
-            raise RuntimeError("capture_offsets: call watch_input(images) before the forward pass")
-        return FrameMap.from_sizes(self.input_hw, tensor.shape[-2:]), "size"
-
-    def _unique(self, table: Dict[str, Any], name: str) -> str:
-        if name not in table:
-            return name
-        k = 2
-        while f"{name}#{k}" in table:
-            k += 1
-        return f"{name}#{k}"
-
-    def add_conv(
-        self,
-        name: str,
-        module: nn.Module,
-        input: torch.Tensor,
-        offset: torch.Tensor,
-        mask: Optional[torch.Tensor],
-        kernel: Pair,
-        stride: Pair,
-        padding: Pair,
-        dilation: Pair,
-        groups: int,
-    ) -> DeformConvRecord:
-        frame, method = self.input_frame(input)
-        kernel_points = kernel[0] * kernel[1]
-        geometry = LayerGeometry(
-            kernel=kernel,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            input_hw=(input.shape[-2], input.shape[-1]),
-            output_hw=(offset.shape[-2], offset.shape[-1]),
-            input_frame=frame,
-            method=method,
-        )
-        record = DeformConvRecord(
-            name=self._unique(self.convs, name),
-            module_type=type(module).__name__,
-            offset=offset.detach(),
-            mask=None if mask is None else mask.detach(),
-            groups=groups,
-            offset_groups=offset.shape[1] // (2 * kernel_points),
-            geometry=geometry,
-        )
-        if not bool(torch.isfinite(record.offset).all()) or (record.mask is not None and not bool(torch.isfinite(record.mask).all())):
-            # Tracing or measuring NaN offsets gives silent garbage: stop and name the layer.
-            raise InputError(
-                f"layer {record.name}: its offsets came out non-finite (NaN/Inf); the checkpoint's weights or the input are broken"
-            )
-        self.convs[record.name] = record
-        return record
-
-
-class LayerAdapter:
-    """Teaches :func:`capture_offsets` to recognise one family of deformable layers."""
-
-    def matches(self, module: nn.Module) -> bool:
-        raise NotImplementedError
-
-    def attach(self, name: str, module: nn.Module, capture: OffsetCapture) -> List[Callable[[], None]]:
-        """Install hooks; return callables that remove them."""
-        raise NotImplementedError
-
-
-def _opaque_hooks(module: nn.Module, capture: OffsetCapture, output_frame: Callable[[], Optional[FrameMap]]) -> List[Callable[[], None]]:
-    """Make the module opaque to the frame tracker and give its output the module's frame."""
-    tracker = capture.tracker
-    if tracker is None:
-        return []
-
-    def pre(mod: nn.Module, args: Any) -> None:
-        tracker.enter_opaque()
-
-    def post(mod: nn.Module, args: Any, out: Any) -> None:
-        tracker.exit_opaque()
-        frame = output_frame()
-        if frame is not None and isinstance(out, torch.Tensor):
-            tracker.set_frame(out, frame)
-
-    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    return [h.remove for h in handles]
+LOOKED_FOR.insert(0, "dcn-inspect modules: DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack")
 
 
 class OurDeformConvAdapter(LayerAdapter):
@@ -178,12 +60,13 @@ class OurDeformConvAdapter(LayerAdapter):
 
         def observer(mod: ours.DeformConv2d, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
             record = capture.add_conv(
-                name, mod, input, offset, mask, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.groups
+                name, mod, input, offset, mask, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.groups,
+                weight_shape=tuple(mod.weight.shape),
             )
             last["frame"] = record.geometry.output_frame if record.geometry.method == "hooks" else None
 
         module._offset_observers.append(observer)
-        removers = _opaque_hooks(module, capture, lambda: last["frame"])
+        removers = opaque_hooks(module, capture, lambda: last["frame"])
         return [lambda: module._offset_observers.remove(observer)] + removers
 
 
@@ -232,17 +115,19 @@ class OurRoIPoolAdapter(LayerAdapter):
         return [lambda: module._offset_observers.remove(observer)]  # type: ignore[union-attr]
 
 
-#: Adapters tried in order for every submodule; :mod:`dcn_inspect.foreign_layers` may extend it.
-ADAPTERS: List[LayerAdapter] = [OurDeformConvAdapter(), OurRoIPoolAdapter()]
+#: Adapters tried in order for every submodule: dcn-inspect's own layers, then the foreign ones.
+ADAPTERS: List[LayerAdapter] = [OurDeformConvAdapter(), OurRoIPoolAdapter(), *FOREIGN_ADAPTERS, *INTERNIMAGE_ADAPTERS]
 
 
 @contextlib.contextmanager
-def capture_offsets(model: nn.Module, track_frames: bool = True) -> Iterator[OffsetCapture]:
-    """Record the offsets of every deformable layer of ``model`` during the enclosed forward.
+def capture_offsets(model: nn.Module, track_frames: bool = True, tracker: Optional[FrameTracker] = None) -> Iterator[OffsetCapture]:
+    """Record the offsets of every deformable layer and op call of ``model`` during the enclosed forward.
 
     Call ``capture.watch_input(images)`` before ``model(images)`` so frames can be derived.
+    ``tracker`` replaces the default :class:`FrameTracker` (e.g. a subclass that follows more
+    than frames); it is ignored without ``track_frames``.
     """
-    capture = OffsetCapture(tracker=FrameTracker() if track_frames else None)
+    capture = OffsetCapture(tracker=(tracker or FrameTracker()) if track_frames else None)
     removers: List[Callable[[], None]] = []
     try:
         for name, module in model.named_modules():
@@ -250,10 +135,10 @@ def capture_offsets(model: nn.Module, track_frames: bool = True) -> Iterator[Off
                 if adapter.matches(module):
                     removers.extend(adapter.attach(name or type(module).__name__, module, capture))
                     break
-        if capture.tracker is not None:
-            with capture.tracker:
-                yield capture
-        else:
+        with contextlib.ExitStack() as stack:
+            if capture.tracker is not None:
+                stack.enter_context(capture.tracker)
+            stack.enter_context(capture_ops(model, capture))  # inside the tracker: sees op calls first
             yield capture
     finally:
         for remove in reversed(removers):
@@ -272,14 +157,35 @@ class Probe:
         return self.capture.convs
 
 
-def probe(model: nn.Module, images: torch.Tensor, **forward_kwargs: Any) -> Probe:
-    """Run ``model(images)`` in eval/no-grad mode and return its output with the captured offsets."""
+class ModelRaised(InputError):
+    """The model's forward raised; ``original`` is its exception (the message quotes it)."""
+
+    def __init__(self, message: str, original: BaseException) -> None:
+        super().__init__(message, param="model")
+        self.original = original
+
+
+def forward(model: nn.Module, images: torch.Tensor, model_name: Optional[str] = None, **forward_kwargs: Any) -> Any:
+    """``model(images, **forward_kwargs)``; an exception from the model becomes :class:`ModelRaised`
+    ("<model>: the model raised <type> in its forward: <message>"). Our own input errors pass
+    through unchanged; running out of memory says so."""
+    try:
+        return model(images, **forward_kwargs)
+    except InputError:
+        raise
+    except MemoryError as exc:
+        shape = "x".join(str(n) for n in images.shape)
+        raise ModelRaised(f"{model_name or type(model).__name__}: out of memory in the forward of a {shape} input (lower `max_pixels` or `resize`)", exc) from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the model's code raises is reported as the model's
+        text = str(exc).strip()
+        first = text.splitlines()[0][:300] if text else ""
+        raise ModelRaised(f"{model_name or type(model).__name__}: the model raised {type(exc).__name__} in its forward" + (f": {first}" if first else ""), exc) from exc
+
+
+def probe(model: nn.Module, images: torch.Tensor, *, model_name: Optional[str] = None, **forward_kwargs: Any) -> Probe:
+    """Run ``model(images)`` in eval/no-grad mode and return its output with the captured offsets
+    (see :func:`forward` for what happens when the model raises)."""
     with torch.no_grad(), capture_offsets(model) as capture:
         capture.watch_input(images)
-        output = model(images, **forward_kwargs)
+        output = forward(model, images, model_name, **forward_kwargs)
     return Probe(output=output, capture=capture)
-
-
-# Foreign layers (torchvision, mmcv, mmdetection 1.x, detectron2): importing the module appends
-# its adapter to ADAPTERS. At the bottom because it imports the names defined above.
-from dcn_inspect import foreign_layers  # noqa: E402,F401

@@ -9,28 +9,44 @@
   ``stem.conv1`` -> ``conv1``/``bn1``, ``resN.i`` -> ``layer{N-1}.i``, ``convK.norm`` -> ``bnK``,
   ``shortcut`` -> ``downsample.0/1``, ``conv2_offset`` -> ``conv2.conv_offset``.
 
-The structure (depth, width, deformable stages, v1/v2, offset groups) is read from the weights.
-Modulated offset branches need no reordering: detectron2 and mmdetection v1 split the branch's
-output as [first 2N channels: offsets | last N: mask logits], and mmcv's
-``chunk(3)`` + ``cat`` of the first two chunks is the same split, which
+The structure (depth, width, ResNeXt groups and width per group, deformable stages, v1/v2,
+offset groups) is read from the weights. An offset branch whose channel count fits both v1 and
+v2 (108 = 2 x 9 x 6 = 3 x 9 x 4) is read as the embedded config says (``dcn=dict(type=...,
+deform_groups=...)``); without one, as the reading whose group count divides the width of
+every deformable conv (108 on 128..512-wide convs: DCNv2 with 4 groups), and as DCNv2 when both
+do. Modulated offset branches need no reordering: detectron2 and mmdetection v1 split the
+branch's output as [first 2N channels: offsets | last N: mask logits], and mmcv's ``chunk(3)``
++ ``cat`` of the first two chunks is the same split, which
 :class:`~dcn_inspect.ops.modules.ModulatedDeformConv2dPack` uses. What the weights cannot tell
 -- stride placement and input channel order -- follows each library's defaults (detectron2:
 stride on the 1x1 conv, BGR input in 0-255 minus the pixel mean; mmdetection: pytorch style,
 RGB ImageNet normalisation, caffe style when its embedded config says so). BGR weights are made
 RGB by reversing the input channels of ``conv1``, so every model takes the same RGB input.
 
-Keys outside the backbone (necks, heads) are reported and ignored; missing or unexpected
-backbone keys are shown as a table on stderr followed by a one-line error.
+Layer names are the checkpoint's: mmdetection's without ``backbone.`` (``layer4.0.conv2``),
+detectron2's ``res2..res5`` stages (``res5.0.conv2``; the model is built with those stage
+names). Preprocessing is the framework's (:class:`~dcn_inspect.models.registry.Preprocess`):
+mmdetection: cv2 bilinear keep-ratio resize to 1333x800 with mmcv's rounding, zero padding to
+the config's ``size_divisor`` (32 without one); detectron2: ``ResizeShortestEdge`` 800/1333
+(Pillow bilinear, its rounding), padding to 32 for FPN models (``backbone.bottom_up.``), none
+for C4 and bare backbones (detectron2's ``size_divisibility``).
+
+Keys outside the backbone (necks, heads: every model-zoo file has them) are ignored quietly:
+one line in ``summary.json`` (``import.ignored``), the key table logged at INFO on the
+``dcn_inspect`` logger (the CLI prints it with ``--verbose``); missing or unexpected backbone
+keys are a one-line error whose ``details`` carry the full :class:`KeyReport`.
 
 :func:`load_user_file` loads ``path/to/file.py:function``: a user function returning an
 ``nn.Module`` (optionally with ``--weights``). The file may define ``PREPROCESS`` (a dict with
-``mean``, ``std``, ``resize``, ``max_size``) to describe its input normalisation.
+``mean``, ``std``, ``resize``, ``max_size``, ``interpolation``, ``size_rule``, ``size_divisor``)
+to describe its input preprocessing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import re
 import sys
 from collections import Counter
@@ -42,12 +58,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcn_inspect.checkpoint import is_native, read_checkpoint_file, sha256_file
+from dcn_inspect.checkpoint import is_native, missing_file_reason, read_checkpoint_file, sha256_file
 from dcn_inspect.errors import InputError
-from dcn_inspect.loading import LoadedModel
+from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.models import registry
 from dcn_inspect.models.registry import Preprocess
 from dcn_inspect.models.resnet import BLOCKS_PER_STAGE, RESNET_ARCHITECTURES
+
+#: Details for those who ask (the CLI's ``--verbose``): e.g. the key table of a checkpoint.
+logger = logging.getLogger("dcn_inspect")
+
+#: detectron2's stage names, in order (the model is built with them: records say ``res5.0.conv2``).
+D2_STAGES = ("res2", "res3", "res4", "res5")
 
 #: detectron2's default PIXEL_MEAN (BGR order, 0-255) with PIXEL_STD 1, expressed for our RGB
 #: [0, 1] input: the same per-colour means, divided by 255, and std 1/255.
@@ -162,6 +184,8 @@ def convert_detectron2(state: Dict[str, torch.Tensor]) -> ConvertedWeights:
             if not re.match(r"^(?:res[2-5]\.\d+|stem)\.", rest):
                 continue
             name = rest  # a backbone key; kept as is (-> "unexpected") unless a rule renames it
+            converted.meta.setdefault("prefixes", {})
+            converted.meta["prefixes"][prefix] = converted.meta["prefixes"].get(prefix, 0) + 1
             for pattern, template in _D2_RULES:
                 match = pattern.match(rest)
                 if match:
@@ -187,8 +211,8 @@ def _put(converted: ConvertedWeights, name: str, original: str, value: torch.Ten
 # ----------------------------------------------------------------------------- structure
 
 
-def infer_resnet_config(converted: ConvertedWeights, path: Path, modulated_hint: Optional[bool] = None) -> Dict[str, Any]:
-    """Depth, width, deformable stages, v1/v2 and offset groups of a converted ResNet backbone."""
+def infer_resnet_config(converted: ConvertedWeights, path: Path, modulated_hint: Optional[bool] = None, groups_hint: Optional[int] = None) -> Dict[str, Any]:
+    """Depth, width, ResNeXt groups, deformable stages, v1/v2 and offset groups of a converted ResNet backbone."""
     weights = converted.backbone
     stem = weights.get("conv1.weight")
     if stem is None or stem.dim() != 4:
@@ -201,54 +225,108 @@ def infer_resnet_config(converted: ConvertedWeights, path: Path, modulated_hint:
     if depth is None:
         supported = ", ".join(f"ResNet-{d} {list(c)}" for d, c in BLOCKS_PER_STAGE.items())
         raise InputError(f"{path}: backbone has {blocks} blocks per stage; supported: {supported}")
+    base_channels = int(stem.shape[0])
+    config: Dict[str, Any] = {"depth": depth, "base_channels": base_channels}
+    config.update(_resnext_widths(weights, base_channels, path))
     offsets = {k: v for k, v in weights.items() if k.endswith("conv2.conv_offset.weight")}
     dcn_stages = [any(k.startswith(f"layer{s}.") for k in offsets) for s in range(1, 5)]
-    modulated, deform_groups = False, 1
+    modulated, offset_groups = False, 1
     if offsets:
         shapes = {tuple(v.shape[:1]) + tuple(v.shape[2:]) for v in offsets.values()}
         if len(shapes) > 1:
             raise InputError(f"{path}: offset branches of different sizes {sorted(shapes)}; one v1/v2 setting per model is supported")
         channels, kh, kw = next(iter(shapes))
-        modulated, deform_groups = _offset_kind(channels, kh * kw, modulated_hint, path)
-    return {
-        "depth": depth,
-        "base_channels": int(stem.shape[0]),
-        "dcn_stages": dcn_stages,
-        "modulated": modulated,
-        "deform_groups": deform_groups,
-    }
+        widths = sorted({int(v.shape[1]) for v in offsets.values()})  # input channels = the deformable convs' width
+        modulated, offset_groups = _offset_kind(channels, kh * kw, modulated_hint, path, widths, groups_hint)
+    config.update(dcn_stages=dcn_stages, modulated=modulated, offset_groups=offset_groups)
+    return config
 
 
-def _offset_kind(channels: int, kernel_points: int, hint: Optional[bool], path: Path) -> Tuple[bool, int]:
-    """(modulated, offset groups) from an offset branch's output channels (2N or 3N per group)."""
+def _resnext_widths(weights: Dict[str, torch.Tensor], base_channels: int, path: Path) -> Dict[str, Any]:
+    """``groups`` and ``width_per_group`` of a ResNeXt (nothing for a plain ResNet), from the 3x3 convs."""
+    conv2 = weights.get("layer1.0.conv2.weight")
+    if conv2 is None or conv2.dim() != 4:
+        return {}
+    width = int(conv2.shape[0])
+    groups = max(1, width // max(1, int(conv2.shape[1])))
+    if groups == 1 and width == base_channels:
+        return {}
+    if width % groups:
+        raise InputError(f"{path}: layer1.0.conv2 has {width} channels, not a multiple of its {groups} groups")
+    return {"groups": groups, "width_per_group": width // groups}
+
+
+def _offset_kind(
+    channels: int,
+    kernel_points: int,
+    hint: Optional[bool],
+    path: Path,
+    widths: Optional[List[int]] = None,
+    groups_hint: Optional[int] = None,
+) -> Tuple[bool, int]:
+    """(modulated, offset groups) from an offset branch's output channels (2N or 3N per group).
+
+    When both readings fit: the config's ``type`` / ``deform_groups`` (``hint``, ``groups_hint``)
+    decide; else the reading whose group count divides every deformable conv's width
+    (``widths``); else (both or neither divide) DCNv2.
+    """
     v1 = channels % (2 * kernel_points) == 0
     v2 = channels % (3 * kernel_points) == 0
     if not v1 and not v2:
         raise InputError(f"{path}: offset branch has {channels} channels, not 2 or 3 x {kernel_points} per offset group")
-    modulated = v2 if v1 != v2 else bool(hint)  # both fit (e.g. 54 = 2x27 = 3x18): the hint decides
-    return modulated, channels // ((3 if modulated else 2) * kernel_points)
+    groups_v1, groups_v2 = channels // (2 * kernel_points), channels // (3 * kernel_points)
+    if v1 != v2:
+        modulated = v2
+    elif hint is not None:
+        modulated = hint
+    elif groups_hint is not None and groups_hint in (groups_v1, groups_v2) and groups_v1 != groups_v2:
+        modulated = groups_hint == groups_v2
+    else:
+        fits_v1 = all(w % groups_v1 == 0 for w in widths or [])
+        fits_v2 = all(w % groups_v2 == 0 for w in widths or [])
+        modulated = fits_v2 or not fits_v1  # the reading that divides the widths; DCNv2 on a tie
+    return modulated, groups_v2 if modulated else groups_v1
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def load_weights(
+@dataclass
+class KeyReport:
+    """How a checkpoint's keys met the model's: what is missing, unexpected or ignored."""
+
+    path: Path
+    missing: List[str]  # model keys the checkpoint lacks
+    unexpected: List[str]  # backbone keys the model lacks (our names)
+    ignored: List[str]  # checkpoint keys outside the backbone (necks, heads, buffers)
+    origin: Dict[str, str] = field(default_factory=dict)  # our name -> checkpoint key
+
+    def rows(self, limit: int = 20) -> List[Tuple[str, str, str]]:
+        """(status, key, checkpoint key or count) rows of the key table, ``limit`` per status."""
+        rows: List[Tuple[str, str, str]] = []
+        for status, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            for key in keys[:limit]:
+                rows.append((status, key if status == "missing" else self.origin.get(key, key), "-" if status == "missing" else ""))
+            if len(keys) > limit:
+                rows.append((status, f"... {len(keys) - limit} more", ""))
+        for prefix, count in sorted(Counter(_prefix(k) for k in self.ignored).items()):
+            rows.append(("ignored (not backbone)", prefix, str(count)))
+        return rows
+
+
+def fit_weights(
     model: nn.Module,
     backbone: Dict[str, torch.Tensor],
     path: Path,
     target: str,
     origin: Optional[Dict[str, str]] = None,
     ignored: Optional[List[str]] = None,
-) -> List[str]:
-    """Load ``backbone`` into ``model``, reporting key problems.
-
-    A shape mismatch is a one-line error naming the key; missing or unexpected keys are shown as
-    a table on stderr, then a one-line error. Missing ``num_batches_tracked`` counters keep the
-    model's value (detectron2's frozen BN has none). ``ignored`` (non-backbone keys) only warn.
-    Returns the warnings printed.
-    """
+) -> Dict[str, torch.Tensor]:
+    """The state dict ``model`` takes from ``backbone``, or a one-line error: a shape mismatch
+    names the key; missing or unexpected keys put the :class:`KeyReport` in ``details["keys"]``.
+    Missing ``num_batches_tracked`` counters keep the model's value (detectron2's frozen BN has
+    none). ``model`` may live on the meta device (checked before the real one is built)."""
     origin = origin or {}
-    ignored = ignored or []
     own = model.state_dict()
     for key, value in backbone.items():
         if key in own and tuple(own[key].shape) != tuple(value.shape):
@@ -261,21 +339,39 @@ def load_weights(
             state[key] = value
     missing = [k for k in own if k not in state]
     unexpected = [k for k in backbone if k not in own]
-    warnings: List[str] = []
-    if missing or unexpected or ignored:
-        print_key_report(path, missing, unexpected, ignored, origin)
     if missing or unexpected:
+        report = KeyReport(Path(path), missing, unexpected, ignored or [], origin)
         examples = ", ".join((missing + [origin.get(k, k) for k in unexpected])[:3])
         raise InputError(
             f"{path}: checkpoint does not fit {target}: {len(missing)} missing and {len(unexpected)} unexpected "
-            f"backbone key(s) (e.g. {examples}; table above)"
+            f"backbone key(s) (e.g. {examples})",
+            details={"keys": report},
         )
+    return state
+
+
+def load_weights(
+    model: nn.Module,
+    backbone: Dict[str, torch.Tensor],
+    path: Path,
+    target: str,
+    origin: Optional[Dict[str, str]] = None,
+    ignored: Optional[List[str]] = None,
+) -> List[str]:
+    """Load ``backbone`` into ``model`` (checked by :func:`fit_weights`). ``ignored``
+    (non-backbone keys) are no error: they give one note (returned, for ``summary.json``) and
+    the :class:`KeyReport` is logged at INFO on the ``dcn_inspect`` logger
+    (``extra={"key_report": ...}``)."""
+    state = fit_weights(model, backbone, path, target, origin, ignored)
+    notes: List[str] = []
     if ignored:
-        message = f"{path}: ignored {len(ignored)} key(s) outside the backbone ({', '.join(_prefix_counts(ignored))})"
-        _stderr().print(f"dcn-inspect: warning: {message}", markup=False, highlight=False)
-        warnings.append(message)
+        # Every detector checkpoint has a neck and heads: one line for summary.json, the table
+        # for those who ask (``--verbose``), no warning on every command.
+        note = f"ignored {len(ignored)} key(s) outside the backbone ({', '.join(_prefix_counts(ignored))})"
+        logger.info("%s: %s", path, note, extra={"key_report": KeyReport(Path(path), [], [], ignored, origin or {})})
+        notes.append(note)
     model.load_state_dict(state, strict=True)
-    return warnings
+    return notes
 
 
 def _prefix(key: str) -> str:
@@ -286,30 +382,6 @@ def _prefix(key: str) -> str:
 def _prefix_counts(keys: List[str]) -> List[str]:
     counts = Counter(_prefix(k) for k in keys)
     return [f"{p} x{n}" if n > 1 else p for p, n in sorted(counts.items())][:6] + (["..."] if len(counts) > 6 else [])
-
-
-def _stderr() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def print_key_report(path: Path, missing: List[str], unexpected: List[str], ignored: List[str], origin: Dict[str, str], limit: int = 20) -> None:
-    """The rich table of missing / unexpected / ignored keys, on stderr."""
-    from rich.table import Table
-
-    table = Table(title=f"checkpoint keys: {path.name}", title_justify="left")
-    table.add_column("status")
-    table.add_column("key (model name)")
-    table.add_column("checkpoint key / count")
-    for status, keys in (("missing", missing), ("unexpected", unexpected)):
-        for key in keys[:limit]:
-            table.add_row(status, key if status == "missing" else origin.get(key, key), "-" if status == "missing" else "")
-        if len(keys) > limit:
-            table.add_row(status, f"... {len(keys) - limit} more", "")
-    for prefix, count in sorted(Counter(_prefix(k) for k in ignored).items()):
-        table.add_row("ignored (not backbone)", prefix, str(count))
-    _stderr().print(table)
 
 
 # ----------------------------------------------------------------------------- input conventions
@@ -336,6 +408,37 @@ def _mmdet_config_text(meta: Dict[str, Any]) -> str:
     return ""
 
 
+def _mmdet_dcn_hints(config_text: str) -> Tuple[Optional[bool], Optional[int]]:
+    """(modulated, deform_groups) from an embedded mmdetection config's ``dcn=dict(...)``, or Nones."""
+    match = re.search(r"dcn\s*=\s*dict\(([^)]*)\)", config_text)
+    if match is None:
+        return None, None
+    body = match.group(1)
+    kind = re.search(r"type\s*=\s*['\"](\w+)['\"]", body)
+    groups = re.search(r"deform(?:able)?_groups\s*=\s*(\d+)", body)
+    modulated = None if kind is None else kind.group(1) in ("DCNv2", "ModulatedDeformConv", "ModulatedDeformConvPack")
+    return modulated, int(groups.group(1)) if groups else None
+
+
+def _mmdet_size_divisor(config_text: str) -> Tuple[int, str]:
+    """The padding divisor of an mmdetection config (``Pad(size_divisor=...)``, mmdet 3's
+    ``pad_size_divisor``) and where it came from; 32 (mmdetection's default) without one."""
+    found = sorted({int(v) for v in re.findall(r"size_divisor\s*=\s*(\d+)", config_text)})
+    if len(found) == 1:
+        return found[0], "embedded config"
+    if len(found) > 1:
+        return 32, f"embedded config has several size divisors {found}; mmdetection's default 32 used"
+    return 32, "mmdetection's default (no size divisor in an embedded config)"
+
+
+def _detectron2_size_divisor(converted: ConvertedWeights) -> Tuple[int, str]:
+    """detectron2 pads to its backbone's ``size_divisibility``: 32 for FPN, 0 for C4 and bare backbones."""
+    prefixes = converted.meta.get("prefixes", {})
+    if "backbone.bottom_up." in prefixes:
+        return 32, "FPN backbone (backbone.bottom_up.*): size_divisibility 32"
+    return 0, "no FPN (C4 or bare backbone): size_divisibility 0"
+
+
 def import_checkpoint(payload: Any, path: Path, name: str, arch: Optional[registry.Architecture]) -> LoadedModel:
     """Load a foreign checkpoint into a built-in architecture (``arch``, or one inferred from the weights)."""
     path = Path(path)
@@ -347,44 +450,74 @@ def import_checkpoint(payload: Any, path: Path, name: str, arch: Optional[regist
         sample = ", ".join(list(state)[:3])
         raise InputError(
             f"{path}: not a dcn-inspect, mmdetection or detectron2 ResNet checkpoint (keys like {sample}); "
-            "for other models use --model path/to/file.py:function --weights FILE"
+            "for other models use `model` path/to/file.py:function `weights` FILE"
         )
     converted = convert_detectron2(state) if layout == "detectron2" else convert_mmdetection(state)
     config_text = _mmdet_config_text(meta)
-    hint = bool(re.search(r"type\s*=\s*['\"]DCNv2['\"]", config_text)) or (bool(arch.default_config.get("modulated")) if arch else None)
-    inferred = infer_resnet_config(converted, path, hint)
+    modulated_hint, groups_hint = _mmdet_dcn_hints(config_text)
+    inferred = infer_resnet_config(converted, path, modulated_hint, groups_hint)
     arch_name = arch.name if arch is not None else f"resnet{inferred['depth']}-dcn-mmdet"
     if arch is None:
         arch = registry.get(arch_name)
     if arch.default_config.get("depth") != inferred["depth"]:
         raise InputError(f"{path}: checkpoint holds a ResNet-{inferred['depth']}, but {arch.name} is a ResNet-{arch.default_config.get('depth')}")
+    paper_setting = RESNET_ARCHITECTURES[arch.name][1] == "paper"
     if layout == "detectron2":
         bgr, mean, std = _detectron2_input(converted.extras)
         inferred["stride_in_1x1"] = True  # detectron2's default (MODEL.RESNETS.STRIDE_IN_1X1)
+        inferred["stage_names"] = list(D2_STAGES)
+        _rename_stages(converted, D2_STAGES)
+        divisor, divisor_source = _detectron2_size_divisor(converted)
+        preprocess = Preprocess(tuple(mean), tuple(std), 800, 1333, "pil-bilinear", "detectron2", divisor)  # type: ignore[arg-type]
+        names = "detectron2's (res2..res5; prefix " + ", ".join(sorted(converted.meta.get("prefixes", {})) or ["none"]) + " dropped)"
     else:
         caffe = bool(re.search(r"style\s*=\s*['\"]caffe['\"]", config_text))
         bgr = caffe
         mean, std = (CAFFE_MEAN_RGB, CAFFE_STD) if caffe else (arch.preprocess.mean, arch.preprocess.std)
         inferred["stride_in_1x1"] = caffe
+        divisor, divisor_source = _mmdet_size_divisor(config_text)
+        preprocess = replace(arch.preprocess, mean=tuple(mean), std=tuple(std), size_divisor=arch.preprocess.size_divisor if paper_setting else divisor)  # type: ignore[arg-type]
+        names = "mmdetection's (prefix backbone. dropped)" if converted.layout == "mmdetection" else "torchvision's"
+    if paper_setting:
+        # The user chose the paper's architecture: its input size and resize, with the file's normalisation.
+        preprocess = replace(arch.preprocess, mean=tuple(mean), std=tuple(std))  # type: ignore[arg-type]
+        divisor_source = f"{arch.name}'s own preprocessing"
     if bgr:
         # conv1 reads our RGB input: reverse its input channels once instead of the image every time.
         converted.backbone["conv1.weight"] = converted.backbone["conv1.weight"].flip(1)
     config = {**arch.default_config, **inferred}
     try:
-        model = arch.build(**config)
-    except (TypeError, ValueError) as exc:
+        # Sized on the meta device and checked against the weights before the real build: a
+        # checkpoint's shapes decide the width, and a hostile one must not cost gigabytes first.
+        skeleton = arch.build_skeleton(**config)
+    except ValueError as exc:
         raise InputError(f"{path}: cannot build {arch.name} for this checkpoint ({exc})") from None
-    warnings = load_weights(model, converted.backbone, path, arch.name, converted.origin, converted.ignored)
-    preprocess = replace(arch.preprocess, mean=tuple(mean), std=tuple(std))  # type: ignore[arg-type]
+    fit_weights(skeleton, converted.backbone, path, arch.name, converted.origin, converted.ignored)
+    del skeleton
+    model = arch.build(**config)
+    notes = load_weights(model, converted.backbone, path, arch.name, converted.origin, converted.ignored)
     import_meta = {
         "layout": converted.layout,
         "wrapper": wrapper or None,
         "backbone_keys": len(converted.backbone),
         "ignored_keys": len(converted.ignored),
+        "ignored": notes[0] if notes else None,
+        "layer_names": names,
         "input_channels": "BGR weights (conv1 input channels reversed to take RGB)" if bgr else "RGB",
-        "warnings": warnings,
+        "size_divisor": divisor_source,
     }
     return LoadedModel(model, name, arch.name, config, preprocess, converted.layout, path, sha256_file(path), {"import": import_meta})
+
+
+def _rename_stages(converted: ConvertedWeights, stage_names: Tuple[str, ...]) -> None:
+    """``layerK.`` keys -> ``stage_names[K-1].`` (the model is built with those stage names)."""
+
+    def rename(key: str) -> str:
+        match = re.match(r"^layer([1-4])\.", key)
+        return stage_names[int(match.group(1)) - 1] + key[len(match.group(0)) - 1 :] if match else key
+
+    converted.backbone = {rename(k): v for k, v in converted.backbone.items()}
+    converted.origin = {rename(k): v for k, v in converted.origin.items()}
 
 
 def _import_plain(state: Dict[str, torch.Tensor], path: Path, name: str, arch: registry.Architecture) -> LoadedModel:
@@ -406,7 +539,7 @@ def _import_user_module(path: Path, spec: str) -> Any:
     module_name = f"dcn_inspect_user_{path.stem}_{digest}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise InputError(f"--model {spec}: cannot import {path} as a Python module")
+        raise InputError(f"{spec}: cannot import {path} as a Python module", param="model")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
     folder = str(path.resolve().parent)
@@ -414,15 +547,22 @@ def _import_user_module(path: Path, spec: str) -> Any:
         sys.path.insert(0, folder)  # let the file import its neighbours
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - the user's code failed: report it as their input problem
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's code failed: report it as their input problem
         sys.modules.pop(module_name, None)
-        raise InputError(f"--model {spec}: importing {path} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise InputError(f"{spec}: importing {path} failed: {_raised(exc)}", param="model") from exc
     return module
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else ""
+
+
+def _raised(exc: BaseException) -> str:
+    """What the user's code raised, in words (``sys.exit`` included: a model file must not end the run)."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {_first_line(exc)}" if _first_line(exc) else type(exc).__name__
 
 
 def _user_preprocess(module: Any, model: nn.Module, spec: str) -> Preprocess:
@@ -437,8 +577,11 @@ def _user_preprocess(module: Any, model: nn.Module, spec: str) -> Preprocess:
         try:
             return Preprocess.from_dict(declared)
         except (TypeError, ValueError) as exc:
-            raise InputError(f"--model {spec}: PREPROCESS is not valid ({exc})") from None
-    raise InputError(f"--model {spec}: PREPROCESS must be a dict with mean, std, resize, max_size")
+            raise InputError(f"{spec}: PREPROCESS is not valid ({exc})", param="model") from None
+    raise InputError(
+        f"{spec}: PREPROCESS must be a dict with mean, std, resize, max_size, interpolation, size_rule, size_divisor, got {type(declared).__name__}",
+        param="model",
+    )
 
 
 def load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:
@@ -446,19 +589,20 @@ def load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:
     file_part, _, function = spec.rpartition(":")
     path = Path(file_part)
     if not path.is_file():
-        raise InputError(f"--model {spec}: file {path} not found")
+        reason = missing_file_reason(path)
+        raise InputError(f"{spec}: file {path} not found" if reason == "file not found" else f"{spec}: {path}: {reason}", param="model")
     if not function.isidentifier():
-        raise InputError(f"--model {spec}: {function!r} is not a function name (use path/to/file.py:function)")
+        raise InputError(f"{spec}: {function!r} is not a function name (use path/to/file.py:function)", param="model")
     module = _import_user_module(path, spec)
     builder = getattr(module, function, None)
     if not callable(builder):
-        raise InputError(f"--model {spec}: {path} has no function {function!r}")
+        raise InputError(f"{spec}: {path} has no function {function!r}", param="model")
     try:
         model = builder()
-    except Exception as exc:  # noqa: BLE001 - the user's code failed
-        raise InputError(f"--model {spec}: {function}() raised {type(exc).__name__}: {_first_line(exc)}") from exc
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's code failed (Ctrl-C passes: exit 130)
+        raise InputError(f"{spec}: {function}() raised {_raised(exc)}" if not isinstance(exc, SystemExit) else f"{spec}: {function}(): {_raised(exc)}", param="model") from exc
     if not isinstance(model, nn.Module):
-        raise InputError(f"--model {spec}: {function}() returned {type(model).__name__}, not a torch.nn.Module")
+        raise InputError(f"{spec}: {function}() returned {type(model).__name__}, not a torch.nn.Module", param="model")
     preprocess = _user_preprocess(module, model, spec)
     checkpoint: Optional[Path] = None
     digest: Optional[str] = None
@@ -467,11 +611,14 @@ def load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:
         checkpoint = Path(weights)
         payload = read_checkpoint_file(checkpoint)
         if is_native(payload):
+            if not isinstance(payload.get("state_dict"), dict):
+                raise InputError(f"{checkpoint}: native checkpoint without a state_dict", param="weights")
             state = dict(payload["state_dict"])
         else:
             state, _, _ = extract_state_dict(payload, checkpoint)
         state = {_strip_module_prefix(k): v for k, v in state.items()}
-        meta["import"] = {"layout": "native" if is_native(payload) else "state-dict", "warnings": load_weights(model, state, checkpoint, f"{path.name}:{function}")}
+        notes = load_weights(model, state, checkpoint, f"{path.name}:{function}")
+        meta["import"] = {"layout": "native" if is_native(payload) else "state-dict", "ignored": notes[0] if notes else None}
         digest = sha256_file(checkpoint)
     config = {"file": str(path), "function": function}
     return LoadedModel(model, spec, None, config, preprocess, "user-file", checkpoint, digest, meta)

@@ -31,14 +31,37 @@ layers without a mask. Coordinates are continuous image pixels in the COCO conve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
+import pandas as pd
 import torch
 
 from dcn_inspect.errors import InputError
-from dcn_inspect.hooks import DeformConvRecord
+from dcn_inspect.records import DeformConvRecord
 from dcn_inspect.sampling import kernel_grid
+
+#: Columns of ``<stem>_points.csv``, in order.
+CSV_COLUMNS = ["unit", "unit_x", "unit_y", "level", "point", "parent", "layer", "x", "y", "weight", "inside"]
+
+CSV_UNITS = (
+    "unit_x,unit_y (the traced unit's centre) and x,y (sampling points): pixels of the original image, "
+    "COCO continuous coordinates ((0,0) = top-left corner of the top-left pixel, x right, y down); "
+    "unit: index of the unit (summary.json lists how it was chosen); level: 1 = samples of the top "
+    "deformable layer (layer column) down to L; point: index within the level, parent*K + kernel point "
+    "(row-major); parent: point of the level above (empty at level 1); weight: product of the DCNv2 "
+    "masks along the path (1 without masks; dimensionless, 0..1); inside: 1 if the point lies in the "
+    "op's sampling band of the map it samples (-1 < row < H and -1 < col < W of that layer's input), "
+    "else 0 (kept, never dropped; offsets read outside a map are zero, as in the op)"
+)
+
+#: Column added by ``sample-points --grad-weight`` (after the others) and its units.
+GRAD_WEIGHT_COLUMN = "grad_weight"
+GRAD_WEIGHT_UNITS = (
+    "grad_weight: |d response / d point| of the unit's response (sum over the top layer's channels at the unit) "
+    "with respect to the point's position, per original-image pixel (the total derivative: how much the point matters)"
+)
 
 #: ``group`` argument: an offset-group index, or "mean" to average the groups' offsets and masks.
 GroupChoice = Union[int, str]
@@ -62,6 +85,10 @@ class SamplingTrees:
     ys: List[torch.Tensor]
     weights: List[torch.Tensor]  # per level [U, P_l] float64 in [0, 1]
     inside: List[torch.Tensor]  # per level [U, P_l] bool: -1 < y < H and -1 < x < W of the layer's input map
+    #: Per level, where its offsets were read: (rows, cols) [U, P_{l-1}] (P_0 = 1: the unit) in the
+    #: level's output frame, after rounding with ``round_positions``. Point p of the level is kernel
+    #: point p % K_l of the layer's filter at read position p // K_l.
+    read_at: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
     def num_levels(self) -> int:
@@ -96,7 +123,7 @@ def _layer_field(record: DeformConvRecord, batch_index: int, group: GroupChoice,
         # A layer with one offset group uses it for every input channel, so it is every group.
         g = 0 if groups == 1 else int(group)
         if not 0 <= g < groups:
-            raise InputError(f"--group {group}: layer {record.name} has {groups} offset groups (0..{groups - 1})")
+            raise InputError(f"{group}: layer {record.name} has {groups} offset groups (0..{groups - 1})", param="group")
         offset = offset[g]
         mask = None if mask is None else mask[g]
     parts = [offset[:, 0], offset[:, 1]]
@@ -130,17 +157,35 @@ def read_field(field: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> t
 
 
 def check_group(group: GroupChoice) -> GroupChoice:
-    """Validate a ``--group`` value ("mean" or a non-negative integer, also given as a string)."""
+    """Validate a ``group`` value ("mean" or a non-negative integer, also given as a string)."""
     if isinstance(group, str):
         if group.strip().lower() == "mean":
             return "mean"
         try:
             group = int(group)
         except ValueError:
-            raise InputError(f"--group {group!r}: expected an offset-group index (0, 1, ...) or 'mean'") from None
+            raise InputError(f"{group!r}: expected an offset-group index (0, 1, ...) or 'mean'", param="group") from None
     if int(group) < 0:
-        raise InputError(f"--group {group}: the offset-group index must be >= 0")
+        raise InputError(f"{group}: the offset-group index must be >= 0", param="group")
     return int(group)
+
+
+def check_group_fits(group: GroupChoice, records: Sequence[DeformConvRecord]) -> GroupChoice:
+    """:func:`check_group`, and an error when no layer of ``records`` has that offset group (a
+    layer with one group uses it for every group index, so only an index beyond them all is wrong)."""
+    group = check_group(group)
+    if group == "mean" or not records:
+        return group
+    widest = max(records, key=lambda record: record.offset_groups)  # the first of the widest
+    count = widest.offset_groups
+    if group >= count:
+        among = " (the most of the layers)" if any(r.offset_groups != count for r in records) else ""
+        raise InputError(
+            f"{group}: layer {widest.name} has {count} offset group{'s' if count > 1 else ''}{among} "
+            f"(use {'0' if count == 1 else f'0..{count - 1}'} or mean)",
+            param="group",
+        )
+    return group
 
 
 def trace_sampling_trees(
@@ -162,7 +207,7 @@ def trace_sampling_trees(
     """
     if not records:
         raise ValueError("trace_sampling_trees needs at least one deformable layer")
-    group = check_group(group)
+    group = check_group_fits(group, records)
     top = records[0]
     if not 0 <= batch_index < top.offset.shape[0]:
         raise ValueError(f"batch_index {batch_index} outside the batch of {top.offset.shape[0]}")
@@ -184,13 +229,15 @@ def trace_sampling_trees(
     ys: List[torch.Tensor] = []
     weights: List[torch.Tensor] = []
     inside: List[torch.Tensor] = []
+    read_at: List[Tuple[torch.Tensor, torch.Tensor]] = []
     for level, record in enumerate(records):
         geometry = record.geometry
         kernel_points = record.kernel_points
         if round_positions:
             rows, cols = torch.round(rows), torch.round(cols)
-        field = _layer_field(record, batch_index, group, dtype).cpu()
-        values = read_field(field, rows, cols).reshape(num_units, rows.shape[1], field.shape[0])  # [U, N, C]
+        read_at.append((rows, cols))
+        layer_field = _layer_field(record, batch_index, group, dtype).cpu()
+        values = read_field(layer_field, rows, cols).reshape(num_units, rows.shape[1], layer_field.shape[0])  # [U, N, C]
         dy, dx = values[..., :kernel_points], values[..., kernel_points : 2 * kernel_points]
         grid_y, grid_x = kernel_grid(geometry.kernel, geometry.dilation, dtype=dtype)
         sample_y = rows[..., None] * geometry.stride[0] - geometry.padding[0] + grid_y + dy  # [U, N, K]
@@ -220,4 +267,61 @@ def trace_sampling_trees(
         ys=ys,
         weights=weights,
         inside=inside,
+        read_at=read_at,
     )
+
+
+def tree_half_extent(records: Sequence[DeformConvRecord], scale_to_original: Tuple[float, float] = (1.0, 1.0)) -> Tuple[float, float]:
+    """Half the theoretical receptive field (x, y) of a top-layer unit through ``records`` (top
+    first), in image pixels: how far its undeformed sampling tree reaches from the unit's centre.
+
+    Every kernel point of a layer with kernel k and dilation d lies ``(a - (k-1)/2) * d`` input
+    cells from the unit's centre (the frames put the centre in the kernel's middle), so level
+    l adds ``(k-1)/2 * d * input stride``; the deepest points read cells of the deepest input
+    map, half a cell more. Like the trees, only the traced deformable layers count (the layers
+    below them and the residual path do not).
+    """
+    sx, sy = (float(v) for v in scale_to_original)
+    reach_x = reach_y = 0.0
+    for record in records:
+        geometry = record.geometry
+        reach_y += (geometry.kernel[0] - 1) / 2 * geometry.dilation[0] * geometry.input_frame.stride_y * sy
+        reach_x += (geometry.kernel[1] - 1) / 2 * geometry.dilation[1] * geometry.input_frame.stride_x * sx
+    if records:
+        deepest = records[-1].geometry.input_frame
+        reach_x += deepest.stride_x * sx / 2
+        reach_y += deepest.stride_y * sy / 2
+    return reach_x, reach_y
+
+
+def points_table(trees: SamplingTrees, grad_weights: Optional[Sequence[torch.Tensor]] = None) -> pd.DataFrame:
+    """One row per point, units outermost, then levels, then points (the CSV's row order).
+
+    ``grad_weights`` (per level [U, P_l], e.g. from :func:`dcn_inspect.receptive_field.sampling_point_gradients`)
+    adds the :data:`GRAD_WEIGHT_COLUMN` column.
+    """
+    names = CSV_COLUMNS + ([GRAD_WEIGHT_COLUMN] if grad_weights is not None else [])
+    columns: Dict[str, List[np.ndarray]] = {name: [] for name in names}
+    num_units = trees.num_units
+    unit_index = np.arange(num_units)
+    for level in range(1, trees.num_levels + 1):
+        count = trees.points_per_unit(level)
+        columns["unit"].append(np.repeat(unit_index, count))
+        columns["unit_x"].append(np.repeat(trees.unit_xy[:, 0].numpy(), count))
+        columns["unit_y"].append(np.repeat(trees.unit_xy[:, 1].numpy(), count))
+        columns["level"].append(np.full(num_units * count, level))
+        columns["point"].append(np.tile(np.arange(count), num_units))
+        parent = trees.parents(level).numpy().astype(np.float64) if level > 1 else np.full(count, np.nan)
+        columns["parent"].append(np.tile(parent, num_units))
+        columns["layer"].append(np.full(num_units * count, trees.layers[level - 1], dtype=object))
+        columns["x"].append(trees.xs[level - 1].numpy().reshape(-1))
+        columns["y"].append(trees.ys[level - 1].numpy().reshape(-1))
+        columns["weight"].append(trees.weights[level - 1].numpy().reshape(-1))
+        columns["inside"].append(trees.inside[level - 1].numpy().reshape(-1).astype(np.int64))
+        if grad_weights is not None:
+            columns[GRAD_WEIGHT_COLUMN].append(grad_weights[level - 1].numpy().reshape(-1))
+    table = pd.DataFrame({name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()})
+    table["parent"] = table["parent"].astype("Int64")  # integers, empty at level 1
+    # Units outermost: a stable sort keeps levels and points in order within each unit.
+    order = np.argsort(table["unit"].to_numpy(), kind="stable")
+    return table.iloc[order].reset_index(drop=True)

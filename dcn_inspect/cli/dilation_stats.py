@@ -1,16 +1,15 @@
 """``dcn-inspect dilation-stats``: the paper's Table 2 on any COCO/VOC dataset
-(parses, then calls :func:`dcn_inspect.dilation_stats.dilation_stats`)."""
+(parses, then calls :func:`dcn_inspect.commands.dilation_stats.dilation_stats`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
 
-from dcn_inspect.cli.app import app
-from dcn_inspect.images import DEFAULT_MAX_PIXELS
+from dcn_inspect.cli import options
+from dcn_inspect.cli.app import app, comma_list
 
 EPILOG = (
     "Example: dcn-inspect dilation-stats  (the bundled demo dataset, sample model)\n\n"
@@ -26,8 +25,8 @@ def dilation_stats(
     ),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder (default: next to the COCO json / VOC JPEGImages/)."),
     split: Optional[str] = typer.Option(None, "--split", help="VOC ImageSets/Main/<split>.txt (default: every annotation)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Registered architecture, checkpoint, or file.py:function (default: dcn-sample)."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for a registered architecture."),
+    model: Optional[str] = options.model(),
+    weights: Optional[Path] = options.weights(),
     layers: Optional[List[str]] = typer.Option(None, "--layers", help="Deformable layer(s) to measure (repeatable or comma-separated; default: all)."),
     thresholds: str = typer.Option("paper", "--thresholds", help="Box-area split: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
     units: str = typer.Option("cells", "--units", help="cells (the layer's input cells) or pixels (original-image pixels)."),
@@ -37,45 +36,48 @@ def dilation_stats(
     batch_size: int = typer.Option(1, "--batch-size", help="Images per forward (only images of equal input size are batched)."),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes decoding images (0: in the main process)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (under torchrun: each rank its local GPU)."),
-    resize: Optional[int] = typer.Option(None, "--resize", help="Shorter side of the model input in pixels (0: own size; default: the model's)."),
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first image that cannot be used instead of skipping it."),
-    out: Path = typer.Option(Path("dcn-inspect-out"), "--out", help="Output directory."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Skip larger images (0: no limit)."),
+    resize: Optional[int] = options.resize(),
+    strict: bool = options.strict(),
+    out: Path = options.out(),
+    max_pixels: int = options.max_pixels("Skip"),
+    allow_outside_paths: bool = options.allow_outside_paths(),
 ) -> None:
     """Effective dilation per deformable layer and object size (the paper's Table 2): CSV, Markdown, histogram, summary.json."""
-    from dcn_inspect.dilation_stats import dilation_stats as run, rich_table
+    given = dict(locals())  # the options, named as the library function names its parameters
+    from rich.console import Console
 
-    layer_names = [name.strip() for item in (layers or []) for name in item.split(",") if name.strip()]
-    result = run(
-        dataset=dataset,
-        images=images,
-        split=split,
-        model=model,
-        weights=weights,
-        layers=layer_names or None,
-        thresholds=thresholds,
-        units=units,
-        per_group=per_group,
-        per_unit=per_unit,
-        max_images=max_images,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        resize=resize,
-        strict=strict,
-        out=out,
-        max_pixels=max_pixels,
-    )
+    from dcn_inspect.commands.dilation_stats import dilation_stats as run
+
+    result = run(**{**given, **dict(layers=comma_list(layers))})
     if result.rank != 0:
         return
     console = Console()
     console.print(rich_table(result.table, result.units))
     low, high = result.thresholds
     console.print(f"thresholds ({result.thresholds_name}): small < {low:g} px² <= medium < {high:g} px² <= large")
-    skipped = sum(result.skipped.values())
+    by_kind = result.skipped.by_kind()
     line = f"images used: {result.images_used}"
-    if skipped:
-        line += f", skipped: {skipped} (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(result.skipped.items())) + ")"
+    if by_kind:
+        line += f", skipped: {result.skipped.count} (" + ", ".join(f"{kind}: {n}" for kind, n in sorted(by_kind.items())) + ")"
     console.print(line)
     for name, path in result.files.items():
         console.print(f"{name}: {path}")
+
+
+def rich_table(table: Any, units: str, title: str = "Effective dilation") -> Any:
+    """The Table 2 layout (layers as rows, categories as columns, mean ± std) as a rich table."""
+    from rich.table import Table
+
+    from dcn_inspect.dilation import CATEGORIES
+
+    out = Table(title=f"{title} (mean ± std, {units})")
+    out.add_column("layer")
+    for category in CATEGORIES:
+        out.add_column(category, justify="right")
+    for layer, group in table.groupby("layer", sort=False):
+        cells = []
+        for category in CATEGORIES:
+            row = group[group["category"] == category].iloc[0]
+            cells.append("–" if row["count"] == 0 else f"{row['mean']:.2f} ± {row['std']:.2f}")
+        out.add_row(str(layer), *cells)
+    return out

@@ -5,9 +5,6 @@ from __future__ import annotations
 import platform
 import time
 
-from rich.console import Console
-from rich.table import Table
-
 from dcn_inspect.cli.app import app
 
 
@@ -15,6 +12,8 @@ from dcn_inspect.cli.app import app
 def doctor() -> None:
     """Show torch version, devices, which ops backend is active, and the ops build cache."""
     import torch
+    from rich.console import Console
+    from rich.table import Table
 
     from dcn_inspect.ops import backend_info
 

@@ -1,5 +1,6 @@
 """``dcn-inspect models`` and ``dcn-inspect info``: what can be loaded, and what a model's
-deformable layers look like. Parsing and printing only; the work is in :mod:`dcn_inspect.info`.
+deformable layers look like, under the names the model's own checkpoint uses. Parsing and
+printing only; the work is in :mod:`dcn_inspect.commands.info`.
 """
 
 from __future__ import annotations
@@ -8,12 +9,9 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import typer
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from dcn_inspect.cli import options
 from dcn_inspect.cli.app import app
-from dcn_inspect.images import DEFAULT_MAX_PIXELS
 
 MODELS_EPILOG = "Example: dcn-inspect models"
 
@@ -21,14 +19,18 @@ INFO_EPILOG = (
     "Examples: dcn-inspect info resnet101-dcn-paper  |  "
     "dcn-inspect info resnet50-dcn-mmdet street.jpg --weights mmdet_dcn_r50.pth  |  "
     "dcn-inspect info detectron2_model_final.pkl street.jpg --resize 0  |  "
-    "dcn-inspect info my_model.py:build street.jpg"
+    "dcn-inspect info my_model.py:build street.jpg  |  "
+    "dcn-inspect --verbose info mmdet_dcn.pth  (also lists the checkpoint's ignored neck/head keys)"
 )
 
 
 @app.command("models", epilog=MODELS_EPILOG)
 def models_command() -> None:
     """List the built-in deformable architectures and their bundled weights."""
-    from dcn_inspect.info import list_architectures
+    from rich.console import Console
+    from rich.table import Table
+
+    from dcn_inspect.commands.info import list_architectures
 
     table = Table(title="dcn-inspect architectures", title_justify="left")
     table.add_column("name", no_wrap=True)
@@ -54,16 +56,20 @@ def _pair_label(pair: Tuple[float, float], sep: str = "x") -> str:
 def info_command(
     model: str = typer.Argument(..., help="Registered architecture, checkpoint path, or path/to/file.py:function."),
     image: Optional[Path] = typer.Argument(None, help="Image to probe: adds offset magnitude statistics per layer."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint for a registered architecture or a user file."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    weights: Optional[Path] = options.weights(),
+    device: str = options.device(),
     resize: Optional[int] = typer.Option(
         None, "--resize", min=0, help="Shorter image side in pixels before the forward; 0 keeps the image's size. Default: the model's."
     ),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse larger images (width*height)."),
+    max_pixels: int = options.max_pixels(),
 ) -> None:
     """Show a model's deformable layers (kernel, stride, dilation, groups, offset channels, v1/v2,
     feature-frame stride in pixels), its parameter counts and, with an image, offset statistics."""
-    from dcn_inspect.info import model_info
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from dcn_inspect.commands.info import model_info
     from dcn_inspect.loading import load_model
 
     errors = Console(stderr=True)
@@ -94,9 +100,13 @@ def info_command(
     pre = summary["preprocess"]
     header.add_row(
         "preprocess",
-        f"resize {pre['resize'] or 'none'}, max {pre['max_size'] or 'none'}, mean {tuple(round(v, 4) for v in pre['mean'])}, "
-        f"std {tuple(round(v, 4) for v in pre['std'])}",
+        f"resize {pre['resize'] or 'none'}, max {pre['max_size'] or 'none'} ({pre.get('size_rule', 'round')} sizes, "
+        f"{pre.get('interpolation', 'pil-bilinear')}), pad to {pre.get('size_divisor') or 'none'}, "
+        f"mean {tuple(round(v, 4) for v in pre['mean'])}, std {tuple(round(v, 4) for v in pre['std'])}",
     )
+    imported = summary.get("import") or {}
+    if imported.get("layer_names"):
+        header.add_row("layer names", str(imported["layer_names"]))
     probe_label = f"{info.probe_input_hw[1]}x{info.probe_input_hw[0]} model-input pixels"
     if info.image is not None and info.original_hw is not None:
         probe_label += f" from {info.image} ({info.original_hw[1]}x{info.original_hw[0]})"
@@ -117,6 +127,7 @@ def info_command(
         if with_stats:
             for column in ("mean |off|", "median", "max", "mean px", "mask"):
                 table.add_column(column, justify="right")
+        table.add_column("captured as")
         for layer in info.layers:
             row = [
                 layer.name,
@@ -141,6 +152,7 @@ def info_command(
                     f"{stats.mean_pixels:.2f}",
                     f"{stats.mean_mask:.3f}" if stats.mean_mask is not None else "-",
                 ]
+            row.append(layer.captured_by)
             table.add_row(*row)
         console.print(table)
     if info.roi_pools:

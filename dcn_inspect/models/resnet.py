@@ -9,7 +9,11 @@
 
 Module names follow torchvision's ResNet (``conv1``, ``bn1``, ``layer1..4``, ``layerX.Y.conv2``
 with its offset branch ``conv2.conv_offset``, ``downsample.0/1``), so mmdetection backbone
-weights load after stripping ``backbone.``. ``forward(images)`` returns the stage outputs.
+weights load after stripping ``backbone.``; ``stage_names`` renames the stages (detectron2's
+``res2..res5``) so every output speaks of the layers by the names their checkpoint uses.
+ResNeXt (``groups``, ``width_per_group``: the 3x3 convs of stage i have
+``groups * width_per_group * 2**i`` channels in ``groups`` groups) covers mmdetection's
+x101-32x4d / x101-64x4d DCN backbones. ``forward(images)`` returns the stage outputs.
 """
 
 from __future__ import annotations
@@ -49,23 +53,26 @@ class Bottleneck(nn.Module):
         downsample: Optional[nn.Module] = None,
         deformable: bool = False,
         modulated: bool = False,
-        deform_groups: int = 1,
+        offset_groups: int = 1,
         stride_in_1x1: bool = False,
+        width: Optional[int] = None,
+        groups: int = 1,
     ) -> None:
         super().__init__()
+        width = planes if width is None else width  # ResNeXt: groups * width_per_group * 2**stage
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=stride_1x1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv1 = nn.Conv2d(inplanes, width, 1, stride=stride_1x1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.conv2: nn.Module
         if deformable:
             conv_type = ModulatedDeformConv2dPack if modulated else DeformConv2dPack
             self.conv2 = conv_type(
-                planes, planes, 3, stride=stride_3x3, padding=dilation, dilation=dilation, deform_groups=deform_groups, bias=False
+                width, width, 3, stride=stride_3x3, padding=dilation, dilation=dilation, groups=groups, deform_groups=offset_groups, bias=False
             )
         else:
-            self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride_3x3, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * EXPANSION, 1, bias=False)
+            self.conv2 = nn.Conv2d(width, width, 3, stride=stride_3x3, padding=dilation, dilation=dilation, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * EXPANSION, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * EXPANSION)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -87,11 +94,15 @@ class DeformableResNet(nn.Module):
             tests use small values).
         dcn_stages: for layer1..layer4, whether the stage's 3x3 convs are deformable.
         modulated: DCNv2 (offsets + sigmoid masks) instead of DCNv1.
-        deform_groups: offset groups of every deformable conv.
+        offset_groups: offset groups of every deformable conv.
         strides: stride of each stage's first block (the paper's setting uses (1, 2, 2, 1)).
         dilations: dilation (= padding) of each stage's 3x3 convs.
         stride_in_1x1: caffe style (stride on the first 1x1 conv) instead of pytorch style.
         num_classes: add global pooling and a linear classifier (``fc``) when set.
+        groups: ResNeXt cardinality of the 3x3 convs (1: ResNet).
+        width_per_group: ResNeXt width of one group in layer1 (None: ResNet, the 3x3 convs have
+            the stage's ``planes`` channels).
+        stage_names: module names of the four stages (default torchvision's ``layer1..4``).
     """
 
     def __init__(
@@ -100,11 +111,14 @@ class DeformableResNet(nn.Module):
         base_channels: int = 64,
         dcn_stages: Sequence[bool] = (False, True, True, True),
         modulated: bool = False,
-        deform_groups: int = 1,
+        offset_groups: int = 1,
         strides: Sequence[int] = (1, 2, 2, 2),
         dilations: Sequence[int] = (1, 1, 1, 1),
         stride_in_1x1: bool = False,
         num_classes: Optional[int] = None,
+        groups: int = 1,
+        width_per_group: Optional[int] = None,
+        stage_names: Sequence[str] = STAGES,
     ) -> None:
         super().__init__()
         if depth not in BLOCKS_PER_STAGE:
@@ -112,17 +126,24 @@ class DeformableResNet(nn.Module):
         for label, values in (("dcn_stages", dcn_stages), ("strides", strides), ("dilations", dilations)):
             if len(values) != 4:
                 raise ValueError(f"{label} needs one value per stage (4), got {list(values)}")
-        if base_channels < 1 or deform_groups < 1:
-            raise ValueError("base_channels and deform_groups must be positive")
-        if base_channels % deform_groups:
-            raise ValueError(f"base_channels ({base_channels}) must be divisible by deform_groups ({deform_groups})")
+        if base_channels < 1 or offset_groups < 1:
+            raise ValueError("base_channels and offset_groups must be positive")
+        if groups < 1 or (width_per_group is not None and width_per_group < 1):
+            raise ValueError("groups and width_per_group must be positive")
+        stage_names = tuple(str(n) for n in stage_names)
+        if len(stage_names) != 4 or len(set(stage_names)) != 4 or not all(n.isidentifier() for n in stage_names):
+            raise ValueError(f"stage_names needs four distinct identifiers, got {list(stage_names)}")
+        first_width = base_channels if width_per_group is None else groups * width_per_group
+        if first_width % offset_groups or first_width % groups:
+            raise ValueError(f"the 3x3 convs' width ({first_width}) must be divisible by offset_groups ({offset_groups}) and groups ({groups})")
         self.depth = depth
+        self.stage_names = stage_names
         self.conv1 = nn.Conv2d(3, base_channels, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(base_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         inplanes = base_channels
-        for index, (name, blocks) in enumerate(zip(STAGES, BLOCKS_PER_STAGE[depth])):
+        for index, (name, blocks) in enumerate(zip(stage_names, BLOCKS_PER_STAGE[depth])):
             planes = base_channels * 2**index
             stage, inplanes = self._make_stage(
                 inplanes,
@@ -132,8 +153,10 @@ class DeformableResNet(nn.Module):
                 int(dilations[index]),
                 bool(dcn_stages[index]),
                 bool(modulated),
-                int(deform_groups),
+                int(offset_groups),
                 bool(stride_in_1x1),
+                None if width_per_group is None else int(groups) * int(width_per_group) * 2**index,
+                int(groups),
             )
             self.add_module(name, stage)
         self.fc: Optional[nn.Linear] = None
@@ -151,8 +174,10 @@ class DeformableResNet(nn.Module):
         dilation: int,
         deformable: bool,
         modulated: bool,
-        deform_groups: int,
+        offset_groups: int,
         stride_in_1x1: bool,
+        width: Optional[int] = None,
+        groups: int = 1,
     ) -> Tuple[nn.Sequential, int]:
         downsample = None
         if stride != 1 or inplanes != planes * EXPANSION:
@@ -173,8 +198,10 @@ class DeformableResNet(nn.Module):
                     downsample=downsample if block == 0 else None,
                     deformable=deformable,
                     modulated=modulated,
-                    deform_groups=deform_groups,
+                    offset_groups=offset_groups,
                     stride_in_1x1=stride_in_1x1,
+                    width=width,
+                    groups=groups,
                 )
             )
         return nn.Sequential(*layers), planes * EXPANSION
@@ -192,7 +219,7 @@ class DeformableResNet(nn.Module):
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         outputs: Dict[str, torch.Tensor] = {}
-        for name in STAGES:
+        for name in self.stage_names:
             x = getattr(self, name)(x)
             outputs[name] = x
         if self.fc is not None:
@@ -201,26 +228,16 @@ class DeformableResNet(nn.Module):
 
 
 def _config(depth: int, setting: str) -> Dict[str, object]:
-    if setting == "paper":
-        return {
-            "depth": depth,
-            "base_channels": 64,
-            "dcn_stages": [False, False, False, True],
-            "modulated": False,
-            "deform_groups": 1,
-            "strides": [1, 2, 2, 1],
-            "dilations": [1, 1, 1, 2],
-            "stride_in_1x1": False,
-            "num_classes": None,
-        }
+    """Paper: deformable res5 only, kept at stride 16 with dilation 2. mmdetection: deformable c3-c5, stride 32."""
+    paper = setting == "paper"
     return {
         "depth": depth,
         "base_channels": 64,
-        "dcn_stages": [False, True, True, True],
+        "dcn_stages": [False, False, False, True] if paper else [False, True, True, True],
         "modulated": False,
-        "deform_groups": 1,
-        "strides": [1, 2, 2, 2],
-        "dilations": [1, 1, 1, 1],
+        "offset_groups": 1,
+        "strides": [1, 2, 2, 1] if paper else [1, 2, 2, 2],
+        "dilations": [1, 1, 1, 2] if paper else [1, 1, 1, 1],
         "stride_in_1x1": False,
         "num_classes": None,
     }
@@ -234,10 +251,11 @@ RESNET_ARCHITECTURES: Dict[str, Tuple[int, str]] = {
     "resnet101-dcn-mmdet": (101, "mmdet"),
 }
 
-# R-FCN tests with the shorter side at 600 pixels (longer side at most 1000); mmdetection's
-# test pipeline uses 800 / 1333. Both normalise like torchvision (ImageNet mean/std in RGB).
+# R-FCN tests with the shorter side at 600 pixels (longer side at most 1000). mmdetection's
+# test pipeline: mmcv's keep-ratio rescale to 1333x800 with cv2's bilinear resize (no
+# antialiasing), ImageNet mean/std in RGB, zero padding to a multiple of 32.
 _PAPER_PREPROCESS = Preprocess(resize=600, max_size=1000)
-_MMDET_PREPROCESS = Preprocess(resize=800, max_size=1333)
+MMDET_PREPROCESS = Preprocess(resize=800, max_size=1333, interpolation="cv2-bilinear", size_rule="mmdetection", size_divisor=32)
 
 
 def _description(depth: int, setting: str) -> str:
@@ -253,7 +271,13 @@ def _description(depth: int, setting: str) -> str:
 
 
 def build_resnet(**config: object) -> DeformableResNet:
-    """Build a :class:`DeformableResNet` from a (JSON-like) config dict."""
+    """Build a :class:`DeformableResNet` from a (JSON-like) config dict.
+
+    ``deform_groups`` (mmcv's word, in configs written before dcn-inspect settled on
+    ``offset_groups``) is read as ``offset_groups``.
+    """
+    if "deform_groups" in config:
+        config["offset_groups"] = config.pop("deform_groups")
     return DeformableResNet(**config)  # type: ignore[arg-type]
 
 
@@ -262,5 +286,6 @@ for _name, (_depth, _setting) in RESNET_ARCHITECTURES.items():
         _name,
         _description(_depth, _setting),
         default_config=_config(_depth, _setting),
-        preprocess=_PAPER_PREPROCESS if _setting == "paper" else _MMDET_PREPROCESS,
+        preprocess=_PAPER_PREPROCESS if _setting == "paper" else MMDET_PREPROCESS,
+        config_aliases={"deform_groups": "offset_groups"},
     )(build_resnet)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Dict, Optional
 
+from dcn_inspect.errors import DcnInspectWarning
 from dcn_inspect.ops import reference
 
 ENV_VAR = "DCN_INSPECT_OPS"
@@ -51,8 +52,8 @@ def _choose() -> None:
             raise
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
         warnings.warn(
-            f"dcn-inspect: native deformable ops unavailable ({message}); using the pure-PyTorch reference",
-            RuntimeWarning,
+            f"native deformable ops unavailable ({message}); using the pure-PyTorch reference",
+            DcnInspectWarning,
             stacklevel=3,
         )
         _active, _info = reference, BackendInfo("reference", requested, error=message)

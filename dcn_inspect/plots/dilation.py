@@ -17,7 +17,8 @@ from typing import Dict
 import numpy as np
 from matplotlib.figure import Figure
 
-from dcn_inspect.dilation import CATEGORIES, CategoryStats
+from dcn_inspect.category_stats import CategoryStats
+from dcn_inspect.dilation import CATEGORIES
 
 #: Category colours (colour-blind safe, Okabe-Ito).
 COLOURS = {"small": "#0072B2", "medium": "#009E73", "large": "#D55E00", "background": "#7F7F7F"}

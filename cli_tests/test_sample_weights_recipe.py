@@ -1,8 +1,10 @@
-"""Training and evaluation recipe of the sample weights, on tiny settings (issue #4)."""
+"""Training and evaluation recipe of the sample weights (``sample_weights/recipe.py``), on tiny settings (issue #4)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,11 @@ import torch
 from dcn_inspect.checkpoint import read_checkpoint_file
 from dcn_inspect.loading import load_model
 from dcn_inspect.models import registry
-from dcn_inspect.train_sample import (
+
+SAMPLE_WEIGHTS = Path(__file__).resolve().parents[1] / "sample_weights"
+sys.path.insert(0, str(SAMPLE_WEIGHTS))  # the recipe lives beside the weights, outside the package
+
+from recipe import (  # noqa: E402
     TrainConfig,
     box_iou,
     evaluate,
@@ -98,28 +104,56 @@ def test_train_and_save_writes_a_loadable_checkpoint_and_strict_json(tmp_path: P
         train_and_save(TrainConfig(**TINY, seed=3), tmp_path / "x.pt", eval_seed=3, show_progress=False)
 
 
-def test_train_sample_command_writes_weights_and_rejects_a_reused_seed(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from dcn_inspect.cli import app
-    from dcn_inspect.errors import InputError
-
-    runner = CliRunner()
-    result = runner.invoke(app, ["train-sample", str(tmp_path), "--arch", "dcn-sample-dilated", "--steps", "1", "--eval-images", "1"])
-    assert result.exit_code == 0, result.output
+def test_train_script_writes_weights_and_rejects_a_reused_seed(tmp_path: Path) -> None:
+    script = [sys.executable, str(SAMPLE_WEIGHTS / "train.py")]
+    done = subprocess.run(
+        script + ["--arch", "dcn-sample-dilated", "--steps", "1", "--eval-images", "1", "--out", str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
     assert read_checkpoint_file(tmp_path / "dcn_sample_dilated.pt")["arch"] == "dcn-sample-dilated"
     assert (tmp_path / "dcn_sample_dilated.metrics.json").exists()
-    result = runner.invoke(app, ["train-sample", str(tmp_path), "--seed", "5", "--eval-seed", "5"])
-    assert isinstance(result.exception, InputError) and "--eval-seed" in str(result.exception)
+    refused = subprocess.run(script + ["--seed", "5", "--eval-seed", "5", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--eval-seed" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_dilation_bootstrap_separates_shifted_categories_only() -> None:
-    from dcn_inspect.train_sample import dilation_bootstrap
+    from recipe import dilation_bootstrap
 
     rng = np.random.default_rng(0)
     # [image][small, medium, large, background]: medium = small + 1, large = medium
-    images = [[rng.normal(3, 0.5, 20), rng.normal(4, 0.5, 30), rng.normal(4, 0.5, 30), rng.normal(3, 0.5, 40)] for _ in range(40)]
+    values = [[rng.normal(3, 0.5, 20), rng.normal(4, 0.5, 30), rng.normal(4, 0.5, 30), rng.normal(3, 0.5, 40)] for _ in range(40)]
+    images = [(k, np.array([v.sum() for v in image]), np.array([v.size for v in image])) for k, image in enumerate(values)]
     ci = dilation_bootstrap(images, resamples=500)
     assert 0.8 < ci["medium-small"][0] < ci["medium-small"][1] < 1.2
     assert ci["large-medium"][0] < 0 < ci["large-medium"][1]
     assert ci == dilation_bootstrap(images, resamples=500)  # fixed seed: reproducible
+
+
+def test_head_finetune_changes_only_the_rfcn_offset_branch_and_bounds_the_offsets(tmp_path: Path) -> None:
+    from recipe import HeadFinetuneConfig, finetune_and_save, finetune_head_offsets
+
+    from dcn_inspect.hooks import probe
+
+    torch.manual_seed(0)
+    model = registry.get("dcn-sample").build().eval()
+    with torch.no_grad():
+        model.rfcn_offset.bias.fill_(5.0)  # unbounded, every normalised offset would be ~5
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = HeadFinetuneConfig(steps=2, batch_size=2, image_size=96, offset_bound=2.0, threads=0)
+    log = finetune_head_offsets(model, config)
+    after = model.state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["rfcn_offset.bias", "rfcn_offset.weight"] and log["history"][-1]["step"] == 2
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+    rois = torch.tensor([[0.0, 4.0, 4.0, 60.0, 70.0]])
+    record = next(iter(probe(model, torch.randn(1, 3, 96, 96), rois=rois).capture.roi_pools.values()))
+    assert 1.5 < record.offset.abs().max() < 2.0  # 2 tanh(~5 / 2): near the bound, never past it
+    # The shipped procedure: base weights -> fine-tuned file; a fine-tuned base is refused.
+    base = train_and_save(TrainConfig(**{**TINY, "steps": 1}), tmp_path / "dcn_sample.pt", eval_seed=9, eval_images=2, show_progress=False)
+    report = finetune_and_save(config, base.weights, tmp_path / "dcn_sample.pt", eval_seed=9, eval_images=2, show_progress=False)
+    assert report["head_finetune"]["base_sha256"] == base.metrics["sha256"] != report["sha256"]
+    assert set(report["eval"]["foreground"]) >= {"all"} and report["eval"]["roi_offset_magnitude"]["max"] < 2.0
+    loaded = load_model("dcn-sample", weights=tmp_path / "dcn_sample.pt")
+    assert loaded.config["offset_bound"] == 2.0 and loaded.model.offset_bound == 2.0
+    with pytest.raises(ValueError, match="already fine-tuned"):
+        finetune_and_save(config, tmp_path / "dcn_sample.pt", tmp_path / "again.pt", eval_seed=9, eval_images=2, show_progress=False)

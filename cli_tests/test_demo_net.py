@@ -10,7 +10,7 @@ import torch
 from dcn_inspect.checkpoint import read_checkpoint_file
 from dcn_inspect.hooks import probe
 from dcn_inspect.models import registry
-from dcn_inspect.models.sample_net import SAMPLE_WEIGHTS_DIR, WEIGHTS_ENV, SampleNet, _weights
+from dcn_inspect.models.demo_net import WEIGHTS_DIR, WEIGHTS_ENV, DemoNet, _weights
 from dcn_inspect.ops import DeformConv2dPack, DeformPSRoIPool
 
 TOP_LAYERS = ("layer4.0.conv2", "layer4.1.conv2", "layer4.2.conv2")
@@ -27,7 +27,7 @@ def test_both_architectures_are_registered_with_bundled_weight_paths() -> None:
     deformable = registry.get("dcn-sample")
     dilated = registry.get("dcn-sample-dilated")
     assert deformable.bundled_weights is not None and deformable.bundled_weights.name == "dcn_sample.pt"
-    assert dilated.bundled_weights == SAMPLE_WEIGHTS_DIR / "dcn_sample_dilated.pt"
+    assert dilated.bundled_weights == WEIGHTS_DIR / "dcn_sample_dilated.pt"
     assert deformable.preprocess.resize == 0
 
 
@@ -35,7 +35,7 @@ def test_weights_path_can_be_overridden_by_environment(monkeypatch: pytest.Monke
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "mine.pt"))
     assert _weights("dcn_sample.pt", WEIGHTS_ENV) == tmp_path / "mine.pt"
     monkeypatch.delenv(WEIGHTS_ENV)
-    assert _weights("dcn_sample.pt", WEIGHTS_ENV) == SAMPLE_WEIGHTS_DIR / "dcn_sample.pt"
+    assert _weights("dcn_sample.pt", WEIGHTS_ENV) == WEIGHTS_DIR / "dcn_sample.pt"
 
 
 def test_outputs_and_deformable_layers_as_in_the_paper() -> None:
@@ -57,8 +57,8 @@ def test_outputs_and_deformable_layers_as_in_the_paper() -> None:
 
 def test_zero_offsets_make_the_deformable_net_equal_to_the_dilated_one() -> None:
     torch.manual_seed(1)
-    dilated = SampleNet(deformable=False).eval()
-    deformable = SampleNet(deformable=True).eval()
+    dilated = DemoNet(deformable=False).eval()
+    deformable = DemoNet(deformable=True).eval()
     state = dilated.state_dict()
     missing = deformable.load_state_dict(state, strict=False).missing_keys
     assert missing and all("conv_offset" in key for key in missing)
@@ -84,11 +84,11 @@ def test_bundled_weights_load_and_have_learned_offsets() -> None:
     from dcn_inspect.loading import load_model
 
     for name, file_name in (("dcn-sample", "dcn_sample.pt"), ("dcn-sample-dilated", "dcn_sample_dilated.pt")):
-        path = SAMPLE_WEIGHTS_DIR / file_name
+        path = WEIGHTS_DIR / file_name
         assert path.stat().st_size <= 10 * 1024 * 1024
         payload = read_checkpoint_file(path)
         assert payload["arch"] == name and payload["meta"]["eval"]["seg_miou"] > 0
     loaded = load_model("dcn-sample")
-    assert loaded.checkpoint == SAMPLE_WEIGHTS_DIR / "dcn_sample.pt"
+    assert loaded.checkpoint == WEIGHTS_DIR / "dcn_sample.pt"
     offsets = [m.conv_offset.weight for n, m in loaded.model.named_modules() if n in TOP_LAYERS]
     assert len(offsets) == 3 and all(w.abs().max() > 1e-3 for w in offsets)

@@ -3,7 +3,9 @@ deformable layers with their geometry and (given an image) offset statistics.
 
 Layer geometry comes from one probe forward pass (:func:`dcn_inspect.hooks.probe`): on the
 given image, or on a blank image of :data:`BLANK_PROBE_SIZE` pixels when there is none (the
-frame strides do not depend on the image). Offsets are measured in cells of the layer's input
+frame strides do not depend on the image). Layers are named as the model names them (a
+detectron2 checkpoint's ``res5.0.conv2``), whether they were captured as a module, as an op
+call inside the user's module, or as a DCNv3/DCNv4 layer (converted to the standard layout). Offsets are measured in cells of the layer's input
 feature map -- the unit the op adds them in -- and converted to model-input pixels through the
 layer's input frame stride.
 """
@@ -17,9 +19,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from dcn_inspect.hooks import DeformConvRecord, probe
-from dcn_inspect.images import DEFAULT_MAX_PIXELS, load_image, to_model_input
-from dcn_inspect.loading import LoadedModel
+from dcn_inspect.defaults import DEFAULT_MAX_PIXELS
+from dcn_inspect.hooks import probe
+from dcn_inspect.images import check_resize, load_image, to_model_input
+from dcn_inspect.loaded_model import LoadedModel, model_device
+from dcn_inspect.records import DeformConvRecord
 from dcn_inspect.models import registry
 from dcn_inspect.ops import modules as ours
 
@@ -79,6 +83,7 @@ class DeformLayerInfo:
     geometry_method: str  # "hooks" (derived through the forward) or "size" (inferred from sizes)
     parameters: int  # of the layer module, its offset branch included
     offsets: Optional[OffsetStats]
+    captured_by: str = "module"  # "module", the op entry point called, or "DCNv3"/"DCNv4 (converted)"
 
     @property
     def version(self) -> str:
@@ -138,6 +143,18 @@ def _module_by_name(model: nn.Module) -> Dict[str, nn.Module]:
     return {name or type(model).__name__: module for name, module in model.named_modules()}
 
 
+#: Children that compute offsets or modulation: mmcv/ours, mmdetection 1.0, research code
+#: calling the functional op, DCNv3 (``offset``, ``mask``, ``dw_conv``) and DCNv4.
+OFFSET_BRANCHES = ("conv_offset", "conv_offset_mask", "offset_conv", "modulator_conv", "mask_conv", "offset", "mask", "dw_conv", "offset_mask", "offset_mask_dw")
+
+
+def captured_by(record: DeformConvRecord) -> str:
+    """How a record was captured, for people: "module", the op called, or the converted layout."""
+    if record.converted_from:
+        return f"{record.converted_from} (converted)"
+    return record.op or "module"
+
+
 def _deform_parameter_counts(model: nn.Module, deform_names: List[str]) -> Tuple[int, int]:
     """(deformable conv parameters without offset branches, offset branch parameters)."""
     modules = _module_by_name(model)
@@ -146,7 +163,7 @@ def _deform_parameter_counts(model: nn.Module, deform_names: List[str]) -> Tuple
         module = modules.get(name)
         if module is None:
             continue
-        branch_modules = [m for child_name, m in module.named_children() if child_name in ("conv_offset", "conv_offset_mask")]
+        branch_modules = [m for child_name, m in module.named_children() if child_name in OFFSET_BRANCHES]
         branch = sum(_parameter_count(m) for m in branch_modules)
         deformable += _parameter_count(module) - branch
         branches += branch
@@ -170,15 +187,16 @@ def model_info(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ModelInfo:
     """Probe ``loaded`` once and describe its deformable layers (offset statistics with an image)."""
+    check_resize(resize)
     model = loaded.model
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    device = model_device(loaded)
     original_hw: Optional[Tuple[int, int]] = None
     if image is not None:
-        prepared = to_model_input(load_image(Path(image), max_pixels), loaded.preprocess, resize)
+        prepared = to_model_input(load_image(Path(image), max_pixels, loaded.preprocess, resize), loaded.preprocess, resize, max_pixels)
         tensor, original_hw = prepared.tensor, prepared.original_hw
     else:
         tensor = torch.zeros(1, 3, *BLANK_PROBE_SIZE)  # normalised zeros: the dataset's mean colour
-    result = probe(model, tensor.to(device))
+    result = probe(model, tensor.to(device), model_name=loaded.name)
     modules = _module_by_name(model)
     layers = []
     for name, record in result.convs.items():
@@ -202,6 +220,7 @@ def model_info(
                 geometry_method=geometry.method,
                 parameters=_parameter_count(module) if module is not None else 0,
                 offsets=offset_stats(record) if image is not None else None,
+                captured_by=captured_by(record),
             )
         )
     deformable, branches = _deform_parameter_counts(model, list(result.convs))

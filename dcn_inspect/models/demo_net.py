@@ -1,4 +1,6 @@
-"""``dcn-sample``: the small deformable network whose trained weights ship with dcn-inspect.
+"""The demo network: the small deformable network whose trained weights ship with dcn-inspect.
+
+Registered as ``dcn-sample`` (the name its shipped checkpoints in ``sample_weights/`` carry).
 
 The paper's structure at toy size (PAPER.md §3): a ResNet-like backbone at stride 8 whose
 last stage (``layer4``) keeps the stride and has three bottleneck blocks with a 3x3
@@ -11,7 +13,9 @@ training starts from the plain dilated network), then
   2*k*k*(C+1) class-specific offset maps; the offsets are PS-RoI-pooled from the offset maps
   (no offsets of their own) into trans [R, 2*(C+1), k, k] (x first), which deform the
   pooling of the score maps (:class:`~dcn_inspect.ops.DeformPSRoIPool`, 3x3 bins); the bins
-  are averaged ("voting") into ``roi_logits`` [R, C+1].
+  are averaged ("voting") into ``roi_logits`` [R, C+1]. With ``offset_bound`` b > 0 the
+  pooled normalised offsets are bounded softly, ``b * tanh(trans / b)`` (|offset| < b, so a
+  bin moves less than ``trans_std * b`` RoI widths); 0 leaves them unbounded.
 
 ``dcn-sample-dilated`` is the same network with regular dilated convs in place of the
 deformable ones: the baseline of the model card.
@@ -31,7 +35,7 @@ from dcn_inspect.models.registry import Preprocess, register
 from dcn_inspect.ops import DeformConv2dPack, DeformPSRoIPool, deform_psroi_pool
 
 #: Where the trained weights live (``sample_weights/`` at the repository root).
-SAMPLE_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "sample_weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "sample_weights"
 #: Environment variable overriding the path of the ``dcn-sample`` weights.
 WEIGHTS_ENV = "DCN_INSPECT_SAMPLE_WEIGHTS"
 
@@ -96,7 +100,7 @@ class Bottleneck(nn.Module):
         return F.relu(out + identity)
 
 
-class SampleNet(nn.Module):
+class DemoNet(nn.Module):
     """Backbone (stride 8) + dense segmentation head + deformable PS RoI pooling head.
 
     ``forward(images, rois=None)``: images [B, 3, H, W] (H, W multiples of 8 are best);
@@ -111,10 +115,12 @@ class SampleNet(nn.Module):
         deformable: bool = True,
         bins: int = 3,
         trans_std: float = 0.1,
+        offset_bound: float = 0.0,
     ) -> None:
         super().__init__()
         w0, w1, w2, w3, w4 = widths
         self.num_classes = int(num_classes)
+        self.offset_bound = float(offset_bound)
         self.deformable = bool(deformable)
         self.bins = int(bins)
         self.stem = nn.Sequential(_conv_bn(3, w0, stride=2), _conv_bn(w0, w1, stride=2))
@@ -168,6 +174,8 @@ class SampleNet(nn.Module):
             sample_per_part=4,
             trans_std=0.0,
         )
+        if self.offset_bound > 0:
+            trans = self.offset_bound * torch.tanh(trans / self.offset_bound)
         pooled = self.psroi_pool(scores, rois, trans)  # [R, C+1, k, k]
         return pooled.mean(dim=(2, 3))
 
@@ -182,7 +190,7 @@ class SampleNet(nn.Module):
 
 def _weights(file_name: str, env: Optional[str] = None) -> Path:
     override = os.environ.get(env) if env else None
-    return Path(override) if override else SAMPLE_WEIGHTS_DIR / file_name
+    return Path(override) if override else WEIGHTS_DIR / file_name
 
 
 _CONFIG = {"num_classes": len(CLASS_NAMES), "widths": [16, 24, 48, 64, 96], "bins": 3, "trans_std": 0.1}
@@ -190,14 +198,14 @@ _CONFIG = {"num_classes": len(CLASS_NAMES), "widths": [16, 24, 48, 64, 96], "bin
 
 @register(
     "dcn-sample",
-    "Sample network trained on synthetic shape scenes: stride-8 ResNet-like backbone, three 3x3 "
+    "Demo network trained on synthetic shape scenes: stride-8 ResNet-like backbone, three 3x3 "
     "deformable convs (dilation 2) in layer4, dense shape segmentation + R-FCN deformable PS RoI pooling (3x3 bins).",
     default_config=_CONFIG,
     preprocess=Preprocess(resize=0),
     bundled_weights=_weights("dcn_sample.pt", WEIGHTS_ENV),
 )
-def dcn_sample(**config: object) -> SampleNet:
-    return SampleNet(deformable=True, **config)  # type: ignore[arg-type]
+def build_deformable(**config: object) -> DemoNet:
+    return DemoNet(deformable=True, **config)  # type: ignore[arg-type]
 
 
 @register(
@@ -207,5 +215,5 @@ def dcn_sample(**config: object) -> SampleNet:
     preprocess=Preprocess(resize=0),
     bundled_weights=_weights("dcn_sample_dilated.pt"),
 )
-def dcn_sample_dilated(**config: object) -> SampleNet:
-    return SampleNet(deformable=False, **config)  # type: ignore[arg-type]
+def build_dilated(**config: object) -> DemoNet:
+    return DemoNet(deformable=False, **config)  # type: ignore[arg-type]

@@ -1,0 +1,107 @@
+"""``dcn-inspect receptive-field``: effective receptive fields, gradient-weighted sampling points and
+error-bounded saliency regions (parses, then calls
+:func:`dcn_inspect.commands.receptive_field.receptive_field` or, with ``--stats``,
+:func:`dcn_inspect.commands.receptive_field.receptive_field_stats`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from dcn_inspect.cli import options
+from dcn_inspect.cli.app import app, comma_list, print_skipped
+from dcn_inspect.errors import InputError
+
+EPILOG = (
+    "Example: dcn-inspect receptive-field  (the bundled images: background, small and large object units)\n\n"
+    "Example: dcn-inspect receptive-field photo.jpg --at 320,240 --channel 7 --saliency-error 0.05 --out out/\n\n"
+    "Example: dcn-inspect receptive-field scene.jpg --compare-model dcn-sample-dilated  (deformable vs plain, side by side)\n\n"
+    "Example: dcn-inspect receptive-field --stats --max-images 5  (ERF radius and saliency area per object size, bundled dataset)"
+)
+
+#: Options that only the dataset mode reads, with their defaults.
+_STATS_ONLY = {"image_dir": None, "split": None, "thresholds": "paper", "max_images": None}
+#: Options that only the image mode reads, with their defaults.
+_IMAGES_ONLY = {"at": None, "grid": None, "boxes": None, "group": "0", "round_positions": False, "compare_model": None, "compare_weights": None, "fmt": "png"}
+
+
+@app.command("receptive-field", epilog=EPILOG)
+def receptive_field(
+    images: Optional[List[Path]] = typer.Argument(
+        None, help="Images (default: the bundled example images); with --stats, the DATASET: a COCO json or VOC directory (default: the bundled demo dataset).", show_default=False
+    ),
+    model: Optional[str] = options.model(),
+    weights: Optional[Path] = options.weights(),
+    layers: Optional[List[str]] = typer.Option(None, "--layers", help="Deformable layers to follow (comma-separated or repeated); the units belong to the last called."),
+    levels: Optional[int] = typer.Option(None, "--levels", help="Follow the last L deformable layers (default: 3)."),
+    at: Optional[List[str]] = typer.Option(None, "--at", help="Unit nearest to image point X,Y in original-image pixels (repeatable)."),
+    grid: Optional[int] = typer.Option(None, "--grid", help="Every STEP-th unit of the top layer, in both directions."),
+    boxes: Optional[Path] = typer.Option(None, "--boxes", help="COCO json, VOC xml/directory or CSV (x1,y1,x2,y2[,class]): a unit at each box centre plus one on background."),
+    channel: Optional[int] = typer.Option(None, "--channel", help="The response is this channel's value (default: the sum over the layer's channels)."),
+    group: str = typer.Option("0", "--group", help="Offset group the sampling trees follow (G), or 'mean'."),
+    round_positions: bool = typer.Option(False, "--round", help="Round tree positions to the nearest cell before reading offsets (the official demo's rule)."),
+    saliency_error: float = typer.Option(0.1, "--saliency-error", help="Relative error bound of the saliency region (0.1 = 10 %)."),
+    saliency_step: Optional[int] = typer.Option(None, "--saliency-step", help="Resolution of the saliency search in model-input pixels (default: the layer's stride)."),
+    compare_model: Optional[str] = typer.Option(None, "--compare-model", help="A second model (e.g. dcn-sample-dilated) on the same units, drawn side by side."),
+    compare_weights: Optional[Path] = typer.Option(None, "--compare-weights", help="Weights of the --compare-model architecture."),
+    stats: bool = typer.Option(False, "--stats", help="Dataset mode: ERF 90 % radius and saliency area per layer and object size (dilation-stats layout)."),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="With --stats: image folder (default: next to the COCO json / VOC JPEGImages/)."),
+    split: Optional[str] = typer.Option(None, "--split", help="With --stats: VOC ImageSets/Main/<split>.txt."),
+    thresholds: str = typer.Option("paper", "--thresholds", help="With --stats: box-area split: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="With --stats: use only the first N images."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Units per backward pass (and masked images per forward)."),
+    resize: Optional[int] = options.resize(),
+    device: str = options.device(),
+    out: Path = options.out(),
+    fmt: str = options.figure_format(),
+    max_pixels: int = options.max_pixels(),
+    strict: bool = options.strict(),
+) -> None:
+    """Effective receptive field, gradient-weighted sampling points and error-bounded saliency region of chosen units (DCNv2 §2.1): figure, CSV, npz, summary.json."""
+    given = dict(locals())  # the options, named as the library functions name their parameters
+    from rich.console import Console
+
+    given.pop("stats")
+    given["layers"] = comma_list(layers)
+    console = Console()
+    if stats:
+        _refuse(given, _IMAGES_ONLY, "stats")
+        if images and len(images) > 1:
+            raise InputError(f"{len(images)} paths given: the dataset mode takes one DATASET (a COCO json or a VOC directory)", param="images")
+        from dcn_inspect.commands.receptive_field import receptive_field_stats
+        from dcn_inspect.cli.dilation_stats import rich_table
+
+        for name in _IMAGES_ONLY:
+            given.pop(name)
+        given.pop("images")
+        result = receptive_field_stats(dataset=images[0] if images else None, **given)
+        console.print(rich_table(result.radius_table, "original-image pixels", "ERF radius holding 90 % of the gradient mass"))
+        console.print(rich_table(result.area_table, "original-image pixels²", "Saliency region area"))
+        low, high = result.thresholds
+        console.print(f"thresholds ({result.thresholds_name}): small < {low:g} px² <= medium < {high:g} px² <= large; images used: {result.images_used}")
+        for name, path in result.files.items():
+            console.print(f"{name}: {path}")
+        return
+    _refuse(given, _STATS_ONLY, "stats", needed=True)
+    from dcn_inspect.commands.receptive_field import receptive_field as run
+
+    for name in _STATS_ONLY:
+        given.pop(name)
+    result = run(**{**given, **dict(images=images or None, at=at or ())})
+    console.print(f"followed layers (top first): {', '.join(result.layers)}")
+    for item in result.images:
+        console.print(f"{item.image.name}: {len(item.units)} unit(s) -> {item.csv}, {item.npz}, {item.figure}")
+    for note in result.notes:
+        console.print(f"note: {note}")
+    print_skipped(console, result.skipped)
+    console.print(f"summary: {result.summary}")
+
+
+def _refuse(given: dict, defaults: dict, mode: str, needed: bool = False) -> None:
+    """Options of the other mode given by the user: one-line error naming the first."""
+    for name, default in defaults.items():
+        if given.get(name) not in (default, None, [], ()):
+            where = f"needs `{mode}`" if needed else f"is not read with `{mode}`"
+            raise InputError(f"{where}", param=name)

@@ -1,0 +1,539 @@
+"""``dcn-inspect dilation-stats``: effective dilation per deformable layer and object size
+(the paper's Table 2), streamed over a dataset of any size, on one process or under torchrun.
+
+Pipeline: annotations (:mod:`dcn_inspect.annotations`) -> a ``DataLoader`` that decodes and
+preprocesses images in worker processes (:class:`~dcn_inspect.images.DatasetImages`) ->
+batches of images with the SAME model-input size (after the model's own padding to its size
+divisor; no padding beyond that, so every unit is exactly what a one-image forward gives) -> one forward per batch with the offsets captured (:mod:`dcn_inspect.hooks`)
+-> :class:`~dcn_inspect.dilation.DilationAccumulator` (effective dilation and category of every
+unit, streaming statistics) -> the ranks merged (:mod:`dcn_inspect.distributed`) -> rank 0
+writes ``dilation_table.csv``, ``dilation_table.md``, ``dilation_hist.png``,
+``dilation_units.csv`` (``per_unit``) and ``summary.json``.
+
+Frames are derived through the real forward once per model-input size and reused for later
+batches of that size.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from dcn_inspect.annotations import AnnotatedDataset, ImageAnnotation, load_dataset
+from dcn_inspect.category_stats import BINS, CategoryStats
+from dcn_inspect.commands.common import CommandRun, check_resize, start_run
+from dcn_inspect.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
+from dcn_inspect.dilation import CATEGORIES, CATEGORY_CODES, TABLE_COLUMNS, UNITS, DilationAccumulator, resolve_thresholds, table_frame
+from dcn_inspect.distributed import World, join_world
+from dcn_inspect.errors import InputError
+from dcn_inspect.geometry import FrameMap
+from dcn_inspect.hooks import capture_offsets, forward
+from dcn_inspect.images import DatasetImages, ImageItem, SkippedImages, check_max_pixels, model_input_size
+from dcn_inspect.loaded_model import LoadedModel
+from dcn_inspect.outputs import CSV_FLOAT_FORMAT, atomic_path, write_csv, write_error, write_figure, write_text
+from dcn_inspect.records import select_layers
+
+__all__ = ["TABLE_COLUMNS", "UNIT_COLUMNS", "DilationStatsResult", "dilation_stats", "size_batches", "table_markdown"]
+
+#: Columns of ``dilation_units.csv``.
+UNIT_COLUMNS = ["image", "layer", "unit_x", "unit_y", "category", "dilation"]
+
+#: The files a run may write into ``out``.
+OUTPUT_NAMES = ("dilation_table.csv", "dilation_table.md", "dilation_hist.png", "dilation_units.csv", "summary.json")
+
+
+@dataclass
+class DilationStatsResult:
+    """What :func:`dilation_stats` computed (identical on every rank) and where rank 0 wrote it."""
+
+    table: pd.DataFrame
+    stats: Dict[str, CategoryStats]  # row layer name (top layer first) -> statistics
+    thresholds_name: str
+    thresholds: Tuple[float, float]
+    units: str
+    images_used: int
+    skipped: SkippedImages
+    out_dir: Optional[Path]
+    files: Dict[str, Path] = field(default_factory=dict)
+    summary: Dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+    wall_seconds: float = 0.0
+
+
+def dilation_stats(
+    dataset: Optional[Path] = None,
+    images: Optional[Path] = None,
+    split: Optional[str] = None,
+    model: Union[str, LoadedModel, None] = None,
+    weights: Optional[Path] = None,
+    layers: Optional[Sequence[str]] = None,
+    thresholds: str = "paper",
+    units: str = "cells",
+    per_group: bool = False,
+    per_unit: bool = False,
+    max_images: Optional[int] = None,
+    batch_size: int = 1,
+    workers: int = 2,
+    device: str = "cpu",
+    resize: Optional[int] = None,
+    strict: bool = False,
+    out: Optional[Path] = Path(DEFAULT_OUT),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+    figure: bool = True,
+    allow_outside_paths: bool = False,
+) -> DilationStatsResult:
+    """Effective dilation of every deformable layer per object-size category over a dataset.
+
+    Writes (rank 0, when ``out`` is given) ``dilation_table.csv``, ``dilation_table.md``,
+    ``dilation_hist.png`` (``figure``), ``dilation_units.csv`` (``per_unit``) and
+    ``summary.json``. Returns the merged result on every rank.
+    """
+    started = time.time()
+    _check_options(units, batch_size, workers, max_images, resize, per_unit, out, max_pixels)
+    data = load_dataset(dataset, images, split, allow_outside_paths=allow_outside_paths)
+    entries = data.images[:max_images] if max_images is not None else data.images
+    if not entries:
+        raise InputError(f"{data.root}: the dataset has no images")
+    areas = np.concatenate([e.areas[~e.ignore] for e in entries])
+    thresholds_name, threshold_values = resolve_thresholds(thresholds, areas)
+    with join_world(device) as (world, device):
+        parameters = {
+            "dataset": str(dataset) if dataset is not None else None, "images": images, "split": split,
+            "layers": list(layers) if layers else None, "thresholds": thresholds, "units": units,
+            "per_group": per_group, "per_unit": per_unit, "max_images": max_images, "batch_size": batch_size,
+            "workers": workers, "resize": resize, "strict": strict, "max_pixels": max_pixels,
+            "allow_outside_paths": allow_outside_paths,
+        }  # fmt: skip
+        writes = out is not None and world.is_main
+        target = Path(out) if out is not None else Path(DEFAULT_OUT)
+        planned = [target / name for name in OUTPUT_NAMES] if writes else []
+        with start_run("dilation-stats", parameters, model, weights, device, target, create_out=writes, outputs=planned) as run:
+            if writes:
+                run.outputs.protect("dataset", [data.root, *(entry.path for entry in entries)])
+            out_dir = run.out_dir if out is not None else None
+            if world.distributed and out_dir is not None:
+                world.gather(None)  # rank 0 has created the output directory before anyone writes parts
+            shard = world.shard(len(entries))
+            measured = _measure(run, entries, shard, layers, threshold_values, units, per_group, per_unit and out_dir is not None, batch_size, workers, resize, strict, max_pixels, progress and world.is_main)
+            merged = _merge_ranks(world, measured, entries, strict, per_group)
+            if merged.images_used == 0:
+                merged.skipped.check_any_used(0, str(data.root))
+            result = DilationStatsResult(
+                table=table_frame(merged.stats, units),
+                stats=merged.stats,
+                thresholds_name=thresholds_name,
+                thresholds=threshold_values,
+                units=units,
+                images_used=merged.images_used,
+                skipped=merged.skipped,
+                out_dir=out_dir,
+                rank=world.rank,
+                world_size=world.size,
+            )
+            result.wall_seconds = time.time() - started
+            _fill_summary(run, data, entries, merged, result, world, split, per_group)
+            if writes:
+                result.files = _write_outputs(run, merged, result, figure)
+            result.summary = run.summary.data
+            if world.distributed:
+                world.gather(None)  # other ranks return only after rank 0 has read their part files
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+
+
+def _check_options(
+    units: str, batch_size: int, workers: int, max_images: Optional[int], resize: Optional[int], per_unit: bool, out: Optional[Path], max_pixels: int
+) -> None:
+    if units not in UNITS:
+        raise InputError(f"{units!r}: use cells or pixels", param="units")
+    if batch_size < 1:
+        raise InputError(f"{batch_size}: must be at least 1", param="batch_size")
+    if workers < 0:
+        raise InputError(f"{workers}: must be 0 or more", param="workers")
+    if workers > max_workers():
+        raise InputError(f"{workers}: at most {max_workers()} worker processes (4 per CPU core)", param="workers")
+    if max_images is not None and max_images < 1:
+        raise InputError(f"{max_images}: must be at least 1", param="max_images")
+    check_resize(resize)
+    check_max_pixels(max_pixels)
+    if per_unit and out is None:
+        raise InputError("needs an output directory (`out`)", param="per_unit")
+
+
+def max_workers() -> int:
+    """The most DataLoader worker processes a run may start: 4 per CPU core (at least 8)."""
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
+def size_batches(input_sizes: Sequence[Tuple[int, int]], batch_size: int, max_pixels: int = 0) -> List[List[int]]:
+    """Positions grouped into batches of equal model-input size, at most ``batch_size`` each and,
+    with ``max_pixels`` > 0, at most that many pixels together (one forward's memory is bounded
+    like one image's; a single image always makes a batch).
+
+    Deterministic: positions are visited in order; a batch is emitted when its size group is
+    full, and unfinished groups are emitted at the end in order of their first position.
+    """
+    open_groups: Dict[Tuple[int, int], List[int]] = {}
+    batches: List[List[int]] = []
+    for position, size in enumerate(input_sizes):
+        fits = max(1, max_pixels // max(1, size[0] * size[1])) if max_pixels > 0 else batch_size
+        group = open_groups.setdefault(size, [])
+        group.append(position)
+        if len(group) >= min(batch_size, fits):
+            batches.append(group)
+            del open_groups[size]
+    batches.extend(open_groups.values())
+    return batches
+
+
+def _image_loader(run: CommandRun, entries: Sequence[ImageAnnotation], shard: List[int], resize: Optional[int], max_pixels: int, batch_size: int, workers: int) -> DataLoader:
+    """Batches of equal model-input size, decoded in ``workers`` processes."""
+    preprocess = run.loaded.preprocess
+    input_sizes = [model_input_size((entries[i].height, entries[i].width), preprocess, resize)[1] for i in shard]
+    return DataLoader(
+        DatasetImages(entries, shard, preprocess, resize, max_pixels),
+        batch_sampler=size_batches(input_sizes, batch_size, max_pixels),
+        num_workers=workers,
+        collate_fn=_as_list,
+        persistent_workers=False,
+        multiprocessing_context="fork" if workers > 0 and "fork" in torch.multiprocessing.get_all_start_methods() else None,
+    )
+
+
+def _as_list(items: List[ImageItem]) -> List[ImageItem]:
+    return items
+
+
+@dataclass
+class _Measured:
+    """What one rank measured."""
+
+    accumulator: DilationAccumulator
+    skipped: SkippedImages
+    used: int
+    forward_seconds: float
+    unit_part: Optional[Path]
+    unit_index: List[Tuple[int, int, int]]  # (image index, start, length) in unit_part
+
+
+def _measure(
+    run: CommandRun,
+    entries: Sequence[ImageAnnotation],
+    shard: List[int],
+    layers: Optional[Sequence[str]],
+    thresholds: Tuple[float, float],
+    units: str,
+    per_group: bool,
+    per_unit: bool,
+    batch_size: int,
+    workers: int,
+    resize: Optional[int],
+    strict: bool,
+    max_pixels: int,
+    progress: bool,
+) -> _Measured:
+    """Forward every image of this rank's shard and accumulate its units."""
+    from dcn_inspect.progress import image_progress
+
+    writer = _UnitWriter(run, entries) if per_unit else None
+    accumulator = DilationAccumulator(thresholds, units, per_group, run.device, writer.write_image if writer else None)
+    skipped = SkippedImages(len(entries), strict)
+    selected: Optional[List[str]] = None
+    used = 0
+    forward_seconds = 0.0
+    try:
+        with torch.no_grad(), image_progress("dilation-stats", progress, len(shard)) as advance:
+            for items in _image_loader(run, entries, shard, resize, max_pixels, batch_size, workers):
+                for item in items:
+                    if item.error is not None:
+                        skipped.skip(entries[item.index].file_name, item.error)
+                good = [item for item in items if item.error is None]
+                if good:
+                    batch = torch.stack([item.tensor for item in good]).to(run.device)  # type: ignore[misc]
+                    input_hw = (int(batch.shape[-2]), int(batch.shape[-1]))
+                    tick = time.perf_counter()
+                    with capture_offsets(run.loaded.model, track_frames=accumulator.needs_frames(input_hw)) as capture:
+                        capture.watch_input(batch)
+                        forward(run.loaded.model, batch, run.loaded.name)
+                    forward_seconds += time.perf_counter() - tick
+                    if selected is None:
+                        selected = [r.name for r in select_layers(capture.convs, layers, min_kernel_points=2, model_name=run.loaded.name)]
+                    chosen = [r for r in capture.convs.values() if r.name in selected]
+                    accumulator.add(
+                        chosen, [entries[item.index] for item in good], [item.index for item in good], input_hw, [item.resized_hw or input_hw for item in good]
+                    )
+                    used += len(good)
+                advance(len(items))
+    finally:
+        if writer is not None:
+            writer.close()
+    return _Measured(accumulator, skipped, used, forward_seconds, writer.path if writer else None, writer.index if writer else [])
+
+
+@dataclass
+class _Merged:
+    """All ranks' measurements merged (identical on every rank)."""
+
+    stats: Dict[str, CategoryStats]
+    layer_info: Dict[str, Dict[str, Any]]
+    not_counted: Dict[str, List[int]]
+    skipped: SkippedImages
+    images_used: int
+    forward_seconds: float
+    unit_parts: List[Path]
+    unit_index: List[Tuple[int, int, int, int]]  # (image index, rank, start, length)
+
+
+def _merge_ranks(world: World, measured: _Measured, entries: Sequence[ImageAnnotation], strict: bool, per_group: bool) -> _Merged:
+    """Gather every rank's state and merge it in rank order (a single process merges itself)."""
+    gathered = world.gather(
+        {
+            "state": measured.accumulator.state(),
+            "skipped": measured.skipped.items,
+            "used": measured.used,
+            "unit_part": measured.unit_part,
+            "unit_index": measured.unit_index,
+            "forward_seconds": measured.forward_seconds,
+        }
+    )
+    layer_info: Dict[str, Dict[str, Any]] = {}
+    for payload in gathered:
+        for name, info in payload["state"]["layers"].items():
+            layer_info.setdefault(name, info)
+    merged: Dict[str, CategoryStats] = {name: CategoryStats(len(CATEGORIES), BINS) for name in _row_order(gathered, per_group)}
+    not_counted: Dict[str, List[int]] = {}
+    for payload in gathered:
+        for name, state in payload["state"]["stats"].items():
+            merged[name].merge_(CategoryStats.from_state(state, BINS))
+        for name, counts in payload["state"]["not_counted"].items():
+            previous = not_counted.get(name, [0, 0])
+            not_counted[name] = [previous[0] + counts[0], previous[1] + counts[1]]
+    skipped = SkippedImages(len(entries), strict)
+    position = {entry.file_name: i for i, entry in enumerate(entries)}
+    skipped.items = sorted((item for payload in gathered for item in payload["skipped"]), key=lambda item: position.get(item["image"], 0))
+    return _Merged(
+        stats=merged,
+        layer_info=layer_info,
+        not_counted=not_counted,
+        skipped=skipped,
+        images_used=sum(payload["used"] for payload in gathered),
+        forward_seconds=sum(payload["forward_seconds"] for payload in gathered),
+        unit_parts=[payload["unit_part"] for payload in gathered if payload["unit_part"] is not None],
+        unit_index=[(image, rank, start, length) for rank, payload in enumerate(gathered) for image, start, length in payload["unit_index"]],
+    )
+
+
+def _row_order(gathered: Sequence[Dict[str, Any]], per_group: bool) -> List[str]:
+    """Row layers top first: reverse call order of the deformable layers; groups ascending."""
+    call_order: List[str] = []
+    for payload in gathered:
+        for name in payload["state"]["layers"]:
+            if name not in call_order:
+                call_order.append(name)
+    rows: List[str] = []
+    present = {name for payload in gathered for name in payload["state"]["stats"]}
+    for name in reversed(call_order):
+        if per_group:
+            groups = sorted((r for r in present if r.startswith(name + ":g")), key=lambda r: int(r.rsplit(":g", 1)[1]))
+            rows.extend(groups)
+        elif name in present:
+            rows.append(name)
+    return rows
+
+
+def _fill_summary(
+    run: CommandRun,
+    data: AnnotatedDataset,
+    entries: Sequence[ImageAnnotation],
+    merged: _Merged,
+    result: DilationStatsResult,
+    world: World,
+    split: Optional[str],
+    per_group: bool,
+) -> None:
+    summary = run.summary
+    summary["dataset"] = {
+        "path": str(data.root),
+        "format": data.format,
+        "split": split,
+        "images_in_dataset": len(data.images),
+        "images_selected": len(entries),
+        "categories": data.categories,
+        "issues": data.issues,
+    }
+    summary["images"] = {"used": merged.images_used}
+    summary["skipped"] = merged.skipped.summary()
+    summary["notes"] = run.notes
+    summary["thresholds"] = {"name": result.thresholds_name, "small_medium_px2": result.thresholds[0], "medium_large_px2": result.thresholds[1]}
+    summary["units"] = result.units
+    summary["statistics"] = {
+        "std": "population (ddof=0)",
+        "percentiles": "from fixed log-spaced histograms, clamped to the exact min/max",
+        "bins": BINS.as_dict(),
+        "offset_groups": "per group" if per_group else "mean of the groups' dilations",
+    }
+    summary["units_not_counted"] = {name: {"ignored_box": c[0], "centre_outside_image": c[1]} for name, c in merged.not_counted.items()}
+    summary["layers"] = [merged.layer_info[name] for name in reversed(list(merged.layer_info))]
+    summary["geometry_method"] = sorted({info["geometry"]["method"] for info in merged.layer_info.values()})
+    summary["distributed"] = {"world_size": world.size, "backend": world.backend()}
+    summary["forward_seconds"] = round(merged.forward_seconds, 3)
+    summary["images_per_second"] = round(merged.images_used / result.wall_seconds, 3) if result.wall_seconds > 0 else None
+
+
+def _write_outputs(run: CommandRun, merged: _Merged, result: DilationStatsResult, figure: bool) -> Dict[str, Path]:
+    """Rank 0: the table (CSV, Markdown), the histogram figure, the per-unit CSV and summary.json."""
+    out_dir = run.out_dir
+    comment = _units_comment(result.units, result.thresholds_name, result.thresholds)
+    files = {"table_csv": out_dir / "dilation_table.csv", "table_md": out_dir / "dilation_table.md"}
+    write_csv(files["table_csv"], result.table, comment)
+    write_text(files["table_md"], table_markdown(result.table, result.units, result.thresholds_name, result.thresholds))
+    if figure:
+        from dcn_inspect.plots.dilation import draw_dilation_histograms
+
+        files["figure"] = out_dir / "dilation_hist.png"
+        write_figure(files["figure"], draw_dilation_histograms(merged.stats, result.units, result.thresholds_name), dpi=100)
+    if merged.unit_parts:
+        unit_unit = "layer input cells" if result.units == "cells" else "original-image pixels"
+        files["units_csv"] = _assemble_units(
+            out_dir / "dilation_units.csv",
+            merged.unit_parts,
+            merged.unit_index,
+            f"unit_x, unit_y: filter centre in original-image pixels (continuous, (0,0) = top-left corner); dilation in {unit_unit}; "
+            f"category ignored = inside only crowd/difficult boxes, outside = centre outside the image",
+        )
+    run.summary["outputs"] = sorted(p.name for p in files.values())
+    files["summary"] = run.summary.write(out_dir)
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# Per-unit rows
+
+
+def _fmt(value: float) -> str:
+    return CSV_FLOAT_FORMAT % value
+
+
+def _unit_rows(image: str, layer: str, frame: FrameMap, codes: np.ndarray, values: np.ndarray) -> List[List[str]]:
+    out_h, out_w = codes.shape
+    xs, ys = frame.to_image(np.arange(out_w, dtype=np.float64), np.arange(out_h, dtype=np.float64))
+    x_text = [_fmt(x) for x in xs]
+    y_text = [_fmt(y) for y in ys]
+    return [
+        [image, layer, x_text[j], y_text[i], CATEGORY_CODES[int(codes[i, j])], _fmt(float(values[i, j]))]
+        for i in range(out_h)
+        for j in range(out_w)
+    ]
+
+
+class _UnitWriter:
+    """Streams one rank's per-unit rows to a part file private to this run (a scratch file of the
+    run: removed at its end whatever happens); remembers where each image's rows are, so rank 0
+    can write them in dataset order whatever the batching and sharding."""
+
+    def __init__(self, run: CommandRun, entries: Sequence[ImageAnnotation]) -> None:
+        fd, self.path = run.outputs.scratch_file(run.out_dir, prefix=".dilation_units.", suffix=".part")
+        self.out_dir = run.out_dir
+        self.handle = os.fdopen(fd, "wb")
+        self.entries = entries
+        self.index: List[Tuple[int, int, int]] = []  # (image index, start, length)
+
+    def write_image(self, index: int, layers: List[Tuple[str, FrameMap, np.ndarray, np.ndarray]]) -> None:
+        rows: List[List[str]] = []
+        for layer, frame, codes, values in layers:
+            rows.extend(_unit_rows(self.entries[index].file_name, layer, frame, codes, values))
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(rows)
+        data = buffer.getvalue().encode("utf-8")
+        try:
+            start = self.handle.tell()
+            self.handle.write(data)
+        except OSError as exc:
+            raise write_error(self.out_dir, exc, "the per-unit rows") from None
+        self.index.append((index, start, len(data)))
+
+    def close(self) -> None:
+        if self.handle.closed:
+            return
+        try:
+            self.handle.close()
+        except OSError as exc:
+            raise write_error(self.out_dir, exc, "the per-unit rows") from None
+
+
+def _assemble_units(path: Path, parts: List[Path], index: List[Tuple[int, int, int, int]], units_comment: str) -> Path:
+    """``dilation_units.csv`` from the ranks' part files, in dataset order; the parts are removed."""
+    handles: Dict[int, Any] = {}
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                handle.write(("# " + units_comment + "\n" + ",".join(UNIT_COLUMNS) + "\n").encode("utf-8"))
+                for _, rank, start, length in sorted(index):
+                    if rank not in handles:
+                        handles[rank] = open(parts[rank], "rb")
+                    handles[rank].seek(start)
+                    handle.write(handles[rank].read(length))
+    finally:
+        for part in handles.values():
+            part.close()
+        _remove_parts(parts)
+    return path
+
+
+def _remove_parts(parts: Sequence[Path]) -> None:
+    for part in parts:
+        if part.exists():
+            part.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# Table layouts
+
+
+def table_markdown(table: pd.DataFrame, units: str, thresholds_name: str, thresholds: Tuple[float, float], title: str = "Effective dilation") -> str:
+    """The paper's Table 2 layout: layers as rows (top first), categories as columns, mean ± std."""
+    lines = [
+        f"# {title} (mean ± std, {units})",
+        "",
+        "| layer | " + " | ".join(CATEGORIES) + " |",
+        "|---|" + "---:|" * len(CATEGORIES),
+    ]
+    for layer, group in table.groupby("layer", sort=False):
+        cells = []
+        for category in CATEGORIES:
+            row = group[group["category"] == category].iloc[0]
+            cells.append("–" if row["count"] == 0 else f"{row['mean']:.2f} ± {row['std']:.2f}")
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    counts = table.groupby("category", sort=False)["count"].max()
+    lines += [
+        "",
+        "Units per category (largest layer): " + ", ".join(f"{c} {int(counts.get(c, 0))}" for c in CATEGORIES) + ".",
+        f"Categories by box area in original-image pixels² ({thresholds_name}): small < {thresholds[0]:g} <= medium < {thresholds[1]:g} <= large;",
+        "background = filter centre inside no ground-truth box. Units inside only crowd/difficult boxes are not counted.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _units_comment(units: str, thresholds_name: str, thresholds: Tuple[float, float]) -> str:
+    unit_text = "layer input cells" if units == "cells" else "original-image pixels"
+    return (
+        f"effective dilation (mean distance of adjacent sampling locations) in {unit_text}; "
+        f"std = population std; median/p10/p90 from log-spaced histograms (0.1% bins); "
+        f"categories by box area in original-image pixels^2 ({thresholds_name}: small < {thresholds[0]:g} <= medium < {thresholds[1]:g} <= large)"
+    )

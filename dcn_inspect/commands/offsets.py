@@ -1,0 +1,150 @@
+"""``dcn-inspect offsets``: dense offset maps of every deformable layer over the image.
+
+For each image: one forward under :func:`dcn_inspect.hooks.probe` -> the layers to show
+(:func:`dcn_inspect.records.select_layers`, all by default) -> their maps
+(:func:`dcn_inspect.offset_maps.layer_offset_maps`: flow, magnitude, effective dilation, in
+original-image pixels) -> written as
+
+- ``<stem>_offsets.<fmt>``: per layer (top first) the flow-coloured offset field with its colour
+  wheel, the magnitude and the effective dilation over the image, plus a row per requested
+  kernel point (:mod:`dcn_inspect.plots.offsets`);
+- ``offsets.npz``: the captured offset (and mask) fields of those layers with their geometry, in
+  the ``sample-points --save-offsets`` layout (:func:`~dcn_inspect.commands.common.offset_field_arrays`);
+- ``summary.json``: model, checkpoint hash, parameters, per image and layer the maps' numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from dcn_inspect.commands.common import check_figure_format, check_resize, image_list, images_of_run, offset_field_arrays, start_run
+from dcn_inspect.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
+from dcn_inspect.hooks import probe
+from dcn_inspect.images import to_model_input
+from dcn_inspect.loaded_model import LoadedModel
+from dcn_inspect.offset_maps import KernelPoint, LayerOffsetMaps, layer_offset_maps, parse_kernel_point
+from dcn_inspect.outputs import write_figure, write_npz
+from dcn_inspect.records import select_layers
+from dcn_inspect.tracing import GroupChoice, check_group, check_group_fits
+
+__all__ = ["ImageOffsets", "OffsetsResult", "offsets"]
+
+#: Name of the npz every run writes into ``out``.
+NPZ_NAME = "offsets.npz"
+
+
+@dataclass
+class ImageOffsets:
+    """What ``offsets`` produced for one image."""
+
+    image: Path
+    maps: List[LayerOffsetMaps]  # top layer first
+    figure: Path
+
+
+@dataclass
+class OffsetsResult:
+    out_dir: Path
+    layers: List[str]  # top layer first
+    images: List[ImageOffsets]
+    npz: Path
+    summary: Path
+    notes: List[str] = field(default_factory=list)
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+
+
+def offsets(
+    images: Optional[Sequence[Path]] = None,
+    model: Union[str, LoadedModel, None] = None,
+    weights: Optional[Path] = None,
+    layers: Optional[Sequence[str]] = None,
+    kernel_point: Sequence[Union[str, KernelPoint]] = (),
+    group: GroupChoice = 0,
+    resize: Optional[int] = None,
+    device: str = "cpu",
+    out: Path = Path(DEFAULT_OUT),
+    fmt: str = "png",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+    strict: bool = False,
+) -> OffsetsResult:
+    """Dense offset, magnitude and effective-dilation maps of the deformable layers for each image.
+
+    ``kernel_point`` adds the field of kernel point (a, b) (row, column, 0-based) of every
+    shown layer; ``group`` follows an offset group or ``"mean"`` averages them. Writes
+    ``<stem>_offsets.<fmt>`` per image, ``offsets.npz`` and ``summary.json`` into ``out``.
+    """
+    fmt = check_figure_format(fmt)
+    check_resize(resize)
+    checked_group = check_group(group)
+    points: List[KernelPoint] = [parse_kernel_point(p) if isinstance(p, str) else (int(p[0]), int(p[1])) for p in kernel_point]
+    points = list(dict.fromkeys(points))
+    image_paths = image_list(images)
+    parameters = {
+        "images": [str(p) for p in image_paths],
+        "layers": list(layers) if layers else None,
+        "kernel_point": [list(p) for p in points],
+        "group": checked_group,
+        "resize": resize,
+        "format": fmt,
+    }
+    planned = [Path(out) / f"{p.stem}_offsets.{fmt}" for p in image_paths] + [Path(out) / NPZ_NAME]
+    run = start_run("offsets", parameters, model, weights, device, out, outputs=planned)
+
+    results: List[ImageOffsets] = []
+    per_image: List[Dict[str, Any]] = []
+    arrays: Dict[str, np.ndarray] = {}
+    shown_layers: List[str] = []
+    preprocess = run.loaded.preprocess
+    with run:
+        with images_of_run(image_paths, strict, max_pixels, "offsets", progress, preprocess, resize) as (readable, skipped):
+            for path, image in readable:
+                model_input = to_model_input(image, preprocess, resize, max_pixels)
+                captured = probe(run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name)
+                records = list(reversed(select_layers(captured.convs, layers, default_count=None, model_name=run.loaded.name)))
+                check_group_fits(checked_group, records)
+                maps = [layer_offset_maps(r, model_input.scale_to_original, checked_group, points) for r in records]
+                arrays.update(offset_field_arrays(path.stem, {r.name: r for r in records}, model_input))
+                figure_path = _write_figure(path, image, maps, fmt, run.out_dir, run.notes)
+                shown_layers = shown_layers or [r.name for r in records]
+                per_image.append(
+                    {
+                        "image": str(path),
+                        "original_hw": list(model_input.original_hw),
+                        "input_hw": list(model_input.input_hw),
+                        "scale_to_original": list(model_input.scale_to_original),
+                        "layers": [m.summary() for m in maps],
+                        "geometry_method": {r.name: r.geometry.method for r in records},
+                        "outputs": [figure_path.name, NPZ_NAME],
+                    }
+                )
+                results.append(ImageOffsets(path, maps, figure_path))
+        npz_path = run.out_dir / NPZ_NAME
+        write_npz(npz_path, arrays)
+        run.summary["layers"] = shown_layers
+        run.summary["conventions"] = {
+            "pixels": "original-image pixels, COCO continuous coordinates ((0,0) = top-left corner of the top-left pixel, x right, y down)",
+            "offset_px": "offset (dx, dy) in input cells times the layer's input-frame stride and the model-input -> original scale",
+            "mean_offset": "mean over the unit's kernel points of their offsets (the translation of its sampling grid)",
+            "flow_colour": "hue = direction (0 = right, then down, left, up), saturation = magnitude / the field's largest, white = 0",
+            "effective_dilation_px": "mean distance between horizontally and vertically adjacent sampling points (dilation-stats' measure), image pixels",
+            "group": "an offset group index, or 'mean': offsets averaged over groups and the mean of the groups' dilations",
+        }
+        run.summary["images"] = per_image
+        summary_path = run.finish(skipped)
+    return OffsetsResult(run.out_dir, shown_layers, results, npz_path, summary_path, run.notes, skipped.items)
+
+
+def _write_figure(path: Path, image: np.ndarray, maps: List[LayerOffsetMaps], fmt: str, out_dir: Path, notes: List[str]) -> Path:
+    from dcn_inspect.plots.offsets import MAX_ROWS, draw_offsets_figure, rows_left_out
+
+    left_out = rows_left_out(maps)
+    if left_out:
+        notes.append(f"{path.name}: the figure shows the first {MAX_ROWS} layer / kernel-point rows ({left_out} left out); the npz has every layer")
+    figure_path = out_dir / f"{path.stem}_offsets.{fmt}"
+    write_figure(figure_path, draw_offsets_figure(image, maps, title=f"{path.name}: offsets in image pixels"), dpi=100)
+    return figure_path

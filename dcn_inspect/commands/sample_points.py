@@ -1,0 +1,345 @@
+"""``dcn-inspect sample-points``: sampling trees of chosen units drawn on the image (Fig. 5/6).
+
+For each image: one forward under :func:`dcn_inspect.hooks.probe` (the offsets and masks the
+deformable layers used, and each layer's exact frame) -> the layers to follow
+(:func:`dcn_inspect.records.select_layers`) -> the units (:mod:`dcn_inspect.unit_selection`) ->
+their sampling trees (:func:`dcn_inspect.tracing.trace_sampling_trees`) -> written as
+
+- ``<stem>_points.csv``: one row per point (every level, points outside the maps included);
+- ``<stem>_sampling.<fmt>``: one panel per unit, the unit green, its deepest points red, every
+  panel the whole image at one scale (``zoom``: each fitted to its points), titled with the
+  unit's (x, y) and category (sizes by ``thresholds``, as in dilation-stats), with a legend;
+- ``<stem>_sampling.gif`` (``gif=True``): one labelled frame per unit;
+- ``save_offsets``: an ``.npz`` of the captured offset/mask fields with their geometry;
+- ``summary.json``: model, checkpoint hash, layers and their geometry, units, parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dcn_inspect.commands.common import (
+    CommandRun,
+    check_figure_format,
+    check_npz_path,
+    check_resize,
+    image_list,
+    images_of_run,
+    offset_field_arrays,
+    start_run,
+)
+from dcn_inspect.defaults import DEFAULT_LEVELS, DEFAULT_MAX_PIXELS, DEFAULT_OUT
+from dcn_inspect.dilation import resolve_thresholds
+from dcn_inspect.errors import InputError
+from dcn_inspect.hooks import probe
+from dcn_inspect.images import ModelInput, to_model_input
+from dcn_inspect.loaded_model import LoadedModel
+from dcn_inspect.outputs import write_csv, write_figure, write_npz
+from dcn_inspect.records import DeformConvRecord, select_layers
+from dcn_inspect.tracing import CSV_COLUMNS, CSV_UNITS, GRAD_WEIGHT_UNITS, GroupChoice, SamplingTrees, check_group, points_table, trace_sampling_trees, tree_half_extent
+from dcn_inspect.unit_selection import Boxes, Unit, UnitCategory, boxes_per_image, check_unit_options, choose_units, unit_category
+
+__all__ = ["CSV_COLUMNS", "ImagePoints", "SamplePointsResult", "sample_points"]
+
+
+@dataclass
+class ImagePoints:
+    """What ``sample_points`` produced for one image."""
+
+    image: Path
+    units: List[Unit]
+    categories: List[Optional[UnitCategory]]  # per unit; None when the image has no boxes
+    trees: SamplingTrees
+    csv: Path
+    figure: Path
+    gif: Optional[Path]
+    table: pd.DataFrame
+
+
+@dataclass
+class SamplePointsResult:
+    out_dir: Path
+    layers: List[str]  # traced layers, top first
+    images: List[ImagePoints]
+    summary: Path
+    offsets: Optional[Path]
+    notes: List[str] = field(default_factory=list)
+    skipped: List[Dict[str, str]] = field(default_factory=list)  # images that could not be read: image, kind, reason
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The per-image choices of one run, checked."""
+
+    layers: Optional[Sequence[str]]
+    levels: Optional[int]
+    at: List[Tuple[float, float]]
+    grid: Optional[int]
+    group: GroupChoice
+    round_positions: bool
+    resize: Optional[int]
+    fmt: str
+    gif: bool
+    color_by_level: bool
+    zoom: bool
+    thresholds: Tuple[float, float]
+    grad_weight: bool = False
+
+
+def sample_points(
+    images: Optional[Sequence[Path]] = None,
+    model: Union[str, LoadedModel, None] = None,
+    weights: Optional[Path] = None,
+    layers: Optional[Sequence[str]] = None,
+    levels: Optional[int] = None,
+    at: Sequence[Union[str, Tuple[float, float]]] = (),
+    grid: Optional[int] = None,
+    boxes: Optional[Path] = None,
+    round_positions: bool = False,
+    group: GroupChoice = 0,
+    resize: Optional[int] = None,
+    device: str = "cpu",
+    out: Path = Path(DEFAULT_OUT),
+    fmt: str = "png",
+    gif: bool = False,
+    save_offsets: Optional[Path] = None,
+    color_by_level: bool = False,
+    zoom: bool = False,
+    thresholds: str = "paper",
+    grad_weight: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+    strict: bool = False,
+) -> SamplePointsResult:
+    """Trace the sampling trees of chosen units for each image.
+
+    Writes ``<stem>_points.csv`` and ``<stem>_sampling.<fmt>`` (and ``<stem>_sampling.gif``)
+    per image, ``save_offsets`` if given, and ``summary.json`` into ``out``. ``thresholds``
+    (as in dilation-stats: ``paper``, ``coco``, ``tertiles`` of the given boxes, or ``A,B``
+    px²) sizes the boxes for the panel titles' categories. ``grad_weight`` adds each point's
+    |dr/dp| (:func:`dcn_inspect.receptive_field.sampling_point_gradients`) to the CSV and sizes
+    the points by it.
+    """
+    check_npz_path(save_offsets, "save_offsets")
+    image_paths = image_list(images)
+    use_bundled = not at and grid is None
+    boxes_of_images, boxes_source = boxes_per_image(image_paths, boxes, use_bundled=use_bundled)
+    areas = np.concatenate([_box_areas(b) for b in boxes_of_images if b is not None] or [np.zeros(0)])
+    options = _check_options(layers, levels, at, grid, group, round_positions, resize, fmt, gif, color_by_level, zoom, thresholds, areas, grad_weight)
+    planned = [Path(out) / name for path in image_paths for name in _output_names(path, options)] + ([Path(save_offsets)] if save_offsets is not None else [])
+    run = start_run("sample-points", _parameters(image_paths, options, boxes, save_offsets), model, weights, device, out, outputs=planned)
+
+    results: List[ImagePoints] = []
+    per_image: List[Dict[str, Any]] = []
+    offsets_arrays: Dict[str, np.ndarray] = {}
+    traced_layers: Optional[List[Dict[str, Any]]] = None
+    boxes_of = dict(zip(image_paths, boxes_of_images))
+    preprocess = run.loaded.preprocess
+    with run:
+        with images_of_run(image_paths, strict, max_pixels, "sample-points", progress, preprocess, options.resize) as (readable, skipped):
+            for path, image in readable:
+                model_input = to_model_input(image, preprocess, options.resize, max_pixels)
+                captured = probe(run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name)
+                records = _traced_records(captured.convs, options, run.loaded.name)
+                units, trees = _trace_image(path, model_input, records, boxes_of[path], boxes_source, options, run.notes)
+                categories = [unit_category(u, boxes_of[path], options.thresholds) for u in units]
+                grad_weights = _grad_weights(run, model_input, records, trees, options, path) if options.grad_weight else None
+                item = _write_image_outputs(path, image, units, categories, trees, options, run, grad_weights)
+                if save_offsets is not None:
+                    offsets_arrays.update(offset_field_arrays(path.stem, captured.convs, model_input))
+                _note_approximate_frames(path, records, run.notes)
+                image_summary = _image_summary(path, model_input, records, units, item)
+                traced_layers = traced_layers or image_summary["layers"]
+                per_image.append(image_summary)
+                results.append(item)
+        offsets_path = None
+        if save_offsets is not None:
+            offsets_path = Path(save_offsets)
+            write_npz(offsets_path, offsets_arrays)
+        run.summary["layers"] = traced_layers
+        run.summary["images"] = per_image
+        summary_path = run.finish(skipped)
+    return SamplePointsResult(run.out_dir, [r["name"] for r in traced_layers or []], results, summary_path, offsets_path, run.notes, skipped.items)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+
+
+def _check_options(
+    layers: Optional[Sequence[str]],
+    levels: Optional[int],
+    at: Sequence[Union[str, Tuple[float, float]]],
+    grid: Optional[int],
+    group: GroupChoice,
+    round_positions: bool,
+    resize: Optional[int],
+    fmt: str,
+    gif: bool,
+    color_by_level: bool,
+    zoom: bool,
+    thresholds: str,
+    box_areas: np.ndarray,
+    grad_weight: bool = False,
+) -> _Options:
+    fmt = check_figure_format(fmt)
+    _, threshold_values = resolve_thresholds(thresholds, box_areas)
+    check_resize(resize)
+    checked_group = check_group(group)
+    points_at = check_unit_options(at, grid)
+    if levels is not None and levels < 1:
+        raise InputError(f"{levels}: must be at least 1", param="levels")
+    if layers and levels is not None:
+        raise InputError("and `levels`: give one or the other", param="layers")
+    return _Options(layers, levels, points_at, grid, checked_group, round_positions, resize, fmt, gif, color_by_level, zoom, threshold_values, grad_weight)
+
+
+def _box_areas(boxes: Boxes) -> np.ndarray:
+    coords = np.asarray(boxes[0], dtype=np.float64).reshape(-1, 4)
+    return (coords[:, 2] - coords[:, 0]) * (coords[:, 3] - coords[:, 1])
+
+
+def _parameters(image_paths: Sequence[Path], options: _Options, boxes: Optional[Path], save_offsets: Optional[Path]) -> Dict[str, Any]:
+    return {
+        "images": [str(p) for p in image_paths],
+        "layers": list(options.layers) if options.layers else None,
+        "levels": options.levels,
+        "at": [list(p) for p in options.at],
+        "grid": options.grid,
+        "boxes": boxes,
+        "round": options.round_positions,
+        "group": options.group,
+        "resize": options.resize,
+        "format": options.fmt,
+        "gif": options.gif,
+        "save_offsets": save_offsets,
+        "color_by_level": options.color_by_level,
+        "grad_weight": options.grad_weight,
+        "zoom": options.zoom,
+        "thresholds": list(options.thresholds),
+    }
+
+
+def _output_names(path: Path, options: _Options) -> List[str]:
+    """The files :func:`_write_image_outputs` writes for ``path`` (in the output directory)."""
+    return [f"{path.stem}_points.csv", f"{path.stem}_sampling.{options.fmt}"] + ([f"{path.stem}_sampling.gif"] if options.gif else [])
+
+
+def _traced_records(convs: Dict[str, DeformConvRecord], options: _Options, model_name: str) -> List[DeformConvRecord]:
+    """The layers to trace, top (last called) first."""
+    chosen = select_layers(convs, options.layers, options.levels, default_count=DEFAULT_LEVELS, model_name=model_name)
+    return list(reversed(chosen))
+
+
+def _trace_image(
+    path: Path,
+    model_input: ModelInput,
+    records: List[DeformConvRecord],
+    boxes: Optional[Boxes],
+    boxes_source: str,
+    options: _Options,
+    notes: List[str],
+) -> Tuple[List[Unit], SamplingTrees]:
+    sx, sy = model_input.scale_to_original
+    top = records[0]
+    top_frame = top.geometry.output_frame.scaled(sx, sy)
+    clearance = tree_half_extent(records, (sx, sy))
+    units = choose_units(path, top_frame, top.geometry.output_hw, model_input.original_hw, options.at, options.grid, boxes, boxes_source, notes, clearance)
+    trees = trace_sampling_trees(
+        records,
+        torch.tensor([[u.row, u.col] for u in units], dtype=torch.long),
+        group=options.group,
+        round_positions=options.round_positions,
+        scale_to_original=(sx, sy),
+    )
+    return units, trees
+
+
+def _grad_weights(run: CommandRun, model_input: ModelInput, records: List[DeformConvRecord], trees: SamplingTrees, options: _Options, path: Path) -> Optional[List[torch.Tensor]]:
+    """|dr/dp| of every point (per level [U, P_l]), r = the unit's response (sum over the top layer's channels)."""
+    from dcn_inspect.receptive_field import sampling_point_gradients
+
+    gradients = sampling_point_gradients(
+        run.loaded.model, model_input.tensor.to(run.device), [r.name for r in records], trees,
+        group=options.group, scale_to_original=model_input.scale_to_original,
+    )  # fmt: skip
+    if gradients is None:
+        run.notes.append(f"{path.name}: a traced layer's op could not be re-run to reproduce its output: no grad_weight column")
+        return None
+    return gradients.weights
+
+
+def _write_image_outputs(
+    path: Path,
+    image: np.ndarray,
+    units: List[Unit],
+    categories: List[Optional[UnitCategory]],
+    trees: SamplingTrees,
+    options: _Options,
+    run: CommandRun,
+    grad_weights: Optional[List[torch.Tensor]] = None,
+) -> ImagePoints:
+    from dcn_inspect.plots.sampling import MAX_PANELS, draw_sampling_figure, frame_label, gif_frames, panel_title, write_sampling_gif
+
+    table = points_table(trees, grad_weights)
+    csv_path = run.out_dir / f"{path.stem}_points.csv"
+    write_csv(csv_path, table, CSV_UNITS + ("; " + GRAD_WEIGHT_UNITS if grad_weights is not None else ""))
+    titles = [panel_title(k, u, c) for k, (u, c) in enumerate(zip(units, categories))]
+    figure_path = run.out_dir / f"{path.stem}_sampling.{options.fmt}"
+    size_label = "grad_weight |dr/dp|" if grad_weights is not None else None
+    write_figure(figure_path, draw_sampling_figure(image, trees, titles, options.color_by_level, zoom=options.zoom, size_weights=grad_weights, size_label=size_label), dpi=100)
+    if trees.num_units > MAX_PANELS:
+        also = " and GIF have" if options.gif else " has"
+        run.notes.append(f"{path.name}: the figure shows the first {MAX_PANELS} of {trees.num_units} units; the CSV{also} all")
+    gif_path = None
+    if options.gif:
+        gif_path = run.out_dir / f"{path.stem}_sampling.gif"
+        labels = [frame_label(k, (u.x, u.y), c) for k, (u, c) in enumerate(zip(units, categories))]
+        write_sampling_gif(gif_path, gif_frames(image, trees, options.color_by_level, labels=labels))
+    return ImagePoints(path, units, categories, trees, csv_path, figure_path, gif_path, table)
+
+
+def _note_approximate_frames(path: Path, records: Sequence[DeformConvRecord], notes: List[str]) -> None:
+    approximate = [r.name for r in records if r.geometry.method != "hooks"]
+    if approximate:
+        notes.append(
+            f"{path.name}: frames of {', '.join(approximate)} inferred from map sizes "
+            "(the forward could not be followed there); positions are approximate"
+        )
+
+
+def _layer_summary(level: int, record: DeformConvRecord) -> Dict[str, Any]:
+    return {
+        "level": level,
+        "name": record.name,
+        "module_type": record.module_type,
+        "kernel_points": record.kernel_points,
+        "offset_groups": record.offset_groups,
+        "modulated": record.modulated,
+        "op": record.op,  # the op entry point that received the offsets (op-level capture), else null
+        "converted_from": record.converted_from,  # "DCNv3"/"DCNv4": offsets converted to the standard layout
+        "geometry": record.geometry.as_dict(),
+    }
+
+
+def _image_summary(path: Path, model_input: ModelInput, records: Sequence[DeformConvRecord], units: List[Unit], item: ImagePoints) -> Dict[str, Any]:
+    sx, sy = model_input.scale_to_original
+    table = item.table
+    return {
+        "image": str(path),
+        "original_hw": list(model_input.original_hw),
+        "input_hw": list(model_input.input_hw),
+        "scale_to_original": [sx, sy],
+        "top_layer_map_hw": list(records[0].geometry.output_hw),
+        "layers": [_layer_summary(level, r) for level, r in enumerate(records, start=1)],
+        "units": [{"unit": k, **u.as_dict(), "category": c.as_dict() if c else None} for k, (u, c) in enumerate(zip(units, item.categories))],
+        "points": int(len(table)),
+        "points_outside": int(len(table) - int(table["inside"].sum())),
+        "outputs": [item.csv.name, item.figure.name] + ([item.gif.name] if item.gif else []),
+    }

@@ -1,0 +1,350 @@
+"""Capture at the op: every deformable-conv op call a forward makes, whoever makes it.
+
+Research code rarely wraps the op in a library module: a module computes its offsets with its
+own ``offset_conv`` / ``modulator_conv`` and calls the functional op. :func:`capture_ops`
+records those calls, for the entry points of :data:`OP_KINDS` that are already imported in
+this process (nothing here imports torchvision, mmcv or detectron2):
+
+* Python entry points (``dcn_inspect.ops.deform_conv2d``, ``torchvision.ops.deform_conv2d``,
+  mmcv's ``deform_conv2d`` / ``modulated_deform_conv2d``, mmdetection 1.x's and detectron2's
+  ``deform_conv`` / ``modulated_deform_conv``) are replaced, for the duration of the capture,
+  wherever a module-level name, a class attribute or an instance attribute of the model holds
+  them (so ``from torchvision.ops import deform_conv2d`` in the user's file is covered), and
+  restored afterwards;
+* torchvision's C++ op ``torch.ops.torchvision.deform_conv2d`` (what its Python entry point
+  calls) is seen by a ``TorchFunctionMode`` whatever name the caller holds it by.
+
+A record holds what the op received (offset, mask, weight shape, stride, padding, dilation,
+groups, offset groups; all of these ops take the standard layout of PAPER.md §1) and is named
+after the innermost module whose forward made the call (the model's qualified name, ``#k``
+for repeated calls). Calls made inside a module that a module-level adapter captures
+(:func:`dcn_inspect.records.opaque_hooks` claims it) are left to that adapter, and a call
+made inside another captured call (a Python entry point calling the C++ op) is its own:
+no call is counted twice. The frame tracker treats the op call as a conv of the op's own
+kernel arithmetic (:meth:`~dcn_inspect.geometry.FrameMap.conv_output`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from dcn_inspect.geometry import Pair
+from dcn_inspect.records import LOOKED_FOR, OffsetCapture
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """What one deformable-conv op call received."""
+
+    input: torch.Tensor
+    offset: torch.Tensor
+    mask: Optional[torch.Tensor]
+    weight: torch.Tensor
+    stride: Pair
+    padding: Pair
+    dilation: Pair
+
+    @property
+    def kernel(self) -> Pair:
+        return (int(self.weight.shape[2]), int(self.weight.shape[3]))
+
+    @property
+    def groups(self) -> int:
+        return max(1, int(self.input.shape[1]) // max(1, int(self.weight.shape[1])))
+
+    def fits_standard_layout(self) -> bool:
+        """The offset is ``[B, 2*G*kh*kw, Ho, Wo]`` (and the mask ``[B, G*kh*kw, Ho, Wo]``)."""
+        points = self.kernel[0] * self.kernel[1]
+        if self.input.dim() != 4 or self.offset.dim() != 4 or self.weight.dim() != 4 or points < 1:
+            return False
+        if self.offset.shape[1] == 0 or self.offset.shape[1] % (2 * points):
+            return False
+        if self.mask is not None and (self.mask.dim() != 4 or self.mask.shape[1] * 2 != self.offset.shape[1]):
+            return False
+        return True
+
+
+def _pair(value: Any) -> Pair:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (int, float)):
+        return (int(value), int(value))
+    items = [int(v) for v in value]
+    return (items[0], items[0]) if len(items) == 1 else (items[0], items[1])
+
+
+def _get(args: Sequence[Any], kwargs: Dict[str, Any], index: int, names: Tuple[str, ...], default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    return default
+
+
+def _tensor(value: Any) -> Optional[torch.Tensor]:
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _parse_torchvision_style(args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[OpCall]:
+    """``(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None)``:
+    torchvision's ``deform_conv2d`` and dcn-inspect's."""
+    input_, offset, weight = (_tensor(_get(args, kwargs, i, (n,))) for i, n in enumerate(("input", "offset", "weight")))
+    if input_ is None or offset is None or weight is None:
+        return None
+    return OpCall(
+        input_, offset, _tensor(_get(args, kwargs, 7, ("mask",))), weight,
+        _pair(_get(args, kwargs, 4, ("stride",), 1)),
+        _pair(_get(args, kwargs, 5, ("padding",), 0)),
+        _pair(_get(args, kwargs, 6, ("dilation",), 1)),
+    )  # fmt: skip
+
+
+def _parse_v1_style(args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[OpCall]:
+    """``(input, offset, weight, stride=1, padding=0, dilation=1, groups=1, deform_groups=1, ...)``:
+    mmcv's ``deform_conv2d``, mmdetection 1.x's and detectron2's ``deform_conv``."""
+    input_, offset, weight = (_tensor(_get(args, kwargs, i, (n,))) for i, n in enumerate(("input", "offset", "weight")))
+    if input_ is None or offset is None or weight is None:
+        return None
+    return OpCall(
+        input_, offset, None, weight,
+        _pair(_get(args, kwargs, 3, ("stride",), 1)),
+        _pair(_get(args, kwargs, 4, ("padding",), 0)),
+        _pair(_get(args, kwargs, 5, ("dilation",), 1)),
+    )  # fmt: skip
+
+
+def _parse_v2_style(args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[OpCall]:
+    """``(input, offset, mask, weight, bias, stride=1, padding=0, dilation=1, groups=1, deform_groups=1)``:
+    mmcv's ``modulated_deform_conv2d``, mmdetection 1.x's and detectron2's ``modulated_deform_conv``."""
+    names = ("input", "offset", "mask", "weight")
+    input_, offset, mask, weight = (_tensor(_get(args, kwargs, i, (n,))) for i, n in enumerate(names))
+    if input_ is None or offset is None or weight is None:
+        return None
+    return OpCall(
+        input_, offset, mask, weight,
+        _pair(_get(args, kwargs, 5, ("stride",), 1)),
+        _pair(_get(args, kwargs, 6, ("padding",), 0)),
+        _pair(_get(args, kwargs, 7, ("dilation",), 1)),
+    )  # fmt: skip
+
+
+def _parse_torchvision_op(args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[OpCall]:
+    """``torch.ops.torchvision.deform_conv2d(input, weight, offset, mask, bias, stride_h, stride_w,
+    pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups, use_mask)``."""
+    if len(args) < 14:
+        return None
+    input_, weight, offset, mask = (_tensor(args[i]) for i in range(4))
+    if input_ is None or offset is None or weight is None:
+        return None
+    return OpCall(
+        input_, offset, mask if bool(args[13]) else None, weight,
+        (int(args[5]), int(args[6])), (int(args[7]), int(args[8])), (int(args[9]), int(args[10])),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OpKind:
+    """One deformable-conv op entry point: where it lives and how its arguments read."""
+
+    name: str  # how records and messages name it
+    homes: Tuple[Tuple[str, str], ...]  # (module, attribute) pairs holding the entry point
+    parse: Callable[[Sequence[Any], Dict[str, Any]], Optional[OpCall]]
+
+
+#: The Python entry points captured when their module is imported.
+OP_KINDS: Tuple[OpKind, ...] = (
+    OpKind("dcn_inspect.ops.deform_conv2d", (("dcn_inspect.ops.functional", "deform_conv2d"), ("dcn_inspect.ops", "deform_conv2d")), _parse_torchvision_style),
+    OpKind("torchvision.ops.deform_conv2d", (("torchvision.ops.deform_conv", "deform_conv2d"), ("torchvision.ops", "deform_conv2d")), _parse_torchvision_style),
+    OpKind("mmcv.ops.deform_conv2d", (("mmcv.ops.deform_conv", "deform_conv2d"), ("mmcv.ops", "deform_conv2d")), _parse_v1_style),
+    OpKind(
+        "mmcv.ops.modulated_deform_conv2d",
+        (("mmcv.ops.modulated_deform_conv", "modulated_deform_conv2d"), ("mmcv.ops", "modulated_deform_conv2d")),
+        _parse_v2_style,
+    ),
+    OpKind("mmdet.ops.dcn.deform_conv", (("mmdet.ops.dcn.deform_conv", "deform_conv"), ("mmdet.ops.dcn", "deform_conv"), ("mmdet.ops", "deform_conv")), _parse_v1_style),
+    OpKind(
+        "mmdet.ops.dcn.modulated_deform_conv",
+        (("mmdet.ops.dcn.deform_conv", "modulated_deform_conv"), ("mmdet.ops.dcn", "modulated_deform_conv"), ("mmdet.ops", "modulated_deform_conv")),
+        _parse_v2_style,
+    ),
+    OpKind("detectron2.layers.deform_conv", (("detectron2.layers.deform_conv", "deform_conv"),), _parse_v1_style),
+    OpKind("detectron2.layers.modulated_deform_conv", (("detectron2.layers.deform_conv", "modulated_deform_conv"),), _parse_v2_style),
+)
+
+#: torchvision's C++ op, seen through a ``TorchFunctionMode`` when it is registered.
+TORCHVISION_OP = OpKind("torch.ops.torchvision.deform_conv2d", (), _parse_torchvision_op)
+TORCHVISION_OP_NAME = "torchvision::deform_conv2d"
+
+LOOKED_FOR.append("op calls: " + ", ".join([kind.name for kind in OP_KINDS] + [TORCHVISION_OP.name]))
+
+#: Module-name prefixes never searched for references to an entry point (they hold none that
+#: a model's forward calls through, and there are many of them).
+_SKIPPED_MODULES = ("torch", "numpy", "pandas", "matplotlib", "PIL", "rich", "typer", "click", "pygments", "_pytest", "pytest", "hypothesis")
+
+
+def _entry_points() -> Dict[int, Tuple[OpKind, Callable]]:
+    """id(original callable) -> (kind, callable) for the entry points importable right now."""
+    found: Dict[int, Tuple[OpKind, Callable]] = {}
+    for kind in OP_KINDS:
+        for module_name, attribute in kind.homes:
+            module = sys.modules.get(module_name)
+            function = getattr(module, attribute, None) if module is not None else None
+            if callable(function) and id(function) not in found:
+                found[id(function)] = (kind, function)
+    return found
+
+
+def _namespaces(model: nn.Module) -> List[Dict[str, Any]]:
+    """Every namespace a model's forward may call an op through: imported modules (the user's
+    files, the libraries), the model's classes and its modules' instance attributes."""
+    spaces: Dict[int, Dict[str, Any]] = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or name.split(".")[0] in _SKIPPED_MODULES or name in sys.stdlib_module_names:
+            continue
+        namespace = getattr(module, "__dict__", None)
+        if isinstance(namespace, dict):
+            spaces[id(namespace)] = namespace
+    for module in model.modules():
+        spaces[id(module.__dict__)] = module.__dict__
+        for cls in type(module).__mro__:
+            if cls is nn.Module or cls is object:
+                break
+            owner = sys.modules.get(cls.__module__)
+            if owner is not None:
+                spaces[id(owner.__dict__)] = owner.__dict__
+    return list(spaces.values())
+
+
+class _TorchOpsMode(TorchFunctionMode):
+    """Sees calls of torchvision's C++ op whatever name the caller holds it by."""
+
+    def __init__(self, session: "_OpSession") -> None:
+        super().__init__()
+        self.session = session
+
+    def __torch_function__(self, func: Callable, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "_qualified_op_name", None) or getattr(getattr(func, "_schema", None), "name", None)
+        if name == TORCHVISION_OP_NAME:
+            return self.session.call(TORCHVISION_OP, func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+class _OpSession:
+    """The state of one capture: the running modules (innermost last) and the capture."""
+
+    def __init__(self, model: nn.Module, capture: OffsetCapture) -> None:
+        self.capture = capture
+        self.root = model
+        self.root_name = type(model).__name__
+        self.names: Dict[int, str] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.names.setdefault(id(module), name or self.root_name)
+        self.running: List[nn.Module] = []
+        self.busy = 0  # inside a captured op call: nested op calls are part of it
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        self.running.append(module)
+
+    def leave(self, module: nn.Module, args: Any, out: Any) -> None:
+        # Pop up to and including this module (a forward that raised may have left others).
+        for index in range(len(self.running) - 1, -1, -1):
+            if self.running[index] is module:
+                del self.running[index:]
+                break
+
+    def innermost(self) -> Tuple[str, nn.Module]:
+        """The innermost running module and its qualified name (the model when none runs)."""
+        module = self.running[-1] if self.running else self.root
+        return self.names.get(id(module), type(module).__name__), module
+
+    def call(self, kind: OpKind, original: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:
+        """Run ``original`` as the op; record the call unless it belongs to another capture."""
+        if self.busy or self.capture.claimed:
+            return original(*args, **kwargs)
+        call = kind.parse(args, kwargs)
+        if call is None or not call.fits_standard_layout():
+            return original(*args, **kwargs)  # called in a way we cannot read: run it, record nothing
+        tracker = self.capture.tracker
+        self.busy += 1
+        if tracker is not None:
+            tracker.enter_opaque()
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            self.busy -= 1
+            if tracker is not None:
+                tracker.exit_opaque()
+        name, module = self.innermost()
+        record = self.capture.add_conv(
+            name,
+            module,
+            call.input,
+            call.offset,
+            call.mask,
+            call.kernel,
+            call.stride,
+            call.padding,
+            call.dilation,
+            call.groups,
+            op=kind.name,
+            weight_shape=tuple(call.weight.shape),
+        )
+        if tracker is not None and record.geometry.method == "hooks" and isinstance(out, torch.Tensor):
+            tracker.set_frame(out, record.geometry.output_frame)
+        return out
+
+
+def _wrapper(session: _OpSession, kind: OpKind, original: Callable) -> Callable:
+    @functools.wraps(original)
+    def captured(*args: Any, **kwargs: Any) -> Any:
+        return session.call(kind, original, args, kwargs)
+
+    captured.__dcn_inspect_original__ = original  # type: ignore[attr-defined]
+    return captured
+
+
+def torchvision_op_registered() -> bool:
+    """Whether ``torch.ops.torchvision.deform_conv2d`` exists in this process (never imports torchvision)."""
+    try:
+        return bool(torch._C._jit_get_schemas_for_operator(TORCHVISION_OP_NAME))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@contextlib.contextmanager
+def capture_ops(model: nn.Module, capture: OffsetCapture) -> Iterator[None]:
+    """Record into ``capture`` every deformable-conv op call made during the enclosed forward."""
+    session = _OpSession(model, capture)
+    patched: List[Tuple[Dict[str, Any], str, Callable, Callable]] = []  # (namespace, name, original, wrapper)
+    handles: List[Any] = []
+    try:
+        entry_points = _entry_points()
+        if entry_points:
+            wrappers = {key: _wrapper(session, kind, original) for key, (kind, original) in entry_points.items()}
+            for namespace in _namespaces(model):
+                for name, value in list(namespace.items()):
+                    wrapper = wrappers.get(id(value))
+                    if wrapper is not None and entry_points[id(value)][1] is value:
+                        namespace[name] = wrapper
+                        patched.append((namespace, name, value, wrapper))
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(session.enter))
+            handles.append(module.register_forward_hook(session.leave, always_call=True))
+        with _TorchOpsMode(session) if torchvision_op_registered() else contextlib.nullcontext():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for namespace, name, original, wrapper in reversed(patched):
+            if namespace.get(name) is wrapper:
+                namespace[name] = original

@@ -1,0 +1,1162 @@
+"""Receptive fields of single units (DCNv2, Zhu et al. 2019, §2.1): the effective receptive field,
+gradient-weighted sampling points, the error-bounded saliency region and the theoretical
+receptive field.
+
+Definitions. A *unit* is one output cell (row i, column j) of a chosen layer (the top deformable
+layer by default); its *response* r is the sum over channels of that layer's output at the unit,
+``r = sum_c y[c, i, j]`` (``channel=None``), or one channel's value ``y[channel, i, j]``. ``y`` is
+the layer's output as the layer returns it (for a deformable conv: the op's output, before any
+norm or activation that follows).
+
+- **Effective receptive field (ERF)**: ``sum_colour |dr / dI(p)|`` for every pixel p of the
+  ORIGINAL image, I in 8-bit intensity levels (0..255). See "The resize" below for how the
+  gradient gets through the preprocessing.
+- **Gradient weight of a sampling point**: ``|dr / dp|`` (Euclidean norm of the 2-vector, in
+  response units per original-image pixel), the total derivative of the response with respect
+  to the position p of the sampling location: move p, let everything downstream of it (upper
+  layers' offsets included) follow, watch r (DCNv2: "the gradient of the network node with
+  respect to the sampling locations"). A point whose sample does not matter scores 0.
+- **Saliency region**: the smallest axis-aligned box of the model input whose pixels alone
+  (everything else set to the dataset mean, i.e. zero after normalisation) give a response
+  within ``error`` (relative) of the full image's, found by progressive masking (schedule in
+  :func:`saliency_regions`).
+- **Theoretical receptive field**: the box of input pixels the unit can depend on through the
+  layers' regular grids (offsets taken as zero), derived through the real forward
+  (:class:`ExtentTracker`).
+
+How the gradients are computed (:class:`GradientForward`, :meth:`GradientForward.backward_units`)
+
+1. One forward pass of the model input with gradients enabled; the parameters are frozen for its
+   duration, so autograd records only the paths from the input and never forms a weight
+   gradient. Forward hooks keep, for every analysed layer call, its input (a detached copy) and
+   its output (the tensor in the graph; downstream code receives a clone, so in-place
+   operations after the layer cannot rewrite it).
+2. One backward per batch of units. The batch is an ordinary batched graph: a forward of B
+   copies of the model input (stopped after the units' layer), and one
+   ``torch.autograd.grad(y_top, [copies, outputs of the lower analysed layers], E)`` with E the
+   one-hot selections (ones over unit b's channels at its cell, in copy b). It returns, per unit,
+   dr/d(model input) and dr/dy_l for every lower layer l (the total derivative: through
+   everything between y_l and the unit). B is capped so that the copies' saved activations stay
+   within :data:`BATCH_MEMORY_BYTES` (measured on the single-image forward); when one copy is
+   all that fits, each unit is one backward through the single-image graph. (Batching the
+   one-hots with ``is_grads_batched`` instead is kept as ``strategy="vmap"``: on CPU its
+   convolution-backward and custom-op fallbacks loop over the batch, which measured slower.)
+3. The offsets: dr/d(offset_l) = (dy_l/d(offset_l))^T dr/dy_l. The layer's op is run again
+   on its captured input with the captured offsets (and masks) as leaves, one copy per unit in
+   the batch, and one vector-Jacobian product gives every unit's offset gradient field
+   [G, K, 2, Ho, Wo] (dy then dx, input-cell units). The re-run must reproduce the captured
+   output (checked), so the field is the gradient of the real network. A regular convolution
+   (the ``compare`` model's layers) is a deformable one with zero offsets and is run so.
+4. The tree's points (:mod:`dcn_inspect.tracing`): level l's point (parent q, kernel point k)
+   sits at kernel point k of a filter centred at a (fractional) position of layer l's output
+   frame, whose offsets the tracer read by bilinear interpolation of the four neighbouring
+   cells. Its gradient is read from the gradient field at the same position with the same
+   interpolation (:func:`tree_gradient_weights`): exactly the gradient of the real sampling
+   location at level 1 (the unit is a cell) and with ``round_positions`` at every level, the
+   interpolated gradient of the four neighbouring cells' locations otherwise. With
+   ``group="mean"`` the tree follows the mean of the groups' locations; moving every group's
+   point k by the same step moves the mean by that step, so the groups' gradients are summed.
+   Gradients in input cells become gradients per original-image pixel by dividing by the
+   layer's input-frame stride and the original/model-input scale.
+
+The resize. ``images.to_model_input`` resizes with PIL's bilinear filter (antialiased when
+shrinking) on 8-bit values and rounds back to 8 bits, which is piecewise constant: its exact
+derivative is zero. The ERF is therefore the gradient of the LINEAR resize that PIL's rounding
+approximates: dr/dI = R^T (dr/dX) / (255 std) per colour channel, X the model input, R the
+separable PIL bilinear operator (:func:`bilinear_resize_matrix`, equal to PIL's float resize to
+~1e-6). The forward itself runs on the model input the other commands use, bit for bit.
+
+Coordinates: continuous pixels, (0, 0) = top-left corner of the top-left pixel, pixel (r, c)
+centred at (c + 0.5, r + 0.5), x right, y down; model-input pixels unless said otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from dcn_inspect.errors import InputError
+from dcn_inspect.geometry import FrameMap, FrameTracker, LayerGeometry, _arg, _flat_tensors, _pair
+from dcn_inspect.hooks import ADAPTERS, capture_offsets
+from dcn_inspect.ops import deform_conv2d
+from dcn_inspect.records import DeformConvRecord, OffsetCapture
+from dcn_inspect.tracing import GroupChoice, SamplingTrees, check_group, read_field
+
+#: Default relative error bound of the saliency region (DCNv2's "small error bound").
+DEFAULT_SALIENCY_ERROR = 0.1
+#: Default number of units per backward (and masked images per forward).
+DEFAULT_BATCH_SIZE = 8
+#: Saved activations one batched backward may hold (copies of the image x what one forward saves).
+BATCH_MEMORY_BYTES = 2 * 1024**3
+#: A re-run of a layer's op must match its captured output to this (relative to the output's scale).
+RERUN_TOLERANCE = 1e-4
+
+# --------------------------------------------------------------------------------------------
+# The resize and its adjoint
+# --------------------------------------------------------------------------------------------
+
+
+def bilinear_resize_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """PIL's ``BILINEAR`` resampling of one axis as a matrix [out_size, in_size] (float64).
+
+    Pillow's ``precompute_coeffs``: output sample i sits at ``center = (i + 0.5) * scale``
+    (scale = in/out); the triangle filter is widened by ``max(scale, 1)`` (antialiasing when
+    shrinking) and its taps ``j`` in ``[int(center - support + 0.5), int(center + support + 0.5))``
+    (clipped to the axis) weigh ``tri((j + 0.5 - center) / max(scale, 1))``, normalised to sum 1.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    if in_size == out_size:
+        return matrix.fill_diagonal_(1.0)
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = filter_scale
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        low = max(int(center - support + 0.5), 0)
+        high = min(int(center + support + 0.5), in_size)
+        taps = torch.arange(low, high, dtype=torch.float64)
+        weights = (1.0 - ((taps - center + 0.5) / filter_scale).abs()).clamp(min=0.0)
+        total = float(weights.sum())
+        if total != 0.0:
+            weights = weights / total
+        matrix[i, low:high] = weights
+    return matrix
+
+
+def image_gradient(input_grad: torch.Tensor, original_hw: Tuple[int, int], std: Sequence[float]) -> torch.Tensor:
+    """dr/dI of the original image [..., 3, H, W] (per 8-bit level) from dr/dX of the model input [..., 3, h, w].
+
+    X_c = (R I_c / 255 - mean_c) / std_c with R the separable PIL bilinear resize (identity when
+    the sizes agree), so dr/dI_c = R^T (dr/dX_c) / (255 std_c) = Ry^T G_c Rx / (255 std_c).
+    """
+    height, width = original_hw
+    in_h, in_w = input_grad.shape[-2:]
+    grad = input_grad / (255.0 * torch.tensor(std, dtype=input_grad.dtype, device=input_grad.device).view(3, 1, 1))
+    if (in_h, in_w) != (height, width):
+        rows = bilinear_resize_matrix(height, in_h).to(grad)  # [h, H]
+        cols = bilinear_resize_matrix(width, in_w).to(grad)  # [w, W]
+        grad = rows.transpose(0, 1) @ grad @ cols
+    return grad
+
+
+def effective_receptive_field(input_grad: torch.Tensor, original_hw: Tuple[int, int], std: Sequence[float]) -> torch.Tensor:
+    """The ERF [..., H, W]: ``sum_colour |dr/dI|`` over the original image's pixels."""
+    return image_gradient(input_grad, original_hw, std).abs().sum(dim=-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Theoretical receptive field: extents followed through the forward
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Extent:
+    """How far a cell's receptive field reaches from the cell's centre, in model-input pixels.
+
+    The receptive field of a cell centred at (x, y) is ``[x - left, x + right] x [y - top, y + bottom]``.
+    """
+
+    left: float
+    right: float
+    top: float
+    bottom: float
+
+    @staticmethod
+    def pixel() -> "Extent":
+        """An input pixel: the unit square around its centre."""
+        return Extent(0.5, 0.5, 0.5, 0.5)
+
+    def grown(self, kernel: Tuple[int, int], dilation: Tuple[int, int], frame: FrameMap) -> "Extent":
+        """Through a k x k window of dilation d on a map with ``frame``: (k - 1) / 2 * d input cells each side."""
+        reach_y = (kernel[0] - 1) / 2 * dilation[0] * frame.stride_y
+        reach_x = (kernel[1] - 1) / 2 * dilation[1] * frame.stride_x
+        return Extent(self.left + reach_x, self.right + reach_x, self.top + reach_y, self.bottom + reach_y)
+
+    def union(self, other: "Extent") -> "Extent":
+        return Extent(max(self.left, other.left), max(self.right, other.right), max(self.top, other.top), max(self.bottom, other.bottom))
+
+    def box(self, x: float, y: float) -> Tuple[float, float, float, float]:
+        """(x1, y1, x2, y2) of the receptive field of a cell centred at (x, y)."""
+        return (x - self.left, y - self.top, x + self.right, y + self.bottom)
+
+
+def _spatial(t: Any) -> Optional[Tuple[int, int]]:
+    """(H, W) of a channels-first 4-D map (extents follow NCHW maps only)."""
+    if isinstance(t, torch.Tensor) and t.dim() == 4:
+        return (t.shape[2], t.shape[3])
+    return None
+
+
+_CONV = {torch.conv2d, torch.nn.functional.conv2d}
+_MAXPOOL = {torch.nn.functional.max_pool2d, torch.max_pool2d, torch.nn.functional.max_pool2d_with_indices}
+_AVGPOOL = {torch.nn.functional.avg_pool2d, torch._C._nn.avg_pool2d}
+_PAD = {torch.nn.functional.pad, torch._C._nn.pad, torch.constant_pad_nd}
+
+
+class ExtentTracker(FrameTracker):
+    """A :class:`~dcn_inspect.geometry.FrameTracker` that also follows each map's receptive-field extent.
+
+    Convs and pools widen the extent by their window ((k - 1) / 2 * dilation input cells each
+    side), pads keep it, element-wise ops (activations, norms, residual sums, concatenations)
+    take the union of their same-size inputs'. Deformable layers are opaque to the tracker;
+    :class:`GradientForward` widens their extent by their regular grid (offsets as zero).
+    A map whose frame is lost (resizes, global pooling) has no extent: the theoretical receptive
+    field of a layer after it is unknown.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._extents: Dict[int, Tuple["weakref.ReferenceType[torch.Tensor]", Extent]] = {}
+
+    def set_extent(self, tensor: torch.Tensor, extent: Extent) -> None:
+        key = id(tensor)
+        extents = self._extents
+
+        def forget(ref: "weakref.ReferenceType[torch.Tensor]") -> None:
+            entry = extents.get(key)
+            if entry is not None and entry[0] is ref:
+                del extents[key]
+
+        extents[key] = (weakref.ref(tensor, forget), extent)
+
+    def extent_of(self, tensor: Any) -> Optional[Extent]:
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        entry = self._extents.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def __torch_function__(self, func: Callable, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        kwargs = kwargs or {}
+        out = super().__torch_function__(func, types, args, kwargs)
+        if self._opaque_depth > 0:
+            return out
+        known = [(t, e) for t in list(_flat_tensors(args)) + list(_flat_tensors(kwargs)) if _spatial(t) is not None and (e := self.extent_of(t)) is not None]
+        if not known:
+            return out
+        source, extent = known[0]
+        frame = self.frame_of(source)
+        if func in _CONV or func in _MAXPOOL or func in _AVGPOOL:
+            if frame is None or not isinstance(out, (torch.Tensor, tuple)):
+                return out
+            if func in _CONV:
+                weight = _arg(args, kwargs, 1, "weight", None)
+                if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+                    return out
+                kernel = (int(weight.shape[2]), int(weight.shape[3]))
+                dilation = _pair(_arg(args, kwargs, 5, "dilation", 1))
+            else:
+                kernel = _pair(_arg(args, kwargs, 1, "kernel_size", 1))
+                dilation = _pair(_arg(args, kwargs, 4, "dilation", 1)) if func in _MAXPOOL else (1, 1)
+            grown = extent.grown(kernel, dilation, frame)
+            for t in _flat_tensors(out):
+                if _spatial(t) is not None:
+                    self.set_extent(t, grown)
+            return out
+        if func in _PAD:
+            if isinstance(out, torch.Tensor):
+                self.set_extent(out, extent)
+            return out
+        for t in _flat_tensors(out):
+            hw = _spatial(t)
+            if hw is None:
+                continue
+            same = [e for s, e in known if _spatial(s) == hw]
+            if same:
+                merged = same[0]
+                for other in same[1:]:
+                    merged = merged.union(other)
+                self.set_extent(t, merged)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The gradient forward
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerCall:
+    """One call of an analysed layer during :class:`GradientForward`'s forward."""
+
+    record: DeformConvRecord  # offsets, masks, geometry (zero offsets for a regular conv)
+    module: nn.Module
+    input: torch.Tensor  # detached copy of the layer's input [1, C, H, W]
+    output: torch.Tensor  # the layer's output in the autograd graph [1, C', Ho, Wo]
+    extent: Optional[Extent]  # receptive-field extent of the output cells (None: unknown)
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+
+class _Stop(BaseException):
+    """Ends a forward pass once the layer of interest has run (BaseException: model code's
+    ``except Exception`` does not swallow it)."""
+
+
+def _regular_conv_padding(module: nn.Conv2d) -> Tuple[int, int]:
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0)
+        return tuple((module.dilation[i] * (module.kernel_size[i] - 1)) // 2 for i in range(2))  # type: ignore[return-value]
+    return (int(module.padding[0]), int(module.padding[1]))
+
+
+def unusable_layers(model: nn.Module, names: Sequence[str]) -> Dict[str, str]:
+    """Of ``names`` (``name`` or ``name#k``), those ``model`` lacks or cannot analyse, with the reason."""
+    modules = dict(model.named_modules())
+    problems: Dict[str, str] = {}
+    for name in names:
+        module = modules.get(name.split("#")[0])
+        if module is None:
+            problems[name] = "missing"
+        elif not isinstance(module, nn.Conv2d) and not _is_deformable(module):
+            problems[name] = f"a {type(module).__name__}, neither a deformable conv nor an nn.Conv2d"
+    return problems
+
+
+def _is_deformable(module: nn.Module) -> bool:
+    return any(adapter.matches(module) for adapter in ADAPTERS)
+
+
+@contextmanager
+def _frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """No parameter requires grad inside (autograd then follows only the paths from the input)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class GradientForward:
+    """One forward of ``images`` [1, 3, H, W] (the model input) with gradients to the input.
+
+    Keeps a :class:`LayerCall` for every call of a deformable layer (those the capture
+    recognises) and of every regular ``nn.Conv2d`` named in ``regular`` (treated as a
+    deformable conv with zero offsets: the layers of a baseline model compared with a
+    deformable one). ``stop_after`` (a layer name) ends the forward once that layer has run.
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, regular: Sequence[str] = (), stop_after: Optional[str] = None) -> None:
+        if images.dim() != 4:
+            raise ValueError(f"GradientForward takes images [B, 3, H, W], got {tuple(images.shape)}")
+        self.model = model
+        self.images = images.detach().clone().requires_grad_(True)
+        self.calls: Dict[str, LayerCall] = {}
+        self.capture: Optional[OffsetCapture] = None
+        self.regular = list(regular)
+        self.saved_bytes = 0  # memory autograd keeps for the backward (what each replica of the image costs)
+        modules = dict(model.named_modules())
+        problems = unusable_layers(model, regular)
+        if problems:
+            raise ValueError(f"layers that cannot be analysed: {problems}")
+        self._run(modules, {name.split("#")[0] for name in regular}, stop_after)
+
+    def _run(self, modules: Dict[str, nn.Module], regular: set, stop_after: Optional[str]) -> None:
+        tracker = ExtentTracker()
+        removers: List[Callable[[], None]] = []
+        counts: Dict[str, int] = {}
+        with _frozen_parameters(self.model), torch.enable_grad(), capture_offsets(self.model, tracker=tracker) as capture:
+            self.capture = capture
+
+            def hook_for(name: str, module: nn.Module) -> Callable[..., Any]:
+                def hook(mod: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> Any:
+                    layer_input = args[0] if args else kwargs.get("input", kwargs.get("x"))
+                    if not isinstance(out, torch.Tensor) or not isinstance(layer_input, torch.Tensor):
+                        return None
+                    counts[name] = counts.get(name, 0) + 1
+                    call_name = name if counts[name] == 1 else f"{name}#{counts[name]}"
+                    record = capture.convs.get(call_name)
+                    if record is None and name in regular and isinstance(mod, nn.Conv2d):
+                        record = self._regular_record(call_name, mod, layer_input, out, tracker, capture)
+                    if record is None:
+                        return None
+                    in_extent = tracker.extent_of(layer_input)
+                    in_frame = tracker.frame_of(layer_input)
+                    extent = None
+                    if in_extent is not None and in_frame is not None and record.geometry.method == "hooks":
+                        extent = in_extent.grown(record.geometry.kernel, record.geometry.dilation, in_frame)
+                    self.calls[call_name] = LayerCall(record, mod, layer_input.detach().clone(), out, extent)
+                    passed_on = out.clone()  # later in-place ops rewrite the clone, never the kept output
+                    frame = tracker.frame_of(out)
+                    if frame is not None:
+                        tracker.set_frame(passed_on, frame)
+                    if extent is not None:
+                        tracker.set_extent(passed_on, extent)
+                    if stop_after is not None and call_name == stop_after:
+                        raise _Stop
+                    return passed_on
+
+                return hook
+
+            for name, module in modules.items():
+                if name and (name in regular or _is_deformable(module)):
+                    removers.append(module.register_forward_hook(hook_for(name, module), with_kwargs=True).remove)
+            storages: Dict[int, int] = {}
+
+            def pack(tensor: torch.Tensor) -> torch.Tensor:
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+                return tensor
+
+            try:
+                capture.watch_input(self.images)
+                tracker.set_extent(self.images, Extent.pixel())
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                    try:
+                        self.model(self.images)
+                    except _Stop:
+                        pass
+            finally:
+                for remove in removers:
+                    remove()
+            self.saved_bytes = sum(storages.values())
+
+    @staticmethod
+    def _regular_record(
+        name: str, module: nn.Conv2d, layer_input: torch.Tensor, out: torch.Tensor, tracker: ExtentTracker, capture: OffsetCapture
+    ) -> Optional[DeformConvRecord]:
+        """A regular conv as a deformable conv with zero offsets (frames from the tracker)."""
+        if module.padding_mode != "zeros":
+            return None
+        frame, method = capture.input_frame(layer_input)
+        kernel = (int(module.kernel_size[0]), int(module.kernel_size[1]))
+        geometry = LayerGeometry(
+            kernel=kernel,
+            stride=(int(module.stride[0]), int(module.stride[1])),
+            padding=_regular_conv_padding(module),
+            dilation=(int(module.dilation[0]), int(module.dilation[1])),
+            input_hw=(int(layer_input.shape[-2]), int(layer_input.shape[-1])),
+            output_hw=(int(out.shape[-2]), int(out.shape[-1])),
+            input_frame=frame,
+            method=method,
+        )
+        offset = out.new_zeros(out.shape[0], 2 * kernel[0] * kernel[1], out.shape[-2], out.shape[-1]).detach()
+        return DeformConvRecord(name, type(module).__name__, offset, None, int(module.groups), 1, geometry)
+
+    # ----------------------------------------------------------------------------------------
+
+    @property
+    def records(self) -> Dict[str, DeformConvRecord]:
+        """Every kept layer call's record, in call order."""
+        return {name: call.record for name, call in self.calls.items()}
+
+    def deformable_records(self) -> Dict[str, DeformConvRecord]:
+        """The records of the deformable layers only (what :func:`~dcn_inspect.records.select_layers` offers)."""
+        assert self.capture is not None
+        return {name: self.calls[name].record for name in self.capture.convs if name in self.calls}
+
+    def theoretical_box(self, layer: str, unit_xy: torch.Tensor) -> Optional[torch.Tensor]:
+        """Theoretical receptive field [U, 4] (x1, y1, x2, y2, model-input pixels) of units centred at ``unit_xy`` [U, 2]."""
+        extent = self.calls[layer].extent
+        if extent is None:
+            return None
+        x, y = unit_xy[:, 0].to(torch.float64), unit_xy[:, 1].to(torch.float64)
+        return torch.stack([x - extent.left, y - extent.top, x + extent.right, y + extent.bottom], dim=1)
+
+    def responses(self, layer: str, units: torch.Tensor, channel: Optional[int]) -> torch.Tensor:
+        """r of every unit [U] (float64) on the unmasked image."""
+        output = self.calls[layer].output.detach()
+        check_channel(channel, output.shape[1], layer)
+        rows, cols = units[:, 0], units[:, 1]
+        values = output[0, :, rows, cols]  # [C, U]
+        return (values.sum(dim=0) if channel is None else values[channel]).to(torch.float64)
+
+    def replicas(self, batch_size: int, memory_bytes: int) -> int:
+        """How many copies of the image one batched backward may use: ``batch_size``, at most
+        ``memory_bytes`` of saved activations (measured on this forward)."""
+        if self.saved_bytes <= 0:
+            return max(1, batch_size)
+        return max(1, min(batch_size, memory_bytes // self.saved_bytes))
+
+    def backward_units(
+        self,
+        layer: str,
+        units: torch.Tensor,
+        channel: Optional[int] = None,
+        levels: Sequence[str] = (),
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        strategy: str = "replicate",
+        memory_bytes: int = BATCH_MEMORY_BYTES,
+    ) -> Iterator["UnitGradients"]:
+        """dr/d(model input) and dr/d(offsets of each of ``levels``) for ``units`` [U, 2] (row, col) of ``layer``.
+
+        Yields one :class:`UnitGradients` per batch of units, in order. ``levels`` are layer names
+        (``layer`` itself may be one of them) whose offset gradient fields are wanted.
+        ``strategy``: ``"replicate"`` (default) runs one forward of B copies of the image (B =
+        :meth:`replicas`, at most ``batch_size``) and one backward whose ``grad_outputs`` select
+        unit b in copy b; with room for one copy only, every unit is one backward through this
+        forward's graph. ``"vmap"`` runs ``torch.autograd.grad(..., is_grads_batched=True)``
+        through this forward's graph (on CPU its convolution-backward and custom-op fallbacks loop
+        per sample: slower, see ``bench/receptive_field.py``).
+        """
+        top = self.calls[layer]
+        output = top.output
+        check_channel(channel, output.shape[1], layer)
+        units = torch.as_tensor(units, dtype=torch.long).reshape(-1, 2)
+        out_h, out_w = output.shape[-2:]
+        if units.numel() and (units[:, 0].min() < 0 or units[:, 0].max() >= out_h or units[:, 1].min() < 0 or units[:, 1].max() >= out_w):
+            raise ValueError(f"units outside the {out_h}x{out_w} output map of {layer}")
+        if strategy not in ("replicate", "vmap"):
+            raise ValueError(f"strategy must be 'replicate' or 'vmap', got {strategy!r}")
+        lower = [name for name in levels if name != layer]
+        step = max(1, batch_size) if strategy == "vmap" else self.replicas(batch_size, memory_bytes)
+        for start in range(0, units.shape[0], step):
+            chunk = units[start : start + step]
+            count = int(chunk.shape[0])
+            selection = torch.zeros((count,) + tuple(output.shape[1:]), dtype=output.dtype, device=output.device)
+            index = torch.arange(count, device=output.device)
+            rows, cols = chunk[:, 0].to(output.device), chunk[:, 1].to(output.device)
+            if channel is None:
+                selection[index, :, rows, cols] = 1.0
+            else:
+                selection[index, channel, rows, cols] = 1.0
+            with torch.enable_grad():
+                if strategy == "vmap":
+                    wanted = [self.images] + [self.calls[name].output for name in lower]
+                    grads = [g if g is None else g[:, 0] for g in torch.autograd.grad(output, wanted, selection[:, None], retain_graph=True, allow_unused=True, is_grads_batched=True)]
+                elif count == 1:
+                    wanted = [self.images] + [self.calls[name].output for name in lower]
+                    grads = list(torch.autograd.grad(output, wanted, selection, retain_graph=True, allow_unused=True))
+                else:
+                    copies = GradientForward(self.model, self.images.detach().expand(count, -1, -1, -1), regular=self.regular, stop_after=layer)
+                    wanted = [copies.images] + [copies.calls[name].output for name in lower]
+                    grads = list(torch.autograd.grad(copies.calls[layer].output, wanted, selection, allow_unused=True))
+            input_grad = grads[0] if grads[0] is not None else torch.zeros((count,) + tuple(self.images.shape[1:]), dtype=self.images.dtype, device=self.images.device)
+            output_grads = {layer: selection}
+            for name, grad in zip(lower, grads[1:]):
+                output_grads[name] = grad if grad is not None else torch.zeros((count,) + tuple(self.calls[name].output.shape[1:]), dtype=output.dtype, device=output.device)
+            offset_grads = {name: self.offset_gradient(name, output_grads[name]) for name in levels}
+            yield UnitGradients(start, input_grad.detach(), {k: v for k, v in offset_grads.items() if v is not None})
+
+    def offset_gradient(self, name: str, output_grad: torch.Tensor) -> Optional[torch.Tensor]:
+        """dr/d(offset) [B, G, K, 2, Ho, Wo] of layer ``name`` from dr/d(output) [B, C, Ho, Wo]
+        (one vector-Jacobian product through a re-run of the layer's op); None when the re-run
+        does not reproduce the layer's captured output (a layer doing more than the op)."""
+        call = self.calls[name]
+        record = call.record
+        weight = getattr(call.module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            return None
+        bias = getattr(call.module, "bias", None)
+        bias = bias.detach() if isinstance(bias, torch.Tensor) else None
+        batch = output_grad.shape[0]
+        geometry = record.geometry
+        with torch.enable_grad():
+            offset = record.offset.to(call.input).expand(batch, -1, -1, -1).clone().requires_grad_(True)
+            mask = None if record.mask is None else record.mask.to(call.input).expand(batch, -1, -1, -1).contiguous()
+            layer_input = call.input.expand(batch, -1, -1, -1).contiguous()
+            rerun = deform_conv2d(layer_input, offset, weight.detach(), bias, geometry.stride, geometry.padding, geometry.dilation, mask)
+            captured = call.output.detach()
+            scale = float(captured.abs().max()) if captured.numel() else 0.0
+            if rerun.shape[1:] != captured.shape[1:] or float((rerun[:1].detach() - captured).abs().max()) > RERUN_TOLERANCE * max(scale, 1e-12):
+                return None
+            (grad,) = torch.autograd.grad(rerun, offset, output_grad.to(rerun))
+        groups = record.offset_groups
+        kernel_points = record.kernel_points
+        out_h, out_w = grad.shape[-2:]
+        return grad.detach().reshape(batch, groups, kernel_points, 2, out_h, out_w)
+
+    def evaluate_masked(self, layer: str, units: torch.Tensor, boxes: torch.Tensor, channel: Optional[int], batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+        """r of unit ``units[n]`` [N, 2] with the model input kept only inside ``boxes[n]``
+        [N, 4] (x1, y1, x2, y2 integer pixel edges) and zero (the dataset mean) elsewhere -> [N] float64."""
+        image = self.images.detach()
+        height, width = image.shape[-2:]
+        ys = torch.arange(height, device=image.device)
+        xs = torch.arange(width, device=image.device)
+        results = []
+        for start in range(0, units.shape[0], batch_size):
+            box = boxes[start : start + batch_size].to(image.device)
+            keep_y = (ys[None] >= box[:, 1:2]) & (ys[None] < box[:, 3:4])  # [n, H]
+            keep_x = (xs[None] >= box[:, 0:1]) & (xs[None] < box[:, 2:3])  # [n, W]
+            masks = (keep_y[:, :, None] & keep_x[:, None, :]).to(image.dtype)[:, None]
+            output = run_until(self.model, image * masks, layer)
+            chunk = units[start : start + batch_size]
+            values = output[torch.arange(chunk.shape[0]), :, chunk[:, 0], chunk[:, 1]]  # [n, C]
+            results.append((values.sum(dim=1) if channel is None else values[:, channel]).to(torch.float64).cpu())
+        return torch.cat(results) if results else torch.zeros(0, dtype=torch.float64)
+
+
+def run_until(model: nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
+    """The output of layer call ``layer`` (``name`` or ``name#k``) for ``images``, without gradients;
+    the forward stops there."""
+    name, _, nth = layer.partition("#")
+    target = int(nth) if nth else 1
+    module = dict(model.named_modules())[name]
+    seen = {"calls": 0, "output": None}
+
+    def hook(mod: nn.Module, args: Any, out: Any) -> None:
+        seen["calls"] += 1
+        if seen["calls"] == target:
+            seen["output"] = out
+            raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(images)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if seen["output"] is None:
+        raise RuntimeError(f"layer {layer} did not run on the masked images")
+    return seen["output"]  # type: ignore[return-value]
+
+
+def check_channel(channel: Optional[int], channels: int, layer: str) -> None:
+    if channel is not None and not 0 <= channel < channels:
+        raise InputError(f"{channel}: layer {layer} has {channels} channels (0..{channels - 1})", param="channel")
+
+
+@dataclass
+class UnitGradients:
+    """Gradients of one batch of units (units ``start .. start + B - 1``)."""
+
+    start: int
+    input_grad: torch.Tensor  # [B, 3, h, w]: dr/d(model input)
+    offset_grads: Dict[str, torch.Tensor]  # layer -> [B, G, K, 2, Ho, Wo]: dr/d(dy, dx) in input cells
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient weights of the sampling trees
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PointGradients:
+    """dr/dp of every tree point, per level [U, P_l], in response units per original-image pixel."""
+
+    grad_x: List[torch.Tensor]
+    grad_y: List[torch.Tensor]
+
+    @property
+    def weights(self) -> List[torch.Tensor]:
+        """``|dr/dp|`` per level [U, P_l]."""
+        return [torch.hypot(gx, gy) for gx, gy in zip(self.grad_x, self.grad_y)]
+
+
+def tree_gradient_weights(
+    trees: SamplingTrees,
+    records: Sequence[DeformConvRecord],
+    offset_grads: Dict[str, torch.Tensor],
+    group: GroupChoice = 0,
+    scale_to_original: Tuple[float, float] = (1.0, 1.0),
+) -> PointGradients:
+    """dr/dp of every point of ``trees`` (traced through ``records``, top first) from the units'
+    offset gradient fields ``offset_grads[layer]`` [U, G, K, 2, Ho, Wo].
+
+    Level l's points are read from layer l's field at the positions where the tracer read that
+    layer's offsets (``trees.read_at``), by the same bilinear interpolation and border rule.
+    """
+    group = check_group(group)
+    if len(trees.read_at) != trees.num_levels:
+        raise ValueError("trees without read positions (traced by an older tracer)")
+    sx, sy = float(scale_to_original[0]), float(scale_to_original[1])
+    grad_x: List[torch.Tensor] = []
+    grad_y: List[torch.Tensor] = []
+    for level, record in enumerate(records[: trees.num_levels]):
+        field_all = offset_grads[record.name].to(torch.float64).cpu()  # [U, G, K, 2, Ho, Wo]
+        groups = field_all.shape[1]
+        if group == "mean":
+            field = field_all.sum(dim=1)
+        else:
+            g = 0 if groups == 1 else int(group)
+            if not 0 <= g < groups:
+                raise InputError(f"{group}: layer {record.name} has {groups} offset groups (0..{groups - 1})", param="group")
+            field = field_all[:, g]
+        kernel_points = field.shape[1]
+        rows, cols = trees.read_at[level]
+        per_unit_x, per_unit_y = [], []
+        for u in range(trees.num_units):
+            table = torch.cat([field[u, :, 0], field[u, :, 1]], dim=0)  # [2K, Ho, Wo]: d/d(dy), d/d(dx)
+            values = read_field(table, rows[u], cols[u])  # [N, 2K]
+            per_unit_y.append(values[:, :kernel_points].reshape(-1))
+            per_unit_x.append(values[:, kernel_points:].reshape(-1))
+        frame = record.geometry.input_frame
+        empty = torch.zeros(0, trees.points_per_unit(level + 1), dtype=torch.float64)
+        gx = torch.stack(per_unit_x) if per_unit_x else empty
+        gy = torch.stack(per_unit_y) if per_unit_y else empty
+        grad_x.append(gx / (frame.stride_x * sx))
+        grad_y.append(gy / (frame.stride_y * sy))
+    return PointGradients(grad_x, grad_y)
+
+
+def sampling_point_gradients(
+    model: nn.Module,
+    images: torch.Tensor,
+    levels: Sequence[str],
+    trees: SamplingTrees,
+    *,
+    group: GroupChoice = 0,
+    scale_to_original: Tuple[float, float] = (1.0, 1.0),
+    channel: Optional[int] = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Optional[PointGradients]:
+    """dr/dp of every point of ``trees`` (traced through the layers ``levels``, top first, on
+    ``images`` [1, 3, H, W]), r the response of each tree's unit; None when a layer's op cannot be
+    re-run (see :meth:`GradientForward.offset_gradient`)."""
+    forward = GradientForward(model, images, stop_after=levels[0])
+    records = [forward.calls[name].record for name in levels]
+    fields: Dict[str, List[torch.Tensor]] = {name: [] for name in levels}
+    for batch in forward.backward_units(levels[0], trees.units, channel, levels, batch_size):
+        if set(batch.offset_grads) != set(levels):
+            return None
+        for name in levels:
+            fields[name].append(batch.offset_grads[name].cpu())
+    if trees.num_units == 0:
+        empty = [torch.zeros(0, trees.points_per_unit(level), dtype=torch.float64) for level in range(1, trees.num_levels + 1)]
+        return PointGradients(empty, [e.clone() for e in empty])
+    return tree_gradient_weights(trees, records, {name: torch.cat(parts) for name, parts in fields.items()}, group, scale_to_original)
+
+
+# --------------------------------------------------------------------------------------------
+# Summary numbers of an ERF
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErfNumbers:
+    """Summary of one ERF map (original-image pixels)."""
+
+    mass: float  # sum of the map
+    centroid_x: float  # gradient-weighted mean of the pixel centres
+    centroid_y: float
+    radius_50: float  # smallest radius around the centroid holding 50 % of the mass
+    radius_90: float
+    mass_in_box: Optional[float]  # fraction of the mass on pixels whose centre lies in the box
+
+
+def erf_numbers(erf: np.ndarray, box: Optional[Sequence[float]] = None) -> ErfNumbers:
+    """Centroid, 50 % / 90 % mass radii (discs around the centroid, pixel centres; the radius of
+    the first pixel, in order of distance, at which the cumulative mass reaches the fraction) and
+    the fraction of mass inside ``box`` (x1, y1, x2, y2; edges inclusive)."""
+    erf = np.asarray(erf, dtype=np.float64)
+    height, width = erf.shape
+    mass = float(erf.sum())
+    nan = float("nan")
+    if not mass > 0:
+        return ErfNumbers(mass, nan, nan, nan, nan, None if box is None else nan)
+    xs = np.arange(width, dtype=np.float64) + 0.5
+    ys = np.arange(height, dtype=np.float64) + 0.5
+    centroid_x = float((erf.sum(axis=0) * xs).sum() / mass)
+    centroid_y = float((erf.sum(axis=1) * ys).sum() / mass)
+    nonzero = np.nonzero(erf)
+    values = erf[nonzero]
+    distance = np.hypot(xs[nonzero[1]] - centroid_x, ys[nonzero[0]] - centroid_y)
+    order = np.argsort(distance, kind="stable")
+    cumulative = np.cumsum(values[order])
+    radii = []
+    for fraction in (0.5, 0.9):
+        k = int(np.searchsorted(cumulative, fraction * cumulative[-1], side="left"))
+        radii.append(float(distance[order][min(k, len(order) - 1)]))
+    in_box: Optional[float] = None
+    if box is not None:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        keep_x = (xs >= x1) & (xs <= x2)
+        keep_y = (ys >= y1) & (ys <= y2)
+        in_box = float(erf[np.ix_(keep_y, keep_x)].sum() / mass)
+    return ErfNumbers(mass, centroid_x, centroid_y, radii[0], radii[1], in_box)
+
+
+def unit_box(unit_xy: Tuple[float, float], boxes: np.ndarray) -> Optional[int]:
+    """Index of the smallest box containing the unit centre (edges inclusive), None if none does
+    (the rule of :func:`dcn_inspect.dilation.unit_categories`)."""
+    if boxes is None or len(boxes) == 0:
+        return None
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x, y = unit_xy
+    inside = (boxes[:, 0] <= x) & (x <= boxes[:, 2]) & (boxes[:, 1] <= y) & (y <= boxes[:, 3])
+    if not inside.any():
+        return None
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    candidates = np.nonzero(inside)[0]
+    return int(candidates[np.argsort(areas[candidates], kind="stable")[0]])
+
+
+# --------------------------------------------------------------------------------------------
+# Error-bounded saliency regions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SaliencyRegion:
+    """The box found for one unit: (x1, y1, x2, y2) integer pixel edges of the model input."""
+
+    box: Tuple[int, int, int, int]
+    response: float  # r with only the box kept
+    full_response: float  # r on the whole image
+    relative_error: float  # |response - full_response| / |full_response|
+    evaluations: int  # masked forwards spent on this unit
+
+    @property
+    def area(self) -> int:
+        return (self.box[2] - self.box[0]) * (self.box[3] - self.box[1])
+
+
+#: ``evaluate(indices [N], boxes [N, 4])`` -> response of unit ``indices[n]`` with only ``boxes[n]`` kept, [N].
+Evaluator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _passes(value: torch.Tensor, full: torch.Tensor, error: float) -> torch.Tensor:
+    return (value - full).abs() <= error * full.abs()
+
+
+def saliency_regions(
+    evaluate: Evaluator,
+    centres: torch.Tensor,
+    full: torch.Tensor,
+    image_hw: Tuple[int, int],
+    error: float = DEFAULT_SALIENCY_ERROR,
+    step: int = 1,
+) -> List[SaliencyRegion]:
+    """The error-bounded saliency region of every unit, by progressive masking.
+
+    ``centres`` [U, 2] (x, y) are the units' centres and ``full`` [U] their responses on the
+    whole image; a box passes when ``|r_box - r_full| <= error * |r_full|``. Boxes move in
+    multiples of ``step`` pixels (the search's resolution; the image border is always
+    reachable). Schedule, every step one batched ``evaluate`` over the units still searching:
+
+    1. grow: square windows centred on the unit (its centre clamped into the image) with
+       half-sizes ``step * 2^k`` (k = 0, 1, ...), clipped to the image, up to the one covering
+       the whole image (which passes by definition, without a forward): the first that passes;
+    2. bisect: the smallest half-size (a multiple of ``step``) between the last failing and the
+       first passing square that passes (assumes the error shrinks as the square grows between
+       those two);
+    3. refine: each side in turn (left, top, right, bottom) is moved inward by the largest
+       multiple of ``step`` that keeps the box passing (bisection, same assumption), leaving at
+       least one pixel.
+
+    Boxes are (x1, y1, x2, y2) integer pixel edges: pixels x1..x2-1, y1..y2-1 are kept.
+    """
+    if not error >= 0:
+        raise InputError(f"{error}: the relative error bound must be >= 0", param="saliency_error")
+    if step < 1:
+        raise InputError(f"{step}: the search resolution must be at least 1 pixel", param="saliency_step")
+    height, width = image_hw
+    count = int(centres.shape[0])
+    if count == 0:
+        return []
+    centres = centres.to(torch.float64)
+    full = full.to(torch.float64)
+    cx = centres[:, 0].clamp(0.0, width - 1e-9)
+    cy = centres[:, 1].clamp(0.0, height - 1e-9)
+    evaluations = torch.zeros(count, dtype=torch.long)
+
+    def square(multiples: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Square windows of half-size ``multiples * step`` around the centres of ``indices``, clipped."""
+        h = multiples.to(torch.float64) * step
+        x, y = cx[indices], cy[indices]
+        x1 = torch.floor(x - h).clamp(0, width)
+        y1 = torch.floor(y - h).clamp(0, height)
+        x2 = torch.ceil(x + h).clamp(0, width)
+        y2 = torch.ceil(y + h).clamp(0, height)
+        return torch.stack([x1, y1, x2, y2], dim=1).to(torch.long)
+
+    def whole(boxes: torch.Tensor) -> torch.Tensor:
+        return (boxes[:, 0] == 0) & (boxes[:, 1] == 0) & (boxes[:, 2] == width) & (boxes[:, 3] == height)
+
+    def check(indices: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Which boxes pass; the whole image passes without a forward."""
+        passed = whole(boxes)
+        ask = torch.nonzero(~passed).flatten()
+        if ask.numel():
+            values = evaluate(indices[ask], boxes[ask]).to(torch.float64)
+            evaluations[indices[ask]] += 1
+            passed[ask] = _passes(values, full[indices[ask]], error)
+        return passed
+
+    everyone = torch.arange(count)
+    # 1. grow
+    multiples: List[int] = [1]
+    while multiples[-1] * step < max(height, width):
+        multiples.append(multiples[-1] * 2)
+    first_pass = torch.full((count,), len(multiples) - 1, dtype=torch.long)
+    searching = torch.ones(count, dtype=torch.bool)
+    for k, m in enumerate(multiples):
+        indices = torch.nonzero(searching).flatten()
+        if indices.numel() == 0:
+            break
+        passed = check(indices, square(torch.full((indices.numel(),), m), indices))
+        first_pass[indices[passed]] = k
+        searching[indices[passed]] = False
+    # 2. bisect the half-size between the last failing and the first passing square
+    sizes = torch.tensor(multiples, dtype=torch.long)
+    high = sizes[first_pass]
+    low = torch.where(first_pass > 0, sizes[(first_pass - 1).clamp(min=0)], torch.zeros_like(high))
+    while True:
+        active = torch.nonzero(high - low > 1).flatten()
+        if active.numel() == 0:
+            break
+        middle = (low[active] + high[active]) // 2
+        passed = check(active, square(middle, active))
+        high[active[passed]] = middle[passed]
+        low[active[~passed]] = middle[~passed]
+    boxes = square(high, everyone)
+    # 3. refine each side: cut c steps (the last step may stop at the image border or one pixel before the opposite side)
+    for side in range(4):
+        inward = 1 if side < 2 else -1
+        opposite = side + 2 if side < 2 else side - 2
+        room = (boxes[:, opposite] - boxes[:, side]) * inward - 1  # pixels that may go
+        low = torch.zeros(count, dtype=torch.long)  # cut (in steps) known to pass
+        high = (room + step - 1) // step + 1  # cut known impossible
+
+        def moved(indices: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+            trial = boxes[indices].clone()
+            trial[:, side] += inward * torch.minimum(cut * step, room[indices])
+            return trial
+
+        while True:
+            active = torch.nonzero(high - low > 1).flatten()
+            if active.numel() == 0:
+                break
+            middle = (low[active] + high[active]) // 2
+            passed = check(active, moved(active, middle))
+            low[active[passed]] = middle[passed]
+            high[active[~passed]] = middle[~passed]
+        boxes = torch.where(low[:, None] > 0, moved(everyone, low), boxes)
+    final = torch.zeros(count, dtype=torch.float64)
+    ask = torch.nonzero(~whole(boxes)).flatten()
+    final[whole(boxes)] = full[whole(boxes)]
+    if ask.numel():
+        final[ask] = evaluate(ask, boxes[ask]).to(torch.float64)
+        evaluations[ask] += 1
+    regions = []
+    for u in range(count):
+        value, reference = float(final[u]), float(full[u])
+        relative = abs(value - reference) / abs(reference) if reference != 0 else (0.0 if value == reference else math.inf)
+        regions.append(SaliencyRegion(tuple(int(v) for v in boxes[u].tolist()), value, reference, relative, int(evaluations[u])))  # type: ignore[arg-type]
+    return regions
+
+
+# --------------------------------------------------------------------------------------------
+# Everything for the units of one image
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReceptiveFields:
+    """The receptive fields of U units of one image under one model (original-image pixels
+    unless said otherwise)."""
+
+    layer: str  # the units' layer
+    levels: List[str]  # the traced layers, top first (levels[0] == layer)
+    channel: Optional[int]  # None: the response sums the channels
+    units: torch.Tensor  # [U, 2] (row, col) in the layer's output map
+    unit_xy: torch.Tensor  # [U, 2] unit centres (x, y)
+    responses: torch.Tensor  # [U] float64
+    erf: torch.Tensor  # [U, H, W] float32: sum_colour |dr/dI| per 8-bit level
+    trees: SamplingTrees
+    point_gradients: Optional[PointGradients]  # None when a layer's op could not be re-run
+    theoretical: Optional[torch.Tensor]  # [U, 4] (x1, y1, x2, y2), None when a frame was lost
+    saliency: List[SaliencyRegion]  # boxes in model-input pixels
+    saliency_boxes: torch.Tensor  # [U, 4] float64 the same boxes in original-image pixels
+    numbers: List[ErfNumbers]
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def num_units(self) -> int:
+        return int(self.units.shape[0])
+
+
+def default_saliency_step(record: DeformConvRecord) -> int:
+    """The saliency search's default resolution: the layer's output stride in model-input pixels (at least 1)."""
+    frame = record.geometry.output_frame
+    return max(1, int(round(min(frame.stride_x, frame.stride_y))))
+
+
+def erf_memory_bytes(units: int, original_hw: Tuple[int, int]) -> int:
+    """Bytes the ERF maps of ``units`` units take (float32), to check before allocating."""
+    return units * original_hw[0] * original_hw[1] * 4
+
+
+def receptive_fields(
+    forward: GradientForward,
+    records: Sequence[DeformConvRecord],
+    units: torch.Tensor,
+    original_hw: Tuple[int, int],
+    std: Sequence[float],
+    *,
+    channel: Optional[int] = None,
+    group: GroupChoice = 0,
+    round_positions: bool = False,
+    saliency_error: Optional[float] = DEFAULT_SALIENCY_ERROR,
+    saliency_step: Optional[int] = None,
+    boxes: Optional[np.ndarray] = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> ReceptiveFields:
+    """ERF, gradient-weighted sampling trees, theoretical receptive field, saliency region and
+    summary numbers of ``units`` [U, 2] of ``records[0]``'s layer, traced through ``records``
+    (top first), for the image of ``forward``. ``boxes`` [N, 4] (original pixels): the unit's
+    box is the smallest containing its centre (for ``ErfNumbers.mass_in_box``).
+    ``saliency_error=None`` skips the saliency search; ``saliency_step`` is its resolution in
+    model-input pixels (default: the layer's stride, rounded, at least 1). ``on_batch(n)`` is told
+    of every batch of n units done.
+    """
+    from dcn_inspect.tracing import trace_sampling_trees
+
+    layer = records[0].name
+    input_hw = (int(forward.images.shape[-2]), int(forward.images.shape[-1]))
+    sx, sy = original_hw[1] / input_hw[1], original_hw[0] / input_hw[0]
+    units = torch.as_tensor(units, dtype=torch.long).reshape(-1, 2)
+    count = int(units.shape[0])
+    trees = trace_sampling_trees(records, units, group=group, round_positions=round_positions, scale_to_original=(sx, sy))
+    responses = forward.responses(layer, units, channel)
+    erf = torch.zeros((count,) + tuple(original_hw), dtype=torch.float32)
+    levels = [r.name for r in records]
+    offset_fields: Dict[str, List[torch.Tensor]] = {name: [] for name in levels}
+    for batch in forward.backward_units(layer, units, channel, levels, batch_size):
+        size = batch.input_grad.shape[0]
+        erf[batch.start : batch.start + size] = effective_receptive_field(batch.input_grad.float().cpu(), original_hw, std)
+        for name in levels:
+            if name in batch.offset_grads:
+                offset_fields[name].append(batch.offset_grads[name].cpu())
+        if on_batch is not None:
+            on_batch(size)
+    notes: List[str] = []
+    point_gradients = None
+    missing = [name for name in levels if sum(t.shape[0] for t in offset_fields[name]) != count]
+    if missing:
+        notes.append(f"re-running the op of {', '.join(missing)} did not reproduce its output: no gradient weights for the sampling points")
+    elif count:
+        point_gradients = tree_gradient_weights(trees, records, {name: torch.cat(offset_fields[name]) for name in levels}, group, (sx, sy))
+    unit_xy_input = torch.stack(records[0].geometry.output_frame.to_image(units[:, 1].to(torch.float64), units[:, 0].to(torch.float64)), dim=1)
+    theoretical = forward.theoretical_box(layer, unit_xy_input)
+    scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float64)
+    if theoretical is not None:
+        theoretical = theoretical * scale
+    else:
+        notes.append(f"the frames before {layer} were not all derived through the forward: no theoretical receptive field")
+    regions: List[SaliencyRegion] = []
+    if saliency_error is not None and count:
+        masked_batch = forward.replicas(batch_size, BATCH_MEMORY_BYTES)  # what a gradient forward saves bounds a plain one's peak
+
+        def evaluate(indices: torch.Tensor, boxes_in: torch.Tensor) -> torch.Tensor:
+            return forward.evaluate_masked(layer, units[indices], boxes_in, channel, masked_batch)
+
+        step = saliency_step if saliency_step is not None else default_saliency_step(records[0])
+        regions = saliency_regions(evaluate, unit_xy_input, responses, input_hw, saliency_error, step)
+    saliency_boxes = torch.tensor([r.box for r in regions], dtype=torch.float64).reshape(-1, 4) * scale
+    unit_xy = trees.unit_xy
+    numbers = []
+    for u in range(count):
+        box_index = unit_box((float(unit_xy[u, 0]), float(unit_xy[u, 1])), boxes) if boxes is not None else None
+        box = None if box_index is None else boxes[box_index]  # type: ignore[index]
+        numbers.append(erf_numbers(erf[u].numpy(), box))
+    return ReceptiveFields(
+        layer=layer,
+        levels=levels,
+        channel=channel,
+        units=units,
+        unit_xy=unit_xy,
+        responses=responses,
+        erf=erf,
+        trees=trees,
+        point_gradients=point_gradients,
+        theoretical=theoretical,
+        saliency=regions,
+        saliency_boxes=saliency_boxes,
+        numbers=numbers,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The per-unit table
+# --------------------------------------------------------------------------------------------
+
+#: Columns of ``<stem>_receptive_field.csv``, in order.
+CSV_COLUMNS = [
+    "model", "unit", "layer", "channel", "unit_row", "unit_col", "unit_x", "unit_y", "response",
+    "erf_mass", "erf_centroid_x", "erf_centroid_y", "erf_radius_50", "erf_radius_90",
+    "box_x1", "box_y1", "box_x2", "box_y2", "erf_mass_in_box",
+    "rf_x1", "rf_y1", "rf_x2", "rf_y2",
+    "saliency_x1", "saliency_y1", "saliency_x2", "saliency_y2", "saliency_area", "saliency_error",
+]  # fmt: skip
+
+CSV_UNITS = (
+    "positions, radii and boxes in pixels of the original image, COCO continuous coordinates ((0,0) = top-left "
+    "corner of the top-left pixel, x right, y down), areas in pixels^2; model: 'model' or 'compare' (summary.json "
+    "names them); unit_row, unit_col: the unit's cell in the layer's output map; channel: the channel whose value is "
+    "the response, empty = the sum over channels; response: the layer's output at the unit; erf_*: of "
+    "sum_colour |d response / d pixel| (per 8-bit intensity level): total, gradient-weighted centroid, radii of the "
+    "discs around the centroid holding 50 % / 90 % of it; box_*: the smallest ground-truth box containing the unit "
+    "centre (empty: none) and erf_mass_in_box the fraction of the ERF inside it; rf_*: theoretical receptive field "
+    "(regular grids, offsets as zero); saliency_*: the error-bounded saliency region (smallest box found by "
+    "progressive masking whose pixels alone give the response within the error bound), its area and the relative "
+    "error it reaches"
+)
+
+
+def units_table(fields: Dict[str, ReceptiveFields], boxes: Optional[np.ndarray] = None) -> "Any":
+    """One row per unit and model (``fields``: model role -> its receptive fields), models in the given order."""
+    import pandas as pd
+
+    rows: List[Dict[str, Any]] = []
+    nan = float("nan")
+    for role, item in fields.items():
+        for u in range(item.num_units):
+            x, y = (float(v) for v in item.unit_xy[u])
+            box_index = unit_box((x, y), boxes) if boxes is not None else None
+            box = [nan] * 4 if box_index is None else [float(v) for v in boxes[box_index]]  # type: ignore[index]
+            numbers = item.numbers[u]
+            rf = [nan] * 4 if item.theoretical is None else [float(v) for v in item.theoretical[u]]
+            if item.saliency:
+                region = item.saliency[u]
+                saliency = [float(v) for v in item.saliency_boxes[u]]
+                area = (saliency[2] - saliency[0]) * (saliency[3] - saliency[1])
+                error = region.relative_error
+            else:
+                saliency, area, error = [nan] * 4, nan, nan
+            rows.append(
+                {
+                    "model": role, "unit": u, "layer": item.layer, "channel": "" if item.channel is None else str(item.channel),
+                    "unit_row": int(item.units[u, 0]), "unit_col": int(item.units[u, 1]), "unit_x": x, "unit_y": y,
+                    "response": float(item.responses[u]), "erf_mass": numbers.mass,
+                    "erf_centroid_x": numbers.centroid_x, "erf_centroid_y": numbers.centroid_y,
+                    "erf_radius_50": numbers.radius_50, "erf_radius_90": numbers.radius_90,
+                    "box_x1": box[0], "box_y1": box[1], "box_x2": box[2], "box_y2": box[3],
+                    "erf_mass_in_box": nan if numbers.mass_in_box is None else numbers.mass_in_box,
+                    "rf_x1": rf[0], "rf_y1": rf[1], "rf_x2": rf[2], "rf_y2": rf[3],
+                    "saliency_x1": saliency[0], "saliency_y1": saliency[1], "saliency_x2": saliency[2], "saliency_y2": saliency[3],
+                    "saliency_area": area, "saliency_error": error,
+                }  # fmt: skip
+            )
+    return pd.DataFrame(rows, columns=CSV_COLUMNS)
+
+
+def field_arrays(role: str, item: ReceptiveFields) -> Dict[str, np.ndarray]:
+    """The arrays of ``<stem>_erf.npz`` for one model, keyed ``"<role>/..."``."""
+    arrays: Dict[str, np.ndarray] = {
+        f"{role}/erf": item.erf.numpy(),
+        f"{role}/units": item.units.numpy(),
+        f"{role}/unit_xy": item.unit_xy.numpy(),
+        f"{role}/response": item.responses.numpy(),
+        f"{role}/saliency_box": item.saliency_boxes.numpy(),
+    }
+    if item.theoretical is not None:
+        arrays[f"{role}/theoretical_rf"] = item.theoretical.numpy()
+    for level in range(1, item.trees.num_levels + 1):
+        key = f"{role}/level{level}"
+        arrays[f"{key}/x"] = item.trees.xs[level - 1].numpy()
+        arrays[f"{key}/y"] = item.trees.ys[level - 1].numpy()
+        arrays[f"{key}/mask_weight"] = item.trees.weights[level - 1].numpy()
+        if item.point_gradients is not None:
+            arrays[f"{key}/grad_x"] = item.point_gradients.grad_x[level - 1].numpy()
+            arrays[f"{key}/grad_y"] = item.point_gradients.grad_y[level - 1].numpy()
+            arrays[f"{key}/grad_weight"] = item.point_gradients.weights[level - 1].numpy()
+    return arrays
