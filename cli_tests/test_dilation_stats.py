@@ -36,7 +36,7 @@ class Tiny(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-        self.blocks = nn.ModuleList(DeformConv2dPack(4, 4, 3, padding=2, dilation=2, deform_groups=groups) for _ in range(3))
+        self.blocks = nn.ModuleList(DeformConv2dPack(4, 4, 3, padding=2, dilation=2, offset_groups=groups) for _ in range(3))
         for block in self.blocks:
             bias = torch.zeros(2 * groups * 9)
             for g in range(groups):

@@ -15,8 +15,8 @@ from dcn_inspect.models import registry
 from dcn_inspect.ops import deform_conv2d
 
 
-def _tiny_paper_resnet(modulated: bool, deform_groups: int = 1) -> nn.Module:
-    config = {**registry.get("resnet50-dcn-paper").default_config, "base_channels": 4, "modulated": modulated, "deform_groups": deform_groups}
+def _tiny_paper_resnet(modulated: bool, offset_groups: int = 1) -> nn.Module:
+    config = {**registry.get("resnet50-dcn-paper").default_config, "base_channels": 4, "modulated": modulated, "offset_groups": offset_groups}
     model = registry.get("resnet50-dcn-paper").build(**config)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -30,9 +30,9 @@ def _hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(getattr(m, "_offset_observers", [])) for m in model.modules())
 
 
-@pytest.mark.parametrize("modulated,deform_groups", [(False, 1), (True, 2)])
-def test_hooked_offsets_are_the_offsets_used(modulated, deform_groups):
-    model = _tiny_paper_resnet(modulated, deform_groups)
+@pytest.mark.parametrize("modulated,offset_groups", [(False, 1), (True, 2)])
+def test_hooked_offsets_are_the_offsets_used(modulated, offset_groups):
+    model = _tiny_paper_resnet(modulated, offset_groups)
     images = torch.randn(1, 3, 64, 80)
     with torch.no_grad():
         plain = model(images)
@@ -48,7 +48,7 @@ def test_hooked_offsets_are_the_offsets_used(modulated, deform_groups):
         for index, block in enumerate(model.layer4):
             out = block.relu(block.bn1(block.conv1(x)))
             raw = block.conv2.conv_offset(out)
-            points = 9 * deform_groups
+            points = 9 * offset_groups
             if modulated:
                 offset, mask = raw[:, : 2 * points], torch.sigmoid(raw[:, 2 * points :])
             else:
@@ -60,7 +60,7 @@ def test_hooked_offsets_are_the_offsets_used(modulated, deform_groups):
                 torch.testing.assert_close(record.mask, mask, rtol=0, atol=0)
             else:
                 assert record.mask is None
-            assert record.offset_groups == deform_groups and record.modulated is modulated
+            assert record.offset_groups == offset_groups and record.modulated is modulated
             assert record.geometry.kernel == (3, 3) and record.geometry.dilation == (2, 2) and record.geometry.padding == (2, 2)
             conv = deform_conv2d(out, record.offset, block.conv2.weight, None, 1, 2, 2, record.mask)
             out = block.relu(block.bn2(conv))

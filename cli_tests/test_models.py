@@ -64,7 +64,7 @@ def test_paper_setting_structure():
 
 
 def test_mmdet_setting_structure_and_options():
-    model = registry.get("resnet50-dcn-mmdet").build(base_channels=8, modulated=True, deform_groups=2)
+    model = registry.get("resnet50-dcn-mmdet").build(base_channels=8, modulated=True, offset_groups=2)
     deformable = _deformable(model)
     assert len(deformable) == 4 + 6 + 3  # every 3x3 conv of layer2..layer4
     assert all(isinstance(m, ModulatedDeformConv2dPack) for m in deformable.values())

@@ -55,7 +55,7 @@ class ConstantOffsets(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-        self.dcn = DeformConv2dPack(4, 4, 3, padding=2, dilation=2, deform_groups=len(groups))
+        self.dcn = DeformConv2dPack(4, 4, 3, padding=2, dilation=2, offset_groups=len(groups))
         with torch.no_grad():
             self.dcn.conv_offset.weight.zero_()
             self.dcn.conv_offset.bias.copy_(torch.tensor([v for alpha, shift in groups for v in constant_bias(alpha, shift)]))

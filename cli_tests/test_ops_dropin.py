@@ -7,7 +7,9 @@ shape errors that are RuntimeErrors, on both backends.
 
 from __future__ import annotations
 
+import ast
 import io
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -267,3 +269,45 @@ def test_shape_errors_are_runtime_and_value_errors(ops: ModuleType) -> None:
     for exc in (RuntimeError, ValueError):
         with pytest.raises(exc, match="offset has shape"):
             ops.deform_conv2d(t["input"], t["offset"][:, :, :4], t["weight"], None, 1, 1, 1)
+
+
+# --- non-contiguous pooling operands ----------------------------------------------------------
+
+
+def test_pools_take_non_contiguous_operands(ops: ModuleType) -> None:
+    """Permuted input, RoIs and offsets pool exactly like their contiguous copies."""
+    gen = torch.Generator().manual_seed(3)
+    f64 = torch.float64
+    rois = torch.tensor([[0, 1.0, 2.0, 20.0, 18.0], [1, 4.0, 0.0, 12.0, 30.0]], dtype=f64)
+    input = torch.randn(2, 2 * 9, 8, 10, generator=gen, dtype=f64)
+    offset = 0.5 * torch.randn(2, 2, 3, 3, generator=gen, dtype=f64)
+    trans = 0.5 * torch.randn(2, 2 * 2, 3, 3, generator=gen, dtype=f64)
+    roi_args = (3, 0.5, 2, 0.1)
+    expected = ops.deform_roi_pool(input, rois, offset, *roi_args)
+    got = ops.deform_roi_pool(_discontiguous(input), rois.t().contiguous().t(), _discontiguous(offset), *roi_args)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    ps_args = (0.5, 2, 3, 3, 3, 2, 0.1)
+    expected = ops.deform_psroi_pool(input, rois, trans, *ps_args)
+    got = ops.deform_psroi_pool(_discontiguous(input), rois.t().contiguous().t(), _discontiguous(trans), *ps_args)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+# --- the package's own calls ------------------------------------------------------------------
+
+
+def test_package_calls_the_ops_by_offset_groups_not_the_mmcv_aliases() -> None:
+    """``offset_groups`` is the package's word (issue #11); ``deform_groups`` / ``deformable_groups``
+    are accepted from users only. ops/modules.py, which defines the aliases, is the exception."""
+    package = Path(__file__).resolve().parents[1] / "dcn_inspect"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path == package / "ops" / "modules.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                offenders += [
+                    f"{path.relative_to(package)}:{node.lineno} {k.arg}="
+                    for k in node.keywords
+                    if k.arg in ("deform_groups", "deformable_groups")
+                ]
+    assert offenders == []

@@ -46,10 +46,10 @@ class ThreeLevels(nn.Module):
     def __init__(self, stretch: Dict[str, Sequence[float]], modulated: bool = False, mask_logits: Sequence[float] = (0.0, 0.0, 0.0)) -> None:
         super().__init__()
         cls = ModulatedDeformConv2dPack if modulated else DeformConv2dPack
-        self.dcn1 = cls(4, 4, 3, padding=1, dilation=1, deform_groups=2)
+        self.dcn1 = cls(4, 4, 3, padding=1, dilation=1, offset_groups=2)
         self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1)
-        self.dcn2 = cls(4, 4, 3, padding=2, dilation=2, deform_groups=2)
-        self.dcn3 = cls(4, 4, 3, padding=2, dilation=2, deform_groups=2)
+        self.dcn2 = cls(4, 4, 3, padding=2, dilation=2, offset_groups=2)
+        self.dcn3 = cls(4, 4, 3, padding=2, dilation=2, offset_groups=2)
         for (name, e), logit in zip(stretch.items(), mask_logits):
             _set_constant_offsets(getattr(self, name), e, logit if modulated else None)
 

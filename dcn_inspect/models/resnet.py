@@ -67,7 +67,7 @@ class Bottleneck(nn.Module):
         if deformable:
             conv_type = ModulatedDeformConv2dPack if modulated else DeformConv2dPack
             self.conv2 = conv_type(
-                width, width, 3, stride=stride_3x3, padding=dilation, dilation=dilation, groups=groups, deform_groups=offset_groups, bias=False
+                width, width, 3, stride=stride_3x3, padding=dilation, dilation=dilation, groups=groups, offset_groups=offset_groups, bias=False
             )
         else:
             self.conv2 = nn.Conv2d(width, width, 3, stride=stride_3x3, padding=dilation, dilation=dilation, groups=groups, bias=False)
