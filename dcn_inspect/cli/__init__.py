@@ -68,7 +68,6 @@ def main() -> None:
     """Entry point of the ``dcn-inspect`` console script."""
     from dcn_inspect.cli.render import error_line, install_detail_printer, install_warning_printer, invoked_command, print_key_table
     from dcn_inspect.errors import InputError
-    from dcn_inspect.outputs import abort_open_runs
 
     command = invoked_command(sys.argv[1:])
     install_warning_printer(command)
@@ -99,7 +98,11 @@ def main() -> None:
         # Clean up with further signals held off, so a second Ctrl-C cannot leave half of it.
         held = _set_handlers({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN})
         try:
-            abort_open_runs()
+            # Only a command that imported dcn_inspect.outputs can have open runs; importing it
+            # here (pandas: ~0.3 s) would slow every --help and usage error.
+            outputs = sys.modules.get("dcn_inspect.outputs")
+            if outputs is not None:
+                outputs.abort_open_runs()
         finally:
             _set_handlers({**held, **previous})
     if code == EXIT_INTERRUPTED:
