@@ -228,3 +228,41 @@ def test_histogram_figure_densities_integrate_to_one():
         assert float((density * np.diff(edges)).sum()) == pytest.approx(1.0)
     figure = draw_dilation_histograms({"top": stats, "bottom": stats}, "cells", "paper")
     assert len(figure.axes) == 2 and figure.axes[0].get_title() == "top"
+
+
+# ---------------------------------------------------------------------------------- bootstrap intervals
+
+
+def _naive_bootstrap(sums, counts, resamples, seed):
+    """The textbook percentile bootstrap over images, written out: all draws at once."""
+    draws = np.random.default_rng(seed).integers(0, sums.shape[0], size=(resamples, sums.shape[0]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+
+
+def test_bootstrap_in_bounded_chunks_equals_all_draws_at_once(monkeypatch):
+    import dcn_inspect.category_stats as category_stats
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 50, size=(37, 4)).astype(np.float64)
+    counts[:, 2] = 0  # an empty category: no interval
+    sums = counts * rng.uniform(1.0, 6.0, size=(37, 4))
+    monkeypatch.setattr(category_stats, "_BOOTSTRAP_ELEMENTS", 37 * 4 * 7)  # 7 resamples per chunk
+    intervals, differences = category_stats.bootstrap_means(sums, counts, [(1, 0), (2, 0)], resamples=300, seed=5)
+    means = _naive_bootstrap(sums, counts, 300, 5)
+    np.testing.assert_allclose(intervals[[0, 1, 3]], np.percentile(means[:, [0, 1, 3]], [2.5, 97.5], axis=0).T, rtol=1e-14)
+    assert np.isnan(intervals[2]).all()
+    assert differences[(1, 0)] == pytest.approx(tuple(np.percentile(means[:, 1] - means[:, 0], [2.5, 97.5])), rel=1e-14)
+    assert all(math.isnan(v) for v in differences[(2, 0)])
+
+
+def test_difference_intervals_separate_shifted_categories_and_cover_zero_otherwise():
+    from dcn_inspect.category_stats import bootstrap_means
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(20, 40, size=(60, 4)).astype(np.float64)
+    per_image = rng.normal(0.0, 0.3, size=(60, 4)) + np.array([2.0, 3.0, 3.0, 4.0])  # medium == large
+    sums = counts * per_image
+    _, differences = bootstrap_means(sums, counts, [(1, 0), (2, 1), (3, 2)])
+    assert differences[(1, 0)][0] > 0.5 and differences[(3, 2)][0] > 0.5  # clearly shifted
+    assert differences[(2, 1)][0] < 0 < differences[(2, 1)][1]  # equal means: the interval covers 0

@@ -213,6 +213,10 @@ def merge_states(states: Sequence[Dict[str, CategoryStats]]) -> Dict[str, Catego
     return merged
 
 
+#: Values gathered at once by :func:`bootstrap_means` (resamples x images x categories).
+_BOOTSTRAP_ELEMENTS = 1 << 22
+
+
 def bootstrap_means(
     sums: np.ndarray,
     counts: np.ndarray,
@@ -233,12 +237,19 @@ def bootstrap_means(
     counts = np.asarray(counts, dtype=np.float64)
     categories = sums.shape[1] if sums.ndim == 2 else 0
     nan_pair = (math.nan, math.nan)
-    if sums.shape[0] == 0:
+    images = sums.shape[0]
+    if images == 0:
         return np.full((categories, 2), math.nan), {pair: nan_pair for pair in pairs}
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, sums.shape[0], size=(resamples, sums.shape[0]))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)  # [resamples, categories]
+    # Resamples in chunks (the same draws as one [resamples, images] call), so memory stays
+    # bounded whatever the number of images.
+    chunk = max(1, _BOOTSTRAP_ELEMENTS // max(1, images * categories))
+    means = np.empty((resamples, categories))
+    for start in range(0, resamples, chunk):
+        size = min(chunk, resamples - start)
+        draws = rng.integers(0, images, size=(size, images))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means[start : start + size] = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)  # [size, categories]
     tail = 100.0 * (1.0 - level) / 2.0
     intervals = np.full((categories, 2), math.nan)
     for category in range(categories):

@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dcn_inspect.category_stats import BINS, CategoryStats
+from dcn_inspect.category_stats import BINS, CategoryStats, bootstrap_means
+from dcn_inspect.columns import Column, names, position, present
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap, LayerGeometry
 from dcn_inspect.records import DeformConvRecord
@@ -201,9 +202,64 @@ def unit_categories(
 # Streaming a dataset into the table
 # --------------------------------------------------------------------------------------------
 
-#: Columns of ``dilation_table.csv``, in order.
-TABLE_COLUMNS = ["layer", "category", "count", "mean", "std", "median", "p10", "p90", "units"]
 UNITS = ("cells", "pixels")
+
+_DILATION_UNIT = "the `units` column: cells of the layer's input map, or original-image pixels"
+_GROUP = Column("group", "offset group (with `per_group` one row per group; without it a unit's value is the mean of its groups')", only="per_group")
+
+#: ``dilation_table.csv``: one row per row layer (top layer first, groups ascending) x category.
+TABLE_CSV: Tuple[Column, ...] = (
+    Column("layer", "deformable layer (top layer first)"),
+    _GROUP,
+    Column("category", "small / medium / large (the smallest ground-truth box containing the filter centre, by area) or background"),
+    Column("count", "units (filter positions) in the category, over all images"),
+    Column("mean", "mean effective dilation (mean distance between adjacent sampling locations)", _DILATION_UNIT),
+    Column("std", "population standard deviation (ddof = 0) of the units' effective dilation", _DILATION_UNIT),
+    Column("median", "median, from fixed 0.1 %-wide log bins clamped to the exact min/max", _DILATION_UNIT),
+    Column("p10", "10th percentile (same histogram)", _DILATION_UNIT),
+    Column("p90", "90th percentile (same histogram)", _DILATION_UNIT),
+    Column("units", "unit of the dilation values: cells or pixels"),
+    Column("ci_low", "lower end of the 95 % confidence interval of the mean (percentile bootstrap over images, seeded)", _DILATION_UNIT),
+    Column("ci_high", "upper end of the 95 % confidence interval of the mean", _DILATION_UNIT),
+)
+#: Columns of ``dilation_table.csv`` without ``per_group``, in order.
+TABLE_COLUMNS = names(present(TABLE_CSV))
+
+#: The pairwise differences ``dilation_differences.csv`` reports: (category_a, category_b) for
+#: mean_a - mean_b, so each is positive when the paper's order holds (receptive fields grow with
+#: object size; background between medium and large).
+DIFFERENCES: Tuple[Tuple[str, str], ...] = (("medium", "small"), ("large", "medium"), ("background", "medium"), ("large", "background"))
+
+#: ``dilation_differences.csv``: one row per row layer x difference of :data:`DIFFERENCES`.
+DIFFERENCES_CSV: Tuple[Column, ...] = (
+    Column("layer", "deformable layer (top layer first)"),
+    _GROUP,
+    Column("category_a", "the category whose mean is the minuend"),
+    Column("category_b", "the category whose mean is subtracted"),
+    Column("difference", "mean of category_a - mean of category_b (positive: category_a has the wider filters)", _DILATION_UNIT),
+    Column("ci_low", "lower end of the 95 % confidence interval of the difference (the same bootstrap resamples as the means)", _DILATION_UNIT),
+    Column("ci_high", "upper end of the 95 % confidence interval of the difference", _DILATION_UNIT),
+    Column("units", "unit of the dilation values: cells or pixels"),
+)
+#: Columns of ``dilation_differences.csv`` without ``per_group``, in order.
+DIFFERENCE_COLUMNS = names(present(DIFFERENCES_CSV))
+
+#: ``dilation_units.csv`` (``per_unit``): one row per unit of every measured layer and image.
+UNITS_CSV: Tuple[Column, ...] = (
+    Column("image", "image file name as the dataset lists it"),
+    Column("layer", "deformable layer"),
+    _GROUP,
+    position("unit_x", "the filter centre (the output cell's centre), x"),
+    position("unit_y", "the filter centre, y"),
+    Column("category", "small / medium / large / background, or ignored (inside only crowd / difficult boxes) or outside (centre outside the image): counted nowhere"),
+    Column("dilation", "the unit's effective dilation", "summary.json `units`: cells of the layer's input map, or original-image pixels"),
+)
+#: Columns of ``dilation_units.csv`` without ``per_group``, in order.
+UNIT_COLUMNS = names(present(UNITS_CSV))
+
+#: Bootstrap over images behind every interval: resamples and seed (same inputs, same intervals).
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
 
 
 class AnnotatedImage(Protocol):
@@ -380,10 +436,84 @@ class DilationAccumulator:
         }
 
 
-def table_frame(stats: Dict[str, CategoryStats], units: str) -> pd.DataFrame:
-    """``dilation_table.csv`` rows: every row layer (in the given order) x every category."""
+def split_row(row: str) -> Tuple[str, Optional[int]]:
+    """A row name -> (layer, offset group or None): ``"<layer>:g<k>"`` is group k of a layer (``per_group``)."""
+    layer, sep, group = row.rpartition(":g")
+    if sep and group.isdigit():
+        return layer, int(group)
+    return row, None
+
+
+@dataclass
+class Intervals:
+    """Bootstrap 95 % intervals of one row's category means [categories, 2] and of the
+    :data:`DIFFERENCES` of them ({(a, b): (low, high)}, category indices)."""
+
+    means: np.ndarray
+    differences: Dict[Tuple[int, int], Tuple[float, float]]
+
+
+def image_arrays(rows: Sequence[Tuple[int, Any, Any]]) -> Tuple[np.ndarray, np.ndarray]:
+    """``DilationAccumulator.image_sums`` rows of one table row -> (sums, counts) [images, categories]
+    in image-index order (so any batching or sharding gives the same arrays)."""
+    ordered = sorted(rows, key=lambda row: row[0])
+    sums = np.array([row[1] for row in ordered], dtype=np.float64).reshape(-1, len(CATEGORIES))
+    counts = np.array([row[2] for row in ordered], dtype=np.float64).reshape(-1, len(CATEGORIES))
+    return sums, counts
+
+
+def bootstrap_intervals(
+    image_sums: Dict[str, Sequence[Tuple[int, Any, Any]]], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> Dict[str, Intervals]:
+    """Per row: 95 % intervals of the category means and of their :data:`DIFFERENCES`, resampling
+    whole images (:func:`~dcn_inspect.category_stats.bootstrap_means`, the same seed for every row)."""
+    index = {name: i for i, name in enumerate(CATEGORIES)}
+    pairs = [(index[a], index[b]) for a, b in DIFFERENCES]
+    out: Dict[str, Intervals] = {}
+    for row, rows in image_sums.items():
+        sums, counts = image_arrays(rows)
+        means, differences = bootstrap_means(sums, counts, pairs, resamples=resamples, seed=seed)
+        out[row] = Intervals(means, differences)
+    return out
+
+
+def _row_columns(row: str, per_group: bool) -> Dict[str, Any]:
+    layer, group = split_row(row) if per_group else (row, None)
+    return {"layer": layer, "group": group} if per_group else {"layer": layer}
+
+
+def table_frame(stats: Dict[str, CategoryStats], units: str, intervals: Optional[Dict[str, Intervals]] = None, per_group: bool = False) -> pd.DataFrame:
+    """``dilation_table.csv`` rows: every row layer (in the given order) x every category, with
+    the bootstrap intervals of the means (NaN without ``intervals``)."""
     rows = []
-    for layer, layer_stats in stats.items():
-        for category, values in zip(CATEGORIES, layer_stats.summary_rows()):
-            rows.append({"layer": layer, "category": category, **values, "units": units})
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    for row, layer_stats in stats.items():
+        bounds = intervals[row].means if intervals is not None and row in intervals else np.full((len(CATEGORIES), 2), math.nan)
+        for k, (category, values) in enumerate(zip(CATEGORIES, layer_stats.summary_rows())):
+            rows.append(
+                {**_row_columns(row, per_group), "category": category, **values, "units": units, "ci_low": float(bounds[k, 0]), "ci_high": float(bounds[k, 1])}
+            )
+    frame = pd.DataFrame(rows, columns=names(present(TABLE_CSV, per_group=per_group)))
+    if per_group:
+        frame["group"] = frame["group"].astype("Int64")
+    return frame
+
+
+def differences_frame(stats: Dict[str, CategoryStats], intervals: Dict[str, Intervals], units: str, per_group: bool = False) -> pd.DataFrame:
+    """``dilation_differences.csv`` rows: every row layer x :data:`DIFFERENCES`, the difference of
+    the means with its bootstrap interval (NaN where a category has no unit)."""
+    index = {name: i for i, name in enumerate(CATEGORIES)}
+    rows = []
+    for row, layer_stats in stats.items():
+        counts = layer_stats.count.cpu().numpy()
+        means = layer_stats.mean.cpu().numpy()
+        for first, second in DIFFERENCES:
+            a, b = index[first], index[second]
+            difference = float(means[a] - means[b]) if counts[a] and counts[b] else math.nan
+            low, high = intervals[row].differences[(a, b)] if row in intervals else (math.nan, math.nan)
+            rows.append(
+                {**_row_columns(row, per_group), "category_a": first, "category_b": second, "difference": difference, "ci_low": low, "ci_high": high, "units": units}
+            )
+    frame = pd.DataFrame(rows, columns=names(present(DIFFERENCES_CSV, per_group=per_group)))
+    if per_group:
+        frame["group"] = frame["group"].astype("Int64")
+    return frame
