@@ -17,6 +17,7 @@ that one definition come
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -77,7 +78,7 @@ def markdown_table(columns: Iterable[Column]) -> str:
     """The README table of a file's columns (``column | meaning | unit``)."""
     lines = ["| column | meaning | unit |", "|---|---|---|"]
     for column in columns:
-        meaning = column.meaning + (f" (only with `{column.only}`)" if column.only else "")
+        meaning = column.meaning + (f" (only with `--{column.only.replace('_', '-')}`)" if column.only else "")
         lines.append(f"| `{column.name}` | {meaning.replace('|', '/')} | {column.unit or '–'} |")
     return "\n".join(lines)
 
@@ -107,3 +108,25 @@ def formatted(frame: pd.DataFrame, columns: Sequence[Column]) -> pd.DataFrame:
     if list(frame.columns) != names(columns):
         raise ValueError(f"table columns {list(frame.columns)} differ from their description {names(columns)}")
     return pd.DataFrame({column.name: format_column(frame[column.name], column) for column in columns}, columns=names(columns))
+
+
+#: README markers around a generated column table: ``<!-- columns FILE -->`` ... ``<!-- /columns -->``.
+_BLOCK = re.compile(r"(?P<start><!-- columns (?P<name>[^\n]+?) -->\n)(?P<body>(?:(?!<!-- ).*\n)*?)(?P<end><!-- /columns -->)")
+
+
+def fill_markdown_tables(text: str, files: Dict[str, Sequence[Column]]) -> str:
+    """``text`` (the README) with every marked block replaced by the column table of its file;
+    an error for a marker naming no known file."""
+
+    def table(match: "re.Match[str]") -> str:
+        name = match.group("name")
+        if name not in files:
+            raise KeyError(f"README marks columns of {name!r}, which no command writes (known: {', '.join(files)})")
+        return match.group("start") + markdown_table(files[name]) + "\n" + match.group("end")
+
+    return _BLOCK.sub(table, text)
+
+
+def marked_files(text: str) -> List[str]:
+    """The file names of the marked column tables in ``text``, in order."""
+    return [match.group("name") for match in _BLOCK.finditer(text)]

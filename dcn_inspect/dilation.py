@@ -205,7 +205,7 @@ def unit_categories(
 UNITS = ("cells", "pixels")
 
 _DILATION_UNIT = "the `units` column: cells of the layer's input map, or original-image pixels"
-_GROUP = Column("group", "offset group (with `per_group` one row per group; without it a unit's value is the mean of its groups')", only="per_group")
+_GROUP = Column("group", "offset group: one row per group (without it a unit's value is the mean of its groups' dilations)", only="per_group")
 
 #: ``dilation_table.csv``: one row per row layer (top layer first, groups ascending) x category.
 TABLE_CSV: Tuple[Column, ...] = (
