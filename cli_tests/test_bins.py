@@ -477,6 +477,35 @@ def test_annotations_give_the_rois_and_their_classes(workspace: Dict[str, Any], 
         bins([other], model=loaded, annotations=annotation, out=tmp_path / "x", progress=False)
 
 
+def test_boxes_are_read_as_sample_points_reads_them(workspace: Dict[str, Any], tmp_path: Path) -> None:
+    # The same option and file formats as sample-points --boxes: a CSV, or a COCO json whose crowd
+    # boxes are left out (annotations= takes every box).
+    coco = {
+        "images": [{"id": 7, "file_name": "scene.png", "width": IMAGE_HW[1], "height": IMAGE_HW[0]}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 2, "bbox": [5, 4, 25, 29], "iscrowd": 0, "area": 725},
+            {"id": 2, "image_id": 7, "category_id": 1, "bbox": [0, 0, 40, 40], "iscrowd": 1, "area": 1600},
+            {"id": 3, "image_id": 7, "category_id": 1, "bbox": [20, 10, 30, 25], "iscrowd": 0, "area": 750},
+        ],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+    }
+    annotation = tmp_path / "instances.json"
+    annotation.write_text(json.dumps(coco))
+    boxes_csv = tmp_path / "boxes.csv"
+    boxes_csv.write_text("x1,y1,x2,y2,class\n5,4,30,33,dog\n20,10,50,35,cat\n")
+    loaded = _loaded(workspace["module"], "build")
+    from_json, summary = _run(workspace, loaded, tmp_path / "json", rois=(), boxes=annotation, class_choice="gt")
+    from_csv, _ = _run(workspace, loaded, tmp_path / "csv", rois=(), boxes=boxes_csv, class_choice="gt")
+    from_rois, _ = _run(workspace, loaded, tmp_path / "rois", rois=(), rois_file=boxes_csv, class_choice="gt")
+    assert [r["box"] for r in summary["images"][0]["rois"]] == [[5, 4, 30, 33], [20, 10, 50, 35]]
+    pd.testing.assert_frame_equal(from_json, from_csv)
+    pd.testing.assert_frame_equal(from_csv, from_rois)
+    every, _ = _run(workspace, loaded, tmp_path / "all", rois=(), annotations=annotation, class_choice="gt")
+    assert every["roi"].nunique() == 3  # the crowd box too
+    with raises_cli(r"--boxes .*missing.json: file not found", "bins"):
+        _run(workspace, loaded, tmp_path / "bad", boxes=tmp_path / "missing.json")
+
+
 def test_outputs_are_reproducible(workspace: Dict[str, Any], tmp_path: Path) -> None:
     loaded = _loaded(workspace["module"], "build")
     for name in ("a", "b"):

@@ -28,15 +28,16 @@ def bins(
     ),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
-    rois: Optional[List[str]] = typer.Option(None, "--roi", help="RoI X1,Y1,X2,Y2 in original-image pixels (repeatable)."),
-    rois_file: Optional[Path] = typer.Option(None, "--rois", help="CSV of RoIs with columns x1,y1,x2,y2[,class]."),
-    annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO json or VOC directory/xml: the image's boxes are the RoIs."),
+    rois: Optional[List[str]] = typer.Option(None, "--roi", metavar="X1,Y1,X2,Y2", help="RoI X1,Y1,X2,Y2 in original-image pixels (repeatable)."),
+    rois_file: Optional[Path] = typer.Option(None, "--rois", metavar="FILE", help="CSV of RoIs with columns x1,y1,x2,y2[,class]."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", metavar="FILE", help="COCO json or VOC directory/xml: the image's boxes (all of them) are the RoIs."),
+    boxes: Optional[Path] = options.boxes("each is an RoI (as --boxes of sample-points)"),
     class_choice: str = typer.Option(
-        "auto", "--class", help="Offsets of a class-specific head: INDEX or NAME, gt (the RoI's class), pred (the model's), all, or auto (gt, else pred)."
+        "auto", "--class", metavar="CLASS", help="Offsets of a class-specific head: INDEX or NAME, gt (the RoI's class), pred (the model's), all, or auto (gt, else pred)."
     ),
     points: bool = typer.Option(False, "--points", help="Also draw and write the bilinear sampling points of each bin."),
     overlay: bool = typer.Option(False, "--overlay", help="Draw all RoIs on one image instead of one panel each."),
-    layer: Optional[str] = typer.Option(None, "--layer", help="RoI pooling layer to show (default: the first that ran with offsets)."),
+    layer: Optional[str] = typer.Option(None, "--layer", metavar="NAME", help="RoI pooling layer to show (default: the first that ran with offsets)."),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
     out: Path = options.out(),

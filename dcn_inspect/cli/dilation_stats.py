@@ -21,21 +21,21 @@ EPILOG = (
 @app.command("dilation-stats", epilog=EPILOG)
 def dilation_stats(
     dataset: Optional[Path] = typer.Argument(
-        None, help="COCO annotation json, Pascal VOC directory, or nothing for the bundled demo dataset.", show_default=False
+        None, metavar="DATASET", help="COCO annotation json, Pascal VOC directory, or nothing for the bundled demo dataset.", show_default=False
     ),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (default: next to the COCO json / VOC JPEGImages/)."),
-    split: Optional[str] = typer.Option(None, "--split", help="VOC ImageSets/Main/<split>.txt (default: every annotation)."),
+    images: Optional[Path] = typer.Option(None, "--images", metavar="DIR", help="Image folder (default: next to the COCO json / VOC JPEGImages/)."),
+    split: Optional[str] = typer.Option(None, "--split", metavar="NAME", help="VOC ImageSets/Main/<split>.txt (default: every annotation)."),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
-    layers: Optional[List[str]] = typer.Option(None, "--layers", help="Deformable layer(s) to measure (repeatable or comma-separated; default: all)."),
-    thresholds: str = typer.Option("paper", "--thresholds", help="Box-area split: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
-    units: str = typer.Option("cells", "--units", help="cells (the layer's input cells) or pixels (original-image pixels)."),
+    layers: Optional[List[str]] = options.layers("to measure (default: all)"),
+    thresholds: str = typer.Option("paper", "--thresholds", metavar="paper|coco|tertiles|A,B", help="Box-area split: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
+    units: str = typer.Option("cells", "--units", metavar="cells|pixels", help="cells (the layer's input cells) or pixels (original-image pixels)."),
     per_group: bool = typer.Option(False, "--per-group", help="One row per offset group instead of the groups' mean."),
     per_unit: bool = typer.Option(False, "--per-unit", help="Also write dilation_units.csv (one row per unit and layer)."),
-    max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N images."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Images per forward (only images of equal input size are batched)."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes decoding images (0: in the main process)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (under torchrun: each rank its local GPU)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", metavar="N", help="Use only the first N images (default: all)."),
+    batch_size: int = typer.Option(1, "--batch-size", metavar="N", help="Images per forward (only images of equal input size are batched)."),
+    workers: int = typer.Option(2, "--workers", metavar="N", help="DataLoader worker processes decoding images (0: in the main process)."),
+    device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="cpu, cuda or cuda:N (under torchrun: each rank its local GPU)."),
     resize: Optional[int] = options.resize(),
     strict: bool = options.strict(),
     out: Path = options.out(),

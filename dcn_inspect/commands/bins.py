@@ -119,6 +119,7 @@ def bins(
     rois: Sequence[Union[Box, str]] = (),
     rois_file: Optional[Path] = None,
     annotations: Optional[Path] = None,
+    boxes: Optional[Path] = None,
     class_choice: str = "auto",
     points: bool = False,
     overlay: bool = False,
@@ -152,12 +153,15 @@ def bins(
             raise InputError("applies to a dataset (a COCO json or a VOC directory), not to images", param=name)
     image_paths = image_list(images)
     # Every image's RoIs are checked before any work, so a bad RoI fails fast and writes nothing.
-    requests_of = {path: collect_rois(path, rois, rois_file, annotations) for path in image_paths}
+    if boxes is not None and not Path(boxes).exists():
+        raise InputError(f"{boxes}: file not found", param="boxes")
+    requests_of = {path: collect_rois(path, rois, rois_file, annotations, boxes) for path in image_paths}
     parameters = {
         "images": [str(p) for p in image_paths],
         "rois": [list(map(float, parse_roi(r) if isinstance(r, str) else r)) for r in rois],
         "rois_file": rois_file,
         "annotations": annotations,
+        "boxes": boxes,
         "class": class_choice,
         "points": points,
         "overlay": overlay,
