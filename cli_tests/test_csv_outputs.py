@@ -122,3 +122,20 @@ def test_npz_geometry_keeps_each_layers_own_input_size(outputs) -> None:
             assert geometry["input_hw"] == layer["geometry"]["input_hw"]
             assert geometry["output_hw"] == layer["geometry"]["output_hw"] == list(npz[f"{stem}/{layer['name']}/offset"].shape[-2:])
             assert geometry["model_input_hw"] == image["input_hw"] != geometry["input_hw"]
+
+
+def test_readme_python_api_snippet_runs_and_the_plots_are_public(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dcn_inspect.plots as plots
+
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: Dict[str, object] = {}
+    exec(compile(snippet, "README.md (Python API)", "exec"), namespace)
+    points = namespace["points"]
+    assert isinstance(points, pd.DataFrame) and list(points.columns) == names(csv_files()["<stem>_points.csv"])
+    assert len(points) == 9 + 81 + 729
+    assert (tmp_path / "my_tree.png").stat().st_size > 1000 and (tmp_path / "tree_panels.png").stat().st_size > 1000
+    for name in plots.__all__:  # every public plotting function is named in the README
+        assert callable(getattr(plots, name)) and f"`{name}`" in section
