@@ -35,10 +35,10 @@ class LogBins:
         return int(math.ceil(math.log(self.high / self.low) / math.log(self.ratio))) + 2
 
     def index(self, values: torch.Tensor) -> torch.Tensor:
-        scaled = torch.log(values.clamp_min(self.low * 0.5) / self.low) / math.log(self.ratio)
-        index = torch.floor(scaled).to(torch.long) + 1
-        index = torch.where(values < self.low, torch.zeros_like(index), index)
-        return index.clamp(0, self.count - 1)
+        # Values below ``low`` have log(v / low) < 0, so floor(...) + 1 <= 0 and the clamp puts
+        # them in bin 0 (the clamp_min only keeps log away from 0 and negatives).
+        scaled = torch.log(values.clamp_min(self.low * 0.5).div_(self.low)).div_(math.log(self.ratio))
+        return scaled.floor_().add_(1).clamp_(0, self.count - 1).to(torch.long)
 
     def lower_edge(self, index: int) -> float:
         return 0.0 if index == 0 else self.low * self.ratio ** (index - 1)
@@ -48,6 +48,18 @@ class LogBins:
 
     def as_dict(self) -> Dict[str, float]:
         return {"low": self.low, "high": self.high, "ratio": self.ratio, "bins": self.count}
+
+
+_ONES: Dict[str, torch.Tensor] = {}
+
+
+def _ones(count: int, device: torch.device) -> torch.Tensor:
+    """``count`` int64 ones on ``device`` (a view of one cached tensor, grown as needed)."""
+    key = str(device)
+    cached = _ONES.get(key)
+    if cached is None or cached.numel() < count:
+        cached = _ONES[key] = torch.ones(max(count, 1 << 16), dtype=torch.int64, device=device)
+    return cached[:count]
 
 
 #: The histogram every statistic uses: 0.1 % relative bin width from 1e-3 to 1e5 (cells or pixels).
@@ -84,27 +96,35 @@ class CategoryStats:
             values, codes = values[keep], codes[keep]
         if values.numel() == 0:
             return
-        slots = self.categories
-        count = torch.bincount(codes, minlength=slots)
-        mean = torch.bincount(codes, weights=values, minlength=slots) / count.clamp_min(1).to(torch.float64)
+        count = torch.bincount(codes, minlength=self.categories)
+        total = torch.bincount(codes, weights=values, minlength=self.categories)
+        self.update_counted(values, codes, count, total)
+
+    def update_counted(self, values: torch.Tensor, codes: torch.Tensor, count: torch.Tensor, total: torch.Tensor) -> None:
+        """:meth:`update` for callers that already hold, per category, the number ``count`` and
+        the sum ``total`` of ``values``: 1-D float64 ``values`` and long ``codes`` (all in
+        ``0..categories-1``) on this state's device."""
+        if values.numel() == 0:
+            return
+        mean = total / count.clamp_min(1).to(torch.float64)
         # Two passes inside the batch (mean first, then squared deviations), then Chan's merge.
-        m2 = torch.bincount(codes, weights=(values - mean[codes]) ** 2, minlength=slots)
+        deviations = values - mean[codes]
+        m2 = torch.bincount(codes, weights=deviations.mul_(deviations), minlength=self.categories)
         self._merge_moments(count, mean, m2)
         self.minimum.scatter_reduce_(0, codes, values, reduce="amin")
         self.maximum.scatter_reduce_(0, codes, values, reduce="amax")
-        flat = codes * self.bins.count + self.bins.index(values)
-        self.hist.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        flat = self.bins.index(values).add_(codes * self.bins.count)
+        self.hist.view(-1).index_add_(0, flat, _ones(flat.numel(), flat.device))
 
     def _merge_moments(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Chan et al. (1979): combine (count, mean, M2) of two data sets exactly."""
+        count = count.to(self.count.device)
         n_a = self.count.to(torch.float64)
-        n_b = count.to(self.mean.device, torch.float64)
-        total = n_a + n_b
-        safe = total.clamp_min(1.0)
+        weight = count.to(torch.float64) / (n_a + count).clamp_min(1)  # n_b / (n_a + n_b); 0 when both are empty
         delta = mean.to(self.mean.device) - self.mean
-        self.mean = torch.where(total > 0, self.mean + delta * n_b / safe, self.mean)
-        self.m2 = self.m2 + m2.to(self.mean.device) + delta**2 * n_a * n_b / safe
-        self.count = self.count + count.to(self.count.device)
+        self.mean = self.mean + delta * weight
+        self.m2 = self.m2 + m2.to(self.mean.device) + delta * delta * n_a * weight
+        self.count = self.count + count
 
     def merge_(self, other: "CategoryStats") -> "CategoryStats":
         """In place: this state becomes the state of both data sets (Chan et al. 1979)."""

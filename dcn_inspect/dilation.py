@@ -36,7 +36,6 @@ from dcn_inspect.columns import Column, names, position, present
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap, LayerGeometry
 from dcn_inspect.records import DeformConvRecord
-from dcn_inspect.sampling import split_offsets
 
 #: Categories in table order. Units counted in none of them carry a negative code.
 CATEGORIES: Tuple[str, ...] = ("small", "medium", "large", "background")
@@ -75,22 +74,31 @@ def effective_dilation(
     """
     if kernel[0] * kernel[1] < 2:
         raise ValueError(f"effective dilation needs at least two kernel points, got kernel {kernel}")
-    batch, _, out_h, out_w = offset.shape
+    batch, channels, out_h, out_w = offset.shape
     kh, kw = kernel
-    dy, dx = split_offsets(offset, kernel)  # [B, G, K, Ho, Wo]
-    dy = dy.reshape(batch, -1, kh, kw, out_h, out_w)
-    dx = dx.reshape(batch, -1, kh, kw, out_h, out_w)
+    # (dy, dx) of kernel point (a, b) of group g: [B, G, kh, kw, 2, Ho, Wo] (PAPER.md §1 layout).
+    view = offset.reshape(batch, channels // (2 * kh * kw), kh, kw, 2, out_h, out_w)
     size_y, size_x = (_per_image(size, offset) for size in cell_size)
-    total = torch.zeros((), dtype=offset.dtype, device=offset.device)
+    total: Optional[torch.Tensor] = None
     if kw > 1:  # horizontal neighbours (a, b) -> (a, b + 1): one dilation_x step plus the offset change
-        step_y = (dy[:, :, :, 1:] - dy[:, :, :, :-1]) * size_y
-        step_x = (dx[:, :, :, 1:] - dx[:, :, :, :-1] + dilation[1]) * size_x
-        total = total + torch.sqrt(step_y**2 + step_x**2).sum(dim=(2, 3))
+        step = view[:, :, :, 1:] - view[:, :, :, :-1]
+        step[:, :, :, :, 1] += dilation[1]
+        total = _step_lengths(step, size_y, size_x).sum(dim=(2, 3))
     if kh > 1:  # vertical neighbours (a, b) -> (a + 1, b)
-        step_y = (dy[:, :, 1:] - dy[:, :, :-1] + dilation[0]) * size_y
-        step_x = (dx[:, :, 1:] - dx[:, :, :-1]) * size_x
-        total = total + torch.sqrt(step_y**2 + step_x**2).sum(dim=(2, 3))
-    return total / (kh * (kw - 1) + (kh - 1) * kw)
+        step = view[:, :, 1:] - view[:, :, :-1]
+        step[:, :, :, :, 0] += dilation[0]
+        vertical = _step_lengths(step, size_y, size_x).sum(dim=(2, 3))
+        total = vertical if total is None else total.add_(vertical)
+    assert total is not None
+    return total.div_(kh * (kw - 1) + (kh - 1) * kw)
+
+
+def _step_lengths(step: torch.Tensor, size_y: Union[float, torch.Tensor], size_x: Union[float, torch.Tensor]) -> torch.Tensor:
+    """Euclidean length of steps [B, G, a, b, 2 (dy, dx), Ho, Wo] in cells scaled by the cell size -> [B, G, a, b, Ho, Wo]."""
+    dy, dx = step[:, :, :, :, 0], step[:, :, :, :, 1]
+    if not (isinstance(size_y, float) and isinstance(size_x, float) and size_y == size_x == 1.0):
+        dy, dx = dy * size_y, dx * size_x
+    return torch.hypot(dy, dx)
 
 
 def _per_image(size: Union[float, torch.Tensor], offset: torch.Tensor) -> Union[float, torch.Tensor]:
@@ -299,6 +307,20 @@ class LayerInfo:
         }
 
 
+@dataclass
+class _BatchCategories:
+    """Categories of one batch's units on one output map (see :meth:`DilationAccumulator._categories`)."""
+
+    frames: List[FrameMap]  # per image: the map's output frame in original-image pixels
+    codes_np: np.ndarray  # [B, Ho, Wo] category codes (negative: counted nowhere)
+    keep: Optional[torch.Tensor]  # [B*Ho*Wo] bool: the counted units (None: all of them)
+    codes: torch.Tensor  # [counted] long category
+    slots: torch.Tensor  # [counted] long: image * categories + category
+    image_counts: np.ndarray  # [B, categories] counted units per image
+    counts: torch.Tensor  # [categories] counted units of the batch
+    not_counted: np.ndarray  # [ignored box, centre outside the image] unit counts
+
+
 #: ``on_image_units(image index, [(row name, output frame in original pixels, codes [Ho, Wo], dilations [Ho, Wo])])``
 UnitSink = Callable[[int, List[Tuple[str, FrameMap, np.ndarray, np.ndarray]]], None]
 
@@ -369,7 +391,7 @@ class DilationAccumulator:
         scale_x = torch.tensor([entry.width / hw[1] for entry, hw in zip(entries, content)], dtype=torch.float64)
         scale_y = torch.tensor([entry.height / hw[0] for entry, hw in zip(entries, content)], dtype=torch.float64)
         per_image: List[List[Tuple[str, FrameMap, np.ndarray, np.ndarray]]] = [[] for _ in entries]
-        codes_cache: Dict[Tuple[Any, Tuple[int, int]], Tuple[np.ndarray, torch.Tensor]] = {}
+        categories_of: Dict[Tuple[Any, Tuple[int, int]], _BatchCategories] = {}
         for record in reversed(records):  # top layer first
             geometry = geometries[record.name]
             if self.units == "cells":
@@ -380,51 +402,64 @@ class DilationAccumulator:
             # statistics accumulate in float64.
             offset = record.offset if record.offset.dtype == torch.float64 else record.offset.float()
             dilations = effective_dilation(offset, geometry.kernel, geometry.dilation, cell)  # [B, G, Ho, Wo]
-            frames = [geometry.output_frame.scaled(float(sx), float(sy)) for sx, sy in zip(scale_x, scale_y)]
             key = (geometry.output_frame, geometry.output_hw)
-            if key not in codes_cache:  # layers with the same output cells share their categories
-                codes_np = np.stack(
-                    [
-                        unit_categories(frame, geometry.output_hw, (entry.width, entry.height), entry.boxes, entry.ignore, self.thresholds)
-                        for frame, entry in zip(frames, entries)
-                    ]
-                )
-                codes_cache[key] = (codes_np, torch.from_numpy(codes_np).to(dilations.device))
-            codes_np, codes = codes_cache[key]
+            if key not in categories_of:  # layers with the same output cells share their categories
+                categories_of[key] = self._categories(geometry.output_frame, geometry.output_hw, entries, scale_x, scale_y)
+            categories = categories_of[key]
             counts = self.not_counted.setdefault(record.name, np.zeros(2, dtype=np.int64))
-            counts[0] += int((codes_np == IGNORED).sum())
-            counts[1] += int((codes_np == OUTSIDE).sum())
+            counts += categories.not_counted
             rows = (
                 [(f"{record.name}:g{g}", dilations[:, g]) for g in range(dilations.shape[1])]
                 if self.per_group
                 else [(record.name, dilations.mean(dim=1))]
             )
             for row_name, values in rows:
-                if row_name not in self.stats:
-                    self.stats[row_name] = CategoryStats(len(CATEGORIES), BINS, self.device)
-                self.stats[row_name].update(values, codes)
-                self._add_image_sums(row_name, values, codes, indices)
+                self._add_row(row_name, values, categories, indices)
                 if self.on_image_units is not None:
                     host = values.cpu().numpy()
                     for b in range(len(entries)):
-                        per_image[b].append((row_name, frames[b], codes_np[b], host[b]))
+                        per_image[b].append((row_name, categories.frames[b], categories.codes_np[b], host[b]))
         if self.on_image_units is not None:
             for index, layers in zip(indices, per_image):
                 self.on_image_units(index, layers)
 
-    def _add_image_sums(self, row_name: str, values: torch.Tensor, codes: torch.Tensor, indices: Sequence[int]) -> None:
-        """Each image's sum and count per category (units in no category left out)."""
-        batch = values.shape[0]
-        slots = len(CATEGORIES)
-        flat_codes = codes.reshape(batch, -1).to(torch.long)
-        keep = flat_codes >= 0
-        slot = (torch.arange(batch, device=flat_codes.device)[:, None] * slots + flat_codes)[keep]
-        sums = torch.bincount(slot, weights=values.reshape(batch, -1)[keep].to(torch.float64), minlength=batch * slots)
-        counts = torch.bincount(slot, minlength=batch * slots)
-        sums_np = sums.reshape(batch, slots).cpu().numpy()
-        counts_np = counts.reshape(batch, slots).cpu().numpy()
+    def _categories(
+        self, frame: FrameMap, output_hw: Tuple[int, int], entries: Sequence[AnnotatedImage], scale_x: torch.Tensor, scale_y: torch.Tensor
+    ) -> "_BatchCategories":
+        """The categories of a batch's units on one output map, prepared once for every layer
+        and row that shares the map: codes, and which image and category each counted unit adds to."""
+        frames = [frame.scaled(float(sx), float(sy)) for sx, sy in zip(scale_x, scale_y)]
+        codes_np = np.stack(
+            [unit_categories(f, output_hw, (entry.width, entry.height), entry.boxes, entry.ignore, self.thresholds) for f, entry in zip(frames, entries)]
+        )
+        slots_np = (np.arange(len(entries))[:, None, None] * len(CATEGORIES) + codes_np).reshape(-1)
+        keep_np = codes_np.reshape(-1) >= 0
+        all_kept = bool(keep_np.all())
+        image_counts = np.bincount(slots_np[keep_np], minlength=len(entries) * len(CATEGORIES)).reshape(len(entries), len(CATEGORIES))
+        return _BatchCategories(
+            frames=frames,
+            codes_np=codes_np,
+            keep=None if all_kept else torch.from_numpy(keep_np).to(self.device),
+            codes=torch.from_numpy(codes_np.reshape(-1)[keep_np]).to(self.device),
+            slots=torch.from_numpy(slots_np[keep_np]).to(self.device),
+            image_counts=image_counts,
+            counts=torch.from_numpy(image_counts.sum(axis=0)).to(self.device),
+            not_counted=np.array([(codes_np == IGNORED).sum(), (codes_np == OUTSIDE).sum()], dtype=np.int64),
+        )
+
+    def _add_row(self, row_name: str, values: torch.Tensor, categories: "_BatchCategories", indices: Sequence[int]) -> None:
+        """One row's values [B, Ho, Wo] into its statistics and each image's per-category sums
+        and counts (units in no category left out)."""
+        if row_name not in self.stats:
+            self.stats[row_name] = CategoryStats(len(CATEGORIES), BINS, self.device)
+        flat = values.reshape(-1).to(self.device, torch.float64)
+        kept = flat if categories.keep is None else flat[categories.keep]
+        batch = len(indices)
+        image_sums = torch.bincount(categories.slots, weights=kept, minlength=batch * len(CATEGORIES)).view(batch, len(CATEGORIES))
+        self.stats[row_name].update_counted(kept, categories.codes, categories.counts, image_sums.sum(dim=0))
+        sums_np = image_sums.cpu().numpy()
         rows = self.image_sums.setdefault(row_name, [])
-        rows.extend((int(index), sums_np[b], counts_np[b]) for b, index in enumerate(indices))
+        rows.extend((int(index), sums_np[b], categories.image_counts[b]) for b, index in enumerate(indices))
 
     def state(self) -> Dict[str, Any]:
         """A picklable CPU copy, for merging the ranks of a distributed run."""
