@@ -30,7 +30,7 @@ def dilation_stats(
     layers: Optional[List[str]] = options.layers("to measure (default: all)"),
     thresholds: str = typer.Option("paper", "--thresholds", metavar="paper|coco|tertiles|A,B", help="Box-area split: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
     units: str = typer.Option("cells", "--units", metavar="cells|pixels", help="cells (the layer's input cells) or pixels (original-image pixels)."),
-    per_group: bool = typer.Option(False, "--per-group", help="One row per offset group instead of the groups' mean."),
+    per_group: bool = typer.Option(False, "--per-group", help="One row per offset group (in its own column) instead of the groups' mean."),
     per_unit: bool = typer.Option(False, "--per-unit", help="Also write dilation_units.csv (one row per unit and layer)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", metavar="N", help="Use only the first N images (default: all)."),
     batch_size: int = typer.Option(1, "--batch-size", metavar="N", help="Images per forward (only images of equal input size are batched)."),
