@@ -134,6 +134,42 @@ def test_centres_outside_the_image_count_nowhere():
     assert (codes[3, :] == OUTSIDE).all() and (codes[:, 3] == OUTSIDE).all()
 
 
+def _categories_unit_by_unit(frame, output_hw, image_wh, boxes, ignore, thresholds):
+    """The category rule written out for one unit at a time (the oracle)."""
+    codes = np.empty(output_hw, dtype=np.int64)
+    for i in range(output_hw[0]):
+        for j in range(output_hw[1]):
+            x, y = frame.to_image(float(j), float(i))
+            holding = [n for n in range(len(boxes)) if boxes[n, 0] <= x <= boxes[n, 2] and boxes[n, 1] <= y <= boxes[n, 3]]
+            real = [n for n in holding if not ignore[n]]
+            if real:
+                areas = [(boxes[n, 2] - boxes[n, 0]) * (boxes[n, 3] - boxes[n, 1]) for n in real]
+                codes[i, j] = area_category(np.array([min(areas)]), thresholds)[0]
+            elif holding:
+                codes[i, j] = IGNORED
+            else:
+                codes[i, j] = BACKGROUND if 0 <= x <= image_wh[0] and 0 <= y <= image_wh[1] else OUTSIDE
+    return codes
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_categories_follow_the_unit_by_unit_rule_on_random_boxes(seed):
+    rng = np.random.default_rng(seed)
+    frame = FrameMap(float(rng.choice([1.0, 2.5, 4.0, 8.0])), float(rng.choice([1.0, 3.0, 8.0])), float(rng.uniform(-3, 3)), float(rng.uniform(-3, 3)))
+    output_hw = (int(rng.integers(1, 12)), int(rng.integers(1, 12)))
+    image_wh = (int(rng.integers(5, 80)), int(rng.integers(5, 80)))
+    corners = rng.uniform(-10, 90, size=(int(rng.integers(0, 8)), 2, 2))
+    # Some edges exactly on unit centres (the inclusive rule), some boxes of equal area.
+    corners[::3] = np.round(corners[::3])
+    boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
+    if len(boxes) > 2:
+        boxes[1] = boxes[0] + [7.0, 0.0, 7.0, 0.0]  # same area as box 0, shifted
+    ignore = rng.random(len(boxes)) < 0.3
+    thresholds = (100.0, 1200.0)
+    expected = _categories_unit_by_unit(frame, output_hw, image_wh, boxes, ignore, thresholds)
+    np.testing.assert_array_equal(unit_categories(frame, output_hw, image_wh, boxes, ignore, thresholds), expected)
+
+
 def test_area_category_and_thresholds():
     np.testing.assert_array_equal(area_category(np.array([1.0, 5.0, 49.9, 50.0, 1e6]), (5.0, 50.0)), [SMALL, MEDIUM, MEDIUM, LARGE, LARGE])
     assert resolve_thresholds("paper") == ("paper", (96.0**2, 224.0**2))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -66,6 +66,18 @@ def _ones(count: int, device: torch.device) -> torch.Tensor:
 BINS = LogBins()
 
 
+def chan_merge(
+    count_a: torch.Tensor, mean_a: torch.Tensor, m2_a: torch.Tensor, count_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chan et al. (1979): (count, mean, M2) of two data sets combined exactly, elementwise
+    (any shape; ``a``'s device)."""
+    count_b = count_b.to(count_a.device)
+    n_a = count_a.to(torch.float64)
+    weight = count_b.to(torch.float64) / (n_a + count_b).clamp_min(1)  # n_b / (n_a + n_b); 0 when both are empty
+    delta = mean_b.to(mean_a.device) - mean_a
+    return count_a + count_b, mean_a + delta * weight, m2_a + m2_b.to(mean_a.device) + delta * delta * n_a * weight
+
+
 class CategoryStats:
     """Mergeable statistics of one stream of values, one slot per category (default 4: the
     small / medium / large / background of :mod:`dcn_inspect.dilation`).
@@ -96,20 +108,12 @@ class CategoryStats:
             values, codes = values[keep], codes[keep]
         if values.numel() == 0:
             return
-        count = torch.bincount(codes, minlength=self.categories)
-        total = torch.bincount(codes, weights=values, minlength=self.categories)
-        self.update_counted(values, codes, count, total)
-
-    def update_counted(self, values: torch.Tensor, codes: torch.Tensor, count: torch.Tensor, total: torch.Tensor) -> None:
-        """:meth:`update` for callers that already hold, per category, the number ``count`` and
-        the sum ``total`` of ``values``: 1-D float64 ``values`` and long ``codes`` (all in
-        ``0..categories-1``) on this state's device."""
-        if values.numel() == 0:
-            return
-        mean = total / count.clamp_min(1).to(torch.float64)
+        slots = self.categories
+        count = torch.bincount(codes, minlength=slots)
+        mean = torch.bincount(codes, weights=values, minlength=slots) / count.clamp_min(1).to(torch.float64)
         # Two passes inside the batch (mean first, then squared deviations), then Chan's merge.
         deviations = values - mean[codes]
-        m2 = torch.bincount(codes, weights=deviations.mul_(deviations), minlength=self.categories)
+        m2 = torch.bincount(codes, weights=deviations.mul_(deviations), minlength=slots)
         self._merge_moments(count, mean, m2)
         self.minimum.scatter_reduce_(0, codes, values, reduce="amin")
         self.maximum.scatter_reduce_(0, codes, values, reduce="amax")
@@ -118,13 +122,7 @@ class CategoryStats:
 
     def _merge_moments(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Chan et al. (1979): combine (count, mean, M2) of two data sets exactly."""
-        count = count.to(self.count.device)
-        n_a = self.count.to(torch.float64)
-        weight = count.to(torch.float64) / (n_a + count).clamp_min(1)  # n_b / (n_a + n_b); 0 when both are empty
-        delta = mean.to(self.mean.device) - self.mean
-        self.mean = self.mean + delta * weight
-        self.m2 = self.m2 + m2.to(self.mean.device) + delta * delta * n_a * weight
-        self.count = self.count + count
+        self.count, self.mean, self.m2 = chan_merge(self.count, self.mean, self.m2, count, mean, m2)
 
     def merge_(self, other: "CategoryStats") -> "CategoryStats":
         """In place: this state becomes the state of both data sets (Chan et al. 1979)."""
@@ -220,6 +218,79 @@ class CategoryStats:
                 }
             )
         return rows
+
+
+class CategoryStatsRows:
+    """:class:`CategoryStats` of many rows (e.g. the layers of a model), updated together.
+
+    State tensors carry a leading row dimension (``count`` [R, C], ``hist`` [R, C, bins], ...),
+    so one batch of R rows of values costs a fixed number of tensor operations instead of R
+    times as many. :meth:`row` gives a row as a :class:`CategoryStats`.
+    """
+
+    def __init__(self, categories: int = 4, bins: LogBins = BINS, device: torch.device | str = "cpu") -> None:
+        self.bins = bins
+        self.categories = categories
+        self.device = torch.device(device)
+        self.count = torch.zeros(0, categories, dtype=torch.int64, device=device)
+        self.mean = torch.zeros(0, categories, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(0, categories, dtype=torch.float64, device=device)
+        self.minimum = torch.zeros(0, categories, dtype=torch.float64, device=device)
+        self.maximum = torch.zeros(0, categories, dtype=torch.float64, device=device)
+        self.hist = torch.zeros(0, categories, bins.count, dtype=torch.int64, device=device)
+
+    @property
+    def rows(self) -> int:
+        return int(self.count.shape[0])
+
+    def add_rows(self, count: int) -> None:
+        """Append ``count`` empty rows."""
+        empty = CategoryStats(self.categories, self.bins, self.device)
+        self.count = torch.cat([self.count, empty.count.expand(count, -1)])
+        self.mean = torch.cat([self.mean, empty.mean.expand(count, -1)])
+        self.m2 = torch.cat([self.m2, empty.m2.expand(count, -1)])
+        self.minimum = torch.cat([self.minimum, empty.minimum.expand(count, -1)])
+        self.maximum = torch.cat([self.maximum, empty.maximum.expand(count, -1)])
+        self.hist = torch.cat([self.hist, empty.hist.expand(count, -1, -1)])
+
+    def update(self, rows: Sequence[int], values: torch.Tensor, codes: torch.Tensor, count: torch.Tensor, total: torch.Tensor) -> None:
+        """Add ``values`` [len(rows), N] (float64) to ``rows``: every row's N values have the
+        categories ``codes`` [N] (long, all valid), ``count`` [C] values per category, and sum
+        to ``total`` [len(rows), C] per category."""
+        if values.shape[-1] == 0:
+            return
+        index = _row_index(rows, self.rows, self.device)
+        local = torch.arange(len(rows), device=self.device)[:, None] * self.categories + codes  # [R_g, N] -> row-category slot
+        mean = total / count.clamp_min(1).to(torch.float64)  # [R_g, C]
+        deviations = values - mean.view(-1)[local]
+        m2 = torch.bincount(local.view(-1), weights=deviations.mul_(deviations).view(-1), minlength=len(rows) * self.categories)
+        if isinstance(index, slice):  # the rows' slots in the state: shift the local ones
+            slots = local if index.start == 0 else local + index.start * self.categories
+        else:
+            slots = index[:, None] * self.categories + codes
+        counts = count.expand(len(rows), -1)
+        merged = chan_merge(self.count[index], self.mean[index], self.m2[index], counts, mean, m2.view(len(rows), -1))
+        self.count[index], self.mean[index], self.m2[index] = merged
+        flat_slots = slots.reshape(-1)
+        flat_values = values.reshape(-1)
+        self.minimum.view(-1).scatter_reduce_(0, flat_slots, flat_values, reduce="amin")
+        self.maximum.view(-1).scatter_reduce_(0, flat_slots, flat_values, reduce="amax")
+        flat = self.bins.index(flat_values).add_(flat_slots * self.bins.count)
+        self.hist.view(-1).index_add_(0, flat, _ones(flat.numel(), flat.device))
+
+    def row(self, index: int) -> CategoryStats:
+        """Row ``index`` as a :class:`CategoryStats` (a copy, on CPU)."""
+        return CategoryStats.from_state(
+            {name: getattr(self, name)[index].cpu().numpy() for name in ("count", "mean", "m2", "minimum", "maximum", "hist")}, self.bins
+        )
+
+
+def _row_index(rows: Sequence[int], total: int, device: torch.device) -> Any:
+    """A slice when ``rows`` are consecutive (views, no copies), else an index tensor."""
+    first = rows[0]
+    if list(rows) == list(range(first, first + len(rows))):
+        return slice(first, first + len(rows))
+    return torch.as_tensor(list(rows), dtype=torch.long, device=device)
 
 
 def merge_states(states: Sequence[Dict[str, CategoryStats]]) -> Dict[str, CategoryStats]:

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dcn_inspect.category_stats import BINS, CategoryStats, bootstrap_means
+from dcn_inspect.category_stats import BINS, CategoryStats, CategoryStatsRows, bootstrap_means
 from dcn_inspect.columns import Column, names, position, present
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap, LayerGeometry
@@ -187,22 +187,23 @@ def unit_categories(
     codes = np.where(inside_image, BACKGROUND, OUTSIDE).astype(np.int64)
     if len(boxes) == 0:
         return codes
-    boxes = np.asarray(boxes, dtype=np.float64)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     ignore = np.asarray(ignore, dtype=bool)
-    in_x = (boxes[:, 0:1] <= xs[None, :]) & (xs[None, :] <= boxes[:, 2:3])  # [N, Wo]
-    in_y = (boxes[:, 1:2] <= ys[None, :]) & (ys[None, :] <= boxes[:, 3:4])  # [N, Ho]
-    inside = in_y[:, :, None] & in_x[:, None, :]  # [N, Ho, Wo]
-    if ignore.any():
-        codes[inside[ignore].any(axis=0)] = IGNORED
-    kept = ~ignore
-    if kept.any():
+    # Unit centres increase along rows and columns, so each box covers a rectangle of units:
+    # columns [first x >= x1, last x <= x2], rows likewise (edges inclusive).
+    col_start, col_stop = np.searchsorted(xs, boxes[:, 0], "left"), np.searchsorted(xs, boxes[:, 2], "right")
+    row_start, row_stop = np.searchsorted(ys, boxes[:, 1], "left"), np.searchsorted(ys, boxes[:, 3], "right")
+    # Paint ignored boxes first, then the real ones from the largest to the smallest: the
+    # smallest containing box is painted last (ties: the earlier box, as a stable sort by area).
+    for n in np.flatnonzero(ignore):
+        codes[row_start[n] : row_stop[n], col_start[n] : col_stop[n]] = IGNORED
+    kept = np.flatnonzero(~ignore)
+    if kept.size:
         areas = (boxes[kept, 2] - boxes[kept, 0]) * (boxes[kept, 3] - boxes[kept, 1])
-        order = np.argsort(areas, kind="stable")  # smallest first
-        inside_kept = inside[kept][order]
-        hit = inside_kept.any(axis=0)
-        smallest = inside_kept.argmax(axis=0)  # first True = smallest containing box
-        box_codes = area_category(areas[order], thresholds)
-        codes[hit] = box_codes[smallest[hit]]
+        order = kept[np.argsort(areas, kind="stable")][::-1]
+        box_codes = area_category((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), thresholds)
+        for n in order:
+            codes[row_start[n] : row_stop[n], col_start[n] : col_stop[n]] = box_codes[n]
     return codes
 
 
@@ -313,7 +314,7 @@ class _BatchCategories:
 
     frames: List[FrameMap]  # per image: the map's output frame in original-image pixels
     codes_np: np.ndarray  # [B, Ho, Wo] category codes (negative: counted nowhere)
-    keep: Optional[torch.Tensor]  # [B*Ho*Wo] bool: the counted units (None: all of them)
+    keep: Optional[torch.Tensor]  # [counted] long: positions of the counted units in [B*Ho*Wo] (None: all of them)
     codes: torch.Tensor  # [counted] long category
     slots: torch.Tensor  # [counted] long: image * categories + category
     image_counts: np.ndarray  # [B, categories] counted units per image
@@ -329,7 +330,8 @@ class DilationAccumulator:
     """Effective dilation of every unit of every measured layer, streamed over batches.
 
     Per row (a layer, or ``"<layer>:g<k>"`` with ``per_group``): a :class:`CategoryStats`
-    (:attr:`stats`), the units counted in no category (:attr:`not_counted`: ignored-box and
+    (:attr:`stats`; the rows are kept and updated together, one set of tensor operations per
+    batch and group of layers with the same output cells), the units counted in no category (:attr:`not_counted`: ignored-box and
     centre-outside-image counts) and every image's per-category sums and counts
     (:attr:`image_sums`, for bootstrap intervals). Frames are taken from the first batch of
     each model-input size, whose forward must have followed the frames
@@ -351,11 +353,17 @@ class DilationAccumulator:
         self.per_group = per_group
         self.device = torch.device(device)
         self.on_image_units = on_image_units
-        self.stats: Dict[str, CategoryStats] = {}
+        self._rows = CategoryStatsRows(len(CATEGORIES), BINS, self.device)  # the statistics of every row, updated together
+        self._row_index: Dict[str, int] = {}  # row name -> its row in _rows (top layer first)
         self.not_counted: Dict[str, np.ndarray] = {}  # layer -> [ignored, outside] unit counts
         self.layers: Dict[str, LayerInfo] = {}  # call order
         self.image_sums: Dict[str, List[Tuple[int, np.ndarray, np.ndarray]]] = {}  # row -> [(image index, sums, counts)]
         self._geometries: Dict[Tuple[int, int], Dict[str, LayerGeometry]] = {}
+
+    @property
+    def stats(self) -> Dict[str, CategoryStats]:
+        """Row name (top layer first) -> its statistics (copies, on CPU)."""
+        return {name: self._rows.row(index) for name, index in self._row_index.items()}
 
     def needs_frames(self, input_hw: Tuple[int, int]) -> bool:
         """Whether the next batch of this model-input size must be run with frames followed."""
@@ -388,47 +396,84 @@ class DilationAccumulator:
                 )  # fmt: skip
         # Original / model-input scale of every image (images of one batch share the input size only).
         content = list(content_hw) if content_hw is not None else [input_hw] * len(entries)
-        scale_x = torch.tensor([entry.width / hw[1] for entry, hw in zip(entries, content)], dtype=torch.float64)
-        scale_y = torch.tensor([entry.height / hw[0] for entry, hw in zip(entries, content)], dtype=torch.float64)
-        per_image: List[List[Tuple[str, FrameMap, np.ndarray, np.ndarray]]] = [[] for _ in entries]
-        categories_of: Dict[Tuple[Any, Tuple[int, int]], _BatchCategories] = {}
-        for record in reversed(records):  # top layer first
+        scale_x = [entry.width / hw[1] for entry, hw in zip(entries, content)]
+        scale_y = [entry.height / hw[0] for entry, hw in zip(entries, content)]
+        top_first = list(reversed(records))
+        for record in top_first:
+            self._register_rows(record)
+        # Layers whose output cells coincide share their units' categories: their rows are
+        # measured together (one set of tensor operations per group, whatever its size).
+        groups: Dict[Tuple[Any, Tuple[int, int]], List[DeformConvRecord]] = {}
+        for record in top_first:
             geometry = geometries[record.name]
-            if self.units == "cells":
-                cell: Tuple[Any, Any] = (1.0, 1.0)
-            else:
-                cell = (geometry.input_frame.stride_y * scale_y, geometry.input_frame.stride_x * scale_x)
-            # Distances in float32 or the offsets' own wider precision (~1e-7 relative); the
-            # statistics accumulate in float64.
-            offset = record.offset if record.offset.dtype == torch.float64 else record.offset.float()
-            dilations = effective_dilation(offset, geometry.kernel, geometry.dilation, cell)  # [B, G, Ho, Wo]
-            key = (geometry.output_frame, geometry.output_hw)
-            if key not in categories_of:  # layers with the same output cells share their categories
-                categories_of[key] = self._categories(geometry.output_frame, geometry.output_hw, entries, scale_x, scale_y)
-            categories = categories_of[key]
-            counts = self.not_counted.setdefault(record.name, np.zeros(2, dtype=np.int64))
-            counts += categories.not_counted
-            rows = (
-                [(f"{record.name}:g{g}", dilations[:, g]) for g in range(dilations.shape[1])]
-                if self.per_group
-                else [(record.name, dilations.mean(dim=1))]
-            )
-            for row_name, values in rows:
-                self._add_row(row_name, values, categories, indices)
-                if self.on_image_units is not None:
-                    host = values.cpu().numpy()
+            groups.setdefault((geometry.output_frame, geometry.output_hw), []).append(record)
+        per_image: List[List[Tuple[str, FrameMap, np.ndarray, np.ndarray]]] = [[] for _ in entries]
+        for (frame, output_hw), members in groups.items():
+            categories = self._categories(frame, output_hw, entries, scale_x, scale_y)
+            names: List[str] = []
+            parts: List[torch.Tensor] = []
+            for record, dilations in zip(members, self._dilations(members, geometries, scale_x, scale_y)):  # [B, G, Ho, Wo] each
+                counts = self.not_counted.setdefault(record.name, np.zeros(2, dtype=np.int64))
+                counts += categories.not_counted
+                if self.per_group:
+                    names += [f"{record.name}:g{g}" for g in range(dilations.shape[1])]
+                    parts.append(dilations.transpose(0, 1))
+                else:
+                    names.append(record.name)
+                    parts.append((dilations[:, 0] if dilations.shape[1] == 1 else dilations.mean(dim=1))[None])
+            values = torch.cat(parts) if len(parts) > 1 else parts[0]  # [rows, B, Ho, Wo]
+            self._add_rows(names, values, categories, indices)
+            if self.on_image_units is not None:
+                host = values.cpu().numpy()
+                for k, name in enumerate(names):
                     for b in range(len(entries)):
-                        per_image[b].append((row_name, categories.frames[b], categories.codes_np[b], host[b]))
+                        per_image[b].append((name, categories.frames[b], categories.codes_np[b], host[k, b]))
         if self.on_image_units is not None:
             for index, layers in zip(indices, per_image):
                 self.on_image_units(index, layers)
 
+    def _register_rows(self, record: DeformConvRecord) -> None:
+        names = [f"{record.name}:g{g}" for g in range(record.offset_groups)] if self.per_group else [record.name]
+        new = [name for name in names if name not in self._row_index]
+        for name in new:
+            self._row_index[name] = len(self._row_index)
+        if new:
+            self._rows.add_rows(len(new))
+
+    def _dilations(
+        self, records: Sequence[DeformConvRecord], geometries: Dict[str, LayerGeometry], scale_x: List[float], scale_y: List[float]
+    ) -> List[torch.Tensor]:
+        """Effective dilation [B, G, Ho, Wo] of every unit of each layer, in this accumulator's
+        units; layers of the same shape are measured in one call (their offsets stacked)."""
+        shapes = {(geometries[r.name].kernel, geometries[r.name].dilation, self._cell_strides(geometries[r.name]), r.offset.shape, r.offset.dtype) for r in records}
+        if len(records) > 1 and len(shapes) == 1:
+            offsets = torch.cat([r.offset for r in records])
+            together = self._measure(offsets, geometries[records[0].name], scale_x * len(records), scale_y * len(records))
+            return list(together.view(len(records), -1, *together.shape[1:]).unbind(0))
+        return [self._measure(r.offset, geometries[r.name], scale_x, scale_y) for r in records]
+
+    def _cell_strides(self, geometry: LayerGeometry) -> Tuple[float, float]:
+        return (1.0, 1.0) if self.units == "cells" else (geometry.input_frame.stride_y, geometry.input_frame.stride_x)
+
+    def _measure(self, offset: torch.Tensor, geometry: LayerGeometry, scale_x: List[float], scale_y: List[float]) -> torch.Tensor:
+        if self.units == "cells":
+            cell: Tuple[Any, Any] = (1.0, 1.0)
+        else:  # one cell step in original-image pixels, per image
+            cell = (
+                geometry.input_frame.stride_y * torch.tensor(scale_y, dtype=torch.float64),
+                geometry.input_frame.stride_x * torch.tensor(scale_x, dtype=torch.float64),
+            )
+        # Distances in float32 or the offsets' own wider precision (~1e-7 relative); the
+        # statistics accumulate in float64.
+        offset = offset if offset.dtype == torch.float64 else offset.float()
+        return effective_dilation(offset, geometry.kernel, geometry.dilation, cell)
+
     def _categories(
-        self, frame: FrameMap, output_hw: Tuple[int, int], entries: Sequence[AnnotatedImage], scale_x: torch.Tensor, scale_y: torch.Tensor
+        self, frame: FrameMap, output_hw: Tuple[int, int], entries: Sequence[AnnotatedImage], scale_x: List[float], scale_y: List[float]
     ) -> "_BatchCategories":
         """The categories of a batch's units on one output map, prepared once for every layer
         and row that shares the map: codes, and which image and category each counted unit adds to."""
-        frames = [frame.scaled(float(sx), float(sy)) for sx, sy in zip(scale_x, scale_y)]
+        frames = [frame.scaled(sx, sy) for sx, sy in zip(scale_x, scale_y)]
         codes_np = np.stack(
             [unit_categories(f, output_hw, (entry.width, entry.height), entry.boxes, entry.ignore, self.thresholds) for f, entry in zip(frames, entries)]
         )
@@ -439,7 +484,7 @@ class DilationAccumulator:
         return _BatchCategories(
             frames=frames,
             codes_np=codes_np,
-            keep=None if all_kept else torch.from_numpy(keep_np).to(self.device),
+            keep=None if all_kept else torch.from_numpy(np.flatnonzero(keep_np)).to(self.device),
             codes=torch.from_numpy(codes_np.reshape(-1)[keep_np]).to(self.device),
             slots=torch.from_numpy(slots_np[keep_np]).to(self.device),
             image_counts=image_counts,
@@ -447,19 +492,19 @@ class DilationAccumulator:
             not_counted=np.array([(codes_np == IGNORED).sum(), (codes_np == OUTSIDE).sum()], dtype=np.int64),
         )
 
-    def _add_row(self, row_name: str, values: torch.Tensor, categories: "_BatchCategories", indices: Sequence[int]) -> None:
-        """One row's values [B, Ho, Wo] into its statistics and each image's per-category sums
-        and counts (units in no category left out)."""
-        if row_name not in self.stats:
-            self.stats[row_name] = CategoryStats(len(CATEGORIES), BINS, self.device)
-        flat = values.reshape(-1).to(self.device, torch.float64)
-        kept = flat if categories.keep is None else flat[categories.keep]
-        batch = len(indices)
-        image_sums = torch.bincount(categories.slots, weights=kept, minlength=batch * len(CATEGORIES)).view(batch, len(CATEGORIES))
-        self.stats[row_name].update_counted(kept, categories.codes, categories.counts, image_sums.sum(dim=0))
+    def _add_rows(self, names: List[str], values: torch.Tensor, categories: "_BatchCategories", indices: Sequence[int]) -> None:
+        """Rows' values [rows, B, Ho, Wo] into their statistics and each image's per-category
+        sums and counts (units in no category left out)."""
+        rows, batch = values.shape[:2]
+        flat = values.reshape(rows, -1).to(self.device, torch.float64)
+        kept = flat if categories.keep is None else flat.index_select(1, categories.keep)
+        slots = torch.arange(rows, device=self.device)[:, None] * (batch * len(CATEGORIES)) + categories.slots  # [rows, kept]
+        image_sums = torch.bincount(slots.view(-1), weights=kept.reshape(-1), minlength=rows * batch * len(CATEGORIES))
+        image_sums = image_sums.view(rows, batch, len(CATEGORIES))
+        self._rows.update([self._row_index[name] for name in names], kept, categories.codes, categories.counts, image_sums.sum(dim=1))
         sums_np = image_sums.cpu().numpy()
-        rows = self.image_sums.setdefault(row_name, [])
-        rows.extend((int(index), sums_np[b], categories.image_counts[b]) for b, index in enumerate(indices))
+        for k, name in enumerate(names):
+            self.image_sums.setdefault(name, []).extend((int(index), sums_np[k, b], categories.image_counts[b]) for b, index in enumerate(indices))
 
     def state(self) -> Dict[str, Any]:
         """A picklable CPU copy, for merging the ranks of a distributed run."""
