@@ -237,6 +237,38 @@ def test_merged_shards_equal_the_whole():
     assert torch.equal(again.count, whole.count) and torch.equal(again.mean, whole.mean)
 
 
+def test_rows_updated_together_equal_one_state_per_row():
+    from dcn_inspect.category_stats import CategoryStatsRows
+
+    rng = np.random.default_rng(4)
+    block = CategoryStatsRows()
+    block.add_rows(3)
+    single = [CategoryStats() for _ in range(3)]
+    for batch, rows in enumerate([[0, 1, 2], [1, 2], [2, 0], [0]]):  # consecutive rows (views) and not (index)
+        codes = rng.integers(0, 4, size=200 + 50 * batch)
+        codes[:4] = [0, 1, 2, 3]
+        values = rng.gamma(2.0, 1.5, size=(len(rows), codes.size))
+        count = torch.bincount(torch.from_numpy(codes), minlength=4)
+        total = torch.stack([torch.bincount(torch.from_numpy(codes), weights=torch.from_numpy(v), minlength=4) for v in values])
+        block.update(rows, torch.from_numpy(values), torch.from_numpy(codes), count, total)
+        for k, row in enumerate(rows):
+            single[row].update(torch.from_numpy(values[k]), torch.from_numpy(codes))
+    for row, expected in enumerate(single):
+        got = block.row(row)
+        assert torch.equal(got.count, expected.count) and torch.equal(got.hist, expected.hist)
+        assert torch.equal(got.minimum, expected.minimum) and torch.equal(got.maximum, expected.maximum)
+        torch.testing.assert_close(got.mean, expected.mean, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.m2, expected.m2, rtol=1e-10, atol=0)
+
+
+def test_histogram_bins_follow_their_edges_exactly():
+    edges = torch.tensor([BINS.lower_edge(k) for k in range(1, 3000)], dtype=torch.float64)
+    below = torch.nextafter(edges, torch.zeros_like(edges))
+    assert torch.equal(BINS.index(edges), torch.arange(1, 3000))  # a lower edge opens its bin
+    assert torch.equal(BINS.index(below), torch.arange(0, 2999))  # just below it: the bin before
+    assert BINS.index(torch.tensor([0.0, 1e-9, 1e9], dtype=torch.float64)).tolist() == [0, 0, BINS.count - 1]
+
+
 def test_constant_values_give_exact_percentiles_and_zero_std():
     stats = _stats_of(np.full(100, 2.5), np.zeros(100, dtype=np.int64))
     row = stats.summary_rows()[0]

@@ -35,10 +35,9 @@ class LogBins:
         return int(math.ceil(math.log(self.high / self.low) / math.log(self.ratio))) + 2
 
     def index(self, values: torch.Tensor) -> torch.Tensor:
-        # Values below ``low`` have log(v / low) < 0, so floor(...) + 1 <= 0 and the clamp puts
-        # them in bin 0 (the clamp_min only keeps log away from 0 and negatives).
-        scaled = torch.log(values.clamp_min(self.low * 0.5).div_(self.low)).div_(math.log(self.ratio))
-        return scaled.floor_().add_(1).clamp_(0, self.count - 1).to(torch.long)
+        # The number of lower edges at or below each value: 0 below ``low``, the last bin from
+        # its lower edge on (one binary search per value, against the edges :meth:`lower_edge` gives).
+        return torch.bucketize(values, _edges(self, values.device, values.dtype), right=True)
 
     def lower_edge(self, index: int) -> float:
         return 0.0 if index == 0 else self.low * self.ratio ** (index - 1)
@@ -48,6 +47,18 @@ class LogBins:
 
     def as_dict(self) -> Dict[str, float]:
         return {"low": self.low, "high": self.high, "ratio": self.ratio, "bins": self.count}
+
+
+_EDGES: Dict[Tuple[LogBins, str, torch.dtype], torch.Tensor] = {}
+
+
+def _edges(bins: LogBins, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The lower edges of bins 1 .. count-1 (cached per device and dtype)."""
+    key = (bins, str(device), dtype)
+    if key not in _EDGES:
+        edges = [bins.lower_edge(index) for index in range(1, bins.count)]
+        _EDGES[key] = torch.tensor(edges, dtype=torch.float64).to(device, dtype)
+    return _EDGES[key]
 
 
 _ONES: Dict[str, torch.Tensor] = {}
@@ -268,9 +279,17 @@ class CategoryStatsRows:
             slots = local if index.start == 0 else local + index.start * self.categories
         else:
             slots = index[:, None] * self.categories + codes
-        counts = count.expand(len(rows), -1)
-        merged = chan_merge(self.count[index], self.mean[index], self.m2[index], counts, mean, m2.view(len(rows), -1))
-        self.count[index], self.mean[index], self.m2[index] = merged
+        if isinstance(index, slice):  # Chan's merge in place on the rows' views
+            n_a = self.count[index].to(torch.float64)
+            n_b = count.to(torch.float64)
+            weight = n_b / (n_a + n_b).clamp_min_(1)  # n_b / (n_a + n_b); 0 when both are empty
+            delta = mean - self.mean[index]
+            self.mean[index] += delta * weight
+            self.m2[index] += m2.view(len(rows), -1) + delta.mul_(delta).mul_(n_a).mul_(weight)
+            self.count[index] += count
+        else:
+            merged = chan_merge(self.count[index], self.mean[index], self.m2[index], count.expand(len(rows), -1), mean, m2.view(len(rows), -1))
+            self.count[index], self.mean[index], self.m2[index] = merged
         flat_slots = slots.reshape(-1)
         flat_values = values.reshape(-1)
         self.minimum.view(-1).scatter_reduce_(0, flat_slots, flat_values, reduce="amin")
