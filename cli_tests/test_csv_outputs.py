@@ -19,7 +19,7 @@ from dcn_inspect.commands import csv_files
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 #: Columns holding text; every other column must load as numbers.
-TEXT_COLUMNS = {"layer", "category", "class", "image", "units", "category_a", "category_b"}
+TEXT_COLUMNS = {"layer", "category", "class", "image", "units", "category_a", "category_b", "label", "chosen_by", "group"}
 
 
 def test_readme_column_tables_are_generated_from_the_column_definitions() -> None:
@@ -67,7 +67,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     from dcn_inspect.commands.bins import bins
     from dcn_inspect.commands.dilation_stats import dilation_stats
     from dcn_inspect.commands.sample_points import sample_points
-    from dcn_inspect.datasets import bundled_images
+    from dcn_inspect.datasets import bundled_dataset_path, bundled_images
     from dcn_inspect.loading import load_model
 
     root = tmp_path_factory.mktemp("csv")
@@ -76,12 +76,13 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     results = {
         "sample-points": sample_points([image], model=loaded, out=root / "sample-points", progress=False, save_offsets=root / "offsets.npz"),
         "bins": bins([image], model=loaded, points=True, out=root / "bins", progress=False),
+        "bins-dataset": bins([bundled_dataset_path()], model=loaded, max_images=3, out=root / "bins-dataset", progress=False),
         "dilation-stats": dilation_stats(model=loaded, out=root / "dilation-stats", max_images=3, per_unit=True, per_group=True, workers=0, progress=False, figure=False),
     }
     return {"root": root, **results}  # type: ignore[dict-item]
 
 
-@pytest.mark.parametrize("command", ["sample-points", "bins", "dilation-stats"])
+@pytest.mark.parametrize("command", ["sample-points", "bins", "bins-dataset", "dilation-stats"])
 def test_every_csv_loads_with_plain_read_csv_and_matches_summary_columns(outputs, command: str) -> None:
     out = outputs["root"] / command
     summary = json.loads((out / "summary.json").read_text())

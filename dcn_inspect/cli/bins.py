@@ -22,6 +22,7 @@ EPILOG = (
 def bins(
     images: Optional[List[Path]] = typer.Argument(
         None,
+        metavar="IMAGE",
         help="Images, or one dataset (COCO json or VOC directory: every annotated box is an RoI, foreground table only). "
         "Default: the bundled demo images.",
         show_default=False,
@@ -44,9 +45,9 @@ def bins(
     fmt: str = options.figure_format(),
     max_pixels: int = options.max_pixels(),
     strict: bool = options.strict(),
-    images_dir: Optional[Path] = typer.Option(None, "--images", help="Dataset only: image folder (default: next to the COCO json / VOC JPEGImages/)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Dataset only: VOC ImageSets/Main/<split>.txt."),
-    max_images: Optional[int] = typer.Option(None, "--max-images", help="Dataset only: use the first N images."),
+    images_dir: Optional[Path] = typer.Option(None, "--images", metavar="DIR", help="Dataset only: image folder (default: next to the COCO json / VOC JPEGImages/)."),
+    split: Optional[str] = typer.Option(None, "--split", metavar="NAME", help="Dataset only: VOC ImageSets/Main/<split>.txt."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", metavar="N", help="Dataset only: use the first N images (default: all)."),
 ) -> None:
     """Regular versus deformed RoI-pooling bins (the paper's Fig. 7): CSV, figure and summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters

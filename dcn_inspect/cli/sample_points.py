@@ -32,7 +32,7 @@ def sample_points(
     group: str = typer.Option("0", "--group", metavar="G|mean", help="Offset group to follow (G), or 'mean' to average the groups' offsets."),
     color_by_level: bool = typer.Option(False, "--color-by-level", help="Draw every level in its own colour (deepest stays red)."),
     zoom: bool = typer.Option(False, "--zoom", help="Fit each panel to its own unit's points (default: every panel the whole image at one scale)."),
-    thresholds: str = typer.Option("paper", "--thresholds", help="Box-area split for the titles' small/medium/large: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
+    thresholds: str = typer.Option("paper", "--thresholds", metavar="paper|coco|tertiles|A,B", help="Box-area split for the titles' small/medium/large: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
     grad_weight: bool = typer.Option(False, "--grad-weight", help="Add each point's |d response / d point| (grad_weight column) and size the points by it."),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
