@@ -316,10 +316,24 @@ class _BatchCategories:
     codes_np: np.ndarray  # [B, Ho, Wo] category codes (negative: counted nowhere)
     keep: Optional[torch.Tensor]  # [counted] long: positions of the counted units in [B*Ho*Wo] (None: all of them)
     codes: torch.Tensor  # [counted] long category
-    slots: torch.Tensor  # [counted] long: image * categories + category
+    slots_np: np.ndarray  # [counted] int64: image * categories + category
     image_counts: np.ndarray  # [B, categories] counted units per image
-    counts: torch.Tensor  # [categories] counted units of the batch
     not_counted: np.ndarray  # [ignored box, centre outside the image] unit counts
+
+
+#: Values (rows x counted units) held before they are folded into the statistics: small batches
+#: are folded together, so the statistics cost a fixed number of tensor operations per fold.
+PENDING_VALUES = 1 << 17
+
+
+@dataclass
+class _Pending:
+    """One batch's measured values of a group of rows, not yet folded into the statistics."""
+
+    names: Tuple[str, ...]
+    values: torch.Tensor  # [rows, counted] float64
+    categories: "_BatchCategories"
+    indices: List[int]
 
 
 #: ``on_image_units(image index, [(row name, output frame in original pixels, codes [Ho, Wo], dilations [Ho, Wo])])``
@@ -357,13 +371,24 @@ class DilationAccumulator:
         self._row_index: Dict[str, int] = {}  # row name -> its row in _rows (top layer first)
         self.not_counted: Dict[str, np.ndarray] = {}  # layer -> [ignored, outside] unit counts
         self.layers: Dict[str, LayerInfo] = {}  # call order
-        self.image_sums: Dict[str, List[Tuple[int, np.ndarray, np.ndarray]]] = {}  # row -> [(image index, sums, counts)]
+        self._image_sums: Dict[str, List[Tuple[int, np.ndarray, np.ndarray]]] = {}  # row -> [(image index, sums, counts)]
+        # Batches measured but not yet folded into the statistics: small batches are folded
+        # together (a fixed number of tensor operations per fold, whatever the batch size).
+        self._pending: List[_Pending] = []
+        self._pending_values = 0
         self._geometries: Dict[Tuple[int, int], Dict[str, LayerGeometry]] = {}
 
     @property
     def stats(self) -> Dict[str, CategoryStats]:
         """Row name (top layer first) -> its statistics (copies, on CPU)."""
+        self.flush()
         return {name: self._rows.row(index) for name, index in self._row_index.items()}
+
+    @property
+    def image_sums(self) -> Dict[str, List[Tuple[int, np.ndarray, np.ndarray]]]:
+        """Row name -> every image's (dataset index, per-category sums, per-category counts)."""
+        self.flush()
+        return self._image_sums
 
     def needs_frames(self, input_hw: Tuple[int, int]) -> bool:
         """Whether the next batch of this model-input size must be run with frames followed."""
@@ -422,7 +447,7 @@ class DilationAccumulator:
                     names.append(record.name)
                     parts.append((dilations[:, 0] if dilations.shape[1] == 1 else dilations.mean(dim=1))[None])
             values = torch.cat(parts) if len(parts) > 1 else parts[0]  # [rows, B, Ho, Wo]
-            self._add_rows(names, values, categories, indices)
+            self._hold(names, values, categories, indices)
             if self.on_image_units is not None:
                 host = values.cpu().numpy()
                 for k, name in enumerate(names):
@@ -486,25 +511,54 @@ class DilationAccumulator:
             codes_np=codes_np,
             keep=None if all_kept else torch.from_numpy(np.flatnonzero(keep_np)).to(self.device),
             codes=torch.from_numpy(codes_np.reshape(-1)[keep_np]).to(self.device),
-            slots=torch.from_numpy(slots_np[keep_np]).to(self.device),
+            slots_np=slots_np[keep_np],
             image_counts=image_counts,
-            counts=torch.from_numpy(image_counts.sum(axis=0)).to(self.device),
             not_counted=np.array([(codes_np == IGNORED).sum(), (codes_np == OUTSIDE).sum()], dtype=np.int64),
         )
 
-    def _add_rows(self, names: List[str], values: torch.Tensor, categories: "_BatchCategories", indices: Sequence[int]) -> None:
-        """Rows' values [rows, B, Ho, Wo] into their statistics and each image's per-category
-        sums and counts (units in no category left out)."""
-        rows, batch = values.shape[:2]
-        flat = values.reshape(rows, -1).to(self.device, torch.float64)
+    def _hold(self, names: List[str], values: torch.Tensor, categories: "_BatchCategories", indices: Sequence[int]) -> None:
+        """Keep one group's counted values [rows, counted] until enough are held to fold them in."""
+        flat = values.reshape(values.shape[0], -1).to(self.device, torch.float64)
         kept = flat if categories.keep is None else flat.index_select(1, categories.keep)
-        slots = torch.arange(rows, device=self.device)[:, None] * (batch * len(CATEGORIES)) + categories.slots  # [rows, kept]
-        image_sums = torch.bincount(slots.view(-1), weights=kept.reshape(-1), minlength=rows * batch * len(CATEGORIES))
-        image_sums = image_sums.view(rows, batch, len(CATEGORIES))
-        self._rows.update([self._row_index[name] for name in names], kept, categories.codes, categories.counts, image_sums.sum(dim=1))
+        self._pending.append(_Pending(tuple(names), kept, categories, list(indices)))
+        self._pending_values += kept.numel()
+        if self._pending_values >= PENDING_VALUES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the held batches into the statistics and the per-image sums (in the order they
+        came; consecutive batches of the same rows in one go)."""
+        pending, self._pending, self._pending_values = self._pending, [], 0
+        start = 0
+        while start < len(pending):
+            stop = start + 1
+            while stop < len(pending) and pending[stop].names == pending[start].names:
+                stop += 1
+            self._fold(pending[start:stop])
+            start = stop
+
+    def _fold(self, held: Sequence["_Pending"]) -> None:
+        """Batches of the same rows into their statistics and each image's per-category sums and
+        counts (units in no category left out)."""
+        names = held[0].names
+        categories = len(CATEGORIES)
+        # Every held image gets its own slots: image position (over the held batches) * categories + category.
+        firsts = np.cumsum([0] + [len(item.indices) for item in held[:-1]])
+        slots_np = np.concatenate([item.categories.slots_np + first * categories for item, first in zip(held, firsts)])
+        codes = torch.cat([item.categories.codes for item in held]) if len(held) > 1 else held[0].categories.codes
+        values = torch.cat([item.values for item in held], dim=1) if len(held) > 1 else held[0].values  # [rows, counted]
+        image_counts = np.concatenate([item.categories.image_counts for item in held])  # [images, categories]
+        indices = [index for item in held for index in item.indices]
+        rows, images = values.shape[0], len(indices)
+        slots = torch.from_numpy(slots_np).to(self.device)
+        row_slots = torch.arange(rows, device=self.device)[:, None] * (images * categories) + slots  # [rows, counted]
+        image_sums = torch.bincount(row_slots.view(-1), weights=values.reshape(-1), minlength=rows * images * categories)
+        image_sums = image_sums.view(rows, images, categories)
+        counts = torch.from_numpy(image_counts.sum(axis=0)).to(self.device)
+        self._rows.update([self._row_index[name] for name in names], values, codes, counts, image_sums.sum(dim=1))
         sums_np = image_sums.cpu().numpy()
         for k, name in enumerate(names):
-            self.image_sums.setdefault(name, []).extend((int(index), sums_np[k, b], categories.image_counts[b]) for b, index in enumerate(indices))
+            self._image_sums.setdefault(name, []).extend((int(index), sums_np[k, b], image_counts[b]) for b, index in enumerate(indices))
 
     def state(self) -> Dict[str, Any]:
         """A picklable CPU copy, for merging the ranks of a distributed run."""
