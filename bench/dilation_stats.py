@@ -18,8 +18,11 @@ all three alike), and the medians over rounds are reported:
 - ``forward+capture``: the same inside :func:`dcn_inspect.hooks.capture_offsets`, frames
   tracked only for the first batch of each input size, as the command does (reported in total
   and for the batches without frame tracking);
+- ``capture set-up``: :func:`~dcn_inspect.hooks.capture_offsets` entered and left without a
+  forward (the per-batch bookkeeping: finding the deformable layers, installing the hooks);
 - ``statistics``: :meth:`DilationAccumulator.add` on the captured offsets (per-unit dilation,
-  categories, streaming statistics, per-image sums for the bootstrap);
+  categories, streaming statistics, per-image sums for the bootstrap; held batches folded at
+  the end of each round);
 - ``command``: :func:`dcn_inspect.commands.dilation_stats.dilation_stats` end to end (decoding in
   the DataLoader, forward, statistics, bootstrap intervals, outputs).
 """
@@ -112,7 +115,19 @@ def bench(dataset: Path, label: str, loaded: LoadedModel, batch_size: int, worke
                 if not track:
                     untracked_forward += plain
                     untracked_capture += hooked
+            fold = getattr(accumulator, "flush", None)  # small batches are held and folded together (none in older versions)
+            if fold is not None:
+                stats += _timed(device, fold)
             rounds.append((forward, capture, untracked_capture, untracked_forward, stats))
+        # The capture's own bookkeeping without a forward (hooks installed and removed): the part
+        # of the capture overhead that does not depend on the model's size.
+        tensor = batches[0][0]
+
+        def bookkeeping() -> None:
+            with capture_offsets(model, track_frames=False) as capture_:
+                capture_.watch_input(tensor)
+
+        setup = statistics.median(_timed(device, bookkeeping) for _ in range(50))
 
     best_command = float("inf")
     for _ in range(repeats):
@@ -128,6 +143,7 @@ def bench(dataset: Path, label: str, loaded: LoadedModel, batch_size: int, worke
     print(f"\n{label}: {images} images in {len(batches)} batches, batch size {batch_size}, {workers} worker(s), device {device}, median of {repeats} interleaved rounds")
     print(f"  forward alone     {images / forward:8.2f} images/s  ({1000 * forward / images:7.2f} ms/image)")
     print(f"  offset capture    {100 * capture_share:5.1f} % of the forward (goal <= 5 %)" + (f"; {100 * statistics.median(untracked):5.1f} % on batches of an input size already seen" if untracked else ""))
+    print(f"  capture set-up    {1000 * setup:7.3f} ms per batch (hooks installed and removed, no forward) = {100 * setup * len(batches) / forward:5.1f} % of the forward")
     print(f"  statistics        {100 * stats_share:5.1f} % of the forward (goal <= 10 %), {1000 * statistics.median(r[4] for r in rounds) / images:7.2f} ms/image")
     print(f"  whole command     {images / best_command:8.2f} images/s  ({1000 * best_command / images:7.2f} ms/image, best of {repeats})")
 
