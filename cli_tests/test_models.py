@@ -180,7 +180,7 @@ def test_info_command_with_an_image(tmp_path, monkeypatch, capsys):
     names = ["layer4.0.conv2", "layer4.1.conv2", "layer4.2.conv2"]
     # One narrow table per concern, each row led by the layer name: type, arithmetic, frames, offsets.
     assert [row[0] for row in rows] == names * 4
-    assert rows[0][1:] == ["ModulatedDeformConv2dPack", "v2"]
+    assert rows[0][1:] == ["ModulatedDeformConv2dPack", "v2", "module"]  # type, version, captured as
     assert rows[3][1:] == ["3x3", "1", "2", "1", "1", "18+9"]
     assert rows[6][1:] == ["16", "16", "hooks"]
     assert all(float(value) > 0 for row in rows[9:] for value in row[1:])
