@@ -23,8 +23,14 @@ def _help(args: List[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
 
 
 def _options(command: str) -> Dict[str, object]:
+    """Flag -> parameter of ``command`` (every spelling a parameter accepts)."""
     group = typer.main.get_command(app)
     return {opt: param for param in group.commands[command].params for opt in getattr(param, "opts", []) if opt.startswith("--")}
+
+
+def _primary(param: object) -> str:
+    """The spelling the help and the error messages use (the first)."""
+    return [opt for opt in getattr(param, "opts", []) if opt.startswith("--")][0]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -45,8 +51,8 @@ def test_help_shows_no_python_type_names_and_has_an_example(command, monkeypatch
 def test_the_same_option_is_spelled_the_same_in_every_command() -> None:
     spelled: Dict[str, set] = {}
     for command in COMMANDS:
-        for opt, param in _options(command).items():
-            spelled.setdefault(param.name, set()).add(opt)  # type: ignore[attr-defined]
+        for param in set(_options(command).values()):
+            spelled.setdefault(param.name, set()).add(_primary(param))  # type: ignore[attr-defined]
     # One Python name, one flag (the library's parameter names are the CLI's).
     assert {name: flags for name, flags in spelled.items() if len(flags) > 1} == {}
     layers = [command for command in COMMANDS if "--layers" in _options(command)]
@@ -57,3 +63,5 @@ def test_the_same_option_is_spelled_the_same_in_every_command() -> None:
         assert len({p.metavar for p in params}) == 1  # type: ignore[attr-defined]
     assert all(_options(command)["--layers"].multiple for command in layers)  # type: ignore[attr-defined]  # repeatable (and comma lists)
     assert "--model" in _options("info")
+    # A dataset's image folder is --images wherever a command reads datasets.
+    assert all("--images" in _options(command) for command in ("dilation-stats", "bins", "receptive-field"))

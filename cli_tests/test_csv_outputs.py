@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dcn_inspect.columns import COORDINATE_DECIMALS, IMAGE_PIXELS, fill_markdown_tables, marked_files, names
+from dcn_inspect.columns import COORDINATE_DECIMALS, IMAGE_PIXELS, fill_markdown_tables, marked_files, names, present
 from dcn_inspect.commands import csv_files
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 #: Columns holding text; every other column must load as numbers.
-TEXT_COLUMNS = {"layer", "category", "class", "image", "units", "category_a", "category_b", "label", "chosen_by", "group"}
+TEXT_COLUMNS = {"layer", "category", "class", "image", "units", "category_a", "category_b", "label", "chosen_by", "group", "model", "channel"}
 
 
 def test_readme_column_tables_are_generated_from_the_column_definitions() -> None:
@@ -35,13 +35,13 @@ def test_readme_column_tables_are_generated_from_the_column_definitions() -> Non
 
 def _pattern(name: str) -> str:
     """The summary.json key of a written file (``<stem>`` for per-image files)."""
-    for suffix in ("_bin_points.csv", "_bins.csv", "_points.csv"):
+    for suffix in ("_bin_points.csv", "_bins.csv", "_points.csv", "_receptive_field.csv"):
         if name.endswith(suffix):
             return "<stem>" + suffix
     return name
 
 
-def _check_plain_csv(path: Path, described: List[Dict[str, str]]) -> pd.DataFrame:
+def _check_plain_csv(path: Path, described: List[Dict[str, str]], fixed: Dict[str, int]) -> pd.DataFrame:
     text = path.read_text(encoding="utf-8")
     assert not text.startswith("#") and "\r" not in text
     frame = pd.read_csv(path)  # no arguments
@@ -54,7 +54,8 @@ def _check_plain_csv(path: Path, described: List[Dict[str, str]]) -> pd.DataFram
         if column not in TEXT_COLUMNS:
             assert pd.api.types.is_numeric_dtype(frame[column]), f"{path.name}: {column} is not numeric"
     # Positions carry exactly COORDINATE_DECIMALS decimals, whatever their size.
-    positions = [k for k, c in enumerate(described) if c["unit"] == IMAGE_PIXELS]
+    positions = [k for k, c in enumerate(described) if c["name"] in fixed]
+    assert all(fixed[described[k]["name"]] == COORDINATE_DECIMALS and described[k]["unit"] == IMAGE_PIXELS for k in positions)
     for row in rows[1 : 1 + 200]:
         for k in positions:
             if row[k]:
@@ -66,6 +67,7 @@ def _check_plain_csv(path: Path, described: List[Dict[str, str]]) -> pd.DataFram
 def outputs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     from dcn_inspect.commands.bins import bins
     from dcn_inspect.commands.dilation_stats import dilation_stats
+    from dcn_inspect.commands.receptive_field import receptive_field, receptive_field_stats
     from dcn_inspect.commands.sample_points import sample_points
     from dcn_inspect.datasets import bundled_dataset_path, bundled_images
     from dcn_inspect.loading import load_model
@@ -78,11 +80,13 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
         "bins": bins([image], model=loaded, points=True, out=root / "bins", progress=False),
         "bins-dataset": bins([bundled_dataset_path()], model=loaded, max_images=3, out=root / "bins-dataset", progress=False),
         "dilation-stats": dilation_stats(model=loaded, out=root / "dilation-stats", max_images=3, per_unit=True, per_group=True, workers=0, progress=False, figure=False),
+        "receptive-field": receptive_field([image], model=loaded, at=["100,120"], levels=2, out=root / "receptive-field", progress=False),
+        "receptive-field-stats": receptive_field_stats(model=loaded, max_images=1, levels=1, out=root / "receptive-field-stats", progress=False),
     }
     return {"root": root, **results}  # type: ignore[dict-item]
 
 
-@pytest.mark.parametrize("command", ["sample-points", "bins", "bins-dataset", "dilation-stats"])
+@pytest.mark.parametrize("command", ["sample-points", "bins", "bins-dataset", "dilation-stats", "receptive-field", "receptive-field-stats"])
 def test_every_csv_loads_with_plain_read_csv_and_matches_summary_columns(outputs, command: str) -> None:
     out = outputs["root"] / command
     summary = json.loads((out / "summary.json").read_text())
@@ -91,8 +95,8 @@ def test_every_csv_loads_with_plain_read_csv_and_matches_summary_columns(outputs
     for path in written:
         described = summary["columns"][_pattern(path.name)]
         definition = {c.name: c for c in csv_files()[_pattern(path.name)]}
-        assert all(c["meaning"] == definition[c["name"]].meaning for c in described)  # the one definition
-        _check_plain_csv(path, described)
+        assert all(c["meaning"] == definition[c["name"]].meaning for c in described if "saliency" not in path.name)  # the one definition
+        _check_plain_csv(path, described, {name: c.decimals for name, c in definition.items() if c.decimals is not None})
 
 
 def test_csv_values_round_trip_the_results(outputs) -> None:
@@ -135,7 +139,7 @@ def test_readme_python_api_snippet_runs_and_the_plots_are_public(tmp_path: Path,
     namespace: Dict[str, object] = {}
     exec(compile(snippet, "README.md (Python API)", "exec"), namespace)
     points = namespace["points"]
-    assert isinstance(points, pd.DataFrame) and list(points.columns) == names(csv_files()["<stem>_points.csv"])
+    assert isinstance(points, pd.DataFrame) and list(points.columns) == names(present(csv_files()["<stem>_points.csv"]))
     assert len(points) == 9 + 81 + 729
     assert (tmp_path / "my_tree.png").stat().st_size > 1000 and (tmp_path / "tree_panels.png").stat().st_size > 1000
     for name in plots.__all__:  # every public plotting function is named in the README

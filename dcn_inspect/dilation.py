@@ -233,6 +233,23 @@ TABLE_CSV: Tuple[Column, ...] = (
 )
 #: Columns of ``dilation_table.csv`` without ``per_group``, in order.
 TABLE_COLUMNS = names(present(TABLE_CSV))
+_INTERVAL_COLUMNS = ("ci_low", "ci_high")
+
+
+def category_table_columns(quantity: str, unit: str) -> Tuple[Column, ...]:
+    """The columns of a table in the dilation-stats layout for another per-unit ``quantity``
+    (in ``unit``), as :func:`table_frame` writes it without intervals."""
+    described = {
+        "count": "units in the category, over all images",
+        "mean": f"mean {quantity}",
+        "std": f"population standard deviation (ddof = 0) of the {quantity}",
+        "units": "unit of the values",
+    }
+    return tuple(
+        Column(c.name, described.get(c.name, c.meaning), unit if c.unit == _DILATION_UNIT else c.unit)
+        for c in present(TABLE_CSV)
+        if c.name not in _INTERVAL_COLUMNS
+    )
 
 #: The pairwise differences ``dilation_differences.csv`` reports: (category_a, category_b) for
 #: mean_a - mean_b, so each is positive when the paper's order holds (receptive fields grow with
@@ -618,7 +635,7 @@ def _row_columns(row: str, per_group: bool) -> Dict[str, Any]:
 
 def table_frame(stats: Dict[str, CategoryStats], units: str, intervals: Optional[Dict[str, Intervals]] = None, per_group: bool = False) -> pd.DataFrame:
     """``dilation_table.csv`` rows: every row layer (in the given order) x every category, with
-    the bootstrap intervals of the means (NaN without ``intervals``)."""
+    the bootstrap intervals of the means (no interval columns without ``intervals``)."""
     rows = []
     for row, layer_stats in stats.items():
         bounds = intervals[row].means if intervals is not None and row in intervals else np.full((len(CATEGORIES), 2), math.nan)
@@ -626,7 +643,8 @@ def table_frame(stats: Dict[str, CategoryStats], units: str, intervals: Optional
             rows.append(
                 {**_row_columns(row, per_group), "category": category, **values, "units": units, "ci_low": float(bounds[k, 0]), "ci_high": float(bounds[k, 1])}
             )
-    frame = pd.DataFrame(rows, columns=names(present(TABLE_CSV, per_group=per_group)))
+    columns = [name for name in names(present(TABLE_CSV, per_group=per_group)) if intervals is not None or name not in _INTERVAL_COLUMNS]
+    frame = pd.DataFrame(rows, columns=columns)
     if per_group:
         frame["group"] = frame["group"].astype("Int64")
     return frame
