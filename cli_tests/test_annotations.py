@@ -268,3 +268,56 @@ def test_read_box_csv(tmp_path):
     path.write_text("x1,y1,x2,y2\n1,b,3,4\n")
     with pytest.raises(InputError, match="line 2: x1,y1,x2,y2 must be numbers"):
         read_box_csv(path)
+
+
+# ---------------------------------------------------------------------------------- paths outside the dataset
+
+
+def test_file_names_outside_the_dataset_need_allow_outside_paths(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (40, 30)).save(outside / "far.png")
+    inside = tmp_path / "data"
+    inside.mkdir()
+    for name in (str(outside / "far.png"), "../elsewhere/far.png"):
+        path = _coco(inside, images=[{"id": 1, "file_name": name, "width": 40, "height": 30}])
+        with raises_cli(r"ann\.json: images\[0\] \(id 1\): file_name .* points outside the dataset directory .*--allow-outside-paths", "dilation-stats"):
+            load_dataset(path)
+        assert load_dataset(path, allow_outside_paths=True).images[0].path.resolve() == (outside / "far.png").resolve()
+    # a stale absolute path whose file is inside, by its bare name, is read from inside
+    Image.new("RGB", (40, 30)).save(inside / "far.png")
+    path = _coco(inside, images=[{"id": 1, "file_name": "/nowhere/far.png", "width": 40, "height": 30}])
+    assert load_dataset(path).images[0].path == inside / "far.png"
+
+
+def test_voc_split_names_leaving_annotations_and_binary_split_files(tmp_path):
+    root = _voc(tmp_path, _obj("cat", 1, 1, 10, 10))
+    (root / "ImageSets" / "Main" / "sneaky.txt").write_text("../../../etc/passwd\n")
+    with raises_cli(r"--split .*sneaky\.txt: '\.\./\.\./\.\./etc/passwd' points outside .*Annotations; pass --allow-outside-paths", "dilation-stats"):
+        load_dataset(root, split="sneaky")
+    (root / "ImageSets" / "Main" / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with raises_cli(r"--split .*binary\.txt: not a text file of image names", "dilation-stats"):
+        load_dataset(root, split="binary")
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[" * 100_000 + "]" * 100_000, r"JSON nested too deeply"),
+        ('{"images": [{"id": ' + "1" * 5000 + ', "file_name": "a.png"}]}', r"not valid JSON \(.*digits"),
+        ('{"images": [{"id": 1, "file_name": "a.png", "width": ' + "9" * 400 + ', "height": 30}]}', r"images\[0\] \(id 1\): 'width' and 'height' must be positive integers"),
+    ],
+    ids=["nested", "5000-digit-int", "400-digit-width"],
+)
+def test_hostile_json_is_one_line_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "ann.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=r"ann\.json: " + message):
+        load_dataset(path)
+
+
+def test_box_csv_with_a_field_beyond_the_csv_limit(tmp_path):
+    path = tmp_path / "boxes.csv"
+    path.write_text('x1,y1,x2,y2\n"' + "1" * 200_000 + '",1,2,2\n')
+    with pytest.raises(InputError, match=r"boxes\.csv: not a readable CSV"):
+        read_box_csv(path)

@@ -1,25 +1,43 @@
 """Every bad input gets one clear line and a non-zero exit, no traceback, no output files.
 
-A table of cases over a corpus of broken files generated here. Each case runs the real CLI
-entry point (``dcn_inspect.cli.main``) in-process and checks: the exit code, exactly one
-``dcn-inspect: error:`` line naming the problem, no traceback, and an output directory with
-nothing written in it. The pickle-that-runs-code case also runs as a separate process and
-checks that the code did not run. A last group checks determinism: the same command twice
-gives byte-identical CSVs and JSON that differs only in timing fields.
+A table of cases over a corpus of broken and hostile files generated here. Each case runs the
+real CLI entry point (``dcn_inspect.cli.main``) in-process and checks: the exit code, exactly
+one ``dcn-inspect: error:`` line naming the problem, no traceback, and an output directory with
+nothing written in it (hidden files included). The cases that would cost memory (a 235-byte
+image that resizes to gigabytes, zip and pickle bombs, checkpoints whose config or
+preprocessing asks for huge tensors) also run as a separate process under a memory cap and
+must peak under 1 GiB. The pickle-that-runs-code case also runs as a separate process and
+checks that the code did not run.
+
+Faults: Ctrl-C (SIGINT) and SIGTERM sent to a real process halfway through a run (exit 130 /
+143, no partial or hidden files), two runs on one output directory at once, disk full (a tiny
+tmpfs where the machine lets us mount one, a simulated ENOSPC otherwise), a later image failing
+after earlier images were written, outputs that would overwrite an input. A last group checks
+determinism: the same command twice gives byte-identical CSVs and JSON that differs only in
+timing fields.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import pickle
+import re
+import resource
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -62,6 +80,37 @@ def build():
 def build_poisoned():
     torch.manual_seed(0)
     return Tiny(poison=True)
+
+
+def build_interrupted():
+    raise KeyboardInterrupt
+
+
+def build_exits():
+    raise SystemExit(0)
+
+
+class Raising(Tiny):
+    def forward(self, x):
+        raise ValueError("shapes do not line up in block 3")
+
+
+def build_raising():
+    return Raising()
+
+
+class Slow(Tiny):
+    """Sleeps in every forward, so a run of a few images lasts long enough to be interrupted."""
+
+    def forward(self, x):
+        import time
+        time.sleep(0.4)
+        return super().forward(x)
+
+
+def build_slow():
+    torch.manual_seed(0)
+    return Slow()
 '''
 
 
@@ -84,7 +133,11 @@ def _image(path: Path, size=(48, 40), mode: str = "RGB") -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
-    root = tmp_path_factory.mktemp("corpus")
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def build_corpus(root: Path) -> Dict[str, Path]:
+    """Every broken and hostile file of the table, in ``root`` (``bench/hostile_memory.py`` uses it too)."""
     files: Dict[str, Path] = {"root": root}
     (root / "tiny.py").write_text(TINY_MODEL)
     files["model"] = root / "tiny.py"
@@ -148,7 +201,110 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     files["rois_csv"].write_text("x1,y1,x2,y2\n30,5,10,20\n")
     files["file_as_out"] = root / "a_file"
     files["file_as_out"].write_text("x")
+    _hostile_files(root, files)
     return files
+
+
+def _native(path: Path, **changes: object) -> Path:
+    """A native dcn-sample checkpoint (its real initial weights) with entries replaced."""
+    payload = {"format": "dcn-inspect/1", "arch": "dcn-sample", "config": {}, "state_dict": _sample_state(), "meta": {}}
+    payload.update(changes)
+    torch.save(payload, path)
+    return path
+
+
+_SAMPLE_STATE: Dict[str, torch.Tensor] = {}
+
+
+def _sample_state() -> Dict[str, torch.Tensor]:
+    from dcn_inspect.models import get
+
+    if not _SAMPLE_STATE:
+        torch.manual_seed(0)
+        _SAMPLE_STATE.update(get("dcn-sample").build().state_dict())
+    return _SAMPLE_STATE
+
+
+def _zip_bomb(path: Path, inflated: int) -> Path:
+    """A real torch.save archive whose tensor record is replaced by ``inflated`` deflated zeros."""
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, buffer)
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    with zipfile.ZipFile(path, "w") as archive:
+        for info in source.infolist():
+            if not info.filename.endswith("/data/0"):
+                archive.writestr(info, source.read(info.filename))
+                continue
+            entry = zipfile.ZipInfo(info.filename, date_time=(2020, 1, 1, 0, 0, 0))
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(entry, "w", force_zip64=True) as handle:
+                chunk = bytes(1 << 24)
+                for _ in range(inflated // len(chunk)):
+                    handle.write(chunk)
+    return path
+
+
+def _hostile_files(root: Path, files: Dict[str, Path]) -> None:
+    """Files built to cost memory or to reach unusual code paths."""
+    files["thin"] = root / "thin.png"  # a 1x40000 PNG of ~200 bytes: 600 x 24,000,000 at --resize 600
+    Image.fromarray(np.zeros((1, 40000, 3), np.uint8)).save(files["thin"])
+    files["loop"] = root / "loop.png"
+    os.symlink(files["loop"].name, files["loop"])
+    files["loop_dir"] = root / "loop_dir"
+    os.symlink(files["loop_dir"].name, files["loop_dir"])
+    files["loop_ckpt"] = root / "loop.pt"
+    os.symlink(files["loop_ckpt"].name, files["loop_ckpt"])
+    # checkpoints
+    files["ckpt_resize_huge"] = _native(root / "resize_huge.pt", meta={"preprocess": {"resize": 60000}})
+    files["ckpt_resize_max"] = _native(root / "resize_max.pt", meta={"preprocess": {"resize": 16384}})
+    files["ckpt_width_huge"] = _native(root / "width_huge.pt", config={"widths": [16, 24, 48, 64, 20000]})
+    files["ckpt_config_str"] = _native(root / "config_str.pt", config="widths=20000")
+    files["ckpt_meta_list"] = _native(root / "meta_list.pt", meta=[1, 2, 3])
+    files["ckpt_preprocess_int"] = _native(root / "preprocess_int.pt", meta={"preprocess": 5})
+    files["ckpt_preprocess_std"] = _native(root / "preprocess_std.pt", meta={"preprocess": {"std": [0.2, 0.0, 0.2]}})
+    files["ckpt_config_bigint"] = _native(root / "config_bigint.pt", config={"num_classes": 10**40})
+    files["ckpt_config_unknown"] = _native(root / "config_unknown.pt", config={"depth": 50})
+    files["ckpt_state_not_tensors"] = _native(root / "state_not_tensors.pt", state_dict={"stem.0.weight": "zeros"})
+    files["ckpt_zip_bomb"] = _zip_bomb(root / "zip_bomb.pt", 2**30)  # ~1 MB that inflates to 1 GiB
+    files["ckpt_bytearray_bomb"] = root / "bytearray_bomb.pkl"  # bytearray(4_000_000_000): 30 bytes, 4 GB zero-filled
+    files["ckpt_bytearray_bomb"].write_bytes(b"\x80\x04cbuiltins\nbytearray\n\x8a\x05" + (4_000_000_000).to_bytes(5, "little") + b"\x85R.")
+    files["ckpt_array_bomb"] = root / "array_bomb.pkl"  # numpy's reconstructor asked for a 10**12-element array
+    files["ckpt_array_bomb"].write_bytes(
+        b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n\x8a\x06" + (10**12).to_bytes(6, "little")
+        + b"\x85cnumpy\ndtype\nX\x02\x00\x00\x00f8\x85R\x87R."
+    )
+    # annotations
+    coco = {
+        "images": [{"id": 1, "file_name": "good.png", "width": 48, "height": 40}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10]}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    files["coco_bigint"] = root / "bigint.json"
+    files["coco_bigint"].write_text(json.dumps(coco).replace('"width": 48', '"width": ' + "9" * 400))
+    files["coco_bigbbox"] = root / "bigbbox.json"
+    files["coco_bigbbox"].write_text(json.dumps(coco).replace("[1, 1, 10, 10]", "[1, 1, " + "9" * 400 + ", 10]"))
+    files["coco_hugeint"] = root / "hugeint.json"  # more digits than Python converts
+    files["coco_hugeint"].write_text(json.dumps(coco).replace('"id": 1, "file_name"', '"id": ' + "7" * 5000 + ', "file_name"'))
+    files["coco_deep"] = root / "deep.json"
+    files["coco_deep"].write_text("[" * 100_000 + "]" * 100_000)
+    files["coco_absolute"] = root / "absolute.json"
+    files["coco_absolute"].write_text(json.dumps({**coco, "images": [{"id": 1, "file_name": "/etc/hostname", "width": 48, "height": 40}]}))
+    files["coco_dotdot"] = root / "dotdot.json"
+    files["coco_dotdot"].write_text(json.dumps({**coco, "images": [{"id": 1, "file_name": "../../secret.png", "width": 48, "height": 40}]}))
+    files["coco_ok"] = root / "ok.json"
+    files["coco_ok"].write_text(json.dumps(coco))
+    voc = root / "voc_split"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "Annotations" / "a.xml").write_text(
+        "<annotation><size><width>48</width><height>40</height></size><object><name>x</name>"
+        "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax><ymax>10</ymax></bndbox></object></annotation>"
+    )
+    (voc / "ImageSets" / "Main" / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    files["voc_split"] = voc
+    files["rois_huge_field"] = root / "huge_field.csv"
+    files["rois_huge_field"].write_text('x1,y1,x2,y2\n"' + "1" * 200_000 + '",1,10,10\n')
 
 
 @dataclass
@@ -194,6 +350,60 @@ CASES = [
     Case("cuda-unavailable", ["sample-points", "{good}", "--model", "{model}:build", "--device", "cuda"], r"--device cuda: CUDA is not available"),
     Case("unknown-model", ["sample-points", "{good}", "--model", "no-such-model"], r"--model no-such-model: neither a registered architecture"),
     Case("usage-error", ["sample-points", "{good}", "--grid", "many"], r"", code=2),
+    # memory: refused before anything large is allocated (peaks measured in MEMORY_CASES below)
+    Case("model-input-too-large", ["sample-points", "{thin}", "--model", "{model}:build", "--resize", "600"],
+         r"thin\.png: the 40000x1 image becomes a 24000000x600 = 14400000000 pixel model input \(shorter side resized to 600\), above the limit of 25000000"),
+    Case("model-input-from-checkpoint-preprocess", ["sample-points", "{good}", "--model", "{ckpt_resize_max}"],
+         r"good\.png: the 48x40 image becomes a 19661x16384 = \d+ pixel model input \(shorter side resized to 16384\)"),
+    Case("ckpt-preprocess-resize-huge", ["sample-points", "{good}", "--model", "{ckpt_resize_huge}"],
+         r"resize_huge\.pt: meta\.preprocess: resize must be a whole number of pixels from 0 to 16384, got 60000"),
+    Case("ckpt-config-width-huge", ["sample-points", "{good}", "--model", "{ckpt_width_huge}"],
+         r"width_huge\.pt: shape mismatch at .*checkpoint \(48, 64, 1, 1\) vs model \(10000, 64, 1, 1\)"),
+    Case("ckpt-zip-bomb", ["sample-points", "{good}", "--model", "{ckpt_zip_bomb}"],
+         r"zip_bomb\.pt: the \d+-byte archive declares 1073742\d+ bytes uncompressed .*refused before inflating"),
+    Case("ckpt-pickle-bytearray-bomb", ["sample-points", "{good}", "--model", "dcn-sample", "--weights", "{ckpt_bytearray_bomb}"],
+         r"bytearray_bomb\.pkl: refused to load: .*bytearray"),
+    Case("ckpt-pickle-array-bomb", ["sample-points", "{good}", "--model", "dcn-sample", "--weights", "{ckpt_array_bomb}"],
+         r"array_bomb\.pkl: refused to load: .*array reconstruction"),
+    Case("max-pixels-negative", ["sample-points", "{good}", "--model", "{model}:build", "--max-pixels", "-1"], r"--max-pixels -1: must be a number of pixels >= 1, or 0 for no limit"),
+    Case("resize-too-large", ["sample-points", "{good}", "--model", "{model}:build", "--resize", "99999"], r"--resize 99999: above the largest shorter side of 16384"),
+    Case("resize-not-a-number", ["sample-points", "{good}", "--model", "{model}:build", "--resize", "1e30"], r"", code=2),
+    # checkpoints whose entries have the wrong type
+    Case("ckpt-config-wrong-type", ["sample-points", "{good}", "--model", "{ckpt_config_str}"], r"config_str\.pt: native checkpoint entry 'config' must be a dict"),
+    Case("ckpt-meta-wrong-type", ["sample-points", "{good}", "--model", "{ckpt_meta_list}"], r"meta_list\.pt: native checkpoint entry 'meta' must be a dict .*got list"),
+    Case("ckpt-preprocess-wrong-type", ["sample-points", "{good}", "--model", "{ckpt_preprocess_int}"], r"preprocess_int\.pt: meta\.preprocess: expected a dict .*got int"),
+    Case("ckpt-preprocess-zero-std", ["sample-points", "{good}", "--model", "{ckpt_preprocess_std}"], r"preprocess_std\.pt: meta\.preprocess: std must be positive"),
+    Case("ckpt-config-bigint", ["sample-points", "{good}", "--model", "{ckpt_config_bigint}"], r"config_bigint\.pt: its config does not fit architecture dcn-sample \(num_classes must be a whole number"),
+    Case("ckpt-config-unknown-option", ["sample-points", "{good}", "--model", "{ckpt_config_unknown}"], r"config_unknown\.pt: its config does not fit architecture dcn-sample \(.*unexpected keyword argument 'depth'\)"),
+    Case("ckpt-state-not-tensors", ["sample-points", "{good}", "--model", "{ckpt_state_not_tensors}"], r"state_not_tensors\.pt: state_dict entry 'stem\.0\.weight' is not a tensor"),
+    # messages that name the problem
+    Case("image-symlink-loop", ["sample-points", "{loop}", "--model", "{model}:build"], r"loop\.png: symlink loop"),
+    Case("ckpt-symlink-loop", ["sample-points", "{good}", "--model", "{loop_ckpt}"], r"--model .*loop\.pt: symlink loop"),
+    Case("out-symlink-loop", ["sample-points", "{good}", "--model", "{model}:build", "--out", "{loop_dir}"], r"--out .*loop_dir: is a symlink that leads nowhere"),
+    Case("dataset-symlink-loop", ["dilation-stats", "{loop_dir}", "--model", "{model}:build"], r"loop_dir: cannot read the dataset \(symlink loop\)"),
+    Case("coco-400-digit-width", ["dilation-stats", "{coco_bigint}", "--model", "{model}:build"], r"bigint\.json: images\[0\] \(id 1\): 'width' and 'height' must be positive integers"),
+    Case("coco-400-digit-bbox", ["dilation-stats", "{coco_bigbbox}", "--model", "{model}:build"], r"bigbbox\.json: annotations\[0\] \(id 1\): 'bbox' must be 4 finite numbers"),
+    Case("coco-5000-digit-id", ["dilation-stats", "{coco_hugeint}", "--model", "{model}:build"], r"hugeint\.json: not valid JSON \(.*digits"),
+    Case("json-nested-100000-deep", ["dilation-stats", "{coco_deep}", "--model", "{model}:build"], r"deep\.json: JSON nested too deeply"),
+    Case("voc-binary-split-file", ["dilation-stats", "{voc_split}", "--split", "binary", "--model", "{model}:build"], r"--split .*binary\.txt: not a text file of image names"),
+    Case("coco-absolute-file-name", ["dilation-stats", "{coco_absolute}", "--model", "{model}:build"],
+         r"absolute\.json: images\[0\] \(id 1\): file_name '/etc/hostname' points outside the dataset directory .*--allow-outside-paths"),
+    Case("coco-dotdot-file-name", ["dilation-stats", "{coco_dotdot}", "--model", "{model}:build"], r"dotdot\.json: images\[0\] .*'\.\./\.\./secret\.png' points outside"),
+    Case("thresholds-overflow", ["dilation-stats", "{coco_ok}", "--model", "{model}:build", "--thresholds", "1e200^2,1e300^2"], r"--thresholds '1e200\^2,1e300\^2': '1e200\^2' is too large"),
+    Case("thresholds-complex", ["dilation-stats", "{coco_ok}", "--model", "{model}:build", "--thresholds", "-2^0.5,100"], r"--thresholds .*'-2\^0\.5' is not a real number"),
+    Case("workers-too-many", ["dilation-stats", "{coco_ok}", "--model", "{model}:build", "--workers", "1000000"], r"--workers 1000000: at most \d+ worker processes"),
+    Case("roi-beyond-float32", ["bins", "{good}", "--roi", "0,0,1e300,1e300"], r"--roi 0,0,1e\+300,1e\+300: RoI 0,0,1e\+300,1e\+300 has a coordinate beyond ±16777216 pixels"),
+    Case("roi-file-huge-field", ["bins", "{good}", "--rois", "{rois_huge_field}"], r"huge_field\.csv: not a readable CSV \(field larger than field limit"),
+    Case("model-forward-raises", ["sample-points", "{good}", "--model", "{model}:build_raising"],
+         r"--model .*tiny\.py:build_raising: the model raised ValueError in its forward: shapes do not line up in block 3"),
+    Case("model-build-exits", ["sample-points", "{good}", "--model", "{model}:build_exits"], r"--model .*tiny\.py:build_exits: build_exits\(\): it called sys\.exit\(0\)"),
+    Case("group-beyond-the-model", ["sample-points", "{good}", "--model", "{model}:build", "--group", "5"], r"--group 5: layer d3 has 1 offset group \(use 0 or mean\)"),
+    Case("offsets-group-beyond-the-model", ["offsets", "{good}", "--model", "{model}:build", "--group", "5"], r"--group 5: layer d3 has 1 offset group \(use 0 or mean\)"),
+    Case("offsets-model-input-too-large", ["offsets", "{thin}", "--model", "{model}:build", "--resize", "600"], r"thin\.png: the 40000x1 image becomes a 24000000x600 = 14400000000 pixel model input"),
+    Case("offsets-model-forward-raises", ["offsets", "{good}", "--model", "{model}:build_raising"], r"tiny\.py:build_raising: the model raised ValueError in its forward"),
+    Case("device-cpu-99", ["sample-points", "{good}", "--model", "{model}:build", "--device", "cpu:99"], r"--device cpu:99: there is one CPU device"),
+    # interrupts: a KeyboardInterrupt from the user's model is an interrupt, exit 130
+    Case("model-build-keyboard-interrupt", ["sample-points", "{good}", "--model", "{model}:build_interrupted"], r"", code=130),
 ]
 
 
@@ -223,13 +433,19 @@ def test_bad_input(case: Case, corpus: Dict[str, Path], tmp_path: Path, capsys: 
     code, stdout, stderr = _run(args, capsys)
     assert code == case.code, f"exit {code}, stderr: {stderr}"
     assert "Traceback" not in stderr + stdout
+    assert "internal error" not in stderr
     if case.code == 1:
         errors = [line for line in stderr.splitlines() if line.startswith("dcn-inspect: error:")]
         assert len(errors) == 1, stderr
-        assert "internal error" not in stderr
-        assert __import__("re").search(case.message, errors[0]), errors[0]
-    written = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
-    assert written == [], f"output files left behind: {written}"
+        assert re.search(case.message, errors[0]), errors[0]
+    if case.code == 130:
+        assert stderr.strip().splitlines()[-1] == "dcn-inspect: interrupted", stderr
+    assert _files_under(out) == [], f"output files left behind: {_files_under(out)}"
+
+
+def _files_under(folder: Path) -> List[Path]:
+    """Every file (hidden ones included) under ``folder``; [] when it does not exist."""
+    return sorted(p for p in folder.rglob("*") if not p.is_dir()) if folder.is_dir() else []
 
 
 def test_pickle_code_never_runs_in_a_fresh_process(corpus: Dict[str, Path], tmp_path: Path) -> None:
@@ -317,3 +533,263 @@ def test_nan_weights_warn_but_run(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert code == 0, stderr
     warnings = [line for line in stderr.splitlines() if line.startswith("dcn-inspect: warning:")]
     assert len(warnings) == 1 and "nan.pt" in warnings[0] and "NaN/Inf" in warnings[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: the hostile cases in a separate process under a cap, peak resident memory < 1 GiB
+
+#: What a refused hostile case may cost at most (Python, torch and the model are ~0.3 GiB of it).
+PEAK_LIMIT_BYTES = 2**30
+
+#: The cap the process runs under (address space): a case that does allocate fails fast instead
+#: of taking the machine down with it.
+ADDRESS_SPACE_CAP = 4 * 2**30
+
+MEMORY_CASES = [
+    "model-input-too-large", "model-input-from-checkpoint-preprocess", "ckpt-preprocess-resize-huge", "ckpt-config-width-huge",
+    "ckpt-zip-bomb", "ckpt-pickle-bytearray-bomb", "ckpt-pickle-array-bomb", "coco-400-digit-width", "json-nested-100000-deep",
+]
+
+
+def run_capped(args: List[str], cwd: Optional[Path] = None) -> Tuple[int, str, int]:
+    """``dcn-inspect args`` in a fresh process under :data:`ADDRESS_SPACE_CAP`: (exit code, stderr, peak RSS in bytes)."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_CAP, ADDRESS_SPACE_CAP))
+
+    err_path = Path(cwd or ".") / f".stderr-{os.getpid()}-{time.monotonic_ns()}"
+    with open(err_path, "w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "dcn_inspect", *args], stdout=subprocess.DEVNULL, stderr=err, preexec_fn=cap, cwd=cwd)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stderr = err_path.read_text()
+    err_path.unlink()
+    return process.returncode, stderr, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in MEMORY_CASES], ids=MEMORY_CASES)
+def test_hostile_case_peaks_under_one_gib(case: Case, corpus: Dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [a.format(**{k: str(v) for k, v in corpus.items()}) for a in case.args] + ["--out", str(out)]
+    code, stderr, peak = run_capped(args, cwd=tmp_path)
+    assert code == case.code, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("dcn-inspect: error:")]
+    assert len(errors) == 1 and re.search(case.message, errors[0]), stderr
+    assert "Traceback" not in stderr
+    assert peak < PEAK_LIMIT_BYTES, f"peak {peak / 2**20:.0f} MiB"
+    assert _files_under(out) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Signals, concurrent runs, disk full, later failures, outputs onto inputs
+
+
+def _noise_dataset(root: Path, count: int, side: int = 64) -> Path:
+    """A COCO json with ``count`` noise images (one box each) in ``root``."""
+    rng = np.random.default_rng(1)
+    images, annotations = [], []
+    for k in range(count):
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(root / f"n{k:03d}.png")
+        images.append({"id": k, "file_name": f"n{k:03d}.png", "width": side, "height": side})
+        annotations.append({"id": k, "image_id": k, "category_id": 1, "bbox": [4, 4, side // 2, side // 2]})
+    path = root / "dataset.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}))
+    return path
+
+
+def _start(args: List[str], **kwargs: object) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dcn_inspect", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _wait_for(predicate, timeout: float = 240.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _part_files(out: Path) -> List[Path]:
+    return list(out.glob(".dilation_units.*.part")) if out.is_dir() else []
+
+
+@pytest.mark.parametrize(
+    "signum,code,word,workers,group",
+    [
+        (signal.SIGINT, 130, "interrupted", "0", False),
+        (signal.SIGTERM, 143, "terminated", "0", False),
+        (signal.SIGINT, 130, "interrupted", "2", True),  # Ctrl-C in a terminal: the whole process group, workers too
+        (signal.SIGTERM, 143, "terminated", "2", False),
+    ],
+    ids=["sigint", "sigterm", "ctrl-c-group-with-workers", "sigterm-with-workers"],
+)
+def test_signal_halfway_exits_with_its_code_and_leaves_no_file(
+    signum: int, code: int, word: str, workers: str, group: bool, corpus: Dict[str, Path], tmp_path: Path
+) -> None:
+    dataset = _noise_dataset(tmp_path, 12)
+    out = tmp_path / "out"
+    process = _start(
+        ["dilation-stats", str(dataset), "--model", f"{corpus['model']}:build_slow", "--per-unit", "--workers", workers, "--out", str(out)],
+        start_new_session=group,
+    )
+    assert _wait_for(lambda: bool(_part_files(out)) or process.poll() is not None), "the run never started writing"
+    time.sleep(1.0)  # a few images into the run (each forward sleeps 0.4 s)
+    assert process.poll() is None, "the run ended before the signal"
+    if group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert stderr.strip().splitlines()[-1] == f"dcn-inspect: {word}", stderr
+    assert "Traceback" not in stderr
+    assert _files_under(out) == [] and not out.exists(), f"left behind: {_files_under(out)}"
+
+
+def test_second_run_on_a_busy_out_is_refused_and_the_first_is_intact(corpus: Dict[str, Path], tmp_path: Path) -> None:
+    dataset = _noise_dataset(tmp_path, 8)
+    out = tmp_path / "out"
+    args = ["dilation-stats", str(dataset), "--model", f"{corpus['model']}:build_slow", "--per-unit", "--workers", "0", "--out", str(out)]
+    first = _start(args)
+    assert _wait_for(lambda: bool(_part_files(out)) or first.poll() is not None)
+    second = _start(args)
+    _, second_err = second.communicate(timeout=300)
+    _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert second.returncode == 1, second_err
+    assert second_err.strip().splitlines()[-1] == (
+        f"dcn-inspect: error: --out {out}: another dcn-inspect run is writing into this directory; wait for it to finish or choose another --out"
+    )
+    units = pd.read_csv(out / "dilation_units.csv", comment="#")
+    table = pd.read_csv(out / "dilation_table.csv", comment="#")
+    assert list(units.columns) == ["image", "layer", "unit_x", "unit_y", "category", "dilation"]
+    assert units["image"].nunique() == 8
+    counted = table[table["layer"] == "d3"]["count"].sum()
+    assert len(units[(units["layer"] == "d3") & units["category"].isin(["small", "medium", "large", "background"])]) == counted
+    assert sorted(p.name for p in out.iterdir()) == ["dilation_hist.png", "dilation_table.csv", "dilation_table.md", "dilation_units.csv", "summary.json"]
+
+
+def _mount_tmpfs(target: Path, size: str) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    target.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("command", ["dilation-stats", "sample-points"])
+def test_disk_full_on_a_tiny_tmpfs_gives_one_line_and_no_file(command: str, corpus: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    mount = tmp_path / "tiny"
+    if not _mount_tmpfs(mount, "96k"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount)")
+    try:
+        out = mount / "out"
+        if command == "dilation-stats":
+            dataset = _noise_dataset(tmp_path, 6, side=96)
+            args = ["dilation-stats", str(dataset), "--model", f"{corpus['model']}:build", "--per-unit", "--workers", "0", "--out", str(out)]
+            where = rf"error: {re.escape(str(out))}: cannot write the per-unit rows \(no space left on the device\); nothing was written$"
+        else:
+            args = ["sample-points", str(corpus["good"]), "--model", f"{corpus['model']}:build", "--grid", "1", "--levels", "1", "--out", str(out)]
+            where = rf"error: {re.escape(str(out))}/good_points\.csv: cannot write \(no space left on the device\); nothing was written$"
+        code, stdout, stderr = _run(args, capsys)
+        assert code == 1, stderr
+        errors = [line for line in stderr.splitlines() if line.startswith("dcn-inspect: error:")]
+        assert len(errors) == 1 and re.search(where, errors[0]), stderr
+        assert "Traceback" not in stderr
+        assert list(mount.iterdir()) == [], list(mount.rglob("*"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_disk_full_simulated_removes_what_the_run_wrote(corpus: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC on the second image's figure, after the first image's CSV and figure were written."""
+    from matplotlib.figure import Figure
+
+    original = Figure.savefig
+    calls = []
+
+    def full_disk(self, fname, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(fname)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+    code, _, stderr = _run(["sample-points", str(corpus["good"]), str(corpus["big"]), "--model", f"{corpus['model']}:build", "--out", str(out)], capsys)
+    assert code == 1, stderr
+    assert re.search(r"dcn-inspect: error: .*out/big_sampling\.png: cannot write \(no space left on the device\); nothing was written$", stderr.strip()), stderr
+    assert len(calls) == 2
+    assert _files_under(out) == [out / "mine.txt"]
+
+
+def test_a_later_image_failing_leaves_no_file_of_the_earlier_ones(corpus: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    # --at inside the first image (120x100), outside the second (48x40)
+    args = ["sample-points", str(corpus["big"]), str(corpus["good"]), "--model", f"{corpus['model']}:build", "--at", "100,90", "--out", str(out)]
+    code, _, stderr = _run(args, capsys)
+    assert code == 1, stderr
+    assert re.search(r"--at 100,90: .*outside", stderr), stderr
+    assert _files_under(out) == []
+
+
+def test_ctrl_c_after_the_first_image_leaves_no_file(corpus: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bins on two images, Ctrl-C while drawing the second one's figure: exit 130, nothing left."""
+    from matplotlib.figure import Figure
+
+    original = Figure.savefig
+    calls = []
+
+    def interrupted(self, fname, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(fname)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    out = tmp_path / "out"
+    code, _, stderr = _run(["bins", str(corpus["big"]), str(corpus["good"]), "--roi", "2,2,30,30", "--out", str(out)], capsys)
+    assert code == 130 and stderr.strip().splitlines()[-1] == "dcn-inspect: interrupted", stderr
+    assert len(calls) == 2
+    assert _files_under(out) == []
+
+
+def test_strict_checks_every_image_before_the_first_forward(corpus: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dcn_inspect.commands.sample_points as command
+
+    forwards = []
+    original = command.probe
+    monkeypatch.setattr(command, "probe", lambda *a, **k: forwards.append(1) or original(*a, **k))
+    out = tmp_path / "out"
+    code, _, stderr = _run(["sample-points", str(corpus["good"]), str(corpus["truncated"]), "--model", f"{corpus['model']}:build", "--strict", "--out", str(out)], capsys)
+    assert code == 1 and "truncated.png: image is corrupt or truncated" in stderr
+    assert forwards == []
+    assert _files_under(out) == []
+
+
+def test_dataset_named_like_an_output_is_refused_before_anything_is_written(corpus: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    shutil.copy(corpus["good"], folder / "good.png")
+    dataset = folder / "summary.json"
+    dataset.write_text(corpus["coco_ok"].read_text())
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    code, _, stderr = _run(["dilation-stats", str(dataset), "--model", f"{corpus['model']}:build", "--workers", "0", "--out", str(folder)], capsys)
+    assert code == 1, stderr
+    assert stderr.strip() == (
+        f"dcn-inspect: error: --out {dataset}: is an input of this run (--dataset {dataset}); refusing to overwrite it: choose another --out"
+    ).replace("--dataset", "DATASET")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_image_named_like_an_output_is_refused_before_anything_is_written(corpus: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = out / "good_sampling.png"  # sample-points writes <stem>_sampling.png for good.png
+    shutil.copy(corpus["big"], victim)
+    before = victim.read_bytes()
+    code, _, stderr = _run(["sample-points", str(victim), str(corpus["good"]), "--model", f"{corpus['model']}:build", "--out", str(out)], capsys)
+    assert code == 1, stderr
+    assert re.search(r"--out .*good_sampling\.png: is an input of this run \(IMAGES .*good_sampling\.png\); refusing to overwrite it", stderr), stderr
+    assert victim.read_bytes() == before and _files_under(out) == [victim]

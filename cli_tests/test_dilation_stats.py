@@ -240,6 +240,13 @@ def test_size_batches_group_equal_sizes_only():
     assert size_batches(sizes, 1) == [[i] for i in range(7)]
 
 
+def test_size_batches_keep_one_forward_within_max_pixels():
+    sizes = [(10, 10)] * 7 + [(100, 100)] * 2
+    # 100-pixel images: at most 3 per batch under 350 pixels; a 10000-pixel image still makes its own batch
+    assert size_batches(sizes, 8, max_pixels=350) == [[0, 1, 2], [3, 4, 5], [7], [8], [6]]
+    assert size_batches(sizes, 8, max_pixels=0) == [[0, 1, 2, 3, 4, 5, 6], [7, 8]]
+
+
 # ---------------------------------------------------------------------------------- datasets, skips
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dcn_inspect.errors import InputError
-from dcn_inspect.images import load_image, resized_size, to_model_input
+from dcn_inspect.images import ImageError, load_image, resized_size, to_model_input
 from dcn_inspect.models.registry import Preprocess
 
 from conftest import raises_cli
@@ -211,3 +212,51 @@ def test_units_in_the_padding_count_in_no_category(tmp_path: Path) -> None:
     assert int(result.table["count"].sum()) == 24 * 20
     assert result.summary["units_not_counted"]["dcn"]["centre_outside_image"] == 32 * 32 - 24 * 20
     np.testing.assert_allclose(result.table.loc[result.table["count"] > 0, "mean"], 2.0)
+def test_model_input_after_resizing_is_bounded_from_the_header(tmp_path: Path) -> None:
+    """A 1x40000 PNG (a few hundred bytes) resized to a shorter side of 600 would be 600x24000000."""
+    from dcn_inspect.images import check_image, check_model_input_size
+    from dcn_inspect.models.registry import Preprocess
+
+    path = tmp_path / "thin.png"
+    Image.fromarray(np.zeros((1, 40000, 3), np.uint8)).save(path)
+    assert path.stat().st_size < 1000
+    with pytest.raises(ImageError, match=r"thin\.png: the 40000x1 image becomes a 24000000x600 = 14400000000 pixel model input \(shorter side resized to 600\), above the limit of 1000000") as info:
+        load_image(path, 1_000_000, Preprocess(resize=600))
+    assert info.value.kind == "image too large"
+    assert check_image(path, 1_000_000, Preprocess(resize=0)) == (1, 40000)  # the image alone fits
+    # the max_size rule is part of the size: the longer side capped at 1000 gives 1x1000
+    assert check_model_input_size("x", (1, 40000), Preprocess(resize=600, max_size=1000), None, 10_000) == ((1, 1000), (1, 1000))
+    # padding to the size divisor is model input too
+    with pytest.raises(ImageError, match=r"becomes a 1024x32 = 32768 pixel model input \(shorter side resized to 600, longer side capped at 1000, padded to a multiple of 32\)"):
+        check_model_input_size("x", (1, 40000), Preprocess(resize=600, max_size=1000, size_divisor=32), None, 32767)
+    with pytest.raises(ImageError, match=r"becomes a 1000x1 = 1000 pixel model input \(shorter side resized to 600, longer side capped at 1000\), above the limit of 999"):
+        check_model_input_size("x", (1, 40000), Preprocess(resize=600, max_size=1000), None, 999)
+    # resize given explicitly replaces the model's rule (no max_size)
+    with pytest.raises(ImageError, match=r"becomes a 80000x2 = 160000 pixel model input \(shorter side resized to 2\)"):
+        check_model_input_size("x", (1, 40000), Preprocess(resize=600, max_size=1000), 2, 159_999)
+
+
+def test_to_model_input_refuses_before_allocating() -> None:
+    from dcn_inspect.images import to_model_input
+    from dcn_inspect.models.registry import Preprocess
+
+    with pytest.raises(ImageError, match=r"image: the 48x40 image becomes a 9600x8000 = 76800000 pixel model input"):
+        to_model_input(np.zeros((40, 48, 3), np.uint8), Preprocess(), resize=8000)
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True, "100"])
+def test_max_pixels_must_be_a_count_or_zero(tmp_path: Path, value: object) -> None:
+    from dcn_inspect.errors import InputError
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)
+    with pytest.raises(InputError, match="must be a number of pixels >= 1, or 0 for no limit") as info:
+        load_image(path, value)  # type: ignore[arg-type]
+    assert info.value.param == "max_pixels" and not isinstance(info.value, ImageError)
+
+
+def test_symlink_loop_is_named(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.png"
+    os.symlink("loop.png", loop)
+    with pytest.raises(ImageError, match=r"loop\.png: symlink loop"):
+        load_image(loop)

@@ -664,3 +664,71 @@ def test_user_file_preprocess_takes_the_framework_keys(tmp_path):
     with pytest.raises(InputError) as info:
         load_model(f"{bad}:build")
     assert "PREPROCESS is not valid (interpolation 'bicubic': use pil-bilinear or cv2-bilinear)" in str(info.value) and "\n" not in str(info.value)
+# --------------------------------------------------------------------------------- bounded memory
+
+
+def test_deflated_checkpoint_loads_but_a_zip_bomb_is_refused_before_inflating(tmp_path):
+    import io
+    import zipfile
+
+    from dcn_inspect.checkpoint import MAX_INFLATION, read_checkpoint_file
+
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.randn(5000)}}, buffer)
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    deflated = tmp_path / "deflated.pth"
+    with zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info.filename))
+    assert torch.equal(read_checkpoint_file(deflated)["state_dict"]["w"], torch.load(io.BytesIO(buffer.getvalue()))["state_dict"]["w"])
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info.filename))
+        archive.writestr("archive/data/9", bytes(80 * 2**20))  # 80 MiB of zeros in ~80 KB
+    assert bomb.stat().st_size * MAX_INFLATION < 2**20
+    with pytest.raises(InputError, match=r"bomb\.pth: the \d+-byte archive declares \d+ bytes uncompressed \(\d compressed entries, over 4x its size\): refused before inflating"):
+        read_checkpoint_file(bomb)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_pickled_bytearrays_still_load_but_not_a_zero_filled_length(tmp_path, protocol):
+    from dcn_inspect.safe_pickle import load_pickle_file
+
+    path = tmp_path / "ok.pkl"
+    path.write_bytes(pickle.dumps({"model": {"w": np.arange(4.0)}, "raw": bytearray(b"\x00\xffab")}, protocol=protocol))
+    payload = load_pickle_file(path)
+    assert payload["raw"] == bytearray(b"\x00\xffab") and payload["model"]["w"].tolist() == [0, 1, 2, 3]
+    bomb = tmp_path / "bomb.pkl"
+    bomb.write_bytes(b"\x80\x04cbuiltins\nbytearray\n\x8a\x05" + (4_000_000_000).to_bytes(5, "little") + b"\x85R.")
+    with pytest.raises(InputError, match=r"bomb\.pkl: refused to load: refused: bytearray from anything but bytes"):
+        load_pickle_file(bomb)
+
+
+def test_foreign_checkpoint_is_sized_on_the_meta_device_before_the_build(tmp_path, monkeypatch):
+    """A ResNet stem of 20000 channels (whose real build would need ~100 GB) with nothing else fitting."""
+    built = []
+    original = registry.Architecture.build
+    monkeypatch.setattr(registry.Architecture, "build", lambda self, **c: built.append(c) or original(self, **c))
+    reference = registry.get("resnet50-dcn-mmdet").build(**_small_config())
+    state = {f"backbone.{k}": v for k, v in reference.state_dict().items()}
+    state["backbone.conv1.weight"] = torch.zeros(20000, 3, 1, 1)
+    path = tmp_path / "wide.pth"
+    torch.save({"state_dict": state}, path)
+    built.clear()
+    with pytest.raises(InputError, match=r"wide\.pth: shape mismatch at .*conv1\.weight"):
+        load_model(str(path))
+    assert built == []
+
+
+def test_user_file_sys_exit_is_an_error_and_ctrl_c_an_interrupt(tmp_path):
+    source = tmp_path / "exits.py"
+    source.write_text("def build():\n    raise SystemExit(3)\n\n\ndef interrupted():\n    raise KeyboardInterrupt\n")
+    with pytest.raises(InputError, match=r"build\(\): it called sys\.exit\(3\)"):
+        load_model(f"{source}:build")
+    with pytest.raises(KeyboardInterrupt):
+        load_model(f"{source}:interrupted")
+    on_import = tmp_path / "exits_on_import.py"
+    on_import.write_text("import sys\nsys.exit(2)\n")
+    with pytest.raises(InputError, match=r"importing .*exits_on_import\.py failed: it called sys\.exit\(2\)"):
+        load_model(f"{on_import}:build")

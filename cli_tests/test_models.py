@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import List, Tuple
@@ -233,3 +234,83 @@ def test_info_on_a_model_without_deformable_layers(tmp_path, monkeypatch, capsys
     source.write_text("from torch import nn\n\ndef build():\n    return nn.Conv2d(3, 4, 3)\n")
     code, out, _ = _run_cli(["info", f"{source}:build"], monkeypatch, capsys)
     assert code == 0 and "No deformable conv layer ran" in out
+
+
+# --------------------------------------------------------------------------------------------
+# Configs and preprocessing from files are checked before anything is built
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (5, "expected a dict of mean, std, resize, max_size, interpolation, size_rule, size_divisor, got int"),
+        ({"size_divisor": 10**6}, "size_divisor 1000000: must be 0 (no padding) or a positive number of pixels up to 16384"),
+        ({"interpolation": 3}, "interpolation 3: use pil-bilinear or cv2-bilinear"),
+        ({"resize": "600"}, "resize must be a whole number of pixels from 0 to 16384, got '600'"),
+        ({"resize": 60000}, "resize must be a whole number of pixels from 0 to 16384, got 60000"),
+        ({"max_size": -1}, "max_size must be a whole number"),
+        ({"resize": True}, "resize must be a whole number"),
+        ({"mean": [0.5, 0.5]}, "mean must be 3 finite numbers"),
+        ({"std": [0.2, float("nan"), 0.2]}, "std must be 3 finite numbers"),
+        ({"std": [0.2, 0.0, 0.2]}, "std must be positive"),
+        ({"scale": 2}, "unknown field 'scale'"),
+    ],
+)
+def test_preprocess_from_dict_names_the_bad_field(data, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        registry.Preprocess.from_dict(data)
+
+
+def test_preprocess_from_dict_keeps_valid_values_and_defaults():
+    preprocess = registry.Preprocess.from_dict({"mean": [0.5, 0.4, 0.3], "resize": 600, "max_size": 1000})
+    assert preprocess == registry.Preprocess(mean=(0.5, 0.4, 0.3), resize=600, max_size=1000)
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"depth": "50"}, "depth must be a whole number (like 50), got '50'"),
+        ({"base_channels": 2**40}, "base_channels must be a whole number"),
+        ({"modulated": 1}, "modulated must be true or false"),
+        ({"dcn_stages": [True, True]}, "dcn_stages must be a list of 4 values"),
+        ({"strides": [1, 2, "2", 2]}, "strides[2] must be a whole number"),
+        ({"num_classes": 2.5}, "num_classes must be a whole number"),
+        ({"extra": {"nested": 1}}, "extra must be a number, a string, true/false or a short list of them"),
+        ({"extra": [[1]]}, "extra[0] must be a number"),
+        ({"extra": 10**40}, "extra must be a whole number"),
+        ({7: 1}, "option names must be identifiers, got 7"),
+    ],
+)
+def test_config_options_are_checked_against_their_defaults(config, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        registry.get("resnet50-dcn-paper").check_config(config)
+
+
+def test_an_option_the_builder_does_not_take_is_named_by_the_skeleton():
+    with pytest.raises(ValueError, match="unexpected keyword argument 'widths'"):
+        registry.get("resnet50-dcn-paper").build_skeleton(widths=[16])
+
+
+def test_config_aliases_and_none_defaults_pass():
+    arch = registry.get("resnet50-dcn-paper")
+    checked = arch.check_config({"deform_groups": 2, "num_classes": 10})
+    assert checked["offset_groups"] == 2 and checked["num_classes"] == 10 and "deform_groups" not in checked
+
+
+def test_skeleton_has_every_shape_and_no_memory():
+    import resource
+
+    arch = registry.get("dcn-sample")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    skeleton = arch.build_skeleton(widths=[16, 24, 48, 64, 40000])  # ~40 GB of weights for real
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    weight = skeleton.state_dict()["layer4.0.conv1.weight"]
+    assert weight.is_meta and tuple(weight.shape) == (20000, 64, 1, 1)
+    assert (after - before) * 1024 < 64 * 2**20
+    real = arch.build()
+    assert {k: tuple(v.shape) for k, v in arch.build_skeleton().state_dict().items()} == {k: tuple(v.shape) for k, v in real.state_dict().items()}
+
+
+def test_builder_refusal_on_the_skeleton_is_a_value_error():
+    with pytest.raises(ValueError, match=r"width \(6\) must be divisible by offset_groups \(4\)"):
+        registry.get("resnet50-dcn-mmdet").build_skeleton(base_channels=6, offset_groups=4)

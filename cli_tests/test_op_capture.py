@@ -403,8 +403,11 @@ def test_the_op_is_restored_even_when_the_forward_fails():
 
     original = functional_module.deform_conv2d
     model = ThreeFunctional().eval()
-    with pytest.raises(RuntimeError):
+    from dcn_inspect.hooks import ModelRaised
+
+    with pytest.raises(ModelRaised) as info:  # the model's own error, named as the model's
         probe(model, torch.randn(1, 5, 8, 8))  # wrong channel count
+    assert isinstance(info.value.original, RuntimeError)
     assert functional_module.deform_conv2d is original and ops_package.deform_conv2d is original
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
 

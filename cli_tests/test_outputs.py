@@ -77,3 +77,93 @@ def test_summary_has_versions_and_parameters(tmp_path: Path) -> None:
     assert data["parameters"] == {"grid": 4}
     assert data["model"] == {"name": "m"}
     assert {"torch", "dcn_inspect", "ops_backend"} <= set(data["versions"])
+
+
+# --------------------------------------------------------------------------------------------
+# One run's files: invisible until commit, removed on abort, the directory locked, inputs kept
+
+
+def _visible(folder: Path) -> list:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_run_files_appear_only_at_commit_and_summary_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dcn_inspect.outputs import RunOutputs, write_text
+
+    renamed = []
+    original = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(Path(dst).name) or original(src, dst))
+    with RunOutputs(tmp_path) as run:
+        write_text(tmp_path / "summary.json", "{}")
+        write_csv(tmp_path / "a.csv", pd.DataFrame({"x": [1]}))
+        write_text(tmp_path / "b.md", "b")
+        assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
+        assert sorted(p.name for p in run.pending) == ["a.csv", "b.md", "summary.json"]
+    assert _visible(tmp_path) == ["a.csv", "b.md", "summary.json"]
+    assert renamed == ["a.csv", "b.md", "summary.json"]
+
+
+def test_aborted_run_removes_its_files_and_scratch_and_keeps_older_ones(tmp_path: Path) -> None:
+    from dcn_inspect.outputs import RunOutputs, write_text
+
+    (tmp_path / "a.csv").write_text("previous run")
+    with pytest.raises(KeyboardInterrupt):
+        with RunOutputs(tmp_path) as run:
+            write_csv(tmp_path / "a.csv", pd.DataFrame({"x": [1]}))
+            write_text(tmp_path / "new.md", "x")
+            fd, scratch = run.scratch_file(tmp_path, ".part.", ".tmp")
+            os.write(fd, b"rows")
+            os.close(fd)
+            raise KeyboardInterrupt
+    assert _visible(tmp_path) == ["a.csv"]
+    assert (tmp_path / "a.csv").read_text() == "previous run"
+
+
+def test_a_run_that_created_its_directory_removes_it_on_abort(tmp_path: Path) -> None:
+    from dcn_inspect.outputs import RunOutputs, write_text
+
+    out = prepare_out_dir(tmp_path / "new")
+    run = RunOutputs(out, created=True)
+    write_text(out / "x.txt", "x")
+    run.abort()
+    assert not out.exists()
+
+
+def test_second_run_on_a_locked_directory_is_refused_until_the_first_ends(tmp_path: Path) -> None:
+    from dcn_inspect.outputs import RunOutputs
+
+    first = RunOutputs(tmp_path)
+    with pytest.raises(InputError, match="another dcn-inspect run is writing into this directory") as info:
+        RunOutputs(tmp_path)
+    assert info.value.param == "out"
+    first.commit()
+    RunOutputs(tmp_path).commit()  # free again
+    assert _visible(tmp_path) == []
+
+
+def test_writing_onto_an_input_is_refused_and_the_input_kept(tmp_path: Path) -> None:
+    from dcn_inspect.outputs import RunOutputs, write_text
+
+    source = tmp_path / "summary.json"
+    source.write_text("the dataset")
+    link = tmp_path / "alias.json"
+    os.link(source, link)  # the same file under another name is the same input
+    with pytest.raises(InputError, match=r"alias\.json: is an input of this run \(dataset .*summary\.json\)"):
+        with RunOutputs(tmp_path) as run:
+            run.protect("dataset", [source])
+            write_text(link, "{}")
+    assert source.read_text() == "the dataset"
+    assert _visible(tmp_path) == ["alias.json", "summary.json"]
+
+
+def test_a_failed_write_is_one_line_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    with pytest.raises(InputError) as info:
+        write_csv(tmp_path / "t.csv", pd.DataFrame({"x": [1]}))
+    assert str(info.value) == f"{tmp_path / 't.csv'}: cannot write (no space left on the device); nothing was written"
+    assert _visible(tmp_path) == []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Set, Tuple
+from typing import Dict, List, Sequence, Set, Tuple
 
 import numpy as np
 import pandas as pd
@@ -15,11 +15,8 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from typer.testing import CliRunner
 
 from dcn_inspect.images import to_model_input
-from dcn_inspect.loaded_model import LoadedModel
-from dcn_inspect.models import registry
 from dcn_inspect.models.registry import Preprocess
 from dcn_inspect.ops import DeformConv2dPack
 from dcn_inspect.receptive_field import (
@@ -37,7 +34,6 @@ from dcn_inspect.receptive_field import (
 from dcn_inspect.records import select_layers
 from dcn_inspect.tracing import trace_sampling_trees
 
-from conftest import raises_cli
 
 STD = (0.229, 0.224, 0.225)
 

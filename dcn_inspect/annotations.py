@@ -8,6 +8,10 @@ image: (0, 0) is the top-left corner of the top-left pixel, x right, y down (COC
   continuous ``xmin - 1`` and pixel ``xmax`` ends at continuous ``xmax``: the box is
   ``(xmin - 1, ymin - 1, xmax, ymax)``.
 
+Image file names are looked up inside the dataset's directory: a name that points outside it
+(absolute, or through ``..``) is only followed with ``allow_outside_paths``; without it the
+image is looked for by its bare name inside, and an error names the entry when it is not there.
+
 Boxes that commands must not score (COCO ``iscrowd`` or a non-zero ``ignore`` field, VOC
 ``difficult``) are kept with ``ignore = True``. A COCO box keeps its ``segmentation`` as written
 (polygons, uncompressed or compressed RLE); :func:`object_mask` / :func:`decode_segmentation`
@@ -22,9 +26,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import functools
 import json
 import math
+import os
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
@@ -140,13 +146,16 @@ def _pack(boxes: List[Tuple[float, float, float, float]], ignore: List[bool]) ->
     )
 
 
-def _image_size_from_header(path: Path) -> Tuple[int, int]:
+def _image_size_from_header(path: Path, where: str) -> Tuple[int, int]:
     """(width, height) of an image file from its header, honouring EXIF orientation."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for unreadable files
+        raise InputError(f"{where}: no 'width'/'height' and the size of {path} cannot be read ({type(exc).__name__})") from None
     if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: ImageOps.exif_transpose swaps the sides
         width, height = height, width
     return int(width), int(height)
@@ -158,7 +167,12 @@ def _image_size_from_header(path: Path) -> Tuple[int, int]:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float (400 digits)
+        return False
 
 
 def _is_id(value: Any) -> bool:
@@ -175,17 +189,42 @@ def _read_json(path: Path) -> Any:
         raise InputError(f"{path}: not a UTF-8 text file") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be an annotation file") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise InputError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+        raise InputError(f"{path}: cannot read ({_os_reason(exc)})") from None
 
 
-def _find_image(file_name: str, search_dirs: Sequence[Path]) -> Optional[Path]:
-    """The first existing ``dir / file_name`` (also tried with the bare file name)."""
+def _os_reason(exc: OSError) -> str:
+    return "symlink loop" if exc.errno == errno.ELOOP else (exc.strerror or type(exc).__name__)
+
+
+def leaves_directory(file_name: str) -> bool:
+    """True when ``file_name``, joined to a directory, points outside it (absolute, or ``..``)."""
+    name = Path(file_name)
+    return name.is_absolute() or ".." in name.parts
+
+
+def _find_image(file_name: str, search_dirs: Sequence[Path], allow_outside: bool = True) -> Optional[Path]:
+    """The first existing ``dir / file_name`` (also tried with the bare file name); a
+    ``file_name`` leaving the directories is only followed with ``allow_outside``."""
+    outside = leaves_directory(file_name)
     for directory in search_dirs:
-        for candidate in (directory / file_name, directory / Path(file_name).name):
+        candidates = [directory / Path(file_name).name] if outside and not allow_outside else [directory / file_name, directory / Path(file_name).name]
+        for candidate in candidates:
             if candidate.is_file():
                 return candidate
     return None
+
+
+def _outside_error(source: Path, where: str, file_name: str, search_dirs: Sequence[Path]) -> InputError:
+    inside = ", ".join(str(d) for d in search_dirs)
+    return InputError(
+        f"{source}: {where}: file_name {file_name[:200]!r} points outside the dataset directory ({inside}) and "
+        f"{Path(file_name).name} is not there; pass `allow_outside_paths` to read it"
+    )
 
 
 def _coco_search_dirs(json_path: Path, images_dir: Optional[Path]) -> List[Path]:
@@ -194,10 +233,11 @@ def _coco_search_dirs(json_path: Path, images_dir: Optional[Path]) -> List[Path]
     return [json_path.parent, json_path.parent / "images"]
 
 
-def load_coco(path: Path, images_dir: Optional[Path] = None, masks: bool = False) -> AnnotatedDataset:
+def load_coco(path: Path, images_dir: Optional[Path] = None, masks: bool = False, allow_outside_paths: bool = False) -> AnnotatedDataset:
     """Parse a COCO detection json. Images are looked up under ``images_dir``, else next to the
     json and in an ``images/`` folder beside it; ``path`` is ``None`` for images not found.
-    ``masks`` keeps every box's ``segmentation`` (memory: the polygons of the whole file)."""
+    ``masks`` keeps every box's ``segmentation`` (memory: the polygons of the whole file). A
+    ``file_name`` leaving those folders is followed only with ``allow_outside_paths``."""
     path = Path(path)
     if images_dir is not None and not Path(images_dir).is_dir():
         raise InputError(f"{images_dir}: not a directory", param="images")
@@ -243,14 +283,16 @@ def load_coco(path: Path, images_dir: Optional[Path] = None, masks: bool = False
         file_name = entry.get("file_name")
         if not isinstance(file_name, str) or not file_name:
             raise InputError(f"{path}: {where} (id {image_id!r}): missing or invalid 'file_name'")
-        image_path = _find_image(file_name, search_dirs)
+        image_path = _find_image(file_name, search_dirs, allow_outside_paths)
+        if image_path is None and leaves_directory(file_name) and not allow_outside_paths:
+            raise _outside_error(path, f"{where} (id {image_id!r})", file_name, search_dirs)
         width, height = entry.get("width"), entry.get("height")
         if width is None or height is None:
             if image_path is None:
                 raise InputError(
                     f"{path}: {where} (id {image_id!r}): no 'width'/'height' and image {file_name} not found to read them"
                 )
-            width, height = _image_size_from_header(image_path)
+            width, height = _image_size_from_header(image_path, f"{path}: {where} (id {image_id!r})")
         if not (_is_number(width) and _is_number(height) and int(width) == width and int(height) == height and width > 0 and height > 0):
             raise InputError(f"{path}: {where} (id {image_id!r}): 'width' and 'height' must be positive integers")
         position[image_id] = len(images)
@@ -354,8 +396,10 @@ def parse_voc_xml(
     xml_path: Path,
     images_dir: Optional[Path] = None,
     repairs: Optional[_BoxRepairs] = None,
+    allow_outside_paths: bool = False,
 ) -> ImageAnnotation:
-    """Parse one VOC annotation file. Corners are 1-based inclusive: box = (xmin-1, ymin-1, xmax, ymax)."""
+    """Parse one VOC annotation file. Corners are 1-based inclusive: box = (xmin-1, ymin-1, xmax, ymax).
+    A ``<filename>`` leaving the image folder is followed only with ``allow_outside_paths``."""
     xml_path = Path(xml_path)
     repairs = repairs if repairs is not None else _BoxRepairs(xml_path)
     try:
@@ -364,8 +408,10 @@ def parse_voc_xml(
         raise InputError(f"{xml_path}: annotation file not found") from None
     except ET.ParseError as exc:
         raise InputError(f"{xml_path}: not valid XML ({exc})") from None
+    except RecursionError:
+        raise InputError(f"{xml_path}: XML nested too deeply to be an annotation file") from None
     except OSError as exc:
-        raise InputError(f"{xml_path}: cannot read ({exc.strerror})") from None
+        raise InputError(f"{xml_path}: cannot read ({_os_reason(exc)})") from None
     if root.tag != "annotation":
         raise InputError(f"{xml_path}: root element is <{root.tag}>, expected a VOC <annotation>")
     size = root.find("size")
@@ -379,12 +425,14 @@ def parse_voc_xml(
     search_dir = Path(images_dir) if images_dir is not None else xml_path.parent.parent / "JPEGImages"
     image_path = None
     if file_name:
-        image_path = _find_image(file_name, [search_dir])
+        image_path = _find_image(file_name, [search_dir], allow_outside_paths)
     if image_path is None:
         for suffix in VOC_IMAGE_SUFFIXES:
             if (search_dir / (stem + suffix)).is_file():
                 image_path = search_dir / (stem + suffix)
                 break
+    if image_path is None and file_name and leaves_directory(file_name) and not allow_outside_paths:
+        raise _outside_error(xml_path, "<filename>", file_name, [search_dir])
     if not file_name:
         file_name = image_path.name if image_path is not None else stem + ".jpg"
 
@@ -424,7 +472,10 @@ def _voc_root(path: Path) -> Optional[Path]:
     """``path`` if it is a VOC year directory, or its single VOC* child (a VOCdevkit)."""
     if (path / "Annotations").is_dir():
         return path
-    children = sorted(child for child in path.iterdir() if child.is_dir() and (child / "Annotations").is_dir())
+    try:
+        children = sorted(child for child in path.iterdir() if child.is_dir() and (child / "Annotations").is_dir())
+    except OSError as exc:
+        raise InputError(f"{path}: cannot list the directory ({_os_reason(exc)})") from None
     if len(children) == 1:
         return children[0]
     if len(children) > 1:
@@ -433,7 +484,7 @@ def _voc_root(path: Path) -> Optional[Path]:
     return None
 
 
-def load_voc(path: Path, images_dir: Optional[Path] = None, split: Optional[str] = None) -> AnnotatedDataset:
+def load_voc(path: Path, images_dir: Optional[Path] = None, split: Optional[str] = None, allow_outside_paths: bool = False) -> AnnotatedDataset:
     """Parse a Pascal VOC directory. ``split`` names ``ImageSets/Main/<split>.txt``; without it,
     every xml in ``Annotations/`` is used (sorted by name)."""
     path = Path(path)
@@ -449,11 +500,22 @@ def load_voc(path: Path, images_dir: Optional[Path] = None, split: Optional[str]
             available = sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
             hint = f" (available: {', '.join(available)})" if available else ""
             raise InputError(f"{split}: {split_file} not found{hint}", param="split")
+        try:
+            split_text = split_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{split_file}: not a text file of image names (byte {exc.start} is not UTF-8)", param="split") from None
+        except OSError as exc:
+            raise InputError(f"{split_file}: cannot read ({_os_reason(exc)})", param="split") from None
+        if "\x00" in split_text:
+            raise InputError(f"{split_file}: not a text file of image names (it holds NUL bytes)", param="split")
         stems = []
-        for line in split_file.read_text(encoding="utf-8").splitlines():
+        for line in split_text.splitlines():
             tokens = line.split()
             if tokens:
                 stems.append(tokens[0])  # class files carry a second column (-1/0/1)
+        bad = next((stem for stem in stems if leaves_directory(stem)), None) if not allow_outside_paths else None
+        if bad is not None:
+            raise InputError(f"{split_file}: {bad[:80]!r} points outside {annotations_dir}; pass `allow_outside_paths` to read it", param="split")
         xml_paths = [annotations_dir / f"{stem}.xml" for stem in stems]
         missing = [p for p in xml_paths if not p.is_file()]
         if missing:
@@ -463,7 +525,7 @@ def load_voc(path: Path, images_dir: Optional[Path] = None, split: Optional[str]
         if not xml_paths:
             raise InputError(f"{annotations_dir}: no .xml annotation files")
     repairs = _BoxRepairs(annotations_dir)
-    images = [parse_voc_xml(xml_path, images_dir, repairs) for xml_path in xml_paths]
+    images = [parse_voc_xml(xml_path, images_dir, repairs, allow_outside_paths) for xml_path in xml_paths]
     issues = repairs.issues()
     missing_images = [image for image in images if image.path is None]
     if missing_images:
@@ -493,8 +555,12 @@ def default_dataset_path() -> Path:
 def detect_format(path: Path) -> Tuple[str, Path]:
     """("coco", json file) or ("voc", directory) for ``path``; a one-line error otherwise."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: dataset not found")
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: dataset not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the dataset ({_os_reason(exc)})") from None
     if path.is_file():
         if path.suffix.lower() == ".json":
             return "coco", path
@@ -513,22 +579,29 @@ def detect_format(path: Path) -> Tuple[str, Path]:
 
 
 def load_dataset(
-    path: Optional[Path] = None, images_dir: Optional[Path] = None, split: Optional[str] = None, masks: bool = False
+    path: Optional[Path] = None,
+    images_dir: Optional[Path] = None,
+    split: Optional[str] = None,
+    masks: bool = False,
+    allow_outside_paths: bool = False,
 ) -> AnnotatedDataset:
     """Load a COCO json, a VOC directory (detected automatically) or, with ``path=None``, the
-    bundled demo dataset. ``masks`` keeps the COCO boxes' segmentations (VOC has none)."""
+    bundled demo dataset. ``masks`` keeps the COCO boxes' segmentations (VOC has none). Image
+    file names leaving the dataset's folder are followed only with ``allow_outside_paths``."""
     path = default_dataset_path() if path is None else Path(path)
     kind, resolved = detect_format(path)
     if kind == "coco":
         if split is not None:
             raise InputError(f"{split}: only Pascal VOC datasets have splits; {resolved} is a COCO json", param="split")
-        return load_coco(resolved, images_dir, masks)
-    return load_voc(resolved, images_dir, split)
+        return load_coco(resolved, images_dir, masks, allow_outside_paths)
+    return load_voc(resolved, images_dir, split, allow_outside_paths)
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_coco(path: str, mtime_ns: int, images_dir: Optional[str], masks: bool = False) -> AnnotatedDataset:
-    return load_coco(Path(path), Path(images_dir) if images_dir else None, masks)
+    # Entries are only matched by file name here (the caller names the image file), so a
+    # file_name leaving the folder is never read: allowed, to not refuse such files for boxes.
+    return load_coco(Path(path), Path(images_dir) if images_dir else None, masks, allow_outside_paths=True)
 
 
 def annotation_for_image(annotation_path: Path, image_path: Path, masks: bool = False) -> Optional[ImageAnnotation]:
@@ -542,13 +615,13 @@ def annotation_for_image(annotation_path: Path, image_path: Path, masks: bool = 
     if not annotation_path.exists():
         raise InputError(f"{annotation_path}: annotation file not found")
     if annotation_path.is_file() and annotation_path.suffix.lower() == ".xml":
-        return parse_voc_xml(annotation_path, images_dir=image_path.parent)
+        return parse_voc_xml(annotation_path, images_dir=image_path.parent, allow_outside_paths=True)
     kind, resolved = detect_format(annotation_path)
     if kind == "voc":
         root = _voc_root(resolved)
         assert root is not None
         xml_path = root / "Annotations" / f"{image_path.stem}.xml"
-        return parse_voc_xml(xml_path, images_dir=image_path.parent) if xml_path.is_file() else None
+        return parse_voc_xml(xml_path, images_dir=image_path.parent, allow_outside_paths=True) if xml_path.is_file() else None
     dataset = _cached_coco(str(resolved), resolved.stat().st_mtime_ns, None, masks)
     matches = [image for image in dataset.images if Path(image.file_name).name == image_path.name]
     if len(matches) > 1:
@@ -724,7 +797,10 @@ def read_box_csv(path: Path) -> Tuple[np.ndarray, List[Optional[str]]]:
     lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         raise InputError(f"{path}: empty box file (expected a header x1,y1,x2,y2[,class])")
-    rows = list(csv.reader([line for _, line in lines]))
+    try:
+        rows = list(csv.reader([line for _, line in lines]))
+    except csv.Error as exc:
+        raise InputError(f"{path}: not a readable CSV ({exc})") from None
     header = [cell.strip().lower() for cell in rows[0]]
     missing = [name for name in ("x1", "y1", "x2", "y2") if name not in header]
     if missing:

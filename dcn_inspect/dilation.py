@@ -137,6 +137,10 @@ def resolve_thresholds(spec: str, box_areas: Optional[np.ndarray] = None) -> Tup
                 value = float(part)
         except ValueError:
             raise InputError(f"{spec!r}: {part!r} is not a number", param="thresholds") from None
+        except OverflowError:
+            raise InputError(f"{spec!r}: {part!r} is too large (areas are in pixels²)", param="thresholds") from None
+        if isinstance(value, complex):  # a negative base to a fractional power
+            raise InputError(f"{spec!r}: {part!r} is not a real number", param="thresholds")
         values.append(value)
     if not (0 < values[0] < values[1] and all(math.isfinite(v) for v in values)):
         raise InputError(f"{spec!r}: need 0 < A < B", param="thresholds")

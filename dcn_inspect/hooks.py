@@ -19,6 +19,10 @@ Two levels of capture, and no call counted twice:
 * op level (:mod:`dcn_inspect.op_capture`): every other deformable-conv op call the forward
   makes (a research module calling ``torchvision.ops.deform_conv2d`` with its own offset and
   modulator convs), named after the innermost module whose forward made the call.
+
+:func:`forward` calls a model the way every command does: an exception the model raises (the
+user's code, or an input it cannot take) becomes a one-line :class:`~dcn_inspect.errors.InputError`
+naming the model and quoting the exception, instead of a crash.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
+from dcn_inspect.errors import InputError
 from dcn_inspect.foreign_layers import FOREIGN_ADAPTERS
 from dcn_inspect.geometry import FrameMap, FrameTracker
 from dcn_inspect.internimage_layers import INTERNIMAGE_ADAPTERS
@@ -37,7 +42,7 @@ from dcn_inspect.op_capture import capture_ops
 from dcn_inspect.ops import modules as ours
 from dcn_inspect.records import LOOKED_FOR, DeformConvRecord, LayerAdapter, OffsetCapture, RoIPoolRecord, opaque_hooks
 
-__all__ = ["ADAPTERS", "Probe", "capture_offsets", "probe", "DeformConvRecord", "RoIPoolRecord", "OffsetCapture"]
+__all__ = ["ADAPTERS", "ModelRaised", "Probe", "capture_offsets", "forward", "probe", "DeformConvRecord", "RoIPoolRecord", "OffsetCapture"]
 
 
 LOOKED_FOR.insert(0, "dcn-inspect modules: DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack")
@@ -152,9 +157,35 @@ class Probe:
         return self.capture.convs
 
 
-def probe(model: nn.Module, images: torch.Tensor, **forward_kwargs: Any) -> Probe:
-    """Run ``model(images)`` in eval/no-grad mode and return its output with the captured offsets."""
+class ModelRaised(InputError):
+    """The model's forward raised; ``original`` is its exception (the message quotes it)."""
+
+    def __init__(self, message: str, original: BaseException) -> None:
+        super().__init__(message, param="model")
+        self.original = original
+
+
+def forward(model: nn.Module, images: torch.Tensor, model_name: Optional[str] = None, **forward_kwargs: Any) -> Any:
+    """``model(images, **forward_kwargs)``; an exception from the model becomes :class:`ModelRaised`
+    ("<model>: the model raised <type> in its forward: <message>"). Our own input errors pass
+    through unchanged; running out of memory says so."""
+    try:
+        return model(images, **forward_kwargs)
+    except InputError:
+        raise
+    except MemoryError as exc:
+        shape = "x".join(str(n) for n in images.shape)
+        raise ModelRaised(f"{model_name or type(model).__name__}: out of memory in the forward of a {shape} input (lower `max_pixels` or `resize`)", exc) from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the model's code raises is reported as the model's
+        text = str(exc).strip()
+        first = text.splitlines()[0][:300] if text else ""
+        raise ModelRaised(f"{model_name or type(model).__name__}: the model raised {type(exc).__name__} in its forward" + (f": {first}" if first else ""), exc) from exc
+
+
+def probe(model: nn.Module, images: torch.Tensor, *, model_name: Optional[str] = None, **forward_kwargs: Any) -> Probe:
+    """Run ``model(images)`` in eval/no-grad mode and return its output with the captured offsets
+    (see :func:`forward` for what happens when the model raises)."""
     with torch.no_grad(), capture_offsets(model) as capture:
         capture.watch_input(images)
-        output = model(images, **forward_kwargs)
+        output = forward(model, images, model_name, **forward_kwargs)
     return Probe(output=output, capture=capture)

@@ -1,8 +1,10 @@
 """Reading images and turning them into model inputs, with the exact original<->input scale.
 
 Images are decoded with Pillow, EXIF orientation honoured, converted to 8-bit RGB whatever
-their mode (grayscale, palette, RGBA, CMYK, 16-bit). Images above a pixel limit are refused
-from their header, before the pixels are decoded.
+their mode (grayscale, palette, RGBA, CMYK, 16-bit). Memory is bounded by one pixel limit
+(``max_pixels``, :data:`~dcn_inspect.defaults.DEFAULT_MAX_PIXELS` by default), checked from the
+image's header before anything is decoded, on the image AND on the model input it becomes
+after resizing (a 1x40000 image resized to a shorter side of 600 would be a 600x24000000 input).
 
 A model input is made the way the checkpoint's framework makes it (:class:`Preprocess`,
 :mod:`dcn_inspect.resize`): resized (size rule and interpolation of that framework),
@@ -20,16 +22,19 @@ counted by kind.
 
 from __future__ import annotations
 
+import errno
+import stat
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.utils.data
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dcn_inspect.defaults import DEFAULT_MAX_PIXELS
+from dcn_inspect.defaults import DEFAULT_MAX_PIXELS, MAX_RESIZE_SIDE
 from dcn_inspect.errors import InputError
 from dcn_inspect.models.registry import Preprocess
 from dcn_inspect.resize import padded_size, resize_image, resized_size
@@ -39,6 +44,10 @@ __all__ = [
     "ImageError",
     "ModelInput",
     "SkippedImages",
+    "check_image",
+    "check_max_pixels",
+    "check_model_input_size",
+    "check_resize",
     "load_image",
     "model_input_size",
     "read_model_input",
@@ -88,14 +97,65 @@ class ModelInput:
         return self.original_hw[1] / content[1], self.original_hw[0] / content[0]
 
 
-def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read ``path`` as an RGB uint8 array [H, W, 3]; one-line :class:`InputError` on failure."""
-    path = Path(path)
-    if not path.exists():
-        raise ImageError(f"{path}: image not found", NOT_FOUND)
-    if path.is_dir():
+def check_max_pixels(max_pixels: int) -> int:
+    """``max_pixels`` is 0 (no limit) or a positive number of pixels."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 0:
+        raise InputError(f"{max_pixels!r}: must be a number of pixels >= 1, or 0 for no limit", param="max_pixels")
+    return int(max_pixels)
+
+
+def check_resize(resize: Optional[int]) -> None:
+    """``resize`` is None (the model's own), 0 (the image's size) or a positive shorter side up to
+    :data:`~dcn_inspect.defaults.MAX_RESIZE_SIDE`."""
+    if resize is None:
+        return
+    if isinstance(resize, bool) or not isinstance(resize, (int, np.integer)):
+        raise InputError(f"{resize!r}: must be a whole number of pixels", param="resize")
+    if resize < 0:
+        raise InputError(f"{resize}: must be 0 (the image's own size) or a positive shorter-side length", param="resize")
+    if resize > MAX_RESIZE_SIDE:
+        raise InputError(f"{resize}: above the largest shorter side of {MAX_RESIZE_SIDE} pixels", param="resize")
+
+
+def check_model_input_size(
+    source: Any, original_hw: Tuple[int, int], preprocess: Preprocess, resize: Optional[int], max_pixels: int
+) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """(resized size, padded model-input size) of an image of ``original_hw``, as
+    :func:`model_input_size`; an :class:`ImageError` naming both the image's and the model
+    input's size when the model input is above ``max_pixels`` (0: no limit). Nothing is allocated."""
+    resized_hw, input_hw = model_input_size(original_hw, preprocess, resize)
+    pixels = input_hw[0] * input_hw[1]
+    if max_pixels > 0 and pixels > max_pixels:
+        target = preprocess.resize if resize is None else resize
+        max_size = preprocess.max_size if resize is None else 0
+        rule = "the image's own size" if target <= 0 else f"shorter side resized to {target}"
+        rule += f", longer side capped at {max_size}" if target > 0 and max_size > 0 else ""
+        rule += f", padded to a multiple of {preprocess.size_divisor}" if input_hw != resized_hw else ""
+        raise ImageError(
+            f"{source}: the {original_hw[1]}x{original_hw[0]} image becomes a {input_hw[1]}x{input_hw[0]} = {pixels} pixel "
+            f"model input ({rule}), above the limit of {max_pixels} (lower `resize` or raise `max_pixels`)",
+            TOO_LARGE,
+        )
+    return resized_hw, input_hw
+
+
+@contextmanager
+def _checked_image(path: Path, max_pixels: int, preprocess: Optional[Preprocess], resize: Optional[int]) -> Iterator[Tuple[Image.Image, Tuple[int, int]]]:
+    """The opened (not decoded) image and its (height, width) after EXIF orientation, once every
+    check that needs no pixels has passed; Pillow's failures inside the block become
+    :class:`ImageError` naming ``path``."""
+    max_pixels = check_max_pixels(max_pixels)
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: image not found", NOT_FOUND) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError(f"{path}: symlink loop (the link points back to itself)", NOT_FOUND) from None
+        raise ImageError(f"{path}: cannot read ({exc.strerror})", NOT_FOUND) from None
+    if stat.S_ISDIR(status.st_mode):
         raise ImageError(f"{path}: is a directory, expected an image file")
-    if path.stat().st_size == 0:
+    if status.st_size == 0:
         raise ImageError(f"{path}: image file is empty")
     try:
         with Image.open(path) as image:
@@ -106,25 +166,54 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
                     f"{max_pixels} (raise it with `max_pixels`)",
                     TOO_LARGE,
                 )
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(image, dtype=np.float64)
-                peak = 65535.0 if array.max(initial=0) > 255 else 255.0
-                rgb = np.repeat((array / peak * 255.0).round().clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
-                return rgb
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(background, rgba)
-            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+            oriented = (width, height) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (height, width)
+            if preprocess is not None:
+                check_model_input_size(path, oriented, preprocess, resize, max_pixels)
+            yield image, oriented
     except InputError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{path}: refused as a decompression bomb ({exc}); raise the limit with `max_pixels`", TOO_LARGE) from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path}: image is corrupt or truncated ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    except MemoryError:
+        raise ImageError(f"{path}: out of memory decoding the image (lower `max_pixels`)", TOO_LARGE) from None
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders and EXIF parsing raise many types for bad files
+        raise ImageError(f"{path}: image is corrupt or truncated ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+
+
+def check_image(
+    path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: Optional[Preprocess] = None, resize: Optional[int] = None
+) -> Tuple[int, int]:
+    """(height, width) of ``path`` from its header, after every check :func:`load_image` makes
+    before decoding (found, readable, within ``max_pixels``, its model input too)."""
+    with _checked_image(Path(path), max_pixels, preprocess, resize) as (_, hw):
+        return hw
+
+
+def load_image(
+    path: Path,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    preprocess: Optional[Preprocess] = None,
+    resize: Optional[int] = None,
+) -> np.ndarray:
+    """Read ``path`` as an RGB uint8 array [H, W, 3]; one-line :class:`InputError` on failure.
+
+    The header is checked against ``max_pixels`` before decoding: the image's own size and,
+    when ``preprocess`` is given, the model input it becomes (``resize`` overrides the
+    model's shorter side, as in :func:`to_model_input`).
+    """
+    with _checked_image(Path(path), max_pixels, preprocess, resize) as (image, _):
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image, dtype=np.float64)
+            peak = 65535.0 if array.max(initial=0) > 255 else 255.0
+            return np.repeat((array / peak * 255.0).round().clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 
 def model_input_size(original_hw: Tuple[int, int], preprocess: Preprocess, resize: Optional[int] = None) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -139,10 +228,11 @@ def model_input_size(original_hw: Tuple[int, int], preprocess: Preprocess, resiz
     return resized, padded_size(resized, preprocess.size_divisor)
 
 
-def to_model_input(image: np.ndarray, preprocess: Preprocess, resize: int | None = None) -> ModelInput:
-    """Resize, normalise and pad an RGB uint8 image for a model. ``resize`` overrides the model's own."""
+def to_model_input(image: np.ndarray, preprocess: Preprocess, resize: Optional[int] = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> ModelInput:
+    """Resize, normalise and pad an RGB uint8 image for a model. ``resize`` overrides the model's
+    own; a model input above ``max_pixels`` is refused before it is allocated."""
     original_hw = (int(image.shape[0]), int(image.shape[1]))
-    resized_hw, input_hw = model_input_size(original_hw, preprocess, resize)
+    resized_hw, input_hw = check_model_input_size("image", original_hw, preprocess, resize, check_max_pixels(max_pixels))
     array = resize_image(image, resized_hw, preprocess.interpolation).astype(np.float32) / 255.0
     mean = np.asarray(preprocess.mean, dtype=np.float32)
     std = np.asarray(preprocess.std, dtype=np.float32)
@@ -163,13 +253,13 @@ def read_model_input(
 
     ``expected_hw`` (from an annotation) must match the decoded size, else :class:`ImageError`.
     """
-    image = load_image(path, max_pixels)
+    image = load_image(path, max_pixels, preprocess, resize)
     if expected_hw is not None and tuple(image.shape[:2]) != tuple(expected_hw):
         raise ImageError(
             f"{path}: image is {image.shape[1]}x{image.shape[0]} but its annotation says {expected_hw[1]}x{expected_hw[0]}",
             SIZE_MISMATCH,
         )
-    return image, to_model_input(image, preprocess, resize)
+    return image, to_model_input(image, preprocess, resize, max_pixels)
 
 
 #: How many skipped images ``summary.json`` lists by name (all are counted).

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcn_inspect.checkpoint import is_native, read_checkpoint_file, sha256_file
+from dcn_inspect.checkpoint import is_native, missing_file_reason, read_checkpoint_file, sha256_file
 from dcn_inspect.errors import InputError
 from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.models import registry
@@ -314,25 +314,19 @@ class KeyReport:
         return rows
 
 
-def load_weights(
+def fit_weights(
     model: nn.Module,
     backbone: Dict[str, torch.Tensor],
     path: Path,
     target: str,
     origin: Optional[Dict[str, str]] = None,
     ignored: Optional[List[str]] = None,
-) -> List[str]:
-    """Load ``backbone`` into ``model``, reporting key problems.
-
-    A shape mismatch is a one-line error naming the key; missing or unexpected keys are a
-    one-line error whose ``details["keys"]`` holds the :class:`KeyReport`. Missing
-    ``num_batches_tracked`` counters keep the model's value (detectron2's frozen BN has none).
-    ``ignored`` (non-backbone keys) are no error: they give one note (returned, for
-    ``summary.json``) and the :class:`KeyReport` is logged at INFO on the ``dcn_inspect`` logger
-    (``extra={"key_report": ...}``).
-    """
+) -> Dict[str, torch.Tensor]:
+    """The state dict ``model`` takes from ``backbone``, or a one-line error: a shape mismatch
+    names the key; missing or unexpected keys put the :class:`KeyReport` in ``details["keys"]``.
+    Missing ``num_batches_tracked`` counters keep the model's value (detectron2's frozen BN has
+    none). ``model`` may live on the meta device (checked before the real one is built)."""
     origin = origin or {}
-    ignored = ignored or []
     own = model.state_dict()
     for key, value in backbone.items():
         if key in own and tuple(own[key].shape) != tuple(value.shape):
@@ -345,20 +339,36 @@ def load_weights(
             state[key] = value
     missing = [k for k in own if k not in state]
     unexpected = [k for k in backbone if k not in own]
-    report = KeyReport(Path(path), missing, unexpected, ignored, origin)
     if missing or unexpected:
+        report = KeyReport(Path(path), missing, unexpected, ignored or [], origin)
         examples = ", ".join((missing + [origin.get(k, k) for k in unexpected])[:3])
         raise InputError(
             f"{path}: checkpoint does not fit {target}: {len(missing)} missing and {len(unexpected)} unexpected "
             f"backbone key(s) (e.g. {examples})",
             details={"keys": report},
         )
+    return state
+
+
+def load_weights(
+    model: nn.Module,
+    backbone: Dict[str, torch.Tensor],
+    path: Path,
+    target: str,
+    origin: Optional[Dict[str, str]] = None,
+    ignored: Optional[List[str]] = None,
+) -> List[str]:
+    """Load ``backbone`` into ``model`` (checked by :func:`fit_weights`). ``ignored``
+    (non-backbone keys) are no error: they give one note (returned, for ``summary.json``) and
+    the :class:`KeyReport` is logged at INFO on the ``dcn_inspect`` logger
+    (``extra={"key_report": ...}``)."""
+    state = fit_weights(model, backbone, path, target, origin, ignored)
     notes: List[str] = []
     if ignored:
         # Every detector checkpoint has a neck and heads: one line for summary.json, the table
         # for those who ask (``--verbose``), no warning on every command.
         note = f"ignored {len(ignored)} key(s) outside the backbone ({', '.join(_prefix_counts(ignored))})"
-        logger.info("%s: %s", path, note, extra={"key_report": report})
+        logger.info("%s: %s", path, note, extra={"key_report": KeyReport(Path(path), [], [], ignored, origin or {})})
         notes.append(note)
     model.load_state_dict(state, strict=True)
     return notes
@@ -477,9 +487,14 @@ def import_checkpoint(payload: Any, path: Path, name: str, arch: Optional[regist
         converted.backbone["conv1.weight"] = converted.backbone["conv1.weight"].flip(1)
     config = {**arch.default_config, **inferred}
     try:
-        model = arch.build(**config)
-    except (TypeError, ValueError) as exc:
+        # Sized on the meta device and checked against the weights before the real build: a
+        # checkpoint's shapes decide the width, and a hostile one must not cost gigabytes first.
+        skeleton = arch.build_skeleton(**config)
+    except ValueError as exc:
         raise InputError(f"{path}: cannot build {arch.name} for this checkpoint ({exc})") from None
+    fit_weights(skeleton, converted.backbone, path, arch.name, converted.origin, converted.ignored)
+    del skeleton
+    model = arch.build(**config)
     notes = load_weights(model, converted.backbone, path, arch.name, converted.origin, converted.ignored)
     import_meta = {
         "layout": converted.layout,
@@ -532,15 +547,22 @@ def _import_user_module(path: Path, spec: str) -> Any:
         sys.path.insert(0, folder)  # let the file import its neighbours
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - the user's code failed: report it as their input problem
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's code failed: report it as their input problem
         sys.modules.pop(module_name, None)
-        raise InputError(f"{spec}: importing {path} failed: {type(exc).__name__}: {_first_line(exc)}", param="model") from exc
+        raise InputError(f"{spec}: importing {path} failed: {_raised(exc)}", param="model") from exc
     return module
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else ""
+
+
+def _raised(exc: BaseException) -> str:
+    """What the user's code raised, in words (``sys.exit`` included: a model file must not end the run)."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {_first_line(exc)}" if _first_line(exc) else type(exc).__name__
 
 
 def _user_preprocess(module: Any, model: nn.Module, spec: str) -> Preprocess:
@@ -556,7 +578,10 @@ def _user_preprocess(module: Any, model: nn.Module, spec: str) -> Preprocess:
             return Preprocess.from_dict(declared)
         except (TypeError, ValueError) as exc:
             raise InputError(f"{spec}: PREPROCESS is not valid ({exc})", param="model") from None
-    raise InputError(f"{spec}: PREPROCESS must be a dict with mean, std, resize, max_size, interpolation, size_rule, size_divisor", param="model")
+    raise InputError(
+        f"{spec}: PREPROCESS must be a dict with mean, std, resize, max_size, interpolation, size_rule, size_divisor, got {type(declared).__name__}",
+        param="model",
+    )
 
 
 def load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:
@@ -564,7 +589,8 @@ def load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:
     file_part, _, function = spec.rpartition(":")
     path = Path(file_part)
     if not path.is_file():
-        raise InputError(f"{spec}: file {path} not found", param="model")
+        reason = missing_file_reason(path)
+        raise InputError(f"{spec}: file {path} not found" if reason == "file not found" else f"{spec}: {path}: {reason}", param="model")
     if not function.isidentifier():
         raise InputError(f"{spec}: {function!r} is not a function name (use path/to/file.py:function)", param="model")
     module = _import_user_module(path, spec)
@@ -573,8 +599,8 @@ def load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:
         raise InputError(f"{spec}: {path} has no function {function!r}", param="model")
     try:
         model = builder()
-    except Exception as exc:  # noqa: BLE001 - the user's code failed
-        raise InputError(f"{spec}: {function}() raised {type(exc).__name__}: {_first_line(exc)}", param="model") from exc
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's code failed (Ctrl-C passes: exit 130)
+        raise InputError(f"{spec}: {function}() raised {_raised(exc)}" if not isinstance(exc, SystemExit) else f"{spec}: {function}(): {_raised(exc)}", param="model") from exc
     if not isinstance(model, nn.Module):
         raise InputError(f"{spec}: {function}() returned {type(model).__name__}, not a torch.nn.Module", param="model")
     preprocess = _user_preprocess(module, model, spec)
@@ -585,6 +611,8 @@ def load_user_file(spec: str, weights: Optional[Path]) -> LoadedModel:
         checkpoint = Path(weights)
         payload = read_checkpoint_file(checkpoint)
         if is_native(payload):
+            if not isinstance(payload.get("state_dict"), dict):
+                raise InputError(f"{checkpoint}: native checkpoint without a state_dict", param="weights")
             state = dict(payload["state_dict"])
         else:
             state, _, _ = extract_state_dict(payload, checkpoint)

@@ -8,6 +8,7 @@ weights), a checkpoint path (native format; other formats are recognised by
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from dcn_inspect import importers
-from dcn_inspect.checkpoint import is_native, read_checkpoint_file, sha256_file
+from dcn_inspect.checkpoint import is_native, missing_file_reason, read_checkpoint_file, sha256_file
 from dcn_inspect.defaults import DEFAULT_MODEL
 from dcn_inspect.errors import InputError
 from dcn_inspect.loaded_model import LoadedModel, model_device, warn_non_finite_weights
@@ -29,7 +30,7 @@ def resolve_device(device: str) -> torch.device:
     """Parse a device name; a clear error for unknown or unavailable devices."""
     try:
         dev = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):
         raise InputError(f"{device!r}: unknown device (use cpu, cuda or cuda:N)", param="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"{device}: CUDA is not available on this machine", param="device")
@@ -37,11 +38,14 @@ def resolve_device(device: str) -> torch.device:
         raise InputError(f"{device}: only {torch.cuda.device_count()} CUDA device(s) present", param="device")
     if dev.type not in ("cpu", "cuda"):
         raise InputError(f"{device!r}: only cpu and cuda are supported", param="device")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise InputError(f"{device}: there is one CPU device (use cpu)", param="device")
     return dev
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
-    """Load weights; a shape mismatch is a one-line error naming the key, missing keys an error listing them."""
+def check_state_dict_fits(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """Every key of the model in ``state_dict`` with the model's shape, and nothing else; a
+    one-line error naming the first mismatch. ``model`` may live on the meta device."""
     own = model.state_dict()
     for key, value in state_dict.items():
         if key in own and tuple(own[key].shape) != tuple(value.shape):
@@ -57,30 +61,55 @@ def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:3])})")
         raise InputError(f"{source}: checkpoint does not fit the architecture: {'; '.join(parts)}")
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """Load weights; a shape mismatch is a one-line error naming the key, missing keys an error listing them."""
+    check_state_dict_fits(model, state_dict, source)
     model.load_state_dict(state_dict, strict=True)
 
 
+def _native_part(payload: Dict[str, Any], key: str, path: Path) -> Dict[str, Any]:
+    """``payload[key]`` as a dict with string keys (``{}`` when absent); an error naming the entry otherwise."""
+    value = payload.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise InputError(f"{path}: native checkpoint entry '{key}' must be a dict with string keys, got {type(value).__name__}")
+    return dict(value)
+
+
 def _from_native(payload: Dict[str, Any], path: Path, name: str) -> LoadedModel:
+    """A native checkpoint: every entry's type, the config and preprocessing values and the
+    weights' shapes are checked (the network is sized on the meta device) before anything is built."""
     arch_name = payload.get("arch")
+    if not isinstance(arch_name, str):
+        raise InputError(f"{path}: native checkpoint entry 'arch' must be an architecture name, got {type(arch_name).__name__}")
     try:
-        arch = registry.get(str(arch_name))
+        arch = registry.get(arch_name)
     except KeyError as exc:
         raise InputError(f"{path}: {exc.args[0]}") from None
-    config = dict(payload.get("config") or {})
-    try:
-        model = arch.build(**config)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{path}: its config does not fit architecture {arch.name} ({exc})") from None
+    config = _native_part(payload, "config", path)
+    meta = _native_part(payload, "meta", path)
     state_dict = payload.get("state_dict")
     if not isinstance(state_dict, dict):
         raise InputError(f"{path}: native checkpoint without a state_dict")
-    load_state_dict_strict(model, state_dict, str(path))
-    meta = dict(payload.get("meta") or {})
+    bad = next((k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise InputError(f"{path}: state_dict entry {str(bad)[:80]!r} is not a tensor")
     try:
         preprocess = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else arch.preprocess
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{path}: its preprocessing metadata is not valid ({exc})") from None
-    return LoadedModel(model, name, arch.name, {**arch.default_config, **config}, preprocess, "native", path, sha256_file(path), meta)
+    except ValueError as exc:
+        raise InputError(f"{path}: meta.preprocess: {exc}") from None
+    try:
+        skeleton = arch.build_skeleton(**config)
+    except ValueError as exc:
+        raise InputError(f"{path}: its config does not fit architecture {arch.name} ({exc})") from None
+    check_state_dict_fits(skeleton, state_dict, str(path))
+    del skeleton
+    model = arch.build(**config)
+    model.load_state_dict(state_dict, strict=True)
+    return LoadedModel(model, name, arch.name, arch.check_config(config), preprocess, "native", path, sha256_file(path), meta)
 
 
 def load_model(spec: Optional[str] = None, weights: Optional[Path] = None, device: str = "cpu") -> LoadedModel:
@@ -112,6 +141,8 @@ def load_model(spec: Optional[str] = None, weights: Optional[Path] = None, devic
                 param="weights",
             )
         if not path.exists():
+            if os.path.islink(path):
+                raise InputError(f"{spec}: {missing_file_reason(path)}", param="model")
             raise InputError(f"{spec}: neither a registered architecture ({', '.join(registry.names())}) nor an existing file", param="model")
         payload = read_checkpoint_file(path)
         if not is_native(payload):

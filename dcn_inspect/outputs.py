@@ -1,21 +1,43 @@
-"""Writing results: atomic files, deterministic CSVs and the per-run ``summary.json``.
+"""Writing results: atomic files, runs whose files appear together, deterministic CSVs and the
+per-run ``summary.json``.
 
-Every output goes to a temporary file in the same directory and is renamed into place only
-when complete, so an interrupted or failed run never leaves a partial file behind. CSVs are
-written with a fixed float format so that the same inputs give the same bytes.
+Every output goes to a temporary file (a hidden, unique name in the target's directory) and is
+renamed into place only when complete, so a failed write never leaves a partial file behind.
+
+A command's files are one unit, :class:`RunOutputs` (opened by ``commands.common.start_run``):
+
+- while a run is open, every writer of this module (:func:`atomic_path` and the ``write_*``
+  functions built on it) leaves its complete file under its hidden name and the run renames
+  them all at :meth:`RunOutputs.commit` (``summary.json`` last); :meth:`RunOutputs.abort` (a
+  failure, Ctrl-C, SIGTERM, disk full) removes them, so a failed run changes no visible file;
+- the output directory is locked (``flock`` on the directory itself, no lock file): a second
+  run on the same directory is refused with a clear message instead of mixing its files in;
+- the run's input files are protected: writing onto one of them (``--out`` the dataset's
+  folder with a dataset named ``summary.json``, an image named like an output) is an error
+  before anything is renamed;
+- a write that fails (disk full, permissions) is a one-line :class:`~dcn_inspect.errors.InputError`
+  naming the file.
+
+Scratch files a run needs on the way (e.g. per-unit rows before they are sorted) come from
+:meth:`RunOutputs.scratch_file` and are removed at the end whatever happens.
+
+CSVs are written with a fixed float format so that the same inputs give the same bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -26,22 +48,48 @@ from dcn_inspect.errors import InputError
 CSV_FLOAT_FORMAT = FLOAT_FORMAT
 
 
+#: The file names :meth:`RunOutputs.commit` renames last (the mark of a complete run).
+LAST_OUTPUTS = ("summary.json",)
+
+
+def write_error(path: Path, exc: OSError, what: str = "") -> InputError:
+    """The one line for a failed write of ``path`` (``what``: what was being written, if not the file itself)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "no space left on the device"
+    return InputError(f"{path}: cannot write{' ' + what if what else ''} ({reason}); nothing was written")
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds
+    (during an open :class:`RunOutputs`: when the run commits). An ``OSError`` in the block
+    (disk full...) becomes a one-line :class:`InputError` naming ``path``."""
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     os.close(fd)
     tmp = Path(tmp_name)
+    kept = False
     try:
-        yield tmp
-        # mkstemp creates 0600 files; give the output the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        run = active_run_outputs()
+        if run is not None:
+            run.defer(tmp, path)
+            kept = True
+        else:
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if not kept and tmp.exists():
             tmp.unlink()
 
 
@@ -89,17 +137,216 @@ def write_figure(path: Path, figure: Any, **savefig_kwargs: Any) -> None:
 def prepare_out_dir(out: Path) -> Path:
     """Create ``out`` (reusing it if present; unrelated files are kept) and check it is writable."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory", param="out")
+    if os.path.islink(out) and not out.exists():
+        raise InputError(f"{out}: is a symlink that leads nowhere (broken, or a loop)", param="out")
     try:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: exists and is not a directory", param="out")
         out.mkdir(parents=True, exist_ok=True)
+    except InputError:
+        raise
     except OSError as exc:
-        raise InputError(f"{out}: cannot create the output directory ({exc.strerror})", param="out") from None
+        reason = "symlink loop" if exc.errno == errno.ELOOP else exc.strerror
+        raise InputError(f"{out}: cannot create the output directory ({reason})", param="out") from None
     if not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory", param="out")
     if not os.access(out, os.W_OK | os.X_OK):
         raise InputError(f"{out}: the output directory is not writable", param="out")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# One run's files
+
+
+#: Open runs of this process, innermost last (weak: a run nobody holds is cleaned up by its finaliser).
+_OPEN_RUNS: List["weakref.ReferenceType[RunOutputs]"] = []
+
+
+def active_run_outputs() -> Optional["RunOutputs"]:
+    """The innermost open :class:`RunOutputs` of this process (None outside a run)."""
+    while _OPEN_RUNS:
+        run = _OPEN_RUNS[-1]()
+        if run is not None and run.is_open:
+            return run
+        _OPEN_RUNS.pop()
+    return None
+
+
+def abort_open_runs() -> None:
+    """Abort every open run of this process (the CLI calls this on any failure or signal)."""
+    while _OPEN_RUNS:
+        run = _OPEN_RUNS.pop()()
+        if run is not None:
+            run.abort()
+
+
+class _RunFiles:
+    """What a run has to clean up; shared with its finaliser (which must not hold the run)."""
+
+    def __init__(self) -> None:
+        self.owner = os.getpid()
+        self.pending: Dict[Path, Path] = {}  # target -> complete hidden file
+        self.scratch: List[Path] = []
+        self.lock_fd: Optional[int] = None
+        self.open = True
+        self.created_dir: Optional[Path] = None  # the output directory, when this run created it
+
+    def discard(self, remove_created_dir: bool = False) -> None:
+        """Remove every pending and scratch file and release the lock (in the owning process only:
+        a forked worker inherits this object but not the right to clean up); with
+        ``remove_created_dir``, also the output directory if this run created it and it is empty."""
+        if not self.open or os.getpid() != self.owner:
+            return
+        self.open = False
+        for tmp in [*self.pending.values(), *self.scratch]:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self.pending.clear()
+        self.scratch.clear()
+        self.release()
+        if remove_created_dir and self.created_dir is not None:
+            with contextlib.suppress(OSError):
+                self.created_dir.rmdir()  # only succeeds when empty
+
+    def release(self) -> None:
+        if self.lock_fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+class RunOutputs:
+    """The files of one run: written complete under hidden names, renamed into place together by
+    :meth:`commit`, removed by :meth:`abort`; the output directory locked meanwhile; the run's
+    inputs never overwritten. See the module docstring.
+
+    ``out_dir`` is None for a run that writes nothing (a distributed rank other than 0): it
+    then only tracks scratch files. ``created``: the run created ``out_dir`` (an aborted run
+    then removes it again when it is empty).
+    """
+
+    def __init__(self, out_dir: Optional[Path], created: bool = False) -> None:
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self._files = _RunFiles()
+        self._files.created_dir = self.out_dir if created else None
+        self._protected: Dict[Tuple[int, int], Tuple[str, Path]] = {}  # (device, inode) -> (parameter, path)
+        self._finalizer = weakref.finalize(self, self._files.discard, True)
+        if self.out_dir is not None:
+            self._lock(self.out_dir)
+        _OPEN_RUNS.append(weakref.ref(self))
+
+    @property
+    def is_open(self) -> bool:
+        return self._files.open
+
+    def _lock(self, out_dir: Path) -> None:
+        try:
+            fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise InputError(f"{out_dir}: cannot open the output directory ({exc.strerror})", param="out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                self._files.open = False
+                raise InputError(
+                    f"{out_dir}: another dcn-inspect run is writing into this directory; wait for it to finish or choose another `out`",
+                    param="out",
+                ) from None
+            return  # a file system without flock (some network mounts): run unlocked
+        self._files.lock_fd = fd
+
+    # -- inputs
+
+    def protect(self, parameter: str, paths: Iterable[Any]) -> None:
+        """Files the run reads (``parameter`` names where they came from): never written onto."""
+        for item in paths:
+            if item is None:
+                continue
+            try:
+                status = os.stat(item)
+            except (OSError, ValueError, TypeError):
+                continue
+            self._protected.setdefault((status.st_dev, status.st_ino), (parameter, Path(item)))
+
+    def check_target(self, path: Path) -> None:
+        """An error when ``path`` is one of the protected inputs."""
+        try:
+            status = os.stat(path)
+        except (OSError, ValueError):
+            return
+        hit = self._protected.get((status.st_dev, status.st_ino))
+        if hit is not None:
+            parameter, source = hit
+            raise InputError(
+                f"{path}: is an input of this run (`{parameter}` {source}); refusing to overwrite it: choose another `out`",
+                param="out",
+            )
+
+    # -- files
+
+    def defer(self, tmp: Path, target: Path) -> None:
+        """Keep the complete file ``tmp`` until :meth:`commit` renames it onto ``target``."""
+        if not self.is_open:
+            raise RuntimeError("the run's outputs are closed")
+        self.check_target(target)
+        previous = self._files.pending.pop(Path(target), None)
+        if previous is not None and previous != tmp:
+            with contextlib.suppress(OSError):
+                previous.unlink()
+        self._files.pending[Path(target)] = tmp
+
+    def scratch_file(self, directory: Path, prefix: str, suffix: str) -> Tuple[int, Path]:
+        """A new private file (fd, path) in ``directory``, removed when the run ends."""
+        try:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+        except OSError as exc:
+            raise write_error(Path(directory) / (prefix + "*" + suffix), exc) from None
+        self._files.scratch.append(Path(name))
+        return fd, Path(name)
+
+    @property
+    def pending(self) -> List[Path]:
+        """The targets written so far, in order."""
+        return list(self._files.pending)
+
+    def commit(self) -> None:
+        """Rename every pending file onto its target (:data:`LAST_OUTPUTS` last), remove the
+        scratch files, release the directory."""
+        files = self._files
+        if not files.open:
+            return
+        order = sorted(files.pending.items(), key=lambda item: item[0].name in LAST_OUTPUTS)
+        try:
+            for target, tmp in order:
+                self.check_target(target)
+                os.replace(tmp, target)
+                del files.pending[target]
+        except OSError as exc:
+            files.discard(remove_created_dir=True)
+            raise write_error(target, exc) from None
+        except BaseException:
+            files.discard(remove_created_dir=True)
+            raise
+        files.discard()  # scratch files and the lock
+
+    def abort(self) -> None:
+        """Remove every file the run wrote (nothing visible was) and the output directory if the
+        run created it; release the directory."""
+        self._files.discard(remove_created_dir=True)
+
+    def __enter__(self) -> "RunOutputs":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def versions() -> Dict[str, str]:

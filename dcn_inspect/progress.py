@@ -9,11 +9,14 @@ from typing import Callable, Iterator
 
 @contextmanager
 def image_progress(label: str, enabled: bool, total: int) -> Iterator[Callable[..., None]]:
-    """Yields ``advance(n=1)``; draws a transient rich bar on stderr unless ``enabled`` is False."""
-    if not enabled:
+    """Yields ``advance(n=1)``; draws a transient rich bar on stderr unless ``enabled`` is False
+    or stderr is not a terminal (a transient bar still leaves blank lines in logs and pipes)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:
         yield lambda n=1: None
         return
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     started = time.perf_counter()
@@ -26,7 +29,7 @@ def image_progress(label: str, enabled: bool, total: int) -> Iterator[Callable[.
         TextColumn("ETA"),
         TimeRemainingColumn(),
         transient=True,
-        console=Console(stderr=True),
+        console=console,
     )
     with bar:
         task = bar.add_task("images", total=total, rate="")

@@ -21,6 +21,7 @@ is that box's position in the image's annotation.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,11 @@ class RoIRequest:
     object_index: Optional[int] = None  # the annotated box it was made from (position in the image's annotation)
 
 
+#: The largest RoI coordinate (in pixels) accepted: float32, in which the ops compute, holds
+#: every integer pixel position exactly up to 2**24; far beyond any image dcn-inspect reads.
+MAX_COORDINATE = float(2**24)
+
+
 def parse_roi(text: str) -> Box:
     """``"X1,Y1,X2,Y2"`` -> a box; one-line :class:`InputError` naming the ``rois`` parameter otherwise."""
     parts = [p.strip() for p in text.split(",")]
@@ -67,6 +73,11 @@ def check_roi(request: RoIRequest) -> None:
     x1, y1, x2, y2 = request.box
     if not all(math.isfinite(v) for v in request.box):
         raise InputError(f"{request.source}: RoI {_fmt_box(request.box)} has a non-finite coordinate")
+    if any(abs(v) > MAX_COORDINATE for v in request.box):
+        raise InputError(
+            f"{request.source}: RoI {_fmt_box(request.box)} has a coordinate beyond ±{MAX_COORDINATE:.0f} pixels "
+            "(the pooling ops compute in float32, exact to 2**24)"
+        )
     if x2 < x1:
         raise InputError(f"{request.source}: RoI {_fmt_box(request.box)} has x2 < x1")
     if y2 < y1:
@@ -167,8 +178,9 @@ def roi_objects(requests: Sequence[RoIRequest], entry: Optional[ImageAnnotation]
 
 def _bundled_annotations_for(image_path: Path) -> Optional[Path]:
     """The bundled annotation file if ``image_path`` is one of the bundled demo images."""
-    bundled = {p.resolve() for p in datasets.bundled_images()}
-    if Path(image_path).resolve() in bundled:
+    # realpath, not Path.resolve: it does not raise on a symlink loop (the image is then skipped as unreadable).
+    bundled = {os.path.realpath(p) for p in datasets.bundled_images()}
+    if os.path.realpath(image_path) in bundled:
         return Path(datasets.bundled_images_annotations())
     return None
 

@@ -4,7 +4,10 @@ detectron2 model-zoo ``.pkl`` files are plain pickles of ``{"model": {name: nump
 :class:`SafeUnpickler` resolves only the few globals such files need -- numpy array and scalar
 reconstruction (refusing object arrays), ``_codecs.encode`` for latin-1 byte strings, and
 builtin containers -- and refuses every other global, so a file whose unpickling would call
-``os.system``, ``exec`` or any class constructor fails before anything runs. The same guarded
+``os.system``, ``exec`` or any class constructor fails before anything runs. None of them
+builds a large object from a small file: ``bytearray`` takes bytes, not a length to zero-fill,
+and arrays get their data from the file (``_reconstruct`` makes only the empty array that
+pickles fill), so memory stays bounded by the file's size. The same guarded
 numpy functions are offered to ``torch.load(weights_only=True)`` through :data:`NUMPY_SAFE_GLOBALS`
 so PyTorch checkpoints whose metadata holds numpy values also load.
 """
@@ -40,10 +43,23 @@ def safe_dtype(*args: Any) -> np.dtype:
 
 
 def safe_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    """numpy's array reconstructor, limited to plain ``ndarray`` (no subclasses)."""
+    """numpy's array reconstructor, limited to plain ``ndarray`` (no subclasses) and to the empty
+    array numpy's own pickles start from (the data follows in the file)."""
     if subtype is not np.ndarray:
         raise pickle.UnpicklingError(f"refused: array subclass {subtype!r}")
+    if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape) and 0 in shape):
+        raise pickle.UnpicklingError(f"refused: array reconstruction with shape {str(shape)[:40]} (numpy pickles start empty)")
     return _multiarray._reconstruct(np.ndarray, shape, _check_dtype(np.dtype(dtype)))
+
+
+def safe_bytearray(*args: Any) -> bytearray:
+    """``bytearray`` from bytes, or from a string and its encoding (what pickles of bytearrays
+    hold); a length to zero-fill or any other iterable is refused."""
+    plain = len(args) <= 1 and all(isinstance(a, (bytes, bytearray)) for a in args)
+    encoded = len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], str)
+    if not (plain or encoded):
+        raise pickle.UnpicklingError("refused: bytearray from anything but bytes")
+    return bytearray(*args)
 
 
 def safe_scalar(dtype: Any, *args: Any) -> Any:
@@ -76,7 +92,8 @@ ALLOWED_GLOBALS: Dict[Tuple[str, str], Callable[..., Any]] = {
     ("numpy", "dtype"): safe_dtype,
     ("_codecs", "encode"): safe_codecs_encode,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    **{(module, name): getattr(builtins, name) for module in ("builtins", "__builtin__") for name in ("set", "frozenset", "bytearray")},
+    **{(module, name): getattr(builtins, name) for module in ("builtins", "__builtin__") for name in ("set", "frozenset")},
+    **{(module, "bytearray"): safe_bytearray for module in ("builtins", "__builtin__")},
 }
 
 #: The guarded numpy reconstructors, in the form ``torch.serialization.safe_globals`` takes; the
@@ -115,5 +132,5 @@ def load_pickle_file(path: Path) -> Any:
         if message.startswith("refused"):
             raise InputError(f"{path}: refused to load: {message} (only arrays, numbers, strings and containers are read)") from None
         raise InputError(f"{path}: not a readable pickle ({message})") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as exc:
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, RecursionError, OverflowError) as exc:
         raise InputError(f"{path}: not a readable pickle ({type(exc).__name__}: {str(exc)[:160]})") from None

@@ -182,6 +182,24 @@ def check_group(group: GroupChoice) -> GroupChoice:
     return int(group)
 
 
+def check_group_fits(group: GroupChoice, records: Sequence[DeformConvRecord]) -> GroupChoice:
+    """:func:`check_group`, and an error when no layer of ``records`` has that offset group (a
+    layer with one group uses it for every group index, so only an index beyond them all is wrong)."""
+    group = check_group(group)
+    if group == "mean" or not records:
+        return group
+    widest = max(records, key=lambda record: record.offset_groups)  # the first of the widest
+    count = widest.offset_groups
+    if group >= count:
+        among = " (the most of the layers)" if any(r.offset_groups != count for r in records) else ""
+        raise InputError(
+            f"{group}: layer {widest.name} has {count} offset group{'s' if count > 1 else ''}{among} "
+            f"(use {'0' if count == 1 else f'0..{count - 1}'} or mean)",
+            param="group",
+        )
+    return group
+
+
 def trace_sampling_trees(
     records: Sequence[DeformConvRecord],
     units: torch.Tensor,
@@ -201,7 +219,7 @@ def trace_sampling_trees(
     """
     if not records:
         raise ValueError("trace_sampling_trees needs at least one deformable layer")
-    group = check_group(group)
+    group = check_group_fits(group, records)
     top = records[0]
     if not 0 <= batch_index < top.offset.shape[0]:
         raise ValueError(f"batch_index {batch_index} outside the batch of {top.offset.shape[0]}")

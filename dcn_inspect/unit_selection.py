@@ -21,6 +21,7 @@ box, else background).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -233,8 +234,8 @@ def bundled_boxes(image_path: Path) -> Optional[Boxes]:
     """The bundled annotations of ``image_path`` when it is one of the bundled images, else ``None``."""
     from dcn_inspect.datasets import bundled_images, bundled_images_annotations
 
-    resolved = image_path.resolve()
-    if resolved not in {p.resolve() for p in bundled_images()}:
+    # realpath, not Path.resolve: it does not raise on a symlink loop (the image is then skipped as unreadable).
+    if os.path.realpath(image_path) not in {os.path.realpath(p) for p in bundled_images()}:
         return None
     annotations = bundled_images_annotations()
     return read_boxes(image_path, annotations) if annotations.is_file() else None

@@ -48,6 +48,7 @@ def bins(
     images_dir: Optional[Path] = typer.Option(None, "--images", metavar="DIR", help="Dataset only: image folder (default: next to the COCO json / VOC JPEGImages/)."),
     split: Optional[str] = typer.Option(None, "--split", metavar="NAME", help="Dataset only: VOC ImageSets/Main/<split>.txt."),
     max_images: Optional[int] = typer.Option(None, "--max-images", metavar="N", help="Dataset only: use the first N images (default: all)."),
+    allow_outside_paths: bool = options.allow_outside_paths(),
 ) -> None:
     """Regular versus deformed RoI-pooling bins (the paper's Fig. 7): CSV, figure and summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters

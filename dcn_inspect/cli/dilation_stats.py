@@ -40,6 +40,7 @@ def dilation_stats(
     strict: bool = options.strict(),
     out: Path = options.out(),
     max_pixels: int = options.max_pixels("Skip"),
+    allow_outside_paths: bool = options.allow_outside_paths(),
 ) -> None:
     """Effective dilation per deformable layer and object size (the paper's Table 2): CSV, Markdown, histogram, summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from dcn_inspect.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
+from dcn_inspect.defaults import BYTES_PER_PIXEL, DEFAULT_MAX_PIXELS, DEFAULT_OUT, MACHINE_MEMORY_BYTES, MEMORY_SHARE_PER_IMAGE
 
 
 def model() -> Any:
@@ -38,7 +38,16 @@ def figure_format() -> Any:
 
 
 def max_pixels(verb: str = "Refuse") -> Any:
-    return typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", metavar="N", help=f"{verb} larger images (width*height; 0: no limit).")
+    return typer.Option(
+        DEFAULT_MAX_PIXELS,
+        "--max-pixels",
+        metavar="N",
+        help=(
+            f"{verb} images whose pixels (width*height), or whose model input after resizing, exceed this; 0: no limit. "
+            f"It bounds memory: ~{BYTES_PER_PIXEL} bytes per model-input pixel at the forward's peak, so the default "
+            f"keeps one image within {MEMORY_SHARE_PER_IMAGE:.0%} of a {MACHINE_MEMORY_BYTES // 2**30} GB machine."
+        ),
+    )
 
 
 def strict() -> Any:
@@ -55,3 +64,9 @@ def boxes(what: str) -> Any:
 
 def images(default_text: str) -> Any:
     return typer.Argument(None, metavar="IMAGE", help=f"Images (default: {default_text}).", show_default=False)
+
+
+def allow_outside_paths() -> Any:
+    return typer.Option(
+        False, "--allow-outside-paths", help="Read image files a dataset names outside its folder (absolute or ../ paths in COCO / VOC files)."
+    )

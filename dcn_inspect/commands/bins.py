@@ -27,14 +27,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dcn_inspect.annotations import ImageAnnotation, detect_format, load_dataset, object_mask
+from dcn_inspect.annotations import AnnotatedDataset, ImageAnnotation, detect_format, load_dataset, object_mask
 from dcn_inspect.columns import describe, names
 from dcn_inspect.commands.common import CommandRun, check_figure_format, check_resize, image_list, images_of_run, start_run
 from dcn_inspect.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
 from dcn_inspect.errors import InputError
-from dcn_inspect.foreground import MATCH_IOU, ROI_COLUMNS, ROIS_CSV, TABLE_COLUMNS, TABLE_CSV, BinForeground, bin_foreground, foreground_table
-from dcn_inspect.hooks import Probe, probe
-from dcn_inspect.images import ImageError, ModelInput, SkippedImages, read_model_input, to_model_input
+from dcn_inspect.foreground import MATCH_IOU, ROIS_CSV, TABLE_COLUMNS, TABLE_CSV, BinForeground, bin_foreground, foreground_table
+from dcn_inspect.hooks import ModelRaised, Probe, probe
+from dcn_inspect.images import ImageError, ModelInput, SkippedImages, check_max_pixels, read_model_input, to_model_input
 from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.outputs import write_csv, write_figure, write_text
 from dcn_inspect.records import RoIPoolRecord
@@ -134,6 +134,7 @@ def bins(
     images_dir: Optional[Path] = None,
     split: Optional[str] = None,
     max_images: Optional[int] = None,
+    allow_outside_paths: bool = False,
 ) -> BinsResult:
     """Regular vs deformed RoI-pooling bins for each image, or over a dataset.
 
@@ -141,14 +142,16 @@ def bins(
     with ``points``) per image and ``summary.json`` into ``out``. A single COCO json or VOC
     directory in ``images`` is a dataset (``images_dir``, ``split``, ``max_images`` as
     dilation-stats takes them): every annotated box is an RoI and the foreground fractions are
-    written (``foreground_rois.csv``, ``foreground_table.csv`` / ``.md``, ``summary.json``).
+    written (``foreground_rois.csv``, ``foreground_table.csv`` / ``.md``, ``summary.json``);
+    image files it names outside its folder are read only with ``allow_outside_paths``.
     """
     options = _Options(class_choice, points, overlay, layer, resize, check_figure_format(fmt))
     check_resize(resize)
     dataset = _dataset_argument(images)
     if dataset is not None:
-        return _bins_over_dataset(dataset, model, weights, options, device, out, max_pixels, progress, strict, images_dir, split, max_images)
-    for value, name in ((images_dir, "images_dir"), (split, "split"), (max_images, "max_images")):
+        return _bins_over_dataset(dataset, model, weights, options, device, out, max_pixels, progress, strict, images_dir, split, max_images, allow_outside_paths)
+    dataset_only = {"images_dir": images_dir, "split": split, "max_images": max_images, "allow_outside_paths": allow_outside_paths or None}
+    for name, value in dataset_only.items():
         if value is not None:
             raise InputError("applies to a dataset (a COCO json or a VOC directory), not to images", param=name)
     image_paths = image_list(images)
@@ -169,25 +172,27 @@ def bins(
         "resize": resize,
         "format": options.fmt,
     }
-    run = start_run("bins", parameters, model, weights, device, out)
+    planned = [Path(out) / name for path in image_paths for name in _output_names(path, options)]
+    run = start_run("bins", parameters, model, weights, device, out, outputs=planned)
     names = class_names(run.loaded)
 
     results: List[ImageBins] = []
     per_image: List[Dict[str, Any]] = []
     head: Optional[HeadInfo] = None
-    with images_of_run(image_paths, strict, max_pixels, "bins", progress) as (readable, skipped):
-        for path, image in readable:
-            entry = _annotation_matching(path, image, annotations, run)
-            item, image_summary, info = _bins_for_image(path, image, requests_of[path], names, options, run, entry, max_pixels)
-            head = head or info
-            results.append(item)
-            per_image.append(image_summary)
-    run.summary["head"] = head.as_dict() if head else None
-    run.summary["class_names"] = offset_class_names(names, head.num_classes) if head else names
-    run.summary["images"] = per_image
-    table = _overall_foreground(results, options, run)
-    run.summary["columns"] = _columns(points)
-    summary_path = run.finish(skipped)
+    with run:
+        with images_of_run(image_paths, strict, max_pixels, "bins", progress, run.loaded.preprocess, resize) as (readable, skipped):
+            for path, image in readable:
+                entry = _annotation_matching(path, image, annotations, run)
+                item, image_summary, info = _bins_for_image(path, image, requests_of[path], names, options, run, entry, max_pixels)
+                head = head or info
+                results.append(item)
+                per_image.append(image_summary)
+        run.summary["head"] = head.as_dict() if head else None
+        run.summary["class_names"] = offset_class_names(names, head.num_classes) if head else names
+        run.summary["images"] = per_image
+        table = _overall_foreground(results, options, run)
+        run.summary["columns"] = _columns(points)
+        summary_path = run.finish(skipped)
     return BinsResult(run.out_dir, results, summary_path, head, run.notes, skipped.items, table)
 
 
@@ -203,11 +208,11 @@ def _bins_for_image(
     options: _Options,
     run: CommandRun,
     entry: Optional[ImageAnnotation] = None,
-    max_pixels: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Tuple[ImageBins, Dict[str, Any], HeadInfo]:
     """Probe one image with its RoIs, lay out its bins, measure them on the objects' masks
     (``entry``: the image's annotation, if any) and write its CSV(s) and figure."""
-    model_input = to_model_input(image, run.loaded.preprocess, options.resize)
+    model_input = to_model_input(image, run.loaded.preprocess, options.resize, max_pixels)
     measured = _measure_image(model_input, requests, names, options, run, entry, max_pixels)
     record, info, choice, geometry, offset_names = measured.record, measured.info, measured.choice, measured.geometry, measured.offset_names
     if not info.has_offsets:
@@ -356,6 +361,11 @@ def _foreground_summary(table: pd.DataFrame) -> Dict[str, Any]:
     }
 
 
+def _output_names(path: Path, options: _Options) -> List[str]:
+    """The files :func:`_write_image_outputs` writes for ``path`` (in the output directory)."""
+    return [f"{path.stem}_bins.csv", f"{path.stem}_bins.{options.fmt}"] + ([f"{path.stem}_bin_points.csv"] if options.points else [])
+
+
 def _forward_with_rois(run: CommandRun, model_input: ModelInput, requests: Sequence[RoIRequest]) -> Probe:
     """The model's forward with the RoIs scaled from original-image to model-input pixels."""
     sx, sy = model_input.scale_to_original
@@ -363,9 +373,9 @@ def _forward_with_rois(run: CommandRun, model_input: ModelInput, requests: Seque
         [[0.0, r.box[0] / sx, r.box[1] / sy, r.box[2] / sx, r.box[3] / sy] for r in requests], dtype=model_input.tensor.dtype
     )
     try:
-        return probe(run.loaded.model, model_input.tensor.to(run.device), rois=boxes.to(run.device))
-    except TypeError as exc:
-        if "rois" in str(exc):
+        return probe(run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name, rois=boxes.to(run.device))
+    except ModelRaised as exc:
+        if isinstance(exc.original, TypeError) and "rois" in str(exc.original):
             raise InputError(
                 f"{run.loaded.name}: its forward does not take rois= (bins needs a model with a deformable RoI pooling head)", param="model"
             ) from None
@@ -532,23 +542,42 @@ def _bins_over_dataset(
     images_dir: Optional[Path],
     split: Optional[str],
     max_images: Optional[int],
+    allow_outside_paths: bool,
 ) -> BinsResult:
-    from dcn_inspect.progress import image_progress
-
     if options.class_choice == "all":
         raise InputError("all: the dataset table needs one offset set per RoI (use auto, gt, pred, or a class)", param="class_choice")
     if max_images is not None and max_images < 1:
         raise InputError(f"{max_images}: must be at least 1", param="max_images")
     detect_format(dataset)
-    data = load_dataset(dataset, images_dir, split, masks=True)
+    check_max_pixels(max_pixels)
+    data = load_dataset(dataset, images_dir, split, masks=True, allow_outside_paths=allow_outside_paths)
     entries = data.images[:max_images] if max_images is not None else data.images
     if not entries:
         raise InputError(f"{data.root}: the dataset has no images")
     parameters = {
         "dataset": str(dataset), "images_dir": images_dir, "split": split, "max_images": max_images,
         "class": options.class_choice, "layer": options.layer, "resize": options.resize, "strict": strict, "max_pixels": max_pixels,
+        "allow_outside_paths": allow_outside_paths,
     }  # fmt: skip
-    run = start_run("bins", parameters, model, weights, device, out)
+    planned = [Path(out) / name for name in ("foreground_rois.csv", "foreground_table.csv", "foreground_table.md")]
+    with start_run("bins", parameters, model, weights, device, out, outputs=planned) as run:
+        run.outputs.protect("dataset", [data.root, *(entry.path for entry in entries)])
+        return _measure_dataset(run, data, entries, options, max_pixels, progress, strict, split)
+
+
+def _measure_dataset(
+    run: CommandRun,
+    data: AnnotatedDataset,
+    entries: Sequence[ImageAnnotation],
+    options: _Options,
+    max_pixels: int,
+    progress: bool,
+    strict: bool,
+    split: Optional[str],
+) -> BinsResult:
+    """Dataset mode's loop: every annotated box of every image an RoI, measured on its object's mask."""
+    from dcn_inspect.progress import image_progress
+
     names = class_names(run.loaded)
     skipped = SkippedImages(len(entries), strict)
     parts: List[pd.DataFrame] = []

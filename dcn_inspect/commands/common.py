@@ -3,13 +3,21 @@ output directory and ``summary.json``, and the loop over images with one skippin
 
 A command module reads as: check options (:func:`check_figure_format`, :func:`check_resize`,
 :func:`image_list`) -> :func:`start_run` (model, device, output directory, summary) ->
-:func:`read_images` (each usable image, unusable ones skipped by
+:func:`images_of_run` (each usable image, unusable ones skipped by
 :class:`~dcn_inspect.images.SkippedImages`) -> its analysis -> its writers -> ``run.finish()``.
+
+What a run writes is one unit (:class:`~dcn_inspect.outputs.RunOutputs`): nothing becomes
+visible before ``run.finish()`` (or ``run.commit()``) renames it all into place, a failure
+removes it all (``with start_run(...) as run:`` does that on the spot; the CLI does it for
+every run on any error or signal), the output directory is locked against a second run, and
+the run's input files (every existing file among its parameters, the checkpoint, the model
+file) are never overwritten.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +28,11 @@ import torch
 
 from dcn_inspect.defaults import FIGURE_FORMATS
 from dcn_inspect.errors import InputError
-from dcn_inspect.images import ImageError, ModelInput, SkippedImages, load_image
+from dcn_inspect.images import ImageError, ModelInput, SkippedImages, check_image, check_max_pixels, check_resize, load_image  # noqa: F401  (check_resize: part of the shared set-up)
 from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.loading import open_model
-from dcn_inspect.outputs import RunSummary, prepare_out_dir
+from dcn_inspect.models.registry import Preprocess
+from dcn_inspect.outputs import RunOutputs, RunSummary, prepare_out_dir
 from dcn_inspect.progress import image_progress
 from dcn_inspect.records import DeformConvRecord
 
@@ -34,12 +43,6 @@ def check_figure_format(fmt: str) -> str:
     if fmt not in FIGURE_FORMATS:
         raise InputError(f"{fmt!r}: use png, svg or pdf", param="fmt")
     return fmt
-
-
-def check_resize(resize: Optional[int]) -> None:
-    """``resize`` is None (the model's own), 0 (the image's size) or a positive shorter side."""
-    if resize is not None and resize < 0:
-        raise InputError(f"{resize}: must be 0 (the image's own size) or a positive shorter-side length", param="resize")
 
 
 def check_npz_path(path: Optional[Path], param: str) -> None:
@@ -75,22 +78,68 @@ def image_list(images: Optional[Sequence[Path]]) -> List[Path]:
     return paths
 
 
+#: Parameters that name files a command writes, not reads (never protected as inputs).
+OUTPUT_PARAMETERS = ("out", "save_offsets")
+
+
 @dataclass
 class CommandRun:
-    """What every command holds while it runs: the model, its device, the output directory and
-    the summary being filled."""
+    """What every command holds while it runs: the model, its device, the output directory, the
+    summary being filled and the run's files (:class:`~dcn_inspect.outputs.RunOutputs`).
+
+    ``with start_run(...) as run:`` commits the files when the block ends normally and removes
+    them when it raises; without ``with``, :meth:`finish` commits and the CLI aborts on failure.
+    """
 
     loaded: LoadedModel
     device: torch.device
     out_dir: Path
     summary: RunSummary
+    outputs: RunOutputs
     notes: List[str] = field(default_factory=list)
 
     def finish(self, skipped: SkippedImages) -> Path:
-        """Record the skipped images and notes, then write ``summary.json``; returns its path."""
+        """Record the skipped images and notes, write ``summary.json`` and make every file of the
+        run visible (:meth:`commit`); returns the summary's path."""
         self.summary["skipped"] = skipped.summary()
         self.summary["notes"] = self.notes
-        return self.summary.write(self.out_dir)
+        path = self.summary.write(self.out_dir)
+        self.commit()
+        return path
+
+    def commit(self) -> None:
+        """Rename the run's files into place (``summary.json`` last) and release the directory."""
+        self.outputs.commit()
+
+    def abort(self) -> None:
+        """Remove every file the run wrote and release the directory."""
+        self.outputs.abort()
+
+    def __enter__(self) -> "CommandRun":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def input_files(parameters: Dict[str, Any]) -> Dict[str, List[Path]]:
+    """Parameter name -> the existing files among its values (paths, or lists of paths), except
+    :data:`OUTPUT_PARAMETERS` and ``save_*``: what a run must never overwrite."""
+    found: Dict[str, List[Path]] = {}
+    for name, value in parameters.items():
+        if name in OUTPUT_PARAMETERS or name.startswith("save_"):
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (str, Path)) and str(item):
+                try:
+                    if os.path.isfile(item):
+                        found.setdefault(name, []).append(Path(item))
+                except (OSError, ValueError):
+                    continue
+    return found
 
 
 def start_run(
@@ -101,29 +150,72 @@ def start_run(
     device: str,
     out: Path,
     create_out: bool = True,
+    outputs: Sequence[Path] = (),
 ) -> CommandRun:
-    """Load the model (unless given loaded), create the output directory and start the summary.
+    """Load the model (unless given loaded), create and lock the output directory and start the summary.
 
-    ``parameters`` are recorded as given, plus the device the model runs on. ``create_out``
-    is False on the ranks of a distributed run that do not write (rank 0 creates it).
+    ``parameters`` are recorded as given, plus the device the model runs on; the files among
+    them are the run's inputs (:func:`input_files`), never overwritten. ``outputs``: the paths
+    of the files the command will write, as far as known now (``out/summary.json`` is added);
+    each is checked against the inputs before any work, even before the model is loaded.
+    ``create_out`` is False on the ranks of a distributed run that do not write (rank 0 creates it).
     """
+    inputs = input_files(parameters)
+    if create_out:
+        _refuse_outputs_onto_inputs(Path(out), outputs, inputs)
     loaded, dev = open_model(model, weights, device)
+    existed = os.path.lexists(out)
     out_dir = prepare_out_dir(Path(out)) if create_out else Path(out)
+    run_outputs = RunOutputs(out_dir if create_out else None, created=create_out and not existed)
+    for name, paths in inputs.items():
+        run_outputs.protect(name, paths)
+    run_outputs.protect("weights" if weights is not None else "model", [loaded.checkpoint])
+    if loaded.source == "user-file":
+        run_outputs.protect("model", [loaded.config.get("file")])
     summary = RunSummary(command, {**parameters, "device": str(dev)})
     summary["model"] = loaded.summary()
     summary["checkpoint_sha256"] = loaded.checkpoint_sha256
-    return CommandRun(loaded, dev, out_dir, summary)
+    return CommandRun(loaded, dev, out_dir, summary, run_outputs)
+
+
+def _refuse_outputs_onto_inputs(out: Path, outputs: Sequence[Path], inputs: Dict[str, List[Path]]) -> None:
+    """An error, before the model is even loaded, when a planned output is one of the inputs."""
+    identities: Dict[Tuple[int, int], Tuple[str, Path]] = {}
+    for name, paths in inputs.items():
+        for path in paths:
+            try:
+                status = os.stat(path)
+            except OSError:
+                continue
+            identities.setdefault((status.st_dev, status.st_ino), (name, path))
+    for target in [*outputs, out / "summary.json"]:
+        try:
+            status = os.stat(target)
+        except (OSError, ValueError):
+            continue
+        hit = identities.get((status.st_dev, status.st_ino))
+        if hit is not None:
+            raise InputError(
+                f"{target}: is an input of this run (`{hit[0]}` {hit[1]}); refusing to overwrite it: choose another `out`", param="out"
+            )
 
 
 def read_images(
-    paths: Sequence[Path], skipped: SkippedImages, max_pixels: int, label: str, progress: bool
+    paths: Sequence[Path],
+    skipped: SkippedImages,
+    max_pixels: int,
+    label: str,
+    progress: bool,
+    preprocess: Optional[Preprocess] = None,
+    resize: Optional[int] = None,
 ) -> Iterator[Tuple[Path, np.ndarray]]:
     """Each readable image of ``paths`` as (path, RGB uint8 array), with a progress bar;
-    unreadable ones go to ``skipped`` (which raises under its policy)."""
+    unreadable ones (and, with ``preprocess``, ones whose model input would exceed
+    ``max_pixels``) go to ``skipped`` (which raises under its policy)."""
     with image_progress(label, progress, len(paths)) as advance:
         for path in paths:
             try:
-                image = load_image(path, max_pixels)
+                image = load_image(path, max_pixels, preprocess, resize)
             except ImageError as exc:
                 skipped.skip(str(path), exc)
                 advance()
@@ -133,13 +225,33 @@ def read_images(
 
 
 @contextmanager
-def images_of_run(paths: Sequence[Path], strict: bool, max_pixels: int, label: str, progress: bool) -> Iterator[Tuple[Iterator[Tuple[Path, np.ndarray]], SkippedImages]]:
-    """``read_images`` with its :class:`SkippedImages`; fails at the end when no image was usable."""
+def images_of_run(
+    paths: Sequence[Path],
+    strict: bool,
+    max_pixels: int,
+    label: str,
+    progress: bool,
+    preprocess: Optional[Preprocess] = None,
+    resize: Optional[int] = None,
+) -> Iterator[Tuple[Iterator[Tuple[Path, np.ndarray]], SkippedImages]]:
+    """``read_images`` with its :class:`SkippedImages`; fails at the end when no image was usable.
+
+    With ``strict`` every image's header is checked first (found, readable, within
+    ``max_pixels``, its model input too when ``preprocess`` is given), so a bad last image
+    stops the run before any work.
+    """
+    max_pixels = check_max_pixels(max_pixels)
     skipped = SkippedImages(len(paths), strict)
+    if strict:
+        for path in paths:
+            try:
+                check_image(path, max_pixels, preprocess, resize)
+            except ImageError as exc:
+                skipped.skip(str(path), exc)
     used = [0]
 
     def counted() -> Iterator[Tuple[Path, np.ndarray]]:
-        for item in read_images(paths, skipped, max_pixels, label, progress):
+        for item in read_images(paths, skipped, max_pixels, label, progress, preprocess, resize):
             used[0] += 1
             yield item
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,13 +57,16 @@ from dcn_inspect.dilation import (
 from dcn_inspect.distributed import World, join_world
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap
-from dcn_inspect.hooks import capture_offsets
-from dcn_inspect.images import DatasetImages, ImageItem, SkippedImages, model_input_size
+from dcn_inspect.hooks import capture_offsets, forward
+from dcn_inspect.images import DatasetImages, ImageItem, SkippedImages, check_max_pixels, model_input_size
 from dcn_inspect.loaded_model import LoadedModel
-from dcn_inspect.outputs import atomic_path, write_csv, write_figure, write_text
+from dcn_inspect.outputs import atomic_path, write_csv, write_error, write_figure, write_text
 from dcn_inspect.records import select_layers
 
 __all__ = ["DIFFERENCE_COLUMNS", "TABLE_COLUMNS", "UNIT_COLUMNS", "DilationStatsResult", "dilation_stats", "size_batches", "table_markdown"]
+
+#: The files a run may write into ``out``.
+OUTPUT_NAMES = ("dilation_table.csv", "dilation_differences.csv", "dilation_table.md", "dilation_hist.png", "dilation_units.csv", "summary.json")
 
 
 @dataclass
@@ -109,6 +111,7 @@ def dilation_stats(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     figure: bool = True,
+    allow_outside_paths: bool = False,
 ) -> DilationStatsResult:
     """Effective dilation of every deformable layer per object-size category over a dataset.
 
@@ -118,8 +121,8 @@ def dilation_stats(
     result on every rank.
     """
     started = time.time()
-    _check_options(units, batch_size, workers, max_images, resize, per_unit, out)
-    data = load_dataset(dataset, images, split)
+    _check_options(units, batch_size, workers, max_images, resize, per_unit, out, max_pixels)
+    data = load_dataset(dataset, images, split, allow_outside_paths=allow_outside_paths)
     entries = data.images[:max_images] if max_images is not None else data.images
     if not entries:
         raise InputError(f"{data.root}: the dataset has no images")
@@ -131,40 +134,44 @@ def dilation_stats(
             "layers": list(layers) if layers else None, "thresholds": thresholds, "units": units,
             "per_group": per_group, "per_unit": per_unit, "max_images": max_images, "batch_size": batch_size,
             "workers": workers, "resize": resize, "strict": strict, "max_pixels": max_pixels,
+            "allow_outside_paths": allow_outside_paths,
         }  # fmt: skip
-        run = start_run("dilation-stats", parameters, model, weights, device, out if out is not None else Path(DEFAULT_OUT), create_out=out is not None and world.is_main)
-        out_dir = run.out_dir if out is not None else None
-        if world.distributed and out_dir is not None:
-            world.gather(None)  # rank 0 has created the output directory before anyone writes parts
-        shard = world.shard(len(entries))
-        measured = _measure(run, entries, shard, layers, threshold_values, units, per_group, per_unit and out_dir is not None, batch_size, workers, resize, strict, max_pixels, progress and world.is_main)
-        merged = _merge_ranks(world, measured, entries, strict, per_group)
-        if merged.images_used == 0:
-            if world.is_main and out_dir is not None:
-                _remove_parts(merged.unit_parts)
-            merged.skipped.check_any_used(0, str(data.root))
-        intervals = bootstrap_intervals(merged.image_sums)
-        result = DilationStatsResult(
-            table=table_frame(merged.stats, units, intervals, per_group),
-            differences=differences_frame(merged.stats, intervals, units, per_group),
-            stats=merged.stats,
-            intervals=intervals,
-            thresholds_name=thresholds_name,
-            thresholds=threshold_values,
-            units=units,
-            images_used=merged.images_used,
-            skipped=merged.skipped,
-            out_dir=out_dir,
-            rank=world.rank,
-            world_size=world.size,
-        )
-        result.wall_seconds = time.time() - started
-        _fill_summary(run, data, entries, merged, result, world, split, per_group)
-        if world.is_main and out_dir is not None:
-            result.files = _write_outputs(run, merged, result, figure, per_group)
-        result.summary = run.summary.data
-        if world.distributed:
-            world.gather(None)  # other ranks return only after rank 0 has read their part files
+        writes = out is not None and world.is_main
+        target = Path(out) if out is not None else Path(DEFAULT_OUT)
+        planned = [target / name for name in OUTPUT_NAMES] if writes else []
+        with start_run("dilation-stats", parameters, model, weights, device, target, create_out=writes, outputs=planned) as run:
+            if writes:
+                run.outputs.protect("dataset", [data.root, *(entry.path for entry in entries)])
+            out_dir = run.out_dir if out is not None else None
+            if world.distributed and out_dir is not None:
+                world.gather(None)  # rank 0 has created the output directory before anyone writes parts
+            shard = world.shard(len(entries))
+            measured = _measure(run, entries, shard, layers, threshold_values, units, per_group, per_unit and out_dir is not None, batch_size, workers, resize, strict, max_pixels, progress and world.is_main)
+            merged = _merge_ranks(world, measured, entries, strict, per_group)
+            if merged.images_used == 0:
+                merged.skipped.check_any_used(0, str(data.root))
+            intervals = bootstrap_intervals(merged.image_sums)
+            result = DilationStatsResult(
+                table=table_frame(merged.stats, units, intervals, per_group),
+                differences=differences_frame(merged.stats, intervals, units, per_group),
+                stats=merged.stats,
+                intervals=intervals,
+                thresholds_name=thresholds_name,
+                thresholds=threshold_values,
+                units=units,
+                images_used=merged.images_used,
+                skipped=merged.skipped,
+                out_dir=out_dir,
+                rank=world.rank,
+                world_size=world.size,
+            )
+            result.wall_seconds = time.time() - started
+            _fill_summary(run, data, entries, merged, result, world, split, per_group)
+            if writes:
+                result.files = _write_outputs(run, merged, result, figure, per_group)
+            result.summary = run.summary.data
+            if world.distributed:
+                world.gather(None)  # other ranks return only after rank 0 has read their part files
     return result
 
 
@@ -173,7 +180,7 @@ def dilation_stats(
 
 
 def _check_options(
-    units: str, batch_size: int, workers: int, max_images: Optional[int], resize: Optional[int], per_unit: bool, out: Optional[Path]
+    units: str, batch_size: int, workers: int, max_images: Optional[int], resize: Optional[int], per_unit: bool, out: Optional[Path], max_pixels: int
 ) -> None:
     if units not in UNITS:
         raise InputError(f"{units!r}: use cells or pixels", param="units")
@@ -181,15 +188,25 @@ def _check_options(
         raise InputError(f"{batch_size}: must be at least 1", param="batch_size")
     if workers < 0:
         raise InputError(f"{workers}: must be 0 or more", param="workers")
+    if workers > max_workers():
+        raise InputError(f"{workers}: at most {max_workers()} worker processes (4 per CPU core)", param="workers")
     if max_images is not None and max_images < 1:
         raise InputError(f"{max_images}: must be at least 1", param="max_images")
     check_resize(resize)
+    check_max_pixels(max_pixels)
     if per_unit and out is None:
         raise InputError("needs an output directory (`out`)", param="per_unit")
 
 
-def size_batches(input_sizes: Sequence[Tuple[int, int]], batch_size: int) -> List[List[int]]:
-    """Positions grouped into batches of equal model-input size, at most ``batch_size`` each.
+def max_workers() -> int:
+    """The most DataLoader worker processes a run may start: 4 per CPU core (at least 8)."""
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
+def size_batches(input_sizes: Sequence[Tuple[int, int]], batch_size: int, max_pixels: int = 0) -> List[List[int]]:
+    """Positions grouped into batches of equal model-input size, at most ``batch_size`` each and,
+    with ``max_pixels`` > 0, at most that many pixels together (one forward's memory is bounded
+    like one image's; a single image always makes a batch).
 
     Deterministic: positions are visited in order; a batch is emitted when its size group is
     full, and unfinished groups are emitted at the end in order of their first position.
@@ -197,9 +214,10 @@ def size_batches(input_sizes: Sequence[Tuple[int, int]], batch_size: int) -> Lis
     open_groups: Dict[Tuple[int, int], List[int]] = {}
     batches: List[List[int]] = []
     for position, size in enumerate(input_sizes):
+        fits = max(1, max_pixels // max(1, size[0] * size[1])) if max_pixels > 0 else batch_size
         group = open_groups.setdefault(size, [])
         group.append(position)
-        if len(group) == batch_size:
+        if len(group) >= min(batch_size, fits):
             batches.append(group)
             del open_groups[size]
     batches.extend(open_groups.values())
@@ -212,7 +230,7 @@ def _image_loader(run: CommandRun, entries: Sequence[ImageAnnotation], shard: Li
     input_sizes = [model_input_size((entries[i].height, entries[i].width), preprocess, resize)[1] for i in shard]
     return DataLoader(
         DatasetImages(entries, shard, preprocess, resize, max_pixels),
-        batch_sampler=size_batches(input_sizes, batch_size),
+        batch_sampler=size_batches(input_sizes, batch_size, max_pixels),
         num_workers=workers,
         collate_fn=_as_list,
         persistent_workers=False,
@@ -255,7 +273,7 @@ def _measure(
     """Forward every image of this rank's shard and accumulate its units."""
     from dcn_inspect.progress import image_progress
 
-    writer = _UnitWriter(run.out_dir, entries, per_group) if per_unit else None
+    writer = _UnitWriter(run, entries, per_group) if per_unit else None
     accumulator = DilationAccumulator(thresholds, units, per_group, run.device, writer.write_image if writer else None)
     skipped = SkippedImages(len(entries), strict)
     selected: Optional[List[str]] = None
@@ -274,7 +292,7 @@ def _measure(
                     tick = time.perf_counter()
                     with capture_offsets(run.loaded.model, track_frames=accumulator.needs_frames(input_hw)) as capture:
                         capture.watch_input(batch)
-                        run.loaded.model(batch)
+                        forward(run.loaded.model, batch, run.loaded.name)
                     forward_seconds += time.perf_counter() - tick
                     if selected is None:
                         selected = [r.name for r in select_layers(capture.convs, layers, min_kernel_points=2, model_name=run.loaded.name)]
@@ -284,13 +302,9 @@ def _measure(
                     )
                     used += len(good)
                 advance(len(items))
-    except BaseException:
+    finally:
         if writer is not None:
             writer.close()
-            _remove_parts([writer.path])
-        raise
-    if writer is not None:
-        writer.close()
     return _Measured(accumulator, skipped, used, forward_seconds, writer.path if writer else None, writer.index if writer else [])
 
 
@@ -471,12 +485,13 @@ def _unit_rows(image: str, row: str, frame: FrameMap, codes: np.ndarray, values:
 
 
 class _UnitWriter:
-    """Streams one rank's per-unit rows to a part file private to this run; remembers where each
-    image's rows are, so rank 0 can write them in dataset order whatever the batching and sharding."""
+    """Streams one rank's per-unit rows to a part file private to this run (a scratch file of the
+    run: removed at its end whatever happens); remembers where each image's rows are, so rank 0
+    can write them in dataset order whatever the batching and sharding."""
 
-    def __init__(self, out_dir: Path, entries: Sequence[ImageAnnotation], per_group: bool) -> None:
-        fd, name = tempfile.mkstemp(prefix=".dilation_units.", suffix=".part", dir=out_dir)
-        self.path = Path(name)
+    def __init__(self, run: CommandRun, entries: Sequence[ImageAnnotation], per_group: bool) -> None:
+        fd, self.path = run.outputs.scratch_file(run.out_dir, prefix=".dilation_units.", suffix=".part")
+        self.out_dir = run.out_dir
         self.handle = os.fdopen(fd, "wb")
         self.entries = entries
         self.per_group = per_group
@@ -489,12 +504,20 @@ class _UnitWriter:
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(rows)
         data = buffer.getvalue().encode("utf-8")
-        start = self.handle.tell()
-        self.handle.write(data)
+        try:
+            start = self.handle.tell()
+            self.handle.write(data)
+        except OSError as exc:
+            raise write_error(self.out_dir, exc, "the per-unit rows") from None
         self.index.append((index, start, len(data)))
 
     def close(self) -> None:
-        self.handle.close()
+        if self.handle.closed:
+            return
+        try:
+            self.handle.close()
+        except OSError as exc:
+            raise write_error(self.out_dir, exc, "the per-unit rows") from None
 
 
 def _assemble_units(path: Path, parts: List[Path], index: List[Tuple[int, int, int, int]], header: List[str]) -> Path:

@@ -21,7 +21,7 @@ from torch import nn
 
 from dcn_inspect.defaults import DEFAULT_MAX_PIXELS
 from dcn_inspect.hooks import probe
-from dcn_inspect.images import load_image, to_model_input
+from dcn_inspect.images import check_resize, load_image, to_model_input
 from dcn_inspect.loaded_model import LoadedModel, model_device
 from dcn_inspect.records import DeformConvRecord
 from dcn_inspect.models import registry
@@ -187,15 +187,16 @@ def model_info(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ModelInfo:
     """Probe ``loaded`` once and describe its deformable layers (offset statistics with an image)."""
+    check_resize(resize)
     model = loaded.model
     device = model_device(loaded)
     original_hw: Optional[Tuple[int, int]] = None
     if image is not None:
-        prepared = to_model_input(load_image(Path(image), max_pixels), loaded.preprocess, resize)
+        prepared = to_model_input(load_image(Path(image), max_pixels, loaded.preprocess, resize), loaded.preprocess, resize, max_pixels)
         tensor, original_hw = prepared.tensor, prepared.original_hw
     else:
         tensor = torch.zeros(1, 3, *BLANK_PROBE_SIZE)  # normalised zeros: the dataset's mean colour
-    result = probe(model, tensor.to(device))
+    result = probe(model, tensor.to(device), model_name=loaded.name)
     modules = _module_by_name(model)
     layers = []
     for name, record in result.convs.items():

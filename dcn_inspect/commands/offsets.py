@@ -29,7 +29,7 @@ from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.offset_maps import KernelPoint, LayerOffsetMaps, layer_offset_maps, parse_kernel_point
 from dcn_inspect.outputs import write_figure, write_npz
 from dcn_inspect.records import select_layers
-from dcn_inspect.tracing import GroupChoice, check_group
+from dcn_inspect.tracing import GroupChoice, check_group, check_group_fits
 
 __all__ = ["ImageOffsets", "OffsetsResult", "offsets"]
 
@@ -92,46 +92,50 @@ def offsets(
         "resize": resize,
         "format": fmt,
     }
-    run = start_run("offsets", parameters, model, weights, device, out)
+    planned = [Path(out) / f"{p.stem}_offsets.{fmt}" for p in image_paths] + [Path(out) / NPZ_NAME]
+    run = start_run("offsets", parameters, model, weights, device, out, outputs=planned)
 
     results: List[ImageOffsets] = []
     per_image: List[Dict[str, Any]] = []
     arrays: Dict[str, np.ndarray] = {}
     shown_layers: List[str] = []
-    with images_of_run(image_paths, strict, max_pixels, "offsets", progress) as (readable, skipped):
-        for path, image in readable:
-            model_input = to_model_input(image, run.loaded.preprocess, resize)
-            captured = probe(run.loaded.model, model_input.tensor.to(run.device))
-            records = list(reversed(select_layers(captured.convs, layers, default_count=None, model_name=run.loaded.name)))
-            maps = [layer_offset_maps(r, model_input.scale_to_original, checked_group, points) for r in records]
-            arrays.update(offset_field_arrays(path.stem, {r.name: r for r in records}, model_input))
-            figure_path = _write_figure(path, image, maps, fmt, run.out_dir, run.notes)
-            shown_layers = shown_layers or [r.name for r in records]
-            per_image.append(
-                {
-                    "image": str(path),
-                    "original_hw": list(model_input.original_hw),
-                    "input_hw": list(model_input.input_hw),
-                    "scale_to_original": list(model_input.scale_to_original),
-                    "layers": [m.summary() for m in maps],
-                    "geometry_method": {r.name: r.geometry.method for r in records},
-                    "outputs": [figure_path.name, NPZ_NAME],
-                }
-            )
-            results.append(ImageOffsets(path, maps, figure_path))
-    npz_path = run.out_dir / NPZ_NAME
-    write_npz(npz_path, arrays)
-    run.summary["layers"] = shown_layers
-    run.summary["conventions"] = {
-        "pixels": "original-image pixels, COCO continuous coordinates ((0,0) = top-left corner of the top-left pixel, x right, y down)",
-        "offset_px": "offset (dx, dy) in input cells times the layer's input-frame stride and the model-input -> original scale",
-        "mean_offset": "mean over the unit's kernel points of their offsets (the translation of its sampling grid)",
-        "flow_colour": "hue = direction (0 = right, then down, left, up), saturation = magnitude / the field's largest, white = 0",
-        "effective_dilation_px": "mean distance between horizontally and vertically adjacent sampling points (dilation-stats' measure), image pixels",
-        "group": "an offset group index, or 'mean': offsets averaged over groups and the mean of the groups' dilations",
-    }
-    run.summary["images"] = per_image
-    summary_path = run.finish(skipped)
+    preprocess = run.loaded.preprocess
+    with run:
+        with images_of_run(image_paths, strict, max_pixels, "offsets", progress, preprocess, resize) as (readable, skipped):
+            for path, image in readable:
+                model_input = to_model_input(image, preprocess, resize, max_pixels)
+                captured = probe(run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name)
+                records = list(reversed(select_layers(captured.convs, layers, default_count=None, model_name=run.loaded.name)))
+                check_group_fits(checked_group, records)
+                maps = [layer_offset_maps(r, model_input.scale_to_original, checked_group, points) for r in records]
+                arrays.update(offset_field_arrays(path.stem, {r.name: r for r in records}, model_input))
+                figure_path = _write_figure(path, image, maps, fmt, run.out_dir, run.notes)
+                shown_layers = shown_layers or [r.name for r in records]
+                per_image.append(
+                    {
+                        "image": str(path),
+                        "original_hw": list(model_input.original_hw),
+                        "input_hw": list(model_input.input_hw),
+                        "scale_to_original": list(model_input.scale_to_original),
+                        "layers": [m.summary() for m in maps],
+                        "geometry_method": {r.name: r.geometry.method for r in records},
+                        "outputs": [figure_path.name, NPZ_NAME],
+                    }
+                )
+                results.append(ImageOffsets(path, maps, figure_path))
+        npz_path = run.out_dir / NPZ_NAME
+        write_npz(npz_path, arrays)
+        run.summary["layers"] = shown_layers
+        run.summary["conventions"] = {
+            "pixels": "original-image pixels, COCO continuous coordinates ((0,0) = top-left corner of the top-left pixel, x right, y down)",
+            "offset_px": "offset (dx, dy) in input cells times the layer's input-frame stride and the model-input -> original scale",
+            "mean_offset": "mean over the unit's kernel points of their offsets (the translation of its sampling grid)",
+            "flow_colour": "hue = direction (0 = right, then down, left, up), saturation = magnitude / the field's largest, white = 0",
+            "effective_dilation_px": "mean distance between horizontally and vertically adjacent sampling points (dilation-stats' measure), image pixels",
+            "group": "an offset group index, or 'mean': offsets averaged over groups and the mean of the groups' dilations",
+        }
+        run.summary["images"] = per_image
+        summary_path = run.finish(skipped)
     return OffsetsResult(run.out_dir, shown_layers, results, npz_path, summary_path, run.notes, skipped.items)
 
 

@@ -31,14 +31,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dcn_inspect.annotations import load_dataset
+from dcn_inspect.category_stats import BINS, CategoryStats, LogBins
 from dcn_inspect.commands.common import CommandRun, check_figure_format, check_resize, image_list, images_of_run, start_run
+from dcn_inspect.commands.dilation_stats import table_markdown
 from dcn_inspect.defaults import DEFAULT_LEVELS, DEFAULT_MAX_PIXELS, DEFAULT_OUT
+from dcn_inspect.dilation import CATEGORIES, CATEGORY_CODES, category_table_columns, resolve_thresholds, table_frame, unit_categories
 from dcn_inspect.errors import InputError
-from dcn_inspect.images import ModelInput, to_model_input
+from dcn_inspect.images import ImageError, ModelInput, SkippedImages, read_model_input, to_model_input
 from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.loading import open_model
 from dcn_inspect.columns import describe, names
-from dcn_inspect.outputs import write_csv, write_figure, write_npz
+from dcn_inspect.outputs import write_csv, write_figure, write_npz, write_text
+from dcn_inspect.progress import image_progress
 from dcn_inspect.receptive_field import (
     CSV_COLUMNS,
     RECEPTIVE_FIELD_CSV,
@@ -55,7 +60,7 @@ from dcn_inspect.receptive_field import (
 )
 from dcn_inspect.records import DeformConvRecord, select_layers
 from dcn_inspect.tracing import GroupChoice, check_group, tree_half_extent
-from dcn_inspect.unit_selection import Boxes, Unit, boxes_per_image, check_unit_options, choose_units, nearest_unit
+from dcn_inspect.unit_selection import Boxes, Unit, box_units, boxes_per_image, check_unit_options, choose_units, nearest_unit
 
 __all__ = ["CSV_COLUMNS", "ImageFields", "ReceptiveFieldResult", "receptive_field", "RESPONSE_DEFINITION"]
 
@@ -155,28 +160,31 @@ def receptive_field(
     image_paths = image_list(images)
     boxes_of_images, boxes_source = boxes_per_image(image_paths, boxes, use_bundled=not options.at and grid is None)
     parameters = _parameters(image_paths, options, boxes, compare_model, compare_weights)
-    run = start_run("receptive-field", parameters, model, weights, device, out)
-    compare = None
-    if compare_model is not None:
-        compare, _ = open_model(compare_model, compare_weights, str(run.device))
-        run.summary["compare_model"] = compare.summary()
-        run.summary["compare_checkpoint_sha256"] = compare.checkpoint_sha256
-    run.summary["response"] = {"definition": RESPONSE_DEFINITION, "channel": "sum over channels" if channel is None else channel}
-    run.summary["saliency"] = {"error": options.saliency_error, "schedule": SALIENCY_SCHEDULE}
+    planned = [Path(out) / name for path in image_paths for name in _output_names(path, options)]
+    run = start_run("receptive-field", parameters, model, weights, device, out, outputs=planned)
     results: List[ImageFields] = []
     per_image: List[Dict[str, Any]] = []
     followed: List[str] = []
     boxes_of = dict(zip(image_paths, boxes_of_images))
-    with images_of_run(image_paths, strict, max_pixels, "receptive-field", progress) as (readable, skipped):
-        for path, image in readable:
-            item, summary = _analyse_image(path, image, boxes_of[path], boxes_source, options, run, compare, progress)
-            followed = followed or item.fields["model"].levels
-            results.append(item)
-            per_image.append(summary)
-    run.summary["layers"] = followed
-    run.summary["images"] = per_image
-    run.summary["columns"] = {"<stem>_receptive_field.csv": describe(RECEPTIVE_FIELD_CSV)}
-    summary_path = run.finish(skipped)
+    with run:
+        compare = None
+        if compare_model is not None:
+            compare, _ = open_model(compare_model, compare_weights, str(run.device))
+            run.outputs.protect("compare_weights" if compare_weights is not None else "compare_model", [compare.checkpoint])
+            run.summary["compare_model"] = compare.summary()
+            run.summary["compare_checkpoint_sha256"] = compare.checkpoint_sha256
+        run.summary["response"] = {"definition": RESPONSE_DEFINITION, "channel": "sum over channels" if channel is None else channel}
+        run.summary["saliency"] = {"error": options.saliency_error, "schedule": SALIENCY_SCHEDULE}
+        with images_of_run(image_paths, strict, max_pixels, "receptive-field", progress, run.loaded.preprocess, options.resize) as (readable, skipped):
+            for path, image in readable:
+                item, summary = _analyse_image(path, image, boxes_of[path], boxes_source, options, run, compare, progress, max_pixels)
+                followed = followed or item.fields["model"].levels
+                results.append(item)
+                per_image.append(summary)
+        run.summary["layers"] = followed
+        run.summary["images"] = per_image
+        run.summary["columns"] = {"<stem>_receptive_field.csv": describe(RECEPTIVE_FIELD_CSV)}
+        summary_path = run.finish(skipped)
     return ReceptiveFieldResult(run.out_dir, followed, results, summary_path, run.notes, skipped.items)
 
 
@@ -253,10 +261,11 @@ def _analyse_image(
     run: CommandRun,
     compare: Optional[LoadedModel],
     progress: bool,
+    max_pixels: int,
 ) -> Tuple[ImageFields, Dict[str, Any]]:
     from dcn_inspect.progress import image_progress
 
-    model_input = to_model_input(image, run.loaded.preprocess, options.resize)
+    model_input = to_model_input(image, run.loaded.preprocess, options.resize, max_pixels)
     forward = GradientForward(run.loaded.model, model_input.tensor.to(run.device))
     records = followed_records(forward, options, run.loaded.name)
     sx, sy = model_input.scale_to_original
@@ -270,7 +279,7 @@ def _analyse_image(
     with image_progress(f"{path.name}: units", progress, total) as advance:
         fields["model"] = _fields(forward, records, [(u.row, u.col) for u in units], model_input, run.loaded, options, box_array, advance)
         if compare is not None:
-            fields["compare"], compare_units = _compare_fields(image, units, [r.name for r in records], compare, options, run.device, box_array, advance)
+            fields["compare"], compare_units = _compare_fields(image, units, [r.name for r in records], compare, options, run.device, box_array, advance, max_pixels)
     for role, item in fields.items():
         run.notes.extend(f"{path.name} ({role}): {note}" for note in item.notes)
     _note_approximate_frames(path, records, run.notes)
@@ -326,6 +335,7 @@ def _compare_fields(
     device: torch.device,
     boxes: Optional[np.ndarray],
     advance: Any,
+    max_pixels: int,
 ) -> Tuple[ReceptiveFields, List[Unit]]:
     """The same image positions under the compare model, through its layers of the same names."""
     problems = unusable_layers(compare.model, names)
@@ -334,7 +344,7 @@ def _compare_fields(
         raise InputError(f"{compare.name}: no layer named {', '.join(missing)} (the followed layers of the model)", param="compare_model")
     if problems:
         raise InputError(f"{compare.name}: " + "; ".join(f"layer {name} is {problem}" for name, problem in problems.items()), param="compare_model")
-    model_input = to_model_input(image, compare.preprocess, options.resize)
+    model_input = to_model_input(image, compare.preprocess, options.resize, max_pixels)
     forward = GradientForward(compare.model, model_input.tensor.to(device), regular=list(names))
     found = forward.records
     missing = [name for name in names if name not in found]
@@ -379,6 +389,11 @@ def _panels(units: Sequence[Unit], fields: Dict[str, ReceptiveFields], names: Di
             theoretical = None if item.theoretical is None else tuple(float(v) for v in item.theoretical[u])
             panels.append(ErfPanel(title, item.erf[u].numpy(), (x, y), theoretical, saliency, levels))  # type: ignore[arg-type]
     return panels
+
+
+def _output_names(path: Path, options: _Options) -> List[str]:
+    """The files :func:`_write_image_outputs` writes for ``path`` (in the output directory)."""
+    return [f"{path.stem}_receptive_field.csv", f"{path.stem}_erf.npz", f"{path.stem}_receptive_field.{options.fmt}"]
 
 
 def _write_image_outputs(
@@ -474,15 +489,6 @@ def receptive_field_stats(
     ``erf_radius_table.csv|md``, ``saliency_area_table.csv|md`` (the dilation-stats layout),
     ``receptive_field_units.csv`` and ``summary.json``.
     """
-    from dcn_inspect.annotations import load_dataset
-    from dcn_inspect.category_stats import BINS, CategoryStats, LogBins
-    from dcn_inspect.commands.dilation_stats import table_markdown
-    from dcn_inspect.dilation import CATEGORIES, CATEGORY_CODES, category_table_columns, resolve_thresholds, table_frame, unit_categories
-    from dcn_inspect.images import ImageError, SkippedImages, read_model_input
-    from dcn_inspect.outputs import write_text
-    from dcn_inspect.progress import image_progress
-    from dcn_inspect.unit_selection import box_units
-
     started = time.time()
     options = _check_options(layers, levels, (), None, channel, 0, False, saliency_error, saliency_step, batch_size, resize, "png")
     if max_images is not None and max_images < 1:
@@ -499,7 +505,15 @@ def receptive_field_stats(
         "saliency_error": options.saliency_error, "saliency_step": saliency_step, "max_images": max_images,
         "batch_size": batch_size, "resize": resize, "strict": strict, "max_pixels": max_pixels,
     }  # fmt: skip
-    run = start_run("receptive-field --stats", parameters, model, weights, device, out)
+    names = ["erf_radius_table.csv", "erf_radius_table.md", "saliency_area_table.csv", "saliency_area_table.md", "receptive_field_units.csv"]
+    run = start_run("receptive-field --stats", parameters, model, weights, device, out, outputs=[Path(out) / n for n in names])
+    with run:
+        return _stats_run(run, data, entries, options, thresholds_name, threshold_values, strict, max_pixels, progress, split, channel, started)
+
+
+def _stats_run(run: CommandRun, data: Any, entries: Sequence[Any], options: _Options, thresholds_name: str, threshold_values: Tuple[float, float],
+               strict: bool, max_pixels: int, progress: bool, split: Optional[str], channel: Optional[int], started: float) -> "ReceptiveFieldStatsResult":
+    """The measuring and writing of :func:`receptive_field_stats` (inside its run)."""
     radius: Dict[str, CategoryStats] = {}
     area: Dict[str, CategoryStats] = {}
     area_bins = LogBins(high=AREA_BINS_HIGH)

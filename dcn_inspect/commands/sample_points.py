@@ -133,37 +133,40 @@ def sample_points(
     boxes_of_images, boxes_source = boxes_per_image(image_paths, boxes, use_bundled=use_bundled)
     areas = np.concatenate([_box_areas(b) for b in boxes_of_images if b is not None] or [np.zeros(0)])
     options = _check_options(layers, levels, at, grid, group, round_positions, resize, fmt, gif, color_by_level, zoom, thresholds, areas, grad_weight)
-    run = start_run("sample-points", _parameters(image_paths, options, boxes, save_offsets), model, weights, device, out)
+    planned = [Path(out) / name for path in image_paths for name in _output_names(path, options)] + ([Path(save_offsets)] if save_offsets is not None else [])
+    run = start_run("sample-points", _parameters(image_paths, options, boxes, save_offsets), model, weights, device, out, outputs=planned)
 
     results: List[ImagePoints] = []
     per_image: List[Dict[str, Any]] = []
     offsets_arrays: Dict[str, np.ndarray] = {}
     traced_layers: Optional[List[Dict[str, Any]]] = None
     boxes_of = dict(zip(image_paths, boxes_of_images))
-    with images_of_run(image_paths, strict, max_pixels, "sample-points", progress) as (readable, skipped):
-        for path, image in readable:
-            model_input = to_model_input(image, run.loaded.preprocess, options.resize)
-            captured = probe(run.loaded.model, model_input.tensor.to(run.device))
-            records = _traced_records(captured.convs, options, run.loaded.name)
-            units, trees = _trace_image(path, model_input, records, boxes_of[path], boxes_source, options, run.notes)
-            categories = [unit_category(u, boxes_of[path], options.thresholds) for u in units]
-            grad_weights = _grad_weights(run, model_input, records, trees, options, path) if options.grad_weight else None
-            item = _write_image_outputs(path, image, units, categories, trees, options, run, grad_weights)
-            if save_offsets is not None:
-                offsets_arrays.update(offset_field_arrays(path.stem, captured.convs, model_input))
-            _note_approximate_frames(path, records, run.notes)
-            image_summary = _image_summary(path, model_input, records, units, item)
-            traced_layers = traced_layers or image_summary["layers"]
-            per_image.append(image_summary)
-            results.append(item)
-    offsets_path = None
-    if save_offsets is not None:
-        offsets_path = Path(save_offsets)
-        write_npz(offsets_path, offsets_arrays)
-    run.summary["layers"] = traced_layers
-    run.summary["images"] = per_image
-    run.summary["columns"] = {"<stem>_points.csv": describe(present(POINTS_CSV, grad_weight=options.grad_weight))}
-    summary_path = run.finish(skipped)
+    preprocess = run.loaded.preprocess
+    with run:
+        with images_of_run(image_paths, strict, max_pixels, "sample-points", progress, preprocess, options.resize) as (readable, skipped):
+            for path, image in readable:
+                model_input = to_model_input(image, preprocess, options.resize, max_pixels)
+                captured = probe(run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name)
+                records = _traced_records(captured.convs, options, run.loaded.name)
+                units, trees = _trace_image(path, model_input, records, boxes_of[path], boxes_source, options, run.notes)
+                categories = [unit_category(u, boxes_of[path], options.thresholds) for u in units]
+                grad_weights = _grad_weights(run, model_input, records, trees, options, path) if options.grad_weight else None
+                item = _write_image_outputs(path, image, units, categories, trees, options, run, grad_weights)
+                if save_offsets is not None:
+                    offsets_arrays.update(offset_field_arrays(path.stem, captured.convs, model_input))
+                _note_approximate_frames(path, records, run.notes)
+                image_summary = _image_summary(path, model_input, records, units, item)
+                traced_layers = traced_layers or image_summary["layers"]
+                per_image.append(image_summary)
+                results.append(item)
+        offsets_path = None
+        if save_offsets is not None:
+            offsets_path = Path(save_offsets)
+            write_npz(offsets_path, offsets_arrays)
+        run.summary["layers"] = traced_layers
+        run.summary["images"] = per_image
+        run.summary["columns"] = {"<stem>_points.csv": describe(present(POINTS_CSV, grad_weight=options.grad_weight))}
+        summary_path = run.finish(skipped)
     return SamplePointsResult(run.out_dir, [r["name"] for r in traced_layers or []], results, summary_path, offsets_path, run.notes, skipped.items)
 
 
@@ -223,6 +226,11 @@ def _parameters(image_paths: Sequence[Path], options: _Options, boxes: Optional[
         "zoom": options.zoom,
         "thresholds": list(options.thresholds),
     }
+
+
+def _output_names(path: Path, options: _Options) -> List[str]:
+    """The files :func:`_write_image_outputs` writes for ``path`` (in the output directory)."""
+    return [f"{path.stem}_points.csv", f"{path.stem}_sampling.{options.fmt}"] + ([f"{path.stem}_sampling.gif"] if options.gif else [])
 
 
 def _traced_records(convs: Dict[str, DeformConvRecord], options: _Options, model_name: str) -> List[DeformConvRecord]:

@@ -287,4 +287,5 @@ for _name, (_depth, _setting) in RESNET_ARCHITECTURES.items():
         _description(_depth, _setting),
         default_config=_config(_depth, _setting),
         preprocess=_PAPER_PREPROCESS if _setting == "paper" else MMDET_PREPROCESS,
+        config_aliases={"deform_groups": "offset_groups"},
     )(build_resnet)
