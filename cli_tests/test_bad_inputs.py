@@ -666,7 +666,7 @@ def test_second_run_on_a_busy_out_is_refused_and_the_first_is_intact(corpus: Dic
     assert units["image"].nunique() == 8
     counted = table[table["layer"] == "d3"]["count"].sum()
     assert len(units[(units["layer"] == "d3") & units["category"].isin(["small", "medium", "large", "background"])]) == counted
-    assert sorted(p.name for p in out.iterdir()) == ["dilation_hist.png", "dilation_table.csv", "dilation_table.md", "dilation_units.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["dilation_differences.csv", "dilation_hist.png", "dilation_table.csv", "dilation_table.md", "dilation_units.csv", "summary.json"]
 
 
 def _mount_tmpfs(target: Path, size: str) -> bool:
@@ -791,5 +791,5 @@ def test_image_named_like_an_output_is_refused_before_anything_is_written(corpus
     before = victim.read_bytes()
     code, _, stderr = _run(["sample-points", str(victim), str(corpus["good"]), "--model", f"{corpus['model']}:build", "--out", str(out)], capsys)
     assert code == 1, stderr
-    assert re.search(r"--out .*good_sampling\.png: is an input of this run \(IMAGES .*good_sampling\.png\); refusing to overwrite it", stderr), stderr
+    assert re.search(r"--out .*good_sampling\.png: is an input of this run \(IMAGE .*good_sampling\.png\); refusing to overwrite it", stderr), stderr
     assert victim.read_bytes() == before and _files_under(out) == [victim]

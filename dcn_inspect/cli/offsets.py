@@ -23,11 +23,11 @@ def offsets(
     images: Optional[List[Path]] = options.images("the bundled example images"),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
-    layers: Optional[List[str]] = typer.Option(None, "--layers", help="Deformable layer(s) to show (comma-separated or repeated; default: all)."),
+    layers: Optional[List[str]] = options.layers("to show (default: all)"),
     kernel_point: Optional[List[str]] = typer.Option(
-        None, "--kernel-point", help="Also show the offsets of kernel point A,B (kernel row, column, 0-based; 1,1 = centre of 3x3; repeatable)."
+        None, "--kernel-point", metavar="A,B", help="Also show the offsets of kernel point A,B (kernel row, column, 0-based; 1,1 = centre of 3x3; repeatable)."
     ),
-    group: str = typer.Option("0", "--group", help="Offset group to show (G), or 'mean' to average the groups."),
+    group: str = typer.Option("0", "--group", metavar="G|mean", help="Offset group to show (G), or 'mean' to average the groups."),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
     out: Path = options.out(),
