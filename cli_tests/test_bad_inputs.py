@@ -254,6 +254,10 @@ def _hostile_files(root: Path, files: Dict[str, Path]) -> None:
     os.symlink(files["loop_dir"].name, files["loop_dir"])
     files["loop_ckpt"] = root / "loop.pt"
     os.symlink(files["loop_ckpt"].name, files["loop_ckpt"])
+    # Named pipes: reading one blocks until a writer comes, so they must be refused before any open.
+    for key, name in (("fifo_image", "fifo.png"), ("fifo_json", "fifo.json"), ("fifo_ckpt", "fifo.pt")):
+        files[key] = root / name
+        os.mkfifo(files[key])
     # checkpoints
     files["ckpt_resize_huge"] = _native(root / "resize_huge.pt", meta={"preprocess": {"resize": 60000}})
     files["ckpt_resize_max"] = _native(root / "resize_max.pt", meta={"preprocess": {"resize": 16384}})
@@ -377,6 +381,9 @@ CASES = [
     Case("ckpt-config-unknown-option", ["sample-points", "{good}", "--model", "{ckpt_config_unknown}"], r"config_unknown\.pt: its config does not fit architecture dcn-sample \(.*unexpected keyword argument 'depth'\)"),
     Case("ckpt-state-not-tensors", ["sample-points", "{good}", "--model", "{ckpt_state_not_tensors}"], r"state_not_tensors\.pt: state_dict entry 'stem\.0\.weight' is not a tensor"),
     # messages that name the problem
+    Case("image-fifo", ["sample-points", "{fifo_image}", "--model", "{model}:build"], r"fifo\.png: not a regular file \(a pipe, socket or device\)"),
+    Case("dataset-fifo", ["dilation-stats", "{fifo_json}", "--model", "{model}:build"], r"fifo\.json: not a regular file or directory \(a pipe, socket or device\)"),
+    Case("ckpt-fifo", ["sample-points", "{good}", "--model", "dcn-sample", "--weights", "{fifo_ckpt}"], r"fifo\.pt: not a regular file \(a pipe, socket or device\)"),
     Case("image-symlink-loop", ["sample-points", "{loop}", "--model", "{model}:build"], r"loop\.png: symlink loop"),
     Case("ckpt-symlink-loop", ["sample-points", "{good}", "--model", "{loop_ckpt}"], r"--model .*loop\.pt: symlink loop"),
     Case("out-symlink-loop", ["sample-points", "{good}", "--model", "{model}:build", "--out", "{loop_dir}"], r"--out .*loop_dir: is a symlink that leads nowhere"),

@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 
 import typer
 
+from dcn_inspect.cli import render
 from dcn_inspect.cli import options
 from dcn_inspect.cli.app import app, print_skipped
 
@@ -52,12 +53,11 @@ def bins(
 ) -> None:
     """Regular versus deformed RoI-pooling bins (the paper's Fig. 7): CSV, figure and summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters
-    from rich.console import Console
 
     from dcn_inspect.commands.bins import bins as run
 
     result = run(**{**given, **dict(images=images or None, rois=rois or ())})
-    console = Console()
+    console = render.console()
     for item in result.images:
         console.print(f"{item.image.name}: {len(item.rois)} RoI(s) -> {item.csv}, {item.figure}")
     if result.foreground is not None:

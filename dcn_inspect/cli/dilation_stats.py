@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 
 import typer
 
+from dcn_inspect.cli import render
 from dcn_inspect.cli import options
 from dcn_inspect.cli.app import app, comma_list
 
@@ -44,14 +45,13 @@ def dilation_stats(
 ) -> None:
     """Effective dilation per deformable layer and object size (the paper's Table 2): CSV, Markdown, histogram, summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters
-    from rich.console import Console
 
     from dcn_inspect.commands.dilation_stats import dilation_stats as run
 
     result = run(**{**given, **dict(layers=comma_list(layers))})
     if result.rank != 0:
         return
-    console = Console()
+    console = render.console()
     console.print(rich_table(result.table, result.units))
     console.print(rich_differences(result.differences, result.units))
     low, high = result.thresholds

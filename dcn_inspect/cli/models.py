@@ -10,6 +10,7 @@ from typing import Any, List, Optional, Tuple
 
 import typer
 
+from dcn_inspect.cli import render
 from dcn_inspect.cli import options
 from dcn_inspect.cli.app import app
 
@@ -27,7 +28,6 @@ INFO_EPILOG = (
 @app.command("models", epilog=MODELS_EPILOG)
 def models_command() -> None:
     """List the built-in deformable architectures and their bundled weights."""
-    from rich.console import Console
     from rich.table import Table
 
     from dcn_inspect.commands.info import list_architectures
@@ -38,7 +38,7 @@ def models_command() -> None:
     table.add_column("bundled weights", overflow="fold")
     for row in list_architectures():
         table.add_row(row.name, row.description, row.weights_label)
-    console = Console()
+    console = render.console()
     console.print(table)
     console.print(
         "Load one with --model NAME [--weights CHECKPOINT], or pass a checkpoint path "
@@ -91,14 +91,13 @@ def info_command(
     max_pixels: int = options.max_pixels(),
 ) -> None:
     """Show a model's deformable layers (kernel, stride, dilation, groups, offset channels, v1/v2, feature-frame stride in pixels), its parameter counts and, with an image, offset statistics."""
-    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from dcn_inspect.commands.info import model_info
     from dcn_inspect.loading import load_model
 
     model_spec, image_path = resolve_info_arguments(target, image, model)
-    errors = Console(stderr=True)
+    errors = render.console(stderr=True)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -112,7 +111,7 @@ def info_command(
         progress.update(task, advance=1, description="probing the deformable layers")
         info = model_info(loaded, image_path, resize, max_pixels)
         progress.update(task, advance=1)
-    console = Console()
+    console = render.console()
     for renderable in info_renderables(info):
         console.print(renderable)
 

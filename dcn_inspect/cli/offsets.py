@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from dcn_inspect.cli import render
 from dcn_inspect.cli import options
 from dcn_inspect.cli.app import app, comma_list, print_skipped
 
@@ -37,12 +38,11 @@ def offsets(
 ) -> None:
     """Dense offset maps per deformable layer: flow colours, magnitude, effective dilation over the image; PNG, npz, summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters
-    from rich.console import Console
 
     from dcn_inspect.commands.offsets import offsets as run
 
     result = run(**{**given, **dict(images=images or None, layers=comma_list(layers), kernel_point=kernel_point or ())})
-    console = Console()
+    console = render.console()
     console.print(f"layers (top first): {', '.join(result.layers)}")
     for item in result.images:
         console.print(f"{item.image.name}: {len(item.maps)} layer(s) -> {item.figure}")

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from dcn_inspect.cli import render
 from dcn_inspect.cli import options
 from dcn_inspect.cli.app import app, comma_list, print_skipped
 from dcn_inspect.errors import InputError
@@ -61,11 +62,10 @@ def receptive_field(
 ) -> None:
     """Effective receptive field, gradient-weighted sampling points and error-bounded saliency region of chosen units (DCNv2 §2.1): figure, CSV, npz, summary.json."""
     given = dict(locals())  # the options, named as the library functions name their parameters
-    from rich.console import Console
 
     given.pop("stats")
     given["layers"] = comma_list(layers)
-    console = Console()
+    console = render.console()
     if stats:
         _refuse(given, _IMAGES_ONLY, "stats")
         if images and len(images) > 1:

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from dcn_inspect.cli import render
 from dcn_inspect.cli import options
 from dcn_inspect.cli.app import app, print_skipped, comma_list
 
@@ -45,12 +46,11 @@ def sample_points(
 ) -> None:
     """Trace the sampling points of chosen units back to the image (the paper's Fig. 5/6): CSV, figure, summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters
-    from rich.console import Console
 
     from dcn_inspect.commands.sample_points import sample_points as run
 
     result = run(**{**given, **dict(images=images or None, layers=comma_list(layers), at=at or ())})
-    console = Console()
+    console = render.console()
     console.print(f"traced layers (top first): {', '.join(result.layers)}")
     for item in result.images:
         outputs = [str(item.csv), str(item.figure)] + ([str(item.gif)] if item.gif else [])
