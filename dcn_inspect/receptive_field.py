@@ -83,7 +83,7 @@ import torch
 from torch import nn
 
 from dcn_inspect.errors import InputError
-from dcn_inspect.geometry import FrameMap, FrameTracker, LayerGeometry, _arg, _flat_tensors, _pair
+from dcn_inspect.geometry import FrameMap, FrameTracker, LayerGeometry, flat_tensors, is_padding, sliding_window
 from dcn_inspect.hooks import ADAPTERS, capture_offsets
 from dcn_inspect.ops import deform_conv2d
 from dcn_inspect.records import DeformConvRecord, OffsetCapture
@@ -158,6 +158,24 @@ def effective_receptive_field(input_grad: torch.Tensor, original_hw: Tuple[int, 
 # --------------------------------------------------------------------------------------------
 
 
+def grid_reach(kernel: int, dilation: int, scale: float = 1.0) -> Tuple[float, float]:
+    """How many input cells (before, after) a k-tap grid of ``dilation`` reads around an output
+    cell's centre along one axis, offsets zero.
+
+    The output cell's centre is input index ``t0 = j*stride - pad + dilation*(k-1)/2`` (the frame
+    arithmetic); tap b sits at ``t0 - dilation*(k-1)/2 + c + scale*(b*dilation - c)``, ``c =
+    (dilation*(k-1)) // 2`` (a layer that scales its grid, DCNv3/v4's ``offset_scale``; scale 1:
+    at ``t0 + b*dilation - dilation*(k-1)/2``). A tap at a fractional index reads the two cells
+    around it (bilinear). Scale 1 gives ``(k-1)/2*dilation`` each side.
+    """
+    centre = dilation * (kernel - 1) / 2
+    c = (dilation * (kernel - 1)) // 2
+    taps = [c + scale * (b * dilation - c) for b in range(kernel)]  # positions relative to t0 - centre
+    before = centre - math.floor(min(taps) + 1e-9)
+    after = math.ceil(max(taps) - 1e-9) - centre
+    return (max(before, 0.0), max(after, 0.0))
+
+
 @dataclass(frozen=True)
 class Extent:
     """How far a cell's receptive field reaches from the cell's centre, in model-input pixels.
@@ -175,11 +193,13 @@ class Extent:
         """An input pixel: the unit square around its centre."""
         return Extent(0.5, 0.5, 0.5, 0.5)
 
-    def grown(self, kernel: Tuple[int, int], dilation: Tuple[int, int], frame: FrameMap) -> "Extent":
-        """Through a k x k window of dilation d on a map with ``frame``: (k - 1) / 2 * d input cells each side."""
-        reach_y = (kernel[0] - 1) / 2 * dilation[0] * frame.stride_y
-        reach_x = (kernel[1] - 1) / 2 * dilation[1] * frame.stride_x
-        return Extent(self.left + reach_x, self.right + reach_x, self.top + reach_y, self.bottom + reach_y)
+    def grown(self, kernel: Tuple[int, int], dilation: Tuple[int, int], frame: FrameMap, scale: float = 1.0) -> "Extent":
+        """Through a k x k window of dilation d on a map with ``frame``: :func:`grid_reach` input cells each side
+        ((k - 1) / 2 * d for an unscaled grid)."""
+        top, bottom = grid_reach(kernel[0], dilation[0], scale)
+        left, right = grid_reach(kernel[1], dilation[1], scale)
+        sx, sy = frame.stride_x, frame.stride_y
+        return Extent(self.left + left * sx, self.right + right * sx, self.top + top * sy, self.bottom + bottom * sy)
 
     def union(self, other: "Extent") -> "Extent":
         return Extent(max(self.left, other.left), max(self.right, other.right), max(self.top, other.top), max(self.bottom, other.bottom))
@@ -189,28 +209,18 @@ class Extent:
         return (x - self.left, y - self.top, x + self.right, y + self.bottom)
 
 
-def _spatial(t: Any) -> Optional[Tuple[int, int]]:
-    """(H, W) of a channels-first 4-D map (extents follow NCHW maps only)."""
-    if isinstance(t, torch.Tensor) and t.dim() == 4:
-        return (t.shape[2], t.shape[3])
-    return None
-
-
-_CONV = {torch.conv2d, torch.nn.functional.conv2d}
-_MAXPOOL = {torch.nn.functional.max_pool2d, torch.max_pool2d, torch.nn.functional.max_pool2d_with_indices}
-_AVGPOOL = {torch.nn.functional.avg_pool2d, torch._C._nn.avg_pool2d}
-_PAD = {torch.nn.functional.pad, torch._C._nn.pad, torch.constant_pad_nd}
-
-
 class ExtentTracker(FrameTracker):
     """A :class:`~dcn_inspect.geometry.FrameTracker` that also follows each map's receptive-field extent.
 
-    Convs and pools widen the extent by their window ((k - 1) / 2 * dilation input cells each
-    side), pads keep it, element-wise ops (activations, norms, residual sums, concatenations)
-    take the union of their same-size inputs'. Deformable layers are opaque to the tracker;
-    :class:`GradientForward` widens their extent by their regular grid (offsets as zero).
-    A map whose frame is lost (resizes, global pooling) has no extent: the theoretical receptive
-    field of a layer after it is unknown.
+    An extent goes wherever the frame goes, in every map layout the frame tracker follows
+    (channels-first, channels-last, tokens): convs and pools widen it by their window
+    (:func:`~dcn_inspect.geometry.sliding_window`: (k - 1) / 2 * dilation input cells each side),
+    pads keep it, and every other op whose output keeps a frame (activations, norms and
+    ``Linear`` layers over channels, residual sums, concatenations, permutes and reshapes between
+    layouts) takes the union of the extents of its inputs of the same map size. Deformable layers
+    are opaque to the tracker; :class:`GradientForward` widens their extent by their regular grid
+    (offsets as zero). A map whose frame is lost (resizes, global pooling) has no extent: the
+    theoretical receptive field of a layer after it is unknown.
     """
 
     def __init__(self) -> None:
@@ -239,42 +249,28 @@ class ExtentTracker(FrameTracker):
         out = super().__torch_function__(func, types, args, kwargs)
         if self._opaque_depth > 0:
             return out
-        known = [(t, e) for t in list(_flat_tensors(args)) + list(_flat_tensors(kwargs)) if _spatial(t) is not None and (e := self.extent_of(t)) is not None]
+        known = [(t, e) for t in list(flat_tensors(args)) + list(flat_tensors(kwargs)) if (e := self.extent_of(t)) is not None]
         if not known:
             return out
+        window = sliding_window(func, args, kwargs)
         source, extent = known[0]
-        frame = self.frame_of(source)
-        if func in _CONV or func in _MAXPOOL or func in _AVGPOOL:
-            if frame is None or not isinstance(out, (torch.Tensor, tuple)):
-                return out
-            if func in _CONV:
-                weight = _arg(args, kwargs, 1, "weight", None)
-                if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-                    return out
-                kernel = (int(weight.shape[2]), int(weight.shape[3]))
-                dilation = _pair(_arg(args, kwargs, 5, "dilation", 1))
+        for t in flat_tensors(out):
+            layout = self.layout_of(t)
+            if layout is None:
+                continue  # the frame tracker gave it no frame: no extent either
+            if window is not None:
+                frame = self.frame_of(source)
+                if frame is not None:
+                    self.set_extent(t, extent.grown(window.kernel, window.dilation, frame))
+            elif is_padding(func):
+                self.set_extent(t, extent)
             else:
-                kernel = _pair(_arg(args, kwargs, 1, "kernel_size", 1))
-                dilation = _pair(_arg(args, kwargs, 4, "dilation", 1)) if func in _MAXPOOL else (1, 1)
-            grown = extent.grown(kernel, dilation, frame)
-            for t in _flat_tensors(out):
-                if _spatial(t) is not None:
-                    self.set_extent(t, grown)
-            return out
-        if func in _PAD:
-            if isinstance(out, torch.Tensor):
-                self.set_extent(out, extent)
-            return out
-        for t in _flat_tensors(out):
-            hw = _spatial(t)
-            if hw is None:
-                continue
-            same = [e for s, e in known if _spatial(s) == hw]
-            if same:
-                merged = same[0]
-                for other in same[1:]:
-                    merged = merged.union(other)
-                self.set_extent(t, merged)
+                same = [e for s, e in known if (other := self.layout_of(s)) is not None and other.hw == layout.hw]
+                if same:
+                    merged = same[0]
+                    for more in same[1:]:
+                        merged = merged.union(more)
+                    self.set_extent(t, merged)
         return out
 
 
