@@ -14,7 +14,7 @@ FIGURES_OUT ?= $(OUT)/figures
 # receptive-field: three units (background, a small cross, the large disc) under dcn-sample and its plain dilated baseline.
 RF_FIGURE_ARGS := dcn_inspect/data/images/scene_04.jpg --at 8,8 --at 64,232 --at 128,136 --compare-model dcn-sample-dilated
 
-.PHONY: setup demo figures test ops bench clean
+.PHONY: setup demo figures test ops bench clean readme-tables
 
 setup: $(VENV)/.installed
 
@@ -64,6 +64,10 @@ bench: ops
 	$(BIN)/python bench/tracing.py --cli
 	$(BIN)/python bench/dilation_stats.py --threads 1
 	$(BIN)/python bench/receptive_field.py --only bundled
+
+# The README's CSV column tables, regenerated from the columns' definitions in the package.
+readme-tables: setup
+	$(BIN)/python tools/readme_tables.py README.md
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info

@@ -254,6 +254,10 @@ def _hostile_files(root: Path, files: Dict[str, Path]) -> None:
     os.symlink(files["loop_dir"].name, files["loop_dir"])
     files["loop_ckpt"] = root / "loop.pt"
     os.symlink(files["loop_ckpt"].name, files["loop_ckpt"])
+    # Named pipes: reading one blocks until a writer comes, so they must be refused before any open.
+    for key, name in (("fifo_image", "fifo.png"), ("fifo_json", "fifo.json"), ("fifo_ckpt", "fifo.pt")):
+        files[key] = root / name
+        os.mkfifo(files[key])
     # checkpoints
     files["ckpt_resize_huge"] = _native(root / "resize_huge.pt", meta={"preprocess": {"resize": 60000}})
     files["ckpt_resize_max"] = _native(root / "resize_max.pt", meta={"preprocess": {"resize": 16384}})
@@ -377,6 +381,9 @@ CASES = [
     Case("ckpt-config-unknown-option", ["sample-points", "{good}", "--model", "{ckpt_config_unknown}"], r"config_unknown\.pt: its config does not fit architecture dcn-sample \(.*unexpected keyword argument 'depth'\)"),
     Case("ckpt-state-not-tensors", ["sample-points", "{good}", "--model", "{ckpt_state_not_tensors}"], r"state_not_tensors\.pt: state_dict entry 'stem\.0\.weight' is not a tensor"),
     # messages that name the problem
+    Case("image-fifo", ["sample-points", "{fifo_image}", "--model", "{model}:build"], r"fifo\.png: not a regular file \(a pipe, socket or device\)"),
+    Case("dataset-fifo", ["dilation-stats", "{fifo_json}", "--model", "{model}:build"], r"fifo\.json: not a regular file or directory \(a pipe, socket or device\)"),
+    Case("ckpt-fifo", ["sample-points", "{good}", "--model", "dcn-sample", "--weights", "{fifo_ckpt}"], r"fifo\.pt: not a regular file \(a pipe, socket or device\)"),
     Case("image-symlink-loop", ["sample-points", "{loop}", "--model", "{model}:build"], r"loop\.png: symlink loop"),
     Case("ckpt-symlink-loop", ["sample-points", "{good}", "--model", "{loop_ckpt}"], r"--model .*loop\.pt: symlink loop"),
     Case("out-symlink-loop", ["sample-points", "{good}", "--model", "{model}:build", "--out", "{loop_dir}"], r"--out .*loop_dir: is a symlink that leads nowhere"),
@@ -666,7 +673,7 @@ def test_second_run_on_a_busy_out_is_refused_and_the_first_is_intact(corpus: Dic
     assert units["image"].nunique() == 8
     counted = table[table["layer"] == "d3"]["count"].sum()
     assert len(units[(units["layer"] == "d3") & units["category"].isin(["small", "medium", "large", "background"])]) == counted
-    assert sorted(p.name for p in out.iterdir()) == ["dilation_hist.png", "dilation_table.csv", "dilation_table.md", "dilation_units.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["dilation_differences.csv", "dilation_hist.png", "dilation_table.csv", "dilation_table.md", "dilation_units.csv", "summary.json"]
 
 
 def _mount_tmpfs(target: Path, size: str) -> bool:
@@ -791,5 +798,5 @@ def test_image_named_like_an_output_is_refused_before_anything_is_written(corpus
     before = victim.read_bytes()
     code, _, stderr = _run(["sample-points", str(victim), str(corpus["good"]), "--model", f"{corpus['model']}:build", "--out", str(out)], capsys)
     assert code == 1, stderr
-    assert re.search(r"--out .*good_sampling\.png: is an input of this run \(IMAGES .*good_sampling\.png\); refusing to overwrite it", stderr), stderr
+    assert re.search(r"--out .*good_sampling\.png: is an input of this run \(IMAGE .*good_sampling\.png\); refusing to overwrite it", stderr), stderr
     assert victim.read_bytes() == before and _files_under(out) == [victim]

@@ -161,7 +161,7 @@ def _run(ws: Dict[str, Any], loaded: LoadedModel, out: Path, **kwargs: Any) -> T
     kwargs.setdefault("rois", ROIS)
     kwargs.setdefault("resize", RESIZE)
     result = bins([ws["image"]], model=loaded, out=out, progress=False, **kwargs)
-    table = pd.read_csv(result.images[0].csv, comment="#", keep_default_na=False)
+    table = pd.read_csv(result.images[0].csv)
     summary = json.loads(result.summary.read_text())
     return table, summary
 
@@ -245,8 +245,10 @@ def test_csv_columns_units_and_regular_bins_tile_the_rounded_roi(workspace: Dict
     loaded = _loaded(workspace["module"], "build")
     table, summary = _run(workspace, loaded, tmp_path, class_choice="all")
     csv_path = tmp_path / "scene_bins.csv"
-    first = csv_path.read_text().splitlines()[0]
-    assert first.startswith("# ") and "original image" in first and "dx_norm" in first
+    assert csv_path.read_text().splitlines()[0] == ",".join(CSV_COLUMNS)  # a plain header; units in summary.json
+    described = {c["name"]: c for c in summary["columns"]["<stem>_bins.csv"]}
+    assert list(described) == CSV_COLUMNS and described["bx1"]["unit"] == "original-image pixels"
+    assert described["dx_norm"]["unit"] == "dimensionless"
     assert list(table.columns) == CSV_COLUMNS
     assert len(table) == len(ROIS) * 3 * 9
     sx, sy = _scales(summary)
@@ -311,7 +313,7 @@ def test_sampling_points_csv_matches_bins(workspace: Dict[str, Any], tmp_path: P
     spy = PoolSpy(loaded.model.pool)
     table, summary = _run(workspace, loaded, tmp_path, class_choice="cat", points=True)
     sx, sy = _scales(summary)
-    points = pd.read_csv(tmp_path / "scene_bin_points.csv", comment="#", keep_default_na=False)
+    points = pd.read_csv(tmp_path / "scene_bin_points.csv")
     assert list(points.columns) == POINT_COLUMNS
     assert len(points) == len(table) * 4  # sample_per_part = 2
     merged = points.merge(table, on=["roi", "class", "bin_row", "bin_col"])
@@ -427,7 +429,7 @@ def test_mmcv_deform_roi_pool_bins(workspace: Dict[str, Any], tmp_path: Path) ->
     np.testing.assert_allclose(grid["dx_norm"].to_numpy(), offset[:, 0].reshape(-1), rtol=1e-5, atol=1e-6)
     assert np.abs(offset).max() > 0.1
     # mmcv samples the centres of a sampling_ratio x sampling_ratio grid of sub-cells.
-    points = pd.read_csv(tmp_path / "scene_bin_points.csv", comment="#", keep_default_na=False)
+    points = pd.read_csv(tmp_path / "scene_bin_points.csv")
     assert len(points) == len(table) * 4
     merged = points.merge(table, on=["roi", "class", "bin_row", "bin_col"])
     a, b = merged["point"] // 2, merged["point"] % 2
@@ -475,6 +477,35 @@ def test_annotations_give_the_rois_and_their_classes(workspace: Dict[str, Any], 
         bins([other], model=loaded, annotations=annotation, out=tmp_path / "x", progress=False)
 
 
+def test_boxes_are_read_as_sample_points_reads_them(workspace: Dict[str, Any], tmp_path: Path) -> None:
+    # The same option and file formats as sample-points --boxes: a CSV, or a COCO json whose crowd
+    # boxes are left out (annotations= takes every box).
+    coco = {
+        "images": [{"id": 7, "file_name": "scene.png", "width": IMAGE_HW[1], "height": IMAGE_HW[0]}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 2, "bbox": [5, 4, 25, 29], "iscrowd": 0, "area": 725},
+            {"id": 2, "image_id": 7, "category_id": 1, "bbox": [0, 0, 40, 40], "iscrowd": 1, "area": 1600},
+            {"id": 3, "image_id": 7, "category_id": 1, "bbox": [20, 10, 30, 25], "iscrowd": 0, "area": 750},
+        ],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+    }
+    annotation = tmp_path / "instances.json"
+    annotation.write_text(json.dumps(coco))
+    boxes_csv = tmp_path / "boxes.csv"
+    boxes_csv.write_text("x1,y1,x2,y2,class\n5,4,30,33,dog\n20,10,50,35,cat\n")
+    loaded = _loaded(workspace["module"], "build")
+    from_json, summary = _run(workspace, loaded, tmp_path / "json", rois=(), boxes=annotation, class_choice="gt")
+    from_csv, _ = _run(workspace, loaded, tmp_path / "csv", rois=(), boxes=boxes_csv, class_choice="gt")
+    from_rois, _ = _run(workspace, loaded, tmp_path / "rois", rois=(), rois_file=boxes_csv, class_choice="gt")
+    assert [r["box"] for r in summary["images"][0]["rois"]] == [[5, 4, 30, 33], [20, 10, 50, 35]]
+    pd.testing.assert_frame_equal(from_json, from_csv)
+    pd.testing.assert_frame_equal(from_csv, from_rois)
+    every, _ = _run(workspace, loaded, tmp_path / "all", rois=(), annotations=annotation, class_choice="gt")
+    assert every["roi"].nunique() == 3  # the crowd box too
+    with raises_cli(r"--boxes .*missing.json: file not found", "bins"):
+        _run(workspace, loaded, tmp_path / "bad", boxes=tmp_path / "missing.json")
+
+
 def test_outputs_are_reproducible(workspace: Dict[str, Any], tmp_path: Path) -> None:
     loaded = _loaded(workspace["module"], "build")
     for name in ("a", "b"):
@@ -494,7 +525,7 @@ def test_cli_with_user_model_file(workspace: Dict[str, Any], tmp_path: Path) -> 
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["scene_bin_points.csv", "scene_bins.csv", "scene_bins.svg", "summary.json"]
-    table = pd.read_csv(out / "scene_bins.csv", comment="#")
+    table = pd.read_csv(out / "scene_bins.csv")
     assert set(table["class"]) == {"dog"} and len(table) == 18
     bad = subprocess.run(command[:5] + ["--model", f"{workspace['model_file']}:build", "--roi", "9,9,1,20", "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1

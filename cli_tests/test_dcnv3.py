@@ -171,7 +171,7 @@ def test_three_layer_stage_traced_end_to_end_gives_the_analytic_tree(tmp_path, k
     loaded = LoadedModel(model, f"{kind}-stage", None, {}, PLAIN, "user-file")
     result = sample_points([_image(tmp_path / "scene.png")], model=loaded, at=["32.5,32.5"], group=group, out=tmp_path / "out", progress=False)
     assert result.layers == ["top.dcn", "layers.1.dcn", "layers.0.dcn"]
-    table = pd.read_csv(result.images[0].csv, comment="#")
+    table = pd.read_csv(result.images[0].csv)
     dilation = {
         "top": offset_scale * (2 + STRETCH[2][group]),
         "layers.1": offset_scale * (1 + STRETCH[1][group]),

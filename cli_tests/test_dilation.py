@@ -134,6 +134,42 @@ def test_centres_outside_the_image_count_nowhere():
     assert (codes[3, :] == OUTSIDE).all() and (codes[:, 3] == OUTSIDE).all()
 
 
+def _categories_unit_by_unit(frame, output_hw, image_wh, boxes, ignore, thresholds):
+    """The category rule written out for one unit at a time (the oracle)."""
+    codes = np.empty(output_hw, dtype=np.int64)
+    for i in range(output_hw[0]):
+        for j in range(output_hw[1]):
+            x, y = frame.to_image(float(j), float(i))
+            holding = [n for n in range(len(boxes)) if boxes[n, 0] <= x <= boxes[n, 2] and boxes[n, 1] <= y <= boxes[n, 3]]
+            real = [n for n in holding if not ignore[n]]
+            if real:
+                areas = [(boxes[n, 2] - boxes[n, 0]) * (boxes[n, 3] - boxes[n, 1]) for n in real]
+                codes[i, j] = area_category(np.array([min(areas)]), thresholds)[0]
+            elif holding:
+                codes[i, j] = IGNORED
+            else:
+                codes[i, j] = BACKGROUND if 0 <= x <= image_wh[0] and 0 <= y <= image_wh[1] else OUTSIDE
+    return codes
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_categories_follow_the_unit_by_unit_rule_on_random_boxes(seed):
+    rng = np.random.default_rng(seed)
+    frame = FrameMap(float(rng.choice([1.0, 2.5, 4.0, 8.0])), float(rng.choice([1.0, 3.0, 8.0])), float(rng.uniform(-3, 3)), float(rng.uniform(-3, 3)))
+    output_hw = (int(rng.integers(1, 12)), int(rng.integers(1, 12)))
+    image_wh = (int(rng.integers(5, 80)), int(rng.integers(5, 80)))
+    corners = rng.uniform(-10, 90, size=(int(rng.integers(0, 8)), 2, 2))
+    # Some edges exactly on unit centres (the inclusive rule), some boxes of equal area.
+    corners[::3] = np.round(corners[::3])
+    boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
+    if len(boxes) > 2:
+        boxes[1] = boxes[0] + [7.0, 0.0, 7.0, 0.0]  # same area as box 0, shifted
+    ignore = rng.random(len(boxes)) < 0.3
+    thresholds = (100.0, 1200.0)
+    expected = _categories_unit_by_unit(frame, output_hw, image_wh, boxes, ignore, thresholds)
+    np.testing.assert_array_equal(unit_categories(frame, output_hw, image_wh, boxes, ignore, thresholds), expected)
+
+
 def test_area_category_and_thresholds():
     np.testing.assert_array_equal(area_category(np.array([1.0, 5.0, 49.9, 50.0, 1e6]), (5.0, 50.0)), [SMALL, MEDIUM, MEDIUM, LARGE, LARGE])
     assert resolve_thresholds("paper") == ("paper", (96.0**2, 224.0**2))
@@ -201,6 +237,41 @@ def test_merged_shards_equal_the_whole():
     assert torch.equal(again.count, whole.count) and torch.equal(again.mean, whole.mean)
 
 
+def test_rows_updated_together_equal_one_state_per_row():
+    from dcn_inspect.category_stats import CategoryStatsRows
+
+    rng = np.random.default_rng(4)
+    block = CategoryStatsRows()
+    block.add_rows(3)
+    single = [CategoryStats() for _ in range(3)]
+    for batch, rows in enumerate([[0, 1, 2], [1, 2], [2, 0], [0]]):  # consecutive rows (views) and not (index)
+        codes = rng.integers(0, 4, size=200 + 50 * batch)
+        codes[:4] = [0, 1, 2, 3]
+        values = rng.gamma(2.0, 1.5, size=(len(rows), codes.size))
+        count = torch.bincount(torch.from_numpy(codes), minlength=4)
+        total = torch.stack([torch.bincount(torch.from_numpy(codes), weights=torch.from_numpy(v), minlength=4) for v in values])
+        block.update(rows, torch.from_numpy(values), torch.from_numpy(codes), count, total)
+        for k, row in enumerate(rows):
+            single[row].update(torch.from_numpy(values[k]), torch.from_numpy(codes))
+    for row, expected in enumerate(single):
+        got = block.row(row)
+        assert torch.equal(got.count, expected.count) and torch.equal(got.hist, expected.hist)
+        assert torch.equal(got.minimum, expected.minimum) and torch.equal(got.maximum, expected.maximum)
+        torch.testing.assert_close(got.mean, expected.mean, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.m2, expected.m2, rtol=1e-10, atol=0)
+
+
+def test_histogram_bins_hold_values_between_their_edges():
+    rng = np.random.default_rng(5)
+    values = torch.from_numpy(np.concatenate([rng.uniform(0.0, 2e-3, 500), np.exp(rng.uniform(np.log(1e-3), np.log(1e5), 5000))]))
+    index = BINS.index(values)
+    lower = torch.tensor([BINS.lower_edge(int(k)) for k in index], dtype=torch.float64)
+    upper = torch.tensor([BINS.upper_edge(int(k)) for k in index], dtype=torch.float64)
+    # Within rounding of an edge a value may sit in the neighbouring bin: 1e-12 relative.
+    assert bool((values >= lower * (1 - 1e-12)).all()) and bool((values < upper * (1 + 1e-12)).all())
+    assert BINS.index(torch.tensor([0.0, 1e-9, 1e9], dtype=torch.float64)).tolist() == [0, 0, BINS.count - 1]
+
+
 def test_constant_values_give_exact_percentiles_and_zero_std():
     stats = _stats_of(np.full(100, 2.5), np.zeros(100, dtype=np.int64))
     row = stats.summary_rows()[0]
@@ -228,3 +299,41 @@ def test_histogram_figure_densities_integrate_to_one():
         assert float((density * np.diff(edges)).sum()) == pytest.approx(1.0)
     figure = draw_dilation_histograms({"top": stats, "bottom": stats}, "cells", "paper")
     assert len(figure.axes) == 2 and figure.axes[0].get_title() == "top"
+
+
+# ---------------------------------------------------------------------------------- bootstrap intervals
+
+
+def _naive_bootstrap(sums, counts, resamples, seed):
+    """The textbook percentile bootstrap over images, written out: all draws at once."""
+    draws = np.random.default_rng(seed).integers(0, sums.shape[0], size=(resamples, sums.shape[0]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+
+
+def test_bootstrap_in_bounded_chunks_equals_all_draws_at_once(monkeypatch):
+    import dcn_inspect.category_stats as category_stats
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 50, size=(37, 4)).astype(np.float64)
+    counts[:, 2] = 0  # an empty category: no interval
+    sums = counts * rng.uniform(1.0, 6.0, size=(37, 4))
+    monkeypatch.setattr(category_stats, "_BOOTSTRAP_ELEMENTS", 37 * 4 * 7)  # 7 resamples per chunk
+    intervals, differences = category_stats.bootstrap_means(sums, counts, [(1, 0), (2, 0)], resamples=300, seed=5)
+    means = _naive_bootstrap(sums, counts, 300, 5)
+    np.testing.assert_allclose(intervals[[0, 1, 3]], np.percentile(means[:, [0, 1, 3]], [2.5, 97.5], axis=0).T, rtol=1e-14)
+    assert np.isnan(intervals[2]).all()
+    assert differences[(1, 0)] == pytest.approx(tuple(np.percentile(means[:, 1] - means[:, 0], [2.5, 97.5])), rel=1e-14)
+    assert all(math.isnan(v) for v in differences[(2, 0)])
+
+
+def test_difference_intervals_separate_shifted_categories_and_cover_zero_otherwise():
+    from dcn_inspect.category_stats import bootstrap_means
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(20, 40, size=(60, 4)).astype(np.float64)
+    per_image = rng.normal(0.0, 0.3, size=(60, 4)) + np.array([2.0, 3.0, 3.0, 4.0])  # medium == large
+    sums = counts * per_image
+    _, differences = bootstrap_means(sums, counts, [(1, 0), (2, 1), (3, 2)])
+    assert differences[(1, 0)][0] > 0.5 and differences[(3, 2)][0] > 0.5  # clearly shifted
+    assert differences[(2, 1)][0] < 0 < differences[(2, 1)][1]  # equal means: the interval covers 0

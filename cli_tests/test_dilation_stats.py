@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dcn_inspect.dilation import tertile_thresholds
-from dcn_inspect.commands.dilation_stats import TABLE_COLUMNS, UNIT_COLUMNS, dilation_stats, size_batches
+from dcn_inspect.commands.dilation_stats import DIFFERENCE_COLUMNS, TABLE_COLUMNS, UNIT_COLUMNS, dilation_stats, size_batches
 from dcn_inspect.loading import load_model
 
 from conftest import raises_cli
@@ -114,7 +114,7 @@ def _run(ws: Dict[str, Any], model: str, out: Path, **kwargs: Any):
 
 
 def _table(out: Path) -> pd.DataFrame:
-    return pd.read_csv(out / "dilation_table.csv", comment="#")
+    return pd.read_csv(out / "dilation_table.csv")
 
 
 # ---------------------------------------------------------------------------------- exact values
@@ -143,7 +143,7 @@ def test_zero_offsets_give_the_dilation_in_cells_and_pixels_scaled_to_the_origin
     # --resize 16: 40x32 originals are scaled by 1/2, 60x48 by 1/3, both to 20x16 inputs and batched
     # together; a cell is 2 input pixels = 4 or 6 original pixels, so the dilation is 8 or 12 px.
     result = _run(ws, "build_zero", tmp_path / "pixels", resize=16, batch_size=8, units="pixels", per_unit=True)
-    units = pd.read_csv(tmp_path / "pixels" / "dilation_units.csv", comment="#")
+    units = pd.read_csv(tmp_path / "pixels" / "dilation_units.csv")
     small_images = units["image"].isin(["im0.png", "im2.png", "im4.png"])
     np.testing.assert_allclose(units.loc[small_images, "dilation"], 8.0)
     np.testing.assert_allclose(units.loc[~small_images, "dilation"], 12.0)
@@ -153,10 +153,22 @@ def test_zero_offsets_give_the_dilation_in_cells_and_pixels_scaled_to_the_origin
 def test_offset_groups_are_averaged_or_kept_apart(ws, tmp_path):
     mean = _run(ws, "build_groups", tmp_path / "mean").table
     np.testing.assert_allclose(mean["mean"], 2.5)  # groups at 2.0 and 3.0
-    groups = _run(ws, "build_groups", tmp_path / "groups", per_group=True).table
-    assert groups["layer"].unique().tolist() == [f"{layer}:g{g}" for layer in LAYERS_TOP_FIRST for g in (0, 1)]
-    np.testing.assert_allclose(groups[groups["layer"].str.endswith(":g0")]["mean"], 2.0)
-    np.testing.assert_allclose(groups[groups["layer"].str.endswith(":g1")]["mean"], 3.0)
+    result = _run(ws, "build_groups", tmp_path / "groups", per_group=True, per_unit=True)
+    groups = result.table
+    # The group in its own column, in the result and in every CSV.
+    assert list(groups.columns) == ["layer", "group", *TABLE_COLUMNS[1:]]
+    assert list(zip(groups["layer"], groups["group"]))[::4] == [(layer, g) for layer in LAYERS_TOP_FIRST for g in (0, 1)]
+    np.testing.assert_allclose(groups[groups["group"] == 0]["mean"], 2.0)
+    np.testing.assert_allclose(groups[groups["group"] == 1]["mean"], 3.0)
+    written = pd.read_csv(tmp_path / "groups" / "dilation_table.csv")
+    assert written["layer"].tolist() == groups["layer"].tolist() and written["group"].tolist() == groups["group"].tolist()
+    differences = pd.read_csv(tmp_path / "groups" / "dilation_differences.csv")
+    assert list(differences.columns) == ["layer", "group", *DIFFERENCE_COLUMNS[1:]] and set(differences["group"]) == {0, 1}
+    units = pd.read_csv(tmp_path / "groups" / "dilation_units.csv")
+    assert list(units.columns) == ["image", "layer", "group", *UNIT_COLUMNS[2:]]
+    np.testing.assert_allclose(units.loc[units["group"] == 1, "dilation"], 3.0)
+    summary = json.loads((tmp_path / "groups" / "summary.json").read_text())
+    assert [c["name"] for c in summary["columns"]["dilation_table.csv"]] == list(groups.columns)
 
 
 # ---------------------------------------------------------------------------------- outputs
@@ -166,14 +178,14 @@ def test_outputs_per_unit_rows_and_determinism(ws, tmp_path):
     first = _run(ws, "build_random", tmp_path / "a", per_unit=True, figure=True)
     out = tmp_path / "a"
     assert sorted(p.name for p in out.iterdir()) == [
-        "dilation_hist.png", "dilation_table.csv", "dilation_table.md", "dilation_units.csv", "summary.json",
+        "dilation_differences.csv", "dilation_hist.png", "dilation_table.csv", "dilation_table.md", "dilation_units.csv", "summary.json",
     ]  # fmt: skip
     table = _table(out)
     assert list(table.columns) == TABLE_COLUMNS
-    assert (out / "dilation_table.csv").read_text().startswith("# effective dilation")
+    assert (out / "dilation_table.csv").read_text().startswith(",".join(TABLE_COLUMNS) + "\n")
     assert table["std"].gt(0).all()  # random offsets: a real distribution
     assert (table["p10"] <= table["median"]).all() and (table["median"] <= table["p90"]).all()
-    units = pd.read_csv(out / "dilation_units.csv", comment="#")
+    units = pd.read_csv(out / "dilation_units.csv")
     assert list(units.columns) == UNIT_COLUMNS
     # 3 images of 40x32 (20x16 units) and 2 of 60x48 (30x24 units), three layers each.
     assert len(units) == 3 * (3 * 20 * 16 + 2 * 30 * 24)
@@ -194,15 +206,17 @@ def test_outputs_per_unit_rows_and_determinism(ws, tmp_path):
     markdown = (out / "dilation_table.md").read_text().splitlines()
     assert markdown[2] == "| layer | small | medium | large | background |"
     top = table[table["layer"] == "blocks.2"].set_index("category")
-    assert markdown[4] == "| blocks.2 | " + " | ".join(f"{top.loc[c, 'mean']:.2f} ± {top.loc[c, 'std']:.2f}" for c in CATEGORY_ORDER) + " |"
+    assert markdown[4] == "| blocks.2 | " + " | ".join(
+        f"{top.loc[c, 'mean']:.2f} ± {top.loc[c, 'std']:.2f} [{top.loc[c, 'ci_low']:.2f}, {top.loc[c, 'ci_high']:.2f}]" for c in CATEGORY_ORDER
+    ) + " |"
     # Same inputs, same bytes.
     _run(ws, "build_random", tmp_path / "b", per_unit=True, figure=True)
-    for name in ("dilation_units.csv", "dilation_table.csv", "dilation_table.md", "dilation_hist.png"):
+    for name in ("dilation_units.csv", "dilation_table.csv", "dilation_differences.csv", "dilation_table.md", "dilation_hist.png"):
         assert (tmp_path / "b" / name).read_bytes() == (out / name).read_bytes(), name
     # Another batch size and a worker process: same units and counts; values equal up to the
     # float32 rounding of a batched versus a single-image convolution.
     _run(ws, "build_random", tmp_path / "c", per_unit=True, batch_size=3, workers=1)
-    batched = pd.read_csv(tmp_path / "c" / "dilation_units.csv", comment="#")
+    batched = pd.read_csv(tmp_path / "c" / "dilation_units.csv")
     pd.testing.assert_frame_equal(batched.drop(columns="dilation"), units.drop(columns="dilation"))
     np.testing.assert_allclose(batched["dilation"], units["dilation"], rtol=1e-5)
     again = _table(tmp_path / "c")
@@ -320,12 +334,96 @@ def test_torchrun_two_ranks_equal_one_process(ws, tmp_path):
     two = _table(tmp_path / "two")
     one = _table(tmp_path / "one")
     np.testing.assert_array_equal(two["count"], one["count"])
-    for key in ("mean", "std", "median", "p10", "p90"):
+    for key in ("mean", "std", "median", "p10", "p90", "ci_low", "ci_high"):  # intervals: the ranks' image sums merged in image order
         np.testing.assert_allclose(two[key], one[key], rtol=1e-5)
-    units_two = pd.read_csv(tmp_path / "two" / "dilation_units.csv", comment="#")
-    units_one = pd.read_csv(tmp_path / "one" / "dilation_units.csv", comment="#")
+    differences_two = pd.read_csv(tmp_path / "two" / "dilation_differences.csv")
+    differences_one = pd.read_csv(tmp_path / "one" / "dilation_differences.csv")
+    pd.testing.assert_frame_equal(differences_two, differences_one, rtol=1e-4, atol=1e-5)
+    units_two = pd.read_csv(tmp_path / "two" / "dilation_units.csv")
+    units_one = pd.read_csv(tmp_path / "one" / "dilation_units.csv")
     pd.testing.assert_frame_equal(units_two, units_one, rtol=1e-5)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert summary["images"]["used"] == single.images_used == 5
     assert not list((tmp_path / "two").glob(".*"))  # part files cleaned up
+
+
+# ---------------------------------------------------------------------------------- intervals
+
+
+def _per_image_sums(units: pd.DataFrame, layer: str, images: list) -> tuple:
+    """Each image's dilation sum and unit count per category, from dilation_units.csv."""
+    part = units[(units["layer"] == layer) & units["category"].isin(CATEGORY_ORDER)]
+    sums = np.zeros((len(images), 4))
+    counts = np.zeros((len(images), 4))
+    for (image, category), values in part.groupby(["image", "category"])["dilation"]:
+        sums[images.index(image), CATEGORY_ORDER.index(category)] = values.sum()
+        counts[images.index(image), CATEGORY_ORDER.index(category)] = len(values)
+    return sums, counts
+
+
+def test_confidence_intervals_are_a_bootstrap_over_images_of_the_written_units(ws, tmp_path):
+    result = _run(ws, "build_random", tmp_path / "a", per_unit=True, batch_size=2)
+    table = _table(tmp_path / "a")
+    assert list(table.columns[-2:]) == ["ci_low", "ci_high"]
+    assert (table["ci_low"] <= table["mean"] + 1e-9).all() and (table["mean"] <= table["ci_high"] + 1e-9).all()
+    assert (table["ci_low"] < table["ci_high"]).all()  # five different images: real spread
+    # Oracle: per-image sums from the per-unit CSV, resampled with the documented seed and count.
+    units = pd.read_csv(tmp_path / "a" / "dilation_units.csv")
+    images = [f"im{i}.png" for i in range(5)]
+    summary = result.summary["statistics"]["confidence_intervals"]
+    pairs = [("medium", "small"), ("large", "medium"), ("background", "medium"), ("large", "background")]
+    differences = pd.read_csv(tmp_path / "a" / "dilation_differences.csv")
+    assert list(zip(differences["category_a"], differences["category_b"])) == pairs * 3
+    for layer in LAYERS_TOP_FIRST:
+        sums, counts = _per_image_sums(units, layer, images)
+        draws = np.random.default_rng(summary["seed"]).integers(0, 5, size=(summary["resamples"], 5))
+        means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+        rows = table[table["layer"] == layer].set_index("category")
+        for k, category in enumerate(CATEGORY_ORDER):
+            expected = np.percentile(means[:, k], [2.5, 97.5])
+            np.testing.assert_allclose(rows.loc[category, ["ci_low", "ci_high"]].to_numpy(float), expected, rtol=1e-5)
+        rows_d = differences[differences["layer"] == layer].reset_index()
+        for k, (first, second) in enumerate(pairs):
+            a, b = CATEGORY_ORDER.index(first), CATEGORY_ORDER.index(second)
+            assert rows_d.loc[k, "difference"] == pytest.approx(rows.loc[first, "mean"] - rows.loc[second, "mean"], abs=2e-5)  # means written to 6 digits
+            expected = np.percentile(means[:, a] - means[:, b], [2.5, 97.5])
+            np.testing.assert_allclose(rows_d.loc[k, ["ci_low", "ci_high"]].to_numpy(float), expected, rtol=1e-4, atol=1e-6)
+    # Another batching gives the same intervals (image sums are merged in image order).
+    again = _run(ws, "build_random", tmp_path / "b", batch_size=1).table
+    np.testing.assert_allclose(again[["ci_low", "ci_high"]].to_numpy(float), result.table[["ci_low", "ci_high"]].to_numpy(float), rtol=1e-6)
+
+
+def test_constant_offsets_give_zero_width_intervals_and_zero_differences(ws, tmp_path):
+    result = _run(ws, "build_spread", tmp_path / "c")
+    np.testing.assert_allclose(result.table[["ci_low", "ci_high"]].to_numpy(float), 2.5, rtol=1e-12)
+    np.testing.assert_allclose(result.differences[["difference", "ci_low", "ci_high"]].to_numpy(float), 0.0, atol=1e-12)
+    assert set(result.differences["units"]) == {"cells"}
+
+
+def test_dilation_table_fits_80_columns_without_ellipsis(ws, tmp_path):
+    from rich.console import Console
+
+    from dcn_inspect.cli.dilation_stats import rich_differences, rich_table
+
+    def rendered(renderable) -> str:
+        console = Console(width=80, record=True, file=open(os.devnull, "w"))
+        console.print(renderable)
+        return console.export_text()
+
+    plain = _run(ws, "build_random", tmp_path / "plain")
+    groups = _run(ws, "build_groups", tmp_path / "groups", per_group=True, units="pixels")
+    # A long layer name and wide pixel values: the worst case a real model gives.
+    wide = groups.table.copy()
+    wide["layer"] = "backbone.stages.3.blocks.2.dcn.conv_offset." + wide["layer"]
+    wide[["mean", "ci_low", "ci_high"]] += 1000.0
+    for table, differences, units in ((plain.table, plain.differences, "cells"), (groups.table, groups.differences, "pixels"), (wide, groups.differences, "pixels")):
+        text = rendered(rich_table(table, units)) + rendered(rich_differences(differences, units))
+        lines = text.splitlines()
+        assert max(len(line) for line in lines) <= 80 and "…" not in text
+        words = set(text.replace("[", " ").replace("]", " ").replace(",", " ").split())
+        for _, row in table.iterrows():  # every number is printed whole (wrapped, if at all, at a space)
+            assert {f"{row[key]:.2f}" for key in ("mean", "std", "ci_low", "ci_high")} <= words
+    plain_text = rendered(rich_table(plain.table, "cells"))
+    assert "95 % CI" in plain_text and "group" not in plain_text
+    assert "group" in rendered(rich_table(groups.table, "pixels"))

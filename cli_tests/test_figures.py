@@ -136,7 +136,7 @@ def test_command_titles_give_the_csv_pixel_coordinates_and_the_category(image_pa
     result = sample_points(
         [image_path], model=_loaded(), boxes=boxes_csv, at=["10,10"], thresholds="100,900", out=tmp_path / "out", progress=False
     )
-    table = pd.read_csv(result.images[0].csv, comment="#")
+    table = pd.read_csv(result.images[0].csv)
     units = table.groupby("unit")[["unit_x", "unit_y"]].first()
     titles = [ax.get_title() for ax in figures[0].axes]
     assert len(titles) == len(units) == 4

@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Dict, List
 
 import numpy as np
@@ -283,7 +282,7 @@ def test_foreground_fraction_of_bins_moved_onto_a_known_object(seeker: Dict[str,
         [seeker["images"] / "one.png"], model=_seeker(seeker), annotations=seeker["annotations"],
         rois=["0,0,11,12", "20,20,30,30"], out=tmp_path, progress=False,
     )  # fmt: skip
-    table = pd.read_csv(result.images[0].csv, comment="#")
+    table = pd.read_csv(result.images[0].csv)
     summary = json.loads(result.summary.read_text())
     rois = summary["images"][0]["rois"]
     # RoI 0 (typed) belongs to the best-IoU annotated box (box 0, IoU 121/132); RoI 1 to none.
@@ -314,12 +313,12 @@ def test_bins_dataset_table_per_class_and_overall(seeker: Dict[str, Any], tmp_pa
     assert result.images == [] and sorted(p.name for p in tmp_path.iterdir()) == [
         "foreground_rois.csv", "foreground_table.csv", "foreground_table.md", "summary.json",
     ]  # fmt: skip
-    per_roi = pd.read_csv(tmp_path / "foreground_rois.csv", comment="#")
+    per_roi = pd.read_csv(tmp_path / "foreground_rois.csv")
     assert list(per_roi.columns) == FOREGROUND_ROI_COLUMNS
     # Measured: image one's core (polygon) and block (whole box), image two's core (compressed
     # RLE); image two's block is a crowd RLE (left out) and its small box has no mask.
     assert per_roi[["image", "roi", "label"]].values.tolist() == [["one.png", 0, "core"], ["one.png", 1, "block"], ["two.png", 0, "core"]]
-    table = pd.read_csv(tmp_path / "foreground_table.csv", comment="#").set_index("group")
+    table = pd.read_csv(tmp_path / "foreground_table.csv").set_index("group")
     assert list(table.reset_index().columns) == TABLE_COLUMNS and list(table.index) == ["core", "block", "all"]
     assert table.loc["core", ["rois", "images"]].tolist() == [2, 2]
     np.testing.assert_allclose(table.loc["core", ["fg_regular", "fg_deformed", "gain", "improved"]], [1 / 9, 1, 8 / 9, 1], atol=1e-6)

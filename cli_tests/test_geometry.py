@@ -201,12 +201,17 @@ def test_info_cli_on_a_user_model_file(tmp_path, monkeypatch, capsys):
         main()
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") > 10}
-    assert set(rows) == {"dcn1", "dcn2", "dcn3"}
-    assert rows["dcn1"][9:12] == ["2", "2", "hooks"]  # in px, out px, frame method
-    assert rows["dcn2"][3:5] == ["2", "2"] and rows["dcn2"][9:12] == ["8", "16", "hooks"]
-    assert rows["dcn3"][11] == "size"
-    assert float(rows["dcn1"][12]) > 0  # mean |offset| in cells, from the image
+    # One narrow table per concern, each row led by the layer: type, kernel arithmetic, frames, offsets.
+    rows: dict = {}
+    for line in out.splitlines():
+        words = line.split()
+        if words and words[0] in ("dcn1", "dcn2", "dcn3"):
+            rows.setdefault(words[0], []).append(words[1:])
+    assert set(rows) == {"dcn1", "dcn2", "dcn3"} and all(len(found) == 4 for found in rows.values())
+    assert rows["dcn1"][2] == ["2", "2", "hooks"]  # pixels between input / output cells, how the frame was derived
+    assert rows["dcn2"][1][1:3] == ["2", "2"] and rows["dcn2"][2] == ["8", "16", "hooks"]  # stride, dilation
+    assert rows["dcn3"][2][2] == "size"
+    assert float(rows["dcn1"][3][0]) > 0  # mean |offset| in cells, from the image
 
 
 def test_frame_tracker_does_not_keep_activations_alive():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -176,10 +177,49 @@ def test_info_command_with_an_image(tmp_path, monkeypatch, capsys):
     code, out, err = _run_cli(["info", str(model_path), str(_image_file(tmp_path)), "--resize", "0"], monkeypatch, capsys)
     assert code == 0, err
     assert "native" in out and "48x64" not in out and "64x48 model-input pixels" in out
-    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") > 10]
-    assert [row[0] for row in rows] == ["layer4.0.conv2", "layer4.1.conv2", "layer4.2.conv2"]
-    assert rows[0][1:12] == ["ModulatedDeformConv2dPack", "3x3", "1", "2", "1", "1", "18+9", "v2", "16", "16", "hooks"]
-    assert all(float(row[12]) > 0 for row in rows)
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("layer4.")]
+    names = ["layer4.0.conv2", "layer4.1.conv2", "layer4.2.conv2"]
+    # One narrow table per concern, each row led by the layer name: type, arithmetic, frames, offsets.
+    assert [row[0] for row in rows] == names * 4
+    assert rows[0][1:] == ["ModulatedDeformConv2dPack", "v2", "module"]  # type, version, captured as
+    assert rows[3][1:] == ["3x3", "1", "2", "1", "1", "18+9"]
+    assert rows[6][1:] == ["16", "16", "hooks"]
+    assert all(float(value) > 0 for row in rows[9:] for value in row[1:])
+
+
+def test_info_fits_80_columns_without_ellipsis(tmp_path):
+    from rich.console import Console
+
+    from dcn_inspect.cli.models import info_renderables
+    from dcn_inspect.commands.info import model_info
+    from dcn_inspect.loading import load_model
+
+    loaded = load_model(str(_offset_model_file(tmp_path)))
+    for image in (None, _image_file(tmp_path)):
+        info = model_info(loaded, image, 0)
+        console = Console(width=80, record=True, file=open(os.devnull, "w"))
+        for renderable in info_renderables(info):
+            console.print(renderable)
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+        squeezed = "".join(text.split())  # a long value may wrap, but is printed whole
+        for word in ("ModulatedDeformConv2dPack", "layer4.2.conv2", "18+9", "offset", "channels", "dilation", loaded.checkpoint_sha256):
+            assert word in squeezed
+        assert ("median" in text) == (image is not None)
+
+
+def test_info_takes_the_model_as_argument_or_option_and_explains_the_order(tmp_path, monkeypatch, capsys):
+    model_path = _offset_model_file(tmp_path)
+    image = str(_image_file(tmp_path))
+    code, out, err = _run_cli(["info", image, "--model", str(model_path), "--resize", "0"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "64x48 model-input pixels" in out and "layer4.2.conv2" in out
+    code, _, err = _run_cli(["info", image], monkeypatch, capsys)
+    assert code == 2 and "is an image, not a model" in err and "MODEL [IMAGE]" in err and "--model" in err
+    code, _, err = _run_cli(["info", image, str(model_path)], monkeypatch, capsys)
+    assert code == 2 and f"the order is MODEL IMAGE: dcn-inspect info {model_path} {image}" in " ".join(err.split())
+    code, _, err = _run_cli(["info", str(model_path), image, "--model", "dcn-sample"], monkeypatch, capsys)
+    assert code == 2 and "at most one argument" in err
 
 
 def test_info_command_errors_are_one_line(tmp_path, monkeypatch, capsys):

@@ -186,12 +186,13 @@ def test_cli_writes_png_npz_and_summary_and_rejects_a_bad_kernel_point(workspace
     exe = Path(sys.executable).with_name("dcn-inspect")
     env = {**os.environ, "DCN_INSPECT_OPS": os.environ.get("DCN_INSPECT_OPS", "reference")}
     model = f"{workspace['model_file']}:build"
-    out = tmp_path / "out"
+    out = tmp_path / ("out_" + "long" * 20)  # printed paths longer than the 80 columns of a pipe
     done = subprocess.run(
         [str(exe), "offsets", str(workspace["image"]), "--model", model, "--kernel-point", "1,1", "--resize", "32", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert f"summary: {out / 'summary.json'}" in done.stdout.splitlines()  # one line, not folded
     assert sorted(p.name for p in out.iterdir()) == ["offsets.npz", "scene_offsets.png", "summary.json"]
     with Image.open(out / "scene_offsets.png") as figure:
         assert figure.size[0] > 600

@@ -410,3 +410,37 @@ def test_the_op_is_restored_even_when_the_forward_fails():
     assert isinstance(info.value.original, RuntimeError)
     assert functional_module.deform_conv2d is original and ops_package.deform_conv2d is original
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+LATE_SOURCE = """
+from torch import nn
+
+
+class Late(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        offset, mask = self.inner.branches(x)
+        return late_conv(x, offset, self.inner.weight, None, 1, self.inner.dilation, self.inner.dilation, mask)
+"""
+
+
+def test_an_entry_point_bound_after_a_capture_is_captured_by_the_next(monkeypatch):
+    # Captures remember where entry points were found; a module that gains a name bound to one
+    # (here after a first capture searched it without) is searched again.
+    module = types.ModuleType("late_user_module")
+    monkeypatch.setitem(sys.modules, "late_user_module", module)
+    exec(compile(LATE_SOURCE, "late_user_module.py", "exec"), module.__dict__)
+    model = module.Late(FunctionalDeformable(3, 1, seed=4)).eval()
+    images = torch.randn(1, 3, 10, 12)
+    with torch.no_grad(), capture_offsets(ThreeFunctional().eval()) as first:  # searches late_user_module: nothing there yet
+        first.watch_input(images)
+    assert "late_conv" not in module.__dict__
+    module.late_conv = deform_conv2d
+    result = probe(model, images)
+    assert list(result.convs) == ["Late"] and result.convs["Late"].op == "dcn_inspect.ops.deform_conv2d"
+    offset, mask = model.inner.branches(images)
+    torch.testing.assert_close(result.convs["Late"].offset, offset, rtol=0, atol=0)
+    assert module.late_conv is deform_conv2d  # put back after the capture

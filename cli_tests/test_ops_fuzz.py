@@ -112,3 +112,14 @@ def test_messages_name_the_problem() -> None:
         ops.deform_roi_pool(x, torch.zeros(2, 4), None, 3)
     with pytest.raises(ValueError, match="input has 4 channels; expected output_dim \\* group_size\\^2 = 9"):
         ops.deform_psroi_pool(x, torch.zeros(1, 5), None, 1.0, 1, 3, 3)
+
+
+@pytest.mark.parametrize("dims", [(1, 0, 0, 0), (1, 2, 0, 3), (1, 2, 3, 0)])
+def test_roi_pools_on_an_empty_map_give_zeros(backend, dims):
+    """A map with no cell (a fuzz finding: the reference indexed an empty map) pools to zeros."""
+    input = torch.ones(dims, requires_grad=True)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]])
+    out = ops.deform_roi_pool(input, rois, None, 2, 1.0, 2, 0.1)
+    assert tuple(out.shape) == (1, dims[1], 2, 2) and not out.any()
+    out.sum().backward()
+    assert input.grad is not None and input.grad.shape == input.shape

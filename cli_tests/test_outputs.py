@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from dcn_inspect.errors import InputError
+from dcn_inspect.columns import Column, position
 from dcn_inspect.outputs import RunSummary, atomic_path, prepare_out_dir, write_csv
 
 
@@ -35,16 +36,19 @@ def test_existing_file_replaced_only_on_success(tmp_path: Path) -> None:
     assert target.read_text() == "new"
 
 
-def test_csv_bytes_are_reproducible_and_state_units(tmp_path: Path) -> None:
-    frame = pd.DataFrame({"x": [0.1 + 0.2, 1 / 3], "n": [1, 2]})
-    write_csv(tmp_path / "a.csv", frame, units_comment="x in image pixels")
-    write_csv(tmp_path / "b.csv", frame.copy(), units_comment="x in image pixels")
+def test_csv_is_plain_reproducible_and_positions_have_fixed_decimals(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"x": [1234.56789, -0.00001, float("nan")], "w": [1 / 3, 1e-7, -0.0], "n": [1, 2, 3]})
+    columns = [position("x", "a position"), Column("w", "a weight"), Column("n", "a count")]
+    write_csv(tmp_path / "a.csv", frame, columns)
+    write_csv(tmp_path / "b.csv", frame.copy(), columns)
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
-    text = (tmp_path / "a.csv").read_text()
-    assert text.splitlines()[0] == "# x in image pixels"
-    assert text.splitlines()[1] == "x,n"
-    back = pd.read_csv(tmp_path / "a.csv", comment="#")
-    assert back["x"].tolist() == pytest.approx([0.3, 1 / 3], rel=1e-5)
+    # Six significant digits would write 1234.57 (0.01 px); no negative zero; NaN is empty.
+    assert (tmp_path / "a.csv").read_text().splitlines() == ["x,w,n", "1234.5679,0.333333,1", "0.0000,1e-07,2", ",0,3"]
+    back = pd.read_csv(tmp_path / "a.csv")
+    assert back["x"].tolist()[:2] == [1234.5679, 0.0] and back["n"].tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="differ from their description"):
+        write_csv(tmp_path / "c.csv", frame, columns[:2])
+    assert not (tmp_path / "c.csv").exists()
 
 
 def test_out_dir_reused_and_unwritable_reported(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Set, Tuple
+from typing import Dict, List, Sequence, Set, Tuple
 
 import numpy as np
 import pandas as pd
@@ -15,11 +15,8 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from typer.testing import CliRunner
 
 from dcn_inspect.images import to_model_input
-from dcn_inspect.loaded_model import LoadedModel
-from dcn_inspect.models import registry
 from dcn_inspect.models.registry import Preprocess
 from dcn_inspect.ops import DeformConv2dPack
 from dcn_inspect.receptive_field import (
@@ -37,7 +34,6 @@ from dcn_inspect.receptive_field import (
 from dcn_inspect.records import select_layers
 from dcn_inspect.tracing import trace_sampling_trees
 
-from conftest import raises_cli
 
 STD = (0.229, 0.224, 0.225)
 
@@ -509,7 +505,7 @@ def test_cli_writes_every_output_and_compares_with_a_plain_twin(tiny: Dict[str, 
     code, stdout, stderr = _main(args, capsys)
     assert code == 0, stderr
     assert "dcn_c, dcn_b, dcn_a" in stdout
-    table = pd.read_csv(out / "scene_receptive_field.csv", comment="#", keep_default_na=False)
+    table = pd.read_csv(out / "scene_receptive_field.csv")
     assert list(table.columns) == CSV_COLUMNS
     assert list(table["model"]) == ["model", "model", "compare", "compare"]
     # The same image positions: the plain twin has the same frames, so the same cells and theoretical fields.
@@ -575,14 +571,17 @@ def test_dataset_mode_tabulates_radius_and_area_by_category_like_dilation_stats(
     args = ["receptive-field", str(dataset), "--stats", "--model", f"{tiny['model']}:build", "--thresholds", "100,500", "--levels", "2", "--out", str(out)]
     code, stdout, stderr = _main(args, capsys)
     assert code == 0, stderr
-    radius = pd.read_csv(out / "erf_radius_table.csv", comment="#")
-    area = pd.read_csv(out / "saliency_area_table.csv", comment="#")
-    assert list(radius.columns) == TABLE_COLUMNS and list(area.columns) == TABLE_COLUMNS
+    radius = pd.read_csv(out / "erf_radius_table.csv")
+    area = pd.read_csv(out / "saliency_area_table.csv")
+    plain = [name for name in TABLE_COLUMNS if name not in ("ci_low", "ci_high")]  # the dilation-stats layout, no intervals here
+    assert list(radius.columns) == plain and list(area.columns) == plain
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["name"] for c in summary["columns"]["erf_radius_table.csv"]] == plain
     assert list(radius["layer"]) == ["dcn_c"] * 4 + ["dcn_b"] * 4
     assert list(radius["category"]) == list(CATEGORIES) * 2
     # per layer: the 8x6 box is small (48 < 100), the 26x28 one large (728 >= 500), plus one background unit
     assert list(radius["count"][:4]) == [1, 0, 1, 1] and list(area["count"][4:]) == [1, 0, 1, 1]
-    units = pd.read_csv(out / "receptive_field_units.csv", comment="#")
+    units = pd.read_csv(out / "receptive_field_units.csv")
     assert len(units) == 6 and set(units["category"]) == {"small", "large", "background"}
     assert (units["saliency_area"] > 0).all() and (units["erf_radius_90"] >= units["erf_radius_50"]).all()
     assert "ERF radius" in (out / "erf_radius_table.md").read_text()
@@ -624,7 +623,7 @@ def test_sample_points_grad_weight_column_is_the_receptive_field_gradient(tiny: 
     model = f"{tiny['model']}:build"
     code, _, stderr = _main(["sample-points", str(tiny["image"]), "--model", model, "--at", "20,16", "--at", "0,0", "--grad-weight", "--out", str(tiny["root"] / "sp")], capsys)
     assert code == 0, stderr
-    points = pd.read_csv(tiny["root"] / "sp" / "scene_points.csv", comment="#", keep_default_na=False)
+    points = pd.read_csv(tiny["root"] / "sp" / "scene_points.csv")
     assert list(points.columns) == POINT_COLUMNS + ["grad_weight"]
     code, _, stderr = _main(["receptive-field", str(tiny["image"]), "--model", model, "--at", "20,16", "--at", "0,0", "--out", str(tiny["root"] / "rf")], capsys)
     assert code == 0, stderr
@@ -639,7 +638,7 @@ def test_sample_points_grad_weight_column_is_the_receptive_field_gradient(tiny: 
     assert (level1["inside"] == 0).any()
     code, _, stderr = _main(["sample-points", str(tiny["image"]), "--model", model, "--at", "20,16", "--out", str(tiny["root"] / "plain")], capsys)
     assert code == 0, stderr
-    assert list(pd.read_csv(tiny["root"] / "plain" / "scene_points.csv", comment="#").columns) == POINT_COLUMNS
+    assert list(pd.read_csv(tiny["root"] / "plain" / "scene_points.csv").columns) == POINT_COLUMNS
 
 
 def test_batched_copies_single_backwards_and_vmap_give_the_same_gradients() -> None:

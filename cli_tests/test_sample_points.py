@@ -86,7 +86,7 @@ def image_path(tmp_path: Path) -> Path:
 
 
 def _read_points(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, comment="#", keep_default_na=False, dtype={"parent": str})
+    return pd.read_csv(path)  # a plain CSV: no arguments needed
 
 
 def test_cli_writes_every_output(image_path: Path, tmp_path: Path) -> None:
@@ -106,12 +106,12 @@ def test_cli_writes_every_output(image_path: Path, tmp_path: Path) -> None:
     # 2 --at units + a 2x3 grid (rows 4, 12 and cols 4, 12, 20 of the 16x24 map) = 8 units.
     assert units == list(range(8))
     assert len(table) == 8 * TREE_POINTS
-    assert (out / "scene_points.csv").read_text().startswith("# unit_x,unit_y")
+    assert (out / "scene_points.csv").read_text().startswith(",".join(CSV_COLUMNS) + "\n")
     level_counts = table.groupby("level").size().to_dict()
     assert level_counts == {1: 8 * 9, 2: 8 * 81, 3: 8 * 729}
-    assert (table.loc[table["level"] == 1, "parent"] == "").all()
+    assert table.loc[table["level"] == 1, "parent"].isna().all()  # empty at level 1
     deep = table[table["level"] == 3]
-    assert (deep["parent"].astype(int) == deep["point"] // 9).all()
+    assert (deep["parent"] == deep["point"] // 9).all()
     assert set(table["layer"]) == {"dcn_c", "dcn_b", "dcn_a"}
     assert set(table["inside"]) <= {0, 1}
     assert table["weight"].between(0, 1).all() and (table["weight"] < 1).any()  # dcn_c is modulated
@@ -140,6 +140,11 @@ def test_cli_writes_every_output(image_path: Path, tmp_path: Path) -> None:
         assert "scene/dcn_b/mask" not in npz.files
         geometry = json.loads(str(npz["scene/dcn_b/geometry"]))
     assert geometry["dilation"] == [2, 2] and geometry["input_frame"] == {"stride_x": 2.0, "stride_y": 2.0, "offset_x": 0.5, "offset_y": 0.5}
+    # The layer's own input map size, as summary.json states it; the model input apart.
+    traced = {layer["name"]: layer["geometry"] for layer in summary["layers"]}
+    assert geometry["input_hw"] == traced["dcn_b"]["input_hw"] == [16, 24]
+    assert geometry["output_hw"] == traced["dcn_b"]["output_hw"]
+    assert geometry["model_input_hw"] == image_summary["input_hw"] == [32, 48]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 

@@ -561,6 +561,9 @@ def detect_format(path: Path) -> Tuple[str, Path]:
         raise InputError(f"{path}: dataset not found") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read the dataset ({_os_reason(exc)})") from None
+    if not path.is_file() and not path.is_dir():
+        # A FIFO or a device would block or stream forever: only regular files and folders are read.
+        raise InputError(f"{path}: not a regular file or directory (a pipe, socket or device), expected a COCO .json file or a Pascal VOC directory")
     if path.is_file():
         if path.suffix.lower() == ".json":
             return "coco", path

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,10 +35,12 @@ class LogBins:
         return int(math.ceil(math.log(self.high / self.low) / math.log(self.ratio))) + 2
 
     def index(self, values: torch.Tensor) -> torch.Tensor:
-        scaled = torch.log(values.clamp_min(self.low * 0.5) / self.low) / math.log(self.ratio)
-        index = torch.floor(scaled).to(torch.long) + 1
-        index = torch.where(values < self.low, torch.zeros_like(index), index)
-        return index.clamp(0, self.count - 1)
+        # Values below ``low`` have log(v / low) < 0, so floor(...) + 1 <= 0 and the clamp puts
+        # them in bin 0 (the clamp_min only keeps log away from 0 and negatives). A value within
+        # rounding of an edge may land in the neighbouring bin: well inside the 0.1 % the
+        # percentiles promise.
+        scaled = torch.log(values.clamp_min(self.low * 0.5).div_(self.low)).div_(math.log(self.ratio))
+        return scaled.floor_().add_(1).clamp_(0, self.count - 1).to(torch.long)
 
     def lower_edge(self, index: int) -> float:
         return 0.0 if index == 0 else self.low * self.ratio ** (index - 1)
@@ -50,8 +52,32 @@ class LogBins:
         return {"low": self.low, "high": self.high, "ratio": self.ratio, "bins": self.count}
 
 
+_ONES: Dict[str, torch.Tensor] = {}
+
+
+def _ones(count: int, device: torch.device) -> torch.Tensor:
+    """``count`` int64 ones on ``device`` (a view of one cached tensor, grown as needed)."""
+    key = str(device)
+    cached = _ONES.get(key)
+    if cached is None or cached.numel() < count:
+        cached = _ONES[key] = torch.ones(max(count, 1 << 16), dtype=torch.int64, device=device)
+    return cached[:count]
+
+
 #: The histogram every statistic uses: 0.1 % relative bin width from 1e-3 to 1e5 (cells or pixels).
 BINS = LogBins()
+
+
+def chan_merge(
+    count_a: torch.Tensor, mean_a: torch.Tensor, m2_a: torch.Tensor, count_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chan et al. (1979): (count, mean, M2) of two data sets combined exactly, elementwise
+    (any shape; ``a``'s device)."""
+    count_b = count_b.to(count_a.device)
+    n_a = count_a.to(torch.float64)
+    weight = count_b.to(torch.float64) / (n_a + count_b).clamp_min(1)  # n_b / (n_a + n_b); 0 when both are empty
+    delta = mean_b.to(mean_a.device) - mean_a
+    return count_a + count_b, mean_a + delta * weight, m2_a + m2_b.to(mean_a.device) + delta * delta * n_a * weight
 
 
 class CategoryStats:
@@ -88,23 +114,17 @@ class CategoryStats:
         count = torch.bincount(codes, minlength=slots)
         mean = torch.bincount(codes, weights=values, minlength=slots) / count.clamp_min(1).to(torch.float64)
         # Two passes inside the batch (mean first, then squared deviations), then Chan's merge.
-        m2 = torch.bincount(codes, weights=(values - mean[codes]) ** 2, minlength=slots)
+        deviations = values - mean[codes]
+        m2 = torch.bincount(codes, weights=deviations.mul_(deviations), minlength=slots)
         self._merge_moments(count, mean, m2)
         self.minimum.scatter_reduce_(0, codes, values, reduce="amin")
         self.maximum.scatter_reduce_(0, codes, values, reduce="amax")
-        flat = codes * self.bins.count + self.bins.index(values)
-        self.hist.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        flat = self.bins.index(values).add_(codes * self.bins.count)
+        self.hist.view(-1).index_add_(0, flat, _ones(flat.numel(), flat.device))
 
     def _merge_moments(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Chan et al. (1979): combine (count, mean, M2) of two data sets exactly."""
-        n_a = self.count.to(torch.float64)
-        n_b = count.to(self.mean.device, torch.float64)
-        total = n_a + n_b
-        safe = total.clamp_min(1.0)
-        delta = mean.to(self.mean.device) - self.mean
-        self.mean = torch.where(total > 0, self.mean + delta * n_b / safe, self.mean)
-        self.m2 = self.m2 + m2.to(self.mean.device) + delta**2 * n_a * n_b / safe
-        self.count = self.count + count.to(self.count.device)
+        self.count, self.mean, self.m2 = chan_merge(self.count, self.mean, self.m2, count, mean, m2)
 
     def merge_(self, other: "CategoryStats") -> "CategoryStats":
         """In place: this state becomes the state of both data sets (Chan et al. 1979)."""
@@ -202,6 +222,87 @@ class CategoryStats:
         return rows
 
 
+class CategoryStatsRows:
+    """:class:`CategoryStats` of many rows (e.g. the layers of a model), updated together.
+
+    State tensors carry a leading row dimension (``count`` [R, C], ``hist`` [R, C, bins], ...),
+    so one batch of R rows of values costs a fixed number of tensor operations instead of R
+    times as many. :meth:`row` gives a row as a :class:`CategoryStats`.
+    """
+
+    def __init__(self, categories: int = 4, bins: LogBins = BINS, device: torch.device | str = "cpu") -> None:
+        self.bins = bins
+        self.categories = categories
+        self.device = torch.device(device)
+        self.count = torch.zeros(0, categories, dtype=torch.int64, device=device)
+        self.mean = torch.zeros(0, categories, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(0, categories, dtype=torch.float64, device=device)
+        self.minimum = torch.zeros(0, categories, dtype=torch.float64, device=device)
+        self.maximum = torch.zeros(0, categories, dtype=torch.float64, device=device)
+        self.hist = torch.zeros(0, categories, bins.count, dtype=torch.int64, device=device)
+
+    @property
+    def rows(self) -> int:
+        return int(self.count.shape[0])
+
+    def add_rows(self, count: int) -> None:
+        """Append ``count`` empty rows."""
+        empty = CategoryStats(self.categories, self.bins, self.device)
+        self.count = torch.cat([self.count, empty.count.expand(count, -1)])
+        self.mean = torch.cat([self.mean, empty.mean.expand(count, -1)])
+        self.m2 = torch.cat([self.m2, empty.m2.expand(count, -1)])
+        self.minimum = torch.cat([self.minimum, empty.minimum.expand(count, -1)])
+        self.maximum = torch.cat([self.maximum, empty.maximum.expand(count, -1)])
+        self.hist = torch.cat([self.hist, empty.hist.expand(count, -1, -1)])
+
+    def update(self, rows: Sequence[int], values: torch.Tensor, codes: torch.Tensor, count: torch.Tensor, total: torch.Tensor) -> None:
+        """Add ``values`` [len(rows), N] (float64) to ``rows``: every row's N values have the
+        categories ``codes`` [N] (long, all valid), ``count`` [C] values per category, and sum
+        to ``total`` [len(rows), C] per category."""
+        if values.shape[-1] == 0:
+            return
+        index = _row_index(rows, self.rows, self.device)
+        local = torch.arange(len(rows), device=self.device)[:, None] * self.categories + codes  # [R_g, N] -> row-category slot
+        mean = total / count.clamp_min(1).to(torch.float64)  # [R_g, C]
+        deviations = values - mean.view(-1)[local]
+        m2 = torch.bincount(local.view(-1), weights=deviations.mul_(deviations).view(-1), minlength=len(rows) * self.categories)
+        if isinstance(index, slice):  # the rows' slots in the state: shift the local ones
+            slots = local if index.start == 0 else local + index.start * self.categories
+        else:
+            slots = index[:, None] * self.categories + codes
+        if isinstance(index, slice):  # Chan's merge in place on the rows' views
+            n_a = self.count[index].to(torch.float64)
+            n_b = count.to(torch.float64)
+            weight = n_b / (n_a + n_b).clamp_min_(1)  # n_b / (n_a + n_b); 0 when both are empty
+            delta = mean - self.mean[index]
+            self.mean[index] += delta * weight
+            self.m2[index] += m2.view(len(rows), -1) + delta.mul_(delta).mul_(n_a).mul_(weight)
+            self.count[index] += count
+        else:
+            merged = chan_merge(self.count[index], self.mean[index], self.m2[index], count.expand(len(rows), -1), mean, m2.view(len(rows), -1))
+            self.count[index], self.mean[index], self.m2[index] = merged
+        flat_slots = slots.reshape(-1)
+        flat_values = values.reshape(-1)
+        self.minimum.view(-1).scatter_reduce_(0, flat_slots, flat_values, reduce="amin")
+        self.maximum.view(-1).scatter_reduce_(0, flat_slots, flat_values, reduce="amax")
+        flat = self.bins.index(flat_values).add_(flat_slots * self.bins.count)
+        self.hist.view(-1).index_add_(0, flat, _ones(flat.numel(), flat.device))
+
+    def row(self, index: int) -> CategoryStats:
+        """Row ``index`` as a :class:`CategoryStats` (a copy, on CPU)."""
+        return CategoryStats.from_state(
+            {name: getattr(self, name)[index].cpu().numpy() for name in ("count", "mean", "m2", "minimum", "maximum", "hist")}, self.bins
+        )
+
+
+def _row_index(rows: Sequence[int], total: int, device: torch.device) -> Any:
+    """A slice when ``rows`` are consecutive (views, no copies), else an index tensor."""
+    first = rows[0]
+    if list(rows) == list(range(first, first + len(rows))):
+        return slice(first, first + len(rows))
+    return torch.as_tensor(list(rows), dtype=torch.long, device=device)
+
+
 def merge_states(states: Sequence[Dict[str, CategoryStats]]) -> Dict[str, CategoryStats]:
     """Merge per-layer statistics of several shards, in the given order (layers keep first-seen order)."""
     merged: Dict[str, CategoryStats] = {}
@@ -211,6 +312,10 @@ def merge_states(states: Sequence[Dict[str, CategoryStats]]) -> Dict[str, Catego
                 merged[name] = CategoryStats(stats.categories, stats.bins)
             merged[name].merge_(stats.to("cpu"))
     return merged
+
+
+#: Values gathered at once by :func:`bootstrap_means` (resamples x images x categories).
+_BOOTSTRAP_ELEMENTS = 1 << 22
 
 
 def bootstrap_means(
@@ -233,12 +338,19 @@ def bootstrap_means(
     counts = np.asarray(counts, dtype=np.float64)
     categories = sums.shape[1] if sums.ndim == 2 else 0
     nan_pair = (math.nan, math.nan)
-    if sums.shape[0] == 0:
+    images = sums.shape[0]
+    if images == 0:
         return np.full((categories, 2), math.nan), {pair: nan_pair for pair in pairs}
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, sums.shape[0], size=(resamples, sums.shape[0]))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)  # [resamples, categories]
+    # Resamples in chunks (the same draws as one [resamples, images] call), so memory stays
+    # bounded whatever the number of images.
+    chunk = max(1, _BOOTSTRAP_ELEMENTS // max(1, images * categories))
+    means = np.empty((resamples, categories))
+    for start in range(0, resamples, chunk):
+        size = min(chunk, resamples - start)
+        draws = rng.integers(0, images, size=(size, images))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means[start : start + size] = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)  # [size, categories]
     tail = 100.0 * (1.0 - level) / 2.0
     intervals = np.full((categories, 2), math.nan)
     for category in range(categories):

@@ -92,6 +92,9 @@ def read_checkpoint_file(path: Path) -> Any:
         raise InputError(f"{path}: {'checkpoint not found' if reason == 'file not found' else reason}")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected a checkpoint file")
+    if not path.is_file():
+        # A FIFO or a device would block or stream forever: only regular files are read.
+        raise InputError(f"{path}: not a regular file (a pipe, socket or device), expected a checkpoint file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: checkpoint file is empty")
     is_zip = zipfile.is_zipfile(path)

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from dcn_inspect.category_stats import bootstrap_means
+from dcn_inspect.columns import Column, names, position
 from dcn_inspect.roi_bins import BinGeometry
 
 #: An RoI not made from an annotated box belongs to the best-IoU annotated object at or above this IoU.
@@ -44,8 +45,39 @@ MATCH_IOU = 0.5
 #: The ``group`` of the overall row of :func:`foreground_table`.
 OVERALL = "all"
 
+_FRACTION = "fraction of sampling points on the object's mask"
+
+#: ``foreground_table.csv`` (``bins DATASET``): per ground-truth class, then overall.
+TABLE_CSV: Tuple[Column, ...] = (
+    Column("group", "ground-truth class, or `all`"),
+    Column("rois", "RoIs measured (annotated boxes with a mask)"),
+    Column("images", "images they come from"),
+    Column("fg_regular", "mean over RoIs of the regular bins' " + _FRACTION, "0..1"),
+    Column("fg_deformed", "mean over RoIs of the deformed bins' " + _FRACTION, "0..1"),
+    Column("gain", "fg_deformed - fg_regular", "fraction"),
+    Column("gain_ci_low", "lower end of the 95 % confidence interval of the gain (percentile bootstrap over images, seeded)", "fraction"),
+    Column("gain_ci_high", "upper end of the 95 % confidence interval of the gain", "fraction"),
+    Column("improved", "fraction of RoIs whose deformed bins land more on the object than the regular ones", "0..1"),
+)
 #: Columns of the per-class and overall table (``foreground_table.csv``).
-TABLE_COLUMNS = ["group", "rois", "images", "fg_regular", "fg_deformed", "gain", "gain_ci_low", "gain_ci_high", "improved"]
+TABLE_COLUMNS = names(TABLE_CSV)
+
+#: ``foreground_rois.csv`` (``bins DATASET``): one row per measured RoI (an annotated box).
+ROIS_CSV: Tuple[Column, ...] = (
+    Column("image", "image file name as the dataset lists it"),
+    Column("roi", "index of the RoI (the annotated box) in the image"),
+    Column("label", "its ground-truth class"),
+    Column("class", "whose offsets were used"),
+    Column("chosen_by", "how that class was chosen (gt, pred, ...)"),
+    Column("object", "index of the annotated object whose mask is used"),
+    position("x1", "the RoI's left edge"),
+    position("y1", "the RoI's top edge"),
+    position("x2", "the RoI's right edge"),
+    position("y2", "the RoI's bottom edge"),
+    Column("fg_regular", "the regular bins' " + _FRACTION, "0..1"),
+    Column("fg_deformed", "the deformed bins' " + _FRACTION, "0..1"),
+    Column("gain", "fg_deformed - fg_regular", "fraction"),
+)
 
 #: Columns of the per-RoI table :func:`foreground_table` reads.
 ROI_COLUMNS = ["image", "roi", "label", "class", "fg_regular", "fg_deformed"]

@@ -19,6 +19,7 @@ only if it does not override ``forward`` (an overriding subclass may take other 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -67,10 +68,16 @@ LOOKED_FOR.append(
 
 def identify(module: nn.Module) -> Optional[ForeignLayer]:
     """The foreign layer kind of ``module`` (its class or a parent whose ``forward`` it keeps)."""
-    for cls in type(module).__mro__:
+    return _identify_class(type(module))
+
+
+@functools.lru_cache(maxsize=4096)
+def _identify_class(module_class: type) -> Optional[ForeignLayer]:
+    # Decided by the class alone, so once per class: every capture scans every submodule.
+    for cls in module_class.__mro__:
         for layer in FOREIGN_LAYERS:
             if layer.defines(cls):
-                return layer if type(module).forward is cls.forward else None
+                return layer if module_class.forward is cls.forward else None
     return None
 
 

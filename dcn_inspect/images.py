@@ -155,6 +155,9 @@ def _checked_image(path: Path, max_pixels: int, preprocess: Optional[Preprocess]
         raise ImageError(f"{path}: cannot read ({exc.strerror})", NOT_FOUND) from None
     if stat.S_ISDIR(status.st_mode):
         raise ImageError(f"{path}: is a directory, expected an image file")
+    if not stat.S_ISREG(status.st_mode):
+        # A FIFO or a device would block or stream forever: only regular files are read.
+        raise ImageError(f"{path}: not a regular file (a pipe, socket or device), expected an image file")
     if status.st_size == 0:
         raise ImageError(f"{path}: image file is empty")
     try:

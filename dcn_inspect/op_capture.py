@@ -267,13 +267,7 @@ def _entry_points() -> Dict[int, Tuple[OpKind, Callable]]:
 def _namespaces(model: nn.Module) -> List[Dict[str, Any]]:
     """Every namespace a model's forward may call an op through: imported modules (the user's
     files, the libraries), the model's classes and its modules' instance attributes."""
-    spaces: Dict[int, Dict[str, Any]] = {}
-    for name, module in list(sys.modules.items()):
-        if module is None or name.split(".")[0] in _SKIPPED_MODULES or name in sys.stdlib_module_names:
-            continue
-        namespace = getattr(module, "__dict__", None)
-        if isinstance(namespace, dict):
-            spaces[id(namespace)] = namespace
+    spaces: Dict[int, Dict[str, Any]] = {id(namespace): namespace for namespace in _module_namespaces()}
     for module in model.modules():
         spaces[id(module.__dict__)] = module.__dict__
         for cls in type(module).__mro__:
@@ -283,6 +277,56 @@ def _namespaces(model: nn.Module) -> List[Dict[str, Any]]:
             if owner is not None:
                 spaces[id(owner.__dict__)] = owner.__dict__
     return list(spaces.values())
+
+
+#: The imported modules' namespaces, for one set of imported modules (their ids, in order).
+_MODULE_SPACES: Tuple[Tuple[int, ...], List[Dict[str, Any]]] = ((), [])
+
+
+def _module_namespaces() -> List[Dict[str, Any]]:
+    global _MODULE_SPACES
+    modules = tuple(map(id, list(sys.modules.values())))
+    if _MODULE_SPACES[0] != modules:
+        spaces = []
+        for name, module in list(sys.modules.items()):
+            top = name.split(".")[0]
+            if module is None or top in _SKIPPED_MODULES or top in sys.stdlib_module_names:  # submodules too (asyncio.events, ...)
+                continue
+            namespace = getattr(module, "__dict__", None)
+            if isinstance(namespace, dict):
+                spaces.append(namespace)
+        _MODULE_SPACES = (modules, spaces)
+    return _MODULE_SPACES[1]
+
+
+class _Holders:
+    """Which names of a module namespace hold an entry point, remembered between captures.
+
+    Every capture searches every namespace; a module's is searched again only when its number
+    of names changed (an import, a ``from x import deform_conv2d``) or the entry points did.
+    Rebinding an existing name to an entry point between two captures is the one change this
+    does not see. Instances' attribute dicts are small and always searched.
+    """
+
+    def __init__(self) -> None:
+        self.targets: frozenset = frozenset()
+        self.known: Dict[int, Tuple[Dict[str, Any], int, List[str]]] = {}  # id -> (namespace, size, names)
+
+    def names(self, namespace: Dict[str, Any], targets: Dict[int, Any], remember: bool) -> List[str]:
+        if not remember:
+            return [name for name, value in namespace.items() if id(value) in targets]
+        if self.targets != frozenset(targets):
+            self.known.clear()
+            self.targets = frozenset(targets)
+        known = self.known.get(id(namespace))
+        if known is not None and known[0] is namespace and known[1] == len(namespace):
+            return known[2]
+        names = [name for name, value in namespace.items() if id(value) in targets]  # C-speed filter first
+        self.known[id(namespace)] = (namespace, len(namespace), names)
+        return names
+
+
+_HOLDERS = _Holders()
 
 
 class _TorchOpsMode(TorchFunctionMode):
@@ -397,16 +441,19 @@ def capture_ops(model: nn.Module, capture: OffsetCapture) -> Iterator[None]:
         entry_points = _entry_points()
         if entry_points:
             wrappers = {key: _wrapper(session, kind, original) for key, (kind, original) in entry_points.items()}
+            instance_spaces = {id(module.__dict__) for module in model.modules()}
             for namespace in _namespaces(model):
-                for name, value in list(namespace.items()):
-                    wrapper = wrappers.get(id(value))
-                    if wrapper is not None and entry_points[id(value)][1] is value:
-                        namespace[name] = wrapper
-                        patched.append((namespace, name, value, wrapper))
-        for module in model.modules():
-            handles.append(module.register_forward_pre_hook(session.enter))
-            handles.append(module.register_forward_hook(session.leave, always_call=True))
-        with _TorchOpsMode(session) if torchvision_op_registered() else contextlib.nullcontext():
+                for name in _HOLDERS.names(namespace, wrappers, remember=id(namespace) not in instance_spaces):
+                    value = namespace.get(name)
+                    if id(value) in entry_points and entry_points[id(value)][1] is value:
+                        namespace[name] = wrappers[id(value)]
+                        patched.append((namespace, name, value, wrappers[id(value)]))
+        watch_torchvision = torchvision_op_registered()
+        if patched or watch_torchvision:  # otherwise no op call can reach the session: no module hooks needed
+            for module in model.modules():
+                handles.append(module.register_forward_pre_hook(session.enter))
+                handles.append(module.register_forward_hook(session.leave, always_call=True))
+        with _TorchOpsMode(session) if watch_torchvision else contextlib.nullcontext():
             yield
     finally:
         for handle in handles:

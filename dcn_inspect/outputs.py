@@ -37,14 +37,15 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from dcn_inspect.columns import FLOAT_FORMAT, Column, formatted
 from dcn_inspect.errors import InputError
 
-#: Float format of every CSV (enough digits for sub-pixel positions, stable across runs).
-CSV_FLOAT_FORMAT = "%.6g"
+#: Float format of CSV columns without a description (positions have fixed decimals: :mod:`dcn_inspect.columns`).
+CSV_FLOAT_FORMAT = FLOAT_FORMAT
 
 
 #: The file names :meth:`RunOutputs.commit` renames last (the mark of a complete run).
@@ -97,16 +98,17 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_csv(path: Path, frame: pd.DataFrame, units_comment: Optional[str] = None) -> None:
-    """Write a CSV atomically with the project's float format.
+def write_csv(path: Path, frame: pd.DataFrame, columns: Optional[Sequence[Column]] = None) -> None:
+    """Write a plain CSV atomically: a header line, then rows (``pandas.read_csv(path)`` reads it).
 
-    ``units_comment`` is written as a first line starting with ``#`` (read back with
-    ``pd.read_csv(path, comment='#')``), so every CSV states its units.
+    ``columns`` (the file's :class:`~dcn_inspect.columns.Column` descriptions, which
+    ``summary.json`` also lists) must name the frame's columns in order; they set each float
+    column's text (positions with fixed decimals). Other floats get six significant digits.
     """
+    if columns is not None:
+        frame = formatted(frame, columns)
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            if units_comment:
-                handle.write("# " + units_comment.replace("\n", " ") + "\n")
             frame.to_csv(handle, index=False, float_format=CSV_FLOAT_FORMAT, lineterminator="\n")
 
 

@@ -91,6 +91,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dcn_inspect.columns import Column, names, position
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import NCHW, FrameMap, FrameTracker, LayerGeometry, MapLayout, flat_tensors, is_padding, sliding_window
 from dcn_inspect.hooks import ADAPTERS, capture_offsets
@@ -1188,26 +1189,53 @@ def receptive_fields(
 # The per-unit table
 # --------------------------------------------------------------------------------------------
 
-#: Columns of ``<stem>_receptive_field.csv``, in order.
-CSV_COLUMNS = [
-    "model", "unit", "layer", "channel", "unit_row", "unit_col", "unit_x", "unit_y", "response",
-    "erf_mass", "erf_centroid_x", "erf_centroid_y", "erf_radius_50", "erf_radius_90",
-    "box_x1", "box_y1", "box_x2", "box_y2", "erf_mass_in_box",
-    "rf_x1", "rf_y1", "rf_x2", "rf_y2",
-    "saliency_x1", "saliency_y1", "saliency_x2", "saliency_y2", "saliency_area", "saliency_error",
-]  # fmt: skip
+_PX2 = "original-image pixels²"
 
-CSV_UNITS = (
-    "positions, radii and boxes in pixels of the original image, COCO continuous coordinates ((0,0) = top-left "
-    "corner of the top-left pixel, x right, y down), areas in pixels^2; model: 'model' or 'compare' (summary.json "
-    "names them); unit_row, unit_col: the unit's cell in the layer's output map; channel: the channel whose value is "
-    "the response, empty = the sum over channels; response: the layer's output at the unit; erf_*: of "
-    "sum_colour |d response / d pixel| (per 8-bit intensity level): total, gradient-weighted centroid, radii of the "
-    "discs around the centroid holding 50 % / 90 % of it; box_*: the smallest ground-truth box containing the unit "
-    "centre (empty: none) and erf_mass_in_box the fraction of the ERF inside it; rf_*: theoretical receptive field "
-    "(regular grids, offsets as zero); saliency_*: the error-bounded saliency region (smallest box found by "
-    "progressive masking whose pixels alone give the response within the error bound), its area and the relative "
-    "error it reaches"
+#: ``<stem>_receptive_field.csv``: one row per unit and model, in this column order.
+RECEPTIVE_FIELD_CSV: Tuple[Column, ...] = (
+    Column("model", "`model` or `compare` (summary.json names them)"),
+    Column("unit", "index of the unit (summary.json lists how each was chosen)"),
+    Column("layer", "the deformable layer the unit belongs to"),
+    Column("channel", "the channel whose value is the response (empty: the sum over the layer's channels)"),
+    Column("unit_row", "the unit's row in the layer's output map"),
+    Column("unit_col", "the unit's column in the layer's output map"),
+    position("unit_x", "the unit's centre, x"),
+    position("unit_y", "the unit's centre, y"),
+    Column("response", "the layer's output at the unit (the response r)", "layer output"),
+    Column("erf_mass", "total effective receptive field: sum over pixels and colours of |dr/dI|", "r per 8-bit level"),
+    position("erf_centroid_x", "gradient-weighted centroid of the ERF, x"),
+    position("erf_centroid_y", "gradient-weighted centroid of the ERF, y"),
+    position("erf_radius_50", "radius of the disc around the centroid holding 50 % of the ERF mass"),
+    position("erf_radius_90", "radius of the disc around the centroid holding 90 % of the ERF mass"),
+    position("box_x1", "the smallest ground-truth box containing the unit centre, left (empty: none)"),
+    position("box_y1", "that box, top"),
+    position("box_x2", "that box, right"),
+    position("box_y2", "that box, bottom"),
+    Column("erf_mass_in_box", "fraction of the ERF mass inside that box", "0..1"),
+    position("rf_x1", "theoretical receptive field (regular grids, offsets as zero), left"),
+    position("rf_y1", "theoretical receptive field, top"),
+    position("rf_x2", "theoretical receptive field, right"),
+    position("rf_y2", "theoretical receptive field, bottom"),
+    position("saliency_x1", "error-bounded saliency region (the smallest box found by progressive masking whose pixels alone give the response within the error bound), left"),
+    position("saliency_y1", "saliency region, top"),
+    position("saliency_x2", "saliency region, right"),
+    position("saliency_y2", "saliency region, bottom"),
+    Column("saliency_area", "area of the saliency region", _PX2),
+    Column("saliency_error", "relative error of the response the saliency region reaches", "fraction"),
+)
+#: Columns of ``<stem>_receptive_field.csv``, in order.
+CSV_COLUMNS = names(RECEPTIVE_FIELD_CSV)
+
+#: ``receptive_field_units.csv`` (dataset mode): one row per unit, layer and image.
+STATS_UNITS_CSV: Tuple[Column, ...] = (
+    Column("image", "image file name as the dataset lists it"),
+    Column("layer", "the followed deformable layer"),
+    position("unit_x", "the unit's centre, x"),
+    position("unit_y", "the unit's centre, y"),
+    Column("category", "small / medium / large / background (as dilation-stats), or ignored / outside: counted nowhere"),
+    position("erf_radius_50", "radius around the ERF centroid holding 50 % of the gradient mass"),
+    position("erf_radius_90", "radius around the ERF centroid holding 90 % of the gradient mass"),
+    Column("saliency_area", "area of the error-bounded saliency region", _PX2),
 )
 
 

@@ -30,37 +30,51 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dcn_inspect.columns import Column, names, position
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap
 from dcn_inspect.records import RoIPoolRecord
 
 
+_OP_CONVENTION = "as the pooling op lays it out (feature index u <-> model-input pixel (u + 0.5) / spatial_scale)"
+
+#: ``<stem>_bins.csv``: one row per (RoI, class, bin), in this column order.
+BINS_CSV: Tuple[Column, ...] = (
+    Column("roi", "index of the RoI in the image (RoIs given one by one first, then those of a file, then annotated boxes)"),
+    Column("class", "whose offsets: class name or index, `agnostic` for class-agnostic offsets"),
+    Column("bin_row", "bin row i (down)"),
+    Column("bin_col", "bin column j (right)"),
+    position("x1", "the regular bin's left edge, " + _OP_CONVENTION),
+    position("y1", "the regular bin's top edge"),
+    position("x2", "the regular bin's right edge"),
+    position("y2", "the regular bin's bottom edge"),
+    Column("dx_norm", "the network's normalised offset of the bin, x (x first, as the op reads it)", "dimensionless"),
+    Column("dy_norm", "the network's normalised offset of the bin, y", "dimensionless"),
+    position("dx", "the bin's shift, x = gamma * dx_norm * RoI width"),
+    position("dy", "the bin's shift, y = gamma * dy_norm * RoI height"),
+    position("bx1", "the deformed bin's left edge (regular bin + shift)"),
+    position("by1", "the deformed bin's top edge"),
+    position("bx2", "the deformed bin's right edge"),
+    position("by2", "the deformed bin's bottom edge"),
+    Column("fg_regular", "fraction of the regular bin's sampling points on the RoI's object mask (empty without a mask)", "0..1"),
+    Column("fg_deformed", "fraction of the deformed bin's sampling points on the RoI's object mask (empty without a mask)", "0..1"),
+)
 #: Columns of ``<stem>_bins.csv``, in order.
-CSV_COLUMNS = [
-    "roi", "class", "bin_row", "bin_col",
-    "x1", "y1", "x2", "y2",
-    "dx_norm", "dy_norm", "dx", "dy",
-    "bx1", "by1", "bx2", "by2",
-    "fg_regular", "fg_deformed",
-]  # fmt: skip
+CSV_COLUMNS = names(BINS_CSV)
 
-#: Columns of ``<stem>_bin_points.csv`` (written with ``points=True``).
-POINT_COLUMNS = ["roi", "class", "bin_row", "bin_col", "point", "x", "y", "inside"]
-
-CSV_UNITS = (
-    "x1,y1,x2,y2 (regular bin), dx,dy (shift) and bx1,by1,bx2,by2 (deformed bin): pixels of the "
-    "original image, COCO continuous coordinates ((0,0) = top-left corner of the top-left pixel, "
-    "x right, y down); dx_norm,dy_norm: the network's normalised offsets (dimensionless; "
-    "shift = gamma * norm * RoI width/height in the op's feature cells); bins follow the pooling "
-    "op's conventions (feature index u <-> model-input pixel (u + 0.5) / spatial_scale); "
-    "fg_regular,fg_deformed: fraction of the regular / deformed bin's sampling points on the RoI's object mask "
-    "(empty without a mask)"
+#: ``<stem>_bin_points.csv`` (written with ``points=True``): one row per bilinear sampling point.
+BIN_POINTS_CSV: Tuple[Column, ...] = (
+    Column("roi", "index of the RoI in the image"),
+    Column("class", "whose offsets (as in the bins CSV)"),
+    Column("bin_row", "bin row i (down)"),
+    Column("bin_col", "bin column j (right)"),
+    Column("point", "index of the sampling point in the bin (row-major)"),
+    position("x", "the sampling point of the deformed bin, x"),
+    position("y", "the sampling point of the deformed bin, y"),
+    Column("inside", "1 if the op reads the point from the feature map, 0 if it falls outside", "0 or 1"),
 )
-
-POINT_UNITS = (
-    "x,y: bilinear sampling points of each deformed bin in original-image pixels (COCO continuous "
-    "coordinates); inside: 1 if the op reads the point from the feature map, 0 if it falls outside"
-)
+#: Columns of ``<stem>_bin_points.csv``, in order.
+POINT_COLUMNS = names(BIN_POINTS_CSV)
 
 #: Class-column value for offsets shared by all classes.
 AGNOSTIC = "agnostic"

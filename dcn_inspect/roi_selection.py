@@ -36,6 +36,7 @@ from dcn_inspect.errors import InputError
 from dcn_inspect.foreground import MATCH_IOU, box_iou, match_object
 from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.roi_bins import AGNOSTIC, HeadInfo
+from dcn_inspect.unit_selection import read_boxes
 
 Box = Tuple[float, float, float, float]
 
@@ -92,8 +93,11 @@ def collect_rois(
     rois: Sequence[Union[Box, str]] = (),
     rois_file: Optional[Path] = None,
     annotations: Optional[Path] = None,
+    boxes: Optional[Path] = None,
 ) -> List[RoIRequest]:
-    """The RoIs for one image: ``--roi`` boxes, then ``--rois`` CSV rows, then annotated boxes.
+    """The RoIs for one image: ``rois``, then ``rois_file`` CSV rows, then the image's ``boxes``
+    (CSV, COCO or VOC, read as sample-points reads them: crowd / difficult boxes left out), then
+    the ``annotations``' boxes.
 
     With none given, a bundled demo image uses its bundled annotations.
     """
@@ -102,14 +106,20 @@ def collect_rois(
         box = parse_roi(item) if isinstance(item, str) else tuple(float(v) for v in item)
         requests.append(RoIRequest(box, None, f"--roi {_fmt_box(box)}"))  # type: ignore[arg-type]
     if rois_file is not None:
-        boxes, labels = read_box_csv(Path(rois_file))
-        for k, (box, label) in enumerate(zip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), labels)):
+        file_boxes, labels = read_box_csv(Path(rois_file))
+        for k, (box, label) in enumerate(zip(np.asarray(file_boxes, dtype=np.float64).reshape(-1, 4), labels)):
             requests.append(RoIRequest(tuple(float(v) for v in box), label, f"--rois {rois_file} box {k}"))  # type: ignore[arg-type]
+    if boxes is not None:
+        found = read_boxes(Path(image_path), Path(boxes))
+        if found is None:
+            raise InputError(f"{boxes}: no annotation for image {Path(image_path).name}", param="boxes")
+        for k, (box, label) in enumerate(zip(np.asarray(found[0], dtype=np.float64).reshape(-1, 4), found[1])):
+            requests.append(RoIRequest(tuple(float(v) for v in box), label, f"{boxes} box {k}"))  # type: ignore[arg-type]
     annotation_path = Path(annotations) if annotations is not None else None
     if annotation_path is None and not requests:
         annotation_path = _bundled_annotations_for(image_path)
         if annotation_path is None:
-            raise InputError(f"{image_path}: no RoIs given: use `rois` X1,Y1,X2,Y2, `rois_file` FILE or `annotations` FILE")
+            raise InputError(f"{image_path}: no RoIs given: use `rois` X1,Y1,X2,Y2, `rois_file` FILE, `boxes` FILE or `annotations` FILE")
     if annotation_path is not None:
         entry = annotation_for_image(annotation_path, Path(image_path))
         if entry is None:

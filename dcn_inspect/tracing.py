@@ -38,30 +38,42 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dcn_inspect.columns import Column, names, position, present
 from dcn_inspect.errors import InputError
 from dcn_inspect.records import DeformConvRecord
 from dcn_inspect.sampling import kernel_grid
 
-#: Columns of ``<stem>_points.csv``, in order.
-CSV_COLUMNS = ["unit", "unit_x", "unit_y", "level", "point", "parent", "layer", "x", "y", "weight", "inside"]
-
-CSV_UNITS = (
-    "unit_x,unit_y (the traced unit's centre) and x,y (sampling points): pixels of the original image, "
-    "COCO continuous coordinates ((0,0) = top-left corner of the top-left pixel, x right, y down); "
-    "unit: index of the unit (summary.json lists how it was chosen); level: 1 = samples of the top "
-    "deformable layer (layer column) down to L; point: index within the level, parent*K + kernel point "
-    "(row-major); parent: point of the level above (empty at level 1); weight: product of the DCNv2 "
-    "masks along the path (1 without masks; dimensionless, 0..1); inside: 1 if the point lies in the "
-    "op's sampling band of the map it samples (-1 < row < H and -1 < col < W of that layer's input), "
-    "else 0 (kept, never dropped; offsets read outside a map are zero, as in the op)"
+#: ``<stem>_points.csv``: one row per point, in this column order (README and summary.json describe it from here).
+POINTS_CSV: Tuple[Column, ...] = (
+    Column("unit", "index of the traced unit (summary.json lists how each was chosen)"),
+    position("unit_x", "the traced unit's centre, x"),
+    position("unit_y", "the traced unit's centre, y"),
+    Column("level", "1 = sampling points of the top deformable layer, ..., L = the deepest level"),
+    Column("point", "index within the level: parent * K + kernel point (K kernel points, row-major)"),
+    Column("parent", "`point` of the level above (empty at level 1)"),
+    Column("layer", "the deformable layer whose sampling point this is"),
+    position("x", "the sampling point, x"),
+    position("y", "the sampling point, y"),
+    Column("weight", "product of the DCNv2 masks along the path (1 without masks)", "0..1"),
+    Column(
+        "inside",
+        "1 if the point lies in the band the op reads (-1 < row < H and -1 < col < W of that layer's input map), "
+        "else 0 (kept, never dropped: offsets read outside a map are zero, as in the op)",
+        "0 or 1",
+    ),
+    Column(
+        "grad_weight",
+        "|d response / d point| of the unit's response (sum over the top layer's channels at the unit) with respect to the "
+        "point's position: the total derivative, how much the point matters",
+        "response per original-image pixel",
+        only="grad_weight",
+    ),
 )
+#: Columns of ``<stem>_points.csv`` without ``grad_weight``, in order.
+CSV_COLUMNS = names(present(POINTS_CSV))
 
-#: Column added by ``sample-points --grad-weight`` (after the others) and its units.
+#: Column added by ``sample-points --grad-weight`` (after the others).
 GRAD_WEIGHT_COLUMN = "grad_weight"
-GRAD_WEIGHT_UNITS = (
-    "grad_weight: |d response / d point| of the unit's response (sum over the top layer's channels at the unit) "
-    "with respect to the point's position, per original-image pixel (the total derivative: how much the point matters)"
-)
 
 #: ``group`` argument: an offset-group index, or "mean" to average the groups' offsets and masks.
 GroupChoice = Union[int, str]

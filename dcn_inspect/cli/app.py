@@ -6,16 +6,64 @@ import the library inside their functions.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-app = typer.Typer(
+
+def plain_metavars(params: Iterable[Any]) -> None:
+    """Help shows each value's metavar (``FILE``, ``X,Y``, ``N``...), never a Python type name.
+
+    Recent typer prints ``<bool>``, ``<str>``, ``<list[Path]>`` in the help's type column: flags
+    get no metavar (they take no value), options without an explicit ``metavar=`` get ``VALUE``,
+    and arguments show their name (upper case) and no type.
+    """
+    for param in params:
+        if isinstance(param, TyperOption):
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+            elif param.metavar is None:
+                param.metavar = "VALUE"
+        elif isinstance(param, TyperArgument):
+            if param.metavar is None:
+                param.metavar = (param.name or "value").upper()
+            param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]  # the name column says it
+
+
+class Command(TyperCommand):
+    """Every command: help without Python type names (:func:`plain_metavars`)."""
+
+    def get_params(self, ctx: Any) -> List[Any]:
+        params = super().get_params(ctx)  # the command's parameters and --help
+        plain_metavars(params)
+        return params
+
+
+class Group(TyperGroup):
+    """The ``dcn-inspect`` group: its own options' help without Python type names."""
+
+    def get_params(self, ctx: Any) -> List[Any]:
+        params = super().get_params(ctx)
+        plain_metavars(params)
+        return params
+
+
+class App(typer.Typer):
+    """``app.command(...)`` registers commands of class :class:`Command`."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:  # type: ignore[override]
+        kwargs.setdefault("cls", Command)
+        return super().command(*args, **kwargs)
+
+
+app = App(
     name="dcn-inspect",
+    cls=Group,
     help="Inspect what deformable convolutional networks learned: sampling trees, effective dilation, deformed RoI bins.",
     no_args_is_help=True,
     add_completion=False,

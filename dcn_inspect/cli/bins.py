@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 
 import typer
 
+from dcn_inspect.cli import render
 from dcn_inspect.cli import options
 from dcn_inspect.cli.app import app, print_skipped
 
@@ -22,40 +23,41 @@ EPILOG = (
 def bins(
     images: Optional[List[Path]] = typer.Argument(
         None,
+        metavar="IMAGE",
         help="Images, or one dataset (COCO json or VOC directory: every annotated box is an RoI, foreground table only). "
         "Default: the bundled demo images.",
         show_default=False,
     ),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
-    rois: Optional[List[str]] = typer.Option(None, "--roi", help="RoI X1,Y1,X2,Y2 in original-image pixels (repeatable)."),
-    rois_file: Optional[Path] = typer.Option(None, "--rois", help="CSV of RoIs with columns x1,y1,x2,y2[,class]."),
-    annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO json or VOC directory/xml: the image's boxes are the RoIs."),
+    rois: Optional[List[str]] = typer.Option(None, "--roi", metavar="X1,Y1,X2,Y2", help="RoI X1,Y1,X2,Y2 in original-image pixels (repeatable)."),
+    rois_file: Optional[Path] = typer.Option(None, "--rois", metavar="FILE", help="CSV of RoIs with columns x1,y1,x2,y2[,class]."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", metavar="FILE", help="COCO json or VOC directory/xml: the image's boxes (all of them) are the RoIs."),
+    boxes: Optional[Path] = options.boxes("each is an RoI (as --boxes of sample-points)"),
     class_choice: str = typer.Option(
-        "auto", "--class", help="Offsets of a class-specific head: INDEX or NAME, gt (the RoI's class), pred (the model's), all, or auto (gt, else pred)."
+        "auto", "--class", metavar="CLASS", help="Offsets of a class-specific head: INDEX or NAME, gt (the RoI's class), pred (the model's), all, or auto (gt, else pred)."
     ),
     points: bool = typer.Option(False, "--points", help="Also draw and write the bilinear sampling points of each bin."),
     overlay: bool = typer.Option(False, "--overlay", help="Draw all RoIs on one image instead of one panel each."),
-    layer: Optional[str] = typer.Option(None, "--layer", help="RoI pooling layer to show (default: the first that ran with offsets)."),
+    layer: Optional[str] = typer.Option(None, "--layer", metavar="NAME", help="RoI pooling layer to show (default: the first that ran with offsets)."),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
     out: Path = options.out(),
     fmt: str = options.figure_format(),
     max_pixels: int = options.max_pixels(),
     strict: bool = options.strict(),
-    images_dir: Optional[Path] = typer.Option(None, "--images", help="Dataset only: image folder (default: next to the COCO json / VOC JPEGImages/)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Dataset only: VOC ImageSets/Main/<split>.txt."),
-    max_images: Optional[int] = typer.Option(None, "--max-images", help="Dataset only: use the first N images."),
+    images_dir: Optional[Path] = typer.Option(None, "--images", metavar="DIR", help="Dataset only: image folder (default: next to the COCO json / VOC JPEGImages/)."),
+    split: Optional[str] = typer.Option(None, "--split", metavar="NAME", help="Dataset only: VOC ImageSets/Main/<split>.txt."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", metavar="N", help="Dataset only: use the first N images (default: all)."),
     allow_outside_paths: bool = options.allow_outside_paths(),
 ) -> None:
     """Regular versus deformed RoI-pooling bins (the paper's Fig. 7): CSV, figure and summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters
-    from rich.console import Console
 
     from dcn_inspect.commands.bins import bins as run
 
     result = run(**{**given, **dict(images=images or None, rois=rois or ())})
-    console = Console()
+    console = render.console()
     for item in result.images:
         console.print(f"{item.image.name}: {len(item.rois)} RoI(s) -> {item.csv}, {item.figure}")
     if result.foreground is not None:

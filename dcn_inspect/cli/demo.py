@@ -17,12 +17,12 @@ from dcn_inspect.cli.app import app
     epilog="Example: dcn-inspect demo-data shapes/ --n 50 --seed 7 --format voc",
 )
 def demo_data(
-    out: Path = typer.Argument(..., help="Output directory (created; existing files with the same names are replaced)."),
-    n: int = typer.Option(20, "--n", help="Number of scenes."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same images and annotations."),
-    fmt: str = typer.Option("coco", "--format", help="coco (annotations.json + images/) or voc (Annotations/, JPEGImages/, ImageSets/Main/all.txt)."),
-    size: int = typer.Option(256, "--size", help="Image width and height in pixels (at least 64)."),
-    image_format: str = typer.Option("png", "--image-format", help="png (exact pixels) or jpg (quality 90, ~5x smaller)."),
+    out: Path = typer.Argument(..., metavar="OUT", help="Output directory (created; existing files with the same names are replaced)."),
+    n: int = typer.Option(20, "--n", metavar="N", help="Number of scenes."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Random seed; the same seed gives the same images and annotations."),
+    fmt: str = typer.Option("coco", "--format", metavar="coco|voc", help="coco (annotations.json + images/) or voc (Annotations/, JPEGImages/, ImageSets/Main/all.txt)."),
+    size: int = typer.Option(256, "--size", metavar="PIXELS", help="Image width and height in pixels (at least 64)."),
+    image_format: str = typer.Option("png", "--image-format", metavar="png|jpg", help="png (exact pixels) or jpg (quality 90, ~5x smaller)."),
 ) -> None:
     """Generate synthetic shape scenes (disc, square, triangle, cross, star at small/medium/large scales on cluttered textured backgrounds) with ground-truth boxes and polygons."""
     from rich.progress import Progress

@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 
 import typer
 
+from dcn_inspect.cli import render
 from dcn_inspect.cli import options
 from dcn_inspect.cli.app import app, comma_list
 
@@ -21,21 +22,21 @@ EPILOG = (
 @app.command("dilation-stats", epilog=EPILOG)
 def dilation_stats(
     dataset: Optional[Path] = typer.Argument(
-        None, help="COCO annotation json, Pascal VOC directory, or nothing for the bundled demo dataset.", show_default=False
+        None, metavar="DATASET", help="COCO annotation json, Pascal VOC directory, or nothing for the bundled demo dataset.", show_default=False
     ),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (default: next to the COCO json / VOC JPEGImages/)."),
-    split: Optional[str] = typer.Option(None, "--split", help="VOC ImageSets/Main/<split>.txt (default: every annotation)."),
+    images: Optional[Path] = typer.Option(None, "--images", metavar="DIR", help="Image folder (default: next to the COCO json / VOC JPEGImages/)."),
+    split: Optional[str] = typer.Option(None, "--split", metavar="NAME", help="VOC ImageSets/Main/<split>.txt (default: every annotation)."),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
-    layers: Optional[List[str]] = typer.Option(None, "--layers", help="Deformable layer(s) to measure (repeatable or comma-separated; default: all)."),
-    thresholds: str = typer.Option("paper", "--thresholds", help="Box-area split: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
-    units: str = typer.Option("cells", "--units", help="cells (the layer's input cells) or pixels (original-image pixels)."),
-    per_group: bool = typer.Option(False, "--per-group", help="One row per offset group instead of the groups' mean."),
+    layers: Optional[List[str]] = options.layers("to measure (default: all)"),
+    thresholds: str = typer.Option("paper", "--thresholds", metavar="paper|coco|tertiles|A,B", help="Box-area split: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
+    units: str = typer.Option("cells", "--units", metavar="cells|pixels", help="cells (the layer's input cells) or pixels (original-image pixels)."),
+    per_group: bool = typer.Option(False, "--per-group", help="One row per offset group (in its own column) instead of the groups' mean."),
     per_unit: bool = typer.Option(False, "--per-unit", help="Also write dilation_units.csv (one row per unit and layer)."),
-    max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N images."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Images per forward (only images of equal input size are batched)."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes decoding images (0: in the main process)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (under torchrun: each rank its local GPU)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", metavar="N", help="Use only the first N images (default: all)."),
+    batch_size: int = typer.Option(1, "--batch-size", metavar="N", help="Images per forward (only images of equal input size are batched)."),
+    workers: int = typer.Option(2, "--workers", metavar="N", help="DataLoader worker processes decoding images (0: in the main process)."),
+    device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="cpu, cuda or cuda:N (under torchrun: each rank its local GPU)."),
     resize: Optional[int] = options.resize(),
     strict: bool = options.strict(),
     out: Path = options.out(),
@@ -44,15 +45,15 @@ def dilation_stats(
 ) -> None:
     """Effective dilation per deformable layer and object size (the paper's Table 2): CSV, Markdown, histogram, summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters
-    from rich.console import Console
 
     from dcn_inspect.commands.dilation_stats import dilation_stats as run
 
     result = run(**{**given, **dict(layers=comma_list(layers))})
     if result.rank != 0:
         return
-    console = Console()
+    console = render.console()
     console.print(rich_table(result.table, result.units))
+    console.print(rich_differences(result.differences, result.units))
     low, high = result.thresholds
     console.print(f"thresholds ({result.thresholds_name}): small < {low:g} px² <= medium < {high:g} px² <= large")
     by_kind = result.skipped.by_kind()
@@ -65,19 +66,55 @@ def dilation_stats(
 
 
 def rich_table(table: Any, units: str, title: str = "Effective dilation") -> Any:
-    """The Table 2 layout (layers as rows, categories as columns, mean ± std) as a rich table."""
+    """The Table 2 layout as a rich table that fits 80 columns: layers as rows (the offset group in
+    its own column with ``--per-group``), categories as columns, each cell ``mean ± std`` over
+    its 95 % interval ``[low, high]``."""
+    from rich import box
     from rich.table import Table
 
+    from dcn_inspect.commands.dilation_stats import table2_rows
     from dcn_inspect.dilation import CATEGORIES
 
-    out = Table(title=f"{title} (mean ± std, {units})")
-    out.add_column("layer")
+    rows = table2_rows(table)
+    per_group = "group" in table.columns
+    out = Table(
+        title=f"{title} ({units}): mean ± std" + (", [95 % CI of the mean]" if "ci_low" in table.columns else ""),
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
+    out.add_column("layer", overflow="fold")
+    if per_group:
+        out.add_column("group", justify="right")
     for category in CATEGORIES:
-        out.add_column(category, justify="right")
-    for layer, group in table.groupby("layer", sort=False):
-        cells = []
-        for category in CATEGORIES:
-            row = group[group["category"] == category].iloc[0]
-            cells.append("–" if row["count"] == 0 else f"{row['mean']:.2f} ± {row['std']:.2f}")
-        out.add_row(str(layer), *cells)
+        out.add_column(category, justify="right", overflow="fold")
+    previous = None
+    for row in rows:
+        cells = [f"{mean}\n{interval}" if interval != "–" else mean for mean, interval in zip(row.means, row.intervals)]
+        out.add_row(row.layer if row.layer != previous else "", *([str(row.group)] if per_group else []), *cells)
+        previous = row.layer
+    return out
+
+
+def rich_differences(differences: Any, units: str) -> Any:
+    """The differences of category means with their 95 % intervals, one row per layer and pair."""
+    from rich import box
+    from rich.table import Table
+
+    from dcn_inspect.commands.dilation_stats import difference_label, difference_text
+
+    per_group = "group" in differences.columns
+    out = Table(title=f"Differences of means ({units}), [95 % CI]", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
+    out.add_column("layer", overflow="fold")
+    if per_group:
+        out.add_column("group", justify="right")
+    out.add_column("difference", no_wrap=True)
+    out.add_column("value", justify="right", no_wrap=True)
+    out.add_column("95 % CI", justify="right", no_wrap=True)
+    previous = None
+    for _, row in differences.iterrows():
+        key = (row["layer"], row["group"] if per_group else None)
+        lead = [str(row["layer"]) if key != previous else ""] + ([str(row["group"]) if key != previous else ""] if per_group else [])
+        out.add_row(*lead, difference_label(row["category_a"], row["category_b"]), *difference_text(row), end_section=False)
+        previous = key
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import time
 
+from dcn_inspect.cli import render
 from dcn_inspect.cli.app import app
 
 
@@ -12,7 +13,6 @@ from dcn_inspect.cli.app import app
 def doctor() -> None:
     """Show torch version, devices, which ops backend is active, and the ops build cache."""
     import torch
-    from rich.console import Console
     from rich.table import Table
 
     from dcn_inspect.ops import backend_info
@@ -34,4 +34,4 @@ def doctor() -> None:
     for key, value in sorted(info.details.items()):
         table.add_row(f"ops {key}", str(value))
     table.add_row("backend load time", f"{elapsed:.2f} s")
-    Console().print(table)
+    render.console().print(table)

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from dcn_inspect.cli import render
 from dcn_inspect.cli import options
 from dcn_inspect.cli.app import app, comma_list, print_skipped
 
@@ -23,11 +24,11 @@ def offsets(
     images: Optional[List[Path]] = options.images("the bundled example images"),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
-    layers: Optional[List[str]] = typer.Option(None, "--layers", help="Deformable layer(s) to show (comma-separated or repeated; default: all)."),
+    layers: Optional[List[str]] = options.layers("to show (default: all)"),
     kernel_point: Optional[List[str]] = typer.Option(
-        None, "--kernel-point", help="Also show the offsets of kernel point A,B (kernel row, column, 0-based; 1,1 = centre of 3x3; repeatable)."
+        None, "--kernel-point", metavar="A,B", help="Also show the offsets of kernel point A,B (kernel row, column, 0-based; 1,1 = centre of 3x3; repeatable)."
     ),
-    group: str = typer.Option("0", "--group", help="Offset group to show (G), or 'mean' to average the groups."),
+    group: str = typer.Option("0", "--group", metavar="G|mean", help="Offset group to show (G), or 'mean' to average the groups."),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
     out: Path = options.out(),
@@ -37,12 +38,11 @@ def offsets(
 ) -> None:
     """Dense offset maps per deformable layer: flow colours, magnitude, effective dilation over the image; PNG, npz, summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters
-    from rich.console import Console
 
     from dcn_inspect.commands.offsets import offsets as run
 
     result = run(**{**given, **dict(images=images or None, layers=comma_list(layers), kernel_point=kernel_point or ())})
-    console = Console()
+    console = render.console()
     console.print(f"layers (top first): {', '.join(result.layers)}")
     for item in result.images:
         console.print(f"{item.image.name}: {len(item.maps)} layer(s) -> {item.figure}")

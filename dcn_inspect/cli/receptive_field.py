@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from dcn_inspect.cli import render
 from dcn_inspect.cli import options
 from dcn_inspect.cli.app import app, comma_list, print_skipped
 from dcn_inspect.errors import InputError
@@ -30,28 +31,28 @@ _IMAGES_ONLY = {"at": None, "grid": None, "boxes": None, "group": "0", "round_po
 @app.command("receptive-field", epilog=EPILOG)
 def receptive_field(
     images: Optional[List[Path]] = typer.Argument(
-        None, help="Images (default: the bundled example images); with --stats, the DATASET: a COCO json or VOC directory (default: the bundled demo dataset).", show_default=False
+        None, metavar="IMAGE", help="Images (default: the bundled example images); with --stats, the DATASET: a COCO json or VOC directory (default: the bundled demo dataset).", show_default=False
     ),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
-    layers: Optional[List[str]] = typer.Option(None, "--layers", help="Deformable layers to follow (comma-separated or repeated); the units belong to the last called."),
-    levels: Optional[int] = typer.Option(None, "--levels", help="Follow the last L deformable layers (default: 3)."),
-    at: Optional[List[str]] = typer.Option(None, "--at", help="Unit nearest to image point X,Y in original-image pixels (repeatable)."),
-    grid: Optional[int] = typer.Option(None, "--grid", help="Every STEP-th unit of the top layer, in both directions."),
-    boxes: Optional[Path] = typer.Option(None, "--boxes", help="COCO json, VOC xml/directory or CSV (x1,y1,x2,y2[,class]): a unit at each box centre plus one on background."),
-    channel: Optional[int] = typer.Option(None, "--channel", help="The response is this channel's value (default: the sum over the layer's channels)."),
-    group: str = typer.Option("0", "--group", help="Offset group the sampling trees follow (G), or 'mean'."),
+    layers: Optional[List[str]] = options.layers("to follow (the units belong to the last called)"),
+    levels: Optional[int] = typer.Option(None, "--levels", metavar="L", help="Follow the last L deformable layers (default: 3)."),
+    at: Optional[List[str]] = typer.Option(None, "--at", metavar="X,Y", help="Unit nearest to image point X,Y in original-image pixels (repeatable)."),
+    grid: Optional[int] = typer.Option(None, "--grid", metavar="STEP", help="Every STEP-th unit of the top layer, in both directions."),
+    boxes: Optional[Path] = options.boxes("a unit at each box centre plus one on background"),
+    channel: Optional[int] = typer.Option(None, "--channel", metavar="C", help="The response is this channel's value (default: the sum over the layer's channels)."),
+    group: str = typer.Option("0", "--group", metavar="G|mean", help="Offset group the sampling trees follow (G), or 'mean'."),
     round_positions: bool = typer.Option(False, "--round", help="Round tree positions to the nearest cell before reading offsets (the official demo's rule)."),
-    saliency_error: float = typer.Option(0.1, "--saliency-error", help="Relative error bound of the saliency region (0.1 = 10 %)."),
-    saliency_step: Optional[int] = typer.Option(None, "--saliency-step", help="Resolution of the saliency search in model-input pixels (default: the layer's stride)."),
-    compare_model: Optional[str] = typer.Option(None, "--compare-model", help="A second model (e.g. dcn-sample-dilated) on the same units, drawn side by side."),
-    compare_weights: Optional[Path] = typer.Option(None, "--compare-weights", help="Weights of the --compare-model architecture."),
+    saliency_error: float = typer.Option(0.1, "--saliency-error", metavar="FRACTION", help="Relative error bound of the saliency region (0.1 = 10 %)."),
+    saliency_step: Optional[int] = typer.Option(None, "--saliency-step", metavar="PIXELS", help="Resolution of the saliency search in model-input pixels (default: the layer's stride)."),
+    compare_model: Optional[str] = typer.Option(None, "--compare-model", metavar="MODEL", help="A second model (e.g. dcn-sample-dilated) on the same units, drawn side by side."),
+    compare_weights: Optional[Path] = typer.Option(None, "--compare-weights", metavar="FILE", help="Weights of the --compare-model architecture."),
     stats: bool = typer.Option(False, "--stats", help="Dataset mode: ERF 90 % radius and saliency area per layer and object size (dilation-stats layout)."),
-    image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="With --stats: image folder (default: next to the COCO json / VOC JPEGImages/)."),
-    split: Optional[str] = typer.Option(None, "--split", help="With --stats: VOC ImageSets/Main/<split>.txt."),
-    thresholds: str = typer.Option("paper", "--thresholds", help="With --stats: box-area split: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
-    max_images: Optional[int] = typer.Option(None, "--max-images", help="With --stats: use only the first N images."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Units per backward pass (and masked images per forward)."),
+    image_dir: Optional[Path] = typer.Option(None, "--images", "--image-dir", metavar="DIR", help="With --stats: image folder (default: next to the COCO json / VOC JPEGImages/)."),
+    split: Optional[str] = typer.Option(None, "--split", metavar="NAME", help="With --stats: VOC ImageSets/Main/<split>.txt."),
+    thresholds: str = typer.Option("paper", "--thresholds", metavar="paper|coco|tertiles|A,B", help="With --stats: box-area split: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", metavar="N", help="With --stats: use only the first N images (default: all)."),
+    batch_size: int = typer.Option(8, "--batch-size", metavar="N", help="Units per backward pass (and masked images per forward)."),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
     out: Path = options.out(),
@@ -61,11 +62,10 @@ def receptive_field(
 ) -> None:
     """Effective receptive field, gradient-weighted sampling points and error-bounded saliency region of chosen units (DCNv2 §2.1): figure, CSV, npz, summary.json."""
     given = dict(locals())  # the options, named as the library functions name their parameters
-    from rich.console import Console
 
     given.pop("stats")
     given["layers"] = comma_list(layers)
-    console = Console()
+    console = render.console()
     if stats:
         _refuse(given, _IMAGES_ONLY, "stats")
         if images and len(images) > 1:

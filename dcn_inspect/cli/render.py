@@ -61,9 +61,17 @@ def error_line(error: InputError, command: Optional[str]) -> str:
     return error.render(name_spelling(command))
 
 
+def console(stderr: bool = False) -> Any:
+    """The rich console every command prints through. Lines of text are never folded (a path
+    stays one piece in logs and pipes, where rich would fold at 80 columns); tables still fit
+    the width."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=True)
+
+
 def print_key_table(report: Any) -> None:
     """The checkpoint key table (missing / unexpected / ignored keys) on stderr."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"checkpoint keys: {report.path.name}", title_justify="left")
@@ -72,7 +80,7 @@ def print_key_table(report: Any) -> None:
     table.add_column("checkpoint key / count")
     for row in report.rows():
         table.add_row(*row)
-    Console(stderr=True).print(table)
+    console(stderr=True).print(table)
 
 
 def install_warning_printer(command: Optional[str]) -> None:

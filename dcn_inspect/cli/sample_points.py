@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from dcn_inspect.cli import render
 from dcn_inspect.cli import options
 from dcn_inspect.cli.app import app, print_skipped, comma_list
 
@@ -23,34 +24,33 @@ def sample_points(
     images: Optional[List[Path]] = options.images("the bundled example images"),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
-    layers: Optional[List[str]] = typer.Option(None, "--layers", help="Deformable layer names to trace (comma-separated or repeated; any order; traced from the last called)."),
-    levels: Optional[int] = typer.Option(None, "--levels", help="Trace the last L deformable layers (default: 3)."),
-    at: Optional[List[str]] = typer.Option(None, "--at", help="Unit nearest to image point X,Y in original-image pixels (repeatable)."),
-    grid: Optional[int] = typer.Option(None, "--grid", help="Every STEP-th unit of the top layer, in both directions."),
-    boxes: Optional[Path] = typer.Option(None, "--boxes", help="COCO json, VOC xml/directory or CSV (x1,y1,x2,y2[,class]): a unit at each box centre plus one on background."),
+    layers: Optional[List[str]] = options.layers("to trace (any order; traced from the last called)"),
+    levels: Optional[int] = typer.Option(None, "--levels", metavar="L", help="Trace the last L deformable layers (default: 3)."),
+    at: Optional[List[str]] = typer.Option(None, "--at", metavar="X,Y", help="Unit nearest to image point X,Y in original-image pixels (repeatable). Default without --at, --grid, --boxes: a bundled image's annotated boxes, else the image centre."),
+    grid: Optional[int] = typer.Option(None, "--grid", metavar="STEP", help="Every STEP-th unit of the top layer, in both directions."),
+    boxes: Optional[Path] = options.boxes("a unit at each box centre plus one on background"),
     round_positions: bool = typer.Option(False, "--round", help="Round positions to the nearest cell before reading offsets (the official demo's rule)."),
-    group: str = typer.Option("0", "--group", help="Offset group to follow (G), or 'mean' to average the groups' offsets."),
+    group: str = typer.Option("0", "--group", metavar="G|mean", help="Offset group to follow (G), or 'mean' to average the groups' offsets."),
     color_by_level: bool = typer.Option(False, "--color-by-level", help="Draw every level in its own colour (deepest stays red)."),
     zoom: bool = typer.Option(False, "--zoom", help="Fit each panel to its own unit's points (default: every panel the whole image at one scale)."),
-    thresholds: str = typer.Option("paper", "--thresholds", help="Box-area split for the titles' small/medium/large: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
+    thresholds: str = typer.Option("paper", "--thresholds", metavar="paper|coco|tertiles|A,B", help="Box-area split for the titles' small/medium/large: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
     grad_weight: bool = typer.Option(False, "--grad-weight", help="Add each point's |d response / d point| (grad_weight column) and size the points by it."),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
     out: Path = options.out(),
     fmt: str = options.figure_format(),
     gif: bool = typer.Option(False, "--gif", help="Also write an animated GIF with one frame per unit."),
-    save_offsets: Optional[Path] = typer.Option(None, "--save-offsets", help="Write the captured offset/mask fields with their geometry to FILE.npz."),
+    save_offsets: Optional[Path] = typer.Option(None, "--save-offsets", metavar="FILE.npz", help="Write the captured offset/mask fields with their geometry to FILE.npz."),
     max_pixels: int = options.max_pixels(),
     strict: bool = options.strict(),
 ) -> None:
     """Trace the sampling points of chosen units back to the image (the paper's Fig. 5/6): CSV, figure, summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters
-    from rich.console import Console
 
     from dcn_inspect.commands.sample_points import sample_points as run
 
     result = run(**{**given, **dict(images=images or None, layers=comma_list(layers), at=at or ())})
-    console = Console()
+    console = render.console()
     console.print(f"traced layers (top first): {', '.join(result.layers)}")
     for item in result.images:
         outputs = [str(item.csv), str(item.figure)] + ([str(item.gif)] if item.gif else [])

@@ -28,10 +28,11 @@ import pandas as pd
 import torch
 
 from dcn_inspect.annotations import AnnotatedDataset, ImageAnnotation, detect_format, load_dataset, object_mask
+from dcn_inspect.columns import describe, names
 from dcn_inspect.commands.common import CommandRun, check_figure_format, check_resize, image_list, images_of_run, start_run
 from dcn_inspect.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
 from dcn_inspect.errors import InputError
-from dcn_inspect.foreground import MATCH_IOU, TABLE_COLUMNS, BinForeground, bin_foreground, foreground_table
+from dcn_inspect.foreground import MATCH_IOU, ROIS_CSV, TABLE_COLUMNS, TABLE_CSV, BinForeground, bin_foreground, foreground_table
 from dcn_inspect.hooks import ModelRaised, Probe, probe
 from dcn_inspect.images import ImageError, ModelInput, SkippedImages, check_max_pixels, read_model_input, to_model_input
 from dcn_inspect.loaded_model import LoadedModel
@@ -39,10 +40,10 @@ from dcn_inspect.outputs import write_csv, write_figure, write_text
 from dcn_inspect.records import RoIPoolRecord
 from dcn_inspect.roi_bins import (
     AGNOSTIC,
+    BIN_POINTS_CSV,
+    BINS_CSV,
     CSV_COLUMNS,
-    CSV_UNITS,
     POINT_COLUMNS,
-    POINT_UNITS,
     BinGeometry,
     HeadInfo,
     bins_table,
@@ -70,19 +71,7 @@ from dcn_inspect.roi_selection import (
 __all__ = ["CSV_COLUMNS", "FOREGROUND_ROI_COLUMNS", "POINT_COLUMNS", "TABLE_COLUMNS", "BinsResult", "ImageBins", "bins", "foreground_markdown"]
 
 #: Columns of ``foreground_rois.csv`` (dataset mode): one row per RoI.
-FOREGROUND_ROI_COLUMNS = ["image", "roi", "label", "class", "chosen_by", "object", "x1", "y1", "x2", "y2", "fg_regular", "fg_deformed", "gain"]
-
-FOREGROUND_ROI_UNITS = (
-    "one row per RoI (an annotated box); image: file name; label: its ground-truth class; class: whose offsets; "
-    "x1,y1,x2,y2: the box in original-image pixels; fg_regular,fg_deformed: fraction of the regular / deformed bins' "
-    "sampling points on the object's mask; gain = fg_deformed - fg_regular"
-)
-
-FOREGROUND_TABLE_UNITS = (
-    "group: ground-truth class, or all; rois, images: counted; fg_regular, fg_deformed: mean over RoIs of the fraction of "
-    "sampling points on the object's mask; gain: their difference, gain_ci_low/high its 95% bootstrap interval over images; "
-    "improved: fraction of RoIs with fg_deformed > fg_regular"
-)
+FOREGROUND_ROI_COLUMNS = names(ROIS_CSV)
 
 #: Figures show at most this many panels (RoI x class); the rest are listed in summary.json.
 MAX_PANELS = 36
@@ -130,6 +119,7 @@ def bins(
     rois: Sequence[Union[Box, str]] = (),
     rois_file: Optional[Path] = None,
     annotations: Optional[Path] = None,
+    boxes: Optional[Path] = None,
     class_choice: str = "auto",
     points: bool = False,
     overlay: bool = False,
@@ -166,12 +156,15 @@ def bins(
             raise InputError("applies to a dataset (a COCO json or a VOC directory), not to images", param=name)
     image_paths = image_list(images)
     # Every image's RoIs are checked before any work, so a bad RoI fails fast and writes nothing.
-    requests_of = {path: collect_rois(path, rois, rois_file, annotations) for path in image_paths}
+    if boxes is not None and not Path(boxes).exists():
+        raise InputError(f"{boxes}: file not found", param="boxes")
+    requests_of = {path: collect_rois(path, rois, rois_file, annotations, boxes) for path in image_paths}
     parameters = {
         "images": [str(p) for p in image_paths],
         "rois": [list(map(float, parse_roi(r) if isinstance(r, str) else r)) for r in rois],
         "rois_file": rois_file,
         "annotations": annotations,
+        "boxes": boxes,
         "class": class_choice,
         "points": points,
         "overlay": overlay,
@@ -198,6 +191,7 @@ def bins(
         run.summary["class_names"] = offset_class_names(names, head.num_classes) if head else names
         run.summary["images"] = per_image
         table = _overall_foreground(results, options, run)
+        run.summary["columns"] = _columns(points)
         summary_path = run.finish(skipped)
     return BinsResult(run.out_dir, results, summary_path, head, run.notes, skipped.items, table)
 
@@ -432,11 +426,11 @@ def _write_image_outputs(
             fg_regular[k], fg_deformed[k] = fraction.regular_bins, fraction.deformed_bins
     table = bins_table(geometry, labels, fg_regular, fg_deformed)
     csv_path = run.out_dir / f"{path.stem}_bins.csv"
-    write_csv(csv_path, table, CSV_UNITS)
+    write_csv(csv_path, table, BINS_CSV)
     points_path = None
     if options.points:
         points_path = run.out_dir / f"{path.stem}_bin_points.csv"
-        write_csv(points_path, points_table(geometry, labels), POINT_UNITS)
+        write_csv(points_path, points_table(geometry, labels), BIN_POINTS_CSV)
     panels = [
         RoIPanel(
             title=_panel_title(roi, label, how, requests[roi]),
@@ -499,6 +493,14 @@ def _roi_summary(
         }
         for r, request in enumerate(requests)
     ]
+
+
+def _columns(points: bool) -> Dict[str, Any]:
+    """The ``summary.json`` description of the CSVs this run writes."""
+    files = {"<stem>_bins.csv": describe(BINS_CSV)}
+    if points:
+        files["<stem>_bin_points.csv"] = describe(BIN_POINTS_CSV)
+    return files
 
 
 def _panel_title(roi: int, label: str, how: str, request: RoIRequest) -> str:
@@ -622,8 +624,9 @@ def _measure_dataset(
         "table_csv": run.out_dir / "foreground_table.csv",
         "table_md": run.out_dir / "foreground_table.md",
     }
-    write_csv(files["rois_csv"], per_roi, FOREGROUND_ROI_UNITS)
-    write_csv(files["table_csv"], table, FOREGROUND_TABLE_UNITS)
+    write_csv(files["rois_csv"], per_roi, ROIS_CSV)
+    write_csv(files["table_csv"], table, TABLE_CSV)
+    run.summary["columns"] = {"foreground_rois.csv": describe(ROIS_CSV), "foreground_table.csv": describe(TABLE_CSV)}
     write_text(files["table_md"], foreground_markdown(table, run.loaded.name, str(data.root)))
     run.summary["dataset"] = {
         "path": str(data.root), "format": data.format, "split": split, "images_in_dataset": len(data.images),

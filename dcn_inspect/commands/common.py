@@ -278,7 +278,7 @@ def offset_field_arrays(stem: str, convs: Dict[str, DeformConvRecord], model_inp
             "frames_in": "model-input pixels (multiply by scale_to_original for the original image)",
             "scale_to_original": list(model_input.scale_to_original),
             "original_hw": list(model_input.original_hw),
-            "input_hw": list(model_input.input_hw),
+            "model_input_hw": list(model_input.input_hw),  # the image as the model saw it; input_hw is the layer's input map
             "offset_layout": "[B, 2*G*kh*kw, Hout, Wout]; channel 2*(g*kh*kw + a*kw + b) = dy, next = dx (input-index units)",
         }
         arrays[f"{key}/geometry"] = np.array(json.dumps(geometry, sort_keys=True))

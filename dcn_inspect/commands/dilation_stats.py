@@ -33,31 +33,50 @@ from dcn_inspect.annotations import AnnotatedDataset, ImageAnnotation, load_data
 from dcn_inspect.category_stats import BINS, CategoryStats
 from dcn_inspect.commands.common import CommandRun, check_resize, start_run
 from dcn_inspect.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
-from dcn_inspect.dilation import CATEGORIES, CATEGORY_CODES, TABLE_COLUMNS, UNITS, DilationAccumulator, resolve_thresholds, table_frame
+from dcn_inspect.columns import describe, format_value, present
+from dcn_inspect.dilation import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CATEGORIES,
+    CATEGORY_CODES,
+    DIFFERENCE_COLUMNS,
+    DIFFERENCES_CSV,
+    TABLE_COLUMNS,
+    TABLE_CSV,
+    UNIT_COLUMNS,
+    UNITS,
+    UNITS_CSV,
+    DilationAccumulator,
+    Intervals,
+    bootstrap_intervals,
+    differences_frame,
+    resolve_thresholds,
+    split_row,
+    table_frame,
+)
 from dcn_inspect.distributed import World, join_world
 from dcn_inspect.errors import InputError
 from dcn_inspect.geometry import FrameMap
 from dcn_inspect.hooks import capture_offsets, forward
 from dcn_inspect.images import DatasetImages, ImageItem, SkippedImages, check_max_pixels, model_input_size
 from dcn_inspect.loaded_model import LoadedModel
-from dcn_inspect.outputs import CSV_FLOAT_FORMAT, atomic_path, write_csv, write_error, write_figure, write_text
+from dcn_inspect.outputs import atomic_path, write_csv, write_error, write_figure, write_text
 from dcn_inspect.records import select_layers
 
-__all__ = ["TABLE_COLUMNS", "UNIT_COLUMNS", "DilationStatsResult", "dilation_stats", "size_batches", "table_markdown"]
-
-#: Columns of ``dilation_units.csv``.
-UNIT_COLUMNS = ["image", "layer", "unit_x", "unit_y", "category", "dilation"]
+__all__ = ["DIFFERENCE_COLUMNS", "TABLE_COLUMNS", "UNIT_COLUMNS", "DilationStatsResult", "dilation_stats", "size_batches", "table_markdown"]
 
 #: The files a run may write into ``out``.
-OUTPUT_NAMES = ("dilation_table.csv", "dilation_table.md", "dilation_hist.png", "dilation_units.csv", "summary.json")
+OUTPUT_NAMES = ("dilation_table.csv", "dilation_differences.csv", "dilation_table.md", "dilation_hist.png", "dilation_units.csv", "summary.json")
 
 
 @dataclass
 class DilationStatsResult:
     """What :func:`dilation_stats` computed (identical on every rank) and where rank 0 wrote it."""
 
-    table: pd.DataFrame
-    stats: Dict[str, CategoryStats]  # row layer name (top layer first) -> statistics
+    table: pd.DataFrame  # dilation_table.csv: means with their bootstrap intervals
+    differences: pd.DataFrame  # dilation_differences.csv: differences of category means with intervals
+    stats: Dict[str, CategoryStats]  # row layer name (top layer first; "<layer>:g<k>" per group) -> statistics
+    intervals: Dict[str, Intervals]  # row layer name -> bootstrap intervals over images
     thresholds_name: str
     thresholds: Tuple[float, float]
     units: str
@@ -96,9 +115,10 @@ def dilation_stats(
 ) -> DilationStatsResult:
     """Effective dilation of every deformable layer per object-size category over a dataset.
 
-    Writes (rank 0, when ``out`` is given) ``dilation_table.csv``, ``dilation_table.md``,
-    ``dilation_hist.png`` (``figure``), ``dilation_units.csv`` (``per_unit``) and
-    ``summary.json``. Returns the merged result on every rank.
+    Writes (rank 0, when ``out`` is given) ``dilation_table.csv`` (with 95 % bootstrap intervals
+    of every mean), ``dilation_differences.csv``, ``dilation_table.md``, ``dilation_hist.png``
+    (``figure``), ``dilation_units.csv`` (``per_unit``) and ``summary.json``. Returns the merged
+    result on every rank.
     """
     started = time.time()
     _check_options(units, batch_size, workers, max_images, resize, per_unit, out, max_pixels)
@@ -130,9 +150,12 @@ def dilation_stats(
             merged = _merge_ranks(world, measured, entries, strict, per_group)
             if merged.images_used == 0:
                 merged.skipped.check_any_used(0, str(data.root))
+            intervals = bootstrap_intervals(merged.image_sums)
             result = DilationStatsResult(
-                table=table_frame(merged.stats, units),
+                table=table_frame(merged.stats, units, intervals, per_group),
+                differences=differences_frame(merged.stats, intervals, units, per_group),
                 stats=merged.stats,
+                intervals=intervals,
                 thresholds_name=thresholds_name,
                 thresholds=threshold_values,
                 units=units,
@@ -145,7 +168,7 @@ def dilation_stats(
             result.wall_seconds = time.time() - started
             _fill_summary(run, data, entries, merged, result, world, split, per_group)
             if writes:
-                result.files = _write_outputs(run, merged, result, figure)
+                result.files = _write_outputs(run, merged, result, figure, per_group)
             result.summary = run.summary.data
             if world.distributed:
                 world.gather(None)  # other ranks return only after rank 0 has read their part files
@@ -250,7 +273,7 @@ def _measure(
     """Forward every image of this rank's shard and accumulate its units."""
     from dcn_inspect.progress import image_progress
 
-    writer = _UnitWriter(run, entries) if per_unit else None
+    writer = _UnitWriter(run, entries, per_group) if per_unit else None
     accumulator = DilationAccumulator(thresholds, units, per_group, run.device, writer.write_image if writer else None)
     skipped = SkippedImages(len(entries), strict)
     selected: Optional[List[str]] = None
@@ -290,6 +313,7 @@ class _Merged:
     """All ranks' measurements merged (identical on every rank)."""
 
     stats: Dict[str, CategoryStats]
+    image_sums: Dict[str, List[Tuple[int, Any, Any]]]  # row -> every image's (index, sums, counts), all ranks
     layer_info: Dict[str, Dict[str, Any]]
     not_counted: Dict[str, List[int]]
     skipped: SkippedImages
@@ -317,9 +341,12 @@ def _merge_ranks(world: World, measured: _Measured, entries: Sequence[ImageAnnot
             layer_info.setdefault(name, info)
     merged: Dict[str, CategoryStats] = {name: CategoryStats(len(CATEGORIES), BINS) for name in _row_order(gathered, per_group)}
     not_counted: Dict[str, List[int]] = {}
+    image_sums: Dict[str, List[Tuple[int, Any, Any]]] = {name: [] for name in merged}
     for payload in gathered:
         for name, state in payload["state"]["stats"].items():
             merged[name].merge_(CategoryStats.from_state(state, BINS))
+        for name, rows in payload["state"]["image_sums"].items():
+            image_sums[name].extend(rows)
         for name, counts in payload["state"]["not_counted"].items():
             previous = not_counted.get(name, [0, 0])
             not_counted[name] = [previous[0] + counts[0], previous[1] + counts[1]]
@@ -328,6 +355,7 @@ def _merge_ranks(world: World, measured: _Measured, entries: Sequence[ImageAnnot
     skipped.items = sorted((item for payload in gathered for item in payload["skipped"]), key=lambda item: position.get(item["image"], 0))
     return _Merged(
         stats=merged,
+        image_sums=image_sums,
         layer_info=layer_info,
         not_counted=not_counted,
         skipped=skipped,
@@ -386,6 +414,15 @@ def _fill_summary(
         "percentiles": "from fixed log-spaced histograms, clamped to the exact min/max",
         "bins": BINS.as_dict(),
         "offset_groups": "per group" if per_group else "mean of the groups' dilations",
+        "confidence_intervals": {
+            "level": 0.95,
+            "method": "percentile bootstrap over images (an image's units are correlated, so the image is the sample): "
+            "each resample draws the used images with replacement and recomputes every category mean as "
+            "(sum over the drawn images' units) / (their number of units)",
+            "resamples": BOOTSTRAP_RESAMPLES,
+            "seed": BOOTSTRAP_SEED,
+            "differences": "mean of category_a - mean of category_b, intervals from the same resamples",
+        },
     }
     summary["units_not_counted"] = {name: {"ignored_box": c[0], "centre_outside_image": c[1]} for name, c in merged.not_counted.items()}
     summary["layers"] = [merged.layer_info[name] for name in reversed(list(merged.layer_info))]
@@ -395,27 +432,30 @@ def _fill_summary(
     summary["images_per_second"] = round(merged.images_used / result.wall_seconds, 3) if result.wall_seconds > 0 else None
 
 
-def _write_outputs(run: CommandRun, merged: _Merged, result: DilationStatsResult, figure: bool) -> Dict[str, Path]:
-    """Rank 0: the table (CSV, Markdown), the histogram figure, the per-unit CSV and summary.json."""
+def _write_outputs(run: CommandRun, merged: _Merged, result: DilationStatsResult, figure: bool, per_group: bool) -> Dict[str, Path]:
+    """Rank 0: the tables (CSV, Markdown), the histogram figure, the per-unit CSV and summary.json."""
     out_dir = run.out_dir
-    comment = _units_comment(result.units, result.thresholds_name, result.thresholds)
-    files = {"table_csv": out_dir / "dilation_table.csv", "table_md": out_dir / "dilation_table.md"}
-    write_csv(files["table_csv"], result.table, comment)
-    write_text(files["table_md"], table_markdown(result.table, result.units, result.thresholds_name, result.thresholds))
+    files = {
+        "table_csv": out_dir / "dilation_table.csv",
+        "differences_csv": out_dir / "dilation_differences.csv",
+        "table_md": out_dir / "dilation_table.md",
+    }
+    table_columns = present(TABLE_CSV, per_group=per_group)
+    difference_columns = present(DIFFERENCES_CSV, per_group=per_group)
+    unit_columns = present(UNITS_CSV, per_group=per_group)
+    write_csv(files["table_csv"], result.table, table_columns)
+    write_csv(files["differences_csv"], result.differences, difference_columns)
+    columns = {"dilation_table.csv": describe(table_columns), "dilation_differences.csv": describe(difference_columns)}
+    write_text(files["table_md"], table_markdown(result.table, result.units, result.thresholds_name, result.thresholds, result.differences))
     if figure:
         from dcn_inspect.plots.dilation import draw_dilation_histograms
 
         files["figure"] = out_dir / "dilation_hist.png"
         write_figure(files["figure"], draw_dilation_histograms(merged.stats, result.units, result.thresholds_name), dpi=100)
     if merged.unit_parts:
-        unit_unit = "layer input cells" if result.units == "cells" else "original-image pixels"
-        files["units_csv"] = _assemble_units(
-            out_dir / "dilation_units.csv",
-            merged.unit_parts,
-            merged.unit_index,
-            f"unit_x, unit_y: filter centre in original-image pixels (continuous, (0,0) = top-left corner); dilation in {unit_unit}; "
-            f"category ignored = inside only crowd/difficult boxes, outside = centre outside the image",
-        )
+        files["units_csv"] = _assemble_units(out_dir / "dilation_units.csv", merged.unit_parts, merged.unit_index, [c.name for c in unit_columns])
+        columns["dilation_units.csv"] = describe(unit_columns)
+    run.summary["columns"] = columns
     run.summary["outputs"] = sorted(p.name for p in files.values())
     files["summary"] = run.summary.write(out_dir)
     return files
@@ -425,17 +465,20 @@ def _write_outputs(run: CommandRun, merged: _Merged, result: DilationStatsResult
 # Per-unit rows
 
 
-def _fmt(value: float) -> str:
-    return CSV_FLOAT_FORMAT % value
+_UNIT_COLUMN = {column.name: column for column in UNITS_CSV}
 
 
-def _unit_rows(image: str, layer: str, frame: FrameMap, codes: np.ndarray, values: np.ndarray) -> List[List[str]]:
+def _unit_rows(image: str, row: str, frame: FrameMap, codes: np.ndarray, values: np.ndarray, per_group: bool) -> List[List[str]]:
+    """The ``dilation_units.csv`` rows of one image and row layer, as text (:data:`UNITS_CSV` formats)."""
     out_h, out_w = codes.shape
     xs, ys = frame.to_image(np.arange(out_w, dtype=np.float64), np.arange(out_h, dtype=np.float64))
-    x_text = [_fmt(x) for x in xs]
-    y_text = [_fmt(y) for y in ys]
+    x_text = [format_value(float(x), _UNIT_COLUMN["unit_x"]) for x in xs]
+    y_text = [format_value(float(y), _UNIT_COLUMN["unit_y"]) for y in ys]
+    layer, group = split_row(row) if per_group else (row, None)
+    lead = [image, layer] if group is None else [image, layer, str(group)]
+    dilation = _UNIT_COLUMN["dilation"]
     return [
-        [image, layer, x_text[j], y_text[i], CATEGORY_CODES[int(codes[i, j])], _fmt(float(values[i, j]))]
+        [*lead, x_text[j], y_text[i], CATEGORY_CODES[int(codes[i, j])], format_value(float(values[i, j]), dilation)]
         for i in range(out_h)
         for j in range(out_w)
     ]
@@ -446,17 +489,18 @@ class _UnitWriter:
     run: removed at its end whatever happens); remembers where each image's rows are, so rank 0
     can write them in dataset order whatever the batching and sharding."""
 
-    def __init__(self, run: CommandRun, entries: Sequence[ImageAnnotation]) -> None:
+    def __init__(self, run: CommandRun, entries: Sequence[ImageAnnotation], per_group: bool) -> None:
         fd, self.path = run.outputs.scratch_file(run.out_dir, prefix=".dilation_units.", suffix=".part")
         self.out_dir = run.out_dir
         self.handle = os.fdopen(fd, "wb")
         self.entries = entries
+        self.per_group = per_group
         self.index: List[Tuple[int, int, int]] = []  # (image index, start, length)
 
     def write_image(self, index: int, layers: List[Tuple[str, FrameMap, np.ndarray, np.ndarray]]) -> None:
         rows: List[List[str]] = []
         for layer, frame, codes, values in layers:
-            rows.extend(_unit_rows(self.entries[index].file_name, layer, frame, codes, values))
+            rows.extend(_unit_rows(self.entries[index].file_name, layer, frame, codes, values, self.per_group))
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(rows)
         data = buffer.getvalue().encode("utf-8")
@@ -476,13 +520,13 @@ class _UnitWriter:
             raise write_error(self.out_dir, exc, "the per-unit rows") from None
 
 
-def _assemble_units(path: Path, parts: List[Path], index: List[Tuple[int, int, int, int]], units_comment: str) -> Path:
+def _assemble_units(path: Path, parts: List[Path], index: List[Tuple[int, int, int, int]], header: List[str]) -> Path:
     """``dilation_units.csv`` from the ranks' part files, in dataset order; the parts are removed."""
     handles: Dict[int, Any] = {}
     try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
-                handle.write(("# " + units_comment + "\n" + ",".join(UNIT_COLUMNS) + "\n").encode("utf-8"))
+                handle.write((",".join(header) + "\n").encode("utf-8"))
                 for _, rank, start, length in sorted(index):
                     if rank not in handles:
                         handles[rank] = open(parts[rank], "rb")
@@ -505,35 +549,92 @@ def _remove_parts(parts: Sequence[Path]) -> None:
 # Table layouts
 
 
-def table_markdown(table: pd.DataFrame, units: str, thresholds_name: str, thresholds: Tuple[float, float], title: str = "Effective dilation") -> str:
-    """The paper's Table 2 layout: layers as rows (top first), categories as columns, mean ± std."""
-    lines = [
-        f"# {title} (mean ± std, {units})",
-        "",
-        "| layer | " + " | ".join(CATEGORIES) + " |",
-        "|---|" + "---:|" * len(CATEGORIES),
-    ]
-    for layer, group in table.groupby("layer", sort=False):
-        cells = []
+@dataclass(frozen=True)
+class Table2Row:
+    """One row of the paper's Table 2 layout: a layer (and offset group), and per category the
+    text ``mean ± std`` and its 95 % interval ``[low, high]`` ("–" where the category is empty)."""
+
+    layer: str
+    group: Optional[int]
+    means: List[str]
+    intervals: List[str]
+
+
+def table2_rows(table: pd.DataFrame) -> List[Table2Row]:
+    """``dilation_table.csv`` rows in the Table 2 layout (layers top first, categories as columns)."""
+    keys = ["layer", "group"] if "group" in table.columns else ["layer"]
+    rows: List[Table2Row] = []
+    for key, part in table.groupby(keys, sort=False):
+        layer, group = (key[0], int(key[1])) if len(keys) == 2 else (key[0] if isinstance(key, tuple) else key, None)
+        means, intervals = [], []
         for category in CATEGORIES:
-            row = group[group["category"] == category].iloc[0]
-            cells.append("–" if row["count"] == 0 else f"{row['mean']:.2f} ± {row['std']:.2f}")
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+            row = part[part["category"] == category].iloc[0]
+            empty = row["count"] == 0
+            means.append("–" if empty else f"{row['mean']:.2f} ± {row['std']:.2f}")
+            intervals.append("–" if empty or "ci_low" not in row or pd.isna(row["ci_low"]) else f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]")
+        rows.append(Table2Row(str(layer), group, means, intervals))
+    return rows
+
+
+def difference_label(first: str, second: str) -> str:
+    return f"{first} − {second}"
+
+
+def difference_text(row: Any) -> Tuple[str, str]:
+    """A ``dilation_differences.csv`` row as text: the difference and its interval ("–" if undefined)."""
+    if pd.isna(row["difference"]):
+        return "–", "–"
+    interval = "–" if pd.isna(row["ci_low"]) else f"[{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+    return f"{row['difference']:+.2f}", interval
+
+
+def table_markdown(
+    table: pd.DataFrame,
+    units: str,
+    thresholds_name: str,
+    thresholds: Tuple[float, float],
+    differences: Optional[pd.DataFrame] = None,
+    title: str = "Effective dilation",
+) -> str:
+    """The paper's Table 2 layout: layers as rows (top first), categories as columns,
+    ``mean ± std [95 % interval of the mean]`` (intervals where the table has them); then the
+    differences of means with their intervals."""
+    per_group = "group" in table.columns
+    with_intervals = "ci_low" in table.columns
+    lead = "| layer | group | " if per_group else "| layer | "
+    lines = [
+        f"# {title} (mean ± std{' [95 % confidence interval of the mean]' if with_intervals else ''}, {units})",
+        "",
+        lead + " | ".join(CATEGORIES) + " |",
+        "|---|" + ("---:|" if per_group else "") + "---:|" * len(CATEGORIES),
+    ]
+    for row in table2_rows(table):
+        cells = [mean if interval == "–" else f"{mean} {interval}" for mean, interval in zip(row.means, row.intervals)]
+        lines.append(f"| {row.layer} | " + (f"{row.group} | " if per_group else "") + " | ".join(cells) + " |")
     counts = table.groupby("category", sort=False)["count"].max()
     lines += [
         "",
         "Units per category (largest layer): " + ", ".join(f"{c} {int(counts.get(c, 0))}" for c in CATEGORIES) + ".",
         f"Categories by box area in original-image pixels² ({thresholds_name}): small < {thresholds[0]:g} <= medium < {thresholds[1]:g} <= large;",
         "background = filter centre inside no ground-truth box. Units inside only crowd/difficult boxes are not counted.",
+    ]
+    if with_intervals:
+        lines.append("Intervals: percentile bootstrap over images (summary.json `statistics.confidence_intervals`).")
+    lines += [
         "",
     ]
+    if differences is not None and len(differences):
+        pairs = list(dict.fromkeys(zip(differences["category_a"], differences["category_b"])))
+        lines += [
+            f"## Differences of means ({units}, 95 % confidence interval)",
+            "",
+            lead + " | ".join(difference_label(a, b) for a, b in pairs) + " |",
+            "|---|" + ("---:|" if per_group else "") + "---:|" * len(pairs),
+        ]
+        keys = ["layer", "group"] if per_group else ["layer"]
+        for key, part in differences.groupby(keys, sort=False):
+            layer = key[0] if isinstance(key, tuple) else key
+            texts = [" ".join(difference_text(row)) if not pd.isna(row["difference"]) else "–" for _, row in part.iterrows()]
+            lines.append(f"| {layer} | " + (f"{int(key[1])} | " if per_group else "") + " | ".join(texts) + " |")
+        lines.append("")
     return "\n".join(lines)
-
-
-def _units_comment(units: str, thresholds_name: str, thresholds: Tuple[float, float]) -> str:
-    unit_text = "layer input cells" if units == "cells" else "original-image pixels"
-    return (
-        f"effective dilation (mean distance of adjacent sampling locations) in {unit_text}; "
-        f"std = population std; median/p10/p90 from log-spaced histograms (0.1% bins); "
-        f"categories by box area in original-image pixels^2 ({thresholds_name}: small < {thresholds[0]:g} <= medium < {thresholds[1]:g} <= large)"
-    )

@@ -36,16 +36,18 @@ from dcn_inspect.category_stats import BINS, CategoryStats, LogBins
 from dcn_inspect.commands.common import CommandRun, check_figure_format, check_resize, image_list, images_of_run, start_run
 from dcn_inspect.commands.dilation_stats import table_markdown
 from dcn_inspect.defaults import DEFAULT_LEVELS, DEFAULT_MAX_PIXELS, DEFAULT_OUT
-from dcn_inspect.dilation import CATEGORIES, CATEGORY_CODES, resolve_thresholds, table_frame, unit_categories
+from dcn_inspect.dilation import CATEGORIES, CATEGORY_CODES, category_table_columns, resolve_thresholds, table_frame, unit_categories
 from dcn_inspect.errors import InputError
 from dcn_inspect.images import ImageError, ModelInput, SkippedImages, read_model_input, to_model_input
 from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.loading import open_model
+from dcn_inspect.columns import describe, names
 from dcn_inspect.outputs import write_csv, write_figure, write_npz, write_text
 from dcn_inspect.progress import image_progress
 from dcn_inspect.receptive_field import (
     CSV_COLUMNS,
-    CSV_UNITS,
+    RECEPTIVE_FIELD_CSV,
+    STATS_UNITS_CSV,
     DEFAULT_BATCH_SIZE,
     DEFAULT_SALIENCY_ERROR,
     GradientForward,
@@ -181,6 +183,7 @@ def receptive_field(
                 per_image.append(summary)
         run.summary["layers"] = followed
         run.summary["images"] = per_image
+        run.summary["columns"] = {"<stem>_receptive_field.csv": describe(RECEPTIVE_FIELD_CSV)}
         summary_path = run.finish(skipped)
     return ReceptiveFieldResult(run.out_dir, followed, results, summary_path, run.notes, skipped.items)
 
@@ -397,7 +400,7 @@ def _write_image_outputs(
 
     table = units_table(fields, boxes)
     csv_path = run.out_dir / f"{path.stem}_receptive_field.csv"
-    write_csv(csv_path, table, CSV_UNITS)
+    write_csv(csv_path, table, RECEPTIVE_FIELD_CSV)
     arrays: Dict[str, np.ndarray] = {}
     for role, item in fields.items():
         arrays.update(field_arrays(role, item))
@@ -432,7 +435,7 @@ def _image_summary(path: Path, model_input: ModelInput, records: Sequence[Deform
 # Over a dataset: ERF radius and saliency area per object size (a gradient-based Table 2)
 
 #: Columns of ``receptive_field_units.csv`` (stats mode).
-STATS_UNIT_COLUMNS = ["image", "layer", "unit_x", "unit_y", "category", "erf_radius_50", "erf_radius_90", "saliency_area"]
+STATS_UNIT_COLUMNS = names(STATS_UNITS_CSV)
 
 #: Histogram of the saliency areas (px², up to 1e9: CategoryStats' default bins stop at 1e5).
 AREA_BINS_HIGH = 1e9
@@ -566,16 +569,18 @@ def _stats_run(run: CommandRun, data: Any, entries: Sequence[Any], options: _Opt
         "area_md": out_dir / "saliency_area_table.md",
         "units_csv": out_dir / "receptive_field_units.csv",
     }
-    split_text = f"categories by box area in original-image pixels^2 ({thresholds_name}: small < {threshold_values[0]:g} <= medium < {threshold_values[1]:g} <= large)"
-    write_csv(files["radius_csv"], radius_table, f"ERF radius holding 90 % of sum_colour |dr/dI| around its centroid, original-image pixels; std = population std; {split_text}")
+    radius_columns = category_table_columns("ERF radius holding 90 % of sum_colour |dr/dI| around its centroid", "original-image pixels")
+    area_columns = category_table_columns(f"error-bounded saliency region area (error {options.saliency_error:g})", "original-image pixels²")
+    write_csv(files["radius_csv"], radius_table, radius_columns)
     write_text(files["radius_md"], table_markdown(radius_table, "original-image pixels", thresholds_name, threshold_values, title="ERF radius holding 90 % of the gradient mass"))
-    write_csv(files["area_csv"], area_table, f"error-bounded saliency region area (error {options.saliency_error:g}), original-image pixels^2; std = population std; {split_text}")
+    write_csv(files["area_csv"], area_table, area_columns)
     write_text(files["area_md"], table_markdown(area_table, "original-image pixels²", thresholds_name, threshold_values, title=f"Saliency region area (error {options.saliency_error:g})"))
-    write_csv(
-        files["units_csv"],
-        pd.DataFrame(rows, columns=STATS_UNIT_COLUMNS),
-        "unit_x, unit_y: unit centre; erf_radius_*: radius around the ERF centroid holding 50 % / 90 % of the gradient mass (original-image pixels); saliency_area: original-image pixels^2",
-    )
+    write_csv(files["units_csv"], pd.DataFrame(rows, columns=STATS_UNIT_COLUMNS), STATS_UNITS_CSV)
+    run.summary["columns"] = {
+        "erf_radius_table.csv": describe(radius_columns),
+        "saliency_area_table.csv": describe(area_columns),
+        "receptive_field_units.csv": describe(STATS_UNITS_CSV),
+    }
     run.summary["dataset"] = {"path": str(data.root), "format": data.format, "split": split, "images_selected": len(entries), "issues": data.issues}
     run.summary["images"] = {"used": used}
     run.summary["layers"] = order

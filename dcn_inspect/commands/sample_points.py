@@ -42,7 +42,8 @@ from dcn_inspect.images import ModelInput, to_model_input
 from dcn_inspect.loaded_model import LoadedModel
 from dcn_inspect.outputs import write_csv, write_figure, write_npz
 from dcn_inspect.records import DeformConvRecord, select_layers
-from dcn_inspect.tracing import CSV_COLUMNS, CSV_UNITS, GRAD_WEIGHT_UNITS, GroupChoice, SamplingTrees, check_group, points_table, trace_sampling_trees, tree_half_extent
+from dcn_inspect.columns import describe, present
+from dcn_inspect.tracing import CSV_COLUMNS, POINTS_CSV, GroupChoice, SamplingTrees, check_group, points_table, trace_sampling_trees, tree_half_extent
 from dcn_inspect.unit_selection import Boxes, Unit, UnitCategory, boxes_per_image, check_unit_options, choose_units, unit_category
 
 __all__ = ["CSV_COLUMNS", "ImagePoints", "SamplePointsResult", "sample_points"]
@@ -164,6 +165,7 @@ def sample_points(
             write_npz(offsets_path, offsets_arrays)
         run.summary["layers"] = traced_layers
         run.summary["images"] = per_image
+        run.summary["columns"] = {"<stem>_points.csv": describe(present(POINTS_CSV, grad_weight=options.grad_weight))}
         summary_path = run.finish(skipped)
     return SamplePointsResult(run.out_dir, [r["name"] for r in traced_layers or []], results, summary_path, offsets_path, run.notes, skipped.items)
 
@@ -289,7 +291,7 @@ def _write_image_outputs(
 
     table = points_table(trees, grad_weights)
     csv_path = run.out_dir / f"{path.stem}_points.csv"
-    write_csv(csv_path, table, CSV_UNITS + ("; " + GRAD_WEIGHT_UNITS if grad_weights is not None else ""))
+    write_csv(csv_path, table, present(POINTS_CSV, grad_weight=grad_weights is not None))
     titles = [panel_title(k, u, c) for k, (u, c) in enumerate(zip(units, categories))]
     figure_path = run.out_dir / f"{path.stem}_sampling.{options.fmt}"
     size_label = "grad_weight |dr/dp|" if grad_weights is not None else None

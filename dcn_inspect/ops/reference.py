@@ -117,6 +117,10 @@ def _bilinear_roi_align(feature: torch.Tensor, ys: torch.Tensor, xs: torch.Tenso
     [0, H-1] x [0, W-1] before interpolating. feature: [C, H, W]; ys, xs: [...]. Returns [C, ...].
     """
     height, width = feature.shape[-2:]
+    if height == 0 or width == 0:
+        # An empty map has no sample to read: every point is outside (zero); the sum keeps the
+        # result in the graph so the backward gives the (empty) feature a gradient.
+        return feature.new_zeros((feature.shape[0], *ys.shape)) + feature.sum() * 0
     outside = (ys < -1) | (ys > height) | (xs < -1) | (xs > width)
     y = ys.clamp(min=0)
     x = xs.clamp(min=0)
