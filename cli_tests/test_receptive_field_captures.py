@@ -532,7 +532,7 @@ def test_cli_receptive_field_on_op_level_and_dcnv3_models(source: str, layers: L
     assert [entry["name"] for entry in summary["images"][0]["layers"]] == layers
     assert summary["images"][0]["point_gradients"] is True
     assert not [note for note in summary.get("notes", []) if "re-running" in note or "theoretical" in note]
-    table = pd.read_csv(out / "scene_receptive_field.csv", skiprows=1, keep_default_na=False)  # not comment="#": names hold "#2"
+    table = pd.read_csv(out / "scene_receptive_field.csv", keep_default_na=False)
     assert list(table["layer"]) == [layers[0]] * 2
     assert (table["erf_mass"] > 0).all() and (table["saliency_area"] > 0).all() and (table["rf_x2"] > table["rf_x1"]).all()
     arrays = np.load(out / "scene_erf.npz")
@@ -543,7 +543,7 @@ def test_cli_receptive_field_on_op_level_and_dcnv3_models(source: str, layers: L
     # sample-points --grad-weight follows the same calls: the same |dr/dp| per point.
     code, _, stderr = _main(["sample-points", str(image), "--model", f"{model}:build", "--at", "24,20", "--at", "9,30", "--grad-weight", "--out", str(tmp_path / "sp")], capsys)
     assert code == 0, stderr
-    points = pd.read_csv(tmp_path / "sp" / "scene_points.csv", skiprows=1, keep_default_na=False)
+    points = pd.read_csv(tmp_path / "sp" / "scene_points.csv", keep_default_na=False)
     for level in range(1, len(layers) + 1):
         got = points[points["level"] == level]["grad_weight"].to_numpy().reshape(2, -1)
         np.testing.assert_allclose(got, arrays[f"model/level{level}/grad_weight"], rtol=1e-4, atol=1e-9)
