@@ -22,6 +22,12 @@ FlashInternImage's DCNv4 stages on flattened tokens ``[N, H*W, C]`` (``tokens``,
 token ``i*W + j`` is cell ``(i, j)``) or ``[N, C, H*W]`` (``tokens_cf``). Permutes,
 transposes and reshapes between these layouts keep the frame; ops that keep a layout's map
 dimensions (a ``Linear`` or ``LayerNorm`` over the channels of an ``nhwc`` map) inherit it.
+
+Trackers that follow more than frames (the receptive-field extents of
+:mod:`dcn_inspect.receptive_field`) subclass :class:`FrameTracker` and read a call with the
+public helpers :func:`sliding_window` (a conv's or pool's kernel arithmetic), :func:`is_padding`
+and :func:`flat_tensors`; :meth:`MapLayout.to_nchw` / :meth:`MapLayout.from_nchw` move a map
+between its layout and ``[N, C, H, W]``.
 """
 
 from __future__ import annotations
@@ -81,6 +87,28 @@ class MapLayout:
     def map_axes(self) -> Tuple[int, ...]:
         """The tensor dimensions that hold the map: (rows, columns), or (tokens,)."""
         return {NCHW: (2, 3), NHWC: (1, 2), TOKENS: (1,), TOKENS_CF: (2,)}[self.kind]
+
+    def to_nchw(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (a map in this layout, any batch size) as ``[N, C, H, W]``: cell (i, j),
+        channel c of sample n at ``[n, c, i, j]`` (a view where the strides allow)."""
+        height, width = self.hw
+        if self.kind == NCHW:
+            return tensor
+        if self.kind == NHWC:
+            return tensor.permute(0, 3, 1, 2)
+        if self.kind == TOKENS:
+            return tensor.transpose(1, 2).reshape(tensor.shape[0], tensor.shape[2], height, width)
+        return tensor.reshape(tensor.shape[0], tensor.shape[1], height, width)  # TOKENS_CF
+
+    def from_nchw(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_nchw`: an ``[N, C, H, W]`` map in this layout."""
+        if self.kind == NCHW:
+            return tensor
+        if self.kind == NHWC:
+            return tensor.permute(0, 2, 3, 1)
+        if self.kind == TOKENS:
+            return tensor.flatten(2).transpose(1, 2)
+        return tensor.flatten(2)  # TOKENS_CF
 
 
 @dataclass(frozen=True)
@@ -181,31 +209,55 @@ def _arg(args: Sequence[Any], kwargs: Dict[str, Any], index: int, name: str, def
     return args[index] if len(args) > index else default
 
 
-def _conv_frame(frame: FrameMap, args: Sequence[Any], kwargs: Dict[str, Any], out: torch.Tensor) -> Optional[FrameMap]:
-    weight = _arg(args, kwargs, 1, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        return None
-    kernel = (weight.shape[2], weight.shape[3])
-    stride = _pair(_arg(args, kwargs, 3, "stride", 1))
-    dilation = _pair(_arg(args, kwargs, 5, "dilation", 1))
-    padding_arg = _arg(args, kwargs, 4, "padding", 0)
-    if isinstance(padding_arg, str):
-        if padding_arg == "valid":
-            padding: Pair = (0, 0)
-        else:  # "same": PyTorch pads total d*(k-1), the smaller half first
-            padding = tuple((dilation[i] * (kernel[i] - 1)) // 2 for i in range(2))  # type: ignore[assignment]
-    else:
-        padding = _pair(padding_arg)
-    return frame.conv_output(kernel, stride, padding, dilation)
+@dataclass(frozen=True)
+class Window:
+    """The sliding window of one 2-D conv or pool call ((vertical, horizontal) pairs, in cells of its input)."""
+
+    kernel: Pair
+    stride: Pair
+    padding: Pair
+    dilation: Pair
+
+    def output_frame(self, frame: FrameMap) -> FrameMap:
+        """The frame of the call's output when its input has ``frame``."""
+        return frame.conv_output(self.kernel, self.stride, self.padding, self.dilation)
 
 
-def _pool_frame(frame: FrameMap, args: Sequence[Any], kwargs: Dict[str, Any], with_dilation: bool) -> FrameMap:
-    kernel = _pair(_arg(args, kwargs, 1, "kernel_size", 1))
-    stride_arg = _arg(args, kwargs, 2, "stride", None)
-    stride = kernel if stride_arg in (None, [], ()) else _pair(stride_arg)
-    padding = _pair(_arg(args, kwargs, 3, "padding", 0))
-    dilation = _pair(_arg(args, kwargs, 4, "dilation", 1)) if with_dilation else (1, 1)
-    return frame.conv_output(kernel, stride, padding, dilation)
+def sliding_window(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[Window]:
+    """The :class:`Window` of a call ``func(*args, **kwargs)`` of ``conv2d``, ``max_pool2d`` or
+    ``avg_pool2d`` (functional or ``torch.*`` forms, as a ``TorchFunctionMode`` sees them);
+    None for any other function, or a conv whose weight is not a 4-D tensor. Padding ``"same"``
+    is PyTorch's (total ``d*(k-1)``, the smaller half first); a pool without a stride strides by
+    its kernel; ``avg_pool2d`` has no dilation."""
+    if func in _CONV_FUNCS:
+        weight = _arg(args, kwargs, 1, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+            return None
+        kernel = (int(weight.shape[2]), int(weight.shape[3]))
+        stride = _pair(_arg(args, kwargs, 3, "stride", 1))
+        dilation = _pair(_arg(args, kwargs, 5, "dilation", 1))
+        padding_arg = _arg(args, kwargs, 4, "padding", 0)
+        if isinstance(padding_arg, str):
+            if padding_arg == "valid":
+                padding: Pair = (0, 0)
+            else:
+                padding = tuple((dilation[i] * (kernel[i] - 1)) // 2 for i in range(2))  # type: ignore[assignment]
+        else:
+            padding = _pair(padding_arg)
+        return Window(kernel, stride, padding, dilation)
+    if func in _MAXPOOL_FUNCS or func in _AVGPOOL_FUNCS:
+        kernel = _pair(_arg(args, kwargs, 1, "kernel_size", 1))
+        stride_arg = _arg(args, kwargs, 2, "stride", None)
+        stride = kernel if stride_arg in (None, [], ()) else _pair(stride_arg)
+        padding = _pair(_arg(args, kwargs, 3, "padding", 0))
+        dilation = _pair(_arg(args, kwargs, 4, "dilation", 1)) if func in _MAXPOOL_FUNCS else (1, 1)
+        return Window(kernel, stride, padding, dilation)
+    return None
+
+
+def is_padding(func: Callable) -> bool:
+    """Whether ``func`` is ``F.pad`` (or the ``torch`` op it calls): the map grows, its cells keep their content."""
+    return func in _PAD_FUNCS
 
 
 def _pad_frame(frame: FrameMap, layout: "MapLayout", ndim: int, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[FrameMap]:
@@ -240,15 +292,17 @@ _TRANSPOSE_FUNCS = set().union(*(_method_and_function(n) for n in ("transpose", 
 _RESHAPE_FUNCS = set().union(*(_method_and_function(n) for n in ("view", "reshape", "flatten", "unflatten")))
 
 
-def _flat_tensors(obj: Any) -> Iterable[torch.Tensor]:
+def flat_tensors(obj: Any) -> Iterable[torch.Tensor]:
+    """Every tensor in ``obj`` (a tensor, or lists, tuples and dicts of them, nested), in order:
+    the tensors a ``TorchFunctionMode`` call received or returned."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (list, tuple)):
         for item in obj:
-            yield from _flat_tensors(item)
+            yield from flat_tensors(item)
     elif isinstance(obj, dict):
         for item in obj.values():
-            yield from _flat_tensors(item)
+            yield from flat_tensors(item)
 
 
 def _permutation(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any], ndim: int) -> Optional[List[int]]:
@@ -365,25 +419,19 @@ class FrameTracker(TorchFunctionMode):
         if self._opaque_depth > 0:
             return out
         known: List[Tuple[torch.Tensor, FrameMap, MapLayout]] = []
-        for t in list(_flat_tensors(args)) + list(_flat_tensors(kwargs)):
+        for t in list(flat_tensors(args)) + list(flat_tensors(kwargs)):
             entry = self._entry(t)
             if entry is not None:
                 known.append((t, entry[0], entry[1]))
         if not known:
             return out
         first_tensor, first_frame, first_layout = known[0]
-        if func in _CONV_FUNCS:
-            frame = _conv_frame(first_frame, args, kwargs, out) if first_layout.kind == NCHW else None
-            if frame is not None and isinstance(out, torch.Tensor):
-                self.set_frame(out, frame)
-            return out
-        if func in _MAXPOOL_FUNCS or func in _AVGPOOL_FUNCS:
-            if first_layout.kind != NCHW:
-                return out
-            frame = _pool_frame(first_frame, args, kwargs, with_dilation=func in _MAXPOOL_FUNCS)
-            for t in _flat_tensors(out):
-                if t.dim() == 4:
-                    self.set_frame(t, frame)
+        if func in _CONV_FUNCS or func in _MAXPOOL_FUNCS or func in _AVGPOOL_FUNCS:
+            window = sliding_window(func, args, kwargs) if first_layout.kind == NCHW else None
+            if window is not None:
+                for t in flat_tensors(out):  # a pool's indices too
+                    if t.dim() == 4:
+                        self.set_frame(t, window.output_frame(first_frame))
             return out
         if func in _PAD_FUNCS:
             frame = _pad_frame(first_frame, first_layout, first_tensor.dim(), args, kwargs)
@@ -403,7 +451,7 @@ class FrameTracker(TorchFunctionMode):
             if layout is not None:
                 self.set_frame(out, first_frame, layout)
             return out
-        for t in _flat_tensors(out):
+        for t in flat_tensors(out):
             for source, frame, layout in known:
                 # Channels-first maps keep today's rule (any leading size); the others must keep the batch.
                 if layout.fits(t) and (layout.kind == NCHW or t.shape[0] == source.shape[0]):

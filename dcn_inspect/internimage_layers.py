@@ -146,6 +146,36 @@ def to_standard_layout(
     return standard.contiguous(), weights.contiguous()
 
 
+def from_standard_layout(
+    offset: torch.Tensor,
+    kernel: Pair,
+    dilation: Pair,
+    group: int,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+) -> torch.Tensor:
+    """The inverse of :func:`to_standard_layout` for the offsets: [N, 2*G*kh*kw, H, W] (dy, dx,
+    row-major points) -> the layer's own [N, H, W, G*P*2] (x, y, column-major points; the centre
+    point left out with ``remove_center``), ``dx = (dx_std - (s - 1)*(b*dilation - c)) / s``."""
+    kh, kw = kernel
+    points = kh * kw
+    batch, _, height, width = offset.shape
+    s = float(offset_scale)
+    centre_y, centre_x = (dilation[0] * (kh - 1)) // 2, (dilation[1] * (kw - 1)) // 2
+    rows = torch.arange(kh, dtype=offset.dtype, device=offset.device).repeat_interleave(kw) * dilation[0] - centre_y
+    cols = torch.arange(kw, dtype=offset.dtype, device=offset.device).repeat(kh) * dilation[1] - centre_x
+    pairs = offset.reshape(batch, group, points, 2, height, width).permute(0, 4, 5, 1, 2, 3)  # [N, H, W, G, K, (dy, dx)]
+    dy = (pairs[..., 0] - (s - 1.0) * rows) / s
+    dx = (pairs[..., 1] - (s - 1.0) * cols) / s
+    native = torch.stack([dx, dy], dim=-1)  # [N, H, W, G, K row-major, (x, y)]
+    row_major_of = torch.argsort(kernel_order(kernel)).to(offset.device)  # column-major point p -> its row-major index
+    native = native[..., row_major_of, :]
+    if remove_center:
+        centre = (points - 1) // 2
+        native = torch.cat([native[..., :centre, :], native[..., centre + 1 :, :]], dim=-2)
+    return native.reshape(batch, height, width, -1)
+
+
 def split_offset_mask(offset_mask: torch.Tensor, group: int, points: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """DCNv4's packed ``[N, H, W, D]`` (per group ``[2P offsets | P masks]``, zero-padded) ->
     (offset [N, H, W, G*P*2], mask [N, H, W, G*P])."""
@@ -272,7 +302,59 @@ class InternImageAdapter(LayerAdapter):
             int(getattr(module, "channels", group * int(module.group_channels))),
             input_hw=map_hw,
             converted_from=family.version,
+            grid_scale=float(module.offset_scale),
         )
+
+    def output_layout(self, record: Any, out: torch.Tensor) -> Optional[MapLayout]:
+        """DCNv3: ``[N, H, W, C]``; DCNv4: tokens ``[N, H*W, C]`` (or ``[N, H, W, C]``)."""
+        hw = tuple(record.geometry.output_hw)
+        for kind in (NHWC,) if record.converted_from == "DCNv3" else (TOKENS, NHWC):
+            layout = MapLayout.of(out, kind, hw)
+            if layout is not None and layout.hw == hw:
+                return layout
+        return None
+
+    def rerun(self, module: nn.Module, record: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """The layer's own forward on B copies of its input, the output of its offset branch
+        (DCNv3 ``offset``, DCNv4 the offset part of ``offset_mask``) replaced by the given
+        standard-layout offset converted back (:func:`from_standard_layout`): every path from
+        the offsets to the output is the layer's own."""
+        family = identify(module)
+        if family is None or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        kernel, dilation = _pair(module.kernel_size), _pair(module.dilation)
+        group = int(module.group)
+        remove_center = bool(int(getattr(module, "remove_center", 0) or 0))
+        native_points = kernel[0] * kernel[1] - int(remove_center)
+        scale = float(module.offset_scale)
+        layer_input = args[0].detach().clone()
+        rest = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
+        kept_kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        branch = getattr(module, family.branches[0])
+
+        def rerun(offset: torch.Tensor) -> torch.Tensor:
+            batch = int(offset.shape[0])
+            native = from_standard_layout(offset, kernel, dilation, group, scale, remove_center)  # [B, H, W, G*P*2]
+
+            def replace(mod: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+                if family.version == "DCNv3":
+                    return native.reshape(out.shape)
+                packed = out.reshape(batch, native.shape[1], native.shape[2], -1)
+                per_group = native.reshape(batch, native.shape[1], native.shape[2], group, 2 * native_points)
+                parts = []
+                for g in range(group):
+                    start = g * 3 * native_points
+                    parts += [per_group[..., g, :], packed[..., start + 2 * native_points : start + 3 * native_points]]
+                parts.append(packed[..., group * 3 * native_points :])
+                return torch.cat(parts, dim=-1).reshape(out.shape)
+
+            handle = branch.register_forward_hook(replace)
+            try:
+                return module(layer_input.expand(batch, *layer_input.shape[1:]), *rest, **kept_kwargs)
+            finally:
+                handle.remove()
+
+        return rerun
 
 
 #: The InternImage adapters (see :data:`dcn_inspect.hooks.ADAPTERS`).

@@ -21,7 +21,9 @@ for repeated calls). Calls made inside a module that a module-level adapter capt
 (:func:`dcn_inspect.records.opaque_hooks` claims it) are left to that adapter, and a call
 made inside another captured call (a Python entry point calling the C++ op) is its own:
 no call is counted twice. The frame tracker treats the op call as a conv of the op's own
-kernel arithmetic (:meth:`~dcn_inspect.geometry.FrameMap.conv_output`).
+kernel arithmetic (:meth:`~dcn_inspect.geometry.FrameMap.conv_output`). An
+``op_listener`` on the capture (receptive fields) is told of each recorded call with its output
+and :func:`rerun_of`, the call as a function of its offset.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from dcn_inspect.geometry import Pair
-from dcn_inspect.records import LOOKED_FOR, OffsetCapture
+from dcn_inspect.records import LOOKED_FOR, OffsetCapture, OpCallRun
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,13 @@ def _parse_torchvision_op(args: Sequence[Any], kwargs: Dict[str, Any]) -> Option
     )  # fmt: skip
 
 
+Slot = Tuple[int, Optional[str]]  # (position, keyword) of an argument
+
+_TORCHVISION_SLOTS: Tuple[Slot, ...] = ((0, "input"), (1, "offset"), (7, "mask"))
+_V1_SLOTS: Tuple[Slot, ...] = ((0, "input"), (1, "offset"))
+_V2_SLOTS: Tuple[Slot, ...] = ((0, "input"), (1, "offset"), (2, "mask"))
+
+
 @dataclass(frozen=True)
 class OpKind:
     """One deformable-conv op entry point: where it lives and how its arguments read."""
@@ -158,30 +167,82 @@ class OpKind:
     name: str  # how records and messages name it
     homes: Tuple[Tuple[str, str], ...]  # (module, attribute) pairs holding the entry point
     parse: Callable[[Sequence[Any], Dict[str, Any]], Optional[OpCall]]
+    slots: Tuple[Slot, ...] = _TORCHVISION_SLOTS  # where input, offset (and mask) are: the arguments with a batch dimension
+
+
+def _read_slot(args: Sequence[Any], kwargs: Dict[str, Any], slot: Slot) -> Any:
+    index, name = slot
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name) if name is not None else None
+
+
+def _write_slot(args: List[Any], kwargs: Dict[str, Any], slot: Slot, value: Any) -> None:
+    index, name = slot
+    if len(args) > index:
+        args[index] = value
+    elif name is not None and name in kwargs:
+        kwargs[name] = value
+
+
+def rerun_of(kind: OpKind, original: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The call ``original(*args, **kwargs)`` as a function of its offset (see
+    :data:`dcn_inspect.records.Rerun`): the same entry point, the same arguments (detached; input
+    and mask copied now, so later in-place changes do not reach them), the input and mask
+    expanded to the offset's batch size. The offset is the op's own, the standard layout."""
+
+    def frozen(value: Any, copy: bool) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        return value.detach().clone() if copy else value.detach()
+
+    batched = {slot[0] for slot in kind.slots}
+    kept_args = [frozen(a, i in batched) for i, a in enumerate(args)]
+    batched_names = {slot[1] for slot in kind.slots}
+    kept_kwargs = {k: frozen(v, k in batched_names) for k, v in kwargs.items()}
+    input_, offset_slot = _read_slot(kept_args, kept_kwargs, kind.slots[0]), kind.slots[1]
+    captured_batch = int(input_.shape[0]) if isinstance(input_, torch.Tensor) and input_.dim() else 1
+
+    def rerun(offset: torch.Tensor) -> torch.Tensor:
+        batch = int(offset.shape[0])
+        new_args, new_kwargs = list(kept_args), dict(kept_kwargs)
+        for slot in kind.slots:
+            if slot == offset_slot:
+                _write_slot(new_args, new_kwargs, slot, offset)
+                continue
+            value = _read_slot(new_args, new_kwargs, slot)
+            if isinstance(value, torch.Tensor) and value.dim() and int(value.shape[0]) == captured_batch:
+                _write_slot(new_args, new_kwargs, slot, value.expand(batch, *value.shape[1:]).contiguous())
+        return original(*new_args, **new_kwargs)
+
+    return rerun
 
 
 #: The Python entry points captured when their module is imported.
 OP_KINDS: Tuple[OpKind, ...] = (
     OpKind("dcn_inspect.ops.deform_conv2d", (("dcn_inspect.ops.functional", "deform_conv2d"), ("dcn_inspect.ops", "deform_conv2d")), _parse_torchvision_style),
     OpKind("torchvision.ops.deform_conv2d", (("torchvision.ops.deform_conv", "deform_conv2d"), ("torchvision.ops", "deform_conv2d")), _parse_torchvision_style),
-    OpKind("mmcv.ops.deform_conv2d", (("mmcv.ops.deform_conv", "deform_conv2d"), ("mmcv.ops", "deform_conv2d")), _parse_v1_style),
+    OpKind("mmcv.ops.deform_conv2d", (("mmcv.ops.deform_conv", "deform_conv2d"), ("mmcv.ops", "deform_conv2d")), _parse_v1_style, _V1_SLOTS),
     OpKind(
         "mmcv.ops.modulated_deform_conv2d",
         (("mmcv.ops.modulated_deform_conv", "modulated_deform_conv2d"), ("mmcv.ops", "modulated_deform_conv2d")),
         _parse_v2_style,
+        _V2_SLOTS,
     ),
-    OpKind("mmdet.ops.dcn.deform_conv", (("mmdet.ops.dcn.deform_conv", "deform_conv"), ("mmdet.ops.dcn", "deform_conv"), ("mmdet.ops", "deform_conv")), _parse_v1_style),
+    OpKind("mmdet.ops.dcn.deform_conv", (("mmdet.ops.dcn.deform_conv", "deform_conv"), ("mmdet.ops.dcn", "deform_conv"), ("mmdet.ops", "deform_conv")), _parse_v1_style, _V1_SLOTS),
     OpKind(
         "mmdet.ops.dcn.modulated_deform_conv",
         (("mmdet.ops.dcn.deform_conv", "modulated_deform_conv"), ("mmdet.ops.dcn", "modulated_deform_conv"), ("mmdet.ops", "modulated_deform_conv")),
         _parse_v2_style,
+        _V2_SLOTS,
     ),
-    OpKind("detectron2.layers.deform_conv", (("detectron2.layers.deform_conv", "deform_conv"),), _parse_v1_style),
-    OpKind("detectron2.layers.modulated_deform_conv", (("detectron2.layers.deform_conv", "modulated_deform_conv"),), _parse_v2_style),
+    OpKind("detectron2.layers.deform_conv", (("detectron2.layers.deform_conv", "deform_conv"),), _parse_v1_style, _V1_SLOTS),
+    OpKind("detectron2.layers.modulated_deform_conv", (("detectron2.layers.deform_conv", "modulated_deform_conv"),), _parse_v2_style, _V2_SLOTS),
 )
 
-#: torchvision's C++ op, seen through a ``TorchFunctionMode`` when it is registered.
-TORCHVISION_OP = OpKind("torch.ops.torchvision.deform_conv2d", (), _parse_torchvision_op)
+#: torchvision's C++ op, seen through a ``TorchFunctionMode`` when it is registered
+#: (positional: input 0, weight 1, offset 2, mask 3).
+TORCHVISION_OP = OpKind("torch.ops.torchvision.deform_conv2d", (), _parse_torchvision_op, ((0, None), (2, None), (3, None)))
 TORCHVISION_OP_NAME = "torchvision::deform_conv2d"
 
 LOOKED_FOR.append("op calls: " + ", ".join([kind.name for kind in OP_KINDS] + [TORCHVISION_OP.name]))
@@ -343,6 +404,11 @@ class _OpSession:
             op=kind.name,
             weight_shape=tuple(call.weight.shape),
         )
+        listener = self.capture.op_listener
+        if listener is not None:
+            replaced = listener(OpCallRun(record, call.input, out, lambda: rerun_of(kind, original, args, kwargs)))
+            if replaced is not None:
+                out = replaced
         if tracker is not None and record.geometry.method == "hooks" and isinstance(out, torch.Tensor):
             tracker.set_frame(out, record.geometry.output_frame)
         return out

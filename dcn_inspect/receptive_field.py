@@ -6,7 +6,9 @@ Definitions. A *unit* is one output cell (row i, column j) of a chosen layer (th
 layer by default); its *response* r is the sum over channels of that layer's output at the unit,
 ``r = sum_c y[c, i, j]`` (``channel=None``), or one channel's value ``y[channel, i, j]``. ``y`` is
 the layer's output as the layer returns it (for a deformable conv: the op's output, before any
-norm or activation that follows).
+norm or activation that follows; for an op-level call, the output of that op call; for a
+DCNv3 / DCNv4 layer, its own channels-last ``[N, H, W, C]`` or token ``[N, H*W, C]`` output, cell
+(i, j) being row i, column j of its map: :meth:`~dcn_inspect.geometry.MapLayout.to_nchw`).
 
 - **Effective receptive field (ERF)**: ``sum_colour |dr / dI(p)|`` for every pixel p of the
   ORIGINAL image, I in 8-bit intensity levels (0..255). See "The resize" below for how the
@@ -28,9 +30,12 @@ How the gradients are computed (:class:`GradientForward`, :meth:`GradientForward
 
 1. One forward pass of the model input with gradients enabled; the parameters are frozen for its
    duration, so autograd records only the paths from the input and never forms a weight
-   gradient. Forward hooks keep, for every analysed layer call, its input (a detached copy) and
-   its output (the tensor in the graph; downstream code receives a clone, so in-place
-   operations after the layer cannot rewrite it).
+   gradient. Every analysed call -- a module-level layer (forward hooks, matched with the
+   record its capture adapter made during the call), an op-level call (the capture's
+   ``op_listener``) or a regular conv compared with a deformable one -- keeps its output (the
+   tensor in the graph, in its own layout; downstream code receives a clone, so in-place
+   operations after the layer cannot rewrite it) and a way to run the call again with other
+   offsets (:data:`~dcn_inspect.records.Rerun`, holding detached copies of its input).
 2. One backward per batch of units. The batch is an ordinary batched graph: a forward of B
    copies of the model input (stopped after the units' layer), and one
    ``torch.autograd.grad(y_top, [copies, outputs of the lower analysed layers], E)`` with E the
@@ -41,12 +46,16 @@ How the gradients are computed (:class:`GradientForward`, :meth:`GradientForward
    all that fits, each unit is one backward through the single-image graph. (Batching the
    one-hots with ``is_grads_batched`` instead is kept as ``strategy="vmap"``: on CPU its
    convolution-backward and custom-op fallbacks loop over the batch, which measured slower.)
-3. The offsets: dr/d(offset_l) = (dy_l/d(offset_l))^T dr/dy_l. The layer's op is run again
-   on its captured input with the captured offsets (and masks) as leaves, one copy per unit in
-   the batch, and one vector-Jacobian product gives every unit's offset gradient field
-   [G, K, 2, Ho, Wo] (dy then dx, input-cell units). The re-run must reproduce the captured
-   output (checked), so the field is the gradient of the real network. A regular convolution
-   (the ``compare`` model's layers) is a deformable one with zero offsets and is run so.
+3. The offsets: dr/d(offset_l) = (dy_l/d(offset_l))^T dr/dy_l. The call is run again on its
+   captured input with the captured offsets as leaves, one copy per unit in the batch, and one
+   vector-Jacobian product gives every unit's offset gradient field [G, K, 2, Ho, Wo] (dy then
+   dx, input-cell units, the standard layout): an op-level call re-runs the entry point it
+   called with its own arguments (the offset it received replaced); a DCNv3 / DCNv4 layer runs
+   its own forward with its offset branch's output replaced by the leaves converted back to its
+   layout (:meth:`~dcn_inspect.records.LayerAdapter.rerun`); other layers run the standard op
+   on the module's weight. The re-run must reproduce the captured output (checked), so the
+   field is the gradient of the real network at the offsets the op really used. A regular
+   convolution (the ``compare`` model's layers) is a deformable one with zero offsets.
 4. The tree's points (:mod:`dcn_inspect.tracing`): level l's point (parent q, kernel point k)
    sits at kernel point k of a filter centred at a (fractional) position of layer l's output
    frame, whose offsets the tracer read by bilinear interpolation of the four neighbouring
@@ -84,10 +93,11 @@ from torch import nn
 
 from dcn_inspect.columns import Column, names, position
 from dcn_inspect.errors import InputError
-from dcn_inspect.geometry import FrameMap, FrameTracker, LayerGeometry, _arg, _flat_tensors, _pair
+from dcn_inspect.geometry import NCHW, FrameMap, FrameTracker, LayerGeometry, MapLayout, flat_tensors, is_padding, sliding_window
 from dcn_inspect.hooks import ADAPTERS, capture_offsets
+from dcn_inspect.hooks import forward as run_model
 from dcn_inspect.ops import deform_conv2d
-from dcn_inspect.records import DeformConvRecord, OffsetCapture
+from dcn_inspect.records import DeformConvRecord, LayerAdapter, OffsetCapture, OpCallRun, Rerun
 from dcn_inspect.tracing import GroupChoice, SamplingTrees, check_group, read_field
 
 #: Default relative error bound of the saliency region (DCNv2's "small error bound").
@@ -159,6 +169,24 @@ def effective_receptive_field(input_grad: torch.Tensor, original_hw: Tuple[int, 
 # --------------------------------------------------------------------------------------------
 
 
+def grid_reach(kernel: int, dilation: int, scale: float = 1.0) -> Tuple[float, float]:
+    """How many input cells (before, after) a k-tap grid of ``dilation`` reads around an output
+    cell's centre along one axis, offsets zero.
+
+    The output cell's centre is input index ``t0 = j*stride - pad + dilation*(k-1)/2`` (the frame
+    arithmetic); tap b sits at ``t0 - dilation*(k-1)/2 + c + scale*(b*dilation - c)``, ``c =
+    (dilation*(k-1)) // 2`` (a layer that scales its grid, DCNv3/v4's ``offset_scale``; scale 1:
+    at ``t0 + b*dilation - dilation*(k-1)/2``). A tap at a fractional index reads the two cells
+    around it (bilinear). Scale 1 gives ``(k-1)/2*dilation`` each side.
+    """
+    centre = dilation * (kernel - 1) / 2
+    c = (dilation * (kernel - 1)) // 2
+    taps = [c + scale * (b * dilation - c) for b in range(kernel)]  # positions relative to t0 - centre
+    before = centre - math.floor(min(taps) + 1e-9)
+    after = math.ceil(max(taps) - 1e-9) - centre
+    return (max(before, 0.0), max(after, 0.0))
+
+
 @dataclass(frozen=True)
 class Extent:
     """How far a cell's receptive field reaches from the cell's centre, in model-input pixels.
@@ -176,11 +204,13 @@ class Extent:
         """An input pixel: the unit square around its centre."""
         return Extent(0.5, 0.5, 0.5, 0.5)
 
-    def grown(self, kernel: Tuple[int, int], dilation: Tuple[int, int], frame: FrameMap) -> "Extent":
-        """Through a k x k window of dilation d on a map with ``frame``: (k - 1) / 2 * d input cells each side."""
-        reach_y = (kernel[0] - 1) / 2 * dilation[0] * frame.stride_y
-        reach_x = (kernel[1] - 1) / 2 * dilation[1] * frame.stride_x
-        return Extent(self.left + reach_x, self.right + reach_x, self.top + reach_y, self.bottom + reach_y)
+    def grown(self, kernel: Tuple[int, int], dilation: Tuple[int, int], frame: FrameMap, scale: float = 1.0) -> "Extent":
+        """Through a k x k window of dilation d on a map with ``frame``: :func:`grid_reach` input cells each side
+        ((k - 1) / 2 * d for an unscaled grid)."""
+        top, bottom = grid_reach(kernel[0], dilation[0], scale)
+        left, right = grid_reach(kernel[1], dilation[1], scale)
+        sx, sy = frame.stride_x, frame.stride_y
+        return Extent(self.left + left * sx, self.right + right * sx, self.top + top * sy, self.bottom + bottom * sy)
 
     def union(self, other: "Extent") -> "Extent":
         return Extent(max(self.left, other.left), max(self.right, other.right), max(self.top, other.top), max(self.bottom, other.bottom))
@@ -190,28 +220,18 @@ class Extent:
         return (x - self.left, y - self.top, x + self.right, y + self.bottom)
 
 
-def _spatial(t: Any) -> Optional[Tuple[int, int]]:
-    """(H, W) of a channels-first 4-D map (extents follow NCHW maps only)."""
-    if isinstance(t, torch.Tensor) and t.dim() == 4:
-        return (t.shape[2], t.shape[3])
-    return None
-
-
-_CONV = {torch.conv2d, torch.nn.functional.conv2d}
-_MAXPOOL = {torch.nn.functional.max_pool2d, torch.max_pool2d, torch.nn.functional.max_pool2d_with_indices}
-_AVGPOOL = {torch.nn.functional.avg_pool2d, torch._C._nn.avg_pool2d}
-_PAD = {torch.nn.functional.pad, torch._C._nn.pad, torch.constant_pad_nd}
-
-
 class ExtentTracker(FrameTracker):
     """A :class:`~dcn_inspect.geometry.FrameTracker` that also follows each map's receptive-field extent.
 
-    Convs and pools widen the extent by their window ((k - 1) / 2 * dilation input cells each
-    side), pads keep it, element-wise ops (activations, norms, residual sums, concatenations)
-    take the union of their same-size inputs'. Deformable layers are opaque to the tracker;
-    :class:`GradientForward` widens their extent by their regular grid (offsets as zero).
-    A map whose frame is lost (resizes, global pooling) has no extent: the theoretical receptive
-    field of a layer after it is unknown.
+    An extent goes wherever the frame goes, in every map layout the frame tracker follows
+    (channels-first, channels-last, tokens): convs and pools widen it by their window
+    (:func:`~dcn_inspect.geometry.sliding_window`: (k - 1) / 2 * dilation input cells each side),
+    pads keep it, and every other op whose output keeps a frame (activations, norms and
+    ``Linear`` layers over channels, residual sums, concatenations, permutes and reshapes between
+    layouts) takes the union of the extents of its inputs of the same map size. Deformable layers
+    are opaque to the tracker; :class:`GradientForward` widens their extent by their regular grid
+    (offsets as zero). A map whose frame is lost (resizes, global pooling) has no extent: the
+    theoretical receptive field of a layer after it is unknown.
     """
 
     def __init__(self) -> None:
@@ -240,42 +260,28 @@ class ExtentTracker(FrameTracker):
         out = super().__torch_function__(func, types, args, kwargs)
         if self._opaque_depth > 0:
             return out
-        known = [(t, e) for t in list(_flat_tensors(args)) + list(_flat_tensors(kwargs)) if _spatial(t) is not None and (e := self.extent_of(t)) is not None]
+        known = [(t, e) for t in list(flat_tensors(args)) + list(flat_tensors(kwargs)) if (e := self.extent_of(t)) is not None]
         if not known:
             return out
+        window = sliding_window(func, args, kwargs)
         source, extent = known[0]
-        frame = self.frame_of(source)
-        if func in _CONV or func in _MAXPOOL or func in _AVGPOOL:
-            if frame is None or not isinstance(out, (torch.Tensor, tuple)):
-                return out
-            if func in _CONV:
-                weight = _arg(args, kwargs, 1, "weight", None)
-                if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-                    return out
-                kernel = (int(weight.shape[2]), int(weight.shape[3]))
-                dilation = _pair(_arg(args, kwargs, 5, "dilation", 1))
+        for t in flat_tensors(out):
+            layout = self.layout_of(t)
+            if layout is None:
+                continue  # the frame tracker gave it no frame: no extent either
+            if window is not None:
+                frame = self.frame_of(source)
+                if frame is not None:
+                    self.set_extent(t, extent.grown(window.kernel, window.dilation, frame))
+            elif is_padding(func):
+                self.set_extent(t, extent)
             else:
-                kernel = _pair(_arg(args, kwargs, 1, "kernel_size", 1))
-                dilation = _pair(_arg(args, kwargs, 4, "dilation", 1)) if func in _MAXPOOL else (1, 1)
-            grown = extent.grown(kernel, dilation, frame)
-            for t in _flat_tensors(out):
-                if _spatial(t) is not None:
-                    self.set_extent(t, grown)
-            return out
-        if func in _PAD:
-            if isinstance(out, torch.Tensor):
-                self.set_extent(out, extent)
-            return out
-        for t in _flat_tensors(out):
-            hw = _spatial(t)
-            if hw is None:
-                continue
-            same = [e for s, e in known if _spatial(s) == hw]
-            if same:
-                merged = same[0]
-                for other in same[1:]:
-                    merged = merged.union(other)
-                self.set_extent(t, merged)
+                same = [e for s, e in known if (other := self.layout_of(s)) is not None and other.hw == layout.hw]
+                if same:
+                    merged = same[0]
+                    for more in same[1:]:
+                        merged = merged.union(more)
+                    self.set_extent(t, merged)
         return out
 
 
@@ -286,13 +292,14 @@ class ExtentTracker(FrameTracker):
 
 @dataclass
 class LayerCall:
-    """One call of an analysed layer during :class:`GradientForward`'s forward."""
+    """One call of an analysed layer during :class:`GradientForward`'s forward: a module-level
+    deformable layer, an op-level deformable-conv call, or a regular conv treated as one."""
 
     record: DeformConvRecord  # offsets, masks, geometry (zero offsets for a regular conv)
-    module: nn.Module
-    input: torch.Tensor  # detached copy of the layer's input [1, C, H, W]
-    output: torch.Tensor  # the layer's output in the autograd graph [1, C', Ho, Wo]
+    output: torch.Tensor  # the call's output in the autograd graph, in its own layout
+    layout: Optional[MapLayout]  # where the output map lies in ``output`` (None: not a map of the recorded size)
     extent: Optional[Extent]  # receptive-field extent of the output cells (None: unknown)
+    rerun: Optional[Rerun]  # the call as a function of its offset (None: it cannot be run again)
 
     @property
     def name(self) -> str:
@@ -312,21 +319,30 @@ def _regular_conv_padding(module: nn.Conv2d) -> Tuple[int, int]:
     return (int(module.padding[0]), int(module.padding[1]))
 
 
-def unusable_layers(model: nn.Module, names: Sequence[str]) -> Dict[str, str]:
-    """Of ``names`` (``name`` or ``name#k``), those ``model`` lacks or cannot analyse, with the reason."""
+def unusable_layers(model: nn.Module, names: Sequence[str], found: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """Of ``names`` (``name`` or ``name#k``), those ``model`` lacks or cannot analyse, with the
+    reason. Before a forward (``found`` None) only a missing module is a problem (any module may
+    call a deformable op); after it, every name not ``found`` among the followed calls is."""
     modules = dict(model.named_modules())
     problems: Dict[str, str] = {}
     for name in names:
         module = modules.get(name.split("#")[0])
         if module is None:
             problems[name] = "missing"
-        elif not isinstance(module, nn.Conv2d) and not _is_deformable(module):
-            problems[name] = f"a {type(module).__name__}, neither a deformable conv nor an nn.Conv2d"
+        elif found is not None and name not in found:
+            if not isinstance(module, nn.Conv2d) and _adapter(module) is None:
+                problems[name] = f"a {type(module).__name__}: neither a deformable conv (module or op call) nor an nn.Conv2d"
+            else:
+                problems[name] = "not run on this image"
     return problems
 
 
-def _is_deformable(module: nn.Module) -> bool:
-    return any(adapter.matches(module) for adapter in ADAPTERS)
+def _adapter(module: nn.Module) -> Optional[LayerAdapter]:
+    """The capture adapter that recognises ``module`` as a deformable layer (module level), if any."""
+    for adapter in ADAPTERS:
+        if adapter.matches(module):
+            return adapter
+    return None
 
 
 @contextmanager
@@ -342,13 +358,126 @@ def _frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _standard_rerun(module: nn.Module, record: DeformConvRecord, layer_input: torch.Tensor) -> Optional[Rerun]:
+    """The standard deformable op on the module's ``weight`` and ``bias``, the captured input and mask."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        return None
+    bias = getattr(module, "bias", None)
+    bias = bias.detach() if isinstance(bias, torch.Tensor) else None
+    kept_input = layer_input.detach().clone()
+    mask = record.mask
+    geometry = record.geometry
+
+    def rerun(offset: torch.Tensor) -> torch.Tensor:
+        batch = int(offset.shape[0])
+        copies = kept_input.expand(batch, *kept_input.shape[1:]).contiguous()
+        masks = None if mask is None else mask.to(copies).expand(batch, *mask.shape[1:]).contiguous()
+        return deform_conv2d(copies, offset.to(copies), weight.detach(), bias, geometry.stride, geometry.padding, geometry.dilation, masks)
+
+    return rerun
+
+
+#: ``on_call(record, layer_input, output, layout, make_rerun)`` -> what the caller receives instead
+#: of ``output`` (None: the output itself).
+_OnCall = Callable[[DeformConvRecord, torch.Tensor, torch.Tensor, Optional[MapLayout], Callable[[], Optional[Rerun]]], Optional[torch.Tensor]]
+
+
+@contextmanager
+def _following_calls(model: nn.Module, regular: Sequence[str], tracker: Optional[FrameTracker], on_call: _OnCall) -> Iterator[OffsetCapture]:
+    """Capture offsets during the enclosed forward and tell ``on_call`` of every call of a
+    deformable layer -- module level (the record its adapter made during the call) or op level
+    (:data:`~dcn_inspect.records.OffsetCapture.op_listener`) -- and of every call of a regular
+    conv named in ``regular`` (a deformable conv with zero offsets), each once, with its output."""
+    regular_names = {name.split("#")[0] for name in regular}
+    counts: Dict[str, int] = {}
+    with capture_offsets(model, track_frames=tracker is not None, tracker=tracker) as capture:
+
+        def on_op(run: OpCallRun) -> Optional[torch.Tensor]:
+            if not isinstance(run.output, torch.Tensor):
+                return None
+            layout = MapLayout.of(run.output, NCHW)
+            if layout is not None and layout.hw != tuple(run.record.geometry.output_hw):
+                layout = None
+            return on_call(run.record, run.input, run.output, layout, run.rerun)
+
+        capture.op_listener = on_op
+        removers: List[Callable[[], None]] = []
+
+        def hooks_for(name: str, module: nn.Module, adapter: Optional[LayerAdapter]) -> None:
+            before: List[int] = []
+
+            def pre(mod: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+                before.append(len(capture.convs))
+
+            def post(mod: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> Any:
+                start = before.pop() if before else len(capture.convs)
+                layer_input = args[0] if args else kwargs.get("input", kwargs.get("x"))
+                if not isinstance(out, torch.Tensor) or not isinstance(layer_input, torch.Tensor):
+                    return None
+                if adapter is not None:
+                    made = [r for r in list(capture.convs.values())[start:] if r.op is None]
+                    if not made:
+                        return None
+                    record = made[-1]
+                    layout = adapter.output_layout(record, out)
+
+                    def make_rerun() -> Optional[Rerun]:
+                        return adapter.rerun(mod, record, args, kwargs) or _standard_rerun(mod, record, layer_input)
+
+                    return on_call(record, layer_input, out, layout, make_rerun)
+                counts[name] = counts.get(name, 0) + 1
+                call_name = name if counts[name] == 1 else f"{name}#{counts[name]}"
+                regular_record = _regular_record(call_name, mod, layer_input, out, capture)  # type: ignore[arg-type]
+                if regular_record is None:
+                    return None
+                return on_call(regular_record, layer_input, out, MapLayout.of(out, NCHW), lambda: _standard_rerun(mod, regular_record, layer_input))
+
+            removers.append(module.register_forward_pre_hook(pre, with_kwargs=True).remove)
+            removers.append(module.register_forward_hook(post, with_kwargs=True, always_call=True).remove)
+
+        try:
+            for name, module in model.named_modules():
+                adapter = _adapter(module)
+                if adapter is not None or (name and name in regular_names and isinstance(module, nn.Conv2d)):
+                    hooks_for(name or type(module).__name__, module, adapter)
+            yield capture
+        finally:
+            for remove in removers:
+                remove()
+            capture.op_listener = None
+
+
+def _regular_record(name: str, module: nn.Conv2d, layer_input: torch.Tensor, out: torch.Tensor, capture: OffsetCapture) -> Optional[DeformConvRecord]:
+    """A regular conv as a deformable conv with zero offsets (frames from the capture's tracker)."""
+    if module.padding_mode != "zeros" or out.dim() != 4:
+        return None
+    frame, method = capture.input_frame(layer_input)
+    kernel = (int(module.kernel_size[0]), int(module.kernel_size[1]))
+    geometry = LayerGeometry(
+        kernel=kernel,
+        stride=(int(module.stride[0]), int(module.stride[1])),
+        padding=_regular_conv_padding(module),
+        dilation=(int(module.dilation[0]), int(module.dilation[1])),
+        input_hw=(int(layer_input.shape[-2]), int(layer_input.shape[-1])),
+        output_hw=(int(out.shape[-2]), int(out.shape[-1])),
+        input_frame=frame,
+        method=method,
+    )
+    offset = out.new_zeros(out.shape[0], 2 * kernel[0] * kernel[1], out.shape[-2], out.shape[-1]).detach()
+    return DeformConvRecord(name, type(module).__name__, offset, None, int(module.groups), 1, geometry)
+
+
 class GradientForward:
     """One forward of ``images`` [1, 3, H, W] (the model input) with gradients to the input.
 
-    Keeps a :class:`LayerCall` for every call of a deformable layer (those the capture
-    recognises) and of every regular ``nn.Conv2d`` named in ``regular`` (treated as a
-    deformable conv with zero offsets: the layers of a baseline model compared with a
-    deformable one). ``stop_after`` (a layer name) ends the forward once that layer has run.
+    Keeps a :class:`LayerCall` for every call of a deformable layer the capture records --
+    module-level layers (including DCNv3/DCNv4, whose output stays in their own channels-last or
+    token layout), op-level calls of a deformable-conv op made by any module (named as the
+    capture names them, ``#k`` for repeated calls) -- and of every regular ``nn.Conv2d`` named in
+    ``regular`` (treated as a deformable conv with zero offsets: the layers of a baseline model
+    compared with a deformable one). ``stop_after`` (a call name) ends the forward once that call
+    has run.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, regular: Sequence[str] = (), stop_after: Optional[str] = None) -> None:
@@ -360,93 +489,53 @@ class GradientForward:
         self.capture: Optional[OffsetCapture] = None
         self.regular = list(regular)
         self.saved_bytes = 0  # memory autograd keeps for the backward (what each replica of the image costs)
-        modules = dict(model.named_modules())
         problems = unusable_layers(model, regular)
         if problems:
             raise ValueError(f"layers that cannot be analysed: {problems}")
-        self._run(modules, {name.split("#")[0] for name in regular}, stop_after)
+        self._run(stop_after)
 
-    def _run(self, modules: Dict[str, nn.Module], regular: set, stop_after: Optional[str]) -> None:
+    def _run(self, stop_after: Optional[str]) -> None:
         tracker = ExtentTracker()
-        removers: List[Callable[[], None]] = []
-        counts: Dict[str, int] = {}
-        with _frozen_parameters(self.model), torch.enable_grad(), capture_offsets(self.model, tracker=tracker) as capture:
+
+        def on_call(record: DeformConvRecord, layer_input: torch.Tensor, out: torch.Tensor, layout: Optional[MapLayout], make_rerun: Callable[[], Optional[Rerun]]) -> torch.Tensor:
+            in_extent = tracker.extent_of(layer_input)
+            in_frame = tracker.frame_of(layer_input)
+            extent = None
+            if in_extent is not None and in_frame is not None and record.geometry.method == "hooks":
+                extent = in_extent.grown(record.geometry.kernel, record.geometry.dilation, in_frame, record.grid_scale)
+            if layer_input.requires_grad and not out.requires_grad:
+                raise InputError(
+                    f"the model's layer {record.name}: its {record.op or record.module_type} passes no gradient back to its input "
+                    "(no autograd formula in this environment), so receptive fields cannot be followed through it"
+                )
+            self.calls[record.name] = LayerCall(record, out, layout, extent, make_rerun())
+            passed_on = out.clone()  # later in-place ops rewrite the clone, never the kept output
+            frame = tracker.frame_of(out)
+            if frame is not None:
+                tracker.set_frame(passed_on, frame, tracker.layout_of(out))
+            if extent is not None:
+                tracker.set_extent(passed_on, extent)
+            if stop_after is not None and record.name == stop_after:
+                raise _Stop
+            return passed_on
+
+        storages: Dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with _frozen_parameters(self.model), torch.enable_grad(), _following_calls(self.model, self.regular, tracker, on_call) as capture:
             self.capture = capture
-
-            def hook_for(name: str, module: nn.Module) -> Callable[..., Any]:
-                def hook(mod: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> Any:
-                    layer_input = args[0] if args else kwargs.get("input", kwargs.get("x"))
-                    if not isinstance(out, torch.Tensor) or not isinstance(layer_input, torch.Tensor):
-                        return None
-                    counts[name] = counts.get(name, 0) + 1
-                    call_name = name if counts[name] == 1 else f"{name}#{counts[name]}"
-                    record = capture.convs.get(call_name)
-                    if record is None and name in regular and isinstance(mod, nn.Conv2d):
-                        record = self._regular_record(call_name, mod, layer_input, out, tracker, capture)
-                    if record is None:
-                        return None
-                    in_extent = tracker.extent_of(layer_input)
-                    in_frame = tracker.frame_of(layer_input)
-                    extent = None
-                    if in_extent is not None and in_frame is not None and record.geometry.method == "hooks":
-                        extent = in_extent.grown(record.geometry.kernel, record.geometry.dilation, in_frame)
-                    self.calls[call_name] = LayerCall(record, mod, layer_input.detach().clone(), out, extent)
-                    passed_on = out.clone()  # later in-place ops rewrite the clone, never the kept output
-                    frame = tracker.frame_of(out)
-                    if frame is not None:
-                        tracker.set_frame(passed_on, frame)
-                    if extent is not None:
-                        tracker.set_extent(passed_on, extent)
-                    if stop_after is not None and call_name == stop_after:
-                        raise _Stop
-                    return passed_on
-
-                return hook
-
-            for name, module in modules.items():
-                if name and (name in regular or _is_deformable(module)):
-                    removers.append(module.register_forward_hook(hook_for(name, module), with_kwargs=True).remove)
-            storages: Dict[int, int] = {}
-
-            def pack(tensor: torch.Tensor) -> torch.Tensor:
-                storage = tensor.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-                return tensor
-
-            try:
-                capture.watch_input(self.images)
-                tracker.set_extent(self.images, Extent.pixel())
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                    try:
-                        self.model(self.images)
-                    except _Stop:
-                        pass
-            finally:
-                for remove in removers:
-                    remove()
-            self.saved_bytes = sum(storages.values())
-
-    @staticmethod
-    def _regular_record(
-        name: str, module: nn.Conv2d, layer_input: torch.Tensor, out: torch.Tensor, tracker: ExtentTracker, capture: OffsetCapture
-    ) -> Optional[DeformConvRecord]:
-        """A regular conv as a deformable conv with zero offsets (frames from the tracker)."""
-        if module.padding_mode != "zeros":
-            return None
-        frame, method = capture.input_frame(layer_input)
-        kernel = (int(module.kernel_size[0]), int(module.kernel_size[1]))
-        geometry = LayerGeometry(
-            kernel=kernel,
-            stride=(int(module.stride[0]), int(module.stride[1])),
-            padding=_regular_conv_padding(module),
-            dilation=(int(module.dilation[0]), int(module.dilation[1])),
-            input_hw=(int(layer_input.shape[-2]), int(layer_input.shape[-1])),
-            output_hw=(int(out.shape[-2]), int(out.shape[-1])),
-            input_frame=frame,
-            method=method,
-        )
-        offset = out.new_zeros(out.shape[0], 2 * kernel[0] * kernel[1], out.shape[-2], out.shape[-1]).detach()
-        return DeformConvRecord(name, type(module).__name__, offset, None, int(module.groups), 1, geometry)
+            capture.watch_input(self.images)
+            tracker.set_extent(self.images, Extent.pixel())
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                try:
+                    run_model(self.model, self.images)
+                except _Stop:
+                    pass
+        self.saved_bytes = sum(storages.values())
 
     # ----------------------------------------------------------------------------------------
 
@@ -468,9 +557,27 @@ class GradientForward:
         x, y = unit_xy[:, 0].to(torch.float64), unit_xy[:, 1].to(torch.float64)
         return torch.stack([x - extent.left, y - extent.top, x + extent.right, y + extent.bottom], dim=1)
 
+    def layout(self, layer: str) -> MapLayout:
+        """Where the output map of call ``layer`` lies in its output; an :class:`InputError` when
+        the output is no map of the recorded size (its units cannot be read)."""
+        call = self.calls[layer]
+        if call.layout is None:
+            h, w = call.record.geometry.output_hw
+            shape = "x".join(str(n) for n in call.output.shape)
+            raise InputError(
+                f": the output of layer {layer} ({shape}) is not a {h}x{w} map in a layout dcn-inspect reads "
+                "(channels-first, channels-last or tokens), so its units cannot be followed; choose another layer",
+                param="layers",
+            )
+        return call.layout
+
+    def output_map(self, layer: str) -> torch.Tensor:
+        """The output of call ``layer`` as ``[1, C, Ho, Wo]`` (a view of the kept output, in the graph)."""
+        return self.layout(layer).to_nchw(self.calls[layer].output)
+
     def responses(self, layer: str, units: torch.Tensor, channel: Optional[int]) -> torch.Tensor:
         """r of every unit [U] (float64) on the unmasked image."""
-        output = self.calls[layer].output.detach()
+        output = self.output_map(layer).detach()
         check_channel(channel, output.shape[1], layer)
         rows, cols = units[:, 0], units[:, 1]
         values = output[0, :, rows, cols]  # [C, U]
@@ -502,13 +609,16 @@ class GradientForward:
         unit b in copy b; with room for one copy only, every unit is one backward through this
         forward's graph. ``"vmap"`` runs ``torch.autograd.grad(..., is_grads_batched=True)``
         through this forward's graph (on CPU its convolution-backward and custom-op fallbacks loop
-        per sample: slower, see ``bench/receptive_field.py``).
+        per sample: slower, see ``bench/receptive_field.py``). The one-hot selections are built
+        on the ``[C, Ho, Wo]`` map and put into the output's own layout (channels-last, tokens).
         """
         top = self.calls[layer]
+        layout = self.layout(layer)
         output = top.output
-        check_channel(channel, output.shape[1], layer)
+        channels = int(layout.to_nchw(output).shape[1])
+        check_channel(channel, channels, layer)
         units = torch.as_tensor(units, dtype=torch.long).reshape(-1, 2)
-        out_h, out_w = output.shape[-2:]
+        out_h, out_w = layout.hw
         if units.numel() and (units[:, 0].min() < 0 or units[:, 0].max() >= out_h or units[:, 1].min() < 0 or units[:, 1].max() >= out_w):
             raise ValueError(f"units outside the {out_h}x{out_w} output map of {layer}")
         if strategy not in ("replicate", "vmap"):
@@ -518,13 +628,14 @@ class GradientForward:
         for start in range(0, units.shape[0], step):
             chunk = units[start : start + step]
             count = int(chunk.shape[0])
-            selection = torch.zeros((count,) + tuple(output.shape[1:]), dtype=output.dtype, device=output.device)
+            grid = torch.zeros((count, channels, out_h, out_w), dtype=output.dtype, device=output.device)
             index = torch.arange(count, device=output.device)
             rows, cols = chunk[:, 0].to(output.device), chunk[:, 1].to(output.device)
             if channel is None:
-                selection[index, :, rows, cols] = 1.0
+                grid[index, :, rows, cols] = 1.0
             else:
-                selection[index, channel, rows, cols] = 1.0
+                grid[index, channel, rows, cols] = 1.0
+            selection = layout.from_nchw(grid)  # [count, *output.shape[1:]]
             with torch.enable_grad():
                 if strategy == "vmap":
                     wanted = [self.images] + [self.calls[name].output for name in lower]
@@ -544,32 +655,32 @@ class GradientForward:
             yield UnitGradients(start, input_grad.detach(), {k: v for k, v in offset_grads.items() if v is not None})
 
     def offset_gradient(self, name: str, output_grad: torch.Tensor) -> Optional[torch.Tensor]:
-        """dr/d(offset) [B, G, K, 2, Ho, Wo] of layer ``name`` from dr/d(output) [B, C, Ho, Wo]
-        (one vector-Jacobian product through a re-run of the layer's op); None when the re-run
-        does not reproduce the layer's captured output (a layer doing more than the op)."""
+        """dr/d(offset) [B, G, K, 2, Ho, Wo] of call ``name`` from dr/d(output) [B, ...] (the
+        output's own layout): one vector-Jacobian product through the call run again on its
+        captured input with the captured offsets as leaves (:attr:`LayerCall.rerun`: the op
+        itself for op-level calls, the layer's own forward for DCNv3/DCNv4, the standard op on
+        the module's weight otherwise). None when the call cannot be run again or the re-run does
+        not reproduce the captured output (a layer doing more than the op)."""
         call = self.calls[name]
-        record = call.record
-        weight = getattr(call.module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
+        if call.rerun is None:
             return None
-        bias = getattr(call.module, "bias", None)
-        bias = bias.detach() if isinstance(bias, torch.Tensor) else None
+        record = call.record
         batch = output_grad.shape[0]
-        geometry = record.geometry
-        with torch.enable_grad():
-            offset = record.offset.to(call.input).expand(batch, -1, -1, -1).clone().requires_grad_(True)
-            mask = None if record.mask is None else record.mask.to(call.input).expand(batch, -1, -1, -1).contiguous()
-            layer_input = call.input.expand(batch, -1, -1, -1).contiguous()
-            rerun = deform_conv2d(layer_input, offset, weight.detach(), bias, geometry.stride, geometry.padding, geometry.dilation, mask)
-            captured = call.output.detach()
+        captured = call.output.detach()
+        with torch.enable_grad(), _frozen_parameters(self.model):
+            offset = record.offset.to(device=captured.device).expand(batch, -1, -1, -1).clone().requires_grad_(True)
+            try:
+                rerun = call.rerun(offset)
+            except (RuntimeError, ValueError, TypeError, IndexError, InputError):
+                return None
+            if not isinstance(rerun, torch.Tensor) or not rerun.requires_grad:
+                return None
             scale = float(captured.abs().max()) if captured.numel() else 0.0
             if rerun.shape[1:] != captured.shape[1:] or float((rerun[:1].detach() - captured).abs().max()) > RERUN_TOLERANCE * max(scale, 1e-12):
                 return None
             (grad,) = torch.autograd.grad(rerun, offset, output_grad.to(rerun))
-        groups = record.offset_groups
-        kernel_points = record.kernel_points
         out_h, out_w = grad.shape[-2:]
-        return grad.detach().reshape(batch, groups, kernel_points, 2, out_h, out_w)
+        return grad.detach().reshape(batch, record.offset_groups, record.kernel_points, 2, out_h, out_w)
 
     def evaluate_masked(self, layer: str, units: torch.Tensor, boxes: torch.Tensor, channel: Optional[int], batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
         """r of unit ``units[n]`` [N, 2] with the model input kept only inside ``boxes[n]``
@@ -578,44 +689,42 @@ class GradientForward:
         height, width = image.shape[-2:]
         ys = torch.arange(height, device=image.device)
         xs = torch.arange(width, device=image.device)
+        layout = self.layout(layer)
         results = []
         for start in range(0, units.shape[0], batch_size):
             box = boxes[start : start + batch_size].to(image.device)
             keep_y = (ys[None] >= box[:, 1:2]) & (ys[None] < box[:, 3:4])  # [n, H]
             keep_x = (xs[None] >= box[:, 0:1]) & (xs[None] < box[:, 2:3])  # [n, W]
             masks = (keep_y[:, :, None] & keep_x[:, None, :]).to(image.dtype)[:, None]
-            output = run_until(self.model, image * masks, layer)
+            output = run_until(self.model, image * masks, layer, self.regular)
+            output = MapLayout(layout.kind, layout.hw).to_nchw(output)
             chunk = units[start : start + batch_size]
             values = output[torch.arange(chunk.shape[0]), :, chunk[:, 0], chunk[:, 1]]  # [n, C]
             results.append((values.sum(dim=1) if channel is None else values[:, channel]).to(torch.float64).cpu())
         return torch.cat(results) if results else torch.zeros(0, dtype=torch.float64)
 
 
-def run_until(model: nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
-    """The output of layer call ``layer`` (``name`` or ``name#k``) for ``images``, without gradients;
-    the forward stops there."""
-    name, _, nth = layer.partition("#")
-    target = int(nth) if nth else 1
-    module = dict(model.named_modules())[name]
-    seen = {"calls": 0, "output": None}
+def run_until(model: nn.Module, images: torch.Tensor, layer: str, regular: Sequence[str] = ()) -> torch.Tensor:
+    """The output of call ``layer`` (a record name as the capture gives it: a module-level layer,
+    an op-level call, ``#k`` for repeated calls, or a regular conv in ``regular``) for ``images``,
+    in the call's own layout, without gradients; the forward stops there."""
+    seen: Dict[str, torch.Tensor] = {}
 
-    def hook(mod: nn.Module, args: Any, out: Any) -> None:
-        seen["calls"] += 1
-        if seen["calls"] == target:
+    def on_call(record: DeformConvRecord, layer_input: torch.Tensor, out: torch.Tensor, layout: Optional[MapLayout], make_rerun: Callable[[], Optional[Rerun]]) -> None:
+        if record.name == layer:
             seen["output"] = out
             raise _Stop
+        return None
 
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
+    with torch.no_grad(), _following_calls(model, regular, None, on_call) as capture:
+        capture.watch_input(images)
+        try:
             model(images)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if seen["output"] is None:
+        except _Stop:
+            pass
+    if "output" not in seen:
         raise RuntimeError(f"layer {layer} did not run on the masked images")
-    return seen["output"]  # type: ignore[return-value]
+    return seen["output"]
 
 
 def check_channel(channel: Optional[int], channels: int, layer: str) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from dcn_inspect.errors import InputError
-from dcn_inspect.geometry import FrameMap, FrameTracker, LayerGeometry, MapLayout, Pair
+from dcn_inspect.geometry import NCHW, FrameMap, FrameTracker, LayerGeometry, MapLayout, Pair
 
 #: What capture looks for, by family (each adapter module adds its own lines); named in the
 #: error when a forward ran none of them.
@@ -51,6 +51,7 @@ class DeformConvRecord:
     op: Optional[str] = None  # the op entry point that received the offsets (op-level capture), else None
     weight_shape: Optional[Tuple[int, ...]] = None  # the conv weight the op received, when there is one
     converted_from: Optional[str] = None  # native layout converted into the standard one ("DCNv3", "DCNv4")
+    grid_scale: float = 1.0  # the layer scales its regular grid by this (DCNv3/v4 ``offset_scale``; folded into the offsets here)
 
     @property
     def modulated(self) -> bool:
@@ -75,15 +76,36 @@ class RoIPoolRecord:
     input_frame: Optional[FrameMap]
 
 
+#: ``rerun(offset)``: a call run again on B copies of its input with ``offset`` [B, 2*G*kh*kw, Ho, Wo]
+#: (standard layout) in place of the captured one -> the call's output for the B copies (in the
+#: autograd graph of ``offset``).
+Rerun = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class OpCallRun:
+    """One op-level call as it ran (told to :attr:`OffsetCapture.op_listener`)."""
+
+    record: DeformConvRecord
+    input: torch.Tensor  # the tensor the op received (in the forward's graph)
+    output: torch.Tensor  # what the op returned
+    rerun: Callable[[], Rerun]  # makes the call's :data:`Rerun` (keeps detached copies of its arguments)
+
+
 @dataclass
 class OffsetCapture:
-    """What :func:`capture_offsets` collected; layers in call order."""
+    """What :func:`capture_offsets` collected; layers in call order.
+
+    ``op_listener`` (optional) is told of every op-level call after it is recorded; what it
+    returns (a tensor, or None for the op's own output) is what the caller of the op receives.
+    """
 
     convs: Dict[str, DeformConvRecord] = field(default_factory=dict)
     roi_pools: Dict[str, RoIPoolRecord] = field(default_factory=dict)
     tracker: Optional[FrameTracker] = None
     input_hw: Optional[Pair] = None
     claimed: int = 0  # depth of module-level captures running (their op calls are theirs)
+    op_listener: Optional[Callable[[OpCallRun], Optional[torch.Tensor]]] = None
 
     def watch_input(self, images: torch.Tensor) -> None:
         """Declare the model-input image batch [B, 3, H, W] (its frame is the image's)."""
@@ -126,6 +148,7 @@ class OffsetCapture:
         op: Optional[str] = None,
         weight_shape: Optional[Tuple[int, ...]] = None,
         converted_from: Optional[str] = None,
+        grid_scale: float = 1.0,
     ) -> DeformConvRecord:
         """Record one call: ``offset`` (and ``mask``) in the standard layout, the kernel arithmetic,
         and the frame of ``input`` (whose map is ``input_hw``, default its last two dimensions)."""
@@ -153,6 +176,7 @@ class OffsetCapture:
             op=op,
             weight_shape=None if weight_shape is None else tuple(int(v) for v in weight_shape),
             converted_from=converted_from,
+            grid_scale=float(grid_scale),
         )
         # A sum is finite exactly when no element is NaN/Inf (short of a float overflow that only
         # absurd offsets reach), and costs a sixth of isfinite(...).all().
@@ -174,6 +198,19 @@ class LayerAdapter:
     def attach(self, name: str, module: nn.Module, capture: OffsetCapture) -> List[Callable[[], None]]:
         """Install hooks; return callables that remove them."""
         raise NotImplementedError
+
+    def output_layout(self, record: DeformConvRecord, out: torch.Tensor) -> Optional[MapLayout]:
+        """Where the output map of the layer call ``record`` lies in the module's output ``out``
+        (None: not a map of the recorded size). Default: channels-first."""
+        layout = MapLayout.of(out, NCHW)
+        return layout if layout is not None and layout.hw == tuple(record.geometry.output_hw) else None
+
+    def rerun(self, module: nn.Module, record: DeformConvRecord, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Rerun]:
+        """How to run the call ``module(*args, **kwargs)`` (recorded as ``record``) again with
+        another offset (:data:`Rerun`); None (the default) when the standard deformable op on
+        the module's ``weight`` and ``bias`` is the layer (receptive fields check it reproduces
+        the output)."""
+        return None
 
 
 def opaque_hooks(

@@ -338,18 +338,15 @@ def _compare_fields(
     max_pixels: int,
 ) -> Tuple[ReceptiveFields, List[Unit]]:
     """The same image positions under the compare model, through its layers of the same names."""
-    problems = unusable_layers(compare.model, names)
-    missing = [name for name, problem in problems.items() if problem == "missing"]
+    missing = list(unusable_layers(compare.model, names))
     if missing:
         raise InputError(f"{compare.name}: no layer named {', '.join(missing)} (the followed layers of the model)", param="compare_model")
-    if problems:
-        raise InputError(f"{compare.name}: " + "; ".join(f"layer {name} is {problem}" for name, problem in problems.items()), param="compare_model")
     model_input = to_model_input(image, compare.preprocess, options.resize, max_pixels)
     forward = GradientForward(compare.model, model_input.tensor.to(device), regular=list(names))
     found = forward.records
-    missing = [name for name in names if name not in found]
-    if missing:
-        raise InputError(f"{compare.name}: layer(s) {', '.join(missing)} did not run on this image", param="compare_model")
+    problems = unusable_layers(compare.model, names, found=list(found))
+    if problems:
+        raise InputError(f"{compare.name}: " + "; ".join(f"layer {name}: {problem}" for name, problem in problems.items()), param="compare_model")
     records = [found[name] for name in names]
     sx, sy = model_input.scale_to_original
     top = records[0]
