@@ -36,12 +36,15 @@
 //    At the large shapes planar and channels-last are closer than at small channel counts:
 //    planar / cl-blas end to end on one thread (CPU time, medians of 5, forward / fwd+bwd):
 //    S1 1.13 / 1.07, S2 1.36 / 1.00, S3 1.00 / 0.92, dcn-sample 1.49 / 1.21.
-// 3. Any other CPU (AMD, ARM): "tune". Issue #15 measured MKL sgemm 1.3-2.7x slower than the
-//    oneDNN kernels on the project's AMD EPYC machines, a CPU this rule could not be measured
-//    on here; so each new problem size measures both channels-last engines on its first four
-//    calls (blas, onednn, blas, onednn, whole calls timed) and keeps the faster. Results of
-//    the two engines differ only by float rounding; DCN_INSPECT_CONV_PATH=cl-blas or
-//    cl-onednn pins one for bit-identical reruns.
+// 3. Any other CPU (AMD, ARM): oneDNN for forward and backward wherever it can take them.
+//    Issue #15 measured MKL sgemm 1.3-2.7x slower than the oneDNN kernels for the same
+//    arithmetic on the project's AMD EPYC machines, a CPU this rule could not be measured on
+//    here. The choice is fixed, never timed: a rule that timed the engines would let the
+//    rounding of a result depend on the machine's load and on which calls came first, and the
+//    tool promises byte-identical reruns. DCN_INSPECT_CONV_PATH=tune measures both
+//    channels-last engines on each problem size's first four calls (blas, onednn, blas,
+//    onednn, whole calls timed) and keeps the faster, for those who prefer speed to
+//    bit-identical reruns; cl-blas or cl-onednn pin one engine.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
@@ -173,6 +176,7 @@ ConvPlan plan_conv(const DeformConvGeometry& g, at::ScalarType dtype, bool backw
       return {!backward && few_outputs_many_positions ? ConvPath::kChannelsLastOneDNN : ConvPath::kChannelsLastBlas,
               false, key};
     }
+    return {ConvPath::kChannelsLastOneDNN, false, key};
   }
   return {tuner().next(key), true, key};
 }
