@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from dcn_inspect.geometry import FrameMap, Pair
+from dcn_inspect.geometry import FrameMap, as_pair
 from dcn_inspect.records import LOOKED_FOR, LayerAdapter, OffsetCapture, opaque_hooks
 
 
@@ -81,13 +81,6 @@ def _identify_class(module_class: type) -> Optional[ForeignLayer]:
     return None
 
 
-def _pair(value: Any) -> Pair:
-    if isinstance(value, int):
-        return (value, value)
-    items = tuple(int(v) for v in value)
-    return (items[0], items[0]) if len(items) == 1 else (items[0], items[1])
-
-
 def _argument(args: Tuple[Any, ...], kwargs: Dict[str, Any], index: int, names: Tuple[str, ...]) -> Any:
     if len(args) > index:
         return args[index]
@@ -126,10 +119,10 @@ class ForeignDeformConvAdapter(LayerAdapter):
                 input,
                 offset,
                 mask if isinstance(mask, torch.Tensor) else None,
-                _pair(module.kernel_size),
-                _pair(module.stride),
-                _pair(module.padding),
-                _pair(module.dilation),
+                as_pair(module.kernel_size),
+                as_pair(module.stride),
+                as_pair(module.padding),
+                as_pair(module.dilation),
                 int(getattr(module, "groups", 1)),
                 weight_shape=tuple(module.weight.shape) if isinstance(getattr(module, "weight", None), torch.Tensor) else None,
             )

@@ -196,10 +196,14 @@ class LayerGeometry:
         }
 
 
-def _pair(value: Any) -> Pair:
-    if isinstance(value, int):
-        return (value, value)
-    items = tuple(int(v) for v in value)
+def as_pair(value: Any) -> Pair:
+    """A (h, w) pair from what layers and op calls pass as kernel size, stride, padding or
+    dilation: an int, a float, a 1- or 2-element sequence, or a tensor of those."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (int, float)):
+        return (int(value), int(value))
+    items = [int(v) for v in value]
     return (items[0], items[0]) if len(items) == 1 else (items[0], items[1])
 
 
@@ -234,8 +238,8 @@ def sliding_window(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) 
         if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
             return None
         kernel = (int(weight.shape[2]), int(weight.shape[3]))
-        stride = _pair(_arg(args, kwargs, 3, "stride", 1))
-        dilation = _pair(_arg(args, kwargs, 5, "dilation", 1))
+        stride = as_pair(_arg(args, kwargs, 3, "stride", 1))
+        dilation = as_pair(_arg(args, kwargs, 5, "dilation", 1))
         padding_arg = _arg(args, kwargs, 4, "padding", 0)
         if isinstance(padding_arg, str):
             if padding_arg == "valid":
@@ -243,14 +247,14 @@ def sliding_window(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) 
             else:
                 padding = tuple((dilation[i] * (kernel[i] - 1)) // 2 for i in range(2))  # type: ignore[assignment]
         else:
-            padding = _pair(padding_arg)
+            padding = as_pair(padding_arg)
         return Window(kernel, stride, padding, dilation)
     if func in _MAXPOOL_FUNCS or func in _AVGPOOL_FUNCS:
-        kernel = _pair(_arg(args, kwargs, 1, "kernel_size", 1))
+        kernel = as_pair(_arg(args, kwargs, 1, "kernel_size", 1))
         stride_arg = _arg(args, kwargs, 2, "stride", None)
-        stride = kernel if stride_arg in (None, [], ()) else _pair(stride_arg)
-        padding = _pair(_arg(args, kwargs, 3, "padding", 0))
-        dilation = _pair(_arg(args, kwargs, 4, "dilation", 1)) if func in _MAXPOOL_FUNCS else (1, 1)
+        stride = kernel if stride_arg in (None, [], ()) else as_pair(stride_arg)
+        padding = as_pair(_arg(args, kwargs, 3, "padding", 0))
+        dilation = as_pair(_arg(args, kwargs, 4, "dilation", 1)) if func in _MAXPOOL_FUNCS else (1, 1)
         return Window(kernel, stride, padding, dilation)
     return None
 

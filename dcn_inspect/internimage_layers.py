@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcn_inspect.geometry import NHWC, TOKENS, MapLayout, Pair
+from dcn_inspect.geometry import NHWC, TOKENS, MapLayout, Pair, as_pair
 from dcn_inspect.records import LOOKED_FOR, LayerAdapter, OffsetCapture, opaque_hooks
 
 LOOKED_FOR.append("InternImage layers: DCNv3, DCNv3_pytorch, DCNv4")
@@ -81,13 +81,6 @@ def identify(module: nn.Module) -> Optional[InternImageLayer]:
                     return family
                 return None
     return None
-
-
-def _pair(value: Any) -> Pair:
-    if isinstance(value, int):
-        return (value, value)
-    items = tuple(int(v) for v in value)
-    return (items[0], items[0]) if len(items) == 1 else (items[0], items[1])
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -205,8 +198,8 @@ class InternImageAdapter(LayerAdapter):
     def attach(self, name: str, module: nn.Module, capture: OffsetCapture) -> List[Callable[[], None]]:
         family = identify(module)
         assert family is not None
-        kernel = _pair(module.kernel_size)
-        stride, padding, dilation = _pair(module.stride), _pair(module.pad), _pair(module.dilation)
+        kernel = as_pair(module.kernel_size)
+        stride, padding, dilation = as_pair(module.stride), as_pair(module.pad), as_pair(module.dilation)
         group = int(module.group)
         remove_center = bool(int(getattr(module, "remove_center", 0) or 0))
         seen: Dict[str, Any] = {}
@@ -322,7 +315,7 @@ class InternImageAdapter(LayerAdapter):
         family = identify(module)
         if family is None or not args or not isinstance(args[0], torch.Tensor):
             return None
-        kernel, dilation = _pair(module.kernel_size), _pair(module.dilation)
+        kernel, dilation = as_pair(module.kernel_size), as_pair(module.dilation)
         group = int(module.group)
         remove_center = bool(int(getattr(module, "remove_center", 0) or 0))
         native_points = kernel[0] * kernel[1] - int(remove_center)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from dcn_inspect.geometry import Pair
+from dcn_inspect.geometry import Pair, as_pair
 from dcn_inspect.records import LOOKED_FOR, OffsetCapture, OpCallRun
 
 
@@ -74,15 +74,6 @@ class OpCall:
         return True
 
 
-def _pair(value: Any) -> Pair:
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if isinstance(value, (int, float)):
-        return (int(value), int(value))
-    items = [int(v) for v in value]
-    return (items[0], items[0]) if len(items) == 1 else (items[0], items[1])
-
-
 def _get(args: Sequence[Any], kwargs: Dict[str, Any], index: int, names: Tuple[str, ...], default: Any = None) -> Any:
     if len(args) > index:
         return args[index]
@@ -104,9 +95,9 @@ def _parse_torchvision_style(args: Sequence[Any], kwargs: Dict[str, Any]) -> Opt
         return None
     return OpCall(
         input_, offset, _tensor(_get(args, kwargs, 7, ("mask",))), weight,
-        _pair(_get(args, kwargs, 4, ("stride",), 1)),
-        _pair(_get(args, kwargs, 5, ("padding",), 0)),
-        _pair(_get(args, kwargs, 6, ("dilation",), 1)),
+        as_pair(_get(args, kwargs, 4, ("stride",), 1)),
+        as_pair(_get(args, kwargs, 5, ("padding",), 0)),
+        as_pair(_get(args, kwargs, 6, ("dilation",), 1)),
     )  # fmt: skip
 
 
@@ -118,9 +109,9 @@ def _parse_v1_style(args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[OpC
         return None
     return OpCall(
         input_, offset, None, weight,
-        _pair(_get(args, kwargs, 3, ("stride",), 1)),
-        _pair(_get(args, kwargs, 4, ("padding",), 0)),
-        _pair(_get(args, kwargs, 5, ("dilation",), 1)),
+        as_pair(_get(args, kwargs, 3, ("stride",), 1)),
+        as_pair(_get(args, kwargs, 4, ("padding",), 0)),
+        as_pair(_get(args, kwargs, 5, ("dilation",), 1)),
     )  # fmt: skip
 
 
@@ -133,9 +124,9 @@ def _parse_v2_style(args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[OpC
         return None
     return OpCall(
         input_, offset, mask, weight,
-        _pair(_get(args, kwargs, 5, ("stride",), 1)),
-        _pair(_get(args, kwargs, 6, ("padding",), 0)),
-        _pair(_get(args, kwargs, 7, ("dilation",), 1)),
+        as_pair(_get(args, kwargs, 5, ("stride",), 1)),
+        as_pair(_get(args, kwargs, 6, ("padding",), 0)),
+        as_pair(_get(args, kwargs, 7, ("dilation",), 1)),
     )  # fmt: skip
 
 
