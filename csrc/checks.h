@@ -208,5 +208,22 @@ inline int64_t images_per_chunk(int64_t batch, int64_t column_bytes_per_image) {
   return std::max<int64_t>(1, std::min<int64_t>(batch, fit));
 }
 
+// An operand of a CPU kernel must live on the CPU (an empty tensor, e.g. an absent mask or
+// bias, may live anywhere). ``op`` names the operator in the message.
+inline void check_cpu_tensor(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.numel() == 0 || t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+}
+
+// The gradient of deform_conv2d's output, [N, out_channels, out_h, out_w] of the forward's
+// geometry (``Geometry``: DeformConvGeometry, or a backend's copy with the same fields).
+template <typename Geometry>
+void check_deform_conv2d_grad(const at::Tensor& grad, const Geometry& g) {
+  TORCH_CHECK(
+      grad.dim() == 4 && grad.size(0) == g.batch && grad.size(1) == g.out_channels &&
+          grad.size(2) == g.out_h && grad.size(3) == g.out_w,
+      "deform_conv2d backward: grad has shape ", grad.sizes(), "; expected [", g.batch, ", ",
+      g.out_channels, ", ", g.out_h, ", ", g.out_w, "]");
+}
+
 } // namespace ops
 } // namespace dcn_inspect

@@ -182,8 +182,7 @@ ConvPlan plan_conv(const DeformConvGeometry& g, at::ScalarType dtype, bool backw
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(
-      t.numel() == 0 || t.device().is_cpu(), "deform_conv2d: ", name, " must be a CPU tensor");
+  check_cpu_tensor(t, "deform_conv2d", name);
 }
 
 DeformConvGeometry checked_geometry(
@@ -272,11 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   const DeformConvGeometry g = checked_geometry(
       input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
       offset_groups, use_mask);
-  TORCH_CHECK(
-      grad.dim() == 4 && grad.size(0) == g.batch && grad.size(1) == g.out_channels &&
-          grad.size(2) == g.out_h && grad.size(3) == g.out_w,
-      "deform_conv2d backward: grad has shape ", grad.sizes(), "; expected [", g.batch, ", ",
-      g.out_channels, ", ", g.out_h, ", ", g.out_w, "]");
+  check_deform_conv2d_grad(grad, g);
   TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "deform_conv2d backward: grad dtype differs");
   const ConvPlan plan = plan_conv(g, input.scalar_type(), /*backward=*/true);
   return run_planned(plan, [&] {

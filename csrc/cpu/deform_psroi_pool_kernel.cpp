@@ -149,7 +149,7 @@ void for_each_sample(
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.numel() == 0 || t.device().is_cpu(), "deform_psroi_pool: ", name, " must be a CPU tensor");
+  check_cpu_tensor(t, "deform_psroi_pool", name);
 }
 
 std::tuple<at::Tensor, at::Tensor> deform_psroi_pool_forward_kernel(

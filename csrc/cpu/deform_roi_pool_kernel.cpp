@@ -130,7 +130,7 @@ struct RoiBins {
 };
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.numel() == 0 || t.device().is_cpu(), "deform_roi_pool: ", name, " must be a CPU tensor");
+  check_cpu_tensor(t, "deform_roi_pool", name);
 }
 
 at::Tensor deform_roi_pool_forward_kernel(

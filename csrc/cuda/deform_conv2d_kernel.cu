@@ -547,11 +547,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       input_, weight_, offset_, mask_, bias_, stride_h, stride_w, pad_h, pad_w, dilation_h,
       dilation_w, groups, offset_groups, use_mask);
   check_cuda_tensor(grad_, input_, "grad");
-  TORCH_CHECK(
-      grad_.dim() == 4 && grad_.size(0) == g.batch && grad_.size(1) == g.out_channels &&
-          grad_.size(2) == g.out_h && grad_.size(3) == g.out_w,
-      "deform_conv2d backward: grad has shape ", grad_.sizes(), "; expected [", g.batch, ", ",
-      g.out_channels, ", ", g.out_h, ", ", g.out_w, "]");
+  ops::check_deform_conv2d_grad(grad_, g);
   c10::cuda::CUDAGuard device_guard(input_.device());
   const at::Tensor grad = grad_.contiguous();
   const at::Tensor input = input_.contiguous();
