@@ -46,9 +46,9 @@ def bins(
     fmt: str = options.figure_format(),
     max_pixels: int = options.max_pixels(),
     strict: bool = options.strict(),
-    images_dir: Optional[Path] = typer.Option(None, "--images", metavar="DIR", help="Dataset only: image folder (default: next to the COCO json / VOC JPEGImages/)."),
-    split: Optional[str] = typer.Option(None, "--split", metavar="NAME", help="Dataset only: VOC ImageSets/Main/<split>.txt."),
-    max_images: Optional[int] = typer.Option(None, "--max-images", metavar="N", help="Dataset only: use the first N images (default: all)."),
+    images_dir: Optional[Path] = options.dataset_images("Dataset only"),
+    split: Optional[str] = options.split("Dataset only"),
+    max_images: Optional[int] = options.max_images("Dataset only"),
     allow_outside_paths: bool = options.allow_outside_paths(),
 ) -> None:
     """Regular versus deformed RoI-pooling bins (the paper's Fig. 7): CSV, figure and summary.json."""

@@ -28,7 +28,7 @@ def offsets(
     kernel_point: Optional[List[str]] = typer.Option(
         None, "--kernel-point", metavar="A,B", help="Also show the offsets of kernel point A,B (kernel row, column, 0-based; 1,1 = centre of 3x3; repeatable)."
     ),
-    group: str = typer.Option("0", "--group", metavar="G|mean", help="Offset group to show (G), or 'mean' to average the groups."),
+    group: str = options.group("Offset group to show (G), or 'mean' to average the groups."),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
     out: Path = options.out(),

@@ -70,3 +70,56 @@ def allow_outside_paths() -> Any:
     return typer.Option(
         False, "--allow-outside-paths", help="Read image files a dataset names outside its folder (absolute or ../ paths in COCO / VOC files)."
     )
+
+
+# Unit selection: sample-points and receptive-field choose their units the same way
+# (dcn_inspect.unit_selection); the same options, worded for each command.
+
+
+def levels(verb: str) -> Any:
+    return typer.Option(None, "--levels", metavar="L", help=f"{verb} the last L deformable layers (default: 3).")
+
+
+def at(default_text: str = "") -> Any:
+    return typer.Option(None, "--at", metavar="X,Y", help="Unit nearest to image point X,Y in original-image pixels (repeatable)." + (f" {default_text}" if default_text else ""))
+
+
+def grid() -> Any:
+    return typer.Option(None, "--grid", metavar="STEP", help="Every STEP-th unit of the top layer, in both directions.")
+
+
+def round_positions(what: str) -> Any:
+    return typer.Option(False, "--round", help=f"Round {what} to the nearest cell before reading offsets (the official demo's rule).")
+
+
+def group(help_text: str) -> Any:
+    return typer.Option("0", "--group", metavar="G|mean", help=help_text)
+
+
+# Datasets (COCO json / VOC directory): dilation-stats, bins DATASET, receptive-field --stats.
+# ``scope`` prefixes the help of options that only apply in a dataset mode ("With --stats").
+
+
+def _scoped(scope: str, text: str) -> str:
+    if not scope:
+        return text
+    lowered = text[0].lower() + text[1:] if text[1:2].islower() else text  # "Image folder", not "VOC"
+    return f"{scope}: {lowered}"
+
+
+def dataset_images(scope: str = "", *aliases: str) -> Any:
+    return typer.Option(None, "--images", *aliases, metavar="DIR", help=_scoped(scope, "Image folder (default: next to the COCO json / VOC JPEGImages/)."))
+
+
+def split(scope: str = "", default_text: str = "") -> Any:
+    return typer.Option(None, "--split", metavar="NAME", help=_scoped(scope, "VOC ImageSets/Main/<split>.txt" + (f" ({default_text})." if default_text else ".")))
+
+
+def max_images(scope: str = "") -> Any:
+    return typer.Option(None, "--max-images", metavar="N", help=_scoped(scope, "Use only the first N images (default: all)."))
+
+
+def thresholds(for_what: str = "", scope: str = "") -> Any:
+    what = f"Box-area split{' ' + for_what if for_what else ''}"
+    text = f"{what}: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."
+    return typer.Option("paper", "--thresholds", metavar="paper|coco|tertiles|A,B", help=_scoped(scope, text))

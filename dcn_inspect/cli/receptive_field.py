@@ -23,7 +23,7 @@ EPILOG = (
 )
 
 #: Options that only the dataset mode reads, with their defaults.
-_STATS_ONLY = {"image_dir": None, "split": None, "thresholds": "paper", "max_images": None}
+_STATS_ONLY = {"images_dir": None, "split": None, "thresholds": "paper", "max_images": None}
 #: Options that only the image mode reads, with their defaults.
 _IMAGES_ONLY = {"at": None, "grid": None, "boxes": None, "group": "0", "round_positions": False, "compare_model": None, "compare_weights": None, "fmt": "png"}
 
@@ -36,22 +36,22 @@ def receptive_field(
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
     layers: Optional[List[str]] = options.layers("to follow (the units belong to the last called)"),
-    levels: Optional[int] = typer.Option(None, "--levels", metavar="L", help="Follow the last L deformable layers (default: 3)."),
-    at: Optional[List[str]] = typer.Option(None, "--at", metavar="X,Y", help="Unit nearest to image point X,Y in original-image pixels (repeatable)."),
-    grid: Optional[int] = typer.Option(None, "--grid", metavar="STEP", help="Every STEP-th unit of the top layer, in both directions."),
+    levels: Optional[int] = options.levels("Follow"),
+    at: Optional[List[str]] = options.at(),
+    grid: Optional[int] = options.grid(),
     boxes: Optional[Path] = options.boxes("a unit at each box centre plus one on background"),
     channel: Optional[int] = typer.Option(None, "--channel", metavar="C", help="The response is this channel's value (default: the sum over the layer's channels)."),
-    group: str = typer.Option("0", "--group", metavar="G|mean", help="Offset group the sampling trees follow (G), or 'mean'."),
-    round_positions: bool = typer.Option(False, "--round", help="Round tree positions to the nearest cell before reading offsets (the official demo's rule)."),
+    group: str = options.group("Offset group the sampling trees follow (G), or 'mean'."),
+    round_positions: bool = options.round_positions("tree positions"),
     saliency_error: float = typer.Option(0.1, "--saliency-error", metavar="FRACTION", help="Relative error bound of the saliency region (0.1 = 10 %)."),
     saliency_step: Optional[int] = typer.Option(None, "--saliency-step", metavar="PIXELS", help="Resolution of the saliency search in model-input pixels (default: the layer's stride)."),
     compare_model: Optional[str] = typer.Option(None, "--compare-model", metavar="MODEL", help="A second model (e.g. dcn-sample-dilated) on the same units, drawn side by side."),
     compare_weights: Optional[Path] = typer.Option(None, "--compare-weights", metavar="FILE", help="Weights of the --compare-model architecture."),
     stats: bool = typer.Option(False, "--stats", help="Dataset mode: ERF 90 % radius and saliency area per layer and object size (dilation-stats layout)."),
-    image_dir: Optional[Path] = typer.Option(None, "--images", "--image-dir", metavar="DIR", help="With --stats: image folder (default: next to the COCO json / VOC JPEGImages/)."),
-    split: Optional[str] = typer.Option(None, "--split", metavar="NAME", help="With --stats: VOC ImageSets/Main/<split>.txt."),
-    thresholds: str = typer.Option("paper", "--thresholds", metavar="paper|coco|tertiles|A,B", help="With --stats: box-area split: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."),
-    max_images: Optional[int] = typer.Option(None, "--max-images", metavar="N", help="With --stats: use only the first N images (default: all)."),
+    images_dir: Optional[Path] = options.dataset_images("With --stats", "--image-dir"),
+    split: Optional[str] = options.split("With --stats"),
+    thresholds: str = options.thresholds(scope="With --stats"),
+    max_images: Optional[int] = options.max_images("With --stats"),
     batch_size: int = typer.Option(8, "--batch-size", metavar="N", help="Units per backward pass (and masked images per forward)."),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),

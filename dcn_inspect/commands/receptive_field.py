@@ -457,7 +457,7 @@ class ReceptiveFieldStatsResult:
 
 def receptive_field_stats(
     dataset: Optional[Path] = None,
-    image_dir: Optional[Path] = None,
+    images_dir: Optional[Path] = None,
     split: Optional[str] = None,
     model: Union[str, LoadedModel, None] = None,
     weights: Optional[Path] = None,
@@ -490,14 +490,14 @@ def receptive_field_stats(
     options = _check_options(layers, levels, (), None, channel, 0, False, saliency_error, saliency_step, batch_size, resize, "png")
     if max_images is not None and max_images < 1:
         raise InputError(f"{max_images}: must be at least 1", param="max_images")
-    data = load_dataset(dataset, image_dir, split)
+    data = load_dataset(dataset, images_dir, split)
     entries = data.images[:max_images] if max_images is not None else data.images
     if not entries:
         raise InputError(f"{data.root}: the dataset has no images")
     areas = np.concatenate([e.areas[~e.ignore] for e in entries])
     thresholds_name, threshold_values = resolve_thresholds(thresholds, areas)
     parameters = {
-        "dataset": str(dataset) if dataset is not None else None, "image_dir": image_dir, "split": split,
+        "dataset": str(dataset) if dataset is not None else None, "images_dir": images_dir, "split": split,
         "layers": list(layers) if layers else None, "levels": levels, "thresholds": thresholds, "channel": channel,
         "saliency_error": options.saliency_error, "saliency_step": saliency_step, "max_images": max_images,
         "batch_size": batch_size, "resize": resize, "strict": strict, "max_pixels": max_pixels,
