@@ -255,7 +255,7 @@ def _hostile_files(root: Path, files: Dict[str, Path]) -> None:
     files["loop_ckpt"] = root / "loop.pt"
     os.symlink(files["loop_ckpt"].name, files["loop_ckpt"])
     # Named pipes: reading one blocks until a writer comes, so they must be refused before any open.
-    for key, name in (("fifo_image", "fifo.png"), ("fifo_json", "fifo.json"), ("fifo_ckpt", "fifo.pt")):
+    for key, name in (("fifo_image", "fifo.png"), ("fifo_json", "fifo.json"), ("fifo_ckpt", "fifo.pt"), ("fifo_csv", "fifo.csv")):
         files[key] = root / name
         os.mkfifo(files[key])
     # checkpoints
@@ -384,6 +384,8 @@ CASES = [
     Case("image-fifo", ["sample-points", "{fifo_image}", "--model", "{model}:build"], r"fifo\.png: not a regular file \(a pipe, socket or device\)"),
     Case("dataset-fifo", ["dilation-stats", "{fifo_json}", "--model", "{model}:build"], r"fifo\.json: not a regular file or directory \(a pipe, socket or device\)"),
     Case("ckpt-fifo", ["sample-points", "{good}", "--model", "dcn-sample", "--weights", "{fifo_ckpt}"], r"fifo\.pt: not a regular file \(a pipe, socket or device\)"),
+    Case("rois-fifo", ["bins", "{good}", "--rois", "{fifo_csv}"], r"fifo\.csv: not a regular file \(a pipe, socket or device\), expected a CSV file of boxes"),
+    Case("boxes-fifo", ["sample-points", "{good}", "--model", "{model}:build", "--boxes", "{fifo_csv}"], r"fifo\.csv: not a regular file \(a pipe, socket or device\)"),
     Case("image-symlink-loop", ["sample-points", "{loop}", "--model", "{model}:build"], r"loop\.png: symlink loop"),
     Case("ckpt-symlink-loop", ["sample-points", "{good}", "--model", "{loop_ckpt}"], r"--model .*loop\.pt: symlink loop"),
     Case("out-symlink-loop", ["sample-points", "{good}", "--model", "{model}:build", "--out", "{loop_dir}"], r"--out .*loop_dir: is a symlink that leads nowhere"),

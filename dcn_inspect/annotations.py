@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from dcn_inspect.errors import InputError
+from dcn_inspect.errors import InputError, refuse_special_file
 
 ImageId = Union[int, str]
 
@@ -561,9 +561,7 @@ def detect_format(path: Path) -> Tuple[str, Path]:
         raise InputError(f"{path}: dataset not found") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read the dataset ({_os_reason(exc)})") from None
-    if not path.is_file() and not path.is_dir():
-        # A FIFO or a device would block or stream forever: only regular files and folders are read.
-        raise InputError(f"{path}: not a regular file or directory (a pipe, socket or device), expected a COCO .json file or a Pascal VOC directory")
+    refuse_special_file(path, "a COCO .json file or a Pascal VOC directory", directory_ok=True)
     if path.is_file():
         if path.suffix.lower() == ".json":
             return "coco", path
@@ -789,6 +787,7 @@ def read_box_csv(path: Path) -> Tuple[np.ndarray, List[Optional[str]]]:
     """Read boxes from a CSV with a header ``x1,y1,x2,y2`` and an optional ``class`` (or ``label``)
     column, in continuous original-image pixels. Lines starting with ``#`` are comments."""
     path = Path(path)
+    refuse_special_file(path, "a CSV file of boxes")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

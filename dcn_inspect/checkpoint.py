@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from dcn_inspect.errors import InputError
+from dcn_inspect.errors import InputError, refuse_special_file
 
 NATIVE_FORMAT = "dcn-inspect/1"
 
@@ -92,9 +92,7 @@ def read_checkpoint_file(path: Path) -> Any:
         raise InputError(f"{path}: {'checkpoint not found' if reason == 'file not found' else reason}")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected a checkpoint file")
-    if not path.is_file():
-        # A FIFO or a device would block or stream forever: only regular files are read.
-        raise InputError(f"{path}: not a regular file (a pipe, socket or device), expected a checkpoint file")
+    refuse_special_file(path, "a checkpoint file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: checkpoint file is empty")
     is_zip = zipfile.is_zipfile(path)

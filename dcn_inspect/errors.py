@@ -14,7 +14,9 @@ Warnings go through :mod:`warnings` with the category :class:`DcnInspectWarning`
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import warnings
 from typing import Any, Callable, Dict, Optional
 
@@ -63,6 +65,21 @@ def _rebuild_input_error(cls: type, message: str, param: Optional[str], details:
     error = cls.__new__(cls)
     InputError.__init__(error, message, param=param, details=details)
     return error
+
+
+def refuse_special_file(path: Any, expected: str, error: Callable[[str], InputError] = InputError, directory_ok: bool = False) -> None:
+    """Raise ``error`` when ``path`` is a pipe, socket or device: opening a FIFO blocks until a
+    writer comes, and a device may stream forever, so every file a user names is checked before
+    it is opened. Missing paths and regular files pass (the reader says what is wrong with them);
+    so do directories where the caller also takes one (``directory_ok``, named in the message)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = "a regular file or directory" if directory_ok else "a regular file"
+    raise error(f"{path}: not {kind} (a pipe, socket or device), expected {expected}")
 
 
 class OpsArgumentError(ValueError, RuntimeError):

@@ -35,7 +35,7 @@ import torch.utils.data
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dcn_inspect.defaults import DEFAULT_MAX_PIXELS, MAX_RESIZE_SIDE
-from dcn_inspect.errors import InputError
+from dcn_inspect.errors import InputError, refuse_special_file
 from dcn_inspect.models.registry import Preprocess
 from dcn_inspect.resize import padded_size, resize_image, resized_size
 
@@ -155,9 +155,7 @@ def _checked_image(path: Path, max_pixels: int, preprocess: Optional[Preprocess]
         raise ImageError(f"{path}: cannot read ({exc.strerror})", NOT_FOUND) from None
     if stat.S_ISDIR(status.st_mode):
         raise ImageError(f"{path}: is a directory, expected an image file")
-    if not stat.S_ISREG(status.st_mode):
-        # A FIFO or a device would block or stream forever: only regular files are read.
-        raise ImageError(f"{path}: not a regular file (a pipe, socket or device), expected an image file")
+    refuse_special_file(path, "an image file", ImageError)
     if status.st_size == 0:
         raise ImageError(f"{path}: image file is empty")
     try:
