@@ -32,10 +32,17 @@ SHAPES = {
     "S1": dict(batch=1, cin=512, cout=512, hw=(38, 63), kernel=3, padding=2, dilation=2),
     "S3": dict(batch=2, cin=256, cout=256, hw=(64, 64), kernel=3, padding=1, dilation=1),
 }
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
-def make_inputs(shape: dict, dtype: torch.dtype, use_mask: bool, seed: int = 0) -> Dict[str, Optional[torch.Tensor]]:
+def make_inputs(
+    shape: dict, dtype: torch.dtype, use_mask: bool, seed: int = 0
+) -> Dict[str, Optional[torch.Tensor]]:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     k, pad, dil = shape["kernel"], shape["padding"], shape["dilation"]
     h, w = shape["hw"]
@@ -48,7 +55,9 @@ def make_inputs(shape: dict, dtype: torch.dtype, use_mask: bool, seed: int = 0) 
         offset=torch.randn(shape["batch"], 2 * k * k, out_h, out_w, **kw) * 2.0,
         weight=torch.randn(shape["cout"], shape["cin"], k, k, **kw) / fan_in**0.5,
         bias=torch.randn(shape["cout"], **kw),
-        mask=torch.sigmoid(torch.randn(shape["batch"], k * k, out_h, out_w, **kw)) if use_mask else None,
+        mask=torch.sigmoid(torch.randn(shape["batch"], k * k, out_h, out_w, **kw))
+        if use_mask
+        else None,
     )
     return {name: (t.to(dtype) if t is not None else None) for name, t in inputs.items()}
 
@@ -77,18 +86,34 @@ def ratio(a: float, b: Optional[float]) -> str:
     return f"{a / b:>6.2f}" if b else f"{'n/a':>6}"
 
 
-def run_case(name: str, shape: dict, dtype: torch.dtype, use_mask: bool, ours, theirs, warmup: int, reps: int) -> dict:
+def run_case(
+    name: str, shape: dict, dtype: torch.dtype, use_mask: bool, ours, theirs, warmup: int, reps: int
+) -> dict:
     base = make_inputs(shape, dtype, use_mask)
     pad, dil = shape["padding"], shape["dilation"]
 
     def call(fn, t):
-        return fn(t["input"], t["offset"], t["weight"], t["bias"], (1, 1), (pad, pad), (dil, dil), t["mask"])
+        return fn(
+            t["input"],
+            t["offset"],
+            t["weight"],
+            t["bias"],
+            (1, 1),
+            (pad, pad),
+            (dil, dil),
+            t["mask"],
+        )
 
     def leaves() -> Dict[str, Optional[torch.Tensor]]:
-        return {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in base.items()}
+        return {
+            k: (v.detach().clone().requires_grad_(True) if v is not None else None)
+            for k, v in base.items()
+        }
 
     out_shape = call(ours, base).shape
-    grad_out = torch.randn(out_shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda").to(dtype)
+    grad_out = torch.randn(
+        out_shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda"
+    ).to(dtype)
 
     def fwd(fn) -> Callable[[], object]:
         def run() -> object:
@@ -110,7 +135,9 @@ def run_case(name: str, shape: dict, dtype: torch.dtype, use_mask: bool, ours, t
 
         return run
 
-    row = dict(case=name, dtype=str(dtype).replace("torch.", ""), variant="v2 (mask)" if use_mask else "v1")
+    row = dict(
+        case=name, dtype=str(dtype).replace("torch.", ""), variant="v2 (mask)" if use_mask else "v1"
+    )
     try:
         fwd(theirs)()
         tv_supported = True
@@ -141,7 +168,10 @@ def run_case(name: str, shape: dict, dtype: torch.dtype, use_mask: bool, ours, t
     if dtype != torch.float64:
         # Which side is closer to the exact result: torchvision in float64 on the same
         # (already rounded) inputs as the ground truth.
-        t = {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in base.items()}
+        t = {
+            k: (v.detach().double().requires_grad_(True) if v is not None else None)
+            for k, v in base.items()
+        }
         out_x = call(theirs, t)
         out_x.backward(grad_out.double())
         exact = {"output": out_x.detach(), **{k: v.grad for k, v in t.items() if v is not None}}
@@ -157,8 +187,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
     parser.add_argument("--variants", nargs="+", choices=["v1", "v2"], default=["v1", "v2"])
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--reps", type=int, default=15, help="timed runs per measurement (median; at least 5)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--reps", type=int, default=15, help="timed runs per measurement (median; at least 5)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the rows to this JSON file"
+    )
     args = parser.parse_args(argv)
     if args.reps < 5:
         parser.error("--reps must be at least 5")
@@ -176,24 +210,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     ours_module = _native.load()
     details = _native.build_details()
     if not details.get("with_cuda"):
-        print("cuda_compare: the native extension was built without its CUDA kernels", file=sys.stderr)
+        print(
+            "cuda_compare: the native extension was built without its CUDA kernels", file=sys.stderr
+        )
         return 2
 
     def ours(input, offset, weight, bias, stride, padding, dilation, mask):
-        return ours_module.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+        return ours_module.deform_conv2d(
+            input, offset, weight, bias, stride, padding, dilation, mask
+        )
 
     def theirs(input, offset, weight, bias, stride, padding, dilation, mask):
-        return tv_ops.deform_conv2d(input, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask)
+        return tv_ops.deform_conv2d(
+            input,
+            offset,
+            weight,
+            bias,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            mask=mask,
+        )
 
     dtype = DTYPES[args.dtype]
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
-          f"median of {args.reps} after {args.warmup} warm-up runs")
+    print(
+        f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
+        f"median of {args.reps} after {args.warmup} warm-up runs"
+    )
     header = f"{'case':<4} {'variant':<10} {'fwd ours':>9} {'fwd tv':>9} {'ratio':>6} {'f+b ours':>9} {'f+b tv':>9} {'ratio':>6}"
     print(header)
     rows = []
     for name in args.shapes:
         for variant in args.variants:
-            row = run_case(name, SHAPES[name], dtype, variant == "v2", ours, theirs, args.warmup, args.reps)
+            row = run_case(
+                name, SHAPES[name], dtype, variant == "v2", ours, theirs, args.warmup, args.reps
+            )
             rows.append(row)
             print(
                 f"{name:<4} {row['variant']:<10} {ms(row['ours_fwd_ms'])} {ms(row['tv_fwd_ms'])} "
@@ -204,7 +255,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"     torchvision: {row['torchvision_error']}")
             if "max_abs_diff" in row:
                 diffs = "  ".join(
-                    f"{k}={v:.2e} (|tv|max {row['max_abs_torchvision'][k]:.2e})" for k, v in row["max_abs_diff"].items()
+                    f"{k}={v:.2e} (|tv|max {row['max_abs_torchvision'][k]:.2e})"
+                    for k, v in row["max_abs_diff"].items()
                 )
                 print(f"     max |ours - torchvision|: {diffs}")
             for label, title in (("ours_vs_f64", "ours"), ("tv_vs_f64", "torchvision")):
@@ -212,7 +264,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                     text = "  ".join(f"{k}={v:.2e}" for k, v in row[label].items())
                     print(f"     max |{title} - float64 torchvision|: {text}")
     if args.json is not None:
-        args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), indent=1))
+        args.json.write_text(
+            json.dumps(
+                dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows),
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Peak memory of every memory case of the hostile corpus (``cli_tests/test_bad_inputs.py``).
+"""Peak memory of every memory case of the hostile corpus (``cli_tests/cli/test_bad_inputs.py``).
 
 Builds the corpus the tests build, runs each case of ``MEMORY_CASES`` as its own
 ``python -m dcn_inspect`` process under the tests' address-space cap, and prints one row per
@@ -24,19 +24,34 @@ def main() -> None:
         root = Path(folder)
         files = corpus_module.build_corpus(root)
         names = {k: str(v) for k, v in files.items()}
-        rows = [("baseline: good image, tiny model", ["sample-points", names["good"], "--model", f"{names['model']}:build"])]
-        rows += [(case.id, [a.format(**names) for a in case.args]) for case in corpus_module.CASES if case.id in corpus_module.MEMORY_CASES]
+        rows = [
+            (
+                "baseline: good image, tiny model",
+                ["sample-points", names["good"], "--model", f"{names['model']}:build"],
+            )
+        ]
+        rows += [
+            (case.id, [a.format(**names) for a in case.args])
+            for case in corpus_module.CASES
+            if case.id in corpus_module.MEMORY_CASES
+        ]
         print("| case | input size | exit | peak RSS (MiB) | message |\n|---|---:|---:|---:|---|")
         for index, (name, args) in enumerate(rows):
-            code, stderr, peak = corpus_module.run_capped(args + ["--out", str(root / f"out{index}")], cwd=root)
-            line = next((l for l in stderr.splitlines() if l.startswith("dcn-inspect:")), "").replace(str(root) + "/", "")
+            code, stderr, peak = corpus_module.run_capped(
+                args + ["--out", str(root / f"out{index}")], cwd=root
+            )
+            line = next(
+                (l for l in stderr.splitlines() if l.startswith("dcn-inspect:")), ""
+            ).replace(str(root) + "/", "")
             size = _input_size(args, names)
             print(f"| {name} | {size} | {code} | {peak / 2**20:.0f} | {line[:110]} |")
 
 
 def _input_size(args: list, names: dict) -> str:
     """The size of the hostile file of a case (the checkpoint, dataset or image it names)."""
-    paths = [Path(a) for a in args if a in names.values() and Path(a).is_file() and not a.endswith(".py")]
+    paths = [
+        Path(a) for a in args if a in names.values() and Path(a).is_file() and not a.endswith(".py")
+    ]
     hostile = [p for p in paths if p.name != "good.png"] or paths
     return f"{hostile[-1].stat().st_size:,} B" if hostile else "-"
 

@@ -57,21 +57,93 @@ from dcn_inspect.ops import _native, reference  # noqa: E402
 
 _BASE = dict(kernel=(3, 3), stride=(1, 1), groups=1, offset_groups=1, mask=False, bias=True)
 SCENARIOS: Dict[str, dict] = {
-    "S1": dict(_BASE, batch=1, channels=512, out_channels=512, height=38, width=63, padding=(2, 2), dilation=(2, 2)),
-    "S1m": dict(_BASE, batch=1, channels=512, out_channels=512, height=38, width=63, padding=(2, 2), dilation=(2, 2),
-                mask=True),
-    "S2": dict(_BASE, batch=8, channels=64, out_channels=64, height=56, width=56, padding=(1, 1), dilation=(1, 1)),
-    "S3": dict(_BASE, batch=2, channels=256, out_channels=256, height=64, width=64, padding=(1, 1), dilation=(1, 1)),
-    "small": dict(batch=3, channels=6, out_channels=2, height=5, width=4, kernel=(3, 2), stride=(2, 1),
-                  padding=(1, 0), dilation=(2, 1), groups=2, offset_groups=3, mask=True, bias=True),
-    "sample": dict(_BASE, batch=1, channels=48, out_channels=48, height=32, width=32, padding=(2, 2),
-                   dilation=(2, 2), bias=False),
-    "sample8": dict(_BASE, batch=8, channels=48, out_channels=48, height=32, width=32, padding=(2, 2),
-                    dilation=(2, 2), bias=False),
+    "S1": dict(
+        _BASE,
+        batch=1,
+        channels=512,
+        out_channels=512,
+        height=38,
+        width=63,
+        padding=(2, 2),
+        dilation=(2, 2),
+    ),
+    "S1m": dict(
+        _BASE,
+        batch=1,
+        channels=512,
+        out_channels=512,
+        height=38,
+        width=63,
+        padding=(2, 2),
+        dilation=(2, 2),
+        mask=True,
+    ),
+    "S2": dict(
+        _BASE,
+        batch=8,
+        channels=64,
+        out_channels=64,
+        height=56,
+        width=56,
+        padding=(1, 1),
+        dilation=(1, 1),
+    ),
+    "S3": dict(
+        _BASE,
+        batch=2,
+        channels=256,
+        out_channels=256,
+        height=64,
+        width=64,
+        padding=(1, 1),
+        dilation=(1, 1),
+    ),
+    "small": dict(
+        batch=3,
+        channels=6,
+        out_channels=2,
+        height=5,
+        width=4,
+        kernel=(3, 2),
+        stride=(2, 1),
+        padding=(1, 0),
+        dilation=(2, 1),
+        groups=2,
+        offset_groups=3,
+        mask=True,
+        bias=True,
+    ),
+    "sample": dict(
+        _BASE,
+        batch=1,
+        channels=48,
+        out_channels=48,
+        height=32,
+        width=32,
+        padding=(2, 2),
+        dilation=(2, 2),
+        bias=False,
+    ),
+    "sample8": dict(
+        _BASE,
+        batch=8,
+        channels=48,
+        out_channels=48,
+        height=32,
+        width=32,
+        padding=(2, 2),
+        dilation=(2, 2),
+        bias=False,
+    ),
 }
 TARGETS = {  # issue #15: native / F.conv2d, (forward, forward+backward); "ref" = native no slower than reference
-    "S1": (1.25, 1.4), "S1m": (1.25, 1.4), "S3": (1.25, 1.4), "S2": (2.0, 2.0),
-    "small": "ref", "sample": "ref", "sample8": "ref",
+    "S1": (1.25, 1.4),
+    "S1m": (1.25, 1.4),
+    "S3": (1.25, 1.4),
+    "S2": (2.0, 2.0),
+    "small": "ref",
+    "sample": "ref",
+    "sample8": "ref",
 }
 PATHS = ("planar", "cl-blas", "cl-onednn")
 
@@ -79,11 +151,15 @@ PATHS = ("planar", "cl-blas", "cl-onednn")
 def out_size(s: dict) -> Tuple[int, int]:
     return tuple(  # type: ignore[return-value]
         (size + 2 * p - d * (k - 1) - 1) // st + 1
-        for size, p, d, k, st in zip((s["height"], s["width"]), s["padding"], s["dilation"], s["kernel"], s["stride"])
+        for size, p, d, k, st in zip(
+            (s["height"], s["width"]), s["padding"], s["dilation"], s["kernel"], s["stride"]
+        )
     )
 
 
-def make_inputs(scenario: dict, device: str, offset_std: float, seed: int = 0) -> Dict[str, Optional[torch.Tensor]]:
+def make_inputs(
+    scenario: dict, device: str, offset_std: float, seed: int = 0
+) -> Dict[str, Optional[torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     s = scenario
     kh, kw = s["kernel"]
@@ -109,18 +185,38 @@ def torchvision_deform_conv2d(device: str) -> Tuple[Optional[Callable[..., torch
     try:
         from torchvision.ops import deform_conv2d as tv_deform_conv2d
     except Exception as exc:  # noqa: BLE001 - reported
-        return None, f"torchvision not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+        return (
+            None,
+            f"torchvision not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})",
+        )
     try:
         x = torch.zeros(1, 1, 3, 3, device=device)
-        tv_deform_conv2d(x, torch.zeros(1, 18, 3, 3, device=device), torch.zeros(1, 1, 3, 3, device=device), padding=1)
+        tv_deform_conv2d(
+            x,
+            torch.zeros(1, 18, 3, 3, device=device),
+            torch.zeros(1, 1, 3, 3, device=device),
+            padding=1,
+        )
     except Exception as exc:  # noqa: BLE001 - reported
-        return None, f"torchvision's deform_conv2d does not run on {device} ({str(exc).splitlines()[0][:80]})"
+        return (
+            None,
+            f"torchvision's deform_conv2d does not run on {device} ({str(exc).splitlines()[0][:80]})",
+        )
     return tv_deform_conv2d, "torchvision.ops.deform_conv2d"
 
 
 def implementations(device: str, paths: bool) -> Dict[str, Callable[..., torch.Tensor]]:
     def args(t: dict, s: dict) -> tuple:
-        return t["input"], t["offset"], t["weight"], t["bias"], s["stride"], s["padding"], s["dilation"], t["mask"]
+        return (
+            t["input"],
+            t["offset"],
+            t["weight"],
+            t["bias"],
+            s["stride"],
+            s["padding"],
+            s["dilation"],
+            t["mask"],
+        )
 
     impls: Dict[str, Callable[..., torch.Tensor]] = {}
     try:
@@ -132,12 +228,21 @@ def implementations(device: str, paths: bool) -> Dict[str, Callable[..., torch.T
     except Exception as exc:  # noqa: BLE001 - reported, the others still run
         print(f"native unavailable: {exc}".splitlines()[0], file=sys.stderr)
     impls["reference"] = lambda t, s: reference.deform_conv2d(*args(t, s))
-    impls["conv2d"] = lambda t, s: F.conv2d(t["input"], t["weight"], t["bias"], s["stride"], s["padding"],
-                                            s["dilation"], s["groups"])
+    impls["conv2d"] = lambda t, s: F.conv2d(
+        t["input"], t["weight"], t["bias"], s["stride"], s["padding"], s["dilation"], s["groups"]
+    )
     tv, _ = torchvision_deform_conv2d(device)
     if tv is not None:
-        impls["torchvision"] = lambda t, s: tv(t["input"], t["offset"], t["weight"], t["bias"], stride=s["stride"],
-                                               padding=s["padding"], dilation=s["dilation"], mask=t["mask"])
+        impls["torchvision"] = lambda t, s: tv(
+            t["input"],
+            t["offset"],
+            t["weight"],
+            t["bias"],
+            stride=s["stride"],
+            padding=s["padding"],
+            dilation=s["dilation"],
+            mask=t["mask"],
+        )
     return impls
 
 
@@ -180,13 +285,21 @@ def gemm_jobs(s: dict, device: str) -> Tuple[Callable[[], object], Callable[[], 
 
 
 def bench_scenario(
-    name: str, device: str, repeats: int, warmup: int, offset_std: float, paths: bool,
+    name: str,
+    device: str,
+    repeats: int,
+    warmup: int,
+    offset_std: float,
+    paths: bool,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Dict[str, Dict[str, float]]:
     scenario = SCENARIOS[name]
     impls = implementations(device, paths)
     tensors = make_inputs(scenario, device, offset_std)
-    leaves = {n: (t.detach().clone().requires_grad_() if t is not None else None) for n, t in tensors.items()}
+    leaves = {
+        n: (t.detach().clone().requires_grad_() if t is not None else None)
+        for n, t in tensors.items()
+    }
 
     def forward(impl: Callable[..., torch.Tensor]) -> Callable[[], object]:
         def run() -> object:
@@ -206,7 +319,9 @@ def bench_scenario(
 
         return run
 
-    jobs: Dict[Tuple[str, str], Callable[[], object]] = {(impl, "fwd"): forward(fn) for impl, fn in impls.items()}
+    jobs: Dict[Tuple[str, str], Callable[[], object]] = {
+        (impl, "fwd"): forward(fn) for impl, fn in impls.items()
+    }
     jobs.update({(impl, "fwd+bwd"): forward_backward(fn) for impl, fn in impls.items()})
     jobs[("gemm", "fwd")], jobs[("gemm", "fwd+bwd")] = gemm_jobs(scenario, device)
     # Tiny problems run many calls per timing so a sample is not one timer tick.
@@ -271,10 +386,16 @@ print(json.dumps({"delta_mib": (peak() - before) / 1024, "output_mib": out.numel
 def peak_memory(which: str) -> Optional[dict]:
     """Peak-RSS increase (MiB) of one forward at S1 over the RSS before it, in a fresh process."""
     done = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(REPO), which], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-c", MEMORY_PROBE, str(REPO), which],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     if done.returncode != 0:
-        print(f"memory probe for {which} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        print(
+            f"memory probe for {which} failed: {done.stderr.strip().splitlines()[-1:]}",
+            file=sys.stderr,
+        )
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -298,25 +419,38 @@ def _verdict(name: str, row_fwd: Dict[str, float], row_bwd: Dict[str, float]) ->
         ok = row_fwd["native"] <= row_fwd["reference"] and row_bwd["native"] <= row_bwd["reference"]
         return f"native <= reference: {'met' if ok else 'MISSED'}"
     fwd, both = row_fwd["native"] / row_fwd["conv2d"], row_bwd["native"] / row_bwd["conv2d"]
-    marks = [f"fwd {fwd:.2f} <= {target[0]}: {'met' if fwd <= target[0] else 'MISSED'}",
-             f"fwd+bwd {both:.2f} <= {target[1]}: {'met' if both <= target[1] else 'MISSED'}"]
+    marks = [
+        f"fwd {fwd:.2f} <= {target[0]}: {'met' if fwd <= target[0] else 'MISSED'}",
+        f"fwd+bwd {both:.2f} <= {target[1]}: {'met' if both <= target[1] else 'MISSED'}",
+    ]
     return "; ".join(marks)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--offset-std", type=float, default=1.0, help="offset standard deviation, pixels")
-    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
-    parser.add_argument("--threads", default=f"{torch.get_num_threads()},1",
-                        help="comma-separated thread counts, one table each (default: torch's default, then 1)")
-    parser.add_argument("--paths", action="store_true", help="also time the native op on each CPU path")
     parser.add_argument(
-        "--clock", choices=["wall", "process"], default="wall",
+        "--offset-std", type=float, default=1.0, help="offset standard deviation, pixels"
+    )
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
+    parser.add_argument(
+        "--threads",
+        default=f"{torch.get_num_threads()},1",
+        help="comma-separated thread counts, one table each (default: torch's default, then 1)",
+    )
+    parser.add_argument(
+        "--paths", action="store_true", help="also time the native op on each CPU path"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "process"],
+        default="wall",
         help="wall: elapsed time; process: this process's CPU time, which ignores the time other "
-             "processes hold the cores (one thread only: with several, spin-waits count)",
+        "processes hold the cores (one thread only: with several, spin-waits count)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the S1 peak-memory probe")
     args = parser.parse_args(argv)
@@ -334,20 +468,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     clock = time.process_time if args.clock == "process" else time.perf_counter
 
     _, tv_note = torchvision_deform_conv2d(args.device)
-    print(f"device={args.device} cpu='{cpu_model()}' torch={torch.__version__} cpu_count={os.cpu_count()} "
-          f"load_avg={os.getloadavg()[0]:.2f} repeats={args.repeats} warmup={args.warmup} "
-          f"offset_std={args.offset_std} clock={args.clock} {_native.CONV_PATH_ENV}={os.environ.get(_native.CONV_PATH_ENV, 'auto')}")
+    print(
+        f"device={args.device} cpu='{cpu_model()}' torch={torch.__version__} cpu_count={os.cpu_count()} "
+        f"load_avg={os.getloadavg()[0]:.2f} repeats={args.repeats} warmup={args.warmup} "
+        f"offset_std={args.offset_std} clock={args.clock} {_native.CONV_PATH_ENV}={os.environ.get(_native.CONV_PATH_ENV, 'auto')}"
+    )
     print(f"torchvision: {tv_note}")
-    print("targets (issue #15): native/conv2d fwd <= 1.25x and fwd+bwd <= 1.4x at S1, S1m, S3; <= 2x both at S2; "
-          "native no slower than reference at small, sample, sample8")
-    columns = ["native", "reference", "conv2d", "torchvision", "gemm"] + (list(PATHS) if args.paths else [])
+    print(
+        "targets (issue #15): native/conv2d fwd <= 1.25x and fwd+bwd <= 1.4x at S1, S1m, S3; <= 2x both at S2; "
+        "native no slower than reference at small, sample, sample8"
+    )
+    columns = ["native", "reference", "conv2d", "torchvision", "gemm"] + (
+        list(PATHS) if args.paths else []
+    )
     for count in threads:
         torch.set_num_threads(count)
         print(f"\n== threads={count} (ms, medians) ==")
-        print(f"{'shape':<8} {'pass':<8} " + " ".join(f"{n:>10}" for n in columns)
-              + f" {'nat/conv':>9} {'gemm/conv':>9} {'ref/nat':>8}" + ("  path" if args.device == "cpu" else ""))
+        print(
+            f"{'shape':<8} {'pass':<8} "
+            + " ".join(f"{n:>10}" for n in columns)
+            + f" {'nat/conv':>9} {'gemm/conv':>9} {'ref/nat':>8}"
+            + ("  path" if args.device == "cpu" else "")
+        )
         for name in names:
-            result = bench_scenario(name, args.device, args.repeats, args.warmup, args.offset_std, args.paths, clock)
+            result = bench_scenario(
+                name, args.device, args.repeats, args.warmup, args.offset_std, args.paths, clock
+            )
             for kind in ("fwd", "fwd+bwd"):
                 row = result[kind]
                 cells = " ".join(f"{row[n]:>10.3f}" if n in row else f"{'-':>10}" for n in columns)
@@ -358,20 +504,37 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if args.device == "cpu" and "native" in row:
                     t = make_inputs(SCENARIOS[name], "cpu", args.offset_std)
                     s = SCENARIOS[name]
-                    path = "  " + _native.conv_path(t["input"], t["offset"], t["weight"], t["bias"], s["stride"],
-                                                    s["padding"], s["dilation"], t["mask"], backward=kind != "fwd")
-                print(f"{name:<8} {kind:<8} {cells} {nat_conv:>8.2f}x {gemm_conv:>8.2f}x {ref_nat:>7.2f}x{path}",
-                      flush=True)
+                    path = "  " + _native.conv_path(
+                        t["input"],
+                        t["offset"],
+                        t["weight"],
+                        t["bias"],
+                        s["stride"],
+                        s["padding"],
+                        s["dilation"],
+                        t["mask"],
+                        backward=kind != "fwd",
+                    )
+                print(
+                    f"{name:<8} {kind:<8} {cells} {nat_conv:>8.2f}x {gemm_conv:>8.2f}x {ref_nat:>7.2f}x{path}",
+                    flush=True,
+                )
             print(f"{'':<8} {'':<8} {_verdict(name, result['fwd'], result['fwd+bwd'])}", flush=True)
     print(f"\nload_avg after: {os.getloadavg()[0]:.2f}")
     if args.device == "cpu" and not args.no_memory:
         for which in ("native", "conv2d"):
             probe = peak_memory(which)
             if probe:
-                extra = f", scratch kept {probe['scratch_mib']:.1f} MiB" if which == "native" else ""
-                print(f"S1 forward peak RSS increase, {which}: {probe['delta_mib']:.1f} MiB "
-                      f"(output itself {probe['output_mib']:.1f} MiB{extra})")
-    print(f"rusage maxrss of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+                extra = (
+                    f", scratch kept {probe['scratch_mib']:.1f} MiB" if which == "native" else ""
+                )
+                print(
+                    f"S1 forward peak RSS increase, {which}: {probe['delta_mib']:.1f} MiB "
+                    f"(output itself {probe['output_mib']:.1f} MiB{extra})"
+                )
+    print(
+        f"rusage maxrss of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+    )
     return 0
 
 

@@ -22,10 +22,14 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from dcn_inspect.images import load_image, to_model_input
-from dcn_inspect.loading import load_model
-from dcn_inspect.receptive_field import BATCH_MEMORY_BYTES, GradientForward, receptive_fields
-from dcn_inspect.records import select_layers
+from dcn_inspect.analysis.receptive_field import (
+    BATCH_MEMORY_BYTES,
+    GradientForward,
+    receptive_fields,
+)
+from dcn_inspect.capture.selection import select_layers
+from dcn_inspect.io.images import load_image, to_model_input
+from dcn_inspect.models.loading import load_model
 
 
 def _load() -> str:
@@ -42,7 +46,16 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def bench_model(label: str, loaded, images: torch.Tensor, original_hw, units: torch.Tensor, batch_size: int, repeats: int, saliency: bool) -> Dict[str, float]:
+def bench_model(
+    label: str,
+    loaded,
+    images: torch.Tensor,
+    original_hw,
+    units: torch.Tensor,
+    batch_size: int,
+    repeats: int,
+    saliency: bool,
+) -> Dict[str, float]:
     """Median seconds of each stage over ``repeats`` (batched and one-unit backwards interleaved)."""
     model = loaded.model
     forward_times: List[float] = []
@@ -51,24 +64,66 @@ def bench_model(label: str, loaded, images: torch.Tensor, original_hw, units: to
     vmapped: List[float] = []
     salient: List[float] = []
     forward: Optional[GradientForward] = None
-    warm = GradientForward(model, images)  # untimed: first-call costs (allocator, kernels, thread pool)
-    warm_levels = [r.name for r in reversed(select_layers(warm.deformable_records(), None, None, default_count=3))]
+    warm = GradientForward(
+        model, images
+    )  # untimed: first-call costs (allocator, kernels, thread pool)
+    warm_levels = [
+        r.name
+        for r in reversed(select_layers(warm.deformable_records(), None, None, default_count=3))
+    ]
     for strategy, size in (("replicate", batch_size), ("replicate", 1), ("vmap", batch_size)):
-        list(warm.backward_units(warm_levels[0], units[:2], None, warm_levels, min(size, 2), strategy=strategy))
+        list(
+            warm.backward_units(
+                warm_levels[0], units[:2], None, warm_levels, min(size, 2), strategy=strategy
+            )
+        )
     del warm
     for _ in range(repeats):
         started = time.perf_counter()
         forward = GradientForward(model, images)
         forward_times.append(time.perf_counter() - started)
-        records = list(reversed(select_layers(forward.deformable_records(), None, None, default_count=3)))
+        records = list(
+            reversed(select_layers(forward.deformable_records(), None, None, default_count=3))
+        )
         levels = [r.name for r in records]
-        batched.append(_time(lambda: list(forward.backward_units(levels[0], units, None, levels, batch_size))))
-        single.append(_time(lambda: list(forward.backward_units(levels[0], units, None, levels, 1))))
-        vmapped.append(_time(lambda: list(forward.backward_units(levels[0], units, None, levels, batch_size, strategy="vmap"))))
+        batched.append(
+            _time(lambda: list(forward.backward_units(levels[0], units, None, levels, batch_size)))
+        )
+        single.append(
+            _time(lambda: list(forward.backward_units(levels[0], units, None, levels, 1)))
+        )
+        vmapped.append(
+            _time(
+                lambda: list(
+                    forward.backward_units(
+                        levels[0], units, None, levels, batch_size, strategy="vmap"
+                    )
+                )
+            )
+        )
         if saliency:
             salient.append(
-                _time(lambda: receptive_fields(forward, records, units, original_hw, loaded.preprocess.std, batch_size=batch_size))
-                - _time(lambda: receptive_fields(forward, records, units, original_hw, loaded.preprocess.std, saliency_error=None, batch_size=batch_size))
+                _time(
+                    lambda: receptive_fields(
+                        forward,
+                        records,
+                        units,
+                        original_hw,
+                        loaded.preprocess.std,
+                        batch_size=batch_size,
+                    )
+                )
+                - _time(
+                    lambda: receptive_fields(
+                        forward,
+                        records,
+                        units,
+                        original_hw,
+                        loaded.preprocess.std,
+                        saliency_error=None,
+                        batch_size=batch_size,
+                    )
+                )
             )
     median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
     count = int(units.shape[0])
@@ -82,10 +137,14 @@ def bench_model(label: str, loaded, images: torch.Tensor, original_hw, units: to
         result["saliency_per_unit_s"] = median(salient) / count
     assert forward is not None
     shape = "x".join(str(v) for v in images.shape[-2:])
-    print(f"{label}: model input {shape}, {count} units of {levels[0]} (levels {', '.join(levels)}), batch {batch_size}, {torch.get_num_threads()} thread(s)")
+    print(
+        f"{label}: model input {shape}, {count} units of {levels[0]} (levels {', '.join(levels)}), batch {batch_size}, {torch.get_num_threads()} thread(s)"
+    )
     print(f"  gradient forward (once per image): {result['forward_s']:.2f} s")
     copies = forward.replicas(batch_size, BATCH_MEMORY_BYTES)
-    print(f"  saved activations of one image: {forward.saved_bytes / 1024**2:.0f} MiB -> {copies} copies per batched backward (budget {BATCH_MEMORY_BYTES / 1024**3:.0f} GiB)")
+    print(
+        f"  saved activations of one image: {forward.saved_bytes / 1024**2:.0f} MiB -> {copies} copies per batched backward (budget {BATCH_MEMORY_BYTES / 1024**3:.0f} GiB)"
+    )
     print(
         f"  ERF + gradient weights: {result['backward_per_unit_s']:.2f} s per unit batched ({copies} copies per forward+backward); "
         f"one unit per backward {result['backward_one_at_a_time_per_unit_s']:.2f} s; is_grads_batched (vmap) {result['backward_vmap_per_unit_s']:.2f} s "
@@ -93,42 +152,82 @@ def bench_model(label: str, loaded, images: torch.Tensor, original_hw, units: to
     )
     if saliency:
         print(f"  saliency search: {result['saliency_per_unit_s']:.2f} s per unit")
-    per_unit = result["backward_per_unit_s"] + result.get("saliency_per_unit_s", 0.0) + result["forward_s"] / count
+    per_unit = (
+        result["backward_per_unit_s"]
+        + result.get("saliency_per_unit_s", 0.0)
+        + result["forward_s"] / count
+    )
     print(f"  total per unit ({count} units per image, forward shared): {per_unit:.2f} s")
     return result
 
 
 def bundled(args: argparse.Namespace) -> None:
-    from dcn_inspect.datasets import bundled_images
+    from dcn_inspect.io.datasets import bundled_images
 
-    path = next(p for p in bundled_images() if p.name == "scene_04.jpg") if args.image is None else Path(args.image)
+    path = (
+        next(p for p in bundled_images() if p.name == "scene_04.jpg")
+        if args.image is None
+        else Path(args.image)
+    )
     loaded = load_model("dcn-sample")
     image = load_image(path)
     model_input = to_model_input(image, loaded.preprocess)
     units = torch.tensor([[1, 1], [29, 8], [20, 8], [15, 12], [12, 21], [17, 16]])[: args.units]
-    bench_model(f"dcn-sample on {path.name}", loaded, model_input.tensor, model_input.original_hw, units, args.batch_size, args.repeats, saliency=True)
+    bench_model(
+        f"dcn-sample on {path.name}",
+        loaded,
+        model_input.tensor,
+        model_input.original_hw,
+        units,
+        args.batch_size,
+        args.repeats,
+        saliency=True,
+    )
 
 
 def resnet(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
-    loaded = load_model("resnet50-dcn-mmdet")  # random weights; offset branches get small random weights so offsets are not all zero
+    loaded = load_model(
+        "resnet50-dcn-mmdet"
+    )  # random weights; offset branches get small random weights so offsets are not all zero
     with torch.no_grad():
         for module in loaded.model.modules():
             if hasattr(module, "conv_offset"):
                 torch.nn.init.normal_(module.conv_offset.weight, std=0.01)
     images = torch.randn(1, 3, 800, 1067)
-    units = torch.tensor([[12, 16], [5, 5], [20, 30], [12, 20], [3, 28], [22, 2], [8, 9], [17, 25]])[: args.units]
-    bench_model("resnet50-dcn-mmdet (random weights) at 800x1067", loaded, images, (800, 1067), units, args.batch_size, args.repeats, saliency=args.saliency)
+    units = torch.tensor(
+        [[12, 16], [5, 5], [20, 30], [12, 20], [3, 28], [22, 2], [8, 9], [17, 25]]
+    )[: args.units]
+    bench_model(
+        "resnet50-dcn-mmdet (random weights) at 800x1067",
+        loaded,
+        images,
+        (800, 1067),
+        units,
+        args.batch_size,
+        args.repeats,
+        saliency=args.saliency,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", choices=["bundled", "resnet"], default=None)
     parser.add_argument("--units", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--saliency", action="store_true", help="Also time the saliency search on ResNet-50 (tens of masked 800x1067 forwards per unit).")
-    parser.add_argument("--image", default=None, help="Image for the bundled model (default: the bundled scene_04.jpg).")
+    parser.add_argument(
+        "--saliency",
+        action="store_true",
+        help="Also time the saliency search on ResNet-50 (tens of masked 800x1067 forwards per unit).",
+    )
+    parser.add_argument(
+        "--image",
+        default=None,
+        help="Image for the bundled model (default: the bundled scene_04.jpg).",
+    )
     args = parser.parse_args()
     print(_load())
     if args.only in (None, "bundled"):

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from dcn_inspect.resize import cv2_bilinear, resized_size
+from dcn_inspect.io.resize import cv2_bilinear, resized_size
 
 STD = np.array([58.395, 57.12, 57.375])
 
@@ -23,7 +23,12 @@ STD = np.array([58.395, 57.12, 57.375])
 def photo(height: int, width: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    channels = [127 + 100 * np.sin(x / (15 + 9 * c)) * np.cos(y / (25 + 4 * c)) + rng.normal(0, 12, (height, width)) for c in range(3)]
+    channels = [
+        127
+        + 100 * np.sin(x / (15 + 9 * c)) * np.cos(y / (25 + 4 * c))
+        + rng.normal(0, 12, (height, width))
+        for c in range(3)
+    ]
     return np.clip(np.stack(channels, axis=2), 0, 255).astype(np.uint8)
 
 
@@ -56,10 +61,14 @@ def main() -> None:
                     cv2.resize(image, target[::-1], interpolation=cv2.INTER_LINEAR)
                 timings[name].append(time.perf_counter() - start)
         if cv2 is not None:
-            reference = cv2.resize(image, target[::-1], interpolation=cv2.INTER_LINEAR).astype(np.float64)
+            reference = cv2.resize(image, target[::-1], interpolation=cv2.INTER_LINEAR).astype(
+                np.float64
+            )
             line += f"; port vs OpenCV {cv2.__version__}: {int((reference != ours).sum())} differing values"
         best = {name: min(values) for name, values in timings.items() if values}
-        line += "; best of {}: ".format(args.repeats) + ", ".join(f"{name} {1000 * t:.1f} ms" for name, t in best.items())
+        line += "; best of {}: ".format(args.repeats) + ", ".join(
+            f"{name} {1000 * t:.1f} ms" for name, t in best.items()
+        )
         print(line)
 
 

@@ -22,16 +22,18 @@ from typing import List, Optional
 
 import torch
 
-from dcn_inspect.geometry import FrameMap, LayerGeometry
-from dcn_inspect.records import DeformConvRecord
-from dcn_inspect.tracing import trace_sampling_trees
+from dcn_inspect.analysis.sample_points import trace_sampling_trees
+from dcn_inspect.capture.records import DeformConvRecord
+from dcn_inspect.core.geometry import FrameMap, LayerGeometry
 
 
 def stage5_records(height: int, width: int, levels: int, seed: int = 0) -> List[DeformConvRecord]:
     """Records shaped like the paper's res5: 3x3, dilation 2, pad 2, stride-16 frame, random offsets."""
     generator = torch.Generator().manual_seed(seed)
     frame = FrameMap(16.0, 16.0, 7.5, 7.5)
-    geometry = LayerGeometry((3, 3), (1, 1), (2, 2), (2, 2), (height, width), (height, width), frame, "hooks")
+    geometry = LayerGeometry(
+        (3, 3), (1, 1), (2, 2), (2, 2), (height, width), (height, width), frame, "hooks"
+    )
     return [
         DeformConvRecord(
             name=f"layer4.{i}.conv2",
@@ -65,7 +67,7 @@ def bench_tracer(height: int, width: int, levels: int, repeats: int) -> None:
 
 def bench_cli(repeats: int, image: Optional[Path], weights: Optional[Path]) -> None:
     """Wall time of the whole command (process start, model load, forward, tracing, all outputs)."""
-    from dcn_inspect.datasets import bundled_images
+    from dcn_inspect.io.datasets import bundled_images
 
     if image is None:
         images = bundled_images()
@@ -74,7 +76,9 @@ def bench_cli(repeats: int, image: Optional[Path], weights: Optional[Path]) -> N
             return
         image = images[0]
     exe = Path(sys.executable).with_name("dcn-inspect")
-    command = [str(exe), "sample-points", str(image)] + (["--weights", str(weights)] if weights else [])
+    command = [str(exe), "sample-points", str(image)] + (
+        ["--weights", str(weights)] if weights else []
+    )
     out = Path(tempfile.mkdtemp(prefix="bench-sample-points-"))
     try:
         for _ in range(repeats):
@@ -95,10 +99,27 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=63)
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads for the tracer (0: torch's default)")
-    parser.add_argument("--cli", action="store_true", help="also time one sample-points run with the sample weights")
-    parser.add_argument("--image", type=Path, default=None, help="image for --cli (default: the first bundled image)")
-    parser.add_argument("--weights", type=Path, default=None, help="weights for --cli (default: the bundled sample weights)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads for the tracer (0: torch's default)",
+    )
+    parser.add_argument(
+        "--cli", action="store_true", help="also time one sample-points run with the sample weights"
+    )
+    parser.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        help="image for --cli (default: the first bundled image)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="weights for --cli (default: the bundled sample weights)",
+    )
     args = parser.parse_args()
     if args.threads > 0:
         # On a machine shared with other jobs, 1 thread avoids OpenMP barrier waits and is

@@ -17,7 +17,9 @@ def native_or_skip() -> ModuleType:
     try:
         return _native.load()
     except Exception as exc:  # noqa: BLE001 - any build failure is a skip reason
-        pytest.skip(f"native ops unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        pytest.skip(
+            f"native ops unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        )
 
 
 @pytest.fixture(scope="module", params=["reference", "native"])
@@ -37,7 +39,7 @@ def cli_message(error: BaseException, command: str = "") -> str:
 def raises_cli(pattern: str, command: str = "") -> Iterator[None]:
     """Like ``pytest.raises(InputError, match=pattern)``, matched against the CLI's line for the
     error: the library names parameters, the CLI spells them as flags."""
-    from dcn_inspect.errors import InputError
+    from dcn_inspect.core.errors import InputError
 
     with pytest.raises(InputError) as info:
         yield

@@ -14,13 +14,26 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dcn_inspect"
 
-#: Modules that compute one figure's numbers (and the math under them): no I/O, no CLI, no reports.
-ANALYSIS = {
-    "geometry", "sampling", "records", "category_stats", "tracing", "dilation", "roi_bins", "foreground", "unit_selection", "roi_selection", "offset_maps",
-    "receptive_field",
-}  # fmt: skip
-#: What analysis modules may not import.
-ABOVE_ANALYSIS = ("dcn_inspect.commands", "dcn_inspect.cli", "dcn_inspect.plots", "dcn_inspect.outputs", "dcn_inspect.loading", "dcn_inspect.importers", "dcn_inspect.progress")
+#: The package's layers, bottom first: one folder each (README "Code map"). A module imports
+#: only from its own layer and the layers below it.
+LAYERS = ("core", "ops", "models", "io", "capture", "analysis", "report", "commands", "cli")
+#: What the analysis layer may not import even though it sits above it: writing files, showing
+#: progress and loading models are the commands' business.
+ANALYSIS_MAY_NOT_IMPORT = (
+    "dcn_inspect.io.outputs",
+    "dcn_inspect.io.progress",
+    "dcn_inspect.models.loading",
+    "dcn_inspect.models.importers",
+)
+#: Size limits (issue #20): a module is read in one sitting, a function on one screen or two.
+MAX_MODULE_LINES = 700
+MAX_FUNCTION_LINES = 80
+
+
+def _layer(module: str) -> str:
+    """The layer of a module ``dcn_inspect.<layer>...`` (its first folder)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
 
 
 def _modules() -> Dict[str, Path]:
@@ -39,7 +52,11 @@ def _imports(path: Path, modules: Dict[str, Path], top_level_only: bool = False)
     found: Set[str] = set()
     for node in nodes:
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
+            subs = [
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if f"{node.module}.{a.name}" in modules
+            ]
             found.update(subs if len(subs) == len(node.names) else [node.module, *subs])
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
@@ -48,7 +65,10 @@ def _imports(path: Path, modules: Dict[str, Path], top_level_only: bool = False)
 
 def _graph() -> Dict[str, Set[str]]:
     modules = _modules()
-    return {name: {t for t in _imports(path, modules) if t in modules and t != name} for name, path in modules.items()}
+    return {
+        name: {t for t in _imports(path, modules) if t in modules and t != name}
+        for name, path in modules.items()
+    }
 
 
 def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
@@ -88,31 +108,103 @@ def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
 
 def test_no_import_circles_even_through_imports_inside_functions() -> None:
     graph = _graph()
-    assert "dcn_inspect.hooks" in graph and "dcn_inspect.records" in graph["dcn_inspect.hooks"]
+    assert (
+        "dcn_inspect.capture.session" in graph
+        and "dcn_inspect.capture.records" in graph["dcn_inspect.capture.session"]
+    )
     assert _cycles(graph) == []
     # The check itself finds a circle when there is one.
-    assert _cycles({**graph, "dcn_inspect.records": graph["dcn_inspect.records"] | {"dcn_inspect.hooks"}})
+    assert _cycles(
+        {
+            **graph,
+            "dcn_inspect.capture.records": graph["dcn_inspect.capture.records"]
+            | {"dcn_inspect.capture.session"},
+        }
+    )
+
+
+def test_every_module_lives_in_a_layer_folder() -> None:
+    loose = [
+        name
+        for name in _modules()
+        if name.count(".") == 1
+        and name not in ("dcn_inspect.__main__",)
+        and _layer(name) not in LAYERS
+        and _layer(name) != "data"
+    ]
+    assert loose == [], f"modules outside the layer folders {LAYERS}: {loose}"
 
 
 def test_layers_import_only_downwards() -> None:
     graph = _graph()
+    checked = 0
     for name, targets in graph.items():
-        short = name.removeprefix("dcn_inspect.")
-        if not name.startswith(("dcn_inspect.cli", "dcn_inspect.__main__")):
-            assert not any(t.startswith("dcn_inspect.cli") for t in targets), f"{name} imports the CLI"
-        if not name.startswith(("dcn_inspect.cli", "dcn_inspect.commands")):
-            assert not any(t.startswith("dcn_inspect.commands") for t in targets), f"{name} imports a command module"
-        if short in ANALYSIS:
-            bad = [t for t in targets if t.startswith(ABOVE_ANALYSIS)]
+        layer = _layer(name)
+        if layer not in LAYERS:
+            continue
+        for target in targets:
+            target_layer = _layer(target)
+            if target_layer in LAYERS:
+                checked += 1
+                assert LAYERS.index(target_layer) <= LAYERS.index(layer), (
+                    f"{name} ({layer}) imports {target} ({target_layer}), a layer above it"
+                )
+        if layer == "analysis":
+            bad = [t for t in targets if t.startswith(ANALYSIS_MAY_NOT_IMPORT)]
             assert not bad, f"analysis module {name} imports {bad}"
-        if name.startswith("dcn_inspect.ops"):
-            bad = [t for t in targets if not t.startswith(("dcn_inspect.ops", "dcn_inspect.errors"))]
+        if layer == "ops":
+            bad = [
+                t
+                for t in targets
+                if not t.startswith(("dcn_inspect.ops", "dcn_inspect.core.errors"))
+            ]
             assert not bad, f"{name} imports {bad} (the ops layer stands alone)"
+    assert checked > 200
+    # The rule finds an upward import when there is one.
+    assert LAYERS.index(_layer("dcn_inspect.report.bins")) > LAYERS.index(
+        _layer("dcn_inspect.analysis.bins")
+    )
+
+
+def test_modules_and_functions_stay_small() -> None:
+    too_long = []
+    for name, path in _modules().items():
+        text = path.read_text(encoding="utf-8")
+        lines = text.count("\n")
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}.{node.name}: {length} lines")
+    assert too_long == []
+
+
+def test_one_registry_lists_every_capture_adapter() -> None:
+    """Every LayerAdapter subclass in the package is registered once, in the registry's fixed
+    order, and the "looked for" message comes from that table alone."""
+    from dcn_inspect.capture import registry
+    from dcn_inspect.capture.records import LayerAdapter
+
+    defined = set()
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and any(
+                getattr(base, "id", None) == "LayerAdapter" for base in node.bases
+            ):
+                defined.add(node.name)
+    registered = [type(adapter).__name__ for adapter in registry.ADAPTERS]
+    assert sorted(registered) == sorted(defined) and len(set(registered)) == len(registered)
+    assert all(isinstance(a, LayerAdapter) for a in registry.ADAPTERS)
+    families = [entry.family for entry in registry.CAPTURE_REGISTRY]
+    assert registry.looked_for().split("; ")[0].startswith(families[0])
+    assert registry.looked_for().split("; ")[-1].startswith("op calls: ")
 
 
 def test_cli_modules_import_no_library_at_module_level() -> None:
     modules = _modules()
-    light = ("dcn_inspect.cli", "dcn_inspect.defaults", "dcn_inspect.errors")
+    light = ("dcn_inspect.cli", "dcn_inspect.core.defaults", "dcn_inspect.core.errors")
     heavy = ("dcn_inspect", "torch", "numpy", "pandas", "matplotlib", "PIL", "rich")
     for name, path in modules.items():
         if name.startswith("dcn_inspect.cli"):
@@ -127,19 +219,27 @@ def _error_calls() -> List[ast.Call]:
         if "cli" in path.relative_to(PACKAGE).parts:
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in ("InputError", "ImageError", "warn"):
+            if isinstance(node, ast.Call) and getattr(
+                node.func, "id", getattr(node.func, "attr", None)
+            ) in ("InputError", "ImageError", "warn"):
                 calls.append(node)
     return calls
 
 
 def _literal_text(node: ast.AST) -> str:
-    return " ".join(n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str))
+    return " ".join(
+        n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    )
 
 
 def test_library_errors_name_parameters_not_flags() -> None:
     calls = _error_calls()
     assert len(calls) > 100
-    flagged = [ast.unparse(call)[:120] for call in calls if re.search(r"(^|[\s(`])--[a-z]", _literal_text(call.args[0]) if call.args else "")]
+    flagged = [
+        ast.unparse(call)[:120]
+        for call in calls
+        if re.search(r"(^|[\s(`])--[a-z]", _literal_text(call.args[0]) if call.args else "")
+    ]
     assert flagged == []
 
 
@@ -150,7 +250,9 @@ def test_every_parameter_an_error_names_is_an_option_of_some_command() -> None:
     from dcn_inspect.cli.render import FALLBACK_FLAGS
 
     group = typer.main.get_command(app)
-    known = {param.name for command in group.commands.values() for param in command.params} | set(FALLBACK_FLAGS)
+    known = {param.name for command in group.commands.values() for param in command.params} | set(
+        FALLBACK_FLAGS
+    )
     named: Set[str] = set()
     for call in _error_calls():
         for keyword in call.keywords:
@@ -164,15 +266,22 @@ def test_every_parameter_an_error_names_is_an_option_of_some_command() -> None:
 
 def test_cli_renders_parameter_names_as_the_commands_flags() -> None:
     from dcn_inspect.cli.render import error_line
-    from dcn_inspect.errors import InputError
+    from dcn_inspect.core.errors import InputError
 
     error = InputError("'jpg': use png, svg or pdf (see `max_pixels`, `rois_file`)", param="fmt")
     assert str(error) == "fmt 'jpg': use png, svg or pdf (see max_pixels, rois_file)"
-    assert error_line(error, "bins") == "--format 'jpg': use png, svg or pdf (see --max-pixels, --rois)"
-    assert error_line(InputError(": unknown", param="layers"), "dilation-stats") == "--layers: unknown"
+    assert (
+        error_line(error, "bins")
+        == "--format 'jpg': use png, svg or pdf (see --max-pixels, --rois)"
+    )
+    assert (
+        error_line(InputError(": unknown", param="layers"), "dilation-stats") == "--layers: unknown"
+    )
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["sample-points", "--help"], ["bins", "--no-such-flag"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["sample-points", "--help"], ["bins", "--no-such-flag"]]
+)
 def test_help_and_usage_errors_do_not_import_torch_or_pandas(argv: List[str]) -> None:
     """Issue #15: ``--help`` under 0.5 s; torch (~3 s) and pandas (~0.3 s) are the heavy imports."""
     code = (

@@ -3,7 +3,7 @@
 package: ``python sample_weights/train.py`` runs it.
 
 The task (PAPER.md §3 at toy size): per-pixel shape-class segmentation of synthetic scenes
-(:mod:`dcn_inspect.datasets.synthetic`) plus R-FCN classification of jittered ground-truth
+(:mod:`dcn_inspect.io.datasets.synthetic`) plus R-FCN classification of jittered ground-truth
 and background RoIs. Scenes are generated on the fly from the seed, so training needs no
 files and is reproducible: scene k of step s depends only on (seed, s, k).
 
@@ -11,9 +11,9 @@ Evaluation uses a fresh set generated from a different seed: segmentation mIoU (
 background and the shape classes), per-size-category pixel accuracy of the shapes, RoI
 accuracy, and - for deformable models - the effective dilation of every deformable layer
 per object-size category, measured by the same code as ``dcn-inspect dilation-stats``
-(:class:`dcn_inspect.dilation.DilationAccumulator`: units grouped by the smallest ground-truth
+(:class:`dcn_inspect.analysis.dilation_stats.DilationAccumulator`: units grouped by the smallest ground-truth
 box containing the unit's centre, background if none; bootstrap intervals over images from
-:func:`dcn_inspect.category_stats.bootstrap_means`).
+:func:`dcn_inspect.analysis.category_stats.bootstrap_means`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcn_inspect.annotations import ImageAnnotation
-from dcn_inspect.category_stats import bootstrap_means
-from dcn_inspect.datasets.synthetic import CLASSES, Scene, SceneConfig, generate_scene
-from dcn_inspect.dilation import CATEGORIES, NAMED_THRESHOLDS, DilationAccumulator, area_category
+from dcn_inspect.analysis.category_stats import bootstrap_means
+from dcn_inspect.analysis.dilation_stats import (
+    CATEGORIES,
+    NAMED_THRESHOLDS,
+    DilationAccumulator,
+    area_category,
+)
+from dcn_inspect.io.annotations import ImageAnnotation
+from dcn_inspect.io.datasets.synthetic import CLASSES, Scene, SceneConfig, generate_scene
 from dcn_inspect.models import registry
 from dcn_inspect.models.registry import Preprocess
 
@@ -70,9 +75,11 @@ class TrainConfig:
 
 
 def normalise(images: np.ndarray, preprocess: Preprocess = Preprocess()) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] (as :func:`dcn_inspect.images.to_model_input`)."""
+    """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] (as :func:`dcn_inspect.io.images.to_model_input`)."""
     array = images.astype(np.float32) / 255.0
-    array = (array - np.asarray(preprocess.mean, np.float32)) / np.asarray(preprocess.std, np.float32)
+    array = (array - np.asarray(preprocess.mean, np.float32)) / np.asarray(
+        preprocess.std, np.float32
+    )
     return torch.from_numpy(array.transpose(0, 3, 1, 2).copy())
 
 
@@ -88,7 +95,9 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area + areas - inter, 1e-9)
 
 
-def sample_rois(rng: np.random.Generator, scene: Scene, n_fg: int, n_bg: int) -> Tuple[np.ndarray, np.ndarray]:
+def sample_rois(
+    rng: np.random.Generator, scene: Scene, n_fg: int, n_bg: int
+) -> Tuple[np.ndarray, np.ndarray]:
     """RoIs [R, 4] (input pixels) and labels [R]: jittered GT boxes (IoU >= 0.5, the GT class)
     and background boxes (IoU < 0.3 with every GT box, label 0)."""
     height, width = scene.labels.shape
@@ -104,8 +113,19 @@ def sample_rois(rng: np.random.Generator, scene: Scene, n_fg: int, n_bg: int) ->
             cx = (x1 + x2) / 2 + rng.normal(0, 0.1) * w
             cy = (y1 + y2) / 2 + rng.normal(0, 0.1) * h
             w, h = w * math.exp(rng.normal(0, 0.15)), h * math.exp(rng.normal(0, 0.15))
-            box = np.array([max(cx - w / 2, 0), max(cy - h / 2, 0), min(cx + w / 2, width), min(cy + h / 2, height)])
-            if box[2] - box[0] >= 4 and box[3] - box[1] >= 4 and box_iou(box, gt[index : index + 1])[0] >= 0.5:
+            box = np.array(
+                [
+                    max(cx - w / 2, 0),
+                    max(cy - h / 2, 0),
+                    min(cx + w / 2, width),
+                    min(cy + h / 2, height),
+                ]
+            )
+            if (
+                box[2] - box[0] >= 4
+                and box[3] - box[1] >= 4
+                and box_iou(box, gt[index : index + 1])[0] >= 0.5
+            ):
                 chosen = box
                 break
         boxes.append(chosen)
@@ -133,10 +153,18 @@ class Batch:
     scenes: List[Scene]
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.images.to(device), self.seg_labels.to(device), self.rois.to(device), self.roi_labels.to(device), self.scenes)
+        return Batch(
+            self.images.to(device),
+            self.seg_labels.to(device),
+            self.rois.to(device),
+            self.roi_labels.to(device),
+            self.scenes,
+        )
 
 
-def make_batch(scene_list: Sequence[Scene], rng: np.random.Generator, n_fg: int, n_bg: int) -> Batch:
+def make_batch(
+    scene_list: Sequence[Scene], rng: np.random.Generator, n_fg: int, n_bg: int
+) -> Batch:
     rois, roi_labels = [], []
     for index, scene in enumerate(scene_list):
         boxes, labels = sample_rois(rng, scene, n_fg, n_bg)
@@ -193,14 +221,20 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 def losses(model: nn.Module, batch: Batch, roi_loss_weight: float) -> Dict[str, torch.Tensor]:
     out = model(batch.images, rois=batch.rois)
     seg = F.cross_entropy(out["seg"], batch.seg_labels)
-    roi = F.cross_entropy(out["roi_logits"], batch.roi_labels) if len(batch.rois) else seg.new_zeros(())
+    roi = (
+        F.cross_entropy(out["roi_logits"], batch.roi_labels)
+        if len(batch.rois)
+        else seg.new_zeros(())
+    )
     return {"loss": seg + roi_loss_weight * roi, "seg": seg, "roi": roi}
 
 
 StepCallback = Callable[[int, Dict[str, float]], None]
 
 
-def train(config: TrainConfig, on_step: Optional[StepCallback] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+def train(
+    config: TrainConfig, on_step: Optional[StepCallback] = None
+) -> Tuple[nn.Module, Dict[str, Any]]:
     """Train ``config.arch`` from scratch; returns the model (eval mode) and a training log."""
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -225,7 +259,9 @@ def train(config: TrainConfig, on_step: Optional[StepCallback] = None) -> Tuple[
         for key, value in values.items():
             window[key].append(value)
         if (step + 1) % 50 == 0 or step + 1 == config.steps:
-            history.append({"step": step + 1, "lr": lr, **{k: float(np.mean(v)) for k, v in window.items()}})
+            history.append(
+                {"step": step + 1, "lr": lr, **{k: float(np.mean(v)) for k, v in window.items()}}
+            )
             window = {k: [] for k in window}
         if on_step is not None:
             on_step(step + 1, values)
@@ -241,7 +277,9 @@ def train(config: TrainConfig, on_step: Optional[StepCallback] = None) -> Tuple[
 
 def evaluation_scenes(seed: int, n: int, image_size: int = 256) -> List[Scene]:
     config = SceneConfig.for_size(image_size)
-    return [generate_scene(np.random.default_rng([seed, _SCENE_STREAM, 0, k]), config) for k in range(n)]
+    return [
+        generate_scene(np.random.default_rng([seed, _SCENE_STREAM, 0, k]), config) for k in range(n)
+    ]
 
 
 @torch.no_grad()
@@ -259,7 +297,7 @@ def evaluate(
     ``shape_pixel_accuracy``: fraction of a shape's visible pixels given its class, per size
     category of the shape; ``roi_accuracy``: RoIs sampled as in training from ``seed``.
     """
-    from dcn_inspect.hooks import capture_offsets
+    from dcn_inspect.capture.session import capture_offsets
 
     model.eval()
     device = next(model.parameters()).device
@@ -278,7 +316,9 @@ def evaluate(
             out = model(batch.images, rois=batch.rois)
         prediction = out["seg"].argmax(1).cpu().numpy()
         truth = batch.seg_labels.cpu().numpy()
-        confusion += np.bincount(truth.ravel() * classes + prediction.ravel(), minlength=classes * classes).reshape(classes, classes)
+        confusion += np.bincount(
+            truth.ravel() * classes + prediction.ravel(), minlength=classes * classes
+        ).reshape(classes, classes)
         for index, scene in enumerate(chunk):
             correct = prediction[index] == truth[index]
             for k, obj in enumerate(scene.objects):
@@ -291,7 +331,12 @@ def evaluate(
         records = [r for r in capture.convs.values() if r.kernel_points >= 2]
         if records:
             entries = [_scene_annotation(start + k, scene) for k, scene in enumerate(chunk)]
-            dilation.add(records, entries, list(range(start, start + len(chunk))), tuple(batch.images.shape[-2:]))
+            dilation.add(
+                records,
+                entries,
+                list(range(start, start + len(chunk))),
+                tuple(batch.images.shape[-2:]),
+            )
         if progress is not None:
             progress(len(chunk))
     intersection = np.diag(confusion).astype(np.float64)
@@ -303,14 +348,19 @@ def evaluate(
         "seg_iou_per_class": {name: float(v) for name, v in zip(("background",) + CLASSES, iou)},
         "pixel_accuracy": float(intersection.sum() / max(confusion.sum(), 1)),
         "shape_pixel_accuracy": {
-            name: float(size_hits[i] / max(size_totals[i], 1)) for i, name in enumerate(CATEGORIES[:3])
+            name: float(size_hits[i] / max(size_totals[i], 1))
+            for i, name in enumerate(CATEGORIES[:3])
         },
         "roi_accuracy": roi_correct / max(roi_total, 1),
         "roi_count": roi_total,
     }
     if dilation.stats:
-        metrics["effective_dilation"] = {name: _dilation_table(stats.summary_rows()) for name, stats in dilation.stats.items()}
-        metrics["effective_dilation_differences_ci95"] = {name: dilation_bootstrap(rows) for name, rows in dilation.image_sums.items()}
+        metrics["effective_dilation"] = {
+            name: _dilation_table(stats.summary_rows()) for name, stats in dilation.stats.items()
+        }
+        metrics["effective_dilation_differences_ci95"] = {
+            name: dilation_bootstrap(rows) for name, rows in dilation.image_sums.items()
+        }
     return metrics
 
 
@@ -319,27 +369,49 @@ def _scene_annotation(index: int, scene: Scene) -> ImageAnnotation:
     height, width = scene.labels.shape
     boxes = np.array([obj.box for obj in scene.objects], dtype=np.float64).reshape(-1, 4)
     labels = [CLASSES[obj.label - 1] for obj in scene.objects]
-    return ImageAnnotation(index, f"scene_{index:05d}", None, width, height, boxes, labels, np.zeros(len(boxes), dtype=bool))
+    return ImageAnnotation(
+        index,
+        f"scene_{index:05d}",
+        None,
+        width,
+        height,
+        boxes,
+        labels,
+        np.zeros(len(boxes), dtype=bool),
+    )
 
 
 #: Differences of category means whose bootstrap intervals the evaluation reports.
-DIFFERENCES = (("medium", "small"), ("large", "medium"), ("large", "small"), ("large", "background"))
+DIFFERENCES = (
+    ("medium", "small"),
+    ("large", "medium"),
+    ("large", "small"),
+    ("large", "background"),
+)
 
 
-def dilation_bootstrap(image_sums: Sequence[Tuple[int, np.ndarray, np.ndarray]], resamples: int = 2000, seed: int = 0) -> Dict[str, List[float]]:
+def dilation_bootstrap(
+    image_sums: Sequence[Tuple[int, np.ndarray, np.ndarray]], resamples: int = 2000, seed: int = 0
+) -> Dict[str, List[float]]:
     """95 % intervals of differences of category means, resampling whole images (see
-    :func:`dcn_inspect.category_stats.bootstrap_means`)."""
+    :func:`dcn_inspect.analysis.category_stats.bootstrap_means`)."""
     sums = np.array([s for _, s, _ in image_sums], dtype=np.float64).reshape(-1, len(CATEGORIES))
     counts = np.array([c for _, _, c in image_sums], dtype=np.float64).reshape(-1, len(CATEGORIES))
     index = {name: i for i, name in enumerate(CATEGORIES)}
     pairs = [(index[first], index[second]) for first, second in DIFFERENCES]
     _, differences = bootstrap_means(sums, counts, pairs, resamples=resamples, seed=seed)
-    return {f"{first}-{second}": list(differences[pair]) for (first, second), pair in zip(DIFFERENCES, pairs)}
+    return {
+        f"{first}-{second}": list(differences[pair])
+        for (first, second), pair in zip(DIFFERENCES, pairs)
+    }
 
 
 def _dilation_table(rows: Sequence[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
     """mean, std and number of units per category, from :meth:`CategoryStats.summary_rows`."""
-    return {name: {"mean": row["mean"], "std": row["std"], "units": int(row["count"])} for name, row in zip(CATEGORIES, rows)}
+    return {
+        name: {"mean": row["mean"], "std": row["std"], "units": int(row["count"])}
+        for name, row in zip(CATEGORIES, rows)
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,8 +442,8 @@ def reevaluate(weights: Path, eval_images: int = 200, show_progress: bool = True
 
     from rich.progress import Progress
 
-    from dcn_inspect.loading import load_model
-    from dcn_inspect.outputs import write_text
+    from dcn_inspect.io.outputs import write_text
+    from dcn_inspect.models.loading import load_model
 
     weights = Path(weights)
     metrics_path = weights.with_suffix(".metrics.json")
@@ -382,8 +454,13 @@ def reevaluate(weights: Path, eval_images: int = 200, show_progress: bool = True
     with Progress(disable=not show_progress) as bar:
         task = bar.add_task(f"evaluate {report['arch']}", total=eval_images)
         scene_list = evaluation_scenes(seed, eval_images, image_size)
-        report["eval"] = {"seed": seed, **evaluate(loaded.model, scene_list, seed, progress=lambda n: bar.advance(task, n))}
-    write_text(metrics_path, json.dumps(_finite(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
+        report["eval"] = {
+            "seed": seed,
+            **evaluate(loaded.model, scene_list, seed, progress=lambda n: bar.advance(task, n)),
+        }
+    write_text(
+        metrics_path, json.dumps(_finite(report), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    )
     return report
 
 
@@ -404,11 +481,18 @@ def train_and_save(
     ``out`` (a native checkpoint) and ``out`` with suffix ``.metrics.json``."""
     import json
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    from dcn_inspect.checkpoint import save_native, sha256_file
+    from dcn_inspect.io.outputs import write_text
+    from dcn_inspect.models.checkpoint import save_native, sha256_file
     from dcn_inspect.ops import backend_info
-    from dcn_inspect.outputs import write_text
 
     if eval_seed == config.seed:
         raise ValueError("the evaluation seed must differ from the training seed")
@@ -432,7 +516,9 @@ def train_and_save(
         model, log = train(config, on_step)
         eval_task = bar.add_task(f"evaluate {config.arch}", total=eval_images, info="")
         scene_list = evaluation_scenes(eval_seed, eval_images, config.image_size)
-        metrics = evaluate(model, scene_list, eval_seed, progress=lambda n: bar.advance(eval_task, n))
+        metrics = evaluate(
+            model, scene_list, eval_seed, progress=lambda n: bar.advance(eval_task, n)
+        )
     wall = time.perf_counter() - started
     arch = registry.get(config.arch)
     meta = {
@@ -442,7 +528,12 @@ def train_and_save(
         "ops_backend": backend_info().name,
         "torch": str(torch.__version__),
         "train_seconds": log["train_seconds"],
-        "eval": {"seed": eval_seed, "images": eval_images, "seg_miou": metrics["seg_miou"], "roi_accuracy": metrics["roi_accuracy"]},
+        "eval": {
+            "seed": eval_seed,
+            "images": eval_images,
+            "seg_miou": metrics["seg_miou"],
+            "roi_accuracy": metrics["roi_accuracy"],
+        },
     }
     save_native(out, config.arch, dict(arch.default_config), model, meta)
     report = {
@@ -459,7 +550,10 @@ def train_and_save(
         "history": log["history"],
         "eval": {"seed": eval_seed, **metrics},
     }
-    write_text(out.with_suffix(".metrics.json"), json.dumps(_finite(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_text(
+        out.with_suffix(".metrics.json"),
+        json.dumps(_finite(report), indent=2, sort_keys=True, allow_nan=False) + "\n",
+    )
     return RecipeResult(weights=out, metrics=report)
 
 
@@ -482,7 +576,9 @@ def dilation_markdown(report: Dict[str, Any]) -> str:
         "| --- | " + " | ".join("---" for _ in CATEGORIES) + " |",
     ]
     for layer in sorted(table, reverse=True):  # top layer first, as the paper's table
-        lines.append(f"| {layer} | " + " | ".join(_fmt(table[layer].get(c)) for c in CATEGORIES) + " |")
+        lines.append(
+            f"| {layer} | " + " | ".join(_fmt(table[layer].get(c)) for c in CATEGORIES) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -490,7 +586,10 @@ def dilation_differences_markdown(report: Dict[str, Any]) -> str:
     """Markdown table: bootstrap 95 % intervals of differences of category means, per layer."""
     table = report["eval"].get("effective_dilation_differences_ci95") or {}
     names = [f"{a}-{b}" for a, b in DIFFERENCES]
-    lines = ["| layer | " + " | ".join(f"{n.replace('-', ' − ')}" for n in names) + " |", "| --- |" + " --- |" * len(names)]
+    lines = [
+        "| layer | " + " | ".join(f"{n.replace('-', ' − ')}" for n in names) + " |",
+        "| --- |" + " --- |" * len(names),
+    ]
     for layer in sorted(table, reverse=True):
         cells = []
         for name in names:
@@ -545,7 +644,9 @@ class HeadFinetuneConfig:
     image_size: int = 256
 
 
-def finetune_head_offsets(model: nn.Module, config: HeadFinetuneConfig, on_step: Optional[StepCallback] = None) -> Dict[str, Any]:
+def finetune_head_offsets(
+    model: nn.Module, config: HeadFinetuneConfig, on_step: Optional[StepCallback] = None
+) -> Dict[str, Any]:
     """Train ``model.rfcn_offset`` in place (model stays in eval mode: BatchNorm frozen); returns a log."""
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -557,7 +658,9 @@ def finetune_head_offsets(model: nn.Module, config: HeadFinetuneConfig, on_step:
         parameter.requires_grad_(name.startswith("rfcn_offset."))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    stream = TrainConfig(seed=config.seed, batch_size=config.batch_size, image_size=config.image_size)
+    stream = TrainConfig(
+        seed=config.seed, batch_size=config.batch_size, image_size=config.image_size
+    )
     history: List[Dict[str, float]] = []
     window: List[float] = []
     started = time.perf_counter()
@@ -589,13 +692,13 @@ def foreground_evaluation(model: nn.Module, scene_list: Sequence[Scene]) -> Dict
     """Fig. 7 measured on generated scenes: every ground-truth box is an RoI (offsets of its
     class), its object mask the generator's polygon rasterised at pixel centres; the fraction
     of regular vs deformed bin sampling points on the mask, by the code ``dcn-inspect bins``
-    uses (:mod:`dcn_inspect.foreground`, :mod:`dcn_inspect.roi_bins`)."""
+    uses (:mod:`dcn_inspect.analysis.bins_foreground`, :mod:`dcn_inspect.analysis.bins`)."""
     import pandas as pd
 
-    from dcn_inspect.datasets.synthetic import rasterize
-    from dcn_inspect.foreground import bin_foreground, foreground_table
-    from dcn_inspect.hooks import probe
-    from dcn_inspect.roi_bins import geometry_for_rows, head_info
+    from dcn_inspect.analysis.bins import geometry_for_rows, head_info
+    from dcn_inspect.analysis.bins_foreground import bin_foreground, foreground_table
+    from dcn_inspect.capture.session import probe
+    from dcn_inspect.io.datasets.synthetic import rasterize
 
     model.eval()
     rows = []
@@ -610,26 +713,57 @@ def foreground_evaluation(model: nn.Module, scene_list: Sequence[Scene]) -> Dict
         height, width = scene.labels.shape
         for k, obj in enumerate(scene.objects):
             fraction = bin_foreground(geometry, k, rasterize(obj.polygon, height, width))
-            rows.append({"image": index, "roi": k, "label": obj.name, "class": obj.name, "fg_regular": fraction.regular, "fg_deformed": fraction.deformed})
+            rows.append(
+                {
+                    "image": index,
+                    "roi": k,
+                    "label": obj.name,
+                    "class": obj.name,
+                    "fg_regular": fraction.regular,
+                    "fg_deformed": fraction.deformed,
+                }
+            )
     table = foreground_table(pd.DataFrame(rows))
-    return {row["group"]: {k: row[k] for k in ("rois", "fg_regular", "fg_deformed", "gain", "gain_ci_low", "gain_ci_high", "improved")} for row in table.to_dict("records")}
+    return {
+        row["group"]: {
+            k: row[k]
+            for k in (
+                "rois",
+                "fg_regular",
+                "fg_deformed",
+                "gain",
+                "gain_ci_low",
+                "gain_ci_high",
+                "improved",
+            )
+        }
+        for row in table.to_dict("records")
+    }
 
 
 @torch.no_grad()
 def offset_magnitudes(model: nn.Module, scene_list: Sequence[Scene]) -> Dict[str, float]:
     """Percentiles of |normalised offset| of the ground-truth boxes' own-class offsets."""
-    from dcn_inspect.hooks import probe
+    from dcn_inspect.capture.session import probe
 
     values = []
     for scene in scene_list:
         if not scene.objects:
             continue
         boxes = torch.tensor([[0.0, *obj.box] for obj in scene.objects], dtype=torch.float32)
-        record = next(iter(probe(model, normalise(scene.image[None]), rois=boxes).capture.roi_pools.values()))
+        record = next(
+            iter(probe(model, normalise(scene.image[None]), rois=boxes).capture.roi_pools.values())
+        )
         trans = record.offset.double().numpy().reshape(len(boxes), -1, 2, model.bins, model.bins)
-        values.append(np.abs(trans[np.arange(len(boxes)), [obj.label for obj in scene.objects]]).ravel())
+        values.append(
+            np.abs(trans[np.arange(len(boxes)), [obj.label for obj in scene.objects]]).ravel()
+        )
     every = np.concatenate(values)
-    return {"p50": float(np.percentile(every, 50)), "p90": float(np.percentile(every, 90)), "max": float(every.max())}
+    return {
+        "p50": float(np.percentile(every, 50)),
+        "p90": float(np.percentile(every, 90)),
+        "max": float(every.max()),
+    }
 
 
 def finetune_and_save(
@@ -652,15 +786,17 @@ def finetune_and_save(
 
     from rich.progress import Progress
 
-    from dcn_inspect.checkpoint import save_native, sha256_file
-    from dcn_inspect.loading import load_model
-    from dcn_inspect.outputs import write_text
+    from dcn_inspect.io.outputs import write_text
+    from dcn_inspect.models.checkpoint import save_native, sha256_file
+    from dcn_inspect.models.loading import load_model
 
     weights, out = Path(weights), Path(out)
     base_report = json.loads(weights.with_suffix(".metrics.json").read_text(encoding="utf-8"))
     loaded = load_model(base_report["arch"], weights=weights)
     if float(loaded.config.get("offset_bound", 0.0)) > 0:
-        raise ValueError(f"{weights}: its R-FCN head is already fine-tuned (offset_bound {loaded.config['offset_bound']}); start from the base weights")
+        raise ValueError(
+            f"{weights}: its R-FCN head is already fine-tuned (offset_bound {loaded.config['offset_bound']}); start from the base weights"
+        )
     base_sha = sha256_file(weights)
     model = loaded.model
     started = time.perf_counter()
@@ -669,13 +805,21 @@ def finetune_and_save(
         before = foreground_evaluation(model, scene_list)
         before_offsets = offset_magnitudes(model, scene_list)
         task = bar.add_task("fine-tune rfcn_offset", total=config.steps)
-        log = finetune_head_offsets(model, config, lambda step, _values: bar.update(task, completed=step))
+        log = finetune_head_offsets(
+            model, config, lambda step, _values: bar.update(task, completed=step)
+        )
         eval_task = bar.add_task("evaluate", total=eval_images)
-        metrics = evaluate(model, scene_list, eval_seed, progress=lambda n: bar.advance(eval_task, n))
+        metrics = evaluate(
+            model, scene_list, eval_seed, progress=lambda n: bar.advance(eval_task, n)
+        )
         metrics["foreground"] = foreground_evaluation(model, scene_list)
         metrics["roi_offset_magnitude"] = offset_magnitudes(model, scene_list)
     wall = time.perf_counter() - started
-    model_config = {**loaded.config, "offset_bound": config.offset_bound, "trans_std": config.trans_std}
+    model_config = {
+        **loaded.config,
+        "offset_bound": config.offset_bound,
+        "trans_std": config.trans_std,
+    }
     finetune = {
         "config": asdict(config),
         "base_sha256": base_sha,
@@ -683,13 +827,34 @@ def finetune_and_save(
         "wall_seconds": round(wall, 1),
         "threads": torch.get_num_threads(),
         "history": log["history"],
-        "before": {"foreground": before, "roi_offset_magnitude": before_offsets, "roi_accuracy": base_report["eval"]["roi_accuracy"]},
+        "before": {
+            "foreground": before,
+            "roi_offset_magnitude": before_offsets,
+            "roi_accuracy": base_report["eval"]["roi_accuracy"],
+        },
     }
-    meta = {**loaded.meta, "head_finetune": {k: finetune[k] for k in ("config", "base_sha256", "train_seconds")}}
-    meta["eval"] = {"seed": eval_seed, "images": eval_images, "seg_miou": metrics["seg_miou"], "roi_accuracy": metrics["roi_accuracy"]}
+    meta = {
+        **loaded.meta,
+        "head_finetune": {k: finetune[k] for k in ("config", "base_sha256", "train_seconds")},
+    }
+    meta["eval"] = {
+        "seed": eval_seed,
+        "images": eval_images,
+        "seg_miou": metrics["seg_miou"],
+        "roi_accuracy": metrics["roi_accuracy"],
+    }
     save_native(out, base_report["arch"], model_config, model, meta)
-    report = {**base_report, "weights": out.name, "sha256": sha256_file(out), "head_finetune": finetune, "eval": {"seed": eval_seed, **metrics}}
-    write_text(out.with_suffix(".metrics.json"), json.dumps(_finite(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    report = {
+        **base_report,
+        "weights": out.name,
+        "sha256": sha256_file(out),
+        "head_finetune": finetune,
+        "eval": {"seed": eval_seed, **metrics},
+    }
+    write_text(
+        out.with_suffix(".metrics.json"),
+        json.dumps(_finite(report), indent=2, sort_keys=True, allow_nan=False) + "\n",
+    )
     return report
 
 

@@ -20,17 +20,17 @@ from pathlib import Path
 from recipe import (
     HeadFinetuneConfig,
     TrainConfig,
-    finetune_and_save,
-    foreground_markdown,
     dilation_differences_markdown,
     dilation_markdown,
+    finetune_and_save,
+    foreground_markdown,
     metrics_markdown,
     reevaluate,
     train_and_save,
     weights_file_name,
 )
 
-from dcn_inspect.outputs import write_text
+from dcn_inspect.io.outputs import write_text
 
 HERE = Path(__file__).resolve().parent
 ARCHS = ("dcn-sample", "dcn-sample-dilated")
@@ -39,7 +39,10 @@ CARD_TEMPLATE = HERE / "MODEL_CARD.template.md"
 
 def render_card(out: Path) -> Path:
     """Fill MODEL_CARD.template.md with the metrics files' numbers -> MODEL_CARD.md."""
-    reports = [json.loads((out / weights_file_name(arch)).with_suffix(".metrics.json").read_text()) for arch in ARCHS]
+    reports = [
+        json.loads((out / weights_file_name(arch)).with_suffix(".metrics.json").read_text())
+        for arch in ARCHS
+    ]
     deformable, dilated = reports
     fields = {
         "metrics_table": metrics_markdown(reports),
@@ -94,18 +97,43 @@ def finetune_markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="training seed")
-    parser.add_argument("--eval-seed", type=int, default=1000, help="seed of the held-out evaluation scenes")
+    parser.add_argument(
+        "--eval-seed", type=int, default=1000, help="seed of the held-out evaluation scenes"
+    )
     parser.add_argument("--eval-images", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=0, help="training steps (0: the recipe's default)")
-    parser.add_argument("--arch", action="append", choices=ARCHS, help="train only this one (repeatable); default: both")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="training steps (0: the recipe's default)"
+    )
+    parser.add_argument(
+        "--arch",
+        action="append",
+        choices=ARCHS,
+        help="train only this one (repeatable); default: both",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
     parser.add_argument("--out", type=Path, default=HERE)
-    parser.add_argument("--card-only", action="store_true", help="only re-render MODEL_CARD.md from the metrics files")
-    parser.add_argument("--reevaluate", action="store_true", help="evaluate the saved weights again (no training), then the card")
-    parser.add_argument("--finetune-head", action="store_true", help="fine-tune the R-FCN offset branch of dcn_sample.pt in place, then the card")
+    parser.add_argument(
+        "--card-only",
+        action="store_true",
+        help="only re-render MODEL_CARD.md from the metrics files",
+    )
+    parser.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="evaluate the saved weights again (no training), then the card",
+    )
+    parser.add_argument(
+        "--finetune-head",
+        action="store_true",
+        help="fine-tune the R-FCN offset branch of dcn_sample.pt in place, then the card",
+    )
     args = parser.parse_args()
     if args.eval_seed == args.seed:
-        parser.error(f"--eval-seed {args.eval_seed}: must differ from --seed so the evaluation scenes are unseen")
+        parser.error(
+            f"--eval-seed {args.eval_seed}: must differ from --seed so the evaluation scenes are unseen"
+        )
     if args.finetune_head:
         config = HeadFinetuneConfig(seed=args.seed, threads=args.threads or 1)
         if args.steps:
@@ -113,8 +141,10 @@ def main() -> None:
         path = args.out / weights_file_name("dcn-sample")
         report = finetune_and_save(config, path, path, args.eval_seed, args.eval_images)
         fg = report["eval"]["foreground"]["all"]
-        print(f"dcn-sample head: fine-tune {report['head_finetune']['train_seconds']} s, RoI accuracy {report['eval']['roi_accuracy']:.3f}, "
-              f"foreground {fg['fg_regular']:.3f} -> {fg['fg_deformed']:.3f}")
+        print(
+            f"dcn-sample head: fine-tune {report['head_finetune']['train_seconds']} s, RoI accuracy {report['eval']['roi_accuracy']:.3f}, "
+            f"foreground {fg['fg_regular']:.3f} -> {fg['fg_deformed']:.3f}"
+        )
     elif args.reevaluate:
         for arch in args.arch or ARCHS:
             reevaluate(args.out / weights_file_name(arch), args.eval_images)
@@ -123,10 +153,16 @@ def main() -> None:
             config = TrainConfig(arch=arch, seed=args.seed, threads=args.threads)
             if args.steps:
                 config.steps = args.steps
-            result = train_and_save(config, args.out / weights_file_name(arch), args.eval_seed, args.eval_images)
+            result = train_and_save(
+                config, args.out / weights_file_name(arch), args.eval_seed, args.eval_images
+            )
             metrics = result.metrics["eval"]
-            print(f"{arch}: train {result.metrics['train_seconds']} s, mIoU {metrics['seg_miou']:.3f}, RoI accuracy {metrics['roi_accuracy']:.3f}")
-    if all((args.out / weights_file_name(arch)).with_suffix(".metrics.json").exists() for arch in ARCHS):
+            print(
+                f"{arch}: train {result.metrics['train_seconds']} s, mIoU {metrics['seg_miou']:.3f}, RoI accuracy {metrics['roi_accuracy']:.3f}"
+            )
+    if all(
+        (args.out / weights_file_name(arch)).with_suffix(".metrics.json").exists() for arch in ARCHS
+    ):
         print(f"wrote {render_card(args.out)}")
 
 

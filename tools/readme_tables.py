@@ -3,7 +3,7 @@
 Each CSV's columns are defined as data beside the analysis that fills them
 (:func:`dcn_inspect.commands.csv_files`); the README marks where each table goes with
 ``<!-- columns FILE -->`` ... ``<!-- /columns -->``. ``make readme-tables`` runs this;
-``cli_tests/test_csv_outputs.py`` fails when the README is out of date.
+``cli_tests/commands/test_csv_outputs.py`` fails when the README is out of date.
 
     .venv/bin/python tools/readme_tables.py [README.md]
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dcn_inspect.columns import fill_markdown_tables
 from dcn_inspect.commands import csv_files
+from dcn_inspect.core.columns import fill_markdown_tables
 
 
 def main(argv: list) -> None:

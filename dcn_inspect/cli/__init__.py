@@ -4,7 +4,7 @@ flag (exit 1), prints warnings once, and never shows a traceback unless ``--debu
 
 Exit codes: 0 done, 1 an error (one line naming the problem), 2 a usage error, 130 interrupted
 (Ctrl-C, SIGINT), 143 terminated (SIGTERM). Whatever ends a run early, the files it was writing
-are removed (:func:`dcn_inspect.outputs.abort_open_runs`): an output directory holds either the
+are removed (:func:`dcn_inspect.core.files.abort_open_runs`): an output directory holds either the
 previous run's complete files or this run's, never a mix or a partial file.
 """
 
@@ -16,17 +16,18 @@ import sys
 import traceback
 from typing import Any, Callable, Dict
 
-from dcn_inspect.cli.app import app, state
-
 # Importing a command module registers its command on ``app``.
-from dcn_inspect.cli import doctor  # noqa: E402,F401
-from dcn_inspect.cli import models  # noqa: E402,F401
-from dcn_inspect.cli import bins  # noqa: E402,F401
-from dcn_inspect.cli import sample_points  # noqa: E402,F401
-from dcn_inspect.cli import dilation_stats  # noqa: E402,F401
-from dcn_inspect.cli import offsets  # noqa: E402,F401
-from dcn_inspect.cli import receptive_field  # noqa: E402,F401
-from dcn_inspect.cli import demo  # noqa: E402,F401
+from dcn_inspect.cli import (
+    bins,  # noqa: E402,F401
+    demo,  # noqa: E402,F401
+    dilation_stats,  # noqa: E402,F401
+    doctor,  # noqa: E402,F401
+    models,  # noqa: E402,F401
+    offsets,  # noqa: E402,F401
+    receptive_field,  # noqa: E402,F401
+    sample_points,  # noqa: E402,F401
+)
+from dcn_inspect.cli.app import app, state
 
 #: Exit codes of a run ended by a signal (128 + the signal's number, as shells report them).
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -66,8 +67,14 @@ def _set_handlers(handlers: Dict[int, Any]) -> Dict[int, Any]:
 
 def main() -> None:
     """Entry point of the ``dcn-inspect`` console script."""
-    from dcn_inspect.cli.render import error_line, install_detail_printer, install_warning_printer, invoked_command, print_key_table
-    from dcn_inspect.errors import InputError
+    from dcn_inspect.cli.render import (
+        error_line,
+        install_detail_printer,
+        install_warning_printer,
+        invoked_command,
+        print_key_table,
+    )
+    from dcn_inspect.core.errors import InputError
 
     command = invoked_command(sys.argv[1:])
     install_warning_printer(command)
@@ -98,11 +105,11 @@ def main() -> None:
         # Clean up with further signals held off, so a second Ctrl-C cannot leave half of it.
         held = _set_handlers({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN})
         try:
-            # Only a command that imported dcn_inspect.outputs can have open runs; importing it
-            # here (pandas: ~0.3 s) would slow every --help and usage error.
-            outputs = sys.modules.get("dcn_inspect.outputs")
-            if outputs is not None:
-                outputs.abort_open_runs()
+            # Only a command that wrote through dcn_inspect.core.files can have open runs; a
+            # usage error never imported it, and needs no clean-up.
+            files = sys.modules.get("dcn_inspect.core.files")
+            if files is not None:
+                files.abort_open_runs()
         finally:
             _set_handlers({**held, **previous})
     if code == EXIT_INTERRUPTED:
@@ -124,5 +131,8 @@ def _unexpected(exc: Exception) -> int:
     if state["debug"]:
         traceback.print_exc()
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    print(f"dcn-inspect: internal error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)", file=sys.stderr)
+    print(
+        f"dcn-inspect: internal error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)",
+        file=sys.stderr,
+    )
     return 1

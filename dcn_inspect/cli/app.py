@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -78,7 +77,9 @@ state: Dict[str, bool] = {"debug": False, "verbose": False}
 @app.callback()
 def _global_options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-    verbose: bool = typer.Option(False, "--verbose", help="Show details: the checkpoint key table, every warning."),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Show details: the checkpoint key table, every warning."
+    ),
 ) -> None:
     state["debug"] = debug
     state["verbose"] = verbose

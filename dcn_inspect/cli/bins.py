@@ -8,8 +8,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from dcn_inspect.cli import render
-from dcn_inspect.cli import options
+from dcn_inspect.cli import options, render
 from dcn_inspect.cli.app import app, print_skipped
 
 EPILOG = (
@@ -30,16 +29,40 @@ def bins(
     ),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
-    rois: Optional[List[str]] = typer.Option(None, "--roi", metavar="X1,Y1,X2,Y2", help="RoI X1,Y1,X2,Y2 in original-image pixels (repeatable)."),
-    rois_file: Optional[Path] = typer.Option(None, "--rois", metavar="FILE", help="CSV of RoIs with columns x1,y1,x2,y2[,class]."),
-    annotations: Optional[Path] = typer.Option(None, "--annotations", metavar="FILE", help="COCO json or VOC directory/xml: the image's boxes (all of them) are the RoIs."),
+    rois: Optional[List[str]] = typer.Option(
+        None,
+        "--roi",
+        metavar="X1,Y1,X2,Y2",
+        help="RoI X1,Y1,X2,Y2 in original-image pixels (repeatable).",
+    ),
+    rois_file: Optional[Path] = typer.Option(
+        None, "--rois", metavar="FILE", help="CSV of RoIs with columns x1,y1,x2,y2[,class]."
+    ),
+    annotations: Optional[Path] = typer.Option(
+        None,
+        "--annotations",
+        metavar="FILE",
+        help="COCO json or VOC directory/xml: the image's boxes (all of them) are the RoIs.",
+    ),
     boxes: Optional[Path] = options.boxes("each is an RoI (as --boxes of sample-points)"),
     class_choice: str = typer.Option(
-        "auto", "--class", metavar="CLASS", help="Offsets of a class-specific head: INDEX or NAME, gt (the RoI's class), pred (the model's), all, or auto (gt, else pred)."
+        "auto",
+        "--class",
+        metavar="CLASS",
+        help="Offsets of a class-specific head: INDEX or NAME, gt (the RoI's class), pred (the model's), all, or auto (gt, else pred).",
     ),
-    points: bool = typer.Option(False, "--points", help="Also draw and write the bilinear sampling points of each bin."),
-    overlay: bool = typer.Option(False, "--overlay", help="Draw all RoIs on one image instead of one panel each."),
-    layer: Optional[str] = typer.Option(None, "--layer", metavar="NAME", help="RoI pooling layer to show (default: the first that ran with offsets)."),
+    points: bool = typer.Option(
+        False, "--points", help="Also draw and write the bilinear sampling points of each bin."
+    ),
+    overlay: bool = typer.Option(
+        False, "--overlay", help="Draw all RoIs on one image instead of one panel each."
+    ),
+    layer: Optional[str] = typer.Option(
+        None,
+        "--layer",
+        metavar="NAME",
+        help="RoI pooling layer to show (default: the first that ran with offsets).",
+    ),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
     out: Path = options.out(),
@@ -77,10 +100,21 @@ def foreground_table(table: Any) -> Any:
     from rich.table import Table
 
     out = Table(title="Bin sampling points on the object's mask (mean over RoIs)")
-    for name, justify in (("class", "left"), ("RoIs", "right"), ("regular", "right"), ("deformed", "right"), ("gain [95% CI]", "right"), ("improved", "right")):
+    for name, justify in (
+        ("class", "left"),
+        ("RoIs", "right"),
+        ("regular", "right"),
+        ("deformed", "right"),
+        ("gain [95% CI]", "right"),
+        ("improved", "right"),
+    ):
         out.add_column(name, justify=justify)  # type: ignore[arg-type]
     for row in table.itertuples(index=False):
-        interval = "" if not math.isfinite(row.gain_ci_low) else f" [{100 * row.gain_ci_low:+.1f}, {100 * row.gain_ci_high:+.1f}]"
+        interval = (
+            ""
+            if not math.isfinite(row.gain_ci_low)
+            else f" [{100 * row.gain_ci_low:+.1f}, {100 * row.gain_ci_high:+.1f}]"
+        )
         out.add_row(
             str(row.group), str(row.rois), f"{100 * row.fg_regular:.1f} %", f"{100 * row.fg_deformed:.1f} %",
             f"{100 * row.gain:+.1f} pt{interval}", f"{100 * row.improved:.0f} %",

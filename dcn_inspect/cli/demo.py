@@ -17,19 +17,40 @@ from dcn_inspect.cli.app import app
     epilog="Example: dcn-inspect demo-data shapes/ --n 50 --seed 7 --format voc",
 )
 def demo_data(
-    out: Path = typer.Argument(..., metavar="OUT", help="Output directory (created; existing files with the same names are replaced)."),
+    out: Path = typer.Argument(
+        ...,
+        metavar="OUT",
+        help="Output directory (created; existing files with the same names are replaced).",
+    ),
     n: int = typer.Option(20, "--n", metavar="N", help="Number of scenes."),
-    seed: int = typer.Option(0, "--seed", metavar="N", help="Random seed; the same seed gives the same images and annotations."),
-    fmt: str = typer.Option("coco", "--format", metavar="coco|voc", help="coco (annotations.json + images/) or voc (Annotations/, JPEGImages/, ImageSets/Main/all.txt)."),
-    size: int = typer.Option(256, "--size", metavar="PIXELS", help="Image width and height in pixels (at least 64)."),
-    image_format: str = typer.Option("png", "--image-format", metavar="png|jpg", help="png (exact pixels) or jpg (quality 90, ~5x smaller)."),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        metavar="N",
+        help="Random seed; the same seed gives the same images and annotations.",
+    ),
+    fmt: str = typer.Option(
+        "coco",
+        "--format",
+        metavar="coco|voc",
+        help="coco (annotations.json + images/) or voc (Annotations/, JPEGImages/, ImageSets/Main/all.txt).",
+    ),
+    size: int = typer.Option(
+        256, "--size", metavar="PIXELS", help="Image width and height in pixels (at least 64)."
+    ),
+    image_format: str = typer.Option(
+        "png",
+        "--image-format",
+        metavar="png|jpg",
+        help="png (exact pixels) or jpg (quality 90, ~5x smaller).",
+    ),
 ) -> None:
     """Generate synthetic shape scenes (disc, square, triangle, cross, star at small/medium/large scales on cluttered textured backgrounds) with ground-truth boxes and polygons."""
     from rich.progress import Progress
 
-    from dcn_inspect.datasets.synthetic import SceneConfig, write_dataset
-    from dcn_inspect.errors import InputError
-    from dcn_inspect.outputs import prepare_out_dir
+    from dcn_inspect.core.errors import InputError
+    from dcn_inspect.io.datasets.synthetic import SceneConfig, write_dataset
+    from dcn_inspect.io.outputs import prepare_out_dir
 
     if n < 1:
         raise InputError(f"{n}: need at least one scene", param="n")
@@ -44,6 +65,12 @@ def demo_data(
     with Progress() as bar:
         task = bar.add_task("generating scenes", total=n)
         result = write_dataset(
-            out, n, seed, fmt, config, progress=lambda done: bar.update(task, completed=done), image_format=image_format
+            out,
+            n,
+            seed,
+            fmt,
+            config,
+            progress=lambda done: bar.update(task, completed=done),
+            image_format=image_format,
         )
     typer.echo(f"wrote {n} scenes ({fmt}) to {result}")

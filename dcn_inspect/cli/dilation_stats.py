@@ -8,8 +8,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from dcn_inspect.cli import render
-from dcn_inspect.cli import options
+from dcn_inspect.cli import options, render
 from dcn_inspect.cli.app import app, comma_list
 
 EPILOG = (
@@ -22,7 +21,10 @@ EPILOG = (
 @app.command("dilation-stats", epilog=EPILOG)
 def dilation_stats(
     dataset: Optional[Path] = typer.Argument(
-        None, metavar="DATASET", help="COCO annotation json, Pascal VOC directory, or nothing for the bundled demo dataset.", show_default=False
+        None,
+        metavar="DATASET",
+        help="COCO annotation json, Pascal VOC directory, or nothing for the bundled demo dataset.",
+        show_default=False,
     ),
     images: Optional[Path] = options.dataset_images(),
     split: Optional[str] = options.split(default_text="default: every annotation"),
@@ -30,13 +32,39 @@ def dilation_stats(
     weights: Optional[Path] = options.weights(),
     layers: Optional[List[str]] = options.layers("to measure (default: all)"),
     thresholds: str = options.thresholds(),
-    units: str = typer.Option("cells", "--units", metavar="cells|pixels", help="cells (the layer's input cells) or pixels (original-image pixels)."),
-    per_group: bool = typer.Option(False, "--per-group", help="One row per offset group (in its own column) instead of the groups' mean."),
-    per_unit: bool = typer.Option(False, "--per-unit", help="Also write dilation_units.csv (one row per unit and layer)."),
+    units: str = typer.Option(
+        "cells",
+        "--units",
+        metavar="cells|pixels",
+        help="cells (the layer's input cells) or pixels (original-image pixels).",
+    ),
+    per_group: bool = typer.Option(
+        False,
+        "--per-group",
+        help="One row per offset group (in its own column) instead of the groups' mean.",
+    ),
+    per_unit: bool = typer.Option(
+        False, "--per-unit", help="Also write dilation_units.csv (one row per unit and layer)."
+    ),
     max_images: Optional[int] = options.max_images(),
-    batch_size: int = typer.Option(1, "--batch-size", metavar="N", help="Images per forward (only images of equal input size are batched)."),
-    workers: int = typer.Option(2, "--workers", metavar="N", help="DataLoader worker processes decoding images (0: in the main process)."),
-    device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="cpu, cuda or cuda:N (under torchrun: each rank its local GPU)."),
+    batch_size: int = typer.Option(
+        1,
+        "--batch-size",
+        metavar="N",
+        help="Images per forward (only images of equal input size are batched).",
+    ),
+    workers: int = typer.Option(
+        2,
+        "--workers",
+        metavar="N",
+        help="DataLoader worker processes decoding images (0: in the main process).",
+    ),
+    device: str = typer.Option(
+        "cpu",
+        "--device",
+        metavar="DEVICE",
+        help="cpu, cuda or cuda:N (under torchrun: each rank its local GPU).",
+    ),
     resize: Optional[int] = options.resize(),
     strict: bool = options.strict(),
     out: Path = options.out(),
@@ -55,11 +83,17 @@ def dilation_stats(
     console.print(rich_table(result.table, result.units))
     console.print(rich_differences(result.differences, result.units))
     low, high = result.thresholds
-    console.print(f"thresholds ({result.thresholds_name}): small < {low:g} px² <= medium < {high:g} px² <= large")
+    console.print(
+        f"thresholds ({result.thresholds_name}): small < {low:g} px² <= medium < {high:g} px² <= large"
+    )
     by_kind = result.skipped.by_kind()
     line = f"images used: {result.images_used}"
     if by_kind:
-        line += f", skipped: {result.skipped.count} (" + ", ".join(f"{kind}: {n}" for kind, n in sorted(by_kind.items())) + ")"
+        line += (
+            f", skipped: {result.skipped.count} ("
+            + ", ".join(f"{kind}: {n}" for kind, n in sorted(by_kind.items()))
+            + ")"
+        )
     console.print(line)
     for name, path in result.files.items():
         console.print(f"{name}: {path}")
@@ -72,13 +106,14 @@ def rich_table(table: Any, units: str, title: str = "Effective dilation") -> Any
     from rich import box
     from rich.table import Table
 
+    from dcn_inspect.analysis.dilation_stats import CATEGORIES
     from dcn_inspect.commands.dilation_stats import table2_rows
-    from dcn_inspect.dilation import CATEGORIES
 
     rows = table2_rows(table)
     per_group = "group" in table.columns
     out = Table(
-        title=f"{title} ({units}): mean ± std" + (", [95 % CI of the mean]" if "ci_low" in table.columns else ""),
+        title=f"{title} ({units}): mean ± std"
+        + (", [95 % CI of the mean]" if "ci_low" in table.columns else ""),
         box=box.SIMPLE_HEAD,
         padding=(0, 1),
         collapse_padding=True,
@@ -90,8 +125,15 @@ def rich_table(table: Any, units: str, title: str = "Effective dilation") -> Any
         out.add_column(category, justify="right", overflow="fold")
     previous = None
     for row in rows:
-        cells = [f"{mean}\n{interval}" if interval != "–" else mean for mean, interval in zip(row.means, row.intervals)]
-        out.add_row(row.layer if row.layer != previous else "", *([str(row.group)] if per_group else []), *cells)
+        cells = [
+            f"{mean}\n{interval}" if interval != "–" else mean
+            for mean, interval in zip(row.means, row.intervals)
+        ]
+        out.add_row(
+            row.layer if row.layer != previous else "",
+            *([str(row.group)] if per_group else []),
+            *cells,
+        )
         previous = row.layer
     return out
 
@@ -104,7 +146,12 @@ def rich_differences(differences: Any, units: str) -> Any:
     from dcn_inspect.commands.dilation_stats import difference_label, difference_text
 
     per_group = "group" in differences.columns
-    out = Table(title=f"Differences of means ({units}), [95 % CI]", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
+    out = Table(
+        title=f"Differences of means ({units}), [95 % CI]",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
     out.add_column("layer", overflow="fold")
     if per_group:
         out.add_column("group", justify="right")
@@ -114,7 +161,14 @@ def rich_differences(differences: Any, units: str) -> Any:
     previous = None
     for _, row in differences.iterrows():
         key = (row["layer"], row["group"] if per_group else None)
-        lead = [str(row["layer"]) if key != previous else ""] + ([str(row["group"]) if key != previous else ""] if per_group else [])
-        out.add_row(*lead, difference_label(row["category_a"], row["category_b"]), *difference_text(row), end_section=False)
+        lead = [str(row["layer"]) if key != previous else ""] + (
+            [str(row["group"]) if key != previous else ""] if per_group else []
+        )
+        out.add_row(
+            *lead,
+            difference_label(row["category_a"], row["category_b"]),
+            *difference_text(row),
+            end_section=False,
+        )
         previous = key
     return out

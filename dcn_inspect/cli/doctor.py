@@ -23,9 +23,12 @@ def doctor() -> None:
     table = Table(title="dcn-inspect doctor", show_header=False)
     table.add_row("python", platform.python_version())
     table.add_row("torch", torch.__version__)
-    cuda = f"{torch.cuda.device_count()} device(s): " + ", ".join(
-        torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
-    ) if torch.cuda.is_available() else "not available"
+    cuda = (
+        f"{torch.cuda.device_count()} device(s): "
+        + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        if torch.cuda.is_available()
+        else "not available"
+    )
     table.add_row("cpu threads", str(torch.get_num_threads()))
     table.add_row("cuda", cuda)
     table.add_row("ops backend", f"{info.name} (requested: {info.requested})")

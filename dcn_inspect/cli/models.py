@@ -10,8 +10,7 @@ from typing import Any, List, Optional, Tuple
 
 import typer
 
-from dcn_inspect.cli import render
-from dcn_inspect.cli import options
+from dcn_inspect.cli import options, render
 from dcn_inspect.cli.app import app
 
 MODELS_EPILOG = "Example: dcn-inspect models"
@@ -60,12 +59,17 @@ def _looks_like_image(text: Optional[str]) -> bool:
     return text is not None and Path(text).suffix.lower() in IMAGE_SUFFIXES
 
 
-def resolve_info_arguments(target: Optional[str], image: Optional[str], model: Optional[str]) -> Tuple[Optional[str], Optional[Path]]:
+def resolve_info_arguments(
+    target: Optional[str], image: Optional[str], model: Optional[str]
+) -> Tuple[Optional[str], Optional[Path]]:
     """``info [MODEL] [IMAGE]`` or ``info [IMAGE] --model MODEL`` -> (model, image); a usage error
     that explains the order when an image stands where the model goes."""
     if model is not None:
         if image is not None:
-            raise typer.BadParameter(f"{target} {image}: with --model {model}, give at most one argument, the IMAGE", param_hint="IMAGE")
+            raise typer.BadParameter(
+                f"{target} {image}: with --model {model}, give at most one argument, the IMAGE",
+                param_hint="IMAGE",
+            )
         return model, Path(target) if target is not None else None
     if _looks_like_image(target):
         if image is not None and not _looks_like_image(image):
@@ -79,14 +83,26 @@ def resolve_info_arguments(target: Optional[str], image: Optional[str], model: O
 @app.command("info", epilog=INFO_EPILOG)
 def info_command(
     target: Optional[str] = typer.Argument(
-        None, metavar="MODEL", help="Registered architecture, checkpoint path, or path/to/file.py:function (or --model; default: dcn-sample).", show_default=False
+        None,
+        metavar="MODEL",
+        help="Registered architecture, checkpoint path, or path/to/file.py:function (or --model; default: dcn-sample).",
+        show_default=False,
     ),
-    image: Optional[str] = typer.Argument(None, metavar="IMAGE", help="Image to probe: adds offset magnitude statistics per layer.", show_default=False),
+    image: Optional[str] = typer.Argument(
+        None,
+        metavar="IMAGE",
+        help="Image to probe: adds offset magnitude statistics per layer.",
+        show_default=False,
+    ),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
     device: str = options.device(),
     resize: Optional[int] = typer.Option(
-        None, "--resize", min=0, metavar="PIXELS", help="Shorter image side in pixels before the forward; 0 keeps the image's size. Default: the model's."
+        None,
+        "--resize",
+        min=0,
+        metavar="PIXELS",
+        help="Shorter image side in pixels before the forward; 0 keeps the image's size. Default: the model's.",
     ),
     max_pixels: int = options.max_pixels(),
 ) -> None:
@@ -94,18 +110,20 @@ def info_command(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from dcn_inspect.commands.info import model_info
-    from dcn_inspect.loading import load_model
+    from dcn_inspect.models.loading import load_model
 
     model_spec, image_path = resolve_info_arguments(target, image, model)
     errors = render.console(stderr=True)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=errors,
-        transient=True,
-        disable=not errors.is_terminal,  # a transient bar still leaves a blank line in logs and pipes
-    ) as progress:
+    with (
+        Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=errors,
+            transient=True,
+            disable=not errors.is_terminal,  # a transient bar still leaves a blank line in logs and pipes
+        ) as progress
+    ):
         task = progress.add_task("loading model", total=2)
         loaded = load_model(model_spec, weights, device)
         progress.update(task, advance=1, description="probing the deformable layers")
@@ -125,13 +143,25 @@ def info_renderables(info: Any) -> List[Any]:
     from rich.text import Text
 
     def table(title: str, columns: List[Tuple[str, str]]) -> Table:
-        out = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
+        out = Table(
+            title=title,
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            padding=(0, 1),
+            collapse_padding=True,
+        )
         for header, justify in columns:
             out.add_column(header, justify=justify, overflow="fold")  # type: ignore[arg-type]
         return out
 
     summary = info.model
-    header = Table(show_header=False, title=f"model {summary['name']}", title_justify="left", box=box.SIMPLE, padding=(0, 1))
+    header = Table(
+        show_header=False,
+        title=f"model {summary['name']}",
+        title_justify="left",
+        box=box.SIMPLE,
+        padding=(0, 1),
+    )
     header.add_column(no_wrap=True)
     header.add_column(overflow="fold")
     header.add_row("architecture", str(summary["arch"] or "-"))
@@ -158,34 +188,71 @@ def info_renderables(info: Any) -> List[Any]:
     else:
         probe_label += " (blank image)"
     header.add_row("probe", probe_label)
-    header.add_row("parameters", f"{info.total_parameters:,} ({info.trainable_parameters:,} trainable)")
-    header.add_row("deformable convs", f"{info.deformable_parameters:,} parameters + {info.offset_branch_parameters:,} in offset branches")
+    header.add_row(
+        "parameters", f"{info.total_parameters:,} ({info.trainable_parameters:,} trainable)"
+    )
+    header.add_row(
+        "deformable convs",
+        f"{info.deformable_parameters:,} parameters + {info.offset_branch_parameters:,} in offset branches",
+    )
     out: List[Any] = [header]
     if not info.layers:
         out.append(Text("No deformable conv layer ran during the probe forward pass."))
     else:
-        layers = table("deformable layers", [("layer", "left"), ("type", "left"), ("v", "left"), ("captured as", "left")])
+        layers = table(
+            "deformable layers",
+            [("layer", "left"), ("type", "left"), ("v", "left"), ("captured as", "left")],
+        )
         arithmetic = table(
             "kernel arithmetic (in input cells)",
-            [("layer", "left"), ("kernel", "right"), ("stride", "right"), ("dilation", "right"), ("groups", "right"), ("offset\ngroups", "right"), ("offset\nchannels", "right")],
+            [
+                ("layer", "left"),
+                ("kernel", "right"),
+                ("stride", "right"),
+                ("dilation", "right"),
+                ("groups", "right"),
+                ("offset\ngroups", "right"),
+                ("offset\nchannels", "right"),
+            ],
         )
         frames = table(
             "frames (pixels between cells)",
-            [("layer", "left"), ("input\ncells", "right"), ("output\ncells", "right"), ("derived\nby", "left")],
+            [
+                ("layer", "left"),
+                ("input\ncells", "right"),
+                ("output\ncells", "right"),
+                ("derived\nby", "left"),
+            ],
         )
         for layer in info.layers:
             layers.add_row(layer.name, layer.module_type, layer.version, layer.captured_by)
-            channels = f"{layer.offset_channels}+{layer.mask_channels}" if layer.mask_channels else str(layer.offset_channels)
+            channels = (
+                f"{layer.offset_channels}+{layer.mask_channels}"
+                if layer.mask_channels
+                else str(layer.offset_channels)
+            )
             arithmetic.add_row(
                 layer.name, f"{layer.kernel[0]}x{layer.kernel[1]}", _pair_label(layer.stride), _pair_label(layer.dilation),
                 str(layer.groups), str(layer.offset_groups), channels,
             )  # fmt: skip
-            frames.add_row(layer.name, _pair_label(layer.input_stride_px), _pair_label(layer.output_stride_px), layer.geometry_method)
+            frames.add_row(
+                layer.name,
+                _pair_label(layer.input_stride_px),
+                _pair_label(layer.output_stride_px),
+                layer.geometry_method,
+            )
         out += [layers, arithmetic, frames]
         if any(layer.offsets is not None for layer in info.layers):
             offsets = table(
                 "offsets (|offset| in input cells)",
-                [("layer", "left"), ("mean", "right"), ("median", "right"), ("max", "right"), ("mean\npixels", "right"), ("mean\nmask", "right")],
+                [
+                    ("layer", "left"),
+                    ("mean", "right"),
+                    ("median", "right"),
+                    ("max", "right"),
+                    ("mean\npixels", "right"),
+                    ("mean\nmask", "right"),
+                ],
             )
             for layer in info.layers:
                 stats = layer.offsets
@@ -197,8 +264,16 @@ def info_renderables(info: Any) -> List[Any]:
                 )  # fmt: skip
             out.append(offsets)
     if info.roi_pools:
-        pools = table("deformable RoI pooling (runs only with RoIs)", [("layer", "left"), ("type", "left"), ("bins", "right"), ("spatial\nscale", "right")])
+        pools = table(
+            "deformable RoI pooling (runs only with RoIs)",
+            [("layer", "left"), ("type", "left"), ("bins", "right"), ("spatial\nscale", "right")],
+        )
         for pool in info.roi_pools:
-            pools.add_row(pool.name, pool.module_type, _pair_label(pool.output_size), f"{pool.spatial_scale:g}")
+            pools.add_row(
+                pool.name,
+                pool.module_type,
+                _pair_label(pool.output_size),
+                f"{pool.spatial_scale:g}",
+            )
         out.append(pools)
     return out

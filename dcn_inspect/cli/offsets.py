@@ -8,8 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from dcn_inspect.cli import render
-from dcn_inspect.cli import options
+from dcn_inspect.cli import options, render
 from dcn_inspect.cli.app import app, comma_list, print_skipped
 
 EPILOG = (
@@ -26,7 +25,10 @@ def offsets(
     weights: Optional[Path] = options.weights(),
     layers: Optional[List[str]] = options.layers("to show (default: all)"),
     kernel_point: Optional[List[str]] = typer.Option(
-        None, "--kernel-point", metavar="A,B", help="Also show the offsets of kernel point A,B (kernel row, column, 0-based; 1,1 = centre of 3x3; repeatable)."
+        None,
+        "--kernel-point",
+        metavar="A,B",
+        help="Also show the offsets of kernel point A,B (kernel row, column, 0-based; 1,1 = centre of 3x3; repeatable).",
     ),
     group: str = options.group("Offset group to show (G), or 'mean' to average the groups."),
     resize: Optional[int] = options.resize(),
@@ -41,7 +43,14 @@ def offsets(
 
     from dcn_inspect.commands.offsets import offsets as run
 
-    result = run(**{**given, **dict(images=images or None, layers=comma_list(layers), kernel_point=kernel_point or ())})
+    result = run(
+        **{
+            **given,
+            **dict(
+                images=images or None, layers=comma_list(layers), kernel_point=kernel_point or ()
+            ),
+        }
+    )
     console = render.console()
     console.print(f"layers (top first): {', '.join(result.layers)}")
     for item in result.images:

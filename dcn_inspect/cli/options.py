@@ -10,15 +10,31 @@ from typing import Any
 
 import typer
 
-from dcn_inspect.defaults import BYTES_PER_PIXEL, DEFAULT_MAX_PIXELS, DEFAULT_OUT, MACHINE_MEMORY_BYTES, MEMORY_SHARE_PER_IMAGE
+from dcn_inspect.core.defaults import (
+    BYTES_PER_PIXEL,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_OUT,
+    MACHINE_MEMORY_BYTES,
+    MEMORY_SHARE_PER_IMAGE,
+)
 
 
 def model() -> Any:
-    return typer.Option(None, "--model", metavar="MODEL", help="Registered architecture, checkpoint, or file.py:function (default: dcn-sample).")
+    return typer.Option(
+        None,
+        "--model",
+        metavar="MODEL",
+        help="Registered architecture, checkpoint, or file.py:function (default: dcn-sample).",
+    )
 
 
 def weights() -> Any:
-    return typer.Option(None, "--weights", metavar="FILE", help="Weights for a registered architecture or a user file.")
+    return typer.Option(
+        None,
+        "--weights",
+        metavar="FILE",
+        help="Weights for a registered architecture or a user file.",
+    )
 
 
 def device() -> Any:
@@ -26,7 +42,12 @@ def device() -> Any:
 
 
 def resize() -> Any:
-    return typer.Option(None, "--resize", metavar="PIXELS", help="Shorter side of the model input in pixels (0: own size; default: the model's).")
+    return typer.Option(
+        None,
+        "--resize",
+        metavar="PIXELS",
+        help="Shorter side of the model input in pixels (0: own size; default: the model's).",
+    )
 
 
 def out() -> Any:
@@ -34,7 +55,9 @@ def out() -> Any:
 
 
 def figure_format() -> Any:
-    return typer.Option("png", "--format", metavar="png|svg|pdf", help="Figure format: png, svg or pdf.")
+    return typer.Option(
+        "png", "--format", metavar="png|svg|pdf", help="Figure format: png, svg or pdf."
+    )
 
 
 def max_pixels(verb: str = "Refuse") -> Any:
@@ -51,45 +74,80 @@ def max_pixels(verb: str = "Refuse") -> Any:
 
 
 def strict() -> Any:
-    return typer.Option(False, "--strict", help="Stop at the first image that cannot be used instead of skipping it.")
+    return typer.Option(
+        False,
+        "--strict",
+        help="Stop at the first image that cannot be used instead of skipping it.",
+    )
 
 
 def layers(what: str) -> Any:
-    return typer.Option(None, "--layers", metavar="NAME[,NAME...]", help=f"Deformable layer(s) {what}; comma-separated and/or repeated.")
+    return typer.Option(
+        None,
+        "--layers",
+        metavar="NAME[,NAME...]",
+        help=f"Deformable layer(s) {what}; comma-separated and/or repeated.",
+    )
 
 
 def boxes(what: str) -> Any:
-    return typer.Option(None, "--boxes", metavar="FILE", help=f"The image's boxes: COCO json, VOC xml/directory or CSV x1,y1,x2,y2[,class] (crowd/difficult boxes left out): {what}.")
+    return typer.Option(
+        None,
+        "--boxes",
+        metavar="FILE",
+        help=f"The image's boxes: COCO json, VOC xml/directory or CSV x1,y1,x2,y2[,class] (crowd/difficult boxes left out): {what}.",
+    )
 
 
 def images(default_text: str) -> Any:
-    return typer.Argument(None, metavar="IMAGE", help=f"Images (default: {default_text}).", show_default=False)
+    return typer.Argument(
+        None, metavar="IMAGE", help=f"Images (default: {default_text}).", show_default=False
+    )
 
 
 def allow_outside_paths() -> Any:
     return typer.Option(
-        False, "--allow-outside-paths", help="Read image files a dataset names outside its folder (absolute or ../ paths in COCO / VOC files)."
+        False,
+        "--allow-outside-paths",
+        help="Read image files a dataset names outside its folder (absolute or ../ paths in COCO / VOC files).",
     )
 
 
 # Unit selection: sample-points and receptive-field choose their units the same way
-# (dcn_inspect.unit_selection); the same options, worded for each command.
+# (dcn_inspect.analysis.unit_selection); the same options, worded for each command.
 
 
 def levels(verb: str) -> Any:
-    return typer.Option(None, "--levels", metavar="L", help=f"{verb} the last L deformable layers (default: 3).")
+    return typer.Option(
+        None, "--levels", metavar="L", help=f"{verb} the last L deformable layers (default: 3)."
+    )
 
 
 def at(default_text: str = "") -> Any:
-    return typer.Option(None, "--at", metavar="X,Y", help="Unit nearest to image point X,Y in original-image pixels (repeatable)." + (f" {default_text}" if default_text else ""))
+    return typer.Option(
+        None,
+        "--at",
+        metavar="X,Y",
+        help="Unit nearest to image point X,Y in original-image pixels (repeatable)."
+        + (f" {default_text}" if default_text else ""),
+    )
 
 
 def grid() -> Any:
-    return typer.Option(None, "--grid", metavar="STEP", help="Every STEP-th unit of the top layer, in both directions.")
+    return typer.Option(
+        None,
+        "--grid",
+        metavar="STEP",
+        help="Every STEP-th unit of the top layer, in both directions.",
+    )
 
 
 def round_positions(what: str) -> Any:
-    return typer.Option(False, "--round", help=f"Round {what} to the nearest cell before reading offsets (the official demo's rule).")
+    return typer.Option(
+        False,
+        "--round",
+        help=f"Round {what} to the nearest cell before reading offsets (the official demo's rule).",
+    )
 
 
 def group(help_text: str) -> Any:
@@ -103,23 +161,46 @@ def group(help_text: str) -> Any:
 def _scoped(scope: str, text: str) -> str:
     if not scope:
         return text
-    lowered = text[0].lower() + text[1:] if text[1:2].islower() else text  # "Image folder", not "VOC"
+    lowered = (
+        text[0].lower() + text[1:] if text[1:2].islower() else text
+    )  # "Image folder", not "VOC"
     return f"{scope}: {lowered}"
 
 
 def dataset_images(scope: str = "", *aliases: str) -> Any:
-    return typer.Option(None, "--images", *aliases, metavar="DIR", help=_scoped(scope, "Image folder (default: next to the COCO json / VOC JPEGImages/)."))
+    return typer.Option(
+        None,
+        "--images",
+        *aliases,
+        metavar="DIR",
+        help=_scoped(scope, "Image folder (default: next to the COCO json / VOC JPEGImages/)."),
+    )
 
 
 def split(scope: str = "", default_text: str = "") -> Any:
-    return typer.Option(None, "--split", metavar="NAME", help=_scoped(scope, "VOC ImageSets/Main/<split>.txt" + (f" ({default_text})." if default_text else ".")))
+    return typer.Option(
+        None,
+        "--split",
+        metavar="NAME",
+        help=_scoped(
+            scope,
+            "VOC ImageSets/Main/<split>.txt" + (f" ({default_text})." if default_text else "."),
+        ),
+    )
 
 
 def max_images(scope: str = "") -> Any:
-    return typer.Option(None, "--max-images", metavar="N", help=_scoped(scope, "Use only the first N images (default: all)."))
+    return typer.Option(
+        None,
+        "--max-images",
+        metavar="N",
+        help=_scoped(scope, "Use only the first N images (default: all)."),
+    )
 
 
 def thresholds(for_what: str = "", scope: str = "") -> Any:
     what = f"Box-area split{' ' + for_what if for_what else ''}"
     text = f"{what}: paper (96²,224²), coco (32²,96²), tertiles, or A,B in pixels²."
-    return typer.Option("paper", "--thresholds", metavar="paper|coco|tertiles|A,B", help=_scoped(scope, text))
+    return typer.Option(
+        "paper", "--thresholds", metavar="paper|coco|tertiles|A,B", help=_scoped(scope, text)
+    )

@@ -10,10 +10,9 @@ from typing import List, Optional
 
 import typer
 
-from dcn_inspect.cli import render
-from dcn_inspect.cli import options
+from dcn_inspect.cli import options, render
 from dcn_inspect.cli.app import app, comma_list, print_skipped
-from dcn_inspect.errors import InputError
+from dcn_inspect.core.errors import InputError
 
 EPILOG = (
     "Example: dcn-inspect receptive-field  (the bundled images: background, small and large object units)\n\n"
@@ -25,13 +24,25 @@ EPILOG = (
 #: Options that only the dataset mode reads, with their defaults.
 _STATS_ONLY = {"images_dir": None, "split": None, "thresholds": "paper", "max_images": None}
 #: Options that only the image mode reads, with their defaults.
-_IMAGES_ONLY = {"at": None, "grid": None, "boxes": None, "group": "0", "round_positions": False, "compare_model": None, "compare_weights": None, "fmt": "png"}
+_IMAGES_ONLY = {
+    "at": None,
+    "grid": None,
+    "boxes": None,
+    "group": "0",
+    "round_positions": False,
+    "compare_model": None,
+    "compare_weights": None,
+    "fmt": "png",
+}
 
 
 @app.command("receptive-field", epilog=EPILOG)
 def receptive_field(
     images: Optional[List[Path]] = typer.Argument(
-        None, metavar="IMAGE", help="Images (default: the bundled example images); with --stats, the DATASET: a COCO json or VOC directory (default: the bundled demo dataset).", show_default=False
+        None,
+        metavar="IMAGE",
+        help="Images (default: the bundled example images); with --stats, the DATASET: a COCO json or VOC directory (default: the bundled demo dataset).",
+        show_default=False,
     ),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
@@ -40,19 +51,53 @@ def receptive_field(
     at: Optional[List[str]] = options.at(),
     grid: Optional[int] = options.grid(),
     boxes: Optional[Path] = options.boxes("a unit at each box centre plus one on background"),
-    channel: Optional[int] = typer.Option(None, "--channel", metavar="C", help="The response is this channel's value (default: the sum over the layer's channels)."),
+    channel: Optional[int] = typer.Option(
+        None,
+        "--channel",
+        metavar="C",
+        help="The response is this channel's value (default: the sum over the layer's channels).",
+    ),
     group: str = options.group("Offset group the sampling trees follow (G), or 'mean'."),
     round_positions: bool = options.round_positions("tree positions"),
-    saliency_error: float = typer.Option(0.1, "--saliency-error", metavar="FRACTION", help="Relative error bound of the saliency region (0.1 = 10 %)."),
-    saliency_step: Optional[int] = typer.Option(None, "--saliency-step", metavar="PIXELS", help="Resolution of the saliency search in model-input pixels (default: the layer's stride)."),
-    compare_model: Optional[str] = typer.Option(None, "--compare-model", metavar="MODEL", help="A second model (e.g. dcn-sample-dilated) on the same units, drawn side by side."),
-    compare_weights: Optional[Path] = typer.Option(None, "--compare-weights", metavar="FILE", help="Weights of the --compare-model architecture."),
-    stats: bool = typer.Option(False, "--stats", help="Dataset mode: ERF 90 % radius and saliency area per layer and object size (dilation-stats layout)."),
+    saliency_error: float = typer.Option(
+        0.1,
+        "--saliency-error",
+        metavar="FRACTION",
+        help="Relative error bound of the saliency region (0.1 = 10 %).",
+    ),
+    saliency_step: Optional[int] = typer.Option(
+        None,
+        "--saliency-step",
+        metavar="PIXELS",
+        help="Resolution of the saliency search in model-input pixels (default: the layer's stride).",
+    ),
+    compare_model: Optional[str] = typer.Option(
+        None,
+        "--compare-model",
+        metavar="MODEL",
+        help="A second model (e.g. dcn-sample-dilated) on the same units, drawn side by side.",
+    ),
+    compare_weights: Optional[Path] = typer.Option(
+        None,
+        "--compare-weights",
+        metavar="FILE",
+        help="Weights of the --compare-model architecture.",
+    ),
+    stats: bool = typer.Option(
+        False,
+        "--stats",
+        help="Dataset mode: ERF 90 % radius and saliency area per layer and object size (dilation-stats layout).",
+    ),
     images_dir: Optional[Path] = options.dataset_images("With --stats", "--image-dir"),
     split: Optional[str] = options.split("With --stats"),
     thresholds: str = options.thresholds(scope="With --stats"),
     max_images: Optional[int] = options.max_images("With --stats"),
-    batch_size: int = typer.Option(8, "--batch-size", metavar="N", help="Units per backward pass (and masked images per forward)."),
+    batch_size: int = typer.Option(
+        8,
+        "--batch-size",
+        metavar="N",
+        help="Units per backward pass (and masked images per forward).",
+    ),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
     out: Path = options.out(),
@@ -69,18 +114,31 @@ def receptive_field(
     if stats:
         _refuse(given, _IMAGES_ONLY, "stats")
         if images and len(images) > 1:
-            raise InputError(f"{len(images)} paths given: the dataset mode takes one DATASET (a COCO json or a VOC directory)", param="images")
-        from dcn_inspect.commands.receptive_field import receptive_field_stats
+            raise InputError(
+                f"{len(images)} paths given: the dataset mode takes one DATASET (a COCO json or a VOC directory)",
+                param="images",
+            )
         from dcn_inspect.cli.dilation_stats import rich_table
+        from dcn_inspect.commands.receptive_field import receptive_field_stats
 
         for name in _IMAGES_ONLY:
             given.pop(name)
         given.pop("images")
         result = receptive_field_stats(dataset=images[0] if images else None, **given)
-        console.print(rich_table(result.radius_table, "original-image pixels", "ERF radius holding 90 % of the gradient mass"))
-        console.print(rich_table(result.area_table, "original-image pixels²", "Saliency region area"))
+        console.print(
+            rich_table(
+                result.radius_table,
+                "original-image pixels",
+                "ERF radius holding 90 % of the gradient mass",
+            )
+        )
+        console.print(
+            rich_table(result.area_table, "original-image pixels²", "Saliency region area")
+        )
         low, high = result.thresholds
-        console.print(f"thresholds ({result.thresholds_name}): small < {low:g} px² <= medium < {high:g} px² <= large; images used: {result.images_used}")
+        console.print(
+            f"thresholds ({result.thresholds_name}): small < {low:g} px² <= medium < {high:g} px² <= large; images used: {result.images_used}"
+        )
         for name, path in result.files.items():
             console.print(f"{name}: {path}")
         return
@@ -92,7 +150,9 @@ def receptive_field(
     result = run(**{**given, **dict(images=images or None, at=at or ())})
     console.print(f"followed layers (top first): {', '.join(result.layers)}")
     for item in result.images:
-        console.print(f"{item.image.name}: {len(item.units)} unit(s) -> {item.csv}, {item.npz}, {item.figure}")
+        console.print(
+            f"{item.image.name}: {len(item.units)} unit(s) -> {item.csv}, {item.npz}, {item.figure}"
+        )
     for note in result.notes:
         console.print(f"note: {note}")
     print_skipped(console, result.skipped)

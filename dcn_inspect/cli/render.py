@@ -1,6 +1,6 @@
 """How the CLI speaks of the library's errors and warnings: in terms of its own flags.
 
-The library names parameters by their Python names (:mod:`dcn_inspect.errors`); here each name
+The library names parameters by their Python names (:mod:`dcn_inspect.core.errors`); here each name
 becomes the flag or argument of the command being run, read from the command's own click
 parameters (``fmt`` -> ``--format``, ``rois_file`` -> ``--rois``, ``images`` -> ``IMAGES...``).
 """
@@ -10,10 +10,16 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
-from dcn_inspect.errors import InputError, render_message
+from dcn_inspect.core.errors import InputError, render_message
 
 #: Spelling of parameters a command does not have itself (hints that mention other options).
-FALLBACK_FLAGS = {"fmt": "--format", "class_choice": "--class", "rois": "--roi", "rois_file": "--rois", "round_positions": "--round"}
+FALLBACK_FLAGS = {
+    "fmt": "--format",
+    "class_choice": "--class",
+    "rois": "--roi",
+    "rois_file": "--rois",
+    "round_positions": "--round",
+}
 
 
 def invoked_command(argv: List[str]) -> Optional[str]:
@@ -33,7 +39,9 @@ def flag_names(command: Optional[str]) -> Dict[str, str]:
     group = typer.main.get_command(app)
     names: Dict[str, str] = {}
     sub = getattr(group, "commands", {}).get(command) if command else None
-    for param in list(getattr(group, "params", [])) + list(getattr(sub, "params", []) if sub is not None else []):
+    for param in list(getattr(group, "params", [])) + list(
+        getattr(sub, "params", []) if sub is not None else []
+    ):
         if not param.name:
             continue
         opts = [o for o in getattr(param, "opts", []) if o.startswith("--")]
@@ -84,16 +92,23 @@ def print_key_table(report: Any) -> None:
 
 
 def install_warning_printer(command: Optional[str]) -> None:
-    """Print each :class:`~dcn_inspect.errors.DcnInspectWarning` once, as ``dcn-inspect: warning: ...``."""
+    """Print each :class:`~dcn_inspect.core.errors.DcnInspectWarning` once, as ``dcn-inspect: warning: ...``."""
     import warnings
 
-    from dcn_inspect.errors import DcnInspectWarning
+    from dcn_inspect.core.errors import DcnInspectWarning
 
     spell = name_spelling(command)
     shown = set()
     previous = warnings.showwarning
 
-    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Optional[str] = None) -> None:
+    def show(
+        message: Any,
+        category: type,
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: Optional[str] = None,
+    ) -> None:
         if not issubclass(category, DcnInspectWarning):
             previous(message, category, filename, lineno, file, line)
             return

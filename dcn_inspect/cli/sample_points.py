@@ -8,9 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from dcn_inspect.cli import render
-from dcn_inspect.cli import options
-from dcn_inspect.cli.app import app, print_skipped, comma_list
+from dcn_inspect.cli import options, render
+from dcn_inspect.cli.app import app, comma_list, print_skipped
 
 EPILOG = (
     "Example: dcn-inspect sample-points  (the bundled images: background, small and large object units)\n\n"
@@ -24,23 +23,46 @@ def sample_points(
     images: Optional[List[Path]] = options.images("the bundled example images"),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
-    layers: Optional[List[str]] = options.layers("to trace (any order; traced from the last called)"),
+    layers: Optional[List[str]] = options.layers(
+        "to trace (any order; traced from the last called)"
+    ),
     levels: Optional[int] = options.levels("Trace"),
-    at: Optional[List[str]] = options.at("Default without --at, --grid, --boxes: a bundled image's annotated boxes, else the image centre."),
+    at: Optional[List[str]] = options.at(
+        "Default without --at, --grid, --boxes: a bundled image's annotated boxes, else the image centre."
+    ),
     grid: Optional[int] = options.grid(),
     boxes: Optional[Path] = options.boxes("a unit at each box centre plus one on background"),
     round_positions: bool = options.round_positions("positions"),
-    group: str = options.group("Offset group to follow (G), or 'mean' to average the groups' offsets."),
-    color_by_level: bool = typer.Option(False, "--color-by-level", help="Draw every level in its own colour (deepest stays red)."),
-    zoom: bool = typer.Option(False, "--zoom", help="Fit each panel to its own unit's points (default: every panel the whole image at one scale)."),
+    group: str = options.group(
+        "Offset group to follow (G), or 'mean' to average the groups' offsets."
+    ),
+    color_by_level: bool = typer.Option(
+        False, "--color-by-level", help="Draw every level in its own colour (deepest stays red)."
+    ),
+    zoom: bool = typer.Option(
+        False,
+        "--zoom",
+        help="Fit each panel to its own unit's points (default: every panel the whole image at one scale).",
+    ),
     thresholds: str = options.thresholds("for the titles' small/medium/large"),
-    grad_weight: bool = typer.Option(False, "--grad-weight", help="Add each point's |d response / d point| (grad_weight column) and size the points by it."),
+    grad_weight: bool = typer.Option(
+        False,
+        "--grad-weight",
+        help="Add each point's |d response / d point| (grad_weight column) and size the points by it.",
+    ),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
     out: Path = options.out(),
     fmt: str = options.figure_format(),
-    gif: bool = typer.Option(False, "--gif", help="Also write an animated GIF with one frame per unit."),
-    save_offsets: Optional[Path] = typer.Option(None, "--save-offsets", metavar="FILE.npz", help="Write the captured offset/mask fields with their geometry to FILE.npz."),
+    gif: bool = typer.Option(
+        False, "--gif", help="Also write an animated GIF with one frame per unit."
+    ),
+    save_offsets: Optional[Path] = typer.Option(
+        None,
+        "--save-offsets",
+        metavar="FILE.npz",
+        help="Write the captured offset/mask fields with their geometry to FILE.npz.",
+    ),
     max_pixels: int = options.max_pixels(),
     strict: bool = options.strict(),
 ) -> None:
@@ -54,7 +76,9 @@ def sample_points(
     console.print(f"traced layers (top first): {', '.join(result.layers)}")
     for item in result.images:
         outputs = [str(item.csv), str(item.figure)] + ([str(item.gif)] if item.gif else [])
-        console.print(f"{item.image.name}: {len(item.units)} unit(s), {len(item.table)} points -> {', '.join(outputs)}")
+        console.print(
+            f"{item.image.name}: {len(item.units)} unit(s), {len(item.table)} points -> {', '.join(outputs)}"
+        )
     if result.offsets is not None:
         console.print(f"offsets: {result.offsets}")
     for note in result.notes:

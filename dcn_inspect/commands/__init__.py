@@ -9,18 +9,23 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from dcn_inspect.columns import Column
+from dcn_inspect.core.columns import Column
 
 
 def csv_files() -> Dict[str, Tuple[Column, ...]]:
     """Every CSV the commands write (file name, ``<stem>`` = the image's stem) -> its columns,
     as defined beside the analysis that fills them (the README's column tables come from here)."""
-    from dcn_inspect.dilation import DIFFERENCES_CSV, TABLE_CSV, UNITS_CSV
-    from dcn_inspect.foreground import ROIS_CSV, TABLE_CSV as FOREGROUND_TABLE_CSV
-    from dcn_inspect.dilation import category_table_columns
-    from dcn_inspect.receptive_field import RECEPTIVE_FIELD_CSV, STATS_UNITS_CSV
-    from dcn_inspect.roi_bins import BIN_POINTS_CSV, BINS_CSV
-    from dcn_inspect.tracing import POINTS_CSV
+    from dcn_inspect.analysis.bins import BIN_POINTS_CSV, BINS_CSV
+    from dcn_inspect.analysis.bins_foreground import ROIS_CSV
+    from dcn_inspect.analysis.bins_foreground import TABLE_CSV as FOREGROUND_TABLE_CSV
+    from dcn_inspect.analysis.dilation_stats import (
+        DIFFERENCES_CSV,
+        TABLE_CSV,
+        UNITS_CSV,
+        category_table_columns,
+    )
+    from dcn_inspect.analysis.receptive_field import RECEPTIVE_FIELD_CSV, STATS_UNITS_CSV
+    from dcn_inspect.analysis.sample_points import POINTS_CSV
 
     return {
         "<stem>_points.csv": POINTS_CSV,
@@ -32,7 +37,13 @@ def csv_files() -> Dict[str, Tuple[Column, ...]]:
         "dilation_differences.csv": DIFFERENCES_CSV,
         "dilation_units.csv": UNITS_CSV,
         "<stem>_receptive_field.csv": RECEPTIVE_FIELD_CSV,
-        "erf_radius_table.csv": category_table_columns("ERF radius holding 90 % of sum_colour |dr/dI| around its centroid", "original-image pixels"),
-        "saliency_area_table.csv": category_table_columns("error-bounded saliency region area (error as `saliency_error`)", "original-image pixels²"),
+        "erf_radius_table.csv": category_table_columns(
+            "ERF radius holding 90 % of sum_colour |dr/dI| around its centroid",
+            "original-image pixels",
+        ),
+        "saliency_area_table.csv": category_table_columns(
+            "error-bounded saliency region area (error as `saliency_error`)",
+            "original-image pixels²",
+        ),
         "receptive_field_units.csv": STATS_UNITS_CSV,
     }

@@ -1,12 +1,12 @@
 """``dcn-inspect bins``: regular versus deformed RoI-pooling bins (the paper's Fig. 7).
 
-For each image: its RoIs (:func:`dcn_inspect.roi_selection.collect_rois`, all checked before
-any work) -> the model's own forward with ``rois=`` under :func:`dcn_inspect.hooks.probe` ->
-the pooling layer's record -> whose offsets to show (:func:`dcn_inspect.roi_selection.choose_classes`)
--> the bins (:mod:`dcn_inspect.roi_bins`) in original-image pixels -> written as
+For each image: its RoIs (:func:`dcn_inspect.analysis.roi_selection.collect_rois`, all checked before
+any work) -> the model's own forward with ``rois=`` under :func:`dcn_inspect.capture.session.probe` ->
+the pooling layer's record -> whose offsets to show (:func:`dcn_inspect.analysis.roi_selection.choose_classes`)
+-> the bins (:mod:`dcn_inspect.analysis.bins`) in original-image pixels -> written as
 
 - ``<stem>_bins.csv``: one row per (RoI, class, bin), regular and deformed bin, and the
-  fraction of each bin's sampling points on the RoI's object mask (:mod:`dcn_inspect.foreground`);
+  fraction of each bin's sampling points on the RoI's object mask (:mod:`dcn_inspect.analysis.bins_foreground`);
 - ``<stem>_bin_points.csv`` (``points=True``): the bilinear sampling points of every bin;
 - ``<stem>_bins.<fmt>``: one panel per RoI (or all RoIs on one image with ``overlay``);
 - ``summary.json``: model, pooling head, RoIs, their objects and foreground fractions, how
@@ -27,18 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dcn_inspect.annotations import AnnotatedDataset, ImageAnnotation, detect_format, load_dataset, object_mask
-from dcn_inspect.columns import describe, names
-from dcn_inspect.commands.common import CommandRun, check_figure_format, check_resize, image_list, images_of_run, start_run
-from dcn_inspect.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
-from dcn_inspect.errors import InputError
-from dcn_inspect.foreground import MATCH_IOU, ROIS_CSV, TABLE_COLUMNS, TABLE_CSV, BinForeground, bin_foreground, foreground_table
-from dcn_inspect.hooks import ModelRaised, Probe, probe
-from dcn_inspect.images import ImageError, ModelInput, SkippedImages, check_max_pixels, read_model_input, to_model_input
-from dcn_inspect.loaded_model import LoadedModel
-from dcn_inspect.outputs import write_csv, write_figure, write_text
-from dcn_inspect.records import RoIPoolRecord
-from dcn_inspect.roi_bins import (
+from dcn_inspect.analysis.bins import (
     AGNOSTIC,
     BIN_POINTS_CSV,
     BINS_CSV,
@@ -52,7 +41,16 @@ from dcn_inspect.roi_bins import (
     head_info,
     points_table,
 )
-from dcn_inspect.roi_selection import (
+from dcn_inspect.analysis.bins_foreground import (
+    MATCH_IOU,
+    ROIS_CSV,
+    TABLE_COLUMNS,
+    TABLE_CSV,
+    BinForeground,
+    bin_foreground,
+    foreground_table,
+)
+from dcn_inspect.analysis.roi_selection import (
     Box,
     ClassChoice,
     RoIObject,
@@ -61,14 +59,53 @@ from dcn_inspect.roi_selection import (
     class_label,
     class_names,
     collect_rois,
-    offset_class_names,
     image_annotations,
+    offset_class_names,
     parse_roi,
     roi_logits,
     roi_objects,
 )
+from dcn_inspect.capture.records import RoIPoolRecord
+from dcn_inspect.capture.session import ModelRaised, Probe, probe
+from dcn_inspect.commands.common import (
+    CommandRun,
+    image_list,
+    images_of_run,
+    start_run,
+)
+from dcn_inspect.commands.options import ImageInput, ModelChoice, check_figure_format
+from dcn_inspect.core.columns import describe, names
+from dcn_inspect.core.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
+from dcn_inspect.core.errors import InputError
+from dcn_inspect.io.annotations import (
+    AnnotatedDataset,
+    ImageAnnotation,
+    detect_format,
+    load_dataset,
+    object_mask,
+)
+from dcn_inspect.io.images import (
+    ImageError,
+    ModelInput,
+    SkippedImages,
+    check_max_pixels,
+    check_resize,
+    read_model_input,
+    to_model_input,
+)
+from dcn_inspect.io.outputs import write_csv, write_figure, write_text
+from dcn_inspect.models.loaded_model import LoadedModel
 
-__all__ = ["CSV_COLUMNS", "FOREGROUND_ROI_COLUMNS", "POINT_COLUMNS", "TABLE_COLUMNS", "BinsResult", "ImageBins", "bins", "foreground_markdown"]
+__all__ = [
+    "CSV_COLUMNS",
+    "FOREGROUND_ROI_COLUMNS",
+    "POINT_COLUMNS",
+    "TABLE_COLUMNS",
+    "BinsResult",
+    "ImageBins",
+    "bins",
+    "foreground_markdown",
+]
 
 #: Columns of ``foreground_rois.csv`` (dataset mode): one row per RoI.
 FOREGROUND_ROI_COLUMNS = names(ROIS_CSV)
@@ -87,7 +124,9 @@ class ImageBins:
     points_csv: Optional[Path]
     table: pd.DataFrame
     rois: List[Dict[str, Any]]
-    foreground: Optional[pd.DataFrame] = None  # one row per RoI row set (ROI_COLUMNS + object), None without masks
+    foreground: Optional[pd.DataFrame] = (
+        None  # one row per RoI row set (ROI_COLUMNS + object), None without masks
+    )
 
 
 @dataclass
@@ -97,8 +136,12 @@ class BinsResult:
     summary: Path
     head: Optional[HeadInfo] = None
     notes: List[str] = field(default_factory=list)
-    skipped: List[Dict[str, str]] = field(default_factory=list)  # unreadable images: image, kind, reason
-    foreground: Optional[pd.DataFrame] = None  # per class and overall (foreground.TABLE_COLUMNS); None without masks
+    skipped: List[Dict[str, str]] = field(
+        default_factory=list
+    )  # unreadable images: image, kind, reason
+    foreground: Optional[pd.DataFrame] = (
+        None  # per class and overall (foreground.TABLE_COLUMNS); None without masks
+    )
     files: Dict[str, Path] = field(default_factory=dict)  # dataset mode: what was written
 
 
@@ -149,16 +192,39 @@ def bins(
     check_resize(resize)
     dataset = _dataset_argument(images)
     if dataset is not None:
-        return _bins_over_dataset(dataset, model, weights, options, device, out, max_pixels, progress, strict, images_dir, split, max_images, allow_outside_paths)
-    dataset_only = {"images_dir": images_dir, "split": split, "max_images": max_images, "allow_outside_paths": allow_outside_paths or None}
+        return _bins_over_dataset(
+            dataset,
+            model,
+            weights,
+            options,
+            device,
+            out,
+            max_pixels,
+            progress,
+            strict,
+            images_dir,
+            split,
+            max_images,
+            allow_outside_paths,
+        )
+    dataset_only = {
+        "images_dir": images_dir,
+        "split": split,
+        "max_images": max_images,
+        "allow_outside_paths": allow_outside_paths or None,
+    }
     for name, value in dataset_only.items():
         if value is not None:
-            raise InputError("applies to a dataset (a COCO json or a VOC directory), not to images", param=name)
+            raise InputError(
+                "applies to a dataset (a COCO json or a VOC directory), not to images", param=name
+            )
     image_paths = image_list(images)
     # Every image's RoIs are checked before any work, so a bad RoI fails fast and writes nothing.
     if boxes is not None and not Path(boxes).exists():
         raise InputError(f"{boxes}: file not found", param="boxes")
-    requests_of = {path: collect_rois(path, rois, rois_file, annotations, boxes) for path in image_paths}
+    requests_of = {
+        path: collect_rois(path, rois, rois_file, annotations, boxes) for path in image_paths
+    }
     parameters = {
         "images": [str(p) for p in image_paths],
         "rois": [list(map(float, parse_roi(r) if isinstance(r, str) else r)) for r in rois],
@@ -173,17 +239,23 @@ def bins(
         "format": options.fmt,
     }
     planned = [Path(out) / name for path in image_paths for name in _output_names(path, options)]
-    run = start_run("bins", parameters, model, weights, device, out, outputs=planned)
+    inputs = ImageInput(resize, max_pixels, device, strict)
+    run = start_run("bins", parameters, ModelChoice(model, weights), inputs, out, outputs=planned)
     names = class_names(run.loaded)
 
     results: List[ImageBins] = []
     per_image: List[Dict[str, Any]] = []
     head: Optional[HeadInfo] = None
     with run:
-        with images_of_run(image_paths, strict, max_pixels, "bins", progress, run.loaded.preprocess, resize) as (readable, skipped):
+        with images_of_run(image_paths, inputs, "bins", progress, run.loaded.preprocess) as (
+            readable,
+            skipped,
+        ):
             for path, image in readable:
                 entry = _annotation_matching(path, image, annotations, run)
-                item, image_summary, info = _bins_for_image(path, image, requests_of[path], names, options, run, entry, max_pixels)
+                item, image_summary, info = _bins_for_image(
+                    path, image, requests_of[path], names, options, run, entry, max_pixels
+                )
                 head = head or info
                 results.append(item)
                 per_image.append(image_summary)
@@ -214,14 +286,34 @@ def _bins_for_image(
     (``entry``: the image's annotation, if any) and write its CSV(s) and figure."""
     model_input = to_model_input(image, run.loaded.preprocess, options.resize, max_pixels)
     measured = _measure_image(model_input, requests, names, options, run, entry, max_pixels)
-    record, info, choice, geometry, offset_names = measured.record, measured.info, measured.choice, measured.geometry, measured.offset_names
+    record, info, choice, geometry, offset_names = (
+        measured.record,
+        measured.info,
+        measured.choice,
+        measured.geometry,
+        measured.offset_names,
+    )
     if not info.has_offsets:
-        run.notes.append(f"{path.name}: layer {record.name} ran without offsets; deformed bins equal the regular bins")
+        run.notes.append(
+            f"{path.name}: layer {record.name} ran without offsets; deformed bins equal the regular bins"
+        )
     labels = [(roi, class_label(c, how, offset_names)) for roi, c, how in choice.rows]
     files = _write_image_outputs(
-        path, image, requests, geometry, labels, choice, info, f"{path.name}: {info.module_type} {record.name}", options, run, measured.fractions
+        path,
+        image,
+        requests,
+        geometry,
+        labels,
+        choice,
+        info,
+        f"{path.name}: {info.module_type} {record.name}",
+        options,
+        run,
+        measured.fractions,
     )
-    roi_summary = _roi_summary(requests, record, geometry, choice, offset_names, measured.objects, measured.fractions)
+    roi_summary = _roi_summary(
+        requests, record, geometry, choice, offset_names, measured.objects, measured.fractions
+    )
     image_summary = {
         "image": str(path),
         "original_hw": list(model_input.original_hw),
@@ -231,10 +323,19 @@ def _bins_for_image(
         "pooled_map_hw": list(record.input_hw),
         "coordinates": frame_comparison(info, record.input_frame),
         "rois": roi_summary,
-        "outputs": [files.csv.name, files.figure.name] + ([files.points_csv.name] if files.points_csv else []),
+        "outputs": [files.csv.name, files.figure.name]
+        + ([files.points_csv.name] if files.points_csv else []),
     }
-    foreground = _foreground_rows(path.name, requests, choice, labels, measured.objects, measured.fractions)
-    return ImageBins(path, files.csv, files.figure, files.points_csv, files.table, roi_summary, foreground), image_summary, info
+    foreground = _foreground_rows(
+        path.name, requests, choice, labels, measured.objects, measured.fractions
+    )
+    return (
+        ImageBins(
+            path, files.csv, files.figure, files.points_csv, files.table, roi_summary, foreground
+        ),
+        image_summary,
+        info,
+    )
 
 
 @dataclass
@@ -263,17 +364,34 @@ def _measure_image(
     result = _forward_with_rois(run, model_input, requests)
     record = _pooling_record(result.capture.roi_pools, options.layer)
     if record.rois.shape[0] != len(requests):
-        raise InputError(f"{run.loaded.name}: layer {record.name} pooled {record.rois.shape[0]} RoIs for the {len(requests)} given", param="model")
+        raise InputError(
+            f"{run.loaded.name}: layer {record.name} pooled {record.rois.shape[0]} RoIs for the {len(requests)} given",
+            param="model",
+        )
     info = head_info(record)
     offset_names = offset_class_names(names, info.num_classes)
-    choice = choose_classes(options.class_choice, requests, info, offset_names, roi_logits(result.output))
+    choice = choose_classes(
+        options.class_choice, requests, info, offset_names, roi_logits(result.output)
+    )
     geometry = geometry_for_rows(record, choice.rows, info).scaled(*model_input.scale_to_original)
     objects = roi_objects(requests, entry)
-    return _Measured(record, info, choice, geometry, offset_names, objects, _fractions(geometry, choice, objects, entry, max_pixels))
+    return _Measured(
+        record,
+        info,
+        choice,
+        geometry,
+        offset_names,
+        objects,
+        _fractions(geometry, choice, objects, entry, max_pixels),
+    )
 
 
 def _fractions(
-    geometry: BinGeometry, choice: ClassChoice, objects: Sequence[Optional[RoIObject]], entry: Optional[ImageAnnotation], max_pixels: int
+    geometry: BinGeometry,
+    choice: ClassChoice,
+    objects: Sequence[Optional[RoIObject]],
+    entry: Optional[ImageAnnotation],
+    max_pixels: int,
 ) -> List[Optional[BinForeground]]:
     """Foreground fractions of every row set whose RoI has an object with a mask; one mask
     decoded at a time (row sets of one RoI are consecutive)."""
@@ -300,7 +418,9 @@ def _foreground_rows(
 ) -> Optional[pd.DataFrame]:
     """One row per RoI row set with a fraction: :data:`FOREGROUND_ROI_COLUMNS`; None if none has one."""
     rows = []
-    for (roi, _, how), (_, label), obj, fraction in zip(choice.rows, labels, objects_per_row(choice, objects), fractions):
+    for (roi, _, how), (_, label), obj, fraction in zip(
+        choice.rows, labels, objects_per_row(choice, objects), fractions
+    ):
         if fraction is None or obj is None:
             continue
         x1, y1, x2, y2 = requests[roi].box
@@ -314,11 +434,15 @@ def _foreground_rows(
     return pd.DataFrame(rows, columns=FOREGROUND_ROI_COLUMNS) if rows else None
 
 
-def objects_per_row(choice: ClassChoice, objects: Sequence[Optional[RoIObject]]) -> List[Optional[RoIObject]]:
+def objects_per_row(
+    choice: ClassChoice, objects: Sequence[Optional[RoIObject]]
+) -> List[Optional[RoIObject]]:
     return [objects[roi] for roi, _, _ in choice.rows]
 
 
-def _annotation_matching(path: Path, image: np.ndarray, annotations: Optional[Path], run: CommandRun) -> Optional[ImageAnnotation]:
+def _annotation_matching(
+    path: Path, image: np.ndarray, annotations: Optional[Path], run: CommandRun
+) -> Optional[ImageAnnotation]:
     """The image's annotation (with masks) when its size matches the image; else a note and None."""
     entry = image_annotations(path, annotations)
     if entry is None:
@@ -332,14 +456,18 @@ def _annotation_matching(path: Path, image: np.ndarray, annotations: Optional[Pa
     return entry
 
 
-def _overall_foreground(results: Sequence[ImageBins], options: _Options, run: CommandRun) -> Optional[pd.DataFrame]:
+def _overall_foreground(
+    results: Sequence[ImageBins], options: _Options, run: CommandRun
+) -> Optional[pd.DataFrame]:
     """Images mode: the per-class and overall table into summary.json (one class per RoI only)."""
     parts = [item.foreground for item in results if item.foreground is not None]
     if not parts:
         run.summary["foreground"] = None
         return None
     if options.class_choice == "all":
-        run.summary["foreground"] = {"note": "per-class table not computed with `class_choice` all (several offset sets per RoI)"}
+        run.summary["foreground"] = {
+            "note": "per-class table not computed with `class_choice` all (several offset sets per RoI)"
+        }
         return None
     table = foreground_table(pd.concat(parts, ignore_index=True))
     run.summary["foreground"] = _foreground_summary(table)
@@ -357,27 +485,44 @@ def _foreground_summary(table: pd.DataFrame) -> Dict[str, Any]:
             f"the annotated box the RoI was made from; otherwise the annotated box with the highest IoU if >= {MATCH_IOU}"
         ),
         "mask_rasterisation": "polygons: pixels whose centre lies inside (even-odd, parts united); RLE: as decoded (column-major)",
-        "table": [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()} for row in table.to_dict("records")],
+        "table": [
+            {
+                k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                for k, v in row.items()
+            }
+            for row in table.to_dict("records")
+        ],
     }
 
 
 def _output_names(path: Path, options: _Options) -> List[str]:
     """The files :func:`_write_image_outputs` writes for ``path`` (in the output directory)."""
-    return [f"{path.stem}_bins.csv", f"{path.stem}_bins.{options.fmt}"] + ([f"{path.stem}_bin_points.csv"] if options.points else [])
+    return [f"{path.stem}_bins.csv", f"{path.stem}_bins.{options.fmt}"] + (
+        [f"{path.stem}_bin_points.csv"] if options.points else []
+    )
 
 
-def _forward_with_rois(run: CommandRun, model_input: ModelInput, requests: Sequence[RoIRequest]) -> Probe:
+def _forward_with_rois(
+    run: CommandRun, model_input: ModelInput, requests: Sequence[RoIRequest]
+) -> Probe:
     """The model's forward with the RoIs scaled from original-image to model-input pixels."""
     sx, sy = model_input.scale_to_original
     boxes = torch.tensor(
-        [[0.0, r.box[0] / sx, r.box[1] / sy, r.box[2] / sx, r.box[3] / sy] for r in requests], dtype=model_input.tensor.dtype
+        [[0.0, r.box[0] / sx, r.box[1] / sy, r.box[2] / sx, r.box[3] / sy] for r in requests],
+        dtype=model_input.tensor.dtype,
     )
     try:
-        return probe(run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name, rois=boxes.to(run.device))
+        return probe(
+            run.loaded.model,
+            model_input.tensor.to(run.device),
+            model_name=run.loaded.name,
+            rois=boxes.to(run.device),
+        )
     except ModelRaised as exc:
         if isinstance(exc.original, TypeError) and "rois" in str(exc.original):
             raise InputError(
-                f"{run.loaded.name}: its forward does not take rois= (bins needs a model with a deformable RoI pooling head)", param="model"
+                f"{run.loaded.name}: its forward does not take rois= (bins needs a model with a deformable RoI pooling head)",
+                param="model",
             ) from None
         raise
 
@@ -386,11 +531,15 @@ def _pooling_record(records: Dict[str, RoIPoolRecord], layer: Optional[str]) -> 
     """The pooling layer to show: ``layer``, else the first that ran with offsets, else the first."""
     if not records:
         raise InputError(
-            "no deformable RoI pooling layer ran in the forward with rois= (bins needs a deformable (PS) RoI pooling head)", param="model"
+            "no deformable RoI pooling layer ran in the forward with rois= (bins needs a deformable (PS) RoI pooling head)",
+            param="model",
         )
     if layer is not None:
         if layer not in records:
-            raise InputError(f"{layer}: not a RoI pooling layer of the model (found: {', '.join(records)})", param="layer")
+            raise InputError(
+                f"{layer}: not a RoI pooling layer of the model (found: {', '.join(records)})",
+                param="layer",
+            )
         return records[layer]
     with_offsets = [r for r in records.values() if r.offset is not None]
     return with_offsets[0] if with_offsets else next(iter(records.values()))
@@ -417,7 +566,7 @@ def _write_image_outputs(
     run: CommandRun,
     fractions: Sequence[Optional[BinForeground]] = (),
 ) -> _ImageFiles:
-    from dcn_inspect.plots.bins import OP_EXTENT_LABELS, RoIPanel, draw_bins_figure
+    from dcn_inspect.report.bins import OP_EXTENT_LABELS, RoIPanel, draw_bins_figure
 
     shape = geometry.regular.shape[:3]
     fg_regular, fg_deformed = np.full(shape, np.nan), np.full(shape, np.nan)
@@ -438,16 +587,25 @@ def _write_image_outputs(
             regular=geometry.regular[k],
             deformed=geometry.deformed[k],
             points=geometry.points[k].reshape(-1, 2) if options.points else None,
-            roi_label=f"RoI {roi}" + (f" ({requests[roi].label})" if requests[roi].label is not None else ""),
+            roi_label=f"RoI {roi}"
+            + (f" ({requests[roi].label})" if requests[roi].label is not None else ""),
             op_roi=tuple(float(v) for v in geometry.op_rois[k]),  # type: ignore[arg-type]
         )
         for k, ((roi, label), (_, _, how)) in enumerate(zip(labels, choice.rows))
     ]
     if len(panels) > MAX_PANELS and not options.overlay:
-        run.notes.append(f"{path.name}: figure shows the first {MAX_PANELS} of {len(panels)} RoI/class panels; the CSV has all")
+        run.notes.append(
+            f"{path.name}: figure shows the first {MAX_PANELS} of {len(panels)} RoI/class panels; the CSV has all"
+        )
         panels = panels[:MAX_PANELS]
     figure_path = run.out_dir / f"{path.stem}_bins.{options.fmt}"
-    figure = draw_bins_figure(image, panels, overlay=options.overlay, title=title, op_extent_label=OP_EXTENT_LABELS[info.kind])
+    figure = draw_bins_figure(
+        image,
+        panels,
+        overlay=options.overlay,
+        title=title,
+        op_extent_label=OP_EXTENT_LABELS[info.kind],
+    )
     write_figure(figure_path, figure, dpi=100)
     return _ImageFiles(csv_path, figure_path, points_path, table)
 
@@ -469,7 +627,11 @@ def _roi_summary(
         fraction = fractions[k] if k < len(fractions) else None
         if fraction is None:
             return {}
-        return {"fg_regular": fraction.regular, "fg_deformed": fraction.deformed, "gain": fraction.gain}
+        return {
+            "fg_regular": fraction.regular,
+            "fg_deformed": fraction.deformed,
+            "gain": fraction.gain,
+        }
 
     def top(r: int) -> Optional[str]:
         index = choice.top_class[r] if r < len(choice.top_class) else None
@@ -486,7 +648,12 @@ def _roi_summary(
             "object": objects[r].as_dict() if r < len(objects) and objects[r] is not None else None,  # type: ignore[union-attr]
             "top_scored_class": top(r),
             "classes": [
-                {"class": class_label(c, how, offset_names), "index": c, "chosen_by": how, **measured(k)}
+                {
+                    "class": class_label(c, how, offset_names),
+                    "index": c,
+                    "chosen_by": how,
+                    **measured(k),
+                }
                 for k, (rr, c, how) in enumerate(choice.rows)
                 if rr == r
             ],
@@ -525,7 +692,10 @@ def _dataset_argument(images: Optional[Sequence[Path]]) -> Optional[Path]:
     if not datasets:
         return None
     if len(paths) > 1:
-        raise InputError(f"{datasets[0]}: give either image files or one dataset (a COCO json or a VOC directory), not both", param="images")
+        raise InputError(
+            f"{datasets[0]}: give either image files or one dataset (a COCO json or a VOC directory), not both",
+            param="images",
+        )
     return datasets[0]
 
 
@@ -545,12 +715,17 @@ def _bins_over_dataset(
     allow_outside_paths: bool,
 ) -> BinsResult:
     if options.class_choice == "all":
-        raise InputError("all: the dataset table needs one offset set per RoI (use auto, gt, pred, or a class)", param="class_choice")
+        raise InputError(
+            "all: the dataset table needs one offset set per RoI (use auto, gt, pred, or a class)",
+            param="class_choice",
+        )
     if max_images is not None and max_images < 1:
         raise InputError(f"{max_images}: must be at least 1", param="max_images")
     detect_format(dataset)
     check_max_pixels(max_pixels)
-    data = load_dataset(dataset, images_dir, split, masks=True, allow_outside_paths=allow_outside_paths)
+    data = load_dataset(
+        dataset, images_dir, split, masks=True, allow_outside_paths=allow_outside_paths
+    )
     entries = data.images[:max_images] if max_images is not None else data.images
     if not entries:
         raise InputError(f"{data.root}: the dataset has no images")
@@ -559,8 +734,14 @@ def _bins_over_dataset(
         "class": options.class_choice, "layer": options.layer, "resize": options.resize, "strict": strict, "max_pixels": max_pixels,
         "allow_outside_paths": allow_outside_paths,
     }  # fmt: skip
-    planned = [Path(out) / name for name in ("foreground_rois.csv", "foreground_table.csv", "foreground_table.md")]
-    with start_run("bins", parameters, model, weights, device, out, outputs=planned) as run:
+    planned = [
+        Path(out) / name
+        for name in ("foreground_rois.csv", "foreground_table.csv", "foreground_table.md")
+    ]
+    inputs = ImageInput(options.resize, max_pixels, device, strict)
+    with start_run(
+        "bins", parameters, ModelChoice(model, weights), inputs, out, outputs=planned
+    ) as run:
         run.outputs.protect("dataset", [data.root, *(entry.path for entry in entries)])
         return _measure_dataset(run, data, entries, options, max_pixels, progress, strict, split)
 
@@ -576,7 +757,7 @@ def _measure_dataset(
     split: Optional[str],
 ) -> BinsResult:
     """Dataset mode's loop: every annotated box of every image an RoI, measured on its object's mask."""
-    from dcn_inspect.progress import image_progress
+    from dcn_inspect.io.progress import image_progress
 
     names = class_names(run.loaded)
     skipped = SkippedImages(len(entries), strict)
@@ -590,23 +771,47 @@ def _measure_dataset(
                 without_boxes += 1
                 continue
             if entry.path is None:
-                skipped.skip(entry.file_name, ImageError(f"{entry.file_name}: image file not found", "image file not found"))
+                skipped.skip(
+                    entry.file_name,
+                    ImageError(f"{entry.file_name}: image file not found", "image file not found"),
+                )
                 continue
             try:
-                _, model_input = read_model_input(entry.path, run.loaded.preprocess, options.resize, max_pixels, (entry.height, entry.width))
+                _, model_input = read_model_input(
+                    entry.path,
+                    run.loaded.preprocess,
+                    options.resize,
+                    max_pixels,
+                    (entry.height, entry.width),
+                )
             except ImageError as exc:
                 skipped.skip(entry.file_name, exc)
                 continue
             requests = [
-                RoIRequest(tuple(float(v) for v in box), entry.labels[k], entry.sources[k] if k < len(entry.sources) else f"{entry.file_name} box {k}", k)  # type: ignore[arg-type]
+                RoIRequest(
+                    tuple(float(v) for v in box),
+                    entry.labels[k],
+                    entry.sources[k] if k < len(entry.sources) else f"{entry.file_name} box {k}",
+                    k,
+                )  # type: ignore[arg-type]
                 for k, box in enumerate(entry.boxes)
             ]
             measured = _measure_image(model_input, requests, names, options, run, entry, max_pixels)
             head = head or measured.info
             used += 1
             rois_total += len(requests)
-            labels = [(roi, class_label(c, how, measured.offset_names)) for roi, c, how in measured.choice.rows]
-            rows = _foreground_rows(entry.file_name, requests, measured.choice, labels, measured.objects, measured.fractions)
+            labels = [
+                (roi, class_label(c, how, measured.offset_names))
+                for roi, c, how in measured.choice.rows
+            ]
+            rows = _foreground_rows(
+                entry.file_name,
+                requests,
+                measured.choice,
+                labels,
+                measured.objects,
+                measured.fractions,
+            )
             if rows is None:
                 rois_without_mask += len(requests)
                 continue
@@ -615,10 +820,16 @@ def _measure_dataset(
             rois_ignored += int(ignored.sum())
             parts.append(rows[~ignored])
     skipped.check_any_used(used, str(data.root))
-    per_roi = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=FOREGROUND_ROI_COLUMNS)
+    per_roi = (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else pd.DataFrame(columns=FOREGROUND_ROI_COLUMNS)
+    )
     table = foreground_table(per_roi) if len(per_roi) else pd.DataFrame(columns=TABLE_COLUMNS)
     if not len(per_roi):
-        run.notes.append(f"{data.root}: no annotated box has an object mask (COCO 'segmentation'); nothing to measure")
+        run.notes.append(
+            f"{data.root}: no annotated box has an object mask (COCO 'segmentation'); nothing to measure"
+        )
     files = {
         "rois_csv": run.out_dir / "foreground_rois.csv",
         "table_csv": run.out_dir / "foreground_table.csv",
@@ -626,14 +837,22 @@ def _measure_dataset(
     }
     write_csv(files["rois_csv"], per_roi, ROIS_CSV)
     write_csv(files["table_csv"], table, TABLE_CSV)
-    run.summary["columns"] = {"foreground_rois.csv": describe(ROIS_CSV), "foreground_table.csv": describe(TABLE_CSV)}
+    run.summary["columns"] = {
+        "foreground_rois.csv": describe(ROIS_CSV),
+        "foreground_table.csv": describe(TABLE_CSV),
+    }
     write_text(files["table_md"], foreground_markdown(table, run.loaded.name, str(data.root)))
     run.summary["dataset"] = {
         "path": str(data.root), "format": data.format, "split": split, "images_in_dataset": len(data.images),
         "images_selected": len(entries), "categories": data.categories, "issues": data.issues,
     }  # fmt: skip
     run.summary["images"] = {"used": used, "without_boxes": without_boxes}
-    run.summary["rois"] = {"total": rois_total, "measured": len(per_roi), "without_mask": rois_without_mask, "ignored_boxes": rois_ignored}
+    run.summary["rois"] = {
+        "total": rois_total,
+        "measured": len(per_roi),
+        "without_mask": rois_without_mask,
+        "ignored_boxes": rois_ignored,
+    }
     run.summary["head"] = head.as_dict() if head else None
     run.summary["class_names"] = offset_class_names(names, head.num_classes) if head else names
     run.summary["foreground"] = _foreground_summary(table)
@@ -650,7 +869,11 @@ def foreground_markdown(table: pd.DataFrame, model: str, dataset: str) -> str:
         "|---|---:|---:|---:|---|---:|",
     ]
     for row in table.itertuples(index=False):
-        interval = "" if not np.isfinite(row.gain_ci_low) else f" [{100 * row.gain_ci_low:+.1f}, {100 * row.gain_ci_high:+.1f}]"
+        interval = (
+            ""
+            if not np.isfinite(row.gain_ci_low)
+            else f" [{100 * row.gain_ci_low:+.1f}, {100 * row.gain_ci_high:+.1f}]"
+        )
         lines.append(
             f"| {row.group} | {row.rois} | {100 * row.fg_regular:.1f} % | {100 * row.fg_deformed:.1f} % | "
             f"{100 * row.gain:+.1f} pt{interval} | {100 * row.improved:.0f} % |"

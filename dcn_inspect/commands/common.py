@@ -1,12 +1,12 @@
 """The set-up every command shares, written once: option checks, the image list, the model, the
 output directory and ``summary.json``, and the loop over images with one skipping policy.
 
-A command module reads as: check options (:func:`check_figure_format`, :func:`check_resize`,
+A command module reads as: check options (:func:`~dcn_inspect.commands.options.check_figure_format`, :func:`check_resize`,
 :func:`image_list`) -> :func:`start_run` (model, device, output directory, summary) ->
 :func:`images_of_run` (each usable image, unusable ones skipped by
-:class:`~dcn_inspect.images.SkippedImages`) -> its analysis -> its writers -> ``run.finish()``.
+:class:`~dcn_inspect.io.images.SkippedImages`) -> its analysis -> its writers -> ``run.finish()``.
 
-What a run writes is one unit (:class:`~dcn_inspect.outputs.RunOutputs`): nothing becomes
+What a run writes is one unit (:class:`~dcn_inspect.io.outputs.RunOutputs`): nothing becomes
 visible before ``run.finish()`` (or ``run.commit()``) renames it all into place, a failure
 removes it all (``with start_run(...) as run:`` does that on the spot; the CLI does it for
 every run on any error or signal), the output directory is locked against a second run, and
@@ -21,28 +21,27 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from dcn_inspect.defaults import FIGURE_FORMATS
-from dcn_inspect.errors import InputError
-from dcn_inspect.images import ImageError, ModelInput, SkippedImages, check_image, check_max_pixels, check_resize, load_image  # noqa: F401  (check_resize: part of the shared set-up)
-from dcn_inspect.loaded_model import LoadedModel
-from dcn_inspect.loading import open_model
+from dcn_inspect.capture.records import DeformConvRecord
+from dcn_inspect.commands.options import ImageInput, ModelChoice
+from dcn_inspect.core.errors import InputError
+from dcn_inspect.io.images import (
+    ImageError,
+    ModelInput,
+    SkippedImages,
+    check_image,
+    check_max_pixels,
+    load_image,
+)
+from dcn_inspect.io.outputs import RunOutputs, RunSummary, prepare_out_dir
+from dcn_inspect.io.progress import image_progress
+from dcn_inspect.models.loaded_model import LoadedModel
+from dcn_inspect.models.loading import open_model
 from dcn_inspect.models.registry import Preprocess
-from dcn_inspect.outputs import RunOutputs, RunSummary, prepare_out_dir
-from dcn_inspect.progress import image_progress
-from dcn_inspect.records import DeformConvRecord
-
-
-def check_figure_format(fmt: str) -> str:
-    """``fmt`` lower-cased without a dot; an error unless it is one of :data:`FIGURE_FORMATS`."""
-    fmt = fmt.lower().lstrip(".")
-    if fmt not in FIGURE_FORMATS:
-        raise InputError(f"{fmt!r}: use png, svg or pdf", param="fmt")
-    return fmt
 
 
 def check_npz_path(path: Optional[Path], param: str) -> None:
@@ -58,7 +57,7 @@ def check_npz_path(path: Optional[Path], param: str) -> None:
 
 def default_images() -> List[Path]:
     """The bundled example images, used when a command gets no image."""
-    from dcn_inspect.datasets import bundled_images
+    from dcn_inspect.io.datasets import bundled_images
 
     images = [Path(p) for p in bundled_images()]
     if not images:
@@ -73,7 +72,9 @@ def image_list(images: Optional[Sequence[Path]]) -> List[Path]:
     stems: Dict[str, Path] = {}
     for path in paths:
         if path.stem in stems and stems[path.stem] != path:
-            raise InputError(f"{path}: same file name stem as {stems[path.stem]}; their outputs would overwrite each other")
+            raise InputError(
+                f"{path}: same file name stem as {stems[path.stem]}; their outputs would overwrite each other"
+            )
         stems[path.stem] = path
     return paths
 
@@ -85,7 +86,7 @@ OUTPUT_PARAMETERS = ("out", "save_offsets")
 @dataclass
 class CommandRun:
     """What every command holds while it runs: the model, its device, the output directory, the
-    summary being filled and the run's files (:class:`~dcn_inspect.outputs.RunOutputs`).
+    summary being filled and the run's files (:class:`~dcn_inspect.io.outputs.RunOutputs`).
 
     ``with start_run(...) as run:`` commits the files when the block ends normally and removes
     them when it raises; without ``with``, :meth:`finish` commits and the CLI aborts on failure.
@@ -145,9 +146,8 @@ def input_files(parameters: Dict[str, Any]) -> Dict[str, List[Path]]:
 def start_run(
     command: str,
     parameters: Dict[str, Any],
-    model: Union[str, LoadedModel, None],
-    weights: Optional[Path],
-    device: str,
+    model: ModelChoice,
+    inputs: ImageInput,
     out: Path,
     create_out: bool = True,
     outputs: Sequence[Path] = (),
@@ -160,16 +160,16 @@ def start_run(
     each is checked against the inputs before any work, even before the model is loaded.
     ``create_out`` is False on the ranks of a distributed run that do not write (rank 0 creates it).
     """
-    inputs = input_files(parameters)
+    input_paths = input_files(parameters)
     if create_out:
-        _refuse_outputs_onto_inputs(Path(out), outputs, inputs)
-    loaded, dev = open_model(model, weights, device)
+        _refuse_outputs_onto_inputs(Path(out), outputs, input_paths)
+    loaded, dev = open_model(model.model, model.weights, inputs.device)
     existed = os.path.lexists(out)
     out_dir = prepare_out_dir(Path(out)) if create_out else Path(out)
     run_outputs = RunOutputs(out_dir if create_out else None, created=create_out and not existed)
-    for name, paths in inputs.items():
+    for name, paths in input_paths.items():
         run_outputs.protect(name, paths)
-    run_outputs.protect("weights" if weights is not None else "model", [loaded.checkpoint])
+    run_outputs.protect("weights" if model.weights is not None else "model", [loaded.checkpoint])
     if loaded.source == "user-file":
         run_outputs.protect("model", [loaded.config.get("file")])
     summary = RunSummary(command, {**parameters, "device": str(dev)})
@@ -178,7 +178,9 @@ def start_run(
     return CommandRun(loaded, dev, out_dir, summary, run_outputs)
 
 
-def _refuse_outputs_onto_inputs(out: Path, outputs: Sequence[Path], inputs: Dict[str, List[Path]]) -> None:
+def _refuse_outputs_onto_inputs(
+    out: Path, outputs: Sequence[Path], inputs: Dict[str, List[Path]]
+) -> None:
     """An error, before the model is even loaded, when a planned output is one of the inputs."""
     identities: Dict[Tuple[int, int], Tuple[str, Path]] = {}
     for name, paths in inputs.items():
@@ -196,7 +198,8 @@ def _refuse_outputs_onto_inputs(out: Path, outputs: Sequence[Path], inputs: Dict
         hit = identities.get((status.st_dev, status.st_ino))
         if hit is not None:
             raise InputError(
-                f"{target}: is an input of this run (`{hit[0]}` {hit[1]}); refusing to overwrite it: choose another `out`", param="out"
+                f"{target}: is an input of this run (`{hit[0]}` {hit[1]}); refusing to overwrite it: choose another `out`",
+                param="out",
             )
 
 
@@ -227,22 +230,21 @@ def read_images(
 @contextmanager
 def images_of_run(
     paths: Sequence[Path],
-    strict: bool,
-    max_pixels: int,
+    inputs: ImageInput,
     label: str,
     progress: bool,
     preprocess: Optional[Preprocess] = None,
-    resize: Optional[int] = None,
 ) -> Iterator[Tuple[Iterator[Tuple[Path, np.ndarray]], SkippedImages]]:
     """``read_images`` with its :class:`SkippedImages`; fails at the end when no image was usable.
 
-    With ``strict`` every image's header is checked first (found, readable, within
+    With ``inputs.strict`` every image's header is checked first (found, readable, within
     ``max_pixels``, its model input too when ``preprocess`` is given), so a bad last image
     stops the run before any work.
     """
-    max_pixels = check_max_pixels(max_pixels)
-    skipped = SkippedImages(len(paths), strict)
-    if strict:
+    max_pixels = check_max_pixels(inputs.max_pixels)
+    resize = inputs.resize
+    skipped = SkippedImages(len(paths), inputs.strict)
+    if inputs.strict:
         for path in paths:
             try:
                 check_image(path, max_pixels, preprocess, resize)
@@ -259,7 +261,9 @@ def images_of_run(
     skipped.check_any_used(used[0], f"{len(paths)} images")
 
 
-def offset_field_arrays(stem: str, convs: Dict[str, DeformConvRecord], model_input: ModelInput) -> Dict[str, np.ndarray]:
+def offset_field_arrays(
+    stem: str, convs: Dict[str, DeformConvRecord], model_input: ModelInput
+) -> Dict[str, np.ndarray]:
     """The captured offset (and mask) fields of one image with their geometry, keyed
     ``"<stem>/<layer>/offset|mask|geometry"`` (the ``--save-offsets`` npz layout)."""
     arrays: Dict[str, np.ndarray] = {}
@@ -278,7 +282,9 @@ def offset_field_arrays(stem: str, convs: Dict[str, DeformConvRecord], model_inp
             "frames_in": "model-input pixels (multiply by scale_to_original for the original image)",
             "scale_to_original": list(model_input.scale_to_original),
             "original_hw": list(model_input.original_hw),
-            "model_input_hw": list(model_input.input_hw),  # the image as the model saw it; input_hw is the layer's input map
+            "model_input_hw": list(
+                model_input.input_hw
+            ),  # the image as the model saw it; input_hw is the layer's input map
             "offset_layout": "[B, 2*G*kh*kw, Hout, Wout]; channel 2*(g*kh*kw + a*kw + b) = dy, next = dx (input-index units)",
         }
         arrays[f"{key}/geometry"] = np.array(json.dumps(geometry, sort_keys=True))

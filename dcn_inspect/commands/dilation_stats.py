@@ -1,12 +1,12 @@
 """``dcn-inspect dilation-stats``: effective dilation per deformable layer and object size
 (the paper's Table 2), streamed over a dataset of any size, on one process or under torchrun.
 
-Pipeline: annotations (:mod:`dcn_inspect.annotations`) -> a ``DataLoader`` that decodes and
-preprocesses images in worker processes (:class:`~dcn_inspect.images.DatasetImages`) ->
+Pipeline: annotations (:mod:`dcn_inspect.io.annotations`) -> a ``DataLoader`` that decodes and
+preprocesses images in worker processes (:class:`~dcn_inspect.io.images.DatasetImages`) ->
 batches of images with the SAME model-input size (after the model's own padding to its size
-divisor; no padding beyond that, so every unit is exactly what a one-image forward gives) -> one forward per batch with the offsets captured (:mod:`dcn_inspect.hooks`)
--> :class:`~dcn_inspect.dilation.DilationAccumulator` (effective dilation and category of every
-unit, streaming statistics) -> the ranks merged (:mod:`dcn_inspect.distributed`) -> rank 0
+divisor; no padding beyond that, so every unit is exactly what a one-image forward gives) -> one forward per batch with the offsets captured (:mod:`dcn_inspect.capture.session`)
+-> :class:`~dcn_inspect.analysis.dilation_stats.DilationAccumulator` (effective dilation and category of every
+unit, streaming statistics) -> the ranks merged (:mod:`dcn_inspect.commands.distributed`) -> rank 0
 writes ``dilation_table.csv``, ``dilation_table.md``, ``dilation_hist.png``,
 ``dilation_units.csv`` (``per_unit``) and ``summary.json``.
 
@@ -29,12 +29,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from dcn_inspect.annotations import AnnotatedDataset, ImageAnnotation, load_dataset
-from dcn_inspect.category_stats import BINS, CategoryStats
-from dcn_inspect.commands.common import CommandRun, check_resize, start_run
-from dcn_inspect.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
-from dcn_inspect.columns import describe, format_value, present
-from dcn_inspect.dilation import (
+from dcn_inspect.analysis.category_stats import BINS, CategoryStats
+from dcn_inspect.analysis.dilation_stats import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
     CATEGORIES,
@@ -54,19 +50,46 @@ from dcn_inspect.dilation import (
     split_row,
     table_frame,
 )
-from dcn_inspect.distributed import World, join_world
-from dcn_inspect.errors import InputError
-from dcn_inspect.geometry import FrameMap
-from dcn_inspect.hooks import capture_offsets, forward
-from dcn_inspect.images import DatasetImages, ImageItem, SkippedImages, check_max_pixels, model_input_size
-from dcn_inspect.loaded_model import LoadedModel
-from dcn_inspect.outputs import atomic_path, write_csv, write_error, write_figure, write_text
-from dcn_inspect.records import select_layers
+from dcn_inspect.capture.selection import select_layers
+from dcn_inspect.capture.session import capture_offsets, forward
+from dcn_inspect.commands.common import CommandRun, start_run
+from dcn_inspect.commands.distributed import World, join_world
+from dcn_inspect.commands.options import ImageInput, ModelChoice
+from dcn_inspect.core.columns import describe, format_value, present
+from dcn_inspect.core.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
+from dcn_inspect.core.errors import InputError
+from dcn_inspect.core.geometry import FrameMap
+from dcn_inspect.io.annotations import AnnotatedDataset, ImageAnnotation, load_dataset
+from dcn_inspect.io.images import (
+    DatasetImages,
+    ImageItem,
+    SkippedImages,
+    check_max_pixels,
+    check_resize,
+    model_input_size,
+)
+from dcn_inspect.io.outputs import atomic_path, write_csv, write_error, write_figure, write_text
+from dcn_inspect.models.loaded_model import LoadedModel
 
-__all__ = ["DIFFERENCE_COLUMNS", "TABLE_COLUMNS", "UNIT_COLUMNS", "DilationStatsResult", "dilation_stats", "size_batches", "table_markdown"]
+__all__ = [
+    "DIFFERENCE_COLUMNS",
+    "TABLE_COLUMNS",
+    "UNIT_COLUMNS",
+    "DilationStatsResult",
+    "dilation_stats",
+    "size_batches",
+    "table_markdown",
+]
 
 #: The files a run may write into ``out``.
-OUTPUT_NAMES = ("dilation_table.csv", "dilation_differences.csv", "dilation_table.md", "dilation_hist.png", "dilation_units.csv", "summary.json")
+OUTPUT_NAMES = (
+    "dilation_table.csv",
+    "dilation_differences.csv",
+    "dilation_table.md",
+    "dilation_hist.png",
+    "dilation_units.csv",
+    "summary.json",
+)
 
 
 @dataclass
@@ -74,8 +97,12 @@ class DilationStatsResult:
     """What :func:`dilation_stats` computed (identical on every rank) and where rank 0 wrote it."""
 
     table: pd.DataFrame  # dilation_table.csv: means with their bootstrap intervals
-    differences: pd.DataFrame  # dilation_differences.csv: differences of category means with intervals
-    stats: Dict[str, CategoryStats]  # row layer name (top layer first; "<layer>:g<k>" per group) -> statistics
+    differences: (
+        pd.DataFrame
+    )  # dilation_differences.csv: differences of category means with intervals
+    stats: Dict[
+        str, CategoryStats
+    ]  # row layer name (top layer first; "<layer>:g<k>" per group) -> statistics
     intervals: Dict[str, Intervals]  # row layer name -> bootstrap intervals over images
     thresholds_name: str
     thresholds: Tuple[float, float]
@@ -139,14 +166,39 @@ def dilation_stats(
         writes = out is not None and world.is_main
         target = Path(out) if out is not None else Path(DEFAULT_OUT)
         planned = [target / name for name in OUTPUT_NAMES] if writes else []
-        with start_run("dilation-stats", parameters, model, weights, device, target, create_out=writes, outputs=planned) as run:
+        with start_run(
+            "dilation-stats",
+            parameters,
+            ModelChoice(model, weights),
+            ImageInput(resize, max_pixels, device, strict),
+            target,
+            create_out=writes,
+            outputs=planned,
+        ) as run:
             if writes:
                 run.outputs.protect("dataset", [data.root, *(entry.path for entry in entries)])
             out_dir = run.out_dir if out is not None else None
             if world.distributed and out_dir is not None:
-                world.gather(None)  # rank 0 has created the output directory before anyone writes parts
+                world.gather(
+                    None
+                )  # rank 0 has created the output directory before anyone writes parts
             shard = world.shard(len(entries))
-            measured = _measure(run, entries, shard, layers, threshold_values, units, per_group, per_unit and out_dir is not None, batch_size, workers, resize, strict, max_pixels, progress and world.is_main)
+            measured = _measure(
+                run,
+                entries,
+                shard,
+                layers,
+                threshold_values,
+                units,
+                per_group,
+                per_unit and out_dir is not None,
+                batch_size,
+                workers,
+                resize,
+                strict,
+                max_pixels,
+                progress and world.is_main,
+            )
             merged = _merge_ranks(world, measured, entries, strict, per_group)
             if merged.images_used == 0:
                 merged.skipped.check_any_used(0, str(data.root))
@@ -180,7 +232,14 @@ def dilation_stats(
 
 
 def _check_options(
-    units: str, batch_size: int, workers: int, max_images: Optional[int], resize: Optional[int], per_unit: bool, out: Optional[Path], max_pixels: int
+    units: str,
+    batch_size: int,
+    workers: int,
+    max_images: Optional[int],
+    resize: Optional[int],
+    per_unit: bool,
+    out: Optional[Path],
+    max_pixels: int,
 ) -> None:
     if units not in UNITS:
         raise InputError(f"{units!r}: use cells or pixels", param="units")
@@ -189,7 +248,9 @@ def _check_options(
     if workers < 0:
         raise InputError(f"{workers}: must be 0 or more", param="workers")
     if workers > max_workers():
-        raise InputError(f"{workers}: at most {max_workers()} worker processes (4 per CPU core)", param="workers")
+        raise InputError(
+            f"{workers}: at most {max_workers()} worker processes (4 per CPU core)", param="workers"
+        )
     if max_images is not None and max_images < 1:
         raise InputError(f"{max_images}: must be at least 1", param="max_images")
     check_resize(resize)
@@ -203,7 +264,9 @@ def max_workers() -> int:
     return max(8, 4 * (os.cpu_count() or 1))
 
 
-def size_batches(input_sizes: Sequence[Tuple[int, int]], batch_size: int, max_pixels: int = 0) -> List[List[int]]:
+def size_batches(
+    input_sizes: Sequence[Tuple[int, int]], batch_size: int, max_pixels: int = 0
+) -> List[List[int]]:
     """Positions grouped into batches of equal model-input size, at most ``batch_size`` each and,
     with ``max_pixels`` > 0, at most that many pixels together (one forward's memory is bounded
     like one image's; a single image always makes a batch).
@@ -224,17 +287,30 @@ def size_batches(input_sizes: Sequence[Tuple[int, int]], batch_size: int, max_pi
     return batches
 
 
-def _image_loader(run: CommandRun, entries: Sequence[ImageAnnotation], shard: List[int], resize: Optional[int], max_pixels: int, batch_size: int, workers: int) -> DataLoader:
+def _image_loader(
+    run: CommandRun,
+    entries: Sequence[ImageAnnotation],
+    shard: List[int],
+    resize: Optional[int],
+    max_pixels: int,
+    batch_size: int,
+    workers: int,
+) -> DataLoader:
     """Batches of equal model-input size, decoded in ``workers`` processes."""
     preprocess = run.loaded.preprocess
-    input_sizes = [model_input_size((entries[i].height, entries[i].width), preprocess, resize)[1] for i in shard]
+    input_sizes = [
+        model_input_size((entries[i].height, entries[i].width), preprocess, resize)[1]
+        for i in shard
+    ]
     return DataLoader(
         DatasetImages(entries, shard, preprocess, resize, max_pixels),
         batch_sampler=size_batches(input_sizes, batch_size, max_pixels),
         num_workers=workers,
         collate_fn=_as_list,
         persistent_workers=False,
-        multiprocessing_context="fork" if workers > 0 and "fork" in torch.multiprocessing.get_all_start_methods() else None,
+        multiprocessing_context="fork"
+        if workers > 0 and "fork" in torch.multiprocessing.get_all_start_methods()
+        else None,
     )
 
 
@@ -271,17 +347,21 @@ def _measure(
     progress: bool,
 ) -> _Measured:
     """Forward every image of this rank's shard and accumulate its units."""
-    from dcn_inspect.progress import image_progress
+    from dcn_inspect.io.progress import image_progress
 
     writer = _UnitWriter(run, entries, per_group) if per_unit else None
-    accumulator = DilationAccumulator(thresholds, units, per_group, run.device, writer.write_image if writer else None)
+    accumulator = DilationAccumulator(
+        thresholds, units, per_group, run.device, writer.write_image if writer else None
+    )
     skipped = SkippedImages(len(entries), strict)
     selected: Optional[List[str]] = None
     used = 0
     forward_seconds = 0.0
     try:
         with torch.no_grad(), image_progress("dilation-stats", progress, len(shard)) as advance:
-            for items in _image_loader(run, entries, shard, resize, max_pixels, batch_size, workers):
+            for items in _image_loader(
+                run, entries, shard, resize, max_pixels, batch_size, workers
+            ):
                 for item in items:
                     if item.error is not None:
                         skipped.skip(entries[item.index].file_name, item.error)
@@ -290,22 +370,43 @@ def _measure(
                     batch = torch.stack([item.tensor for item in good]).to(run.device)  # type: ignore[misc]
                     input_hw = (int(batch.shape[-2]), int(batch.shape[-1]))
                     tick = time.perf_counter()
-                    with capture_offsets(run.loaded.model, track_frames=accumulator.needs_frames(input_hw)) as capture:
+                    with capture_offsets(
+                        run.loaded.model, track_frames=accumulator.needs_frames(input_hw)
+                    ) as capture:
                         capture.watch_input(batch)
                         forward(run.loaded.model, batch, run.loaded.name)
                     forward_seconds += time.perf_counter() - tick
                     if selected is None:
-                        selected = [r.name for r in select_layers(capture.convs, layers, min_kernel_points=2, model_name=run.loaded.name)]
+                        selected = [
+                            r.name
+                            for r in select_layers(
+                                capture.convs,
+                                layers,
+                                min_kernel_points=2,
+                                model_name=run.loaded.name,
+                            )
+                        ]
                     chosen = [r for r in capture.convs.values() if r.name in selected]
                     accumulator.add(
-                        chosen, [entries[item.index] for item in good], [item.index for item in good], input_hw, [item.resized_hw or input_hw for item in good]
+                        chosen,
+                        [entries[item.index] for item in good],
+                        [item.index for item in good],
+                        input_hw,
+                        [item.resized_hw or input_hw for item in good],
                     )
                     used += len(good)
                 advance(len(items))
     finally:
         if writer is not None:
             writer.close()
-    return _Measured(accumulator, skipped, used, forward_seconds, writer.path if writer else None, writer.index if writer else [])
+    return _Measured(
+        accumulator,
+        skipped,
+        used,
+        forward_seconds,
+        writer.path if writer else None,
+        writer.index if writer else [],
+    )
 
 
 @dataclass
@@ -313,7 +414,9 @@ class _Merged:
     """All ranks' measurements merged (identical on every rank)."""
 
     stats: Dict[str, CategoryStats]
-    image_sums: Dict[str, List[Tuple[int, Any, Any]]]  # row -> every image's (index, sums, counts), all ranks
+    image_sums: Dict[
+        str, List[Tuple[int, Any, Any]]
+    ]  # row -> every image's (index, sums, counts), all ranks
     layer_info: Dict[str, Dict[str, Any]]
     not_counted: Dict[str, List[int]]
     skipped: SkippedImages
@@ -323,7 +426,13 @@ class _Merged:
     unit_index: List[Tuple[int, int, int, int]]  # (image index, rank, start, length)
 
 
-def _merge_ranks(world: World, measured: _Measured, entries: Sequence[ImageAnnotation], strict: bool, per_group: bool) -> _Merged:
+def _merge_ranks(
+    world: World,
+    measured: _Measured,
+    entries: Sequence[ImageAnnotation],
+    strict: bool,
+    per_group: bool,
+) -> _Merged:
     """Gather every rank's state and merge it in rank order (a single process merges itself)."""
     gathered = world.gather(
         {
@@ -339,7 +448,9 @@ def _merge_ranks(world: World, measured: _Measured, entries: Sequence[ImageAnnot
     for payload in gathered:
         for name, info in payload["state"]["layers"].items():
             layer_info.setdefault(name, info)
-    merged: Dict[str, CategoryStats] = {name: CategoryStats(len(CATEGORIES), BINS) for name in _row_order(gathered, per_group)}
+    merged: Dict[str, CategoryStats] = {
+        name: CategoryStats(len(CATEGORIES), BINS) for name in _row_order(gathered, per_group)
+    }
     not_counted: Dict[str, List[int]] = {}
     image_sums: Dict[str, List[Tuple[int, Any, Any]]] = {name: [] for name in merged}
     for payload in gathered:
@@ -352,7 +463,10 @@ def _merge_ranks(world: World, measured: _Measured, entries: Sequence[ImageAnnot
             not_counted[name] = [previous[0] + counts[0], previous[1] + counts[1]]
     skipped = SkippedImages(len(entries), strict)
     position = {entry.file_name: i for i, entry in enumerate(entries)}
-    skipped.items = sorted((item for payload in gathered for item in payload["skipped"]), key=lambda item: position.get(item["image"], 0))
+    skipped.items = sorted(
+        (item for payload in gathered for item in payload["skipped"]),
+        key=lambda item: position.get(item["image"], 0),
+    )
     return _Merged(
         stats=merged,
         image_sums=image_sums,
@@ -361,8 +475,14 @@ def _merge_ranks(world: World, measured: _Measured, entries: Sequence[ImageAnnot
         skipped=skipped,
         images_used=sum(payload["used"] for payload in gathered),
         forward_seconds=sum(payload["forward_seconds"] for payload in gathered),
-        unit_parts=[payload["unit_part"] for payload in gathered if payload["unit_part"] is not None],
-        unit_index=[(image, rank, start, length) for rank, payload in enumerate(gathered) for image, start, length in payload["unit_index"]],
+        unit_parts=[
+            payload["unit_part"] for payload in gathered if payload["unit_part"] is not None
+        ],
+        unit_index=[
+            (image, rank, start, length)
+            for rank, payload in enumerate(gathered)
+            for image, start, length in payload["unit_index"]
+        ],
     )
 
 
@@ -377,7 +497,10 @@ def _row_order(gathered: Sequence[Dict[str, Any]], per_group: bool) -> List[str]
     present = {name for payload in gathered for name in payload["state"]["stats"]}
     for name in reversed(call_order):
         if per_group:
-            groups = sorted((r for r in present if r.startswith(name + ":g")), key=lambda r: int(r.rsplit(":g", 1)[1]))
+            groups = sorted(
+                (r for r in present if r.startswith(name + ":g")),
+                key=lambda r: int(r.rsplit(":g", 1)[1]),
+            )
             rows.extend(groups)
         elif name in present:
             rows.append(name)
@@ -407,7 +530,11 @@ def _fill_summary(
     summary["images"] = {"used": merged.images_used}
     summary["skipped"] = merged.skipped.summary()
     summary["notes"] = run.notes
-    summary["thresholds"] = {"name": result.thresholds_name, "small_medium_px2": result.thresholds[0], "medium_large_px2": result.thresholds[1]}
+    summary["thresholds"] = {
+        "name": result.thresholds_name,
+        "small_medium_px2": result.thresholds[0],
+        "medium_large_px2": result.thresholds[1],
+    }
     summary["units"] = result.units
     summary["statistics"] = {
         "std": "population (ddof=0)",
@@ -424,15 +551,24 @@ def _fill_summary(
             "differences": "mean of category_a - mean of category_b, intervals from the same resamples",
         },
     }
-    summary["units_not_counted"] = {name: {"ignored_box": c[0], "centre_outside_image": c[1]} for name, c in merged.not_counted.items()}
+    summary["units_not_counted"] = {
+        name: {"ignored_box": c[0], "centre_outside_image": c[1]}
+        for name, c in merged.not_counted.items()
+    }
     summary["layers"] = [merged.layer_info[name] for name in reversed(list(merged.layer_info))]
-    summary["geometry_method"] = sorted({info["geometry"]["method"] for info in merged.layer_info.values()})
+    summary["geometry_method"] = sorted(
+        {info["geometry"]["method"] for info in merged.layer_info.values()}
+    )
     summary["distributed"] = {"world_size": world.size, "backend": world.backend()}
     summary["forward_seconds"] = round(merged.forward_seconds, 3)
-    summary["images_per_second"] = round(merged.images_used / result.wall_seconds, 3) if result.wall_seconds > 0 else None
+    summary["images_per_second"] = (
+        round(merged.images_used / result.wall_seconds, 3) if result.wall_seconds > 0 else None
+    )
 
 
-def _write_outputs(run: CommandRun, merged: _Merged, result: DilationStatsResult, figure: bool, per_group: bool) -> Dict[str, Path]:
+def _write_outputs(
+    run: CommandRun, merged: _Merged, result: DilationStatsResult, figure: bool, per_group: bool
+) -> Dict[str, Path]:
     """Rank 0: the tables (CSV, Markdown), the histogram figure, the per-unit CSV and summary.json."""
     out_dir = run.out_dir
     files = {
@@ -445,15 +581,36 @@ def _write_outputs(run: CommandRun, merged: _Merged, result: DilationStatsResult
     unit_columns = present(UNITS_CSV, per_group=per_group)
     write_csv(files["table_csv"], result.table, table_columns)
     write_csv(files["differences_csv"], result.differences, difference_columns)
-    columns = {"dilation_table.csv": describe(table_columns), "dilation_differences.csv": describe(difference_columns)}
-    write_text(files["table_md"], table_markdown(result.table, result.units, result.thresholds_name, result.thresholds, result.differences))
+    columns = {
+        "dilation_table.csv": describe(table_columns),
+        "dilation_differences.csv": describe(difference_columns),
+    }
+    write_text(
+        files["table_md"],
+        table_markdown(
+            result.table,
+            result.units,
+            result.thresholds_name,
+            result.thresholds,
+            result.differences,
+        ),
+    )
     if figure:
-        from dcn_inspect.plots.dilation import draw_dilation_histograms
+        from dcn_inspect.report.dilation_stats import draw_dilation_histograms
 
         files["figure"] = out_dir / "dilation_hist.png"
-        write_figure(files["figure"], draw_dilation_histograms(merged.stats, result.units, result.thresholds_name), dpi=100)
+        write_figure(
+            files["figure"],
+            draw_dilation_histograms(merged.stats, result.units, result.thresholds_name),
+            dpi=100,
+        )
     if merged.unit_parts:
-        files["units_csv"] = _assemble_units(out_dir / "dilation_units.csv", merged.unit_parts, merged.unit_index, [c.name for c in unit_columns])
+        files["units_csv"] = _assemble_units(
+            out_dir / "dilation_units.csv",
+            merged.unit_parts,
+            merged.unit_index,
+            [c.name for c in unit_columns],
+        )
         columns["dilation_units.csv"] = describe(unit_columns)
     run.summary["columns"] = columns
     run.summary["outputs"] = sorted(p.name for p in files.values())
@@ -468,7 +625,9 @@ def _write_outputs(run: CommandRun, merged: _Merged, result: DilationStatsResult
 _UNIT_COLUMN = {column.name: column for column in UNITS_CSV}
 
 
-def _unit_rows(image: str, row: str, frame: FrameMap, codes: np.ndarray, values: np.ndarray, per_group: bool) -> List[List[str]]:
+def _unit_rows(
+    image: str, row: str, frame: FrameMap, codes: np.ndarray, values: np.ndarray, per_group: bool
+) -> List[List[str]]:
     """The ``dilation_units.csv`` rows of one image and row layer, as text (:data:`UNITS_CSV` formats)."""
     out_h, out_w = codes.shape
     xs, ys = frame.to_image(np.arange(out_w, dtype=np.float64), np.arange(out_h, dtype=np.float64))
@@ -478,7 +637,13 @@ def _unit_rows(image: str, row: str, frame: FrameMap, codes: np.ndarray, values:
     lead = [image, layer] if group is None else [image, layer, str(group)]
     dilation = _UNIT_COLUMN["dilation"]
     return [
-        [*lead, x_text[j], y_text[i], CATEGORY_CODES[int(codes[i, j])], format_value(float(values[i, j]), dilation)]
+        [
+            *lead,
+            x_text[j],
+            y_text[i],
+            CATEGORY_CODES[int(codes[i, j])],
+            format_value(float(values[i, j]), dilation),
+        ]
         for i in range(out_h)
         for j in range(out_w)
     ]
@@ -489,18 +654,28 @@ class _UnitWriter:
     run: removed at its end whatever happens); remembers where each image's rows are, so rank 0
     can write them in dataset order whatever the batching and sharding."""
 
-    def __init__(self, run: CommandRun, entries: Sequence[ImageAnnotation], per_group: bool) -> None:
-        fd, self.path = run.outputs.scratch_file(run.out_dir, prefix=".dilation_units.", suffix=".part")
+    def __init__(
+        self, run: CommandRun, entries: Sequence[ImageAnnotation], per_group: bool
+    ) -> None:
+        fd, self.path = run.outputs.scratch_file(
+            run.out_dir, prefix=".dilation_units.", suffix=".part"
+        )
         self.out_dir = run.out_dir
         self.handle = os.fdopen(fd, "wb")
         self.entries = entries
         self.per_group = per_group
         self.index: List[Tuple[int, int, int]] = []  # (image index, start, length)
 
-    def write_image(self, index: int, layers: List[Tuple[str, FrameMap, np.ndarray, np.ndarray]]) -> None:
+    def write_image(
+        self, index: int, layers: List[Tuple[str, FrameMap, np.ndarray, np.ndarray]]
+    ) -> None:
         rows: List[List[str]] = []
         for layer, frame, codes, values in layers:
-            rows.extend(_unit_rows(self.entries[index].file_name, layer, frame, codes, values, self.per_group))
+            rows.extend(
+                _unit_rows(
+                    self.entries[index].file_name, layer, frame, codes, values, self.per_group
+                )
+            )
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(rows)
         data = buffer.getvalue().encode("utf-8")
@@ -520,7 +695,9 @@ class _UnitWriter:
             raise write_error(self.out_dir, exc, "the per-unit rows") from None
 
 
-def _assemble_units(path: Path, parts: List[Path], index: List[Tuple[int, int, int, int]], header: List[str]) -> Path:
+def _assemble_units(
+    path: Path, parts: List[Path], index: List[Tuple[int, int, int, int]], header: List[str]
+) -> Path:
     """``dilation_units.csv`` from the ranks' part files, in dataset order; the parts are removed."""
     handles: Dict[int, Any] = {}
     try:
@@ -565,13 +742,21 @@ def table2_rows(table: pd.DataFrame) -> List[Table2Row]:
     keys = ["layer", "group"] if "group" in table.columns else ["layer"]
     rows: List[Table2Row] = []
     for key, part in table.groupby(keys, sort=False):
-        layer, group = (key[0], int(key[1])) if len(keys) == 2 else (key[0] if isinstance(key, tuple) else key, None)
+        layer, group = (
+            (key[0], int(key[1]))
+            if len(keys) == 2
+            else (key[0] if isinstance(key, tuple) else key, None)
+        )
         means, intervals = [], []
         for category in CATEGORIES:
             row = part[part["category"] == category].iloc[0]
             empty = row["count"] == 0
             means.append("–" if empty else f"{row['mean']:.2f} ± {row['std']:.2f}")
-            intervals.append("–" if empty or "ci_low" not in row or pd.isna(row["ci_low"]) else f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]")
+            intervals.append(
+                "–"
+                if empty or "ci_low" not in row or pd.isna(row["ci_low"])
+                else f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+            )
         rows.append(Table2Row(str(layer), group, means, intervals))
     return rows
 
@@ -609,17 +794,29 @@ def table_markdown(
         "|---|" + ("---:|" if per_group else "") + "---:|" * len(CATEGORIES),
     ]
     for row in table2_rows(table):
-        cells = [mean if interval == "–" else f"{mean} {interval}" for mean, interval in zip(row.means, row.intervals)]
-        lines.append(f"| {row.layer} | " + (f"{row.group} | " if per_group else "") + " | ".join(cells) + " |")
+        cells = [
+            mean if interval == "–" else f"{mean} {interval}"
+            for mean, interval in zip(row.means, row.intervals)
+        ]
+        lines.append(
+            f"| {row.layer} | "
+            + (f"{row.group} | " if per_group else "")
+            + " | ".join(cells)
+            + " |"
+        )
     counts = table.groupby("category", sort=False)["count"].max()
     lines += [
         "",
-        "Units per category (largest layer): " + ", ".join(f"{c} {int(counts.get(c, 0))}" for c in CATEGORIES) + ".",
+        "Units per category (largest layer): "
+        + ", ".join(f"{c} {int(counts.get(c, 0))}" for c in CATEGORIES)
+        + ".",
         f"Categories by box area in original-image pixels² ({thresholds_name}): small < {thresholds[0]:g} <= medium < {thresholds[1]:g} <= large;",
         "background = filter centre inside no ground-truth box. Units inside only crowd/difficult boxes are not counted.",
     ]
     if with_intervals:
-        lines.append("Intervals: percentile bootstrap over images (summary.json `statistics.confidence_intervals`).")
+        lines.append(
+            "Intervals: percentile bootstrap over images (summary.json `statistics.confidence_intervals`)."
+        )
     lines += [
         "",
     ]
@@ -634,7 +831,15 @@ def table_markdown(
         keys = ["layer", "group"] if per_group else ["layer"]
         for key, part in differences.groupby(keys, sort=False):
             layer = key[0] if isinstance(key, tuple) else key
-            texts = [" ".join(difference_text(row)) if not pd.isna(row["difference"]) else "–" for _, row in part.iterrows()]
-            lines.append(f"| {layer} | " + (f"{int(key[1])} | " if per_group else "") + " | ".join(texts) + " |")
+            texts = [
+                " ".join(difference_text(row)) if not pd.isna(row["difference"]) else "–"
+                for _, row in part.iterrows()
+            ]
+            lines.append(
+                f"| {layer} | "
+                + (f"{int(key[1])} | " if per_group else "")
+                + " | ".join(texts)
+                + " |"
+            )
         lines.append("")
     return "\n".join(lines)

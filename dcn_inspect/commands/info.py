@@ -1,7 +1,7 @@
 """What the ``models`` and ``info`` commands report: registered architectures, and a model's
 deformable layers with their geometry and (given an image) offset statistics.
 
-Layer geometry comes from one probe forward pass (:func:`dcn_inspect.hooks.probe`): on the
+Layer geometry comes from one probe forward pass (:func:`dcn_inspect.capture.session.probe`): on the
 given image, or on a blank image of :data:`BLANK_PROBE_SIZE` pixels when there is none (the
 frame strides do not depend on the image). Layers are named as the model names them (a
 detectron2 checkpoint's ``res5.0.conv2``), whether they were captured as a module, as an op
@@ -19,12 +19,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from dcn_inspect.defaults import DEFAULT_MAX_PIXELS
-from dcn_inspect.hooks import probe
-from dcn_inspect.images import check_resize, load_image, to_model_input
-from dcn_inspect.loaded_model import LoadedModel, model_device
-from dcn_inspect.records import DeformConvRecord
+from dcn_inspect.capture.records import DeformConvRecord
+from dcn_inspect.capture.session import probe
+from dcn_inspect.core.defaults import DEFAULT_MAX_PIXELS
+from dcn_inspect.io.images import check_resize, load_image, to_model_input
 from dcn_inspect.models import registry
+from dcn_inspect.models.loaded_model import LoadedModel, model_device
 from dcn_inspect.ops import modules as ours
 
 #: Size (height, width) of the blank image probed when ``info`` gets no image.
@@ -59,7 +59,9 @@ class OffsetStats:
     mean_cells: float
     median_cells: float
     max_cells: float
-    mean_pixels: float  # mean |offset| in model-input pixels (cells scaled by the input frame stride)
+    mean_pixels: (
+        float  # mean |offset| in model-input pixels (cells scaled by the input frame stride)
+    )
     mean_mask: Optional[float]  # DCNv2 only: mean modulation
 
 
@@ -83,7 +85,9 @@ class DeformLayerInfo:
     geometry_method: str  # "hooks" (derived through the forward) or "size" (inferred from sizes)
     parameters: int  # of the layer module, its offset branch included
     offsets: Optional[OffsetStats]
-    captured_by: str = "module"  # "module", the op entry point called, or "DCNv3"/"DCNv4 (converted)"
+    captured_by: str = (
+        "module"  # "module", the op entry point called, or "DCNv3"/"DCNv4 (converted)"
+    )
 
     @property
     def version(self) -> str:
@@ -124,8 +128,15 @@ def offset_stats(record: DeformConvRecord) -> OffsetStats:
     magnitude = pairs.pow(2).sum(dim=2).sqrt().flatten()
     frame = record.geometry.input_frame
     # Offsets are (dy, dx) in input cells; the frame stride turns each component into pixels.
-    pixels = (pairs[:, :, 0] * frame.stride_y).pow(2).add((pairs[:, :, 1] * frame.stride_x).pow(2)).sqrt()
-    mean_mask = float(record.mask.detach().to(torch.float64).mean()) if record.mask is not None else None
+    pixels = (
+        (pairs[:, :, 0] * frame.stride_y)
+        .pow(2)
+        .add((pairs[:, :, 1] * frame.stride_x).pow(2))
+        .sqrt()
+    )
+    mean_mask = (
+        float(record.mask.detach().to(torch.float64).mean()) if record.mask is not None else None
+    )
     return OffsetStats(
         mean_cells=float(magnitude.mean()),
         median_cells=float(magnitude.median()),
@@ -145,7 +156,18 @@ def _module_by_name(model: nn.Module) -> Dict[str, nn.Module]:
 
 #: Children that compute offsets or modulation: mmcv/ours, mmdetection 1.0, research code
 #: calling the functional op, DCNv3 (``offset``, ``mask``, ``dw_conv``) and DCNv4.
-OFFSET_BRANCHES = ("conv_offset", "conv_offset_mask", "offset_conv", "modulator_conv", "mask_conv", "offset", "mask", "dw_conv", "offset_mask", "offset_mask_dw")
+OFFSET_BRANCHES = (
+    "conv_offset",
+    "conv_offset_mask",
+    "offset_conv",
+    "modulator_conv",
+    "mask_conv",
+    "offset",
+    "mask",
+    "dw_conv",
+    "offset_mask",
+    "offset_mask_dw",
+)
 
 
 def captured_by(record: DeformConvRecord) -> str:
@@ -163,7 +185,9 @@ def _deform_parameter_counts(model: nn.Module, deform_names: List[str]) -> Tuple
         module = modules.get(name)
         if module is None:
             continue
-        branch_modules = [m for child_name, m in module.named_children() if child_name in OFFSET_BRANCHES]
+        branch_modules = [
+            m for child_name, m in module.named_children() if child_name in OFFSET_BRANCHES
+        ]
         branch = sum(_parameter_count(m) for m in branch_modules)
         deformable += _parameter_count(module) - branch
         branches += branch
@@ -174,9 +198,18 @@ def _roi_pools(model: nn.Module) -> List[RoIPoolInfo]:
     found = []
     for name, module in model.named_modules():
         if isinstance(module, ours.DeformRoIPool):
-            found.append(RoIPoolInfo(name, type(module).__name__, module.output_size, module.spatial_scale))
+            found.append(
+                RoIPoolInfo(name, type(module).__name__, module.output_size, module.spatial_scale)
+            )
         elif isinstance(module, ours.DeformPSRoIPool):
-            found.append(RoIPoolInfo(name, type(module).__name__, (module.pooled_size, module.pooled_size), module.spatial_scale))
+            found.append(
+                RoIPoolInfo(
+                    name,
+                    type(module).__name__,
+                    (module.pooled_size, module.pooled_size),
+                    module.spatial_scale,
+                )
+            )
     return found
 
 
@@ -192,7 +225,12 @@ def model_info(
     device = model_device(loaded)
     original_hw: Optional[Tuple[int, int]] = None
     if image is not None:
-        prepared = to_model_input(load_image(Path(image), max_pixels, loaded.preprocess, resize), loaded.preprocess, resize, max_pixels)
+        prepared = to_model_input(
+            load_image(Path(image), max_pixels, loaded.preprocess, resize),
+            loaded.preprocess,
+            resize,
+            max_pixels,
+        )
         tensor, original_hw = prepared.tensor, prepared.original_hw
     else:
         tensor = torch.zeros(1, 3, *BLANK_PROBE_SIZE)  # normalised zeros: the dataset's mean colour

@@ -1,13 +1,13 @@
 """``dcn-inspect offsets``: dense offset maps of every deformable layer over the image.
 
-For each image: one forward under :func:`dcn_inspect.hooks.probe` -> the layers to show
-(:func:`dcn_inspect.records.select_layers`, all by default) -> their maps
-(:func:`dcn_inspect.offset_maps.layer_offset_maps`: flow, magnitude, effective dilation, in
+For each image: one forward under :func:`dcn_inspect.capture.session.probe` -> the layers to show
+(:func:`dcn_inspect.capture.records.select_layers`, all by default) -> their maps
+(:func:`dcn_inspect.analysis.offsets.layer_offset_maps`: flow, magnitude, effective dilation, in
 original-image pixels) -> written as
 
 - ``<stem>_offsets.<fmt>``: per layer (top first) the flow-coloured offset field with its colour
   wheel, the magnitude and the effective dilation over the image, plus a row per requested
-  kernel point (:mod:`dcn_inspect.plots.offsets`);
+  kernel point (:mod:`dcn_inspect.report.offsets`);
 - ``offsets.npz``: the captured offset (and mask) fields of those layers with their geometry, in
   the ``sample-points --save-offsets`` layout (:func:`~dcn_inspect.commands.common.offset_field_arrays`);
 - ``summary.json``: model, checkpoint hash, parameters, per image and layer the maps' numbers.
@@ -21,15 +21,26 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from dcn_inspect.commands.common import check_figure_format, check_resize, image_list, images_of_run, offset_field_arrays, start_run
-from dcn_inspect.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
-from dcn_inspect.hooks import probe
-from dcn_inspect.images import to_model_input
-from dcn_inspect.loaded_model import LoadedModel
-from dcn_inspect.offset_maps import KernelPoint, LayerOffsetMaps, layer_offset_maps, parse_kernel_point
-from dcn_inspect.outputs import write_figure, write_npz
-from dcn_inspect.records import select_layers
-from dcn_inspect.tracing import GroupChoice, check_group, check_group_fits
+from dcn_inspect.analysis.offsets import (
+    KernelPoint,
+    LayerOffsetMaps,
+    layer_offset_maps,
+    parse_kernel_point,
+)
+from dcn_inspect.analysis.sample_points import GroupChoice, check_group, check_group_fits
+from dcn_inspect.capture.selection import select_layers
+from dcn_inspect.capture.session import probe
+from dcn_inspect.commands.common import (
+    image_list,
+    images_of_run,
+    offset_field_arrays,
+    start_run,
+)
+from dcn_inspect.commands.options import ImageInput, ModelChoice, check_figure_format
+from dcn_inspect.core.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
+from dcn_inspect.io.images import check_resize, to_model_input
+from dcn_inspect.io.outputs import write_figure, write_npz
+from dcn_inspect.models.loaded_model import LoadedModel
 
 __all__ = ["ImageOffsets", "OffsetsResult", "offsets"]
 
@@ -81,7 +92,10 @@ def offsets(
     fmt = check_figure_format(fmt)
     check_resize(resize)
     checked_group = check_group(group)
-    points: List[KernelPoint] = [parse_kernel_point(p) if isinstance(p, str) else (int(p[0]), int(p[1])) for p in kernel_point]
+    points: List[KernelPoint] = [
+        parse_kernel_point(p) if isinstance(p, str) else (int(p[0]), int(p[1]))
+        for p in kernel_point
+    ]
     points = list(dict.fromkeys(points))
     image_paths = image_list(images)
     parameters = {
@@ -93,7 +107,10 @@ def offsets(
         "format": fmt,
     }
     planned = [Path(out) / f"{p.stem}_offsets.{fmt}" for p in image_paths] + [Path(out) / NPZ_NAME]
-    run = start_run("offsets", parameters, model, weights, device, out, outputs=planned)
+    inputs = ImageInput(resize, max_pixels, device, strict)
+    run = start_run(
+        "offsets", parameters, ModelChoice(model, weights), inputs, out, outputs=planned
+    )
 
     results: List[ImageOffsets] = []
     per_image: List[Dict[str, Any]] = []
@@ -101,14 +118,30 @@ def offsets(
     shown_layers: List[str] = []
     preprocess = run.loaded.preprocess
     with run:
-        with images_of_run(image_paths, strict, max_pixels, "offsets", progress, preprocess, resize) as (readable, skipped):
+        with images_of_run(image_paths, inputs, "offsets", progress, preprocess) as (
+            readable,
+            skipped,
+        ):
             for path, image in readable:
                 model_input = to_model_input(image, preprocess, resize, max_pixels)
-                captured = probe(run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name)
-                records = list(reversed(select_layers(captured.convs, layers, default_count=None, model_name=run.loaded.name)))
+                captured = probe(
+                    run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name
+                )
+                records = list(
+                    reversed(
+                        select_layers(
+                            captured.convs, layers, default_count=None, model_name=run.loaded.name
+                        )
+                    )
+                )
                 check_group_fits(checked_group, records)
-                maps = [layer_offset_maps(r, model_input.scale_to_original, checked_group, points) for r in records]
-                arrays.update(offset_field_arrays(path.stem, {r.name: r for r in records}, model_input))
+                maps = [
+                    layer_offset_maps(r, model_input.scale_to_original, checked_group, points)
+                    for r in records
+                ]
+                arrays.update(
+                    offset_field_arrays(path.stem, {r.name: r for r in records}, model_input)
+                )
                 figure_path = _write_figure(path, image, maps, fmt, run.out_dir, run.notes)
                 shown_layers = shown_layers or [r.name for r in records]
                 per_image.append(
@@ -136,15 +169,30 @@ def offsets(
         }
         run.summary["images"] = per_image
         summary_path = run.finish(skipped)
-    return OffsetsResult(run.out_dir, shown_layers, results, npz_path, summary_path, run.notes, skipped.items)
+    return OffsetsResult(
+        run.out_dir, shown_layers, results, npz_path, summary_path, run.notes, skipped.items
+    )
 
 
-def _write_figure(path: Path, image: np.ndarray, maps: List[LayerOffsetMaps], fmt: str, out_dir: Path, notes: List[str]) -> Path:
-    from dcn_inspect.plots.offsets import MAX_ROWS, draw_offsets_figure, rows_left_out
+def _write_figure(
+    path: Path,
+    image: np.ndarray,
+    maps: List[LayerOffsetMaps],
+    fmt: str,
+    out_dir: Path,
+    notes: List[str],
+) -> Path:
+    from dcn_inspect.report.offsets import MAX_ROWS, draw_offsets_figure, rows_left_out
 
     left_out = rows_left_out(maps)
     if left_out:
-        notes.append(f"{path.name}: the figure shows the first {MAX_ROWS} layer / kernel-point rows ({left_out} left out); the npz has every layer")
+        notes.append(
+            f"{path.name}: the figure shows the first {MAX_ROWS} layer / kernel-point rows ({left_out} left out); the npz has every layer"
+        )
     figure_path = out_dir / f"{path.stem}_offsets.{fmt}"
-    write_figure(figure_path, draw_offsets_figure(image, maps, title=f"{path.name}: offsets in image pixels"), dpi=100)
+    write_figure(
+        figure_path,
+        draw_offsets_figure(image, maps, title=f"{path.name}: offsets in image pixels"),
+        dpi=100,
+    )
     return figure_path

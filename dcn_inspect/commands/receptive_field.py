@@ -2,10 +2,10 @@
 error-bounded saliency regions of chosen units (DCNv2 §2.1), for images or, with ``stats``, a dataset.
 
 For each image: one forward with gradients to the model input
-(:class:`~dcn_inspect.receptive_field.GradientForward`, offsets captured as in every command)
--> the layers to follow (:func:`dcn_inspect.records.select_layers`, the top one holds the units)
--> the units (:mod:`dcn_inspect.unit_selection`, as sample-points chooses them) -> their
-receptive fields (:func:`dcn_inspect.receptive_field.receptive_fields`) -> for ``compare_model``
+(:class:`~dcn_inspect.analysis.receptive_field.GradientForward`, offsets captured as in every command)
+-> the layers to follow (:func:`dcn_inspect.capture.records.select_layers`, the top one holds the units)
+-> the units (:mod:`dcn_inspect.analysis.unit_selection`, as sample-points chooses them) -> their
+receptive fields (:func:`dcn_inspect.analysis.receptive_field.receptive_fields`) -> for ``compare_model``
 the same image positions under a second model -> written as
 
 - ``<stem>_receptive_field.csv``: one row per unit (and model);
@@ -31,25 +31,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dcn_inspect.annotations import load_dataset
-from dcn_inspect.category_stats import BINS, CategoryStats, LogBins
-from dcn_inspect.commands.common import CommandRun, check_figure_format, check_resize, image_list, images_of_run, start_run
-from dcn_inspect.commands.dilation_stats import table_markdown
-from dcn_inspect.defaults import DEFAULT_LEVELS, DEFAULT_MAX_PIXELS, DEFAULT_OUT
-from dcn_inspect.dilation import CATEGORIES, CATEGORY_CODES, category_table_columns, resolve_thresholds, table_frame, unit_categories
-from dcn_inspect.errors import InputError
-from dcn_inspect.images import ImageError, ModelInput, SkippedImages, read_model_input, to_model_input
-from dcn_inspect.loaded_model import LoadedModel
-from dcn_inspect.loading import open_model
-from dcn_inspect.columns import describe, names
-from dcn_inspect.outputs import write_csv, write_figure, write_npz, write_text
-from dcn_inspect.progress import image_progress
-from dcn_inspect.receptive_field import (
+from dcn_inspect.analysis.category_stats import BINS, CategoryStats, LogBins
+from dcn_inspect.analysis.dilation_stats import (
+    CATEGORIES,
+    CATEGORY_CODES,
+    category_table_columns,
+    resolve_thresholds,
+    table_frame,
+    unit_categories,
+)
+from dcn_inspect.analysis.receptive_field import (
     CSV_COLUMNS,
-    RECEPTIVE_FIELD_CSV,
-    STATS_UNITS_CSV,
     DEFAULT_BATCH_SIZE,
     DEFAULT_SALIENCY_ERROR,
+    RECEPTIVE_FIELD_CSV,
+    STATS_UNITS_CSV,
     GradientForward,
     ReceptiveFields,
     erf_memory_bytes,
@@ -58,11 +54,50 @@ from dcn_inspect.receptive_field import (
     units_table,
     unusable_layers,
 )
-from dcn_inspect.records import DeformConvRecord, select_layers
-from dcn_inspect.tracing import GroupChoice, check_group, tree_half_extent
-from dcn_inspect.unit_selection import Boxes, Unit, box_units, boxes_per_image, check_unit_options, choose_units, nearest_unit
+from dcn_inspect.analysis.sample_points import GroupChoice, check_group, tree_half_extent
+from dcn_inspect.analysis.unit_selection import (
+    Boxes,
+    Unit,
+    box_units,
+    boxes_per_image,
+    check_unit_options,
+    choose_units,
+    nearest_unit,
+)
+from dcn_inspect.capture.records import DeformConvRecord
+from dcn_inspect.capture.selection import select_layers
+from dcn_inspect.commands.common import (
+    CommandRun,
+    image_list,
+    images_of_run,
+    start_run,
+)
+from dcn_inspect.commands.dilation_stats import table_markdown
+from dcn_inspect.commands.options import ImageInput, ModelChoice, check_figure_format
+from dcn_inspect.core.columns import describe, names
+from dcn_inspect.core.defaults import DEFAULT_LEVELS, DEFAULT_MAX_PIXELS, DEFAULT_OUT
+from dcn_inspect.core.errors import InputError
+from dcn_inspect.io.annotations import load_dataset
+from dcn_inspect.io.images import (
+    ImageError,
+    ModelInput,
+    SkippedImages,
+    check_resize,
+    read_model_input,
+    to_model_input,
+)
+from dcn_inspect.io.outputs import write_csv, write_figure, write_npz, write_text
+from dcn_inspect.io.progress import image_progress
+from dcn_inspect.models.loaded_model import LoadedModel
+from dcn_inspect.models.loading import open_model
 
-__all__ = ["CSV_COLUMNS", "ImageFields", "ReceptiveFieldResult", "receptive_field", "RESPONSE_DEFINITION"]
+__all__ = [
+    "CSV_COLUMNS",
+    "ImageFields",
+    "ReceptiveFieldResult",
+    "receptive_field",
+    "RESPONSE_DEFINITION",
+]
 
 #: The ERF maps of one image may take at most this many bytes (float32, units x H x W).
 MAX_ERF_BYTES = 2 * 1024**3
@@ -156,12 +191,30 @@ def receptive_field(
     ``dcn-sample-dilated``) on the same image positions: its layers of the same names (regular
     convs count as deformable ones with zero offsets).
     """
-    options = _check_options(layers, levels, at, grid, channel, group, round_positions, saliency_error, saliency_step, batch_size, resize, fmt)
+    options = _check_options(
+        layers,
+        levels,
+        at,
+        grid,
+        channel,
+        group,
+        round_positions,
+        saliency_error,
+        saliency_step,
+        batch_size,
+        resize,
+        fmt,
+    )
     image_paths = image_list(images)
-    boxes_of_images, boxes_source = boxes_per_image(image_paths, boxes, use_bundled=not options.at and grid is None)
+    boxes_of_images, boxes_source = boxes_per_image(
+        image_paths, boxes, use_bundled=not options.at and grid is None
+    )
     parameters = _parameters(image_paths, options, boxes, compare_model, compare_weights)
     planned = [Path(out) / name for path in image_paths for name in _output_names(path, options)]
-    run = start_run("receptive-field", parameters, model, weights, device, out, outputs=planned)
+    inputs = ImageInput(options.resize, max_pixels, device, strict)
+    run = start_run(
+        "receptive-field", parameters, ModelChoice(model, weights), inputs, out, outputs=planned
+    )
     results: List[ImageFields] = []
     per_image: List[Dict[str, Any]] = []
     followed: List[str] = []
@@ -170,14 +223,32 @@ def receptive_field(
         compare = None
         if compare_model is not None:
             compare, _ = open_model(compare_model, compare_weights, str(run.device))
-            run.outputs.protect("compare_weights" if compare_weights is not None else "compare_model", [compare.checkpoint])
+            run.outputs.protect(
+                "compare_weights" if compare_weights is not None else "compare_model",
+                [compare.checkpoint],
+            )
             run.summary["compare_model"] = compare.summary()
             run.summary["compare_checkpoint_sha256"] = compare.checkpoint_sha256
-        run.summary["response"] = {"definition": RESPONSE_DEFINITION, "channel": "sum over channels" if channel is None else channel}
+        run.summary["response"] = {
+            "definition": RESPONSE_DEFINITION,
+            "channel": "sum over channels" if channel is None else channel,
+        }
         run.summary["saliency"] = {"error": options.saliency_error, "schedule": SALIENCY_SCHEDULE}
-        with images_of_run(image_paths, strict, max_pixels, "receptive-field", progress, run.loaded.preprocess, options.resize) as (readable, skipped):
+        with images_of_run(
+            image_paths, inputs, "receptive-field", progress, run.loaded.preprocess
+        ) as (readable, skipped):
             for path, image in readable:
-                item, summary = _analyse_image(path, image, boxes_of[path], boxes_source, options, run, compare, progress, max_pixels)
+                item, summary = _analyse_image(
+                    path,
+                    image,
+                    boxes_of[path],
+                    boxes_source,
+                    options,
+                    run,
+                    compare,
+                    progress,
+                    max_pixels,
+                )
                 followed = followed or item.fields["model"].levels
                 results.append(item)
                 per_image.append(summary)
@@ -185,7 +256,9 @@ def receptive_field(
         run.summary["images"] = per_image
         run.summary["columns"] = {"<stem>_receptive_field.csv": describe(RECEPTIVE_FIELD_CSV)}
         summary_path = run.finish(skipped)
-    return ReceptiveFieldResult(run.out_dir, followed, results, summary_path, run.notes, skipped.items)
+    return ReceptiveFieldResult(
+        run.out_dir, followed, results, summary_path, run.notes, skipped.items
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,16 +289,40 @@ def _check_options(
     if channel is not None and channel < 0:
         raise InputError(f"{channel}: channels are numbered from 0", param="channel")
     if not (0.0 <= saliency_error < 1.0):
-        raise InputError(f"{saliency_error}: the relative error bound must be in [0, 1)", param="saliency_error")
+        raise InputError(
+            f"{saliency_error}: the relative error bound must be in [0, 1)", param="saliency_error"
+        )
     if saliency_step is not None and saliency_step < 1:
-        raise InputError(f"{saliency_step}: the search resolution must be at least 1 pixel", param="saliency_step")
+        raise InputError(
+            f"{saliency_step}: the search resolution must be at least 1 pixel",
+            param="saliency_step",
+        )
     if batch_size < 1:
         raise InputError(f"{batch_size}: must be at least 1", param="batch_size")
     group = check_group(group)
-    return _Options(layers, levels, points, grid, channel, group, round_positions, float(saliency_error), saliency_step, batch_size, resize, fmt)
+    return _Options(
+        layers,
+        levels,
+        points,
+        grid,
+        channel,
+        group,
+        round_positions,
+        float(saliency_error),
+        saliency_step,
+        batch_size,
+        resize,
+        fmt,
+    )
 
 
-def _parameters(image_paths: Sequence[Path], options: _Options, boxes: Optional[Path], compare_model: Any, compare_weights: Optional[Path]) -> Dict[str, Any]:
+def _parameters(
+    image_paths: Sequence[Path],
+    options: _Options,
+    boxes: Optional[Path],
+    compare_model: Any,
+    compare_weights: Optional[Path],
+) -> Dict[str, Any]:
     return {
         "images": [str(p) for p in image_paths],
         "layers": list(options.layers) if options.layers else None,
@@ -238,7 +335,9 @@ def _parameters(image_paths: Sequence[Path], options: _Options, boxes: Optional[
         "round": options.round_positions,
         "saliency_error": options.saliency_error,
         "saliency_step": options.saliency_step,
-        "compare_model": compare_model if not isinstance(compare_model, LoadedModel) else compare_model.name,
+        "compare_model": compare_model
+        if not isinstance(compare_model, LoadedModel)
+        else compare_model.name,
         "compare_weights": compare_weights,
         "batch_size": options.batch_size,
         "resize": options.resize,
@@ -246,9 +345,17 @@ def _parameters(image_paths: Sequence[Path], options: _Options, boxes: Optional[
     }
 
 
-def followed_records(forward: GradientForward, options: _Options, model_name: str) -> List[DeformConvRecord]:
+def followed_records(
+    forward: GradientForward, options: _Options, model_name: str
+) -> List[DeformConvRecord]:
     """The layers to follow, top (last called) first."""
-    chosen = select_layers(forward.deformable_records(), options.layers, options.levels, default_count=DEFAULT_LEVELS, model_name=model_name)
+    chosen = select_layers(
+        forward.deformable_records(),
+        options.layers,
+        options.levels,
+        default_count=DEFAULT_LEVELS,
+        model_name=model_name,
+    )
     return list(reversed(chosen))
 
 
@@ -263,23 +370,55 @@ def _analyse_image(
     progress: bool,
     max_pixels: int,
 ) -> Tuple[ImageFields, Dict[str, Any]]:
-    from dcn_inspect.progress import image_progress
+    from dcn_inspect.io.progress import image_progress
 
     model_input = to_model_input(image, run.loaded.preprocess, options.resize, max_pixels)
     forward = GradientForward(run.loaded.model, model_input.tensor.to(run.device))
     records = followed_records(forward, options, run.loaded.name)
     sx, sy = model_input.scale_to_original
     top = records[0]
-    clearance = tree_half_extent(records, (sx, sy))  # as sample-points: the background unit keeps its tree on the image
-    units = choose_units(path, top.geometry.output_frame.scaled(sx, sy), top.geometry.output_hw, model_input.original_hw, options.at, options.grid, boxes, boxes_source, run.notes, clearance)
+    clearance = tree_half_extent(
+        records, (sx, sy)
+    )  # as sample-points: the background unit keeps its tree on the image
+    units = choose_units(
+        path,
+        top.geometry.output_frame.scaled(sx, sy),
+        top.geometry.output_hw,
+        model_input.original_hw,
+        options.at,
+        options.grid,
+        boxes,
+        boxes_source,
+        run.notes,
+        clearance,
+    )
     _check_memory(path, len(units) * (2 if compare is not None else 1), model_input.original_hw)
     box_array = None if boxes is None else np.asarray(boxes[0], dtype=np.float64).reshape(-1, 4)
     fields: Dict[str, ReceptiveFields] = {}
     total = len(units) * (2 if compare is not None else 1)
     with image_progress(f"{path.name}: units", progress, total) as advance:
-        fields["model"] = _fields(forward, records, [(u.row, u.col) for u in units], model_input, run.loaded, options, box_array, advance)
+        fields["model"] = _fields(
+            forward,
+            records,
+            [(u.row, u.col) for u in units],
+            model_input,
+            run.loaded,
+            options,
+            box_array,
+            advance,
+        )
         if compare is not None:
-            fields["compare"], compare_units = _compare_fields(image, units, [r.name for r in records], compare, options, run.device, box_array, advance, max_pixels)
+            fields["compare"], compare_units = _compare_fields(
+                image,
+                units,
+                [r.name for r in records],
+                compare,
+                options,
+                run.device,
+                box_array,
+                advance,
+                max_pixels,
+            )
     for role, item in fields.items():
         run.notes.extend(f"{path.name} ({role}): {note}" for note in item.notes)
     _note_approximate_frames(path, records, run.notes)
@@ -340,30 +479,54 @@ def _compare_fields(
     """The same image positions under the compare model, through its layers of the same names."""
     missing = list(unusable_layers(compare.model, names))
     if missing:
-        raise InputError(f"{compare.name}: no layer named {', '.join(missing)} (the followed layers of the model)", param="compare_model")
+        raise InputError(
+            f"{compare.name}: no layer named {', '.join(missing)} (the followed layers of the model)",
+            param="compare_model",
+        )
     model_input = to_model_input(image, compare.preprocess, options.resize, max_pixels)
     forward = GradientForward(compare.model, model_input.tensor.to(device), regular=list(names))
     found = forward.records
     problems = unusable_layers(compare.model, names, found=list(found))
     if problems:
-        raise InputError(f"{compare.name}: " + "; ".join(f"layer {name}: {problem}" for name, problem in problems.items()), param="compare_model")
+        raise InputError(
+            f"{compare.name}: "
+            + "; ".join(f"layer {name}: {problem}" for name, problem in problems.items()),
+            param="compare_model",
+        )
     records = [found[name] for name in names]
     sx, sy = model_input.scale_to_original
     top = records[0]
     frame = top.geometry.output_frame.scaled(sx, sy)
-    compare_units = [nearest_unit(frame, top.geometry.output_hw, u.x, u.y, u.source, u.detail) for u in units]
-    fields = _fields(forward, records, [(u.row, u.col) for u in compare_units], model_input, compare, options, boxes, advance)
+    compare_units = [
+        nearest_unit(frame, top.geometry.output_hw, u.x, u.y, u.source, u.detail) for u in units
+    ]
+    fields = _fields(
+        forward,
+        records,
+        [(u.row, u.col) for u in compare_units],
+        model_input,
+        compare,
+        options,
+        boxes,
+        advance,
+    )
     return fields, compare_units
 
 
-def _note_approximate_frames(path: Path, records: Sequence[DeformConvRecord], notes: List[str]) -> None:
+def _note_approximate_frames(
+    path: Path, records: Sequence[DeformConvRecord], notes: List[str]
+) -> None:
     approximate = [r.name for r in records if r.geometry.method != "hooks"]
     if approximate:
-        notes.append(f"{path.name}: frames of {', '.join(approximate)} inferred from map sizes (the forward could not be followed there); positions are approximate")
+        notes.append(
+            f"{path.name}: frames of {', '.join(approximate)} inferred from map sizes (the forward could not be followed there); positions are approximate"
+        )
 
 
-def _panels(units: Sequence[Unit], fields: Dict[str, ReceptiveFields], names: Dict[str, str]) -> List[Any]:
-    from dcn_inspect.plots.receptive_field import MAX_PANELS, ErfPanel, PointLevel
+def _panels(
+    units: Sequence[Unit], fields: Dict[str, ReceptiveFields], names: Dict[str, str]
+) -> List[Any]:
+    from dcn_inspect.report.receptive_field import MAX_PANELS, ErfPanel, PointLevel
 
     panels = []
     for u, unit in enumerate(units):
@@ -372,8 +535,19 @@ def _panels(units: Sequence[Unit], fields: Dict[str, ReceptiveFields], names: Di
                 break
             levels = []
             for level in range(1, item.trees.num_levels + 1):
-                weights = None if item.point_gradients is None else item.point_gradients.weights[level - 1][u].numpy()
-                levels.append(PointLevel(f"level {level}: {item.levels[level - 1]}", item.trees.xs[level - 1][u].numpy(), item.trees.ys[level - 1][u].numpy(), weights))
+                weights = (
+                    None
+                    if item.point_gradients is None
+                    else item.point_gradients.weights[level - 1][u].numpy()
+                )
+                levels.append(
+                    PointLevel(
+                        f"level {level}: {item.levels[level - 1]}",
+                        item.trees.xs[level - 1][u].numpy(),
+                        item.trees.ys[level - 1][u].numpy(),
+                        weights,
+                    )
+                )
             x, y = (float(v) for v in item.unit_xy[u])
             numbers = item.numbers[u]
             prefix = f"{names[role]}: " if len(fields) > 1 else ""
@@ -383,20 +557,34 @@ def _panels(units: Sequence[Unit], fields: Dict[str, ReceptiveFields], names: Di
                 saliency = tuple(float(v) for v in item.saliency_boxes[u])
                 area = (saliency[2] - saliency[0]) * (saliency[3] - saliency[1])
                 title += f", saliency {area:.0f} px²"
-            theoretical = None if item.theoretical is None else tuple(float(v) for v in item.theoretical[u])
-            panels.append(ErfPanel(title, item.erf[u].numpy(), (x, y), theoretical, saliency, levels))  # type: ignore[arg-type]
+            theoretical = (
+                None if item.theoretical is None else tuple(float(v) for v in item.theoretical[u])
+            )
+            panels.append(
+                ErfPanel(title, item.erf[u].numpy(), (x, y), theoretical, saliency, levels)
+            )  # type: ignore[arg-type]
     return panels
 
 
 def _output_names(path: Path, options: _Options) -> List[str]:
     """The files :func:`_write_image_outputs` writes for ``path`` (in the output directory)."""
-    return [f"{path.stem}_receptive_field.csv", f"{path.stem}_erf.npz", f"{path.stem}_receptive_field.{options.fmt}"]
+    return [
+        f"{path.stem}_receptive_field.csv",
+        f"{path.stem}_erf.npz",
+        f"{path.stem}_receptive_field.{options.fmt}",
+    ]
 
 
 def _write_image_outputs(
-    path: Path, image: np.ndarray, units: List[Unit], fields: Dict[str, ReceptiveFields], boxes: Optional[np.ndarray], options: _Options, run: CommandRun
+    path: Path,
+    image: np.ndarray,
+    units: List[Unit],
+    fields: Dict[str, ReceptiveFields],
+    boxes: Optional[np.ndarray],
+    options: _Options,
+    run: CommandRun,
 ) -> ImageFields:
-    from dcn_inspect.plots.receptive_field import MAX_PANELS, draw_receptive_field_figure
+    from dcn_inspect.report.receptive_field import MAX_PANELS, draw_receptive_field_figure
 
     table = units_table(fields, boxes)
     csv_path = run.out_dir / f"{path.stem}_receptive_field.csv"
@@ -404,28 +592,63 @@ def _write_image_outputs(
     arrays: Dict[str, np.ndarray] = {}
     for role, item in fields.items():
         arrays.update(field_arrays(role, item))
-    arrays["meta"] = np.array(json.dumps({"response": RESPONSE_DEFINITION, "layers": {role: item.levels for role, item in fields.items()}, "coordinates": "original-image pixels"}, sort_keys=True))
+    arrays["meta"] = np.array(
+        json.dumps(
+            {
+                "response": RESPONSE_DEFINITION,
+                "layers": {role: item.levels for role, item in fields.items()},
+                "coordinates": "original-image pixels",
+            },
+            sort_keys=True,
+        )
+    )
     npz_path = run.out_dir / f"{path.stem}_erf.npz"
     write_npz(npz_path, arrays)
-    names = {"model": run.loaded.name, "compare": str(run.summary.data.get("compare_model", {}).get("name", "compare"))}
+    names = {
+        "model": run.loaded.name,
+        "compare": str(run.summary.data.get("compare_model", {}).get("name", "compare")),
+    }
     panels = _panels(units, fields, names)
     figure_path = run.out_dir / f"{path.stem}_receptive_field.{options.fmt}"
-    write_figure(figure_path, draw_receptive_field_figure(image, panels, columns=2 if len(fields) > 1 else 4), dpi=100)
+    write_figure(
+        figure_path,
+        draw_receptive_field_figure(image, panels, columns=2 if len(fields) > 1 else 4),
+        dpi=100,
+    )
     if len(units) * len(fields) > MAX_PANELS:
-        run.notes.append(f"{path.name}: the figure shows the first {MAX_PANELS} panels; the CSV and npz have every unit")
+        run.notes.append(
+            f"{path.name}: the figure shows the first {MAX_PANELS} panels; the CSV and npz have every unit"
+        )
     return ImageFields(path, units, fields, csv_path, npz_path, figure_path, table)
 
 
-def _image_summary(path: Path, model_input: ModelInput, records: Sequence[DeformConvRecord], units: List[Unit], fields: Dict[str, ReceptiveFields], item: ImageFields) -> Dict[str, Any]:
+def _image_summary(
+    path: Path,
+    model_input: ModelInput,
+    records: Sequence[DeformConvRecord],
+    units: List[Unit],
+    fields: Dict[str, ReceptiveFields],
+    item: ImageFields,
+) -> Dict[str, Any]:
     model_fields = fields["model"]
     return {
         "image": str(path),
         "original_hw": list(model_input.original_hw),
         "input_hw": list(model_input.input_hw),
         "scale_to_original": list(model_input.scale_to_original),
-        "layers": [{"level": level, "name": r.name, "module_type": r.module_type, "geometry": r.geometry.as_dict()} for level, r in enumerate(records, start=1)],
+        "layers": [
+            {
+                "level": level,
+                "name": r.name,
+                "module_type": r.module_type,
+                "geometry": r.geometry.as_dict(),
+            }
+            for level, r in enumerate(records, start=1)
+        ],
         "units": [{"unit": k, **u.as_dict()} for k, u in enumerate(units)],
-        "saliency_evaluations": {role: [r.evaluations for r in f.saliency] for role, f in fields.items()},
+        "saliency_evaluations": {
+            role: [r.evaluations for r in f.saliency] for role, f in fields.items()
+        },
         "point_gradients": model_fields.point_gradients is not None,
         "outputs": [item.csv.name, item.npz.name, item.figure.name],
     }
@@ -445,7 +668,9 @@ AREA_BINS_HIGH = 1e9
 class ReceptiveFieldStatsResult:
     """The tables of :func:`receptive_field_stats` and where they were written."""
 
-    radius_table: pd.DataFrame  # dilation-stats layout: layer, category, count, mean, std, median, p10, p90, units
+    radius_table: (
+        pd.DataFrame
+    )  # dilation-stats layout: layer, category, count, mean, std, median, p10, p90, units
     area_table: pd.DataFrame
     thresholds_name: str
     thresholds: Tuple[float, float]
@@ -479,15 +704,28 @@ def receptive_field_stats(
     """ERF 90 % radius and saliency-region area per followed layer and object-size category.
 
     Units: in every image and followed layer, one at each ground-truth box centre and one
-    background unit (:func:`dcn_inspect.unit_selection.box_units`); each unit's category is the
-    one ``dilation-stats`` gives its cell (:func:`dcn_inspect.dilation.unit_categories`: the
+    background unit (:func:`dcn_inspect.analysis.unit_selection.box_units`); each unit's category is the
+    one ``dilation-stats`` gives its cell (:func:`dcn_inspect.analysis.dilation_stats.unit_categories`: the
     smallest box containing the centre decides small / medium / large by area, no box =
     background, crowd / difficult-only and off-image centres count nowhere). Writes
     ``erf_radius_table.csv|md``, ``saliency_area_table.csv|md`` (the dilation-stats layout),
     ``receptive_field_units.csv`` and ``summary.json``.
     """
     started = time.time()
-    options = _check_options(layers, levels, (), None, channel, 0, False, saliency_error, saliency_step, batch_size, resize, "png")
+    options = _check_options(
+        layers,
+        levels,
+        (),
+        None,
+        channel,
+        0,
+        False,
+        saliency_error,
+        saliency_step,
+        batch_size,
+        resize,
+        "png",
+    )
     if max_images is not None and max_images < 1:
         raise InputError(f"{max_images}: must be at least 1", param="max_images")
     data = load_dataset(dataset, images_dir, split)
@@ -502,14 +740,52 @@ def receptive_field_stats(
         "saliency_error": options.saliency_error, "saliency_step": saliency_step, "max_images": max_images,
         "batch_size": batch_size, "resize": resize, "strict": strict, "max_pixels": max_pixels,
     }  # fmt: skip
-    names = ["erf_radius_table.csv", "erf_radius_table.md", "saliency_area_table.csv", "saliency_area_table.md", "receptive_field_units.csv"]
-    run = start_run("receptive-field --stats", parameters, model, weights, device, out, outputs=[Path(out) / n for n in names])
+    names = [
+        "erf_radius_table.csv",
+        "erf_radius_table.md",
+        "saliency_area_table.csv",
+        "saliency_area_table.md",
+        "receptive_field_units.csv",
+    ]
+    run = start_run(
+        "receptive-field --stats",
+        parameters,
+        ModelChoice(model, weights),
+        ImageInput(resize, max_pixels, device, strict),
+        out,
+        outputs=[Path(out) / n for n in names],
+    )
     with run:
-        return _stats_run(run, data, entries, options, thresholds_name, threshold_values, strict, max_pixels, progress, split, channel, started)
+        return _stats_run(
+            run,
+            data,
+            entries,
+            options,
+            thresholds_name,
+            threshold_values,
+            strict,
+            max_pixels,
+            progress,
+            split,
+            channel,
+            started,
+        )
 
 
-def _stats_run(run: CommandRun, data: Any, entries: Sequence[Any], options: _Options, thresholds_name: str, threshold_values: Tuple[float, float],
-               strict: bool, max_pixels: int, progress: bool, split: Optional[str], channel: Optional[int], started: float) -> "ReceptiveFieldStatsResult":
+def _stats_run(
+    run: CommandRun,
+    data: Any,
+    entries: Sequence[Any],
+    options: _Options,
+    thresholds_name: str,
+    threshold_values: Tuple[float, float],
+    strict: bool,
+    max_pixels: int,
+    progress: bool,
+    split: Optional[str],
+    channel: Optional[int],
+    started: float,
+) -> "ReceptiveFieldStatsResult":
     """The measuring and writing of :func:`receptive_field_stats` (inside its run)."""
     radius: Dict[str, CategoryStats] = {}
     area: Dict[str, CategoryStats] = {}
@@ -522,8 +798,16 @@ def _stats_run(run: CommandRun, data: Any, entries: Sequence[Any], options: _Opt
         for entry in entries:
             try:
                 if entry.path is None:
-                    raise ImageError(f"{entry.file_name}: image file not found", "image file not found")
-                _, model_input = read_model_input(entry.path, run.loaded.preprocess, options.resize, max_pixels, (entry.height, entry.width))
+                    raise ImageError(
+                        f"{entry.file_name}: image file not found", "image file not found"
+                    )
+                _, model_input = read_model_input(
+                    entry.path,
+                    run.loaded.preprocess,
+                    options.resize,
+                    max_pixels,
+                    (entry.height, entry.width),
+                )
             except ImageError as exc:
                 skipped.skip(entry.file_name, exc)
                 advance()
@@ -535,26 +819,68 @@ def _stats_run(run: CommandRun, data: Any, entries: Sequence[Any], options: _Opt
             kept = ~np.asarray(entry.ignore, dtype=bool)
             for record in records:
                 frame = record.geometry.output_frame.scaled(sx, sy)
-                codes_map = unit_categories(frame, record.geometry.output_hw, (entry.width, entry.height), entry.boxes, entry.ignore, threshold_values)
+                codes_map = unit_categories(
+                    frame,
+                    record.geometry.output_hw,
+                    (entry.width, entry.height),
+                    entry.boxes,
+                    entry.ignore,
+                    threshold_values,
+                )
                 labels = [entry.labels[i] for i in np.nonzero(kept)[0]]
-                units = box_units(frame, record.geometry.output_hw, entry.boxes[kept], labels, (entry.height, entry.width), "annotations", tree_half_extent([record], (sx, sy)))
+                units = box_units(
+                    frame,
+                    record.geometry.output_hw,
+                    entry.boxes[kept],
+                    labels,
+                    (entry.height, entry.width),
+                    "annotations",
+                    tree_half_extent([record], (sx, sy)),
+                )
                 if not units:
-                    units = [nearest_unit(frame, record.geometry.output_hw, entry.width / 2, entry.height / 2, "image centre")]
+                    units = [
+                        nearest_unit(
+                            frame,
+                            record.geometry.output_hw,
+                            entry.width / 2,
+                            entry.height / 2,
+                            "image centre",
+                        )
+                    ]
                 cells = list(dict.fromkeys((u.row, u.col) for u in units))
-                codes = torch.tensor([int(codes_map[row, col]) for row, col in cells], dtype=torch.long)
+                codes = torch.tensor(
+                    [int(codes_map[row, col]) for row, col in cells], dtype=torch.long
+                )
                 item = receptive_fields(
                     forward, [record], torch.tensor(cells, dtype=torch.long), model_input.original_hw, run.loaded.preprocess.std,
                     channel=options.channel, saliency_error=options.saliency_error, saliency_step=options.saliency_step, batch_size=options.batch_size,
                 )  # fmt: skip
                 radii = torch.tensor([n.radius_90 for n in item.numbers], dtype=torch.float64)
-                sizes = (item.saliency_boxes[:, 2] - item.saliency_boxes[:, 0]) * (item.saliency_boxes[:, 3] - item.saliency_boxes[:, 1])
+                sizes = (item.saliency_boxes[:, 2] - item.saliency_boxes[:, 0]) * (
+                    item.saliency_boxes[:, 3] - item.saliency_boxes[:, 1]
+                )
                 finite = torch.isfinite(radii)
-                radius.setdefault(record.name, CategoryStats(len(CATEGORIES), BINS)).update(radii[finite], codes[finite])
-                area.setdefault(record.name, CategoryStats(len(CATEGORIES), area_bins)).update(sizes, codes)
+                radius.setdefault(record.name, CategoryStats(len(CATEGORIES), BINS)).update(
+                    radii[finite], codes[finite]
+                )
+                area.setdefault(record.name, CategoryStats(len(CATEGORIES), area_bins)).update(
+                    sizes, codes
+                )
                 for k, (row, col) in enumerate(cells):
                     x, y = (float(v) for v in item.unit_xy[k])
                     numbers = item.numbers[k]
-                    rows.append([entry.file_name, record.name, x, y, CATEGORY_CODES[int(codes[k])], numbers.radius_50, numbers.radius_90, float(sizes[k])])
+                    rows.append(
+                        [
+                            entry.file_name,
+                            record.name,
+                            x,
+                            y,
+                            CATEGORY_CODES[int(codes[k])],
+                            numbers.radius_50,
+                            numbers.radius_90,
+                            float(sizes[k]),
+                        ]
+                    )
             used += 1
             advance()
     skipped.check_any_used(used, str(data.root))
@@ -569,26 +895,66 @@ def _stats_run(run: CommandRun, data: Any, entries: Sequence[Any], options: _Opt
         "area_md": out_dir / "saliency_area_table.md",
         "units_csv": out_dir / "receptive_field_units.csv",
     }
-    radius_columns = category_table_columns("ERF radius holding 90 % of sum_colour |dr/dI| around its centroid", "original-image pixels")
-    area_columns = category_table_columns(f"error-bounded saliency region area (error {options.saliency_error:g})", "original-image pixels²")
+    radius_columns = category_table_columns(
+        "ERF radius holding 90 % of sum_colour |dr/dI| around its centroid", "original-image pixels"
+    )
+    area_columns = category_table_columns(
+        f"error-bounded saliency region area (error {options.saliency_error:g})",
+        "original-image pixels²",
+    )
     write_csv(files["radius_csv"], radius_table, radius_columns)
-    write_text(files["radius_md"], table_markdown(radius_table, "original-image pixels", thresholds_name, threshold_values, title="ERF radius holding 90 % of the gradient mass"))
+    write_text(
+        files["radius_md"],
+        table_markdown(
+            radius_table,
+            "original-image pixels",
+            thresholds_name,
+            threshold_values,
+            title="ERF radius holding 90 % of the gradient mass",
+        ),
+    )
     write_csv(files["area_csv"], area_table, area_columns)
-    write_text(files["area_md"], table_markdown(area_table, "original-image pixels²", thresholds_name, threshold_values, title=f"Saliency region area (error {options.saliency_error:g})"))
+    write_text(
+        files["area_md"],
+        table_markdown(
+            area_table,
+            "original-image pixels²",
+            thresholds_name,
+            threshold_values,
+            title=f"Saliency region area (error {options.saliency_error:g})",
+        ),
+    )
     write_csv(files["units_csv"], pd.DataFrame(rows, columns=STATS_UNIT_COLUMNS), STATS_UNITS_CSV)
     run.summary["columns"] = {
         "erf_radius_table.csv": describe(radius_columns),
         "saliency_area_table.csv": describe(area_columns),
         "receptive_field_units.csv": describe(STATS_UNITS_CSV),
     }
-    run.summary["dataset"] = {"path": str(data.root), "format": data.format, "split": split, "images_selected": len(entries), "issues": data.issues}
+    run.summary["dataset"] = {
+        "path": str(data.root),
+        "format": data.format,
+        "split": split,
+        "images_selected": len(entries),
+        "issues": data.issues,
+    }
     run.summary["images"] = {"used": used}
     run.summary["layers"] = order
-    run.summary["thresholds"] = {"name": thresholds_name, "small_medium_px2": threshold_values[0], "medium_large_px2": threshold_values[1]}
-    run.summary["units"] = "one at each non-ignored box centre and one background unit per image and layer (the unit_selection of sample-points --boxes); categories as dilation-stats"
-    run.summary["response"] = {"definition": RESPONSE_DEFINITION, "channel": "sum over channels" if channel is None else channel}
+    run.summary["thresholds"] = {
+        "name": thresholds_name,
+        "small_medium_px2": threshold_values[0],
+        "medium_large_px2": threshold_values[1],
+    }
+    run.summary["units"] = (
+        "one at each non-ignored box centre and one background unit per image and layer (the unit_selection of sample-points --boxes); categories as dilation-stats"
+    )
+    run.summary["response"] = {
+        "definition": RESPONSE_DEFINITION,
+        "channel": "sum over channels" if channel is None else channel,
+    }
     run.summary["saliency"] = {"error": options.saliency_error, "schedule": SALIENCY_SCHEDULE}
     run.summary["outputs"] = sorted(p.name for p in files.values())
     run.summary["wall_seconds_measured"] = round(time.time() - started, 3)
     files["summary"] = run.finish(skipped)
-    return ReceptiveFieldStatsResult(radius_table, area_table, thresholds_name, threshold_values, used, skipped, out_dir, files)
+    return ReceptiveFieldStatsResult(
+        radius_table, area_table, thresholds_name, threshold_values, used, skipped, out_dir, files
+    )

@@ -1,9 +1,9 @@
 """``dcn-inspect sample-points``: sampling trees of chosen units drawn on the image (Fig. 5/6).
 
-For each image: one forward under :func:`dcn_inspect.hooks.probe` (the offsets and masks the
+For each image: one forward under :func:`dcn_inspect.capture.session.probe` (the offsets and masks the
 deformable layers used, and each layer's exact frame) -> the layers to follow
-(:func:`dcn_inspect.records.select_layers`) -> the units (:mod:`dcn_inspect.unit_selection`) ->
-their sampling trees (:func:`dcn_inspect.tracing.trace_sampling_trees`) -> written as
+(:func:`dcn_inspect.capture.records.select_layers`) -> the units (:mod:`dcn_inspect.analysis.unit_selection`) ->
+their sampling trees (:func:`dcn_inspect.analysis.sample_points.trace_sampling_trees`) -> written as
 
 - ``<stem>_points.csv``: one row per point (every level, points outside the maps included);
 - ``<stem>_sampling.<fmt>``: one panel per unit, the unit green, its deepest points red, every
@@ -24,27 +24,44 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dcn_inspect.analysis.dilation_stats import resolve_thresholds
+from dcn_inspect.analysis.sample_points import (
+    CSV_COLUMNS,
+    POINTS_CSV,
+    GroupChoice,
+    SamplingTrees,
+    check_group,
+    points_table,
+    trace_sampling_trees,
+    tree_half_extent,
+)
+from dcn_inspect.analysis.unit_selection import (
+    Boxes,
+    Unit,
+    UnitCategory,
+    boxes_per_image,
+    check_unit_options,
+    choose_units,
+    unit_category,
+)
+from dcn_inspect.capture.records import DeformConvRecord
+from dcn_inspect.capture.selection import select_layers
+from dcn_inspect.capture.session import probe
 from dcn_inspect.commands.common import (
     CommandRun,
-    check_figure_format,
     check_npz_path,
-    check_resize,
     image_list,
     images_of_run,
     offset_field_arrays,
     start_run,
 )
-from dcn_inspect.defaults import DEFAULT_LEVELS, DEFAULT_MAX_PIXELS, DEFAULT_OUT
-from dcn_inspect.dilation import resolve_thresholds
-from dcn_inspect.errors import InputError
-from dcn_inspect.hooks import probe
-from dcn_inspect.images import ModelInput, to_model_input
-from dcn_inspect.loaded_model import LoadedModel
-from dcn_inspect.outputs import write_csv, write_figure, write_npz
-from dcn_inspect.records import DeformConvRecord, select_layers
-from dcn_inspect.columns import describe, present
-from dcn_inspect.tracing import CSV_COLUMNS, POINTS_CSV, GroupChoice, SamplingTrees, check_group, points_table, trace_sampling_trees, tree_half_extent
-from dcn_inspect.unit_selection import Boxes, Unit, UnitCategory, boxes_per_image, check_unit_options, choose_units, unit_category
+from dcn_inspect.commands.options import ImageInput, ModelChoice, check_figure_format
+from dcn_inspect.core.columns import describe, present
+from dcn_inspect.core.defaults import DEFAULT_LEVELS, DEFAULT_MAX_PIXELS, DEFAULT_OUT
+from dcn_inspect.core.errors import InputError
+from dcn_inspect.io.images import ModelInput, check_resize, to_model_input
+from dcn_inspect.io.outputs import write_csv, write_figure, write_npz
+from dcn_inspect.models.loaded_model import LoadedModel
 
 __all__ = ["CSV_COLUMNS", "ImagePoints", "SamplePointsResult", "sample_points"]
 
@@ -71,7 +88,9 @@ class SamplePointsResult:
     summary: Path
     offsets: Optional[Path]
     notes: List[str] = field(default_factory=list)
-    skipped: List[Dict[str, str]] = field(default_factory=list)  # images that could not be read: image, kind, reason
+    skipped: List[Dict[str, str]] = field(
+        default_factory=list
+    )  # images that could not be read: image, kind, reason
 
 
 @dataclass(frozen=True)
@@ -124,17 +143,44 @@ def sample_points(
     per image, ``save_offsets`` if given, and ``summary.json`` into ``out``. ``thresholds``
     (as in dilation-stats: ``paper``, ``coco``, ``tertiles`` of the given boxes, or ``A,B``
     px²) sizes the boxes for the panel titles' categories. ``grad_weight`` adds each point's
-    |dr/dp| (:func:`dcn_inspect.receptive_field.sampling_point_gradients`) to the CSV and sizes
+    |dr/dp| (:func:`dcn_inspect.analysis.receptive_field.sampling_point_gradients`) to the CSV and sizes
     the points by it.
     """
     check_npz_path(save_offsets, "save_offsets")
     image_paths = image_list(images)
     use_bundled = not at and grid is None
     boxes_of_images, boxes_source = boxes_per_image(image_paths, boxes, use_bundled=use_bundled)
-    areas = np.concatenate([_box_areas(b) for b in boxes_of_images if b is not None] or [np.zeros(0)])
-    options = _check_options(layers, levels, at, grid, group, round_positions, resize, fmt, gif, color_by_level, zoom, thresholds, areas, grad_weight)
-    planned = [Path(out) / name for path in image_paths for name in _output_names(path, options)] + ([Path(save_offsets)] if save_offsets is not None else [])
-    run = start_run("sample-points", _parameters(image_paths, options, boxes, save_offsets), model, weights, device, out, outputs=planned)
+    areas = np.concatenate(
+        [_box_areas(b) for b in boxes_of_images if b is not None] or [np.zeros(0)]
+    )
+    options = _check_options(
+        layers,
+        levels,
+        at,
+        grid,
+        group,
+        round_positions,
+        resize,
+        fmt,
+        gif,
+        color_by_level,
+        zoom,
+        thresholds,
+        areas,
+        grad_weight,
+    )
+    planned = [
+        Path(out) / name for path in image_paths for name in _output_names(path, options)
+    ] + ([Path(save_offsets)] if save_offsets is not None else [])
+    inputs = ImageInput(options.resize, max_pixels, device, strict)
+    run = start_run(
+        "sample-points",
+        _parameters(image_paths, options, boxes, save_offsets),
+        ModelChoice(model, weights),
+        inputs,
+        out,
+        outputs=planned,
+    )
 
     results: List[ImagePoints] = []
     per_image: List[Dict[str, Any]] = []
@@ -143,17 +189,32 @@ def sample_points(
     boxes_of = dict(zip(image_paths, boxes_of_images))
     preprocess = run.loaded.preprocess
     with run:
-        with images_of_run(image_paths, strict, max_pixels, "sample-points", progress, preprocess, options.resize) as (readable, skipped):
+        with images_of_run(image_paths, inputs, "sample-points", progress, preprocess) as (
+            readable,
+            skipped,
+        ):
             for path, image in readable:
                 model_input = to_model_input(image, preprocess, options.resize, max_pixels)
-                captured = probe(run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name)
+                captured = probe(
+                    run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name
+                )
                 records = _traced_records(captured.convs, options, run.loaded.name)
-                units, trees = _trace_image(path, model_input, records, boxes_of[path], boxes_source, options, run.notes)
+                units, trees = _trace_image(
+                    path, model_input, records, boxes_of[path], boxes_source, options, run.notes
+                )
                 categories = [unit_category(u, boxes_of[path], options.thresholds) for u in units]
-                grad_weights = _grad_weights(run, model_input, records, trees, options, path) if options.grad_weight else None
-                item = _write_image_outputs(path, image, units, categories, trees, options, run, grad_weights)
+                grad_weights = (
+                    _grad_weights(run, model_input, records, trees, options, path)
+                    if options.grad_weight
+                    else None
+                )
+                item = _write_image_outputs(
+                    path, image, units, categories, trees, options, run, grad_weights
+                )
                 if save_offsets is not None:
-                    offsets_arrays.update(offset_field_arrays(path.stem, captured.convs, model_input))
+                    offsets_arrays.update(
+                        offset_field_arrays(path.stem, captured.convs, model_input)
+                    )
                 _note_approximate_frames(path, records, run.notes)
                 image_summary = _image_summary(path, model_input, records, units, item)
                 traced_layers = traced_layers or image_summary["layers"]
@@ -165,9 +226,19 @@ def sample_points(
             write_npz(offsets_path, offsets_arrays)
         run.summary["layers"] = traced_layers
         run.summary["images"] = per_image
-        run.summary["columns"] = {"<stem>_points.csv": describe(present(POINTS_CSV, grad_weight=options.grad_weight))}
+        run.summary["columns"] = {
+            "<stem>_points.csv": describe(present(POINTS_CSV, grad_weight=options.grad_weight))
+        }
         summary_path = run.finish(skipped)
-    return SamplePointsResult(run.out_dir, [r["name"] for r in traced_layers or []], results, summary_path, offsets_path, run.notes, skipped.items)
+    return SamplePointsResult(
+        run.out_dir,
+        [r["name"] for r in traced_layers or []],
+        results,
+        summary_path,
+        offsets_path,
+        run.notes,
+        skipped.items,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +270,21 @@ def _check_options(
         raise InputError(f"{levels}: must be at least 1", param="levels")
     if layers and levels is not None:
         raise InputError("and `levels`: give one or the other", param="layers")
-    return _Options(layers, levels, points_at, grid, checked_group, round_positions, resize, fmt, gif, color_by_level, zoom, threshold_values, grad_weight)
+    return _Options(
+        layers,
+        levels,
+        points_at,
+        grid,
+        checked_group,
+        round_positions,
+        resize,
+        fmt,
+        gif,
+        color_by_level,
+        zoom,
+        threshold_values,
+        grad_weight,
+    )
 
 
 def _box_areas(boxes: Boxes) -> np.ndarray:
@@ -207,7 +292,12 @@ def _box_areas(boxes: Boxes) -> np.ndarray:
     return (coords[:, 2] - coords[:, 0]) * (coords[:, 3] - coords[:, 1])
 
 
-def _parameters(image_paths: Sequence[Path], options: _Options, boxes: Optional[Path], save_offsets: Optional[Path]) -> Dict[str, Any]:
+def _parameters(
+    image_paths: Sequence[Path],
+    options: _Options,
+    boxes: Optional[Path],
+    save_offsets: Optional[Path],
+) -> Dict[str, Any]:
     return {
         "images": [str(p) for p in image_paths],
         "layers": list(options.layers) if options.layers else None,
@@ -230,12 +320,18 @@ def _parameters(image_paths: Sequence[Path], options: _Options, boxes: Optional[
 
 def _output_names(path: Path, options: _Options) -> List[str]:
     """The files :func:`_write_image_outputs` writes for ``path`` (in the output directory)."""
-    return [f"{path.stem}_points.csv", f"{path.stem}_sampling.{options.fmt}"] + ([f"{path.stem}_sampling.gif"] if options.gif else [])
+    return [f"{path.stem}_points.csv", f"{path.stem}_sampling.{options.fmt}"] + (
+        [f"{path.stem}_sampling.gif"] if options.gif else []
+    )
 
 
-def _traced_records(convs: Dict[str, DeformConvRecord], options: _Options, model_name: str) -> List[DeformConvRecord]:
+def _traced_records(
+    convs: Dict[str, DeformConvRecord], options: _Options, model_name: str
+) -> List[DeformConvRecord]:
     """The layers to trace, top (last called) first."""
-    chosen = select_layers(convs, options.layers, options.levels, default_count=DEFAULT_LEVELS, model_name=model_name)
+    chosen = select_layers(
+        convs, options.layers, options.levels, default_count=DEFAULT_LEVELS, model_name=model_name
+    )
     return list(reversed(chosen))
 
 
@@ -252,7 +348,18 @@ def _trace_image(
     top = records[0]
     top_frame = top.geometry.output_frame.scaled(sx, sy)
     clearance = tree_half_extent(records, (sx, sy))
-    units = choose_units(path, top_frame, top.geometry.output_hw, model_input.original_hw, options.at, options.grid, boxes, boxes_source, notes, clearance)
+    units = choose_units(
+        path,
+        top_frame,
+        top.geometry.output_hw,
+        model_input.original_hw,
+        options.at,
+        options.grid,
+        boxes,
+        boxes_source,
+        notes,
+        clearance,
+    )
     trees = trace_sampling_trees(
         records,
         torch.tensor([[u.row, u.col] for u in units], dtype=torch.long),
@@ -263,16 +370,25 @@ def _trace_image(
     return units, trees
 
 
-def _grad_weights(run: CommandRun, model_input: ModelInput, records: List[DeformConvRecord], trees: SamplingTrees, options: _Options, path: Path) -> Optional[List[torch.Tensor]]:
+def _grad_weights(
+    run: CommandRun,
+    model_input: ModelInput,
+    records: List[DeformConvRecord],
+    trees: SamplingTrees,
+    options: _Options,
+    path: Path,
+) -> Optional[List[torch.Tensor]]:
     """|dr/dp| of every point (per level [U, P_l]), r = the unit's response (sum over the top layer's channels)."""
-    from dcn_inspect.receptive_field import sampling_point_gradients
+    from dcn_inspect.analysis.receptive_field import sampling_point_gradients
 
     gradients = sampling_point_gradients(
         run.loaded.model, model_input.tensor.to(run.device), [r.name for r in records], trees,
         group=options.group, scale_to_original=model_input.scale_to_original,
     )  # fmt: skip
     if gradients is None:
-        run.notes.append(f"{path.name}: a traced layer's op could not be re-run to reproduce its output: no grad_weight column")
+        run.notes.append(
+            f"{path.name}: a traced layer's op could not be re-run to reproduce its output: no grad_weight column"
+        )
         return None
     return gradients.weights
 
@@ -287,7 +403,14 @@ def _write_image_outputs(
     run: CommandRun,
     grad_weights: Optional[List[torch.Tensor]] = None,
 ) -> ImagePoints:
-    from dcn_inspect.plots.sampling import MAX_PANELS, draw_sampling_figure, frame_label, gif_frames, panel_title, write_sampling_gif
+    from dcn_inspect.report.sample_points import (
+        MAX_PANELS,
+        draw_sampling_figure,
+        frame_label,
+        gif_frames,
+        panel_title,
+        write_sampling_gif,
+    )
 
     table = points_table(trees, grad_weights)
     csv_path = run.out_dir / f"{path.stem}_points.csv"
@@ -295,19 +418,37 @@ def _write_image_outputs(
     titles = [panel_title(k, u, c) for k, (u, c) in enumerate(zip(units, categories))]
     figure_path = run.out_dir / f"{path.stem}_sampling.{options.fmt}"
     size_label = "grad_weight |dr/dp|" if grad_weights is not None else None
-    write_figure(figure_path, draw_sampling_figure(image, trees, titles, options.color_by_level, zoom=options.zoom, size_weights=grad_weights, size_label=size_label), dpi=100)
+    write_figure(
+        figure_path,
+        draw_sampling_figure(
+            image,
+            trees,
+            titles,
+            options.color_by_level,
+            zoom=options.zoom,
+            size_weights=grad_weights,
+            size_label=size_label,
+        ),
+        dpi=100,
+    )
     if trees.num_units > MAX_PANELS:
         also = " and GIF have" if options.gif else " has"
-        run.notes.append(f"{path.name}: the figure shows the first {MAX_PANELS} of {trees.num_units} units; the CSV{also} all")
+        run.notes.append(
+            f"{path.name}: the figure shows the first {MAX_PANELS} of {trees.num_units} units; the CSV{also} all"
+        )
     gif_path = None
     if options.gif:
         gif_path = run.out_dir / f"{path.stem}_sampling.gif"
         labels = [frame_label(k, (u.x, u.y), c) for k, (u, c) in enumerate(zip(units, categories))]
-        write_sampling_gif(gif_path, gif_frames(image, trees, options.color_by_level, labels=labels))
+        write_sampling_gif(
+            gif_path, gif_frames(image, trees, options.color_by_level, labels=labels)
+        )
     return ImagePoints(path, units, categories, trees, csv_path, figure_path, gif_path, table)
 
 
-def _note_approximate_frames(path: Path, records: Sequence[DeformConvRecord], notes: List[str]) -> None:
+def _note_approximate_frames(
+    path: Path, records: Sequence[DeformConvRecord], notes: List[str]
+) -> None:
     approximate = [r.name for r in records if r.geometry.method != "hooks"]
     if approximate:
         notes.append(
@@ -330,7 +471,13 @@ def _layer_summary(level: int, record: DeformConvRecord) -> Dict[str, Any]:
     }
 
 
-def _image_summary(path: Path, model_input: ModelInput, records: Sequence[DeformConvRecord], units: List[Unit], item: ImagePoints) -> Dict[str, Any]:
+def _image_summary(
+    path: Path,
+    model_input: ModelInput,
+    records: Sequence[DeformConvRecord],
+    units: List[Unit],
+    item: ImagePoints,
+) -> Dict[str, Any]:
     sx, sy = model_input.scale_to_original
     table = item.table
     return {
@@ -340,7 +487,10 @@ def _image_summary(path: Path, model_input: ModelInput, records: Sequence[Deform
         "scale_to_original": [sx, sy],
         "top_layer_map_hw": list(records[0].geometry.output_hw),
         "layers": [_layer_summary(level, r) for level, r in enumerate(records, start=1)],
-        "units": [{"unit": k, **u.as_dict(), "category": c.as_dict() if c else None} for k, (u, c) in enumerate(zip(units, item.categories))],
+        "units": [
+            {"unit": k, **u.as_dict(), "category": c.as_dict() if c else None}
+            for k, (u, c) in enumerate(zip(units, item.categories))
+        ],
         "points": int(len(table)),
         "points_outside": int(len(table) - int(table["inside"].sum())),
         "outputs": [item.csv.name, item.figure.name] + ([item.gif.name] if item.gif else []),

@@ -19,8 +19,8 @@ from typing import Dict, List, Tuple
 
 from PIL import Image
 
-from dcn_inspect.datasets.synthetic import coco_dict, save_image, scenes, write_dataset
-from dcn_inspect.outputs import write_text
+from dcn_inspect.io.datasets.synthetic import coco_dict, save_image, scenes, write_dataset
+from dcn_inspect.io.outputs import write_text
 
 HERE = Path(__file__).resolve().parent
 DEMO_SEED = 2017
@@ -70,11 +70,15 @@ def rebuild(root: Path = HERE) -> None:
     for file_name in sorted(PHOTO_BOXES):
         width, height = Image.open(images_dir / file_name).size
         image_id = len(data["images"]) + 1
-        data["images"].append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        data["images"].append(
+            {"id": image_id, "file_name": file_name, "width": width, "height": height}
+        )
         for label, (x1, y1, x2, y2) in PHOTO_BOXES[file_name]:
             if label not in categories:
                 categories[label] = len(categories) + 1
-                data["categories"].append({"id": categories[label], "name": label, "supercategory": "photo"})
+                data["categories"].append(
+                    {"id": categories[label], "name": label, "supercategory": "photo"}
+                )
             data["annotations"].append(
                 {
                     "id": len(data["annotations"]) + 1,
@@ -85,7 +89,9 @@ def rebuild(root: Path = HERE) -> None:
                     "iscrowd": 0,
                 }
             )
-    data["info"]["description"] = "dcn-inspect bundled images: generated shape scenes and public-domain/CC0 photographs"
+    data["info"]["description"] = (
+        "dcn-inspect bundled images: generated shape scenes and public-domain/CC0 photographs"
+    )
     write_text(images_dir / "annotations.json", json.dumps(data, indent=1) + "\n")
 
 

@@ -65,7 +65,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample: Optional[nn.Module] = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -82,7 +84,9 @@ class Bottleneck(nn.Module):
         self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
         if deformable:
-            self.conv2: nn.Module = DeformConv2dPack(mid, mid, 3, padding=dilation, dilation=dilation, bias=False)
+            self.conv2: nn.Module = DeformConv2dPack(
+                mid, mid, 3, padding=dilation, dilation=dilation, bias=False
+            )
         else:
             self.conv2 = nn.Conv2d(mid, mid, 3, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
@@ -90,7 +94,9 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout)
         self.downsample: Optional[nn.Module] = None
         if cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -179,9 +185,13 @@ class DemoNet(nn.Module):
         pooled = self.psroi_pool(scores, rois, trans)  # [R, C+1, k, k]
         return pooled.mean(dim=(2, 3))
 
-    def forward(self, images: torch.Tensor, rois: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, rois: Optional[torch.Tensor] = None
+    ) -> Dict[str, torch.Tensor]:
         features = self.features(images)
-        seg = F.interpolate(self.seg_head(features), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        seg = F.interpolate(
+            self.seg_head(features), size=images.shape[-2:], mode="bilinear", align_corners=False
+        )
         out = {"seg": seg}
         if rois is not None:
             out["roi_logits"] = self.roi_logits(features, rois.to(features.dtype))
@@ -193,7 +203,12 @@ def _weights(file_name: str, env: Optional[str] = None) -> Path:
     return Path(override) if override else WEIGHTS_DIR / file_name
 
 
-_CONFIG = {"num_classes": len(CLASS_NAMES), "widths": [16, 24, 48, 64, 96], "bins": 3, "trans_std": 0.1}
+_CONFIG = {
+    "num_classes": len(CLASS_NAMES),
+    "widths": [16, 24, 48, 64, 96],
+    "bins": 3,
+    "trans_std": 0.1,
+}
 
 
 @register(

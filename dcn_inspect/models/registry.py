@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from dcn_inspect.defaults import MAX_RESIZE_SIDE
+from dcn_inspect.core.defaults import MAX_RESIZE_SIDE
 
 #: The largest integer a config option may hold (a width, a class count...): 2**31 - 1. Memory
 #: is bounded by building on the meta device first, not by this.
@@ -52,7 +52,7 @@ def _short(value: Any) -> str:
 #: torchvision-style models, detectron2's ``ResizeShortestEdge``) or cv2's ``INTER_LINEAR``
 #: (no antialiasing, half-pixel centres, uint8 result: mmdetection / mmcv ``imresize``).
 INTERPOLATIONS = ("pil-bilinear", "cv2-bilinear")
-#: ``Preprocess.size_rule`` values: how the resized size is rounded (see :func:`dcn_inspect.images.resized_size`).
+#: ``Preprocess.size_rule`` values: how the resized size is rounded (see :func:`dcn_inspect.io.images.resized_size`).
 SIZE_RULES = ("round", "mmdetection", "detectron2")
 
 
@@ -85,26 +85,38 @@ class Preprocess:
         ``PREPROCESS``); ``ValueError`` naming the field for an unknown field, a wrong type or a
         value out of range. Missing fields take their defaults."""
         if not isinstance(data, Mapping):
-            raise ValueError(f"expected a dict of {', '.join(f.name for f in fields(Preprocess))}, got {type(data).__name__}")
+            raise ValueError(
+                f"expected a dict of {', '.join(f.name for f in fields(Preprocess))}, got {type(data).__name__}"
+            )
         known = {f.name: f for f in fields(Preprocess)}
         unknown = [str(key) for key in data if key not in known]
         if unknown:
             raise ValueError(f"unknown field {_short(unknown[0])} (known: {', '.join(known)})")
-        values = {name: _check_preprocess_field(name, data[name], known[name].default) for name in known if name in data}
+        values = {
+            name: _check_preprocess_field(name, data[name], known[name].default)
+            for name in known
+            if name in data
+        }
         return Preprocess(**values)
 
 
 def _check_preprocess_field(name: str, value: Any, default: Any) -> Any:
     """One preprocessing field, checked against its rule (or, for fields without one, its default's type)."""
     if name in ("mean", "std"):
-        if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) for v in value)):
+        if not (
+            isinstance(value, (list, tuple))
+            and len(value) == 3
+            and all(_is_number(v) for v in value)
+        ):
             raise ValueError(f"{name} must be 3 finite numbers (R, G, B), got {_short(value)}")
         if name == "std" and not all(v > 0 for v in value):
             raise ValueError(f"std must be positive, got {_short(value)}")
         return tuple(float(v) for v in value)
     if name in ("resize", "max_size"):
         if not _is_int(value) or not 0 <= value <= MAX_RESIZE_SIDE:
-            raise ValueError(f"{name} must be a whole number of pixels from 0 to {MAX_RESIZE_SIDE}, got {_short(value)}")
+            raise ValueError(
+                f"{name} must be a whole number of pixels from 0 to {MAX_RESIZE_SIDE}, got {_short(value)}"
+            )
         return int(value)
     if name == "interpolation" and value not in INTERPOLATIONS:
         raise ValueError(f"interpolation {_short(value)}: use {' or '.join(INTERPOLATIONS)}")
@@ -112,7 +124,9 @@ def _check_preprocess_field(name: str, value: Any, default: Any) -> Any:
         raise ValueError(f"size_rule {_short(value)}: use {', '.join(SIZE_RULES)}")
     if name == "size_divisor":
         if not _is_int(value) or not 0 <= value <= MAX_RESIZE_SIDE:
-            raise ValueError(f"size_divisor {_short(value)}: must be 0 (no padding) or a positive number of pixels up to {MAX_RESIZE_SIDE}")
+            raise ValueError(
+                f"size_divisor {_short(value)}: must be 0 (no padding) or a positive number of pixels up to {MAX_RESIZE_SIDE}"
+            )
         return int(value)
     return _check_like_default(name, value, default)
 
@@ -128,7 +142,9 @@ def _check_plain(name: str, value: Any, depth: int = 0) -> Any:
         return _check_like_default(name, value, 0.0)
     if isinstance(value, (list, tuple)) and len(value) <= 64 and depth == 0:
         return [_check_plain(f"{name}[{i}]", v, depth + 1) for i, v in enumerate(value)]
-    raise ValueError(f"{name} must be a number, a string, true/false or a short list of them, got {_short(value)}")
+    raise ValueError(
+        f"{name} must be a number, a string, true/false or a short list of them, got {_short(value)}"
+    )
 
 
 def _check_like_default(name: str, value: Any, default: Any) -> Any:
@@ -142,11 +158,15 @@ def _check_like_default(name: str, value: Any, default: Any) -> Any:
         if value is None and default is None:
             return None
         if not _is_int(value) or abs(value) > MAX_CONFIG_INT:
-            raise ValueError(f"{name} must be a whole number (like {default!r}), got {_short(value)}")
+            raise ValueError(
+                f"{name} must be a whole number (like {default!r}), got {_short(value)}"
+            )
         return value
     if isinstance(default, float):
         if not _is_number(value):
-            raise ValueError(f"{name} must be a finite number (like {default!r}), got {_short(value)}")
+            raise ValueError(
+                f"{name} must be a finite number (like {default!r}), got {_short(value)}"
+            )
         return float(value)
     if isinstance(default, str):
         if not isinstance(value, str):
@@ -154,8 +174,13 @@ def _check_like_default(name: str, value: Any, default: Any) -> Any:
         return value
     if isinstance(default, (list, tuple)):
         if not isinstance(value, (list, tuple)) or len(value) != len(default):
-            raise ValueError(f"{name} must be a list of {len(default)} values (like {list(default)!r}), got {_short(value)}")
-        checked = [_check_like_default(f"{name}[{i}]", v, d) for i, (v, d) in enumerate(zip(value, default))]
+            raise ValueError(
+                f"{name} must be a list of {len(default)} values (like {list(default)!r}), got {_short(value)}"
+            )
+        checked = [
+            _check_like_default(f"{name}[{i}]", v, d)
+            for i, (v, d) in enumerate(zip(value, default))
+        ]
         return type(default)(checked) if isinstance(default, tuple) else checked
     if isinstance(default, dict):
         if not isinstance(value, dict):
@@ -172,7 +197,9 @@ class Architecture:
     default_config: Dict[str, Any] = field(default_factory=dict)
     preprocess: Preprocess = Preprocess()
     bundled_weights: Optional[Path] = None  # a native checkpoint shipped with the package
-    config_aliases: Dict[str, str] = field(default_factory=dict)  # older option names -> current ones
+    config_aliases: Dict[str, str] = field(
+        default_factory=dict
+    )  # older option names -> current ones
 
     def check_config(self, config: Mapping[str, Any]) -> Dict[str, Any]:
         """The full config (defaults + ``config``, aliases renamed) with every option checked
@@ -185,7 +212,11 @@ class Architecture:
             if not isinstance(key, str) or not key.isidentifier():
                 raise ValueError(f"option names must be identifiers, got {_short(key)}")
             name = self.config_aliases.get(key, key)
-            merged[name] = _check_like_default(name, value, self.default_config[name]) if name in self.default_config else _check_plain(name, value)
+            merged[name] = (
+                _check_like_default(name, value, self.default_config[name])
+                if name in self.default_config
+                else _check_plain(name, value)
+            )
         return merged
 
     def build(self, **config: Any) -> nn.Module:
@@ -221,7 +252,13 @@ def register(
         if name in ARCHITECTURES:
             raise ValueError(f"architecture {name!r} is registered twice")
         ARCHITECTURES[name] = Architecture(
-            name, builder, description, dict(default_config or {}), preprocess, bundled_weights, dict(config_aliases or {})
+            name,
+            builder,
+            description,
+            dict(default_config or {}),
+            preprocess,
+            bundled_weights,
+            dict(config_aliases or {}),
         )
         return builder
 

@@ -67,10 +67,27 @@ class Bottleneck(nn.Module):
         if deformable:
             conv_type = ModulatedDeformConv2dPack if modulated else DeformConv2dPack
             self.conv2 = conv_type(
-                width, width, 3, stride=stride_3x3, padding=dilation, dilation=dilation, groups=groups, offset_groups=offset_groups, bias=False
+                width,
+                width,
+                3,
+                stride=stride_3x3,
+                padding=dilation,
+                dilation=dilation,
+                groups=groups,
+                offset_groups=offset_groups,
+                bias=False,
             )
         else:
-            self.conv2 = nn.Conv2d(width, width, 3, stride=stride_3x3, padding=dilation, dilation=dilation, groups=groups, bias=False)
+            self.conv2 = nn.Conv2d(
+                width,
+                width,
+                3,
+                stride=stride_3x3,
+                padding=dilation,
+                dilation=dilation,
+                groups=groups,
+                bias=False,
+            )
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, planes * EXPANSION, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * EXPANSION)
@@ -123,7 +140,11 @@ class DeformableResNet(nn.Module):
         super().__init__()
         if depth not in BLOCKS_PER_STAGE:
             raise ValueError(f"depth must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth}")
-        for label, values in (("dcn_stages", dcn_stages), ("strides", strides), ("dilations", dilations)):
+        for label, values in (
+            ("dcn_stages", dcn_stages),
+            ("strides", strides),
+            ("dilations", dilations),
+        ):
             if len(values) != 4:
                 raise ValueError(f"{label} needs one value per stage (4), got {list(values)}")
         if base_channels < 1 or offset_groups < 1:
@@ -131,11 +152,19 @@ class DeformableResNet(nn.Module):
         if groups < 1 or (width_per_group is not None and width_per_group < 1):
             raise ValueError("groups and width_per_group must be positive")
         stage_names = tuple(str(n) for n in stage_names)
-        if len(stage_names) != 4 or len(set(stage_names)) != 4 or not all(n.isidentifier() for n in stage_names):
-            raise ValueError(f"stage_names needs four distinct identifiers, got {list(stage_names)}")
+        if (
+            len(stage_names) != 4
+            or len(set(stage_names)) != 4
+            or not all(n.isidentifier() for n in stage_names)
+        ):
+            raise ValueError(
+                f"stage_names needs four distinct identifiers, got {list(stage_names)}"
+            )
         first_width = base_channels if width_per_group is None else groups * width_per_group
         if first_width % offset_groups or first_width % groups:
-            raise ValueError(f"the 3x3 convs' width ({first_width}) must be divisible by offset_groups ({offset_groups}) and groups ({groups})")
+            raise ValueError(
+                f"the 3x3 convs' width ({first_width}) must be divisible by offset_groups ({offset_groups}) and groups ({groups})"
+            )
         self.depth = depth
         self.stage_names = stage_names
         self.conv1 = nn.Conv2d(3, base_channels, 7, stride=2, padding=3, bias=False)
@@ -208,7 +237,9 @@ class DeformableResNet(nn.Module):
 
     def _init_weights(self) -> None:
         # Offset branches stay zero-initialised (PAPER.md §1): a fresh model samples the regular grid.
-        offset_branches = {id(m.conv_offset) for m in self.modules() if isinstance(m, DeformConv2dPack)}
+        offset_branches = {
+            id(m.conv_offset) for m in self.modules() if isinstance(m, DeformConv2dPack)
+        }
         for module in self.modules():
             if isinstance(module, nn.Conv2d) and id(module) not in offset_branches:
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -255,7 +286,13 @@ RESNET_ARCHITECTURES: Dict[str, Tuple[int, str]] = {
 # test pipeline: mmcv's keep-ratio rescale to 1333x800 with cv2's bilinear resize (no
 # antialiasing), ImageNet mean/std in RGB, zero padding to a multiple of 32.
 _PAPER_PREPROCESS = Preprocess(resize=600, max_size=1000)
-MMDET_PREPROCESS = Preprocess(resize=800, max_size=1333, interpolation="cv2-bilinear", size_rule="mmdetection", size_divisor=32)
+MMDET_PREPROCESS = Preprocess(
+    resize=800,
+    max_size=1333,
+    interpolation="cv2-bilinear",
+    size_rule="mmdetection",
+    size_divisor=32,
+)
 
 
 def _description(depth: int, setting: str) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Dict, Optional
 
-from dcn_inspect.errors import DcnInspectWarning
+from dcn_inspect.core.errors import DcnInspectWarning
 from dcn_inspect.ops import reference
 
 ENV_VAR = "DCN_INSPECT_OPS"

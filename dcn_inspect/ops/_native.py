@@ -71,7 +71,11 @@ def _host_cflags() -> List[str]:
     """Compiler flags for the host code: optimised for this machine's CPU on x86-64 (the
     bilinear gathers vectorise with AVX2/AVX-512); the CPU's feature flags are part of the
     fingerprint, so a build is only ever loaded on a CPU like the one it was made for."""
-    flags = ["-O3", "-fopenmp", "-fno-trapping-math"]  # as PyTorch's own CPU build; lets comparisons vectorise
+    flags = [
+        "-O3",
+        "-fopenmp",
+        "-fno-trapping-math",
+    ]  # as PyTorch's own CPU build; lets comparisons vectorise
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-march=native")
     return flags
@@ -92,7 +96,9 @@ def _fingerprint(sources: List[Path], with_cuda: bool) -> str:
     """Hash of everything that changes the compiled library."""
     digest = hashlib.sha256()
     # Only the headers this build can include: CUDA headers change nothing in a CPU build.
-    header_patterns = ["*.h", "cpu/*.h", "autograd/*.h"] + (["cuda/*.h", "cuda/*.cuh"] if with_cuda else [])
+    header_patterns = ["*.h", "cpu/*.h", "autograd/*.h"] + (
+        ["cuda/*.h", "cuda/*.cuh"] if with_cuda else []
+    )
     headers = sorted(p for pattern in header_patterns for p in SOURCE_ROOT.glob(pattern))
     for path in sources + headers:
         digest.update(str(path.relative_to(SOURCE_ROOT)).encode())
@@ -124,7 +130,9 @@ class _BuildProgress:
     the ones compiling.
     """
 
-    def __init__(self, build_dir: Path, sources: List[Path], with_cuda: bool, stream: Any = None) -> None:
+    def __init__(
+        self, build_dir: Path, sources: List[Path], with_cuda: bool, stream: Any = None
+    ) -> None:
         self.build_dir = build_dir
         self.names = [str(p.relative_to(SOURCE_ROOT)) for p in sources]
         self.objects = [_object_name(p, with_cuda) for p in sources]
@@ -132,7 +140,9 @@ class _BuildProgress:
         self.stream = stream if stream is not None else sys.stderr
         self.start = time.perf_counter()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dcn-inspect-build-progress", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="dcn-inspect-build-progress", daemon=True
+        )
 
     def _say(self, message: str) -> None:
         print(f"dcn-inspect: {message}", file=self.stream, flush=True)
@@ -154,7 +164,9 @@ class _BuildProgress:
                 name = self.names[self.objects.index(obj)]
                 compiling = self._compiling(done)
                 tail = f"; compiling {', '.join(compiling)}" if compiling else "; linking"
-                self._say(f"[{len(done)}/{len(self.objects)}] {name} compiled ({self.elapsed():.0f} s){tail}")
+                self._say(
+                    f"[{len(done)}/{len(self.objects)}] {name} compiled ({self.elapsed():.0f} s){tail}"
+                )
                 last_report = self.elapsed()
             if self.elapsed() - last_report >= PROGRESS_HEARTBEAT:
                 compiling = self._compiling(done)
@@ -164,7 +176,7 @@ class _BuildProgress:
 
     def __enter__(self) -> "_BuildProgress":
         self._say(
-            f"{STATUS_LINE[len('dcn-inspect: '):]} (first use): {len(self.objects)} files, {self.jobs} at a time, "
+            f"{STATUS_LINE[len('dcn-inspect: ') :]} (first use): {len(self.objects)} files, {self.jobs} at a time, "
             f"into {self.build_dir.parent}; DCN_INSPECT_OPS=reference skips this"
         )
         self._say(f"compiling {', '.join(self._compiling(set()))}")
@@ -218,7 +230,9 @@ def _read_info(build_dir: Path, fingerprint: str) -> Optional[Dict[str, Any]]:
     return info
 
 
-def _compile(build_dir: Path, fingerprint: str, sources: List[Path], with_cuda: bool) -> Dict[str, Any]:
+def _compile(
+    build_dir: Path, fingerprint: str, sources: List[Path], with_cuda: bool
+) -> Dict[str, Any]:
     """Compile into a fresh attempt directory and record the result in ``build_info.json``.
 
     Called with the build-directory lock held. Each attempt gets its own directory: a builder
@@ -362,9 +376,20 @@ def conv_path(
     empty = input.new_empty(0)
     return str(
         torch.ops.dcn_inspect._deform_conv2d_cpu_path(
-            input.cpu(), weight.cpu(), offset.cpu(), (mask if mask is not None else empty).cpu(),
-            (bias if bias is not None else empty).cpu(), args.stride[0], args.stride[1], args.padding[0],
-            args.padding[1], args.dilation[0], args.dilation[1], args.groups, args.offset_groups, mask is not None,
+            input.cpu(),
+            weight.cpu(),
+            offset.cpu(),
+            (mask if mask is not None else empty).cpu(),
+            (bias if bias is not None else empty).cpu(),
+            args.stride[0],
+            args.stride[1],
+            args.padding[0],
+            args.padding[1],
+            args.dilation[0],
+            args.dilation[1],
+            args.groups,
+            args.offset_groups,
+            mask is not None,
             backward,
         )
     )
@@ -412,7 +437,9 @@ def deform_roi_pool(
     gamma: float = 0.1,
 ) -> torch.Tensor:
     """Deformable RoI pooling (mmcv semantics); see ``reference.deform_roi_pool``."""
-    pooled_h, pooled_w = check_deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio)
+    pooled_h, pooled_w = check_deform_roi_pool(
+        input, rois, offset, output_size, spatial_scale, sampling_ratio
+    )
     load()
     return torch.ops.dcn_inspect.deform_roi_pool(
         input,
@@ -440,7 +467,17 @@ def deform_psroi_pool(
 ) -> torch.Tensor:
     """Deformable PS RoI pooling (MSRA semantics); see ``reference.deform_psroi_pool``."""
     part = pooled_size if part_size is None else part_size
-    check_deform_psroi_pool(input, rois, trans, spatial_scale, output_dim, group_size, pooled_size, part, sample_per_part)
+    check_deform_psroi_pool(
+        input,
+        rois,
+        trans,
+        spatial_scale,
+        output_dim,
+        group_size,
+        pooled_size,
+        part,
+        sample_per_part,
+    )
     load()
     output, _count = torch.ops.dcn_inspect.deform_psroi_pool(
         input,

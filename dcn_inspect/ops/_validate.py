@@ -1,6 +1,6 @@
 """Argument checks shared by every backend of the deformable ops.
 
-Each check raises :class:`~dcn_inspect.errors.OpsArgumentError` (both a ``ValueError`` and a
+Each check raises :class:`~dcn_inspect.core.errors.OpsArgumentError` (both a ``ValueError`` and a
 ``RuntimeError``, the latter as torchvision raises) with a message naming the argument and
 the problem, so malformed tensors never reach a kernel.
 """
@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from dcn_inspect.errors import OpsArgumentError
+from dcn_inspect.core.errors import OpsArgumentError
 
 IntPair = Union[int, Sequence[int]]
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -53,7 +53,9 @@ def _same(ref: torch.Tensor, t: torch.Tensor, ref_name: str, name: str) -> None:
 
 def _check_half_device(t: torch.Tensor, name: str) -> None:
     if t.dtype in (torch.float16, torch.bfloat16) and t.device.type != "cuda":
-        raise OpsArgumentError(f"{name}: {t.dtype} is supported on CUDA only; use float32 on {t.device}")
+        raise OpsArgumentError(
+            f"{name}: {t.dtype} is supported on CUDA only; use float32 on {t.device}"
+        )
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,11 @@ def check_deform_conv2d(
     if bias is not None:
         _tensor(bias, "bias", 1)
         _same(input, bias, "input", "bias")
-    stride_, padding_, dilation_ = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    stride_, padding_, dilation_ = (
+        pair(stride, "stride"),
+        pair(padding, "padding"),
+        pair(dilation, "dilation"),
+    )
     if min(stride_) < 1:
         raise OpsArgumentError(f"stride must be >= 1, got {stride_}")
     if min(padding_) < 0:
@@ -115,7 +121,9 @@ def check_deform_conv2d(
         )
     groups = in_channels // weight_in
     if out_channels % groups != 0:
-        raise OpsArgumentError(f"weight.shape[0] = {out_channels} is not divisible by groups = {groups}")
+        raise OpsArgumentError(
+            f"weight.shape[0] = {out_channels} is not divisible by groups = {groups}"
+        )
     kernel_points = kh * kw
     if offset.shape[1] == 0 or offset.shape[1] % (2 * kernel_points) != 0:
         raise OpsArgumentError(
@@ -142,7 +150,9 @@ def check_deform_conv2d(
             raise OpsArgumentError(f"mask has shape {tuple(mask.shape)}; expected {list(expected)}")
     if bias is not None and bias.shape[0] != out_channels:
         raise OpsArgumentError(f"bias has {bias.shape[0]} elements; expected {out_channels}")
-    return DeformConvArgs(stride_, padding_, dilation_, (kh, kw), groups, offset_groups, (out_h, out_w))
+    return DeformConvArgs(
+        stride_, padding_, dilation_, (kh, kw), groups, offset_groups, (out_h, out_w)
+    )
 
 
 def check_rois(rois: torch.Tensor, input: torch.Tensor) -> None:
@@ -150,12 +160,18 @@ def check_rois(rois: torch.Tensor, input: torch.Tensor) -> None:
     _tensor(rois, "rois", 2)
     _same(input, rois, "input", "rois")
     if rois.shape[1] != 5:
-        raise OpsArgumentError(f"rois must have shape [R, 5] (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}")
+        raise OpsArgumentError(
+            f"rois must have shape [R, 5] (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}"
+        )
     if rois.numel() and not bool(torch.isfinite(rois).all()):
         raise OpsArgumentError("rois contain NaN or Inf")
     if rois.numel():
         index = rois[:, 0]
-        if bool((index != index.round()).any()) or bool((index < 0).any()) or bool((index >= input.shape[0]).any()):
+        if (
+            bool((index != index.round()).any())
+            or bool((index < 0).any())
+            or bool((index >= input.shape[0]).any())
+        ):
             raise OpsArgumentError(
                 f"rois[:, 0] must be integer batch indices in [0, {input.shape[0] - 1}]"
             )
@@ -178,13 +194,17 @@ def check_deform_roi_pool(
     if not spatial_scale > 0:
         raise OpsArgumentError(f"spatial_scale must be > 0, got {spatial_scale}")
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, numbers.Integral):
-        raise OpsArgumentError(f"sampling_ratio must be an int (<= 0: adaptive), got {sampling_ratio!r}")
+        raise OpsArgumentError(
+            f"sampling_ratio must be an int (<= 0: adaptive), got {sampling_ratio!r}"
+        )
     if offset is not None and offset.numel() > 0:
         _tensor(offset, "offset", 4)
         _same(input, offset, "input", "offset")
         expected = (rois.shape[0], 2, pooled[0], pooled[1])
         if tuple(offset.shape) != expected:
-            raise OpsArgumentError(f"offset has shape {tuple(offset.shape)}; expected {list(expected)} (x first)")
+            raise OpsArgumentError(
+                f"offset has shape {tuple(offset.shape)}; expected {list(expected)} (x first)"
+            )
     return pooled
 
 
@@ -205,8 +225,13 @@ def check_deform_psroi_pool(
     check_rois(rois, input)
     if not spatial_scale > 0:
         raise OpsArgumentError(f"spatial_scale must be > 0, got {spatial_scale}")
-    for name, value in (("output_dim", output_dim), ("group_size", group_size), ("pooled_size", pooled_size),
-                        ("part_size", part_size), ("sample_per_part", sample_per_part)):
+    for name, value in (
+        ("output_dim", output_dim),
+        ("group_size", group_size),
+        ("pooled_size", pooled_size),
+        ("part_size", part_size),
+        ("sample_per_part", sample_per_part),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise OpsArgumentError(f"{name} must be a positive int, got {value!r}")
     if input.shape[1] != output_dim * group_size * group_size:
@@ -218,7 +243,12 @@ def check_deform_psroi_pool(
         return 1
     _tensor(trans, "trans", 4)
     _same(input, trans, "input", "trans")
-    if trans.shape[0] != rois.shape[0] or trans.shape[1] % 2 or trans.shape[1] == 0 or tuple(trans.shape[2:]) != (part_size, part_size):
+    if (
+        trans.shape[0] != rois.shape[0]
+        or trans.shape[1] % 2
+        or trans.shape[1] == 0
+        or tuple(trans.shape[2:]) != (part_size, part_size)
+    ):
         raise OpsArgumentError(
             f"trans has shape {tuple(trans.shape)}; expected [{rois.shape[0]}, 2*num_classes, {part_size}, {part_size}]"
         )

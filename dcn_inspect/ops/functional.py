@@ -1,7 +1,7 @@
 """Public functional deformable ops, dispatched to the active backend.
 
 Every function validates its arguments first and raises
-:class:`~dcn_inspect.errors.OpsArgumentError` (a ``ValueError`` and a ``RuntimeError``, as
+:class:`~dcn_inspect.core.errors.OpsArgumentError` (a ``ValueError`` and a ``RuntimeError``, as
 torchvision raises) for shapes, dtypes or devices it cannot take. The layouts are the de facto
 standard of torchvision, mmcv, detectron2 and the MSRA op (``PAPER.md`` §1-2).
 """
@@ -60,7 +60,9 @@ def deform_conv2d(
     Returns:
         Tensor[N, C_out, H_out, W_out]: the result of the convolution.
     """
-    return _backend.active().deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    return _backend.active().deform_conv2d(
+        input, offset, weight, bias, stride, padding, dilation, mask
+    )
 
 
 def deform_roi_pool(
@@ -93,7 +95,9 @@ def deform_roi_pool(
     Returns:
         Tensor[R, C, ph, pw]: the pooled features.
     """
-    return _backend.active().deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma)
+    return _backend.active().deform_roi_pool(
+        input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma
+    )
 
 
 def deform_psroi_pool(
@@ -135,5 +139,14 @@ def deform_psroi_pool(
         Tensor[R, output_dim, pooled_size, pooled_size]: the pooled scores.
     """
     return _backend.active().deform_psroi_pool(
-        input, rois, trans, spatial_scale, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std
+        input,
+        rois,
+        trans,
+        spatial_scale,
+        output_dim,
+        group_size,
+        pooled_size,
+        part_size,
+        sample_per_part,
+        trans_std,
     )

@@ -1,7 +1,7 @@
 """``nn.Module`` wrappers of the deformable ops, named and laid out like mmcv/torchvision.
 
 Every module reports the offsets (and masks) it actually uses to registered observers just
-before calling the op; :mod:`dcn_inspect.hooks` uses that to capture offset fields without
+before calling the op; :mod:`dcn_inspect.capture.session` uses that to capture offset fields without
 recomputing them.
 
 Drop-in notes for users of the peers' modules:
@@ -47,8 +47,11 @@ def _resolve_offset_groups(
     """The offset group count from ``offset_groups`` or its mmcv aliases (1 when none is given)."""
     given = {
         name: int(value)
-        for name, value in (("offset_groups", offset_groups), ("deform_groups", deform_groups),
-                            ("deformable_groups", deformable_groups))
+        for name, value in (
+            ("offset_groups", offset_groups),
+            ("deform_groups", deform_groups),
+            ("deformable_groups", deformable_groups),
+        )
         if value is not None
     }
     if len(set(given.values())) > 1:
@@ -105,7 +108,9 @@ class DeformConv2d(_ObservedOffsets):
     ) -> None:
         super().__init__()
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = pair(kernel_size, "kernel_size")
@@ -113,7 +118,9 @@ class DeformConv2d(_ObservedOffsets):
         self.padding = pair(padding, "padding")
         self.dilation = pair(dilation, "dilation")
         self.groups = groups
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size)
+        )
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.reset_parameters()
 
@@ -129,14 +136,18 @@ class DeformConv2d(_ObservedOffsets):
         return self.kernel_size[0] * self.kernel_size[1]
 
     @torch.jit.unused
-    def deform(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def deform(
+        self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Apply the op with the given offsets, telling the observers first."""
         self._notify(dict(input=input, offset=offset, mask=mask))
         return F_ops.deform_conv2d(
             input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
         )
 
-    def _deform_scripted(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _deform_scripted(
+        self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         """What a scripted module runs instead of :meth:`deform` (no observers)."""
         if self._script_native:
             empty = torch.empty(0, dtype=input.dtype, device=input.device)
@@ -157,9 +168,13 @@ class DeformConv2d(_ObservedOffsets):
                 offset.shape[1] // (2 * kernel_points),
                 mask is not None,
             )
-        return deform_conv2d_checked(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+        return deform_conv2d_checked(
+            input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
+        )
 
-    def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._deform_scripted(input, offset, mask)
         return self.deform(input, offset, mask)
@@ -198,10 +213,14 @@ class DeformConv2dPack(DeformConv2d):
         deform_groups: Optional[int] = None,
         deformable_groups: Optional[int] = None,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias
+        )
         self.offset_groups = _resolve_offset_groups(offset_groups, deform_groups, deformable_groups)
         if in_channels % self.offset_groups:
-            raise ValueError(f"in_channels ({in_channels}) must be divisible by offset_groups ({self.offset_groups})")
+            raise ValueError(
+                f"in_channels ({in_channels}) must be divisible by offset_groups ({self.offset_groups})"
+            )
         self.im2col_step = int(im2col_step)  # accepted for mmcv compatibility; no effect
         self.conv_offset = nn.Conv2d(
             in_channels,
@@ -262,8 +281,18 @@ class ModulatedDeformConv2dPack(DeformConv2dPack):
         deformable_groups: Optional[int] = None,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, offset_groups, bias,
-            im2col_step, deform_groups=deform_groups, deformable_groups=deformable_groups,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            offset_groups,
+            bias,
+            im2col_step,
+            deform_groups=deform_groups,
+            deformable_groups=deformable_groups,
         )
 
     def offset_channels(self) -> int:
@@ -281,22 +310,42 @@ class DeformRoIPool(_ObservedOffsets):
     ``sampling_ratio``: samples per bin side; ``<= 0`` adaptive (mmcv 0, torchvision -1).
     """
 
-    def __init__(self, output_size: IntPair, spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1) -> None:
+    def __init__(
+        self,
+        output_size: IntPair,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
         super().__init__()
         self.output_size = pair(output_size, "output_size")
         self.spatial_scale = float(spatial_scale)
         self.sampling_ratio = int(sampling_ratio)
         self.gamma = float(gamma)
 
-    def pool(self, input: torch.Tensor, rois: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
+    def pool(
+        self, input: torch.Tensor, rois: torch.Tensor, offset: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         self._notify(dict(input=input, rois=rois, offset=offset))
-        return F_ops.deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma)
+        return F_ops.deform_roi_pool(
+            input,
+            rois,
+            offset,
+            self.output_size,
+            self.spatial_scale,
+            self.sampling_ratio,
+            self.gamma,
+        )
 
     def plain(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """Pooling without offsets (the input of the Pack modules' fc branches)."""
-        return F_ops.deform_roi_pool(input, rois, None, self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma)
+        return F_ops.deform_roi_pool(
+            input, rois, None, self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma
+        )
 
-    def forward(self, input: torch.Tensor, rois: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, input: torch.Tensor, rois: torch.Tensor, offset: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         return self.pool(input, rois, offset)
 
 
@@ -333,7 +382,9 @@ class DeformRoIPoolPack(DeformRoIPool):
         self.output_channels = output_channels
         self.deform_fc_channels = deform_fc_channels
         ph, pw = self.output_size
-        self.offset_fc = _fc_branch(ph * pw * output_channels, deform_fc_channels, ph * pw * 2, layers=3)
+        self.offset_fc = _fc_branch(
+            ph * pw * output_channels, deform_fc_channels, ph * pw * 2, layers=3
+        )
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         plain = self.plain(input, rois)
@@ -362,9 +413,13 @@ class ModulatedDeformRoIPoolPack(DeformRoIPool):
         self.output_channels = output_channels
         self.deform_fc_channels = deform_fc_channels
         ph, pw = self.output_size
-        self.offset_fc = _fc_branch(ph * pw * output_channels, deform_fc_channels, ph * pw * 2, layers=3)
+        self.offset_fc = _fc_branch(
+            ph * pw * output_channels, deform_fc_channels, ph * pw * 2, layers=3
+        )
         mask_fc = _fc_branch(ph * pw * output_channels, deform_fc_channels, ph * pw, layers=2)
-        self.mask_fc = nn.Sequential(*mask_fc, nn.Sigmoid())  # indices as mmcv's: mask_fc[2] is the last Linear
+        self.mask_fc = nn.Sequential(
+            *mask_fc, nn.Sigmoid()
+        )  # indices as mmcv's: mask_fc[2] is the last Linear
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         plain = self.plain(input, rois).flatten(1)
@@ -398,7 +453,9 @@ class DeformPSRoIPool(_ObservedOffsets):
         self.sample_per_part = int(sample_per_part)
         self.trans_std = float(trans_std)
 
-    def forward(self, input: torch.Tensor, rois: torch.Tensor, trans: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, input: torch.Tensor, rois: torch.Tensor, trans: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         self._notify(dict(input=input, rois=rois, offset=trans))
         return F_ops.deform_psroi_pool(
             input,

@@ -76,7 +76,9 @@ def deform_conv2d(
     Any strides are accepted (permuted or sliced tensors, channels-last).
     """
     args = check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
-    return deform_conv2d_checked(input, offset, weight, bias, args.stride, args.padding, args.dilation, mask)
+    return deform_conv2d_checked(
+        input, offset, weight, bias, args.stride, args.padding, args.dilation, mask
+    )
 
 
 def deform_conv2d_checked(
@@ -92,7 +94,12 @@ def deform_conv2d_checked(
     """:func:`deform_conv2d` on arguments already validated; TorchScript-compatible (the
     modules run it when scripted on the reference backend). Groups and offset groups come
     from the shapes, as in :func:`~dcn_inspect.ops._validate.check_deform_conv2d`."""
-    batch, in_channels, height, width = input.shape[0], input.shape[1], input.shape[2], input.shape[3]
+    batch, in_channels, height, width = (
+        input.shape[0],
+        input.shape[1],
+        input.shape[2],
+        input.shape[3],
+    )
     out_channels, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
     out_h, out_w = offset.shape[2], offset.shape[3]
     n_points = kh * kw
@@ -115,7 +122,9 @@ def deform_conv2d_checked(
 
     grouped = input.reshape(batch, offset_groups, in_channels // offset_groups, height, width)
     sampled = bilinear_zero_border(grouped, ys, xs)  # [B, G, C/G, K*L]
-    sampled = sampled.view(batch, offset_groups, in_channels // offset_groups, n_points, out_h * out_w)
+    sampled = sampled.view(
+        batch, offset_groups, in_channels // offset_groups, n_points, out_h * out_w
+    )
     if mask is not None:
         sampled = sampled * mask.reshape(batch, offset_groups, 1, n_points, out_h * out_w)
 
@@ -156,7 +165,12 @@ def _bilinear_roi_align(feature: torch.Tensor, ys: torch.Tensor, xs: torch.Tenso
         index = (yy.long() * width + xx.long()).flatten()
         return flat[:, index].view(feature.shape[0], *ys.shape)
 
-    value = at(y0, x0) * (hy * hx) + at(y0, x1) * (hy * lx) + at(y1, x0) * (ly * hx) + at(y1, x1) * (ly * lx)
+    value = (
+        at(y0, x0) * (hy * hx)
+        + at(y0, x1) * (hy * lx)
+        + at(y1, x0) * (ly * hx)
+        + at(y1, x1) * (ly * lx)
+    )
     return value * (~outside).to(feature.dtype)
 
 
@@ -178,7 +192,9 @@ def deform_roi_pool(
     writes 0, torchvision -1).
     Returns [R, C, ph, pw].
     """
-    pooled_h, pooled_w = check_deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio)
+    pooled_h, pooled_w = check_deform_roi_pool(
+        input, rois, offset, output_size, spatial_scale, sampling_ratio
+    )
     channels = input.shape[1]
     outputs = []
     for r in range(rois.shape[0]):
@@ -217,7 +233,9 @@ def deform_roi_pool(
     return torch.stack(outputs)
 
 
-def _bilinear_psroi(feature: torch.Tensor, channels: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+def _bilinear_psroi(
+    feature: torch.Tensor, channels: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor
+) -> torch.Tensor:
     """Bilinear read of ``feature[channels, ys, xs]`` for coordinates already clamped inside."""
     height, width = feature.shape[-2:]
     y0 = torch.floor(ys)
@@ -261,7 +279,17 @@ def deform_psroi_pool(
     Returns [R, output_dim, pooled_size, pooled_size].
     """
     part = pooled_size if part_size is None else part_size
-    num_classes = check_deform_psroi_pool(input, rois, trans, spatial_scale, output_dim, group_size, pooled_size, part, sample_per_part)
+    num_classes = check_deform_psroi_pool(
+        input,
+        rois,
+        trans,
+        spatial_scale,
+        output_dim,
+        group_size,
+        pooled_size,
+        part,
+        sample_per_part,
+    )
     no_trans = trans is None or trans.numel() == 0
     channels_each_class = output_dim // num_classes
     device, dtype = input.device, input.dtype

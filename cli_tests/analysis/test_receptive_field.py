@@ -1,0 +1,922 @@
+"""``receptive-field``: ERF, gradient weights of sampling points, saliency regions, theoretical
+receptive fields (DCNv2 §2.1), each against a hand-worked or closed-form oracle; the command,
+its outputs and its errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Sequence, Set, Tuple
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from dcn_inspect.analysis.receptive_field import (
+    CSV_COLUMNS,
+    Extent,
+    GradientForward,
+    bilinear_resize_matrix,
+    effective_receptive_field,
+    erf_numbers,
+    image_gradient,
+    receptive_fields,
+    saliency_regions,
+    tree_gradient_weights,
+)
+from dcn_inspect.analysis.sample_points import trace_sampling_trees
+from dcn_inspect.capture.selection import select_layers
+from dcn_inspect.io.images import to_model_input
+from dcn_inspect.models.registry import Preprocess
+from dcn_inspect.ops import DeformConv2dPack
+
+STD = (0.229, 0.224, 0.225)
+
+
+def _constant_offsets(layer: DeformConv2dPack, shifts: Sequence[Tuple[float, float]]) -> None:
+    """Zero offset-conv weight; bias moves kernel point k by shifts[k] = (dy, dx) (one shift for all: a 1-list)."""
+    points = layer.kernel_points
+    bias = torch.zeros(layer.conv_offset.out_channels)
+    for k in range(points):
+        dy, dx = shifts[k % len(shifts)]
+        bias[2 * k], bias[2 * k + 1] = dy, dx
+    with torch.no_grad():
+        layer.conv_offset.weight.zero_()
+        layer.conv_offset.bias.copy_(bias)
+
+
+def _positive_weights(model: nn.Module) -> None:
+    """Every conv weight 1 / fan-in, no bias (offset branches stay as they are): a positive linear network."""
+    offset_convs = {id(m.conv_offset) for m in model.modules() if isinstance(m, DeformConv2dPack)}
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, DeformConv2dPack)) and id(module) not in offset_convs:
+                module.weight.fill_(1.0 / module.weight[0].numel())
+                if module.bias is not None:
+                    module.bias.zero_()
+
+
+def _support(mask: np.ndarray) -> Set[Tuple[int, int]]:
+    return {(int(r), int(c)) for r, c in zip(*np.nonzero(mask))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The resize
+
+
+@pytest.mark.parametrize(
+    "sizes", [(256, 100), (100, 256), (451, 300), (37, 37), (1067, 800), (5, 13)]
+)
+def test_resize_matrix_equals_pils_float_bilinear_resize(sizes: Tuple[int, int]) -> None:
+    in_w, out_w = sizes
+    in_h, out_h = 9, 6
+    rng = np.random.default_rng(0)
+    image = rng.random((in_h, in_w)).astype(np.float32) * 255
+    pil = np.asarray(
+        Image.fromarray(image, mode="F").resize((out_w, out_h), Image.BILINEAR), dtype=np.float64
+    )
+    ours = (
+        bilinear_resize_matrix(in_h, out_h).numpy()
+        @ image.astype(np.float64)
+        @ bilinear_resize_matrix(in_w, out_w).numpy().T
+    )
+    np.testing.assert_allclose(ours, pil, atol=2e-4)
+
+
+def test_model_input_is_the_linear_resize_up_to_8_bit_rounding() -> None:
+    rng = np.random.default_rng(1)
+    image = (rng.random((60, 90, 3)) * 255).astype(np.uint8)
+    preprocess = Preprocess(resize=37)
+    model_input = to_model_input(image, preprocess)
+    h, w = model_input.input_hw
+    rows, cols = bilinear_resize_matrix(60, h), bilinear_resize_matrix(90, w)
+    linear = torch.einsum("hH,HWc,wW->chw", rows, torch.from_numpy(image).double(), cols)
+    normalised = (
+        linear / 255 - torch.tensor(preprocess.mean, dtype=torch.float64).view(3, 1, 1)
+    ) / torch.tensor(preprocess.std, dtype=torch.float64).view(3, 1, 1)
+    # PIL rounds to 8 bits after each of its two passes (horizontal, then vertical): at most one level apart.
+    bound = 1.0 / 255 / min(preprocess.std) + 1e-5
+    assert float((normalised - model_input.tensor[0].double()).abs().max()) <= bound
+    # Without a resize the model input is reproduced to float precision.
+    same = to_model_input(image, Preprocess(resize=0))
+    direct = (
+        torch.from_numpy(image).double().permute(2, 0, 1) / 255
+        - torch.tensor(preprocess.mean, dtype=torch.float64).view(3, 1, 1)
+    ) / torch.tensor(preprocess.std, dtype=torch.float64).view(3, 1, 1)
+    assert float((direct - same.tensor[0].double()).abs().max()) < 1e-6
+
+
+def test_image_gradient_is_autograd_through_the_linear_resize_and_normalisation() -> None:
+    torch.manual_seed(0)
+    original = torch.rand(3, 23, 31, dtype=torch.float64) * 255
+    rows, cols = bilinear_resize_matrix(23, 10), bilinear_resize_matrix(31, 17)
+    mean = torch.tensor([0.4, 0.5, 0.6], dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor([0.2, 0.3, 0.25], dtype=torch.float64).view(3, 1, 1)
+    weights = torch.randn(3, 10, 17, dtype=torch.float64)
+    leaf = original.clone().requires_grad_(True)
+    model_input = (rows @ leaf @ cols.T / 255 - mean) / std
+    response = (torch.sin(model_input) * weights).sum()
+    (expected,) = torch.autograd.grad(response, leaf)
+    dr_dx = torch.cos(model_input.detach()) * weights
+    got = image_gradient(dr_dx, (23, 31), std.flatten().tolist())
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain convs: the ERF's support is the theoretical receptive field
+
+
+class PlainStack(nn.Module):
+    """3x3 conv -> 3x3 stride-2 conv -> 3x3 deformable dil 2 -> 3x3 deformable, offsets zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.dcn_a = DeformConv2dPack(4, 4, 3, padding=2, dilation=2)
+        self.dcn_b = DeformConv2dPack(4, 4, 3, padding=1)
+        _positive_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dcn_b(self.dcn_a(self.down(self.stem(x))))
+
+
+def test_plain_convs_erf_support_equals_the_hand_computed_receptive_field() -> None:
+    # By hand: unit (i, j) of dcn_b sits at x = 2j + 0.5 and reads dcn_a cells j-1..j+1, which read
+    # down cells j-3..j+3, which read stem cells 2j-7..2j+7, which read pixels 2j-8..2j+8: 17 px.
+    model = PlainStack().eval()
+    image = torch.rand(1, 3, 40, 36) + 0.1
+    forward = GradientForward(model, image)
+    assert list(forward.calls) == ["dcn_a", "dcn_b"]
+    assert forward.calls["dcn_b"].extent == Extent(8.5, 8.5, 8.5, 8.5)
+    units = torch.tensor([[10, 9], [0, 0], [19, 17]])
+    xy = torch.tensor([[2 * j + 0.5, 2 * i + 0.5] for i, j in units.tolist()], dtype=torch.float64)
+    boxes = forward.theoretical_box("dcn_b", xy)
+    expected_boxes = torch.tensor(
+        [[2 * j - 8, 2 * i - 8, 2 * j + 9, 2 * i + 9] for i, j in units.tolist()],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(boxes, expected_boxes)
+    (batch,) = list(forward.backward_units("dcn_b", units, batch_size=8))
+    erf = effective_receptive_field(batch.input_grad, (40, 36), STD).numpy()
+    for u, (i, j) in enumerate(units.tolist()):
+        expected = np.zeros((40, 36), dtype=bool)
+        expected[max(2 * i - 8, 0) : 2 * i + 9, max(2 * j - 8, 0) : 2 * j + 9] = True
+        assert _support(erf[u] > 0) == _support(expected), f"unit {(i, j)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Constant offsets: the ERF's support is the union of the tree's bilinear footprints
+
+
+class ConstantOffsets(nn.Module):
+    """Three deformable layers reading one another at stride 1; every kernel point of a layer is
+    shifted by the layer's constant. The upper two shifts are whole cells: the tree interpolates
+    offsets where the network interpolates features, so only with whole-cell positions above the
+    deepest level do the tree's points sit exactly where the network reads."""
+
+    SHIFTS = {"dcn1": (0.3, -0.6), "dcn2": (1.0, -2.0), "dcn3": (-1.0, 3.0)}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dcn1 = DeformConv2dPack(3, 4, 3, padding=1)
+        self.dcn2 = DeformConv2dPack(4, 4, 3, padding=2, dilation=2)
+        self.dcn3 = DeformConv2dPack(4, 4, 3, padding=2, dilation=2)
+        _positive_weights(self)
+        for name, shift in self.SHIFTS.items():
+            _constant_offsets(getattr(self, name), [shift])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dcn3(self.dcn2(self.dcn1(x)))
+
+
+def _footprint(xs: np.ndarray, ys: np.ndarray, hw: Tuple[int, int]) -> Set[Tuple[int, int]]:
+    """Pixels with a non-zero bilinear weight at image points (x, y) (pixel c centred at c + 0.5)."""
+    cells: Set[Tuple[int, int]] = set()
+    for x, y in zip(xs.tolist(), ys.tolist()):
+        col, row = x - 0.5, y - 0.5
+        if not (-1 < row < hw[0] and -1 < col < hw[1]):
+            continue
+        c0, r0 = math.floor(col), math.floor(row)
+        for r, wr in ((r0, 1 - (row - r0)), (r0 + 1, row - r0)):
+            for c, wc in ((c0, 1 - (col - c0)), (c0 + 1, col - c0)):
+                if wr > 0 and wc > 0 and 0 <= r < hw[0] and 0 <= c < hw[1]:
+                    cells.add((r, c))
+    return cells
+
+
+def test_constant_offset_erf_support_is_the_union_of_the_trees_bilinear_footprints() -> None:
+    model = ConstantOffsets().eval()
+    hw = (30, 34)
+    forward = GradientForward(model, torch.rand(1, 3, *hw) + 0.1)
+    records = list(reversed(select_layers(forward.deformable_records(), None, 3)))
+    units = torch.tensor([[15, 16], [2, 30], [27, 1]])  # the border units' trees leave the image
+    trees = trace_sampling_trees(records, units)
+    assert trees.points_per_unit(3) == 729
+    (batch,) = list(forward.backward_units("dcn3", units))
+    erf = effective_receptive_field(batch.input_grad, hw, STD).numpy()
+    sizes = []
+    for u in range(3):
+        expected = _footprint(trees.xs[2][u].numpy(), trees.ys[2][u].numpy(), hw)
+        assert _support(erf[u] > 0) == expected
+        sizes.append(len(expected))
+    assert (
+        sizes[0] > max(sizes[1:]) > 0
+    )  # the border units lose the part of their tree beyond the image
+
+
+# ---------------------------------------------------------------------------------------------
+# A linear model: gradient weights and ERF in closed form
+
+
+class LinearTwoLevels(nn.Module):
+    """dcn_a (3->2, 3x3) on the image and dcn_b (2->2, 3x3 dil 2) on it, per-point constant fractional offsets, no bias."""
+
+    SHIFTS_A = [
+        (0.25, -0.4),
+        (0.1, 0.3),
+        (-0.35, 0.15),
+        (0.2, 0.2),
+        (0.0, -0.3),
+        (0.4, 0.05),
+        (-0.1, -0.2),
+        (0.3, -0.15),
+        (-0.25, 0.35),
+    ]
+    SHIFTS_B = [
+        (0.6, -0.3),
+        (-0.45, 0.2),
+        (0.15, 0.7),
+        (0.3, -0.55),
+        (-0.2, 0.1),
+        (0.5, 0.45),
+        (-0.65, -0.1),
+        (0.05, 0.35),
+        (0.4, -0.6),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.dcn_a = DeformConv2dPack(3, 2, 3, padding=1)
+        self.dcn_b = DeformConv2dPack(2, 2, 3, padding=2, dilation=2)
+        nn.init.normal_(self.dcn_a.weight)
+        nn.init.normal_(self.dcn_b.weight)
+        _constant_offsets(self.dcn_a, self.SHIFTS_A)
+        _constant_offsets(self.dcn_b, self.SHIFTS_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dcn_b(self.dcn_a(x))
+
+
+def _bilinear(py: float, px: float) -> List[Tuple[int, int, float]]:
+    """(row, col, weight) of the four corners of index position (py, px) (all inside the map here)."""
+    r0, c0 = math.floor(py), math.floor(px)
+    fy, fx = py - r0, px - c0
+    return [
+        (r0, c0, (1 - fy) * (1 - fx)),
+        (r0, c0 + 1, (1 - fy) * fx),
+        (r0 + 1, c0, fy * (1 - fx)),
+        (r0 + 1, c0 + 1, fy * fx),
+    ]
+
+
+def test_linear_model_gradient_weights_and_erf_match_the_closed_form() -> None:
+    model = LinearTwoLevels().eval()
+    height, width = 32, 36
+    slope_x, slope_y, level = (
+        np.array([0.02, -0.015, 0.01]),
+        np.array([0.012, 0.018, -0.02]),
+        np.array([0.1, -0.2, 0.3]),
+    )
+    ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    ramp = (
+        slope_x[:, None, None] * xs + slope_y[:, None, None] * ys + level[:, None, None]
+    )  # X_c(row, col), a linear ramp
+    forward = GradientForward(model, torch.from_numpy(ramp).float()[None])
+    records = list(reversed(select_layers(forward.deformable_records(), None, 2)))
+    i, j = 15, 17
+    fields = receptive_fields(
+        forward, records, torch.tensor([[i, j]]), (height, width), STD, saliency_error=None
+    )
+    w_a = model.dcn_a.weight.detach().double().numpy().reshape(2, 3, 9)  # [c', c, m]
+    w_b = (
+        model.dcn_b.weight.detach().double().numpy().reshape(2, 2, 9).sum(axis=0).T
+    )  # W_b[k, c'] summed over outputs
+    grid = [(a, b) for a in range(3) for b in range(3)]
+    # y_a[c'](row, col) = alpha_c' col + beta_c' row + const, so a sample of it moved by (dy, dx) changes by (beta, alpha) . (dy, dx).
+    alpha = np.einsum("dcm,c->d", w_a, slope_x)
+    beta = np.einsum("dcm,c->d", w_a, slope_y)
+    top = [
+        (i - 2 + 2 * a + dy, j - 2 + 2 * b + dx)
+        for (a, b), (dy, dx) in zip(grid, LinearTwoLevels.SHIFTS_B)
+    ]  # dcn_b's points
+    level1 = np.array(
+        [[w_b[k] @ alpha, w_b[k] @ beta] for k in range(9)]
+    )  # dr/d(x, y) of each top point
+    # dr/dy_a[c'](cell) = sum_k W_b[k, c'] G(cell, p_k); dr/d(location of dcn_a's point m at cell) = sum_c' that * w_a[c', :, m] . slopes.
+    dr_dya: Dict[Tuple[int, int], np.ndarray] = {}
+    for k, (py, px) in enumerate(top):
+        for r, c, g in _bilinear(py, px):
+            dr_dya[(r, c)] = dr_dya.get((r, c), np.zeros(2)) + g * w_b[k]
+    bottom_grad = np.array(
+        [[w_a[:, :, m] @ slope_x, w_a[:, :, m] @ slope_y] for m in range(9)]
+    )  # [m, (x|y), c']
+    level2 = np.zeros((81, 2))
+    erf_by_colour = np.zeros((3, height, width))
+    for k, (py, px) in enumerate(top):
+        for m in range(9):
+            for r, c, g in _bilinear(py, px):  # the tree reads the field of dcn_a at p_k bilinearly
+                level2[k * 9 + m] += g * (bottom_grad[m] @ dr_dya[(r, c)])
+    for (r, c), weights in dr_dya.items():
+        for m, ((a, b), (dy, dx)) in enumerate(zip(grid, LinearTwoLevels.SHIFTS_A)):
+            for rr, cc, g in _bilinear(r - 1 + a + dy, c - 1 + b + dx):
+                erf_by_colour[:, rr, cc] += g * (weights @ w_a[:, :, m])
+    expected_erf = (np.abs(erf_by_colour) / (255 * np.array(STD)[:, None, None])).sum(axis=0)
+    got = fields.point_gradients
+    assert got is not None
+    np.testing.assert_allclose(
+        np.stack([got.grad_x[0][0], got.grad_y[0][0]], 1), level1, rtol=1e-4, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        np.stack([got.grad_x[1][0], got.grad_y[1][0]], 1), level2, rtol=1e-4, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        got.weights[1][0].numpy(), np.hypot(level2[:, 0], level2[:, 1]), rtol=1e-4, atol=1e-7
+    )
+    np.testing.assert_allclose(fields.erf[0].numpy(), expected_erf, rtol=1e-4, atol=1e-9)
+
+
+def test_gradient_weights_scale_to_original_pixels_and_mean_sums_the_groups() -> None:
+    torch.manual_seed(0)
+    model = LinearTwoLevels().eval()
+    forward = GradientForward(model, torch.rand(1, 3, 24, 24))
+    records = list(reversed(select_layers(forward.deformable_records(), None, 2)))
+    units = torch.tensor([[11, 12]])
+    trees = trace_sampling_trees(records, units, scale_to_original=(2.0, 4.0))
+    (batch,) = list(forward.backward_units("dcn_b", units, levels=["dcn_b", "dcn_a"]))
+    plain = tree_gradient_weights(trees, records, batch.offset_grads)
+    scaled = tree_gradient_weights(trees, records, batch.offset_grads, scale_to_original=(2.0, 4.0))
+    for level in range(2):
+        torch.testing.assert_close(scaled.grad_x[level], plain.grad_x[level] / 2.0)
+        torch.testing.assert_close(scaled.grad_y[level], plain.grad_y[level] / 4.0)
+    two_groups = {
+        name: torch.cat([g, 3 * g], dim=1) for name, g in batch.offset_grads.items()
+    }  # [U, 2 groups, K, 2, H, W]
+    summed = tree_gradient_weights(trees, records, two_groups, group="mean")
+    torch.testing.assert_close(summed.grad_x[0], 4 * plain.grad_x[0])
+
+
+class InPlaceAfter(nn.Module):
+    """A layer whose output the next op rewrites in place: the kept output must not change."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.dcn_a = DeformConv2dPack(3, 4, 3, padding=1)
+        self.dcn_b = DeformConv2dPack(4, 4, 3, padding=1)
+        nn.init.normal_(self.dcn_a.conv_offset.weight, std=0.2)
+        nn.init.normal_(self.dcn_b.conv_offset.weight, std=0.2)
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dcn_a(x)
+        y = torch.relu_(y) if self.inplace else torch.relu(y)
+        return self.dcn_b(y)
+
+
+def test_in_place_ops_after_a_layer_do_not_change_its_gradients() -> None:
+    image = torch.rand(1, 3, 20, 20)
+    results = []
+    for inplace in (False, True):
+        model = InPlaceAfter(inplace).eval()
+        forward = GradientForward(model, image)
+        (batch,) = list(
+            forward.backward_units(
+                "dcn_b", torch.tensor([[9, 9], [3, 15]]), levels=["dcn_b", "dcn_a"]
+            )
+        )
+        results.append(batch)
+    torch.testing.assert_close(results[0].input_grad, results[1].input_grad)
+    torch.testing.assert_close(results[0].offset_grads["dcn_a"], results[1].offset_grads["dcn_a"])
+
+
+def test_offset_gradient_is_the_derivative_of_the_response() -> None:
+    """dr/d(offset) of the lower layer, against central differences of the real network."""
+    model = InPlaceAfter(False).eval().double()
+    image = torch.rand(1, 3, 14, 14, dtype=torch.float64)
+    forward = GradientForward(model, image)
+    unit = (6, 7)
+    (batch,) = list(forward.backward_units("dcn_b", torch.tensor([unit]), levels=["dcn_a"]))
+    grad = batch.offset_grads["dcn_a"][0]  # [G, K, 2, H, W]
+    bias = model.dcn_a.conv_offset.bias
+    eps = 1e-6
+    for k, axis in ((4, 0), (2, 1), (7, 0)):
+        channel = 2 * k + axis
+        # A bias change shifts that offset channel at every cell: the response changes by the sum of the field.
+        with torch.no_grad():
+            bias[channel] += eps
+            up = model(image)[0, :, unit[0], unit[1]].sum()
+            bias[channel] -= 2 * eps
+            down = model(image)[0, :, unit[0], unit[1]].sum()
+            bias[channel] += eps
+        numeric = float((up - down) / (2 * eps))
+        assert math.isclose(float(grad[0, k, axis].sum()), numeric, rel_tol=1e-5, abs_tol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saliency regions
+
+
+def test_saliency_search_returns_the_known_response_region() -> None:
+    """The response is the mass of a weight map inside the kept box; the mass lies uniformly on a
+    5x7 region R, so dropping any row (20 %) or column (14 %) of R breaks a 10 % bound."""
+    height, width = 48, 64
+    regions = [(30, 12, 37, 17), (3, 30, 10, 35), (50, 40, 57, 45)]  # (x1, y1, x2, y2) pixel edges
+    maps = torch.zeros(len(regions), height, width, dtype=torch.float64)
+    for n, (x1, y1, x2, y2) in enumerate(regions):
+        maps[n, y1:y2, x1:x2] = 1.0
+    centres = torch.tensor(
+        [[33.5, 14.5], [20.0, 20.0], [60.0, 5.0]], dtype=torch.float64
+    )  # inside, off and far off R
+
+    def evaluate(indices: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return torch.stack(
+            [
+                maps[int(n), y1:y2, x1:x2].sum()
+                for n, (x1, y1, x2, y2) in zip(indices.tolist(), boxes.tolist())
+            ]
+        )
+
+    found = saliency_regions(
+        evaluate, centres, maps.sum(dim=(1, 2)), (height, width), error=0.1, step=1
+    )
+    assert [r.box for r in found] == regions
+    assert all(r.relative_error == 0 and r.area == 35 for r in found)
+    # A coarser resolution still contains the region (boxes move in whole steps from the grown square).
+    coarse = saliency_regions(
+        evaluate, centres, maps.sum(dim=(1, 2)), (height, width), error=0.1, step=4
+    )
+    for region, (x1, y1, x2, y2) in zip(coarse, regions):
+        bx1, by1, bx2, by2 = region.box
+        assert bx1 <= x1 and by1 <= y1 and bx2 >= x2 and by2 >= y2 and region.relative_error == 0
+
+
+class BoxResponse(nn.Module):
+    """A unit's response is the sum of a 5x7 window of the input shifted by (+4, -6) cells: a
+    7x5-pixel box filter read by a 1x1 deformable conv with a constant whole-cell offset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.box = nn.Conv2d(3, 1, (5, 7), padding=(2, 3), bias=False)
+        self.dcn = DeformConv2dPack(1, 1, 1)
+        with torch.no_grad():
+            self.box.weight.fill_(1.0)
+            self.dcn.weight.fill_(1.0)
+        _constant_offsets(self.dcn, [(4.0, -6.0)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dcn(self.box(x))
+
+
+def test_saliency_search_on_a_model_finds_the_box_it_reads() -> None:
+    model = BoxResponse().eval()
+    forward = GradientForward(model, torch.full((1, 3, 30, 40), 0.8))
+    records = list(select_layers(forward.deformable_records(), None, 1))
+    fields = receptive_fields(
+        forward, records, torch.tensor([[10, 20], [3, 30]]), (30, 40), STD, saliency_step=1
+    )
+    # Unit (i, j) reads rows i+4-2..i+4+2 and columns j-6-3..j-6+3.
+    assert [r.box for r in fields.saliency] == [(11, 12, 18, 17), (21, 5, 28, 10)]
+    assert _support(fields.erf[0].numpy() > 0) == {
+        (r, c) for r in range(12, 17) for c in range(11, 18)
+    }
+    assert fields.numbers[0].centroid_x == pytest.approx(14.5) and fields.numbers[
+        0
+    ].centroid_y == pytest.approx(14.5)
+
+
+def test_erf_numbers_of_a_ring_and_a_box() -> None:
+    erf = np.zeros((41, 41))
+    erf[20, 20] = 1.0  # centre pixel: mass 1 at distance 0
+    ys, xs = np.nonzero(np.ones_like(erf))
+    ring = np.abs(np.hypot(xs - 20, ys - 20) - 10) < 0.5
+    erf[ys[ring], xs[ring]] = 9.0 / ring.sum()  # mass 9 at distance ~10
+    numbers = erf_numbers(erf, box=(15.0, 15.0, 26.0, 26.0))
+    assert (numbers.centroid_x, numbers.centroid_y) == pytest.approx((20.5, 20.5))
+    assert 9.5 <= numbers.radius_50 <= 10.5 and 9.5 <= numbers.radius_90 <= 10.5
+    assert numbers.mass == pytest.approx(10.0)
+    assert numbers.mass_in_box == pytest.approx(0.1)
+    only_centre = np.zeros((5, 5))
+    only_centre[2, 2] = 3.0
+    assert erf_numbers(only_centre).radius_90 == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The command: outputs, compare model, dataset mode, errors
+
+TINY_SOURCE = '''
+import torch
+from torch import nn
+from dcn_inspect.ops import DeformConv2dPack, ModulatedDeformConv2dPack
+
+
+class TinyRF(nn.Module):
+    """Stride-2 stem, then three 3x3 layers: deformable (the last modulated) or regular convs of the same names."""
+
+    def __init__(self, deformable=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        if deformable:
+            self.dcn_a = DeformConv2dPack(4, 4, 3, padding=1)
+            self.dcn_b = DeformConv2dPack(4, 4, 3, padding=2, dilation=2)
+            self.dcn_c = ModulatedDeformConv2dPack(4, 4, 3, padding=2, dilation=2)
+            for layer in (self.dcn_a, self.dcn_b, self.dcn_c):
+                nn.init.normal_(layer.conv_offset.weight, std=0.3)
+        else:
+            self.dcn_a = nn.Conv2d(4, 4, 3, padding=1)
+            self.dcn_b = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+            self.dcn_c = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+
+    def forward(self, x):
+        return self.dcn_c(torch.relu(self.dcn_b(torch.relu(self.dcn_a(torch.relu(self.stem(x)))))))
+
+
+def build():
+    return TinyRF().eval()
+
+
+def build_plain():
+    return TinyRF(deformable=False).eval()
+'''
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> Dict[str, Path]:
+    model = tmp_path / "tiny_rf.py"
+    model.write_text(TINY_SOURCE)
+    rng = np.random.default_rng(0)
+    image = tmp_path / "scene.png"
+    Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(image)
+    return {"model": model, "image": image, "root": tmp_path}
+
+
+def _main(args: List[str], capsys: pytest.CaptureFixture) -> Tuple[int, str, str]:
+    import sys
+
+    from dcn_inspect.cli import main
+    from dcn_inspect.cli.app import state
+
+    state["debug"] = False
+    old = sys.argv
+    sys.argv = ["dcn-inspect", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_writes_every_output_and_compares_with_a_plain_twin(
+    tiny: Dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    out = tiny["root"] / "out"
+    model = f"{tiny['model']}:build"
+    args = [
+        "receptive-field",
+        str(tiny["image"]),
+        "--model",
+        model,
+        "--at",
+        "20,16",
+        "--at",
+        "3,37",
+        "--compare-model",
+        f"{tiny['model']}:build_plain",
+        "--out",
+        str(out),
+    ]
+    code, stdout, stderr = _main(args, capsys)
+    assert code == 0, stderr
+    assert "dcn_c, dcn_b, dcn_a" in stdout
+    table = pd.read_csv(out / "scene_receptive_field.csv")
+    assert list(table.columns) == CSV_COLUMNS
+    assert list(table["model"]) == ["model", "model", "compare", "compare"]
+    # The same image positions: the plain twin has the same frames, so the same cells and theoretical fields.
+    assert list(table["unit_row"]) == [8, 18, 8, 18] and list(table["unit_col"]) == [10, 1, 10, 1]
+    for column in ("rf_x1", "rf_y1", "rf_x2", "rf_y2"):
+        assert list(table[column][:2]) == list(table[column][2:])
+    arrays = np.load(out / "scene_erf.npz")
+    assert arrays["model/erf"].shape == (2, 40, 48) and arrays["compare/erf"].shape == (2, 40, 48)
+    assert arrays["model/level3/grad_weight"].shape == (2, 729)
+    # A regular conv is a deformable one with zero offsets: the twin's points form the regular grid,
+    # and its ERF never leaves the theoretical receptive field.
+    for u in range(2):
+        rows, cols = np.nonzero(arrays["compare/erf"][u])
+        x1, y1, x2, y2 = arrays["compare/theoretical_rf"][u]
+        assert (
+            cols.min() >= math.floor(x1)
+            and cols.max() + 1 <= math.ceil(x2)
+            and rows.min() >= math.floor(y1)
+            and rows.max() + 1 <= math.ceil(y2)
+        )
+    assert (arrays["compare/level1/grad_weight"] > 0).any()
+    assert (out / "scene_receptive_field.png").stat().st_size > 10_000
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["response"]["channel"] == "sum over channels"
+    assert "sum over channels" in summary["response"]["definition"]
+    assert "dataset mean" in summary["saliency"]["schedule"]
+    assert summary["compare_model"]["name"].endswith(":build_plain")
+    assert summary["layers"] == ["dcn_c", "dcn_b", "dcn_a"]
+
+
+def test_channel_response_is_that_channels_output(tiny: Dict[str, Path]) -> None:
+    from dcn_inspect.commands.receptive_field import receptive_field
+    from dcn_inspect.models.loading import load_model
+
+    loaded = load_model(f"{tiny['model']}:build")
+    result = receptive_field(
+        [tiny["image"]],
+        model=loaded,
+        at=["20,16"],
+        channel=2,
+        out=tiny["root"] / "out",
+        progress=False,
+        saliency_error=0.2,
+    )
+    image = np.asarray(Image.open(tiny["image"]).convert("RGB"))
+    with torch.no_grad():
+        output = loaded.model(to_model_input(image, loaded.preprocess).tensor)
+    row = result.images[0].table.iloc[0]
+    assert row["channel"] == "2"
+    assert row["response"] == pytest.approx(
+        float(output[0, 2, int(row["unit_row"]), int(row["unit_col"])]), rel=1e-5
+    )
+    assert row["saliency_error"] <= 0.2
+
+
+def test_same_inputs_same_csv_bytes(tiny: Dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    out = tiny["root"] / "out"
+    args = [
+        "receptive-field",
+        str(tiny["image"]),
+        "--model",
+        f"{tiny['model']}:build",
+        "--grid",
+        "8",
+        "--out",
+        str(out),
+    ]
+    snapshots = []
+    for _ in range(2):
+        code, _, stderr = _main(args, capsys)
+        assert code == 0, stderr
+        snapshots.append((out / "scene_receptive_field.csv").read_bytes())
+    assert snapshots[0] == snapshots[1]
+
+
+def test_dataset_mode_tabulates_radius_and_area_by_category_like_dilation_stats(
+    tiny: Dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    from dcn_inspect.analysis.dilation_stats import CATEGORIES, TABLE_COLUMNS
+
+    dataset = tiny["root"] / "ds.json"
+    dataset.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "scene.png", "width": 48, "height": 40}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 8, 6], "area": 48, "iscrowd": 0},
+                        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [20, 10, 26, 28], "area": 728, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }))  # fmt: skip
+    out = tiny["root"] / "stats"
+    args = [
+        "receptive-field",
+        str(dataset),
+        "--stats",
+        "--model",
+        f"{tiny['model']}:build",
+        "--thresholds",
+        "100,500",
+        "--levels",
+        "2",
+        "--out",
+        str(out),
+    ]
+    code, stdout, stderr = _main(args, capsys)
+    assert code == 0, stderr
+    radius = pd.read_csv(out / "erf_radius_table.csv")
+    area = pd.read_csv(out / "saliency_area_table.csv")
+    plain = [
+        name for name in TABLE_COLUMNS if name not in ("ci_low", "ci_high")
+    ]  # the dilation-stats layout, no intervals here
+    assert list(radius.columns) == plain and list(area.columns) == plain
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["name"] for c in summary["columns"]["erf_radius_table.csv"]] == plain
+    assert list(radius["layer"]) == ["dcn_c"] * 4 + ["dcn_b"] * 4
+    assert list(radius["category"]) == list(CATEGORIES) * 2
+    # per layer: the 8x6 box is small (48 < 100), the 26x28 one large (728 >= 500), plus one background unit
+    assert list(radius["count"][:4]) == [1, 0, 1, 1] and list(area["count"][4:]) == [1, 0, 1, 1]
+    units = pd.read_csv(out / "receptive_field_units.csv")
+    assert len(units) == 6 and set(units["category"]) == {"small", "large", "background"}
+    assert (units["saliency_area"] > 0).all() and (
+        units["erf_radius_90"] >= units["erf_radius_50"]
+    ).all()
+    assert "ERF radius" in (out / "erf_radius_table.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--at", "500,500"], r"--at 500,500: outside scene\.png"),
+        (["--channel", "99"], r"--channel 99: layer dcn_c has 4 channels"),
+        (["--model", "PLAIN"], r"--model .*no deformable conv layer"),
+        (["--saliency-error", "1.5"], r"--saliency-error 1\.5: .*\[0, 1\)"),
+        (
+            ["--layers", "dcn_z"],
+            r"--layers: unknown deformable layer\(s\) dcn_z; valid: dcn_a, dcn_b, dcn_c",
+        ),
+        (
+            ["--compare-model", "PLAIN_OTHER"],
+            r"--compare-model .*other\.py:build: no layer named dcn_c, dcn_b, dcn_a",
+        ),
+        (["--stats", "--grid", "4"], r"--grid is not read with --stats"),
+    ],
+    ids=[
+        "unit-outside",
+        "unknown-channel",
+        "no-deformable-layer",
+        "bad-error-bound",
+        "unknown-layer",
+        "compare-without-layer",
+        "mode-mixup",
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    extra: List[str], message: str, tiny: Dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    import re
+
+    other = tiny["root"] / "other.py"
+    other.write_text(
+        "from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 2, 3))\n"
+    )
+    out = tiny["root"] / "out"
+    replaced = [
+        e.replace("PLAIN_OTHER", f"{other}:build").replace("PLAIN", f"{tiny['model']}:build_plain")
+        for e in extra
+    ]
+    args = [
+        "receptive-field",
+        str(tiny["image"]),
+        "--model",
+        f"{tiny['model']}:build",
+        *replaced,
+        "--out",
+        str(out),
+    ]
+    code, stdout, stderr = _main(args, capsys)
+    assert code == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("dcn-inspect: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr + stdout, stderr
+    assert re.search(message, errors[0]), errors[0]
+    written = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert written == []
+
+
+def test_sample_points_grad_weight_column_is_the_receptive_field_gradient(
+    tiny: Dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    from dcn_inspect.analysis.sample_points import CSV_COLUMNS as POINT_COLUMNS
+
+    model = f"{tiny['model']}:build"
+    code, _, stderr = _main(
+        [
+            "sample-points",
+            str(tiny["image"]),
+            "--model",
+            model,
+            "--at",
+            "20,16",
+            "--at",
+            "0,0",
+            "--grad-weight",
+            "--out",
+            str(tiny["root"] / "sp"),
+        ],
+        capsys,
+    )
+    assert code == 0, stderr
+    points = pd.read_csv(tiny["root"] / "sp" / "scene_points.csv")
+    assert list(points.columns) == POINT_COLUMNS + ["grad_weight"]
+    code, _, stderr = _main(
+        [
+            "receptive-field",
+            str(tiny["image"]),
+            "--model",
+            model,
+            "--at",
+            "20,16",
+            "--at",
+            "0,0",
+            "--out",
+            str(tiny["root"] / "rf"),
+        ],
+        capsys,
+    )
+    assert code == 0, stderr
+    arrays = np.load(tiny["root"] / "rf" / "scene_erf.npz")
+    for level in (1, 2, 3):
+        rows = points[points["level"] == level]
+        got = rows["grad_weight"].to_numpy().reshape(2, -1)
+        np.testing.assert_allclose(
+            got, arrays[f"model/level{level}/grad_weight"], rtol=1e-4, atol=1e-9
+        )
+    # The unit's own sampling points are real locations: one the op reads as zero does not matter at all.
+    level1 = points[points["level"] == 1]
+    assert (level1["grad_weight"] > 0).any() and (
+        level1.loc[level1["inside"] == 0, "grad_weight"] == 0
+    ).all()
+    assert (level1["inside"] == 0).any()
+    code, _, stderr = _main(
+        [
+            "sample-points",
+            str(tiny["image"]),
+            "--model",
+            model,
+            "--at",
+            "20,16",
+            "--out",
+            str(tiny["root"] / "plain"),
+        ],
+        capsys,
+    )
+    assert code == 0, stderr
+    assert list(pd.read_csv(tiny["root"] / "plain" / "scene_points.csv").columns) == POINT_COLUMNS
+
+
+def test_batched_copies_single_backwards_and_vmap_give_the_same_gradients() -> None:
+    model = InPlaceAfter(True).eval()
+    forward = GradientForward(model, torch.rand(1, 3, 18, 22))
+    units = torch.tensor([[9, 9], [3, 15], [0, 0], [17, 21], [8, 2]])
+    levels = ["dcn_b", "dcn_a"]
+    copies = list(forward.backward_units("dcn_b", units, levels=levels, batch_size=3))
+    assert [b.input_grad.shape[0] for b in copies] == [3, 2]
+    one_by_one = list(
+        forward.backward_units(
+            "dcn_b", units, levels=levels, batch_size=3, memory_bytes=forward.saved_bytes
+        )
+    )
+    assert forward.replicas(3, forward.saved_bytes) == 1 and len(one_by_one) == 5
+    vmapped = list(
+        forward.backward_units("dcn_b", units, levels=levels, batch_size=5, strategy="vmap")
+    )
+    for other in (one_by_one, vmapped):
+        torch.testing.assert_close(
+            torch.cat([b.input_grad for b in other]),
+            torch.cat([b.input_grad for b in copies]),
+            rtol=1e-4,
+            atol=1e-6,
+        )
+        for name in levels:
+            torch.testing.assert_close(
+                torch.cat([b.offset_grads[name] for b in other]),
+                torch.cat([b.offset_grads[name] for b in copies]),
+                rtol=1e-4,
+                atol=1e-6,
+            )
+
+
+def test_erf_with_a_resize_is_the_gradient_through_the_float_preprocessing() -> None:
+    """A linear model, an image shrunk 60x84 -> 25x35 by the real preprocessing: the ERF equals
+    autograd through resize (PIL's operator in float) + normalisation + model, w.r.t. the 8-bit pixels."""
+    model = LinearTwoLevels().eval()
+    rng = np.random.default_rng(4)
+    image = (rng.random((60, 84, 3)) * 255).astype(np.uint8)
+    preprocess = Preprocess(resize=25)
+    model_input = to_model_input(image, preprocess)
+    assert model_input.input_hw == (25, 35)
+    forward = GradientForward(model, model_input.tensor)
+    records = list(reversed(select_layers(forward.deformable_records(), None, 2)))
+    units = torch.tensor([[12, 17], [3, 30]])
+    fields = receptive_fields(
+        forward, records, units, model_input.original_hw, preprocess.std, saliency_error=None
+    )
+    pixels = torch.from_numpy(image).double().permute(2, 0, 1).clone().requires_grad_(True)
+    rows, cols = bilinear_resize_matrix(60, 25), bilinear_resize_matrix(84, 35)
+    mean = torch.tensor(preprocess.mean, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(preprocess.std, dtype=torch.float64).view(3, 1, 1)
+    output = model.double()(((rows @ pixels @ cols.T / 255 - mean) / std)[None])
+    for u, (i, j) in enumerate(units.tolist()):
+        (grad,) = torch.autograd.grad(output[0, :, i, j].sum(), pixels, retain_graph=True)
+        np.testing.assert_allclose(
+            fields.erf[u].numpy(), grad.abs().sum(dim=0).numpy(), rtol=2e-4, atol=1e-9
+        )
+    assert fields.erf.shape == (2, 60, 84)

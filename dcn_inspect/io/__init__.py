@@ -1,0 +1,1 @@
+"""Input and output: images and the frameworks' resizing, annotations, datasets, run outputs, progress."""

@@ -1,0 +1,73 @@
+"""A model ready for inference and what the outputs must record about it.
+
+:class:`LoadedModel` is what :func:`dcn_inspect.models.loading.load_model` returns and what every
+command consumes; the checkpoint importers (:mod:`dcn_inspect.models.importers`) build it too, which
+is why it lives here, below both of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from dcn_inspect.core.errors import warn
+from dcn_inspect.models.registry import Preprocess
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with everything the outputs must record about it."""
+
+    model: nn.Module
+    name: str  # what the user asked for (or the default)
+    arch: Optional[str]
+    config: Dict[str, Any]
+    preprocess: Preprocess
+    source: str  # "registered", "native", "mmdetection", "detectron2", "state-dict", "user-file"
+    checkpoint: Optional[Path] = None
+    checkpoint_sha256: Optional[str] = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> Dict[str, Any]:
+        summary = {
+            "name": self.name,
+            "arch": self.arch,
+            "config": self.config,
+            "source": self.source,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "preprocess": self.preprocess.as_dict(),
+        }
+        if (
+            "import" in self.meta
+        ):  # how a foreign checkpoint was mapped (layout, ignored keys, channel order)
+            summary["import"] = self.meta["import"]
+        return summary
+
+
+def warn_non_finite_weights(loaded: LoadedModel) -> List[str]:
+    """Warn (a :class:`~dcn_inspect.core.errors.DcnInspectWarning`) when weights hold NaN/Inf; returns the offending tensor names.
+
+    A warning rather than an error: a broken head or unused buffer need not spoil the offsets.
+    If the offsets themselves come out non-finite, :mod:`dcn_inspect.capture.session` stops with an error.
+    """
+    bad = [
+        name
+        for name, tensor in loaded.model.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        source = loaded.checkpoint or loaded.name
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        warn(f"{source}: {len(bad)} weight tensor(s) contain NaN/Inf ({shown})")
+        loaded.meta.setdefault("non_finite_weights", bad)
+    return bad
+
+
+def model_device(loaded: LoadedModel) -> torch.device:
+    """The device the model's parameters live on (CPU for a model without parameters)."""
+    return next((p.device for p in loaded.model.parameters()), torch.device("cpu"))

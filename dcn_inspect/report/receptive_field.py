@@ -1,0 +1,204 @@
+"""Figure of ``dcn-inspect receptive-field``: per unit, the ERF heat map over the image, the
+saliency region, the theoretical receptive field, the gradient-weighted sampling points and the
+unit (DCNv2 §2.1).
+
+Everything is drawn in original-image pixel coordinates (COCO continuous: pixel (r, c) covers
+[c, c+1] x [r, r+1]); every panel shows the whole image at the same scale, so panels compare.
+Each ERF is divided by its own maximum (one colour bar, 0..1, for all panels); sampling points
+are sized and made opaque by their gradient weight relative to the strongest point of their
+level in that panel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from matplotlib import colormaps, colors
+from matplotlib.cm import ScalarMappable
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+
+UNIT_COLOUR = "#00e000"
+SALIENCY_COLOUR = "#00e5ff"
+THEORETICAL_COLOUR = "#ffffff"
+#: Point colours of levels 1, 2, 3, ... (level 1 = the unit's own sampling points).
+LEVEL_COLOURS = ("#1e90ff", "#ffd400", "#ff1a1a", "#ff00ff", "#ff8c00")
+ERF_COLOURMAP = "inferno"
+#: Colour scale of the ERF: a power norm shows the tails of a peaked map.
+ERF_GAMMA = 0.5
+#: Figures show at most this many panels (the CSV and npz have every unit).
+MAX_PANELS = 24
+
+
+@dataclass
+class PointLevel:
+    """The sampling points of one level of one unit's tree: positions and gradient weights."""
+
+    label: str
+    xs: np.ndarray
+    ys: np.ndarray
+    weights: Optional[np.ndarray]  # |dr/dp|; None: not available (drawn uniformly)
+
+
+@dataclass
+class ErfPanel:
+    """One unit under one model."""
+
+    title: str
+    erf: np.ndarray  # [H, W]
+    unit_xy: Tuple[float, float]
+    theoretical: Optional[Tuple[float, float, float, float]]
+    saliency: Optional[Tuple[float, float, float, float]]
+    levels: List[PointLevel] = field(default_factory=list)
+
+
+def _sizes_and_alpha(weights: Optional[np.ndarray], base: float) -> Tuple[np.ndarray, np.ndarray]:
+    if weights is None or weights.size == 0:
+        count = 0 if weights is None else weights.size
+        return np.full(count, base), np.full(count, 0.8)
+    peak = float(weights.max())
+    relative = weights / peak if peak > 0 else np.zeros_like(weights)
+    return base * (0.15 + 1.85 * relative), np.clip(0.1 + 0.9 * relative, 0.0, 1.0)
+
+
+def _draw_panel(
+    ax: object, image_grey: np.ndarray, panel: ErfPanel, norm: colors.Normalize, point_scale: float
+) -> None:
+    height, width = panel.erf.shape
+    extent = (0, width, height, 0)
+    ax.imshow(image_grey, extent=extent, cmap="gray", vmin=0, vmax=255, interpolation="nearest")  # type: ignore[attr-defined]
+    peak = float(panel.erf.max()) if panel.erf.size else 0.0
+    relative = panel.erf / peak if peak > 0 else np.zeros_like(panel.erf)
+    scaled = np.asarray(norm(relative), dtype=np.float64)
+    rgba = colormaps[ERF_COLOURMAP](scaled)
+    rgba[..., 3] = np.clip(0.15 + 1.7 * scaled, 0.0, 0.9) * (
+        relative > 0
+    )  # zero gradient: the image shows through
+    ax.imshow(rgba, extent=extent, interpolation="nearest")  # type: ignore[attr-defined]
+    if panel.theoretical is not None:
+        x1, y1, x2, y2 = panel.theoretical
+        ax.add_patch(
+            Rectangle(
+                (x1, y1),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                edgecolor=THEORETICAL_COLOUR,
+                linewidth=1.0,
+                linestyle=(0, (4, 3)),
+            )
+        )  # type: ignore[attr-defined]
+    if panel.saliency is not None:
+        x1, y1, x2, y2 = panel.saliency
+        ax.add_patch(
+            Rectangle(
+                (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=SALIENCY_COLOUR, linewidth=1.6
+            )
+        )  # type: ignore[attr-defined]
+    for index in reversed(range(len(panel.levels))):  # deepest (most numerous) first
+        level = panel.levels[index]
+        base = point_scale * (30.0 if index == 0 else 14.0 if index == 1 else 5.0)
+        sizes, alphas = _sizes_and_alpha(level.weights, base)
+        rgba = np.zeros((level.xs.size, 4))
+        rgba[:, :3] = colors.to_rgb(LEVEL_COLOURS[index % len(LEVEL_COLOURS)])
+        rgba[:, 3] = alphas
+        ax.scatter(level.xs, level.ys, s=sizes, c=rgba, marker="o", linewidths=0)  # type: ignore[attr-defined]
+    ax.scatter(
+        [panel.unit_xy[0]],
+        [panel.unit_xy[1]],
+        s=50 * point_scale,
+        c=UNIT_COLOUR,
+        marker="s",
+        edgecolors="black",
+        linewidths=0.6,
+    )  # type: ignore[attr-defined]
+    ax.set_xlim(0, width)  # type: ignore[attr-defined]
+    ax.set_ylim(height, 0)  # type: ignore[attr-defined]
+    ax.set_title(panel.title, fontsize=7)  # type: ignore[attr-defined]
+    ax.set_axis_off()  # type: ignore[attr-defined]
+
+
+def draw_receptive_field_figure(
+    image: np.ndarray, panels: Sequence[ErfPanel], columns: int = 4, max_panels: int = MAX_PANELS
+) -> Figure:
+    """Panels side by side (``columns`` per row; 2 for a model compared with another: one row per unit)."""
+    shown = list(panels[:max_panels])
+    height, width = image.shape[:2]
+    grey = (
+        image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        if image.ndim == 3
+        else image.astype(np.float64)
+    )
+    grey = 40.0 + 0.6 * grey  # dimmed so the heat map reads
+    columns = max(1, min(columns, len(shown) or 1))
+    rows = max(1, math.ceil(len(shown) / columns))
+    panel_width = 3.6
+    aspect = width / max(height, 1)
+    fig = Figure(
+        figsize=(panel_width * columns, rows * (panel_width / aspect + 0.45) + 1.1),
+        layout="constrained",
+    )
+    norm = colors.PowerNorm(gamma=ERF_GAMMA, vmin=0.0, vmax=1.0)
+    axes = []
+    point_scale = 1.0 if max(height, width) <= 600 else 0.6
+    for slot, panel in enumerate(shown or [None]):  # type: ignore[list-item]
+        ax = fig.add_subplot(rows, columns, slot + 1)
+        axes.append(ax)
+        if panel is None:
+            ax.imshow(grey, extent=(0, width, height, 0), cmap="gray", vmin=0, vmax=255)
+            ax.set_axis_off()
+            continue
+        _draw_panel(ax, grey, panel, norm, point_scale)
+    colourbar = fig.colorbar(
+        ScalarMappable(norm=norm, cmap=ERF_COLOURMAP),
+        ax=axes,
+        location="bottom",
+        shrink=0.6,
+        aspect=40,
+        pad=0.01,
+    )
+    colourbar.set_label(
+        "ERF: sum over colours of |dr/dI|, divided by the panel's maximum", fontsize=8
+    )
+    colourbar.ax.tick_params(labelsize=7)
+    level_labels = [level.label for level in (shown[0].levels if shown else [])]
+    handles: List[object] = [
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="s",
+            markersize=6,
+            markerfacecolor=UNIT_COLOUR,
+            markeredgecolor="black",
+        ),
+        Patch(facecolor="none", edgecolor=THEORETICAL_COLOUR, linestyle="--"),
+        Patch(facecolor="none", edgecolor=SALIENCY_COLOUR),
+    ]
+    labels = ["unit", "theoretical receptive field", "saliency region"]
+    for index, label in enumerate(level_labels):
+        handles.append(
+            Line2D(
+                [],
+                [],
+                linestyle="none",
+                marker="o",
+                markersize=5,
+                color=LEVEL_COLOURS[index % len(LEVEL_COLOURS)],
+            )
+        )
+        labels.append(f"{label} (size, opacity: |dr/dp|)")
+    legend = fig.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncols=min(len(handles), 3),
+        fontsize=7,
+        frameon=True,
+    )
+    legend.get_frame().set_facecolor("#808080")
+    return fig

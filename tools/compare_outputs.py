@@ -1,0 +1,62 @@
+"""Compare two output snapshots of `tools/snapshot_outputs.sh`: every file byte for byte, except
+`summary.json`, compared as JSON without its timing keys (wall time, timestamps, speeds).
+
+Usage: python tools/compare_outputs.py BEFORE AFTER   (exit 1 when anything differs)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TIMING_KEYS = {
+    "wall_seconds",
+    "finished_at",
+    "started_at",
+    "images_per_second",
+    "forward_seconds",
+    "build_seconds",
+    "timing",
+}
+
+
+def _without_timing(value):
+    if isinstance(value, dict):
+        return {k: _without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [_without_timing(v) for v in value]
+    return value
+
+
+def main(before: Path, after: Path) -> int:
+    names = sorted(
+        {p.relative_to(before) for p in before.rglob("*") if p.is_file()}
+        | {p.relative_to(after) for p in after.rglob("*") if p.is_file()}
+    )
+    differing = 0
+    for name in names:
+        a, b = before / name, after / name
+        if not a.exists() or not b.exists():
+            print(f"only in {'after' if not a.exists() else 'before'}: {name}")
+            differing += 1
+            continue
+        if name.name == "summary.json":
+            same = _without_timing(json.loads(a.read_text())) == _without_timing(
+                json.loads(b.read_text())
+            )
+        elif name.suffix == ".stdout":  # console output names the snapshot's own folder
+            same = a.read_text().replace(str(before), "OUT") == b.read_text().replace(
+                str(after), "OUT"
+            )
+        else:
+            same = a.read_bytes() == b.read_bytes()
+        if not same:
+            print(f"differs: {name}")
+            differing += 1
+    print(f"{len(names)} files compared, {differing} differ")
+    return 1 if differing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2])))
