@@ -14,7 +14,7 @@ FIGURES_OUT ?= $(OUT)/figures
 # receptive-field: three units (background, a small cross, the large disc) under dcn-sample and its plain dilated baseline.
 RF_FIGURE_ARGS := dcn_inspect/data/images/scene_04.jpg --at 8,8 --at 64,232 --at 128,136 --compare-model dcn-sample-dilated
 
-.PHONY: setup demo figures test ops bench clean readme-tables
+.PHONY: setup demo figures test lint ops bench clean readme-tables
 
 setup: $(VENV)/.installed
 
@@ -55,7 +55,11 @@ figures: ops
 	cp $(FIGURES_OUT)/receptive-field/scene_04_receptive_field.png $(EXAMPLES)/receptive_field.png
 	@echo "README pictures written to $(EXAMPLES)/"
 
+# The linter first (pyflakes, pycodestyle at 100 columns, import order; the tree is
+# `ruff format`ted), then the whole suite.
 test: ops
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider cli_tests
 
 bench: ops
@@ -64,6 +68,11 @@ bench: ops
 	$(BIN)/python bench/tracing.py --cli
 	$(BIN)/python bench/dilation_stats.py --threads 1
 	$(BIN)/python bench/receptive_field.py --only bundled
+
+# Fix what the linter can fix by itself and format the tree.
+lint: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The README's CSV column tables, regenerated from the columns' definitions in the package.
 readme-tables: setup

@@ -237,7 +237,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
         f"median of {args.reps} after {args.warmup} warm-up runs"
     )
-    header = f"{'case':<4} {'variant':<10} {'fwd ours':>9} {'fwd tv':>9} {'ratio':>6} {'f+b ours':>9} {'f+b tv':>9} {'ratio':>6}"
+    header = (
+        f"{'case':<4} {'variant':<10} {'fwd ours':>9} {'fwd tv':>9} {'ratio':>6} "
+        f"{'f+b ours':>9} {'f+b tv':>9} {'ratio':>6}"
+    )
     print(header)
     rows = []
     for name in args.shapes:

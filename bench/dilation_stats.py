@@ -18,8 +18,9 @@ all three alike), and the medians over rounds are reported:
 - ``forward+capture``: the same inside :func:`dcn_inspect.capture.session.capture_offsets`, frames
   tracked only for the first batch of each input size, as the command does (reported in total
   and for the batches without frame tracking);
-- ``capture set-up``: :func:`~dcn_inspect.capture.session.capture_offsets` entered and left without a
-  forward (the per-batch bookkeeping: finding the deformable layers, installing the hooks);
+- ``capture set-up``: :func:`~dcn_inspect.capture.session.capture_offsets` entered and left
+  without a forward (the per-batch bookkeeping: finding the deformable layers, installing the
+  hooks);
 - ``statistics``: :meth:`DilationAccumulator.add` on the captured offsets (per-unit dilation,
   categories, streaming statistics, per-image sums for the bootstrap; held batches folded at
   the end of each round);
@@ -38,7 +39,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from dcn_inspect.analysis.dilation_stats import NAMED_THRESHOLDS, DilationAccumulator
+from dcn_inspect.analysis.dilation_stats import DilationAccumulator
+from dcn_inspect.analysis.size_categories import NAMED_THRESHOLDS
 from dcn_inspect.capture.session import capture_offsets
 from dcn_inspect.commands.dilation_stats import dilation_stats, size_batches
 from dcn_inspect.core.errors import InputError
@@ -102,7 +104,8 @@ def bench(
     batches = preload(dataset, loaded, batch_size, device)
     images = sum(len(chosen) for _, chosen in batches)
     model = loaded.model
-    rounds = []  # per round: forward, capture, capture of untracked batches, forward of those, statistics
+    # Per round: forward, capture, capture of untracked batches, forward of those, statistics.
+    rounds = []
     with torch.no_grad():
         model(batches[0][0])  # warm-up (native ops, allocator)
         for _ in range(repeats):
@@ -170,27 +173,34 @@ def bench(
     untracked = [(r[2] - r[3]) / r[3] for r in rounds if r[3] > 0]
     stats_share = statistics.median(r[4] / r[0] for r in rounds)
     print(
-        f"\n{label}: {images} images in {len(batches)} batches, batch size {batch_size}, {workers} worker(s), device {device}, median of {repeats} interleaved rounds"
+        f"\n{label}: {images} images in {len(batches)} batches, batch size {batch_size}, "
+        f"{workers} worker(s), device {device}, median of {repeats} interleaved rounds"
     )
     print(
-        f"  forward alone     {images / forward:8.2f} images/s  ({1000 * forward / images:7.2f} ms/image)"
+        f"  forward alone     {images / forward:8.2f} images/s  "
+        f"({1000 * forward / images:7.2f} ms/image)"
     )
     print(
         f"  offset capture    {100 * capture_share:5.1f} % of the forward (goal <= 5 %)"
         + (
-            f"; {100 * statistics.median(untracked):5.1f} % on batches of an input size already seen"
+            f"; {100 * statistics.median(untracked):5.1f} % "
+            "on batches of an input size already seen"
             if untracked
             else ""
         )
     )
     print(
-        f"  capture set-up    {1000 * setup:7.3f} ms per batch (hooks installed and removed, no forward) = {100 * setup * len(batches) / forward:5.1f} % of the forward"
+        f"  capture set-up    {1000 * setup:7.3f} ms per batch "
+        "(hooks installed and removed, no forward) = "
+        f"{100 * setup * len(batches) / forward:5.1f} % of the forward"
     )
     print(
-        f"  statistics        {100 * stats_share:5.1f} % of the forward (goal <= 10 %), {1000 * statistics.median(r[4] for r in rounds) / images:7.2f} ms/image"
+        f"  statistics        {100 * stats_share:5.1f} % of the forward (goal <= 10 %), "
+        f"{1000 * statistics.median(r[4] for r in rounds) / images:7.2f} ms/image"
     )
     print(
-        f"  whole command     {images / best_command:8.2f} images/s  ({1000 * best_command / images:7.2f} ms/image, best of {repeats})"
+        f"  whole command     {images / best_command:8.2f} images/s  "
+        f"({1000 * best_command / images:7.2f} ms/image, best of {repeats})"
     )
 
 
@@ -212,7 +222,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     loaded = get_model(args.model, args.device)
     print(
-        f"model {loaded.name} ({loaded.source}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"model {loaded.name} ({loaded.source}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
     )
     from dcn_inspect.ops import backend_info
 

@@ -14,7 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli_tests"))
+TESTS = Path(__file__).resolve().parents[1] / "cli_tests"
+sys.path[:0] = [str(TESTS / "cli"), str(TESTS)]  # the corpus, and the tests' shared helpers
 
 import test_bad_inputs as corpus_module  # noqa: E402  (the corpus and cases live with the tests)
 
@@ -41,7 +42,7 @@ def main() -> None:
                 args + ["--out", str(root / f"out{index}")], cwd=root
             )
             line = next(
-                (l for l in stderr.splitlines() if l.startswith("dcn-inspect:")), ""
+                (text for text in stderr.splitlines() if text.startswith("dcn-inspect:")), ""
             ).replace(str(root) + "/", "")
             size = _input_size(args, names)
             print(f"| {name} | {size} | {code} | {peak / 2**20:.0f} | {line[:110]} |")

@@ -1,10 +1,11 @@
-"""Peak memory per model-input pixel: the number behind ``DEFAULT_MAX_PIXELS`` (dcn_inspect/defaults.py).
+"""Peak memory per model-input pixel: the number behind ``DEFAULT_MAX_PIXELS``
+(dcn_inspect/core/defaults.py).
 
 For each model, one fresh process per image size reads a PNG of noise, makes the model input
 and runs the forward with the offsets captured (what every command does per image:
-:func:`dcn_inspect.io.images.read_model_input` + :func:`dcn_inspect.capture.session.probe`), and reports its
-peak resident memory (``ru_maxrss``). Bytes per pixel is the slope between the two largest
-sizes (the model's weights and the libraries are the intercept).
+:func:`dcn_inspect.io.images.read_model_input` + :func:`dcn_inspect.capture.session.probe`), and
+reports its peak resident memory (``ru_maxrss``). Bytes per pixel is the slope between the two
+largest sizes (the model's weights and the libraries are the intercept).
 
     .venv/bin/python bench/memory.py                          # dcn-sample and the ResNet-50 DCNs
     .venv/bin/python bench/memory.py --models resnet101-dcn-mmdet --sides 512 1024
@@ -86,20 +87,23 @@ def main() -> None:
             runs = [measure(model, side, Path(folder)) for side in sorted(args.sides)]
             for run in runs:
                 print(
-                    f"{model:22s} {run['pixels']:>9d} px  peak {run['peak_kib'] / 2**10:8.1f} MiB  (before the image: {run['before_kib'] / 2**10:.1f} MiB)"
+                    f"{model:22s} {run['pixels']:>9d} px  peak {run['peak_kib'] / 2**10:8.1f} MiB  "
+                    f"(before the image: {run['before_kib'] / 2**10:.1f} MiB)"
                 )
             a, b = runs[-2], runs[-1]
             slope = (b["peak_kib"] - a["peak_kib"]) * 1024 / (b["pixels"] - a["pixels"])
             slopes.append(slope)
             print(
-                f"{model:22s} {slope:.0f} bytes per {'image' if model.startswith('decode') else 'model-input'} pixel"
+                f"{model:22s} {slope:.0f} bytes per "
+                f"{'image' if model.startswith('decode') else 'model-input'} pixel"
             )
     worst = max(slopes)
     if all(model.startswith("decode") for model in args.models):
         return
     budget = args.machine_gib * 2**30 * MEMORY_SHARE_PER_IMAGE
     print(
-        f"largest: {worst:.0f} B/px; a {args.machine_gib:g} GiB machine, {MEMORY_SHARE_PER_IMAGE:g} of it per image, holds {budget / worst / 1e6:.1f} M pixels"
+        f"largest: {worst:.0f} B/px; a {args.machine_gib:g} GiB machine, "
+        f"{MEMORY_SHARE_PER_IMAGE:g} of it per image, holds {budget / worst / 1e6:.1f} M pixels"
     )
 
 

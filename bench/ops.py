@@ -136,7 +136,9 @@ SCENARIOS: Dict[str, dict] = {
         bias=False,
     ),
 }
-TARGETS = {  # issue #15: native / F.conv2d, (forward, forward+backward); "ref" = native no slower than reference
+# Issue #15: native / F.conv2d, (forward, forward+backward); "ref" = native no slower than
+# reference.
+TARGETS = {
     "S1": (1.25, 1.4),
     "S1m": (1.25, 1.4),
     "S3": (1.25, 1.4),
@@ -200,7 +202,8 @@ def torchvision_deform_conv2d(device: str) -> Tuple[Optional[Callable[..., torch
     except Exception as exc:  # noqa: BLE001 - reported
         return (
             None,
-            f"torchvision's deform_conv2d does not run on {device} ({str(exc).splitlines()[0][:80]})",
+            f"torchvision's deform_conv2d does not run on {device} "
+            f"({str(exc).splitlines()[0][:80]})",
         )
     return tv_deform_conv2d, "torchvision.ops.deform_conv2d"
 
@@ -362,7 +365,9 @@ small = make_inputs(dict(s, batch=1, channels=8, out_channels=8, height=8, width
 def run(t):
     with torch.no_grad():
         if which == "native":
-            return native.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], 1, s["padding"], s["dilation"])
+            return native.deform_conv2d(
+                t["input"], t["offset"], t["weight"], t["bias"], 1, s["padding"], s["dilation"]
+            )
         return F.conv2d(t["input"], t["weight"], t["bias"], 1, s["padding"], s["dilation"])
 def status_kib(field):
     with open("/proc/self/status") as handle:
@@ -375,7 +380,9 @@ try:  # Linux: reset the peak-RSS mark so the import's peak does not hide the op
         handle.write("5")
     before, peak = status_kib("VmRSS"), lambda: status_kib("VmHWM")
 except OSError:
-    before, peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def maxrss():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before, peak = maxrss(), maxrss
 out = run(t)
 scratch = _native.scratch_bytes() if which == "native" else 0
 print(json.dumps({"delta_mib": (peak() - before) / 1024, "output_mib": out.numel() * 4 / 2**20,
@@ -469,13 +476,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     _, tv_note = torchvision_deform_conv2d(args.device)
     print(
-        f"device={args.device} cpu='{cpu_model()}' torch={torch.__version__} cpu_count={os.cpu_count()} "
+        f"device={args.device} cpu='{cpu_model()}' torch={torch.__version__} "
+        f"cpu_count={os.cpu_count()} "
         f"load_avg={os.getloadavg()[0]:.2f} repeats={args.repeats} warmup={args.warmup} "
-        f"offset_std={args.offset_std} clock={args.clock} {_native.CONV_PATH_ENV}={os.environ.get(_native.CONV_PATH_ENV, 'auto')}"
+        f"offset_std={args.offset_std} clock={args.clock} "
+        f"{_native.CONV_PATH_ENV}={os.environ.get(_native.CONV_PATH_ENV, 'auto')}"
     )
     print(f"torchvision: {tv_note}")
     print(
-        "targets (issue #15): native/conv2d fwd <= 1.25x and fwd+bwd <= 1.4x at S1, S1m, S3; <= 2x both at S2; "
+        "targets (issue #15): native/conv2d fwd <= 1.25x and fwd+bwd <= 1.4x at S1, S1m, S3; "
+        "<= 2x both at S2; "
         "native no slower than reference at small, sample, sample8"
     )
     columns = ["native", "reference", "conv2d", "torchvision", "gemm"] + (
@@ -516,7 +526,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         backward=kind != "fwd",
                     )
                 print(
-                    f"{name:<8} {kind:<8} {cells} {nat_conv:>8.2f}x {gemm_conv:>8.2f}x {ref_nat:>7.2f}x{path}",
+                    f"{name:<8} {kind:<8} {cells} {nat_conv:>8.2f}x {gemm_conv:>8.2f}x "
+                    f"{ref_nat:>7.2f}x{path}",
                     flush=True,
                 )
             print(f"{'':<8} {'':<8} {_verdict(name, result['fwd'], result['fwd+bwd'])}", flush=True)
@@ -533,7 +544,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     f"(output itself {probe['output_mib']:.1f} MiB{extra})"
                 )
     print(
-        f"rusage maxrss of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+        "rusage maxrss of this process: "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
     )
     return 0
 

@@ -7,9 +7,11 @@ latter on a 2-core CPU. Batching is measured against one unit per backward, inte
 process. The machine's load average is printed with the numbers: on a shared machine it
 dominates them.
 
-    .venv/bin/python bench/receptive_field.py                       # both models, ERF + weights; saliency on the bundled model
+    # both models, ERF + weights; saliency on the bundled model
+    .venv/bin/python bench/receptive_field.py
     .venv/bin/python bench/receptive_field.py --only bundled --repeats 3
-    .venv/bin/python bench/receptive_field.py --only resnet --units 4 --saliency   # the saliency search on ResNet-50 too (slow)
+    # the saliency search on ResNet-50 too (slow)
+    .venv/bin/python bench/receptive_field.py --only resnet --units 4 --saliency
 """
 
 from __future__ import annotations
@@ -18,15 +20,12 @@ import argparse
 import os
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from dcn_inspect.analysis.receptive_field import (
-    BATCH_MEMORY_BYTES,
-    GradientForward,
-    receptive_fields,
-)
+from dcn_inspect.analysis.receptive_field import receptive_fields
+from dcn_inspect.capture.gradients import BATCH_MEMORY_BYTES, GradientForward
 from dcn_inspect.capture.selection import select_layers
 from dcn_inspect.io.images import load_image, to_model_input
 from dcn_inspect.models.loading import load_model
@@ -46,27 +45,10 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def bench_model(
-    label: str,
-    loaded,
-    images: torch.Tensor,
-    original_hw,
-    units: torch.Tensor,
-    batch_size: int,
-    repeats: int,
-    saliency: bool,
-) -> Dict[str, float]:
-    """Median seconds of each stage over ``repeats`` (batched and one-unit backwards interleaved)."""
-    model = loaded.model
-    forward_times: List[float] = []
-    batched: List[float] = []
-    single: List[float] = []
-    vmapped: List[float] = []
-    salient: List[float] = []
-    forward: Optional[GradientForward] = None
-    warm = GradientForward(
-        model, images
-    )  # untimed: first-call costs (allocator, kernels, thread pool)
+def _warm_up(model, images: torch.Tensor, units: torch.Tensor, batch_size: int) -> None:
+    """First-call costs (allocator, kernels, thread pool), untimed: one forward and a backward
+    by each strategy."""
+    warm = GradientForward(model, images)
     warm_levels = [
         r.name
         for r in reversed(select_layers(warm.deformable_records(), None, None, default_count=3))
@@ -77,87 +59,121 @@ def bench_model(
                 warm_levels[0], units[:2], None, warm_levels, min(size, 2), strategy=strategy
             )
         )
-    del warm
+
+
+def _saliency_seconds(
+    forward: GradientForward, records, units, original_hw, std, batch_size: int
+) -> float:
+    """The saliency search's share of ``receptive_fields``: with it minus without it."""
+    with_search = _time(
+        lambda: receptive_fields(forward, records, units, original_hw, std, batch_size=batch_size)
+    )
+    without = _time(
+        lambda: receptive_fields(
+            forward, records, units, original_hw, std, saliency_error=None, batch_size=batch_size
+        )
+    )
+    return with_search - without
+
+
+def _time_stages(
+    loaded, images, original_hw, units, batch_size: int, repeats: int, saliency: bool
+) -> Tuple[Dict[str, List[float]], GradientForward, List[str]]:
+    """Seconds of each stage, ``repeats`` times (the backward strategies interleaved), with the
+    last forward and its followed layers."""
+    stages = ("forward", "batched", "single", "vmap", "saliency")
+    times: Dict[str, List[float]] = {stage: [] for stage in stages}
+    forward: Optional[GradientForward] = None
+    levels: List[str] = []
     for _ in range(repeats):
         started = time.perf_counter()
-        forward = GradientForward(model, images)
-        forward_times.append(time.perf_counter() - started)
+        forward = GradientForward(loaded.model, images)
+        times["forward"].append(time.perf_counter() - started)
         records = list(
             reversed(select_layers(forward.deformable_records(), None, None, default_count=3))
         )
         levels = [r.name for r in records]
-        batched.append(
-            _time(lambda: list(forward.backward_units(levels[0], units, None, levels, batch_size)))
-        )
-        single.append(
-            _time(lambda: list(forward.backward_units(levels[0], units, None, levels, 1)))
-        )
-        vmapped.append(
-            _time(
+
+        def backward(size: int, strategy: str = "replicate") -> float:
+            return _time(
                 lambda: list(
-                    forward.backward_units(
-                        levels[0], units, None, levels, batch_size, strategy="vmap"
-                    )
+                    forward.backward_units(levels[0], units, None, levels, size, strategy=strategy)
                 )
             )
-        )
+
+        times["batched"].append(backward(batch_size))
+        times["single"].append(backward(1))
+        times["vmap"].append(backward(batch_size, "vmap"))
         if saliency:
-            salient.append(
-                _time(
-                    lambda: receptive_fields(
-                        forward,
-                        records,
-                        units,
-                        original_hw,
-                        loaded.preprocess.std,
-                        batch_size=batch_size,
-                    )
-                )
-                - _time(
-                    lambda: receptive_fields(
-                        forward,
-                        records,
-                        units,
-                        original_hw,
-                        loaded.preprocess.std,
-                        saliency_error=None,
-                        batch_size=batch_size,
-                    )
+            times["saliency"].append(
+                _saliency_seconds(
+                    forward, records, units, original_hw, loaded.preprocess.std, batch_size
                 )
             )
-    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
-    count = int(units.shape[0])
-    result = {
-        "forward_s": median(forward_times),
-        "backward_per_unit_s": median(batched) / count,
-        "backward_one_at_a_time_per_unit_s": median(single) / count,
-        "backward_vmap_per_unit_s": median(vmapped) / count,
-    }
-    if saliency:
-        result["saliency_per_unit_s"] = median(salient) / count
     assert forward is not None
+    return times, forward, levels
+
+
+def _print_result(
+    label: str,
+    result: Dict[str, float],
+    forward: GradientForward,
+    images: torch.Tensor,
+    levels: List[str],
+    count: int,
+    batch_size: int,
+) -> None:
     shape = "x".join(str(v) for v in images.shape[-2:])
     print(
-        f"{label}: model input {shape}, {count} units of {levels[0]} (levels {', '.join(levels)}), batch {batch_size}, {torch.get_num_threads()} thread(s)"
+        f"{label}: model input {shape}, {count} units of {levels[0]} "
+        f"(levels {', '.join(levels)}), batch {batch_size}, {torch.get_num_threads()} thread(s)"
     )
     print(f"  gradient forward (once per image): {result['forward_s']:.2f} s")
     copies = forward.replicas(batch_size, BATCH_MEMORY_BYTES)
     print(
-        f"  saved activations of one image: {forward.saved_bytes / 1024**2:.0f} MiB -> {copies} copies per batched backward (budget {BATCH_MEMORY_BYTES / 1024**3:.0f} GiB)"
+        f"  saved activations of one image: {forward.saved_bytes / 1024**2:.0f} MiB -> {copies} "
+        f"copies per batched backward (budget {BATCH_MEMORY_BYTES / 1024**3:.0f} GiB)"
     )
+    batched, single = result["backward_per_unit_s"], result["backward_one_at_a_time_per_unit_s"]
     print(
-        f"  ERF + gradient weights: {result['backward_per_unit_s']:.2f} s per unit batched ({copies} copies per forward+backward); "
-        f"one unit per backward {result['backward_one_at_a_time_per_unit_s']:.2f} s; is_grads_batched (vmap) {result['backward_vmap_per_unit_s']:.2f} s "
-        f"(batched / one-at-a-time = {result['backward_per_unit_s'] / result['backward_one_at_a_time_per_unit_s']:.2f})"
+        f"  ERF + gradient weights: {batched:.2f} s per unit batched ({copies} copies per "
+        f"forward+backward); one unit per backward {single:.2f} s; is_grads_batched (vmap) "
+        f"{result['backward_vmap_per_unit_s']:.2f} s (batched / one-at-a-time = "
+        f"{batched / single:.2f})"
     )
-    if saliency:
+    if "saliency_per_unit_s" in result:
         print(f"  saliency search: {result['saliency_per_unit_s']:.2f} s per unit")
-    per_unit = (
-        result["backward_per_unit_s"]
-        + result.get("saliency_per_unit_s", 0.0)
-        + result["forward_s"] / count
-    )
+    per_unit = batched + result.get("saliency_per_unit_s", 0.0) + result["forward_s"] / count
     print(f"  total per unit ({count} units per image, forward shared): {per_unit:.2f} s")
+
+
+def bench_model(
+    label: str,
+    loaded,
+    images: torch.Tensor,
+    original_hw,
+    units: torch.Tensor,
+    batch_size: int,
+    repeats: int,
+    saliency: bool,
+) -> Dict[str, float]:
+    """Median seconds of each stage over ``repeats`` (batched and one-unit backwards
+    interleaved)."""
+    _warm_up(loaded.model, images, units, batch_size)
+    times, forward, levels = _time_stages(
+        loaded, images, original_hw, units, batch_size, repeats, saliency
+    )
+    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+    count = int(units.shape[0])
+    result = {
+        "forward_s": median(times["forward"]),
+        "backward_per_unit_s": median(times["batched"]) / count,
+        "backward_one_at_a_time_per_unit_s": median(times["single"]) / count,
+        "backward_vmap_per_unit_s": median(times["vmap"]) / count,
+    }
+    if saliency:
+        result["saliency_per_unit_s"] = median(times["saliency"]) / count
+    _print_result(label, result, forward, images, levels, count, batch_size)
     return result
 
 
@@ -221,7 +237,8 @@ def main() -> None:
     parser.add_argument(
         "--saliency",
         action="store_true",
-        help="Also time the saliency search on ResNet-50 (tens of masked 800x1067 forwards per unit).",
+        help="Also time the saliency search on ResNet-50 (tens of masked 800x1067 forwards per "
+        "unit).",
     )
     parser.add_argument(
         "--image",

@@ -46,7 +46,11 @@ def main() -> None:
         target = resized_size((height, width), 800, 1333, "mmdetection")
         ours = cv2_bilinear(image, target).astype(np.float64)
         pil = np.asarray(Image.fromarray(image).resize(target[::-1], Image.BILINEAR), np.float64)
-        line = f"{width}x{height} -> {target[1]}x{target[0]}: |PIL - cv2 port| mean {np.abs((pil - ours) / STD).mean():.3f}, max {np.abs((pil - ours) / STD).max():.2f} normalised units"
+        error = np.abs((pil - ours) / STD)
+        line = (
+            f"{width}x{height} -> {target[1]}x{target[0]}: |PIL - cv2 port| "
+            f"mean {error.mean():.3f}, max {error.max():.2f} normalised units"
+        )
         timings = {"port": [], "pil": [], "cv2": []}
         for _ in range(args.repeats):  # interleaved
             for name in timings:
@@ -64,7 +68,8 @@ def main() -> None:
             reference = cv2.resize(image, target[::-1], interpolation=cv2.INTER_LINEAR).astype(
                 np.float64
             )
-            line += f"; port vs OpenCV {cv2.__version__}: {int((reference != ours).sum())} differing values"
+            differing = int((reference != ours).sum())
+            line += f"; port vs OpenCV {cv2.__version__}: {differing} differing values"
         best = {name: min(values) for name, values in timings.items() if values}
         line += "; best of {}: ".format(args.repeats) + ", ".join(
             f"{name} {1000 * t:.1f} ms" for name, t in best.items()

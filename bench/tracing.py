@@ -28,7 +28,8 @@ from dcn_inspect.core.geometry import FrameMap, LayerGeometry
 
 
 def stage5_records(height: int, width: int, levels: int, seed: int = 0) -> List[DeformConvRecord]:
-    """Records shaped like the paper's res5: 3x3, dilation 2, pad 2, stride-16 frame, random offsets."""
+    """Records shaped like the paper's res5: 3x3, dilation 2, pad 2, stride-16 frame, random
+    offsets."""
     generator = torch.Generator().manual_seed(seed)
     frame = FrameMap(16.0, 16.0, 7.5, 7.5)
     geometry = LayerGeometry(
@@ -60,7 +61,8 @@ def bench_tracer(height: int, width: int, levels: int, repeats: int) -> None:
     total = sum(x.numel() for x in trees.xs)
     print(
         f"tracer: {units.shape[0]} units of a {height}x{width} map, {levels} levels, "
-        f"{trees.xs[-1].numel():,} deepest points ({total:,} in all): best of {repeats} {best:.3f} s "
+        f"{trees.xs[-1].numel():,} deepest points ({total:,} in all): "
+        f"best of {repeats} {best:.3f} s "
         f"on {torch.get_num_threads()} CPU thread(s)"
     )
 

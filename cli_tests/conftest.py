@@ -1,4 +1,5 @@
-"""Fixtures shared by the ops tests: run a test on both backends, skip native only if it cannot build."""
+"""Fixtures shared by the ops tests: run a test on both backends, skip native only if it cannot
+build."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def native_or_skip() -> ModuleType:
         return _native.load()
     except Exception as exc:  # noqa: BLE001 - any build failure is a skip reason
         pytest.skip(
-            f"native ops unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            "native ops unavailable: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         )
 
 
@@ -29,7 +31,8 @@ def ops(request: pytest.FixtureRequest) -> ModuleType:
 
 
 def cli_message(error: BaseException, command: str = "") -> str:
-    """The line the CLI prints for a library error (parameter names spelled as ``command``'s flags)."""
+    """The line the CLI prints for a library error (parameter names spelled as ``command``'s
+    flags)."""
     from dcn_inspect.cli.render import error_line
 
     return error_line(error, command or None)  # type: ignore[arg-type]

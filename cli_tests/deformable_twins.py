@@ -82,7 +82,8 @@ class ModuleDeformable(DeformConv2d):
 
 
 class ThreeFunctional(nn.Module):
-    """Stem, then three deformable layers called functionally (names ``a.conv``, ``b.conv``, ``c.conv``)."""
+    """Stem, then three deformable layers called functionally (names ``a.conv``, ``b.conv``,
+    ``c.conv``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -103,7 +104,8 @@ class ThreeFunctional(nn.Module):
 
 
 def module_twin(model: nn.Module, names) -> nn.Module:
-    """A deep copy of ``model`` whose functional layers at ``names`` become their module-level twins."""
+    """A deep copy of ``model`` whose functional layers at ``names`` become their module-level
+    twins."""
     import copy
 
     twin = copy.deepcopy(model)
@@ -115,7 +117,8 @@ def module_twin(model: nn.Module, names) -> nn.Module:
 
 
 class TwiceInOneModule(nn.Module):
-    """One module calling the op twice (same offset branch and weight): records ``body``, ``body#2``."""
+    """One module calling the op twice (same offset branch and weight): records ``body``,
+    ``body#2``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -156,7 +159,8 @@ class TwiceModuleLevel(nn.Module):
 
 
 class InSequential(nn.Module):
-    """A functional layer as an element of ``nn.Sequential``: records ``features.2``, ``features.4``."""
+    """A functional layer as an element of ``nn.Sequential``: records ``features.2``,
+    ``features.4``."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -39,7 +39,8 @@ def dcn_core(
     offset_scale: float,
     remove_center: bool = False,
 ) -> torch.Tensor:
-    """The DCNv3 sampling and aggregation: value [N, H, W, C], offset [N, Ho, Wo, G*P*2], mask [N, Ho, Wo, G*P] -> [N, Ho, Wo, C]."""
+    """The DCNv3 sampling and aggregation: value [N, H, W, C], offset [N, Ho, Wo, G*P*2],
+    mask [N, Ho, Wo, G*P] -> [N, Ho, Wo, C]."""
     batch, _, _, channels = value.shape
     padded = F.pad(value, [0, 0, pad, pad, pad, pad])
     _, height, width, _ = padded.shape
@@ -241,9 +242,9 @@ def set_constant_offsets(
     logits: Optional[Sequence[Sequence[float]]] = None,
     masks: Optional[Sequence[Sequence[float]]] = None,
 ) -> None:
-    """Zero-weight offset branch whose bias moves kernel point (a, b) of group g by ((a-1)*e_g, (b-1)*e_g)
-    (written in the layer's own layout: x first, column-major points); ``logits`` (DCNv3) or
-    ``masks`` (DCNv4): per group, per column-major point."""
+    """Zero-weight offset branch whose bias moves kernel point (a, b) of group g by
+    ((a-1)*e_g, (b-1)*e_g) (written in the layer's own layout: x first, column-major points);
+    ``logits`` (DCNv3) or ``masks`` (DCNv4): per group, per column-major point."""
     k = layer.kernel_size
     points = k * k
     group = layer.group

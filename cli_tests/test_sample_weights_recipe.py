@@ -1,4 +1,5 @@
-"""Training and evaluation recipe of the sample weights (``sample_weights/recipe.py``), on tiny settings (issue #4)."""
+"""Training and evaluation recipe of the sample weights (``sample_weights/recipe.py``, the head
+fine-tune ``head_finetune.py``), on tiny settings (issue #4)."""
 
 from __future__ import annotations
 
@@ -177,7 +178,7 @@ def test_dilation_bootstrap_separates_shifted_categories_only() -> None:
 def test_head_finetune_changes_only_the_rfcn_offset_branch_and_bounds_the_offsets(
     tmp_path: Path,
 ) -> None:
-    from recipe import HeadFinetuneConfig, finetune_and_save, finetune_head_offsets
+    from head_finetune import HeadFinetuneConfig, finetune_and_save, finetune_head_offsets
 
     from dcn_inspect.capture.session import probe
 

@@ -46,7 +46,8 @@ def _modules() -> Dict[str, Path]:
 
 
 def _imports(path: Path, modules: Dict[str, Path], top_level_only: bool = False) -> Set[str]:
-    """dcn_inspect modules (and third-party roots) ``path`` imports; ``from pkg import sub`` counts as ``pkg.sub``."""
+    """dcn_inspect modules (and third-party roots) ``path`` imports; ``from pkg import sub`` counts
+    as ``pkg.sub``."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     nodes = tree.body if top_level_only else list(ast.walk(tree))
     found: Set[str] = set()
@@ -184,7 +185,7 @@ def test_modules_and_functions_stay_small() -> None:
 def test_one_registry_lists_every_capture_adapter() -> None:
     """Every LayerAdapter subclass in the package is registered once, in the registry's fixed
     order, and the "looked for" message comes from that table alone."""
-    from dcn_inspect.capture import registry
+    from dcn_inspect.capture import adapters
     from dcn_inspect.capture.records import LayerAdapter
 
     defined = set()
@@ -194,12 +195,12 @@ def test_one_registry_lists_every_capture_adapter() -> None:
                 getattr(base, "id", None) == "LayerAdapter" for base in node.bases
             ):
                 defined.add(node.name)
-    registered = [type(adapter).__name__ for adapter in registry.ADAPTERS]
+    registered = [type(adapter).__name__ for adapter in adapters.ADAPTERS]
     assert sorted(registered) == sorted(defined) and len(set(registered)) == len(registered)
-    assert all(isinstance(a, LayerAdapter) for a in registry.ADAPTERS)
-    families = [entry.family for entry in registry.CAPTURE_REGISTRY]
-    assert registry.looked_for().split("; ")[0].startswith(families[0])
-    assert registry.looked_for().split("; ")[-1].startswith("op calls: ")
+    assert all(isinstance(a, LayerAdapter) for a in adapters.ADAPTERS)
+    families = [entry.family for entry in adapters.CAPTURE_REGISTRY]
+    assert adapters.looked_for().split("; ")[0].startswith(families[0])
+    assert adapters.looked_for().split("; ")[-1].startswith("op calls: ")
 
 
 def test_cli_modules_import_no_library_at_module_level() -> None:
@@ -247,7 +248,7 @@ def test_every_parameter_an_error_names_is_an_option_of_some_command() -> None:
     import typer.main
 
     from dcn_inspect.cli import app
-    from dcn_inspect.cli.render import FALLBACK_FLAGS
+    from dcn_inspect.cli.spelling import FALLBACK_FLAGS
 
     group = typer.main.get_command(app)
     known = {param.name for command in group.commands.values() for param in command.params} | set(
@@ -293,3 +294,72 @@ def test_help_and_usage_errors_do_not_import_torch_or_pandas(argv: List[str]) ->
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+#: Library strings that may spell a flag: the name of a command's mode, and a column description
+#: that cites another command's invocation (both command-line words, not parameters).
+FLAG_TEXT_ALLOWED = ("receptive-field --stats", "(the unit_selection of sample-points --boxes)")
+
+
+def _flag_strings(path: Path) -> List[str]:
+    """String constants of ``path`` (docstrings excepted) that spell a command-line flag."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+            and re.search(r"(?<![\w-])--[a-z]", node.value)
+            and not any(allowed in node.value for allowed in FLAG_TEXT_ALLOWED)
+        ):
+            found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {node.value[:60]!r}")
+    return found
+
+
+def test_library_text_never_spells_a_flag() -> None:
+    """Provenance the library writes (how a unit or RoI was chosen) names parameters in backticks
+    and goes through ``spell_parameters``: flags are the CLI's words (issue #20)."""
+    found = [
+        line
+        for path in PACKAGE.rglob("*.py")
+        if "cli" not in path.relative_to(PACKAGE).parts
+        for line in _flag_strings(path)
+    ]
+    assert found == []
+    probe = PACKAGE.parent / "cli_tests" / "test_structure.py"
+    assert _flag_strings(probe)  # the check finds a flag where there is one
+
+
+def test_provenance_is_spelled_by_the_front_end() -> None:
+    from dcn_inspect.core.errors import parameter_spelling, spell_parameters
+
+    assert spell_parameters("`at` 10,10") == "at 10,10"
+    with parameter_spelling(lambda name: "--" + name.replace("_", "-")):
+        assert spell_parameters("`rois_file` a.csv") == "--rois-file a.csv"
+    assert spell_parameters("`rois_file` a.csv") == "rois_file a.csv"
+
+
+#: The features whose layers share one name (command, analysis, report, CLI), and the shared
+#: options (declared as flags in cli/, as option groups in commands/).
+FEATURE_NAMES = {
+    "sample_points", "dilation_stats", "bins", "offsets", "receptive_field", "info", "options",
+}  # fmt: skip
+
+
+def test_one_file_name_per_feature() -> None:
+    """Two modules share a file name only when they are the same feature's layers."""
+    seen: Dict[str, List[str]] = {}
+    for name in _modules():
+        if name.startswith("dcn_inspect.") and name.count(".") >= 2:
+            seen.setdefault(name.rsplit(".", 1)[1], []).append(name)
+    shared = {stem: names for stem, names in seen.items() if len(names) > 1}
+    assert set(shared) <= FEATURE_NAMES, {s: n for s, n in shared.items() if s not in FEATURE_NAMES}

@@ -11,9 +11,12 @@ Evaluation uses a fresh set generated from a different seed: segmentation mIoU (
 background and the shape classes), per-size-category pixel accuracy of the shapes, RoI
 accuracy, and - for deformable models - the effective dilation of every deformable layer
 per object-size category, measured by the same code as ``dcn-inspect dilation-stats``
-(:class:`dcn_inspect.analysis.dilation_stats.DilationAccumulator`: units grouped by the smallest ground-truth
-box containing the unit's centre, background if none; bootstrap intervals over images from
-:func:`dcn_inspect.analysis.category_stats.bootstrap_means`).
+(:class:`dcn_inspect.analysis.dilation_stats.DilationAccumulator`: units grouped by the smallest
+ground-truth box containing the unit's centre, background if none; bootstrap intervals over
+images from :func:`dcn_inspect.analysis.category_stats.bootstrap_means`).
+
+The R-FCN head's fine-tune is ``head_finetune.py``, the model card's tables ``model_card.py``
+(both beside this file).
 """
 
 from __future__ import annotations
@@ -31,12 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcn_inspect.analysis.category_stats import bootstrap_means
-from dcn_inspect.analysis.dilation_stats import (
-    CATEGORIES,
-    NAMED_THRESHOLDS,
-    DilationAccumulator,
-    area_category,
-)
+from dcn_inspect.analysis.dilation_stats import DilationAccumulator
+from dcn_inspect.analysis.size_categories import CATEGORIES, NAMED_THRESHOLDS, area_category
 from dcn_inspect.io.annotations import ImageAnnotation
 from dcn_inspect.io.datasets.synthetic import CLASSES, Scene, SceneConfig, generate_scene
 from dcn_inspect.models import registry
@@ -75,7 +74,8 @@ class TrainConfig:
 
 
 def normalise(images: np.ndarray, preprocess: Preprocess = Preprocess()) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] (as :func:`dcn_inspect.io.images.to_model_input`)."""
+    """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] (as
+    :func:`dcn_inspect.io.images.to_model_input`)."""
     array = images.astype(np.float32) / 255.0
     array = (array - np.asarray(preprocess.mean, np.float32)) / np.asarray(
         preprocess.std, np.float32
@@ -196,7 +196,8 @@ def training_batch(config: TrainConfig, step: int) -> Batch:
 
 
 def is_offset_parameter(name: str) -> bool:
-    """Parameters of the offset branches (deformable convs' ``conv_offset``, R-FCN ``rfcn_offset``)."""
+    """Parameters of the offset branches (deformable convs' ``conv_offset``, R-FCN
+    ``rfcn_offset``)."""
     return "conv_offset" in name or "rfcn_offset" in name
 
 
@@ -435,6 +436,15 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def write_metrics(path: Path, report: Dict[str, Any]) -> None:
+    """``report`` as strict, sorted, indented JSON (NaN written as null) into ``path``."""
+    import json
+
+    from dcn_inspect.io.outputs import write_text
+
+    write_text(path, json.dumps(_finite(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
 def reevaluate(weights: Path, eval_images: int = 200, show_progress: bool = True) -> Dict[str, Any]:
     """Evaluate saved weights again (same held-out seed) and rewrite the ``eval`` section of
     their metrics json; training records (config, times, loss history, SHA256) are kept."""
@@ -442,7 +452,6 @@ def reevaluate(weights: Path, eval_images: int = 200, show_progress: bool = True
 
     from rich.progress import Progress
 
-    from dcn_inspect.io.outputs import write_text
     from dcn_inspect.models.loading import load_model
 
     weights = Path(weights)
@@ -458,9 +467,7 @@ def reevaluate(weights: Path, eval_images: int = 200, show_progress: bool = True
             "seed": seed,
             **evaluate(loaded.model, scene_list, seed, progress=lambda n: bar.advance(task, n)),
         }
-    write_text(
-        metrics_path, json.dumps(_finite(report), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    )
+    write_metrics(metrics_path, report)
     return report
 
 
@@ -479,18 +486,6 @@ def train_and_save(
 ) -> RecipeResult:
     """Train ``config``, evaluate on ``eval_images`` fresh scenes from ``eval_seed`` and write
     ``out`` (a native checkpoint) and ``out`` with suffix ``.metrics.json``."""
-    import json
-
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from dcn_inspect.io.outputs import write_text
     from dcn_inspect.models.checkpoint import save_native, sha256_file
     from dcn_inspect.ops import backend_info
 
@@ -498,27 +493,8 @@ def train_and_save(
         raise ValueError("the evaluation seed must differ from the training seed")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
     started = time.perf_counter()
-    with Progress(*columns, disable=not show_progress) as bar:
-        task = bar.add_task(f"train {config.arch}", total=config.steps, info="")
-
-        def on_step(step: int, values: Dict[str, float]) -> None:
-            bar.update(task, completed=step, info=f"loss {values['loss']:.3f}")
-
-        model, log = train(config, on_step)
-        eval_task = bar.add_task(f"evaluate {config.arch}", total=eval_images, info="")
-        scene_list = evaluation_scenes(eval_seed, eval_images, config.image_size)
-        metrics = evaluate(
-            model, scene_list, eval_seed, progress=lambda n: bar.advance(eval_task, n)
-        )
+    model, log, metrics = _train_and_evaluate(config, eval_seed, eval_images, show_progress)
     wall = time.perf_counter() - started
     arch = registry.get(config.arch)
     meta = {
@@ -550,324 +526,42 @@ def train_and_save(
         "history": log["history"],
         "eval": {"seed": eval_seed, **metrics},
     }
-    write_text(
-        out.with_suffix(".metrics.json"),
-        json.dumps(_finite(report), indent=2, sort_keys=True, allow_nan=False) + "\n",
-    )
+    write_metrics(out.with_suffix(".metrics.json"), report)
     return RecipeResult(weights=out, metrics=report)
 
 
-# --------------------------------------------------------------------------------------------
-# Model card
-# --------------------------------------------------------------------------------------------
-
-
-def _fmt(row: Optional[Dict[str, Any]]) -> str:
-    if not row or row.get("mean") is None or not row.get("units"):
-        return "-"
-    return f"{row['mean']:.2f} ± {row['std']:.2f} ({row['units']})"
-
-
-def dilation_markdown(report: Dict[str, Any]) -> str:
-    """Markdown table: effective dilation (input cells) per deformable layer and size category."""
-    table = report["eval"].get("effective_dilation") or {}
-    lines = [
-        "| layer | " + " | ".join(CATEGORIES) + " |",
-        "| --- | " + " | ".join("---" for _ in CATEGORIES) + " |",
-    ]
-    for layer in sorted(table, reverse=True):  # top layer first, as the paper's table
-        lines.append(
-            f"| {layer} | " + " | ".join(_fmt(table[layer].get(c)) for c in CATEGORIES) + " |"
-        )
-    return "\n".join(lines)
-
-
-def dilation_differences_markdown(report: Dict[str, Any]) -> str:
-    """Markdown table: bootstrap 95 % intervals of differences of category means, per layer."""
-    table = report["eval"].get("effective_dilation_differences_ci95") or {}
-    names = [f"{a}-{b}" for a, b in DIFFERENCES]
-    lines = [
-        "| layer | " + " | ".join(f"{n.replace('-', ' − ')}" for n in names) + " |",
-        "| --- |" + " --- |" * len(names),
-    ]
-    for layer in sorted(table, reverse=True):
-        cells = []
-        for name in names:
-            low, high = table[layer].get(name, [None, None])
-            cells.append("-" if low is None else f"[{low:+.2f}, {high:+.2f}]")
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def metrics_markdown(reports: Sequence[Dict[str, Any]]) -> str:
-    """Markdown table of the task metrics of several trained models, side by side."""
-    lines = [
-        "| model | weights | train wall time (s) | seg mIoU | pixel acc. | shape pixel acc. small / medium / large | RoI acc. |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for report in reports:
-        ev = report["eval"]
-        shape = ev["shape_pixel_accuracy"]
-        lines.append(
-            f"| {report['arch']} | `{report['weights']}` | {report['train_seconds']} | {ev['seg_miou']:.3f} | "
-            f"{ev['pixel_accuracy']:.3f} | {shape['small']:.3f} / {shape['medium']:.3f} / {shape['large']:.3f} | "
-            f"{ev['roi_accuracy']:.3f} |"
-        )
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Fine-tuning the R-FCN head's offset branch (the shipped dcn-sample head)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class HeadFinetuneConfig:
-    """Fine-tune only ``rfcn_offset`` (the R-FCN head's offset branch) of trained weights.
-
-    Everything else is frozen (backbone with its deformable offsets, BatchNorm statistics,
-    segmentation head, score maps), so the effective dilation of the backbone is unchanged.
-    The pooled normalised offsets are bounded softly (``offset_bound * tanh(t / offset_bound)``,
-    see ``DemoNet``). Loss: the recipe's RoI cross-entropy (jittered ground-truth boxes and
-    background boxes). Batches are steps ``first_step .. first_step + steps - 1`` of the
-    training stream of ``seed`` (scenes the base training, ``TrainConfig.steps`` long, never drew).
-    """
-
-    seed: int = 0
-    first_step: int = 1500
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 1e-3
-    offset_bound: float = 2.0
-    trans_std: float = 0.1
-    threads: int = 1
-    image_size: int = 256
-
-
-def finetune_head_offsets(
-    model: nn.Module, config: HeadFinetuneConfig, on_step: Optional[StepCallback] = None
-) -> Dict[str, Any]:
-    """Train ``model.rfcn_offset`` in place (model stays in eval mode: BatchNorm frozen); returns a log."""
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    model.offset_bound = float(config.offset_bound)
-    model.psroi_pool.trans_std = float(config.trans_std)
-    model.eval()
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.startswith("rfcn_offset."))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    stream = TrainConfig(
-        seed=config.seed, batch_size=config.batch_size, image_size=config.image_size
+def _train_and_evaluate(
+    config: TrainConfig, eval_seed: int, eval_images: int, show_progress: bool
+) -> Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]:
+    """:func:`train` then :func:`evaluate` on fresh scenes, under one progress display:
+    (model, training log, metrics)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
     )
-    history: List[Dict[str, float]] = []
-    window: List[float] = []
-    started = time.perf_counter()
-    for step in range(config.steps):
-        lr = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = training_batch(stream, config.first_step + step)
-        with torch.no_grad():
-            features = model.features(batch.images)
-        logits = model.roi_logits(features, batch.rois)
-        loss = F.cross_entropy(logits, batch.roi_labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        window.append(float(loss.detach()))
-        if (step + 1) % 50 == 0 or step + 1 == config.steps:
-            history.append({"step": step + 1, "lr": lr, "roi": float(np.mean(window))})
-            window = []
-        if on_step is not None:
-            on_step(step + 1, {"loss": float(loss.detach())})
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
-    return {"history": history, "train_seconds": round(time.perf_counter() - started, 1)}
 
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not show_progress) as bar:
+        task = bar.add_task(f"train {config.arch}", total=config.steps, info="")
 
-@torch.no_grad()
-def foreground_evaluation(model: nn.Module, scene_list: Sequence[Scene]) -> Dict[str, Any]:
-    """Fig. 7 measured on generated scenes: every ground-truth box is an RoI (offsets of its
-    class), its object mask the generator's polygon rasterised at pixel centres; the fraction
-    of regular vs deformed bin sampling points on the mask, by the code ``dcn-inspect bins``
-    uses (:mod:`dcn_inspect.analysis.bins_foreground`, :mod:`dcn_inspect.analysis.bins`)."""
-    import pandas as pd
+        def on_step(step: int, values: Dict[str, float]) -> None:
+            bar.update(task, completed=step, info=f"loss {values['loss']:.3f}")
 
-    from dcn_inspect.analysis.bins import geometry_for_rows, head_info
-    from dcn_inspect.analysis.bins_foreground import bin_foreground, foreground_table
-    from dcn_inspect.capture.session import probe
-    from dcn_inspect.io.datasets.synthetic import rasterize
-
-    model.eval()
-    rows = []
-    for index, scene in enumerate(scene_list):
-        if not scene.objects:
-            continue
-        boxes = torch.tensor([[0.0, *obj.box] for obj in scene.objects], dtype=torch.float32)
-        result = probe(model, normalise(scene.image[None]), rois=boxes)
-        record = next(iter(result.capture.roi_pools.values()))
-        choice = [(k, obj.label, "gt") for k, obj in enumerate(scene.objects)]
-        geometry = geometry_for_rows(record, choice, head_info(record))
-        height, width = scene.labels.shape
-        for k, obj in enumerate(scene.objects):
-            fraction = bin_foreground(geometry, k, rasterize(obj.polygon, height, width))
-            rows.append(
-                {
-                    "image": index,
-                    "roi": k,
-                    "label": obj.name,
-                    "class": obj.name,
-                    "fg_regular": fraction.regular,
-                    "fg_deformed": fraction.deformed,
-                }
-            )
-    table = foreground_table(pd.DataFrame(rows))
-    return {
-        row["group"]: {
-            k: row[k]
-            for k in (
-                "rois",
-                "fg_regular",
-                "fg_deformed",
-                "gain",
-                "gain_ci_low",
-                "gain_ci_high",
-                "improved",
-            )
-        }
-        for row in table.to_dict("records")
-    }
-
-
-@torch.no_grad()
-def offset_magnitudes(model: nn.Module, scene_list: Sequence[Scene]) -> Dict[str, float]:
-    """Percentiles of |normalised offset| of the ground-truth boxes' own-class offsets."""
-    from dcn_inspect.capture.session import probe
-
-    values = []
-    for scene in scene_list:
-        if not scene.objects:
-            continue
-        boxes = torch.tensor([[0.0, *obj.box] for obj in scene.objects], dtype=torch.float32)
-        record = next(
-            iter(probe(model, normalise(scene.image[None]), rois=boxes).capture.roi_pools.values())
-        )
-        trans = record.offset.double().numpy().reshape(len(boxes), -1, 2, model.bins, model.bins)
-        values.append(
-            np.abs(trans[np.arange(len(boxes)), [obj.label for obj in scene.objects]]).ravel()
-        )
-    every = np.concatenate(values)
-    return {
-        "p50": float(np.percentile(every, 50)),
-        "p90": float(np.percentile(every, 90)),
-        "max": float(every.max()),
-    }
-
-
-def finetune_and_save(
-    config: HeadFinetuneConfig,
-    weights: Path,
-    out: Path,
-    eval_seed: int = 1000,
-    eval_images: int = 200,
-    show_progress: bool = True,
-) -> Dict[str, Any]:
-    """Fine-tune the R-FCN offset branch of ``weights`` (:func:`finetune_head_offsets`), evaluate
-    the result as :func:`train_and_save` does plus the Fig. 7 foreground measurement (before and
-    after, same held-out scenes), and write ``out`` and its ``.metrics.json``.
-
-    The base's training record (config, times, loss history) is kept in the metrics; the
-    fine-tune is recorded under ``head_finetune``. A base whose head is already bounded is refused
-    (fine-tuning twice would not reproduce the shipped file).
-    """
-    import json
-
-    from rich.progress import Progress
-
-    from dcn_inspect.io.outputs import write_text
-    from dcn_inspect.models.checkpoint import save_native, sha256_file
-    from dcn_inspect.models.loading import load_model
-
-    weights, out = Path(weights), Path(out)
-    base_report = json.loads(weights.with_suffix(".metrics.json").read_text(encoding="utf-8"))
-    loaded = load_model(base_report["arch"], weights=weights)
-    if float(loaded.config.get("offset_bound", 0.0)) > 0:
-        raise ValueError(
-            f"{weights}: its R-FCN head is already fine-tuned (offset_bound {loaded.config['offset_bound']}); start from the base weights"
-        )
-    base_sha = sha256_file(weights)
-    model = loaded.model
-    started = time.perf_counter()
-    scene_list = evaluation_scenes(eval_seed, eval_images, config.image_size)
-    with Progress(disable=not show_progress) as bar:
-        before = foreground_evaluation(model, scene_list)
-        before_offsets = offset_magnitudes(model, scene_list)
-        task = bar.add_task("fine-tune rfcn_offset", total=config.steps)
-        log = finetune_head_offsets(
-            model, config, lambda step, _values: bar.update(task, completed=step)
-        )
-        eval_task = bar.add_task("evaluate", total=eval_images)
+        model, log = train(config, on_step)
+        eval_task = bar.add_task(f"evaluate {config.arch}", total=eval_images, info="")
+        scene_list = evaluation_scenes(eval_seed, eval_images, config.image_size)
         metrics = evaluate(
             model, scene_list, eval_seed, progress=lambda n: bar.advance(eval_task, n)
         )
-        metrics["foreground"] = foreground_evaluation(model, scene_list)
-        metrics["roi_offset_magnitude"] = offset_magnitudes(model, scene_list)
-    wall = time.perf_counter() - started
-    model_config = {
-        **loaded.config,
-        "offset_bound": config.offset_bound,
-        "trans_std": config.trans_std,
-    }
-    finetune = {
-        "config": asdict(config),
-        "base_sha256": base_sha,
-        "train_seconds": log["train_seconds"],
-        "wall_seconds": round(wall, 1),
-        "threads": torch.get_num_threads(),
-        "history": log["history"],
-        "before": {
-            "foreground": before,
-            "roi_offset_magnitude": before_offsets,
-            "roi_accuracy": base_report["eval"]["roi_accuracy"],
-        },
-    }
-    meta = {
-        **loaded.meta,
-        "head_finetune": {k: finetune[k] for k in ("config", "base_sha256", "train_seconds")},
-    }
-    meta["eval"] = {
-        "seed": eval_seed,
-        "images": eval_images,
-        "seg_miou": metrics["seg_miou"],
-        "roi_accuracy": metrics["roi_accuracy"],
-    }
-    save_native(out, base_report["arch"], model_config, model, meta)
-    report = {
-        **base_report,
-        "weights": out.name,
-        "sha256": sha256_file(out),
-        "head_finetune": finetune,
-        "eval": {"seed": eval_seed, **metrics},
-    }
-    write_text(
-        out.with_suffix(".metrics.json"),
-        json.dumps(_finite(report), indent=2, sort_keys=True, allow_nan=False) + "\n",
-    )
-    return report
-
-
-def foreground_markdown(report: Dict[str, Any]) -> str:
-    """Markdown table: Fig. 7 measured per class and overall (``eval.foreground``)."""
-    table = report["eval"].get("foreground") or {}
-    lines = [
-        "| class | RoIs | regular bins on mask | deformed bins on mask | gain [95 % CI] | RoIs improved |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, row in table.items():
-        lines.append(
-            f"| {name} | {row['rois']} | {100 * row['fg_regular']:.1f} % | {100 * row['fg_deformed']:.1f} % | "
-            f"{100 * row['gain']:+.1f} pt [{100 * row['gain_ci_low']:+.1f}, {100 * row['gain_ci_high']:+.1f}] | {100 * row['improved']:.0f} % |"
-        )
-    return "\n".join(lines)
+    return model, log, metrics

@@ -1,7 +1,10 @@
 """Compare two output snapshots of `tools/snapshot_outputs.sh`: every file byte for byte, except
 `summary.json`, compared as JSON without its timing keys (wall time, timestamps, speeds).
 
-Usage: python tools/compare_outputs.py BEFORE AFTER   (exit 1 when anything differs)
+Usage: python tools/compare_outputs.py BEFORE AFTER [ROOT_BEFORE ROOT_AFTER]
+(exit 1 when anything differs). Text naming the snapshot's folder (argv, console lines) is
+compared with that folder replaced; ROOT_BEFORE / ROOT_AFTER: the checkouts the two snapshots
+were made in (two worktrees name their bundled weights under different roots).
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ def _without_timing(value):
     return value
 
 
-def main(before: Path, after: Path) -> int:
+def _text(path: Path, folder: Path, root: str) -> str:
+    text = path.read_text().replace(str(folder), "OUT")
+    return text.replace(root, "ROOT") if root else text
+
+
+def main(before: Path, after: Path, root_before: str = "", root_after: str = "") -> int:
     names = sorted(
         {p.relative_to(before) for p in before.rglob("*") if p.is_file()}
         | {p.relative_to(after) for p in after.rglob("*") if p.is_file()}
@@ -59,4 +67,4 @@ def main(before: Path, after: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2])))
+    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:5]))

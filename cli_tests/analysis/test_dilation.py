@@ -1,4 +1,6 @@
-"""Effective dilation, category assignment and streaming statistics (:mod:`dcn_inspect.analysis.dilation_stats`)."""
+"""Effective dilation (:mod:`dcn_inspect.analysis.dilation`), category assignment
+(:mod:`dcn_inspect.analysis.size_categories`) and streaming statistics
+(:mod:`dcn_inspect.analysis.category_stats`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import pytest
 import torch
 
 from dcn_inspect.analysis.category_stats import BINS, CategoryStats, merge_states
-from dcn_inspect.analysis.dilation_stats import (
+from dcn_inspect.analysis.dilation import effective_dilation
+from dcn_inspect.analysis.size_categories import (
     BACKGROUND,
     IGNORED,
     LARGE,
@@ -17,7 +20,6 @@ from dcn_inspect.analysis.dilation_stats import (
     OUTSIDE,
     SMALL,
     area_category,
-    effective_dilation,
     resolve_thresholds,
     tertile_thresholds,
     unit_categories,
@@ -380,7 +382,7 @@ def test_histogram_figure_densities_integrate_to_one():
     assert len(figure.axes) == 2 and figure.axes[0].get_title() == "top"
 
 
-# ---------------------------------------------------------------------------------- bootstrap intervals
+# --------------------------------------------------------------------------- bootstrap intervals
 
 
 def _naive_bootstrap(sums, counts, resamples, seed):

@@ -72,7 +72,8 @@ def _rle_string(counts: List[int]) -> str:
 
 
 def test_polygon_mask_is_the_pixels_whose_centres_lie_inside() -> None:
-    # A rectangle from (1, 1) to (4, 3): pixel centres (c + 0.5, r + 0.5) inside are columns 1..3, rows 1..2.
+    # A rectangle from (1, 1) to (4, 3): pixel centres (c + 0.5, r + 0.5) inside are columns 1..3,
+    # rows 1..2.
     expected = np.zeros((5, 6), dtype=bool)
     expected[1:3, 1:4] = True
     np.testing.assert_array_equal(
@@ -281,13 +282,22 @@ from dcn_inspect.ops import DeformPSRoIPool
 class CentreSeeker(nn.Module):
     def __init__(self):
         super().__init__()
-        self.pool = DeformPSRoIPool(1.0, output_dim=1, group_size=3, pooled_size=3, part_size=3, sample_per_part=2, trans_std=0.1)
+        self.pool = DeformPSRoIPool(
+            1.0,
+            output_dim=1,
+            group_size=3,
+            pooled_size=3,
+            part_size=3,
+            sample_per_part=2,
+            trans_std=0.1,
+        )
         self.anchor = nn.Parameter(torch.zeros(1))
 
     def forward(self, images, rois=None):
         out = {"features": images}
         if rois is not None:
-            roi_w = torch.round(rois[:, 3]) + 1 - torch.round(rois[:, 1])  # the op's RoI width in cells (scale 1)
+            # the op's RoI width in cells (scale 1)
+            roi_w = torch.round(rois[:, 3]) + 1 - torch.round(rois[:, 1])
             roi_h = torch.round(rois[:, 4]) + 1 - torch.round(rois[:, 2])
             index = torch.arange(3, dtype=images.dtype)
             dx = ((4.5 - 4 * index)[None, None, :] / (0.1 * roi_w[:, None, None])).expand(-1, 3, 3)
@@ -505,7 +515,8 @@ def test_bins_dataset_cli_prints_the_table_and_rejects_a_malformed_mask(
     )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        f"dcn-inspect: error: {bad_path}: annotations[2] (id 3): compressed RLE 'counts' ends in the middle of a number"
+        f"dcn-inspect: error: {bad_path}: annotations[2] (id 3): "
+        "compressed RLE 'counts' ends in the middle of a number"
     ]
     assert not (tmp_path / "bad" / "foreground_table.csv").exists()
 

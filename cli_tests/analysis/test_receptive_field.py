@@ -18,19 +18,18 @@ from torch import nn
 
 from dcn_inspect.analysis.receptive_field import (
     CSV_COLUMNS,
-    Extent,
-    GradientForward,
-    bilinear_resize_matrix,
     effective_receptive_field,
     erf_numbers,
-    image_gradient,
     receptive_fields,
     saliency_regions,
     tree_gradient_weights,
 )
 from dcn_inspect.analysis.sample_points import trace_sampling_trees
+from dcn_inspect.capture.extent import Extent
+from dcn_inspect.capture.gradients import GradientForward
 from dcn_inspect.capture.selection import select_layers
 from dcn_inspect.io.images import to_model_input
+from dcn_inspect.io.resize import bilinear_resize_matrix, image_gradient
 from dcn_inspect.models.registry import Preprocess
 from dcn_inspect.ops import DeformConv2dPack
 
@@ -38,7 +37,8 @@ STD = (0.229, 0.224, 0.225)
 
 
 def _constant_offsets(layer: DeformConv2dPack, shifts: Sequence[Tuple[float, float]]) -> None:
-    """Zero offset-conv weight; bias moves kernel point k by shifts[k] = (dy, dx) (one shift for all: a 1-list)."""
+    """Zero offset-conv weight; bias moves kernel point k by shifts[k] = (dy, dx) (one shift for
+    all: a 1-list)."""
     points = layer.kernel_points
     bias = torch.zeros(layer.conv_offset.out_channels)
     for k in range(points):
@@ -50,7 +50,8 @@ def _constant_offsets(layer: DeformConv2dPack, shifts: Sequence[Tuple[float, flo
 
 
 def _positive_weights(model: nn.Module) -> None:
-    """Every conv weight 1 / fan-in, no bias (offset branches stay as they are): a positive linear network."""
+    """Every conv weight 1 / fan-in, no bias (offset branches stay as they are): a positive linear
+    network."""
     offset_convs = {id(m.conv_offset) for m in model.modules() if isinstance(m, DeformConv2dPack)}
     with torch.no_grad():
         for module in model.modules():
@@ -98,7 +99,8 @@ def test_model_input_is_the_linear_resize_up_to_8_bit_rounding() -> None:
     normalised = (
         linear / 255 - torch.tensor(preprocess.mean, dtype=torch.float64).view(3, 1, 1)
     ) / torch.tensor(preprocess.std, dtype=torch.float64).view(3, 1, 1)
-    # PIL rounds to 8 bits after each of its two passes (horizontal, then vertical): at most one level apart.
+    # PIL rounds to 8 bits after each of its two passes (horizontal, then vertical): at most one
+    # level apart.
     bound = 1.0 / 255 / min(preprocess.std) + 1e-5
     assert float((normalised - model_input.tensor[0].double()).abs().max()) <= bound
     # Without a resize the model input is reproduced to float precision.
@@ -195,7 +197,8 @@ class ConstantOffsets(nn.Module):
 
 
 def _footprint(xs: np.ndarray, ys: np.ndarray, hw: Tuple[int, int]) -> Set[Tuple[int, int]]:
-    """Pixels with a non-zero bilinear weight at image points (x, y) (pixel c centred at c + 0.5)."""
+    """Pixels with a non-zero bilinear weight at image points (x, y) (pixel c centred at
+    c + 0.5)."""
     cells: Set[Tuple[int, int]] = set()
     for x, y in zip(xs.tolist(), ys.tolist()):
         col, row = x - 0.5, y - 0.5
@@ -234,7 +237,8 @@ def test_constant_offset_erf_support_is_the_union_of_the_trees_bilinear_footprin
 
 
 class LinearTwoLevels(nn.Module):
-    """dcn_a (3->2, 3x3) on the image and dcn_b (2->2, 3x3 dil 2) on it, per-point constant fractional offsets, no bias."""
+    """dcn_a (3->2, 3x3) on the image and dcn_b (2->2, 3x3 dil 2) on it, per-point constant
+    fractional offsets, no bias."""
 
     SHIFTS_A = [
         (0.25, -0.4),
@@ -274,7 +278,8 @@ class LinearTwoLevels(nn.Module):
 
 
 def _bilinear(py: float, px: float) -> List[Tuple[int, int, float]]:
-    """(row, col, weight) of the four corners of index position (py, px) (all inside the map here)."""
+    """(row, col, weight) of the four corners of index position (py, px) (all inside the map
+    here)."""
     r0, c0 = math.floor(py), math.floor(px)
     fy, fx = py - r0, px - c0
     return [
@@ -308,7 +313,8 @@ def test_linear_model_gradient_weights_and_erf_match_the_closed_form() -> None:
         model.dcn_b.weight.detach().double().numpy().reshape(2, 2, 9).sum(axis=0).T
     )  # W_b[k, c'] summed over outputs
     grid = [(a, b) for a in range(3) for b in range(3)]
-    # y_a[c'](row, col) = alpha_c' col + beta_c' row + const, so a sample of it moved by (dy, dx) changes by (beta, alpha) . (dy, dx).
+    # y_a[c'](row, col) = alpha_c' col + beta_c' row + const, so a sample of it moved by (dy, dx)
+    # changes by (beta, alpha) . (dy, dx).
     alpha = np.einsum("dcm,c->d", w_a, slope_x)
     beta = np.einsum("dcm,c->d", w_a, slope_y)
     top = [
@@ -318,7 +324,8 @@ def test_linear_model_gradient_weights_and_erf_match_the_closed_form() -> None:
     level1 = np.array(
         [[w_b[k] @ alpha, w_b[k] @ beta] for k in range(9)]
     )  # dr/d(x, y) of each top point
-    # dr/dy_a[c'](cell) = sum_k W_b[k, c'] G(cell, p_k); dr/d(location of dcn_a's point m at cell) = sum_c' that * w_a[c', :, m] . slopes.
+    # dr/dy_a[c'](cell) = sum_k W_b[k, c'] G(cell, p_k);
+    # dr/d(location of dcn_a's point m at cell) = sum_c' that * w_a[c', :, m] . slopes.
     dr_dya: Dict[Tuple[int, int], np.ndarray] = {}
     for k, (py, px) in enumerate(top):
         for r, c, g in _bilinear(py, px):
@@ -417,7 +424,8 @@ def test_offset_gradient_is_the_derivative_of_the_response() -> None:
     eps = 1e-6
     for k, axis in ((4, 0), (2, 1), (7, 0)):
         channel = 2 * k + axis
-        # A bias change shifts that offset channel at every cell: the response changes by the sum of the field.
+        # A bias change shifts that offset channel at every cell: the response changes by the sum
+        # of the field.
         with torch.no_grad():
             bias[channel] += eps
             up = model(image)[0, :, unit[0], unit[1]].sum()
@@ -457,7 +465,8 @@ def test_saliency_search_returns_the_known_response_region() -> None:
     )
     assert [r.box for r in found] == regions
     assert all(r.relative_error == 0 and r.area == 35 for r in found)
-    # A coarser resolution still contains the region (boxes move in whole steps from the grown square).
+    # A coarser resolution still contains the region (boxes move in whole steps from the grown
+    # square).
     coarse = saliency_regions(
         evaluate, centres, maps.sum(dim=(1, 2)), (height, width), error=0.1, step=4
     )
@@ -526,7 +535,8 @@ from dcn_inspect.ops import DeformConv2dPack, ModulatedDeformConv2dPack
 
 
 class TinyRF(nn.Module):
-    """Stride-2 stem, then three 3x3 layers: deformable (the last modulated) or regular convs of the same names."""
+    """Stride-2 stem, then three 3x3 layers: deformable (the last modulated) or regular convs of
+    the same names."""
 
     def __init__(self, deformable=True):
         super().__init__()
@@ -611,7 +621,8 @@ def test_cli_writes_every_output_and_compares_with_a_plain_twin(
     table = pd.read_csv(out / "scene_receptive_field.csv")
     assert list(table.columns) == CSV_COLUMNS
     assert list(table["model"]) == ["model", "model", "compare", "compare"]
-    # The same image positions: the plain twin has the same frames, so the same cells and theoretical fields.
+    # The same image positions: the plain twin has the same frames, so the same cells and
+    # theoretical fields.
     assert list(table["unit_row"]) == [8, 18, 8, 18] and list(table["unit_col"]) == [10, 1, 10, 1]
     for column in ("rf_x1", "rf_y1", "rf_x2", "rf_y2"):
         assert list(table[column][:2]) == list(table[column][2:])
@@ -687,13 +698,18 @@ def test_same_inputs_same_csv_bytes(tiny: Dict[str, Path], capsys: pytest.Captur
 def test_dataset_mode_tabulates_radius_and_area_by_category_like_dilation_stats(
     tiny: Dict[str, Path], capsys: pytest.CaptureFixture
 ) -> None:
-    from dcn_inspect.analysis.dilation_stats import CATEGORIES, TABLE_COLUMNS
+    from dcn_inspect.analysis.dilation_tables import TABLE_COLUMNS
+    from dcn_inspect.analysis.size_categories import CATEGORIES
 
     dataset = tiny["root"] / "ds.json"
     dataset.write_text(json.dumps({
         "images": [{"id": 1, "file_name": "scene.png", "width": 48, "height": 40}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 8, 6], "area": 48, "iscrowd": 0},
-                        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [20, 10, 26, 28], "area": 728, "iscrowd": 0}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 8, 6], "area": 48,
+             "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [20, 10, 26, 28], "area": 728,
+             "iscrowd": 0},
+        ],
         "categories": [{"id": 1, "name": "thing"}],
     }))  # fmt: skip
     out = tiny["root"] / "stats"
@@ -722,7 +738,8 @@ def test_dataset_mode_tabulates_radius_and_area_by_category_like_dilation_stats(
     assert [c["name"] for c in summary["columns"]["erf_radius_table.csv"]] == plain
     assert list(radius["layer"]) == ["dcn_c"] * 4 + ["dcn_b"] * 4
     assert list(radius["category"]) == list(CATEGORIES) * 2
-    # per layer: the 8x6 box is small (48 < 100), the 26x28 one large (728 >= 500), plus one background unit
+    # per layer: the 8x6 box is small (48 < 100), the 26x28 one large (728 >= 500), plus one
+    # background unit
     assert list(radius["count"][:4]) == [1, 0, 1, 1] and list(area["count"][4:]) == [1, 0, 1, 1]
     units = pd.read_csv(out / "receptive_field_units.csv")
     assert len(units) == 6 and set(units["category"]) == {"small", "large", "background"}
@@ -839,7 +856,8 @@ def test_sample_points_grad_weight_column_is_the_receptive_field_gradient(
         np.testing.assert_allclose(
             got, arrays[f"model/level{level}/grad_weight"], rtol=1e-4, atol=1e-9
         )
-    # The unit's own sampling points are real locations: one the op reads as zero does not matter at all.
+    # The unit's own sampling points are real locations: one the op reads as zero does not matter
+    # at all.
     level1 = points[points["level"] == 1]
     assert (level1["grad_weight"] > 0).any() and (
         level1.loc[level1["inside"] == 0, "grad_weight"] == 0
@@ -896,7 +914,8 @@ def test_batched_copies_single_backwards_and_vmap_give_the_same_gradients() -> N
 
 def test_erf_with_a_resize_is_the_gradient_through_the_float_preprocessing() -> None:
     """A linear model, an image shrunk 60x84 -> 25x35 by the real preprocessing: the ERF equals
-    autograd through resize (PIL's operator in float) + normalisation + model, w.r.t. the 8-bit pixels."""
+    autograd through resize (PIL's operator in float) + normalisation + model, w.r.t. the 8-bit
+    pixels."""
     model = LinearTwoLevels().eval()
     rng = np.random.default_rng(4)
     image = (rng.random((60, 84, 3)) * 255).astype(np.uint8)

@@ -34,12 +34,9 @@ from internimage_like import DCNv3_pytorch, FlashInternImageStage, InternImageSt
 from PIL import Image
 from torch import nn
 
-from dcn_inspect.analysis.receptive_field import (
-    Extent,
-    GradientForward,
-    grid_reach,
-    receptive_fields,
-)
+from dcn_inspect.analysis.receptive_field import receptive_fields
+from dcn_inspect.capture.extent import Extent, grid_reach
+from dcn_inspect.capture.gradients import GradientForward
 from dcn_inspect.capture.selection import select_layers
 from dcn_inspect.ops import deform_conv2d
 
@@ -148,7 +145,8 @@ def _finite_difference(
     cell: Tuple[int, int],
     eps: float = 1e-6,
 ) -> float:
-    """d r / d (offset channel ``channel`` of op call ``call`` at ``cell``), r = sum over channels of the top call's output at ``unit``."""
+    """d r / d (offset channel ``channel`` of op call ``call`` at ``cell``), r = sum over channels
+    of the top call's output at ``unit``."""
     body = model.body
     values = []
     for sign in (1.0, -1.0):
@@ -162,8 +160,9 @@ def _finite_difference(
 
 
 def test_op_level_offset_gradients_are_the_derivatives_at_the_offsets_each_call_received() -> None:
-    """Two calls of the op in one module (records ``body``, ``body#2``): the offset gradient field of
-    each call, at single cells, equals the finite difference of moving that call's location there."""
+    """Two calls of the op in one module (records ``body``, ``body#2``): the offset gradient field
+    of each call, at single cells, equals the finite difference of moving that call's location
+    there."""
     model = _NudgedTwice().eval().double()
     image = torch.rand(1, 3, 12, 14, dtype=torch.float64)
     forward = GradientForward(model, image)
@@ -196,7 +195,8 @@ def _library_stand_ins(
     no_grad: bool = False,
 ) -> None:
     """torchvision.ops / mmcv.ops stand-ins computing with dcn-inspect's op; ``nudges[name]`` is
-    added to the offset the op uses; ``no_grad``: mmcv's op passes no gradient (an inference-only build)."""
+    added to the offset the op uses; ``no_grad``: mmcv's op passes no gradient (an inference-only
+    build)."""
 
     def used(name: str, offset: torch.Tensor) -> torch.Tensor:
         return offset if nudges.get(name) is None else offset + nudges[name]
@@ -281,7 +281,8 @@ def build():
 def test_library_entry_points_offset_gradients_are_the_derivatives_at_their_offsets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """torchvision's signature (mask by keyword) and mmcv's (mask third): each re-run puts the leaf offset in the right argument."""
+    """torchvision's signature (mask by keyword) and mmcv's (mask third): each re-run puts the leaf
+    offset in the right argument."""
     from dcn_inspect.models.loading import load_model
 
     nudges: Dict[str, Optional[torch.Tensor]] = {}
@@ -337,7 +338,8 @@ def test_an_op_that_passes_no_gradient_is_one_line_not_a_wrong_picture(
     source.write_text(LIBRARY_MODEL)
     model = load_model(f"{source}:build").model
     with raises_cli(
-        r"^the model's layer Research#2: its mmcv\.ops\.modulated_deform_conv2d passes no gradient back to its input",
+        r"^the model's layer Research#2: its mmcv\.ops\.modulated_deform_conv2d passes no "
+        r"gradient back to its input",
         "receptive-field",
     ):
         GradientForward(model, torch.rand(1, 3, 10, 11))
@@ -361,7 +363,8 @@ def _stage(
 def _layer_output_at(
     stage: nn.Module, image: torch.Tensor, cell: Tuple[int, int]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The top layer's own output (channels-last or tokens) summed over channels at ``cell``, and d it / d image."""
+    """The top layer's own output (channels-last or tokens) summed over channels at ``cell``, and
+    d it / d image."""
     seen = {}
     handle = stage.top.dcn.register_forward_hook(lambda mod, args, out: seen.update(out=out))
     leaf = image.clone().requires_grad_(True)
@@ -410,7 +413,8 @@ def _native_nudge(
     channel: int,
     value: float,
 ):
-    """Adds ``value`` to native channel ``channel`` of the layer's offset branch output at ``cell``."""
+    """Adds ``value`` to native channel ``channel`` of the layer's offset branch output at
+    ``cell``."""
     branch = layer.offset if family == "DCNv3" else layer.offset_mask
 
     def hook(mod: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
@@ -456,7 +460,8 @@ def test_internimage_offset_gradients_are_the_derivatives_at_the_layers_own_offs
             forward.calls[name].record.offset[0, :, cell[0], cell[1]].reshape(2, points, 2)
         )  # standard offsets
         fraction = location - location.floor()
-        # Moved axes whose location is fractional (bilinear sampling has a kink at whole cells), strongest first.
+        # Moved axes whose location is fractional (bilinear sampling has a kink at whole cells),
+        # strongest first.
         candidates = [
             (float(field[g, q, t].abs()), g, q, t)
             for g in range(2)
@@ -497,7 +502,8 @@ def test_internimage_offset_gradients_are_the_derivatives_at_the_layers_own_offs
 
 
 def _top_output(stage: nn.Module, image: torch.Tensor, cell: Tuple[int, int]) -> torch.Tensor:
-    """The top layer's own output summed over channels at ``cell`` (its 8x8 map channels-last or as tokens)."""
+    """The top layer's own output summed over channels at ``cell`` (its 8x8 map channels-last or
+    as tokens)."""
     seen = {}
     handle = stage.top.dcn.register_forward_hook(lambda mod, args, out: seen.update(out=out))
     try:
@@ -544,10 +550,11 @@ def test_internimage_theoretical_field_is_hand_computed_and_bounds_the_erf(
     family: str, offset_scale: float, reach: float
 ) -> None:
     """Stem 3x3 s2 (1.5 px each side, stride 2); two 3x3 layers (+1 cell each, x offset_scale);
-    3x3 s2 downsampling conv (+2 px, stride 4); top 3x3 dilation 2 (+2 cells x offset_scale of 4 px).
-    Scale 1: 1.5 + 2 + 2 + 2 + 8 = 15.5; scale 2: 1.5 + 4 + 4 + 2 + 16 = 27.5. With zero offsets the
-    ERF lies inside that box and reaches each of its sides (up to the ~1e-7 bilinear weights that
-    grid_sample's normalised coordinates leave on the cells next to a whole-cell position)."""
+    3x3 s2 downsampling conv (+2 px, stride 4); top 3x3 dilation 2 (+2 cells x offset_scale of 4
+    px). Scale 1: 1.5 + 2 + 2 + 2 + 8 = 15.5; scale 2: 1.5 + 4 + 4 + 2 + 16 = 27.5. With zero
+    offsets the ERF lies inside that box and reaches each of its sides (up to the ~1e-7 bilinear
+    weights that grid_sample's normalised coordinates leave on the cells next to a whole-cell
+    position)."""
     zero = ((0.0, 0.0), (0.0, 0.0), (0.0, 0.0))
     stage = _stage(family, offset_scale, stretch=zero)
     forward = GradientForward(stage, torch.rand(1, 3, 64, 64))
@@ -572,8 +579,8 @@ def test_internimage_theoretical_field_is_hand_computed_and_bounds_the_erf(
 
 
 class _BoxThenOp(nn.Module):
-    """A 5x7 box filter, then the functional op (1x1, whole-cell constant offset (+4, -6)): r of unit (i, j)
-    is the box sum around (i + 4, j - 6)."""
+    """A 5x7 box filter, then the functional op (1x1, whole-cell constant offset (+4, -6)): r of
+    unit (i, j) is the box sum around (i + 4, j - 6)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -589,7 +596,8 @@ class _BoxThenOp(nn.Module):
 
 
 class _BoxThenDCNv3(nn.Module):
-    """The same with a 1x1 DCNv3 (one channel, identity projections, offset x = -6, y = +4) on the channels-last map."""
+    """The same with a 1x1 DCNv3 (one channel, identity projections, offset x = -6, y = +4) on the
+    channels-last map."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -616,7 +624,8 @@ def test_saliency_search_finds_the_box_the_op_or_layer_reads(build, layer: str) 
     fields = receptive_fields(
         forward, records, torch.tensor([[10, 20], [3, 30]]), (30, 40), STD, saliency_step=1
     )
-    # Unit (i, j) reads rows i+4-2..i+4+2 and columns j-6-3..j-6+3 (as test_receptive_field's BoxResponse).
+    # Unit (i, j) reads rows i+4-2..i+4+2 and columns j-6-3..j-6+3 (as test_receptive_field's
+    # BoxResponse).
     assert [r.box for r in fields.saliency] == [(11, 12, 18, 17), (21, 5, 28, 10)]
     assert all(
         r.relative_error < 1e-5 for r in fields.saliency
@@ -648,7 +657,12 @@ class Block(nn.Module):
 
     def forward(self, x):
         for _ in range(2):
-            x = torch.relu(deform_conv2d(x, self.offset_conv(x), self.weight, None, 1, 1, 1, torch.sigmoid(self.modulator_conv(x))))
+            x = torch.relu(
+                deform_conv2d(
+                    x, self.offset_conv(x), self.weight, None, 1, 1, 1,
+                    torch.sigmoid(self.modulator_conv(x)),
+                )
+            )
         return x
 
 

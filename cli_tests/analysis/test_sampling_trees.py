@@ -25,7 +25,8 @@ from dcn_inspect.ops.reference import bilinear_zero_border
 def _set_constant_offsets(
     layer: DeformConv2dPack, stretch: Sequence[float], mask_logit: Optional[float] = None
 ) -> None:
-    """Offset conv with zero weight; bias makes kernel point (a, b) of group g move by ((a-1)*e_g, (b-1)*e_g)."""
+    """Offset conv with zero weight; bias makes kernel point (a, b) of group g move by
+    ((a-1)*e_g, (b-1)*e_g)."""
     kh, kw = layer.kernel_size
     points = kh * kw
     bias = torch.zeros(layer.conv_offset.out_channels)
@@ -42,7 +43,8 @@ def _set_constant_offsets(
 
 
 class ThreeLevels(nn.Module):
-    """dcn1 (3x3, dil 1) -> stride-2 regular conv -> dcn2 (dil 2) -> dcn3 (dil 2), two offset groups."""
+    """dcn1 (3x3, dil 1) -> stride-2 regular conv -> dcn2 (dil 2) -> dcn3 (dil 2), two offset
+    groups."""
 
     def __init__(
         self,
@@ -177,7 +179,8 @@ def test_read_field_uses_the_ops_border_rule() -> None:
 
 
 def _scalar_bilinear(field: np.ndarray, y: float, x: float) -> float:
-    """field [H, W] at (y, x): zero outside -1 < y < H, -1 < x < W; out-of-map corners count zero."""
+    """field [H, W] at (y, x): zero outside -1 < y < H, -1 < x < W; out-of-map corners count
+    zero."""
     height, width = field.shape
     if not (-1 < y < height and -1 < x < width):
         return 0.0
@@ -264,7 +267,8 @@ def _random_records(seed: int) -> List[DeformConvRecord]:
     gen = torch.Generator().manual_seed(seed)
     image = FrameMap.image()
     bottom = LayerGeometry((3, 3), (1, 1), (1, 1), (1, 1), (14, 18), (14, 18), image, "hooks")
-    # A stride-2 conv between levels: middle's input frame is x = 2c + 0.5; (3, 2) kernel, no x padding.
+    # A stride-2 conv between levels: middle's input frame is x = 2c + 0.5; (3, 2) kernel, no x
+    # padding.
     middle_in = image.conv_output((3, 3), (2, 2), (1, 1), (1, 1))
     middle = LayerGeometry((3, 2), (1, 1), (1, 0), (1, 1), (7, 9), (7, 8), middle_in, "hooks")
     top = LayerGeometry(
@@ -311,7 +315,8 @@ def test_vectorised_tracer_matches_brute_force(
 def _hand_records() -> List[DeformConvRecord]:
     """Two 3x3 layers (pad 1, dilation 1) on the same 5x5 frame (x = c + 0.5).
 
-    Top: zero offsets except at unit (2, 2), where every kernel point moves by (dy, dx) = (0.4, 0.5).
+    Top: zero offsets except at unit (2, 2), where every kernel point moves by
+    (dy, dx) = (0.4, 0.5).
     Bottom: the same offset for every kernel point, varying over the map: dy = row, dx = -col / 2.
     """
     image = FrameMap.image()
@@ -345,10 +350,12 @@ def test_round_matches_the_hand_worked_case() -> None:
     # Level-1 point 1 is at (1.4, 2.5) -> cell (1, 2) again (2.5 rounds to even): same children,
     # shifted by nothing -- the demo's rounding collapses them.
     assert rounded.xs[1][0, 9:18].tolist() == rounded.xs[1][0, 0:9].tolist()
-    # Level-1 point 2 is at (1.4, 3.5) -> cell (1, 4): dy = 1, dx = -2: kernel point (0, 0) at (1, 1).
+    # Level-1 point 2 is at (1.4, 3.5) -> cell (1, 4): dy = 1, dx = -2: kernel point (0, 0) at
+    # (1, 1).
     assert (rounded.xs[1][0, 18].item(), rounded.ys[1][0, 18].item()) == pytest.approx((1.5, 1.5))
     # Exact tracing reads bilinearly at (1.4, 1.5): dy = 1.4, dx = -0.75 ->
-    # kernel point (0, 0) samples (1.4 - 1 + 1.4, 1.5 - 1 - 0.75) = (1.8, -0.25) -> image (-0.25 + 0.5, 2.3).
+    # kernel point (0, 0) samples (1.4 - 1 + 1.4, 1.5 - 1 - 0.75) = (1.8, -0.25) -> image
+    # (-0.25 + 0.5, 2.3).
     assert (exact.xs[1][0, 0].item(), exact.ys[1][0, 0].item()) == pytest.approx((0.25, 2.3))
 
 

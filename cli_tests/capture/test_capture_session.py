@@ -297,7 +297,8 @@ def test_foreign_layers_record_the_offsets_they_used():
     mm = convs["mm"].geometry
     assert (mm.stride, mm.padding, mm.dilation) == ((2, 2), (2, 2), (2, 2))
     assert all(c.geometry.method == "hooks" for c in convs.values())
-    # stem: 3x3 s2 p1 -> stride 2, centre offset 0.5; mm (s2) doubles the stride of everything after it.
+    # stem: 3x3 s2 p1 -> stride 2, centre offset 0.5; mm (s2) doubles the stride of everything
+    # after it.
     assert convs["tv"].geometry.input_frame.as_dict() == {
         "stride_x": 2.0,
         "stride_y": 2.0,

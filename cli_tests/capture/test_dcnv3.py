@@ -18,7 +18,7 @@ import torch
 from internimage_like import DCNv3_pytorch, DCNv4, FlashInternImageStage, InternImageStage
 from PIL import Image
 
-from dcn_inspect.analysis.dilation_stats import effective_dilation
+from dcn_inspect.analysis.dilation import effective_dilation
 from dcn_inspect.capture.internimage_layers import identify, kernel_order, to_standard_layout
 from dcn_inspect.capture.session import probe
 from dcn_inspect.commands.dilation_stats import dilation_stats
@@ -49,7 +49,8 @@ def _softmax(values):
 
 
 def test_conversion_reorders_points_swaps_x_y_and_keeps_values():
-    """Hand-built: kernel point (a, b) of group g carries x = 100g + 10a + b, y = -(100g + 10a + b)."""
+    """Hand-built: kernel point (a, b) of group g carries x = 100g + 10a + b,
+    y = -(100g + 10a + b)."""
     kernel = (3, 3)
     native = torch.zeros(1, 1, 1, 2 * 9 * 2)
     mask = torch.zeros(1, 1, 1, 2 * 9)
@@ -186,7 +187,8 @@ def _expected_tree(i: int, j: int, dilation: dict) -> list:
 
 
 def _expected_weights(group: int, modulation: list) -> list:
-    """Product along the path of each point's modulation (given per layer, column-major per group)."""
+    """Product along the path of each point's modulation (given per layer, column-major per
+    group)."""
     weights, out = np.ones(1), []
     for layer in (2, 1, 0):  # top first
         by_row_major = np.asarray(modulation[layer][group], dtype=np.float64)[
@@ -259,8 +261,10 @@ def test_effective_dilation_is_exact_and_dilation_stats_reports_it(tmp_path, sta
     )
     coco = tmp_path / "annotations.json"
     coco.write_text(
-        '{"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 48}], "categories": [{"id": 1, "name": "x"}],'
-        ' "annotations": [{"id": 1, "image_id": 1, "bbox": [4, 4, 20, 20], "category_id": 1, "iscrowd": 0}]}'
+        '{"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 48}],'
+        ' "categories": [{"id": 1, "name": "x"}],'
+        ' "annotations": [{"id": 1, "image_id": 1, "bbox": [4, 4, 20, 20], "category_id": 1,'
+        ' "iscrowd": 0}]}'
     )
     loaded = LoadedModel(model, "stage", None, {}, PLAIN, "user-file")
     table = dilation_stats(

@@ -198,7 +198,7 @@ class Research(nn.Module):
 
 def build():
     return Research().eval()
-'''
+'''  # noqa: E501 - the source is written to a model file as is
 
 
 def _stand_in_modules(monkeypatch) -> None:
@@ -298,8 +298,9 @@ def test_torchvisions_cpp_op_is_captured_whatever_name_holds_it():
     if not torchvision_op_registered():
         library = torch.library.Library("torchvision", "DEF")  # noqa: F841 - kept for the process
         library.define(
-            "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, SymInt stride_h, SymInt stride_w, "
-            "SymInt pad_h, SymInt pad_w, SymInt dilation_h, SymInt dilation_w, SymInt groups, SymInt offset_groups, bool use_mask) -> Tensor"
+            "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, "
+            "SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, "
+            "SymInt dilation_w, SymInt groups, SymInt offset_groups, bool use_mask) -> Tensor"
         )
 
         def kernel(
@@ -381,7 +382,8 @@ def test_no_capture_names_what_was_looked_for():
         capture.watch_input(torch.zeros(1, 3, 8, 8))
         model(torch.zeros(1, 3, 8, 8))
     with raises_cli(
-        r"--model plain: the model ran no deformable conv layer .*DCNv3.*torchvision\.ops\.deform_conv2d.*mmcv\.ops\.modulated_deform_conv2d",
+        r"--model plain: the model ran no deformable conv layer .*DCNv3"
+        r".*torchvision\.ops\.deform_conv2d.*mmcv\.ops\.modulated_deform_conv2d",
         "sample-points",
     ):
         select_layers(capture.convs, model_name="plain")
@@ -421,7 +423,7 @@ class Late(nn.Module):
     def forward(self, x):
         offset, mask = self.inner.branches(x)
         return late_conv(x, offset, self.inner.weight, None, 1, self.inner.dilation, self.inner.dilation, mask)
-"""
+"""  # noqa: E501 - the source is compiled as is
 
 
 def test_an_entry_point_bound_after_a_capture_is_captured_by_the_next(monkeypatch):

@@ -137,7 +137,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
 
 
 def build_corpus(root: Path) -> Dict[str, Path]:
-    """Every broken and hostile file of the table, in ``root`` (``bench/hostile_memory.py`` uses it too)."""
+    """Every broken and hostile file of the table, in ``root`` (``bench/hostile_memory.py`` uses it
+    too)."""
     files: Dict[str, Path] = {"root": root}
     (root / "tiny.py").write_text(TINY_MODEL)
     files["model"] = root / "tiny.py"
@@ -539,27 +540,32 @@ CASES = [
     Case(
         "model-input-too-large",
         ["sample-points", "{thin}", "--model", "{model}:build", "--resize", "600"],
-        r"thin\.png: the 40000x1 image becomes a 24000000x600 = 14400000000 pixel model input \(shorter side resized to 600\), above the limit of 25000000",
+        r"thin\.png: the 40000x1 image becomes a 24000000x600 = 14400000000 pixel model input "
+        r"\(shorter side resized to 600\), above the limit of 25000000",
     ),
     Case(
         "model-input-from-checkpoint-preprocess",
         ["sample-points", "{good}", "--model", "{ckpt_resize_max}"],
-        r"good\.png: the 48x40 image becomes a 19661x16384 = \d+ pixel model input \(shorter side resized to 16384\)",
+        r"good\.png: the 48x40 image becomes a 19661x16384 = \d+ pixel model input "
+        r"\(shorter side resized to 16384\)",
     ),
     Case(
         "ckpt-preprocess-resize-huge",
         ["sample-points", "{good}", "--model", "{ckpt_resize_huge}"],
-        r"resize_huge\.pt: meta\.preprocess: resize must be a whole number of pixels from 0 to 16384, got 60000",
+        r"resize_huge\.pt: meta\.preprocess: resize must be a whole number of pixels "
+        r"from 0 to 16384, got 60000",
     ),
     Case(
         "ckpt-config-width-huge",
         ["sample-points", "{good}", "--model", "{ckpt_width_huge}"],
-        r"width_huge\.pt: shape mismatch at .*checkpoint \(48, 64, 1, 1\) vs model \(10000, 64, 1, 1\)",
+        r"width_huge\.pt: shape mismatch at .*checkpoint \(48, 64, 1, 1\) "
+        r"vs model \(10000, 64, 1, 1\)",
     ),
     Case(
         "ckpt-zip-bomb",
         ["sample-points", "{good}", "--model", "{ckpt_zip_bomb}"],
-        r"zip_bomb\.pt: the \d+-byte archive declares 1073742\d+ bytes uncompressed .*refused before inflating",
+        r"zip_bomb\.pt: the \d+-byte archive declares 1073742\d+ bytes uncompressed "
+        r".*refused before inflating",
     ),
     Case(
         "ckpt-pickle-bytearray-bomb",
@@ -611,12 +617,14 @@ CASES = [
     Case(
         "ckpt-config-bigint",
         ["sample-points", "{good}", "--model", "{ckpt_config_bigint}"],
-        r"config_bigint\.pt: its config does not fit architecture dcn-sample \(num_classes must be a whole number",
+        r"config_bigint\.pt: its config does not fit architecture dcn-sample "
+        r"\(num_classes must be a whole number",
     ),
     Case(
         "ckpt-config-unknown-option",
         ["sample-points", "{good}", "--model", "{ckpt_config_unknown}"],
-        r"config_unknown\.pt: its config does not fit architecture dcn-sample \(.*unexpected keyword argument 'depth'\)",
+        r"config_unknown\.pt: its config does not fit architecture dcn-sample "
+        r"\(.*unexpected keyword argument 'depth'\)",
     ),
     Case(
         "ckpt-state-not-tensors",
@@ -697,7 +705,8 @@ CASES = [
     Case(
         "coco-absolute-file-name",
         ["dilation-stats", "{coco_absolute}", "--model", "{model}:build"],
-        r"absolute\.json: images\[0\] \(id 1\): file_name '/etc/hostname' points outside the dataset directory .*--allow-outside-paths",
+        r"absolute\.json: images\[0\] \(id 1\): file_name '/etc/hostname' points outside "
+        r"the dataset directory .*--allow-outside-paths",
     ),
     Case(
         "coco-dotdot-file-name",
@@ -729,7 +738,8 @@ CASES = [
     Case(
         "roi-beyond-float32",
         ["bins", "{good}", "--roi", "0,0,1e300,1e300"],
-        r"--roi 0,0,1e\+300,1e\+300: RoI 0,0,1e\+300,1e\+300 has a coordinate beyond ±16777216 pixels",
+        r"--roi 0,0,1e\+300,1e\+300: RoI 0,0,1e\+300,1e\+300 has a coordinate "
+        r"beyond ±16777216 pixels",
     ),
     Case(
         "roi-file-huge-field",
@@ -739,7 +749,8 @@ CASES = [
     Case(
         "model-forward-raises",
         ["sample-points", "{good}", "--model", "{model}:build_raising"],
-        r"--model .*tiny\.py:build_raising: the model raised ValueError in its forward: shapes do not line up in block 3",
+        r"--model .*tiny\.py:build_raising: the model raised ValueError in its forward: "
+        r"shapes do not line up in block 3",
     ),
     Case(
         "model-build-exits",
@@ -981,7 +992,8 @@ MEMORY_CASES = [
 
 
 def run_capped(args: List[str], cwd: Optional[Path] = None) -> Tuple[int, str, int]:
-    """``dcn-inspect args`` in a fresh process under :data:`ADDRESS_SPACE_CAP`: (exit code, stderr, peak RSS in bytes)."""
+    """``dcn-inspect args`` in a fresh process under :data:`ADDRESS_SPACE_CAP`: (exit code,
+    stderr, peak RSS in bytes)."""
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_CAP, ADDRESS_SPACE_CAP))
@@ -1153,7 +1165,8 @@ def test_second_run_on_a_busy_out_is_refused_and_the_first_is_intact(
     assert first.returncode == 0, first_err
     assert second.returncode == 1, second_err
     assert second_err.strip().splitlines()[-1] == (
-        f"dcn-inspect: error: --out {out}: another dcn-inspect run is writing into this directory; wait for it to finish or choose another --out"
+        f"dcn-inspect: error: --out {out}: another dcn-inspect run is writing into this directory; "
+        "wait for it to finish or choose another --out"
     )
     units = pd.read_csv(out / "dilation_units.csv", comment="#")
     table = pd.read_csv(out / "dilation_table.csv", comment="#")
@@ -1214,7 +1227,10 @@ def test_disk_full_on_a_tiny_tmpfs_gives_one_line_and_no_file(
                 "--out",
                 str(out),
             ]
-            where = rf"error: {re.escape(str(out))}: cannot write the per-unit rows \(no space left on the device\); nothing was written$"
+            where = (
+                rf"error: {re.escape(str(out))}: cannot write the per-unit rows "
+                r"\(no space left on the device\); nothing was written$"
+            )
         else:
             args = [
                 "sample-points",
@@ -1228,7 +1244,10 @@ def test_disk_full_on_a_tiny_tmpfs_gives_one_line_and_no_file(
                 "--out",
                 str(out),
             ]
-            where = rf"error: {re.escape(str(out))}/good_points\.csv: cannot write \(no space left on the device\); nothing was written$"
+            where = (
+                rf"error: {re.escape(str(out))}/good_points\.csv: cannot write "
+                r"\(no space left on the device\); nothing was written$"
+            )
         code, stdout, stderr = _run(args, capsys)
         assert code == 1, stderr
         errors = [line for line in stderr.splitlines() if line.startswith("dcn-inspect: error:")]
@@ -1275,7 +1294,8 @@ def test_disk_full_simulated_removes_what_the_run_wrote(
     )
     assert code == 1, stderr
     assert re.search(
-        r"dcn-inspect: error: .*out/big_sampling\.png: cannot write \(no space left on the device\); nothing was written$",
+        r"dcn-inspect: error: .*out/big_sampling\.png: cannot write "
+        r"\(no space left on the device\); nothing was written$",
         stderr.strip(),
     ), stderr
     assert len(calls) == 2
@@ -1387,7 +1407,8 @@ def test_dataset_named_like_an_output_is_refused_before_anything_is_written(
     )
     assert code == 1, stderr
     assert stderr.strip() == (
-        f"dcn-inspect: error: --out {dataset}: is an input of this run (--dataset {dataset}); refusing to overwrite it: choose another --out"
+        f"dcn-inspect: error: --out {dataset}: is an input of this run (--dataset {dataset}); "
+        "refusing to overwrite it: choose another --out"
     ).replace("--dataset", "DATASET")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
@@ -1414,7 +1435,8 @@ def test_image_named_like_an_output_is_refused_before_anything_is_written(
     )
     assert code == 1, stderr
     assert re.search(
-        r"--out .*good_sampling\.png: is an input of this run \(IMAGE .*good_sampling\.png\); refusing to overwrite it",
+        r"--out .*good_sampling\.png: is an input of this run \(IMAGE .*good_sampling\.png\); "
+        r"refusing to overwrite it",
         stderr,
     ), stderr
     assert victim.read_bytes() == before and _files_under(out) == [victim]

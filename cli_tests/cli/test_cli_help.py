@@ -74,3 +74,19 @@ def test_the_same_option_is_spelled_the_same_in_every_command() -> None:
     assert all(
         "--images" in _options(command) for command in ("dilation-stats", "bins", "receptive-field")
     )
+
+
+def test_commands_are_listed_in_a_fixed_order_with_one_line_help() -> None:
+    """The command list follows ``COMMAND_ORDER`` (not the order command modules are imported
+    in) and each command's help is its docstring with the source's line breaks removed."""
+    import typer.main
+
+    from dcn_inspect.cli import app
+    from dcn_inspect.cli.app import COMMAND_ORDER, one_line_paragraphs
+
+    group = typer.main.get_command(app)
+    assert group.list_commands(None) == list(COMMAND_ORDER)  # type: ignore[attr-defined]
+    for name in COMMAND_ORDER:
+        help_text = group.commands[name].help  # type: ignore[attr-defined]
+        assert help_text and "\n" not in help_text.split("\n\n")[0], name
+    assert one_line_paragraphs("A b\n    c.\n\n    D\n    e.") == "A b c.\n\nD e."

@@ -39,7 +39,12 @@ from dcn_inspect.ops import DeformPSRoIPool, DeformRoIPoolPack
 
 def _backbone():
     # Two stride-2 convs: the pooled map is at stride 4 (spatial_scale 1/4).
-    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+    )
 
 
 def _randomise(module, seed):
@@ -50,7 +55,8 @@ def _randomise(module, seed):
 
 
 class TinyRFCN(nn.Module):
-    """R-FCN head: PS score maps, a PS offset branch pooled without offsets, deformable PS pooling."""
+    """R-FCN head: PS score maps, a PS offset branch pooled without offsets, deformable PS
+    pooling."""
 
     def __init__(self, num_classes=3, class_agnostic=False, k=3, seed=0):
         super().__init__()
@@ -58,8 +64,12 @@ class TinyRFCN(nn.Module):
         offset_classes = 1 if class_agnostic else num_classes
         self.score = nn.Conv2d(8, num_classes * k * k, 1)
         self.offset_conv = nn.Conv2d(8, 2 * offset_classes * k * k, 1)
-        self.offset_pool = DeformPSRoIPool(0.25, output_dim=2 * offset_classes, group_size=k, sample_per_part=2)
-        self.pool = DeformPSRoIPool(0.25, output_dim=num_classes, group_size=k, sample_per_part=2, trans_std=0.1)
+        self.offset_pool = DeformPSRoIPool(
+            0.25, output_dim=2 * offset_classes, group_size=k, sample_per_part=2
+        )
+        self.pool = DeformPSRoIPool(
+            0.25, output_dim=num_classes, group_size=k, sample_per_part=2, trans_std=0.1
+        )
         _randomise(self, seed)
         self.class_names = ["background", "cat", "dog"][:num_classes]
 
@@ -78,7 +88,14 @@ class TinyDeformRoIPool(nn.Module):
     def __init__(self, seed=1):
         super().__init__()
         self.backbone = _backbone()
-        self.pool = DeformRoIPoolPack(3, output_channels=8, deform_fc_channels=16, spatial_scale=0.25, sampling_ratio=2, gamma=0.1)
+        self.pool = DeformRoIPoolPack(
+            3,
+            output_channels=8,
+            deform_fc_channels=16,
+            spatial_scale=0.25,
+            sampling_ratio=2,
+            gamma=0.1,
+        )
         self.cls = nn.Linear(8 * 9, 3)
         _randomise(self, seed)
 
@@ -183,7 +200,8 @@ def _to_feature(x: np.ndarray, scale: float, spatial_scale: float) -> np.ndarray
 
 
 def _psroi_sample(feature: np.ndarray, channel: int, y: float, x: float) -> float:
-    """MSRA deformable PS RoI pooling read: caller checked -0.5 <= x <= W-0.5; clamp, then bilinear."""
+    """MSRA deformable PS RoI pooling read: caller checked -0.5 <= x <= W-0.5; clamp, then
+    bilinear."""
     height, width = feature.shape[-2:]
     y, x = min(max(y, 0.0), height - 1.0), min(max(x, 0.0), width - 1.0)
     y0, x0 = math.floor(y), math.floor(x)
@@ -199,7 +217,8 @@ def _psroi_sample(feature: np.ndarray, channel: int, y: float, x: float) -> floa
 
 
 def _roialign_sample(feature: np.ndarray, y: float, x: float) -> np.ndarray:
-    """mmcv RoIAlign-style read (all channels): zero beyond one cell outside, else clamped bilinear."""
+    """mmcv RoIAlign-style read (all channels): zero beyond one cell outside, else clamped
+    bilinear."""
     height, width = feature.shape[-2:]
     if y < -1.0 or y > height or x < -1.0 or x > width:
         return np.zeros(feature.shape[0])
@@ -742,7 +761,8 @@ def test_default_demo_uses_bundled_images_annotations_and_gt_classes(tmp_path: P
         entry = annotation_for_image(datasets.bundled_images_annotations(), item.image)
         assert entry is not None and len(entry.boxes) > 0
         assert len(item.table) == len(entry.boxes) * 9
-        # auto: the annotated class where the model has it, else the most confident foreground class.
+        # auto: the annotated class where the model has it, else the most confident foreground
+        # class.
         chosen = item.table.groupby("roi")["class"].first().tolist()
         for label, name, roi in zip(entry.labels, chosen, image_summary["rois"]):
             if label in CLASS_NAMES:

@@ -15,14 +15,9 @@ import pytest
 from conftest import raises_cli
 from PIL import Image
 
-from dcn_inspect.analysis.dilation_stats import tertile_thresholds
-from dcn_inspect.commands.dilation_stats import (
-    DIFFERENCE_COLUMNS,
-    TABLE_COLUMNS,
-    UNIT_COLUMNS,
-    dilation_stats,
-    size_batches,
-)
+from dcn_inspect.analysis.dilation_tables import DIFFERENCE_COLUMNS, TABLE_COLUMNS, UNIT_COLUMNS
+from dcn_inspect.analysis.size_categories import tertile_thresholds
+from dcn_inspect.commands.dilation_stats import dilation_stats, size_batches
 from dcn_inspect.models.loading import load_model
 
 # A conv stem (stride 2) and three 3x3 deformable convs with dilation 2 whose offset convs have
@@ -41,7 +36,10 @@ class Tiny(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-        self.blocks = nn.ModuleList(DeformConv2dPack(4, 4, 3, padding=2, dilation=2, offset_groups=groups) for _ in range(3))
+        self.blocks = nn.ModuleList(
+            DeformConv2dPack(4, 4, 3, padding=2, dilation=2, offset_groups=groups)
+            for _ in range(3)
+        )
         for block in self.blocks:
             bias = torch.zeros(2 * groups * 9)
             for g in range(groups):
@@ -224,7 +222,8 @@ def test_outputs_per_unit_rows_and_determinism(ws, tmp_path):
     first = _run(ws, "build_random", tmp_path / "a", per_unit=True, figure=True)
     out = tmp_path / "a"
     assert sorted(p.name for p in out.iterdir()) == [
-        "dilation_differences.csv", "dilation_hist.png", "dilation_table.csv", "dilation_table.md", "dilation_units.csv", "summary.json",
+        "dilation_differences.csv", "dilation_hist.png", "dilation_table.csv", "dilation_table.md",
+        "dilation_units.csv", "summary.json",
     ]  # fmt: skip
     table = _table(out)
     assert list(table.columns) == TABLE_COLUMNS
@@ -268,7 +267,8 @@ def test_outputs_per_unit_rows_and_determinism(ws, tmp_path):
         markdown[4]
         == "| blocks.2 | "
         + " | ".join(
-            f"{top.loc[c, 'mean']:.2f} ± {top.loc[c, 'std']:.2f} [{top.loc[c, 'ci_low']:.2f}, {top.loc[c, 'ci_high']:.2f}]"
+            f"{top.loc[c, 'mean']:.2f} ± {top.loc[c, 'std']:.2f} "
+            f"[{top.loc[c, 'ci_low']:.2f}, {top.loc[c, 'ci_high']:.2f}]"
             for c in CATEGORY_ORDER
         )
         + " |"
@@ -315,7 +315,8 @@ def test_size_batches_group_equal_sizes_only():
 
 def test_size_batches_keep_one_forward_within_max_pixels():
     sizes = [(10, 10)] * 7 + [(100, 100)] * 2
-    # 100-pixel images: at most 3 per batch under 350 pixels; a 10000-pixel image still makes its own batch
+    # 100-pixel images: at most 3 per batch under 350 pixels; a 10000-pixel image still makes its
+    # own batch
     assert size_batches(sizes, 8, max_pixels=350) == [[0, 1, 2], [3, 4, 5], [7], [8], [6]]
     assert size_batches(sizes, 8, max_pixels=0) == [[0, 1, 2, 3, 4, 5, 6], [7, 8]]
 
@@ -384,7 +385,8 @@ def test_voc_dataset_with_difficult_boxes(ws, tmp_path):
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / sub).mkdir(parents=True)
     _image(root / "JPEGImages" / "000001.jpg", 40, 32, 0)
-    # 1-based inclusive corners: (1,1)-(20,32) is x 0..20 continuous; the difficult box covers the rest.
+    # 1-based inclusive corners: (1,1)-(20,32) is x 0..20 continuous; the difficult box covers
+    # the rest.
     (root / "Annotations" / "000001.xml").write_text(
         "<annotation><filename>000001.jpg</filename><size><width>40</width><height>32</height></size>"
         "<object><name>a</name><difficult>0</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>20</xmax><ymax>32</ymax></bndbox></object>"
@@ -403,8 +405,9 @@ def test_voc_dataset_with_difficult_boxes(ws, tmp_path):
         figure=False,
     )
     table = result.table.set_index(["layer", "category"])
-    # Units centred at x = 0.5, 2.5, ..., 38.5: x <= 20 in the box (10 columns, area 640 < 32²: small),
-    # x = 20.5 on neither box (background), x >= 21 inside the difficult box (not counted).
+    # Units centred at x = 0.5, 2.5, ..., 38.5: x <= 20 in the box (10 columns, area 640 < 32²:
+    # small), x = 20.5 on neither box (background), x >= 21 inside the difficult box (not
+    # counted).
     assert table.loc[("blocks.2", "small"), "count"] == 10 * 16
     assert (
         table.loc[("blocks.2", "medium"), "count"] == table.loc[("blocks.2", "large"), "count"] == 0
@@ -414,7 +417,7 @@ def test_voc_dataset_with_difficult_boxes(ws, tmp_path):
     assert result.summary["dataset"]["format"] == "voc"
 
 
-# ---------------------------------------------------------------------------------- CLI and torchrun
+# ------------------------------------------------------------------------------ CLI and torchrun
 
 
 def _cli(args, **kwargs) -> subprocess.CompletedProcess:
@@ -431,8 +434,9 @@ def _cli(args, **kwargs) -> subprocess.CompletedProcess:
 
 def test_cli_prints_the_table_and_reports_errors_on_one_line(ws, tmp_path):
     done = _cli([
-        "dilation-stats", str(ws["coco"]), "--model", f"{ws['model']}:build_spread", "--thresholds", "100,300",
-        "--layers", "blocks.2,blocks.0", "--workers", "0", "--out", str(tmp_path / "out"),
+        "dilation-stats", str(ws["coco"]), "--model", f"{ws['model']}:build_spread",
+        "--thresholds", "100,300", "--layers", "blocks.2,blocks.0", "--workers", "0",
+        "--out", str(tmp_path / "out"),
     ])  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (
@@ -463,8 +467,8 @@ def test_cli_prints_the_table_and_reports_errors_on_one_line(ws, tmp_path):
 
 def test_torchrun_two_ranks_equal_one_process(ws, tmp_path):
     common = [
-        "dilation-stats", str(ws["coco"]), "--model", f"{ws['model']}:build_random", "--thresholds", "100,300",
-        "--per-unit", "--workers", "0", "--batch-size", "2",
+        "dilation-stats", str(ws["coco"]), "--model", f"{ws['model']}:build_random",
+        "--thresholds", "100,300", "--per-unit", "--workers", "0", "--batch-size", "2",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launcher = [

@@ -187,9 +187,10 @@ def test_command_titles_give_the_csv_pixel_coordinates_and_the_category(
         assert (float(match.group(1)), float(match.group(2))) == pytest.approx(
             (units.loc[k, "unit_x"], units.loc[k, "unit_y"]), abs=0.05
         )
-    # --at 10,10 (unit at 10.5, 10.5) lies in the big box (40x24 = 960 px² >= 900: large), then background, the small
-    # box (64 px² < 100) and the big one.
-    assert titles[0].endswith("large: box 0 big [4, 4, 44, 28] (--at 10,10)")
+    # --at 10,10 (unit at 10.5, 10.5) lies in the big box (40x24 = 960 px² >= 900: large), then
+    # background, the small box (64 px² < 100) and the big one.
+    # The Python API names the parameter (the command line writes "--at 10,10").
+    assert titles[0].endswith("large: box 0 big [4, 4, 44, 28] (at 10,10)")
     assert titles[1].endswith("\nbackground")
     assert titles[2].endswith("\nsmall: box 1 small [30, 18, 38, 26]")
     assert titles[3].endswith("\nlarge: box 0 big [4, 4, 44, 28]")

@@ -1,4 +1,5 @@
-"""``dcn-inspect offsets``: dense offset maps, checked on models whose offsets are known in closed form.
+"""``dcn-inspect offsets``: dense offset maps, checked on models whose offsets are known in closed
+form.
 
 The constant-offset model's offset branch has zero weights and a bias per kernel point: every
 unit moves kernel point (a, b) by ``ALPHA * ((a-1), (b-1)) * dilation + SHIFT`` input cells, so
@@ -69,7 +70,7 @@ def build():
 
 def build_two_groups():
     return ConstantOffsets(((ALPHA, SHIFT), (0.0, (-2.0, 0.5)))).eval()
-'''
+'''  # noqa: E501 - the source is written to a model file as is
 
 ALPHA, SHIFT_Y, SHIFT_X = 0.5, 1.0, -0.75
 RESIZE = 32  # the 40x60 image becomes a 32x48 model input: original / model-input scale 1.25
@@ -135,7 +136,8 @@ def test_constant_offsets_give_a_uniform_flow_colour_and_the_analytic_dilation(
     # A grid scaled by 1 + ALPHA: every adjacent pair (1 + ALPHA) * dilation cells apart.
     assert maps.undeformed_dilation == pytest.approx(2 * CELL_PX)
     assert np.allclose(maps.dilation, (1 + ALPHA) * 2 * CELL_PX)
-    # Units cover their cells: output frame x = 0.625 + 2.5 j (stem stride 2, pad 1; dcn keeps it), +- 1.25.
+    # Units cover their cells: output frame x = 0.625 + 2.5 j (stem stride 2, pad 1; dcn keeps it),
+    # +- 1.25.
     assert maps.extent == pytest.approx((-0.625, 59.375, -0.625, 39.375))
 
     # The drawn flow image: one colour, hue = direction of (dx, dy) (x right, y down), saturated.
@@ -253,7 +255,8 @@ def test_cli_writes_png_npz_and_summary_and_rejects_a_bad_kernel_point(
     model = f"{workspace['model_file']}:build"
     out = tmp_path / ("out_" + "long" * 20)  # printed paths longer than the 80 columns of a pipe
     done = subprocess.run(
-        [str(exe), "offsets", str(workspace["image"]), "--model", model, "--kernel-point", "1,1", "--resize", "32", "--out", str(out)],
+        [str(exe), "offsets", str(workspace["image"]), "--model", model, "--kernel-point", "1,1",
+         "--resize", "32", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -266,13 +269,14 @@ def test_cli_writes_png_npz_and_summary_and_rejects_a_bad_kernel_point(
     with Image.open(out / "scene_offsets.png") as figure:
         assert figure.size[0] > 600
     bad = subprocess.run(
-        [str(exe), "offsets", str(workspace["image"]), "--model", model, "--kernel-point", "3,0", "--out", str(tmp_path / "bad")],
+        [str(exe), "offsets", str(workspace["image"]), "--model", model, "--kernel-point", "3,0",
+         "--out", str(tmp_path / "bad")],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert bad.returncode == 1
-    assert (
-        bad.stderr.strip()
-        == "dcn-inspect: error: --kernel-point 3,0: layer dcn has a 3x3 kernel (rows 0..2, columns 0..2)"
+    assert bad.stderr.strip() == (
+        "dcn-inspect: error: --kernel-point 3,0: layer dcn has a 3x3 kernel "
+        "(rows 0..2, columns 0..2)"
     )
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
     with raises_cli(r"--kernel-point 'x': expected A,B", "offsets"):

@@ -1,4 +1,5 @@
-"""``dcn-inspect sample-points``: outputs, unit selection, layer selection and errors on a tiny model."""
+"""``dcn-inspect sample-points``: outputs, unit selection, layer selection and errors on a tiny
+model."""
 
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ def test_cli_writes_every_output(image_path: Path, tmp_path: Path) -> None:
 
     out = tmp_path / "out"
     offsets = tmp_path / "offsets.npz"
-    args = ["sample-points", str(image_path), "--model", TINY_ARCH, "--at", "3,3", "--at", "24,16", "--grid", "8",
-            "--gif", "--save-offsets", str(offsets), "--out", str(out)]  # fmt: skip
+    args = ["sample-points", str(image_path), "--model", TINY_ARCH, "--at", "3,3", "--at", "24,16",
+            "--grid", "8", "--gif", "--save-offsets", str(offsets), "--out", str(out)]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "dcn_c, dcn_b, dcn_a" in result.output
@@ -165,7 +166,8 @@ def test_user_model_file_from_the_command_line(image_path: Path, tmp_path: Path)
     exe = Path(sys.executable).with_name("dcn-inspect")
     env = {**os.environ, "DCN_INSPECT_OPS": os.environ.get("DCN_INSPECT_OPS", "reference")}
     completed = subprocess.run(
-        [str(exe), "sample-points", str(image_path), "--model", f"{model_file}:build", "--at", "20,12", "--format", "svg", "--out", str(out)],
+        [str(exe), "sample-points", str(image_path), "--model", f"{model_file}:build",
+         "--at", "20,12", "--format", "svg", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
@@ -173,13 +175,13 @@ def test_user_model_file_from_the_command_line(image_path: Path, tmp_path: Path)
     assert list(table.columns) == CSV_COLUMNS and len(table) == TREE_POINTS
     assert (out / "scene_sampling.svg").is_file() and (out / "summary.json").is_file()
     failed = subprocess.run(
-        [str(exe), "sample-points", str(image_path), "--model", f"{model_file}:build", "--layers", "dcn_b,nope", "--out", str(tmp_path / "bad")],
+        [str(exe), "sample-points", str(image_path), "--model", f"{model_file}:build",
+         "--layers", "dcn_b,nope", "--out", str(tmp_path / "bad")],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert failed.returncode == 1
-    assert (
-        failed.stderr.strip()
-        == "dcn-inspect: error: --layers: unknown deformable layer(s) nope; valid: dcn_a, dcn_b, dcn_c"
+    assert failed.stderr.strip() == (
+        "dcn-inspect: error: --layers: unknown deformable layer(s) nope; valid: dcn_a, dcn_b, dcn_c"
     )
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
@@ -399,7 +401,8 @@ def _coco_for(tmp_path: Path, file_name: str, bbox: list) -> Path:
     coco.write_text(json.dumps({
         "images": [{"id": 1, "file_name": file_name, "width": 48, "height": 32}],
         "categories": [{"id": 1, "name": "thing"}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": bbox,
+                         "area": bbox[2] * bbox[3], "iscrowd": 0}],
     }))  # fmt: skip
     return coco
 

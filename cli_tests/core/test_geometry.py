@@ -44,7 +44,8 @@ def output_size(chain: List[Layer], size: int) -> int:
 def resnet_chain(
     setting: str, stride_in_1x1: bool, upto_stage: int, upto_block: int
 ) -> List[Layer]:
-    """Main-path layers from the image to the input of ``layer{upto_stage}.{upto_block}.conv2``, by hand."""
+    """Main-path layers from the image to the input of ``layer{upto_stage}.{upto_block}.conv2``,
+    by hand."""
     chain: List[Layer] = [(7, 2, 3, 1), (3, 2, 1, 1)]  # conv1 7x7 s2 p3, maxpool 3x3 s2 p1
     blocks = (3, 4, 6, 3)
     for stage in range(1, 5):
@@ -99,7 +100,8 @@ def test_resnet_frames_match_receptive_field_arithmetic(
         assert x == pytest.approx(index_in_image(chain, col)) and y == pytest.approx(
             index_in_image(chain, row)
         )
-    # The deformable conv itself: output cells, and the regular-grid sampling points of kernel point (a, b).
+    # The deformable conv itself: output cells, and the regular-grid sampling points of kernel point
+    # (a, b).
     kernel, stride, padding, dilation = (
         geometry.kernel[0],
         geometry.stride[0],
@@ -131,7 +133,8 @@ def test_resnet_frames_match_receptive_field_arithmetic(
 
 
 def test_paper_setting_cell_centres_in_pixels():
-    """conv5 at stride 16: cell (i, j) of res5 is centred at (16 j + 0.5, 16 i + 0.5) of the model input."""
+    """conv5 at stride 16: cell (i, j) of res5 is centred at (16 j + 0.5, 16 i + 0.5) of the model
+    input."""
     arch = registry.get("resnet101-dcn-paper")
     model = arch.build(**{**arch.default_config, "base_channels": 4}).eval()
     result = probe(model, torch.randn(1, 3, 64, 96))
@@ -139,7 +142,8 @@ def test_paper_setting_cell_centres_in_pixels():
         geometry = result.convs[name].geometry
         assert geometry.input_frame == FrameMap(16.0, 16.0, 0.5, 0.5) == geometry.output_frame
         assert geometry.output_hw == (4, 6)
-    # Scaled to an original image twice the model input's size: centres double, the COCO origin stays.
+    # Scaled to an original image twice the model input's size: centres double, the COCO origin
+    # stays.
     frame = result.convs["layer4.2.conv2"].geometry.output_frame.scaled(2.0, 2.0)
     assert frame.to_image(3, 1) == (
         pytest.approx(2 * (16 * 3 + 0.5)),
@@ -183,7 +187,7 @@ class Net(nn.Module):
 
 def build():
     return Net()
-'''
+'''  # noqa: E501 - the source is written to a model file as is
 
 
 def _user_model(tmp_path: Path) -> Path:
@@ -240,7 +244,8 @@ def test_info_cli_on_a_user_model_file(tmp_path, monkeypatch, capsys):
         main()
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
-    # One narrow table per concern, each row led by the layer: type, kernel arithmetic, frames, offsets.
+    # One narrow table per concern, each row led by the layer: type, kernel arithmetic, frames,
+    # offsets.
     rows: dict = {}
     for line in out.splitlines():
         words = line.split()

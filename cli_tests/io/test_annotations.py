@@ -200,6 +200,18 @@ def test_coco_not_json_and_not_coco(tmp_path):
         load_dataset(bad)
 
 
+def test_missing_images_hint_names_the_parameter_and_the_cli_its_flag(tmp_path):
+    """Library text names `images_dir`; every dataset command spells it as its own flag."""
+    from dcn_inspect.cli.render import name_spelling
+    from dcn_inspect.core.errors import parameter_spelling
+
+    path = _coco(tmp_path, images=[{"id": 1, "file_name": "gone.png", "width": 4, "height": 4}])
+    assert load_dataset(path).issues[-1].endswith("first gone.png (set images_dir DIR)")
+    for command in ("bins", "dilation-stats", "receptive-field"):
+        with parameter_spelling(name_spelling(command)):
+            assert load_dataset(path).issues[-1].endswith("first gone.png (set --images DIR)")
+
+
 def test_coco_missing_size_read_from_image_header(tmp_path):
     Image.new("RGB", (13, 9)).save(tmp_path / "a.png")
     path = _coco(tmp_path, images=[{"id": "x", "file_name": "a.png"}])
@@ -223,7 +235,8 @@ def test_voc_corners_are_one_based_inclusive_and_difficult_is_ignored(tmp_path):
     dataset = load_dataset(root)
     assert dataset.format == "voc" and dataset.categories == ["cat", "dog"]
     image = dataset.images[0]
-    # Pixel 1 (1-based) starts at continuous 0; pixel 10 ends at continuous 10. A one-pixel box is 1x1.
+    # Pixel 1 (1-based) starts at continuous 0; pixel 10 ends at continuous 10. A one-pixel box
+    # is 1x1.
     np.testing.assert_array_equal(image.boxes, [[0, 0, 10, 20], [4, 5, 5, 6], [39, 29, 50, 40]])
     np.testing.assert_array_equal(image.areas, [200, 1, 121])
     np.testing.assert_array_equal(image.ignore, [False, True, False])
@@ -267,7 +280,7 @@ def test_voc_inverted_box_dropped(tmp_path):
     assert any("1 box(es) with zero or negative size" in issue for issue in dataset.issues)
 
 
-# ---------------------------------------------------------------------------------- detection, look-up
+# ------------------------------------------------------------------------- detection, look-up
 
 
 def test_detect_format(tmp_path):
@@ -332,7 +345,7 @@ def test_read_box_csv(tmp_path):
         read_box_csv(path)
 
 
-# ---------------------------------------------------------------------------------- paths outside the dataset
+# ----------------------------------------------------------------- paths outside the dataset
 
 
 def test_file_names_outside_the_dataset_need_allow_outside_paths(tmp_path):
@@ -344,7 +357,8 @@ def test_file_names_outside_the_dataset_need_allow_outside_paths(tmp_path):
     for name in (str(outside / "far.png"), "../elsewhere/far.png"):
         path = _coco(inside, images=[{"id": 1, "file_name": name, "width": 40, "height": 30}])
         with raises_cli(
-            r"ann\.json: images\[0\] \(id 1\): file_name .* points outside the dataset directory .*--allow-outside-paths",
+            r"ann\.json: images\[0\] \(id 1\): file_name .* points outside the dataset directory "
+            r".*--allow-outside-paths",
             "dilation-stats",
         ):
             load_dataset(path)
@@ -364,7 +378,8 @@ def test_voc_split_names_leaving_annotations_and_binary_split_files(tmp_path):
     root = _voc(tmp_path, _obj("cat", 1, 1, 10, 10))
     (root / "ImageSets" / "Main" / "sneaky.txt").write_text("../../../etc/passwd\n")
     with raises_cli(
-        r"--split .*sneaky\.txt: '\.\./\.\./\.\./etc/passwd' points outside .*Annotations; pass --allow-outside-paths",
+        r"--split .*sneaky\.txt: '\.\./\.\./\.\./etc/passwd' points outside .*Annotations; "
+        r"pass --allow-outside-paths",
         "dilation-stats",
     ):
         load_dataset(root, split="sneaky")

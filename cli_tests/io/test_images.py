@@ -1,4 +1,5 @@
-"""Image reading: every mode becomes RGB uint8, EXIF orientation is honoured, bad files fail in one line."""
+"""Image reading: every mode becomes RGB uint8, EXIF orientation is honoured, bad files fail in
+one line."""
 
 from __future__ import annotations
 
@@ -174,13 +175,15 @@ def test_cv2_bilinear_equals_opencv(size, target) -> None:
 
 
 def test_size_rules_of_each_framework() -> None:
-    # mmdetection (mmcv rescale_size): factor min(1333 / long, 800 / short), int(side * factor + 0.5).
+    # mmdetection (mmcv rescale_size): factor min(1333 / long, 800 / short),
+    # int(side * factor + 0.5).
     assert resized_size((1500, 2000), 800, 1333, "mmdetection") == (800, 1067)
     assert resized_size((3024, 4032), 800, 1333, "mmdetection") == (800, 1067)
     assert resized_size((400, 2000), 800, 1333, "mmdetection") == (267, 1333)  # long side capped
     assert resized_size((2, 5), 1, 0, "mmdetection") == (1, 3)  # 2.5 rounds up ...
     assert resized_size((2, 5), 1, 0, "round") == (1, 2)  # ... where Python's round goes to even
-    # detectron2 (ResizeShortestEdge): short side exactly 800, long side scaled, both capped together.
+    # detectron2 (ResizeShortestEdge): short side exactly 800, long side scaled, both capped
+    # together.
     assert resized_size((1500, 2000), 800, 1333, "detectron2") == (800, 1067)
     assert resized_size((400, 2000), 800, 1333, "detectron2") == (267, 1333)
     assert resized_size((600, 600), 800, 1333, "detectron2") == (800, 800)
@@ -241,8 +244,11 @@ def test_units_in_the_padding_count_in_no_category(tmp_path: Path) -> None:
     )
     coco = tmp_path / "annotations.json"
     coco.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.png", "width": 48, "height": 40}], "categories": [{"id": 1, "name": "x"}],
-        "annotations": [{"id": 1, "image_id": 1, "bbox": [4, 4, 10, 10], "category_id": 1, "iscrowd": 0}],
+        "images": [{"id": 1, "file_name": "a.png", "width": 48, "height": 40}],
+        "categories": [{"id": 1, "name": "x"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "bbox": [4, 4, 10, 10], "category_id": 1, "iscrowd": 0}
+        ],
     }))  # fmt: skip
     pre = Preprocess(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), resize=0, size_divisor=32)
     loaded = LoadedModel(Net().eval(), "net", None, {}, pre, "user-file")
@@ -263,7 +269,8 @@ def test_units_in_the_padding_count_in_no_category(tmp_path: Path) -> None:
 
 
 def test_model_input_after_resizing_is_bounded_from_the_header(tmp_path: Path) -> None:
-    """A 1x40000 PNG (a few hundred bytes) resized to a shorter side of 600 would be 600x24000000."""
+    """A 1x40000 PNG (a few hundred bytes) resized to a shorter side of 600 would be
+    600x24000000."""
     from dcn_inspect.io.images import check_image, check_model_input_size
     from dcn_inspect.models.registry import Preprocess
 
@@ -272,7 +279,8 @@ def test_model_input_after_resizing_is_bounded_from_the_header(tmp_path: Path) -
     assert path.stat().st_size < 1000
     with pytest.raises(
         ImageError,
-        match=r"thin\.png: the 40000x1 image becomes a 24000000x600 = 14400000000 pixel model input \(shorter side resized to 600\), above the limit of 1000000",
+        match=r"thin\.png: the 40000x1 image becomes a 24000000x600 = 14400000000 pixel model "
+        r"input \(shorter side resized to 600\), above the limit of 1000000",
     ) as info:
         load_image(path, 1_000_000, Preprocess(resize=600))
     assert info.value.kind == "image too large"
@@ -284,14 +292,16 @@ def test_model_input_after_resizing_is_bounded_from_the_header(tmp_path: Path) -
     # padding to the size divisor is model input too
     with pytest.raises(
         ImageError,
-        match=r"becomes a 1024x32 = 32768 pixel model input \(shorter side resized to 600, longer side capped at 1000, padded to a multiple of 32\)",
+        match=r"becomes a 1024x32 = 32768 pixel model input \(shorter side resized to 600, "
+        r"longer side capped at 1000, padded to a multiple of 32\)",
     ):
         check_model_input_size(
             "x", (1, 40000), Preprocess(resize=600, max_size=1000, size_divisor=32), None, 32767
         )
     with pytest.raises(
         ImageError,
-        match=r"becomes a 1000x1 = 1000 pixel model input \(shorter side resized to 600, longer side capped at 1000\), above the limit of 999",
+        match=r"becomes a 1000x1 = 1000 pixel model input \(shorter side resized to 600, "
+        r"longer side capped at 1000\), above the limit of 999",
     ):
         check_model_input_size("x", (1, 40000), Preprocess(resize=600, max_size=1000), None, 999)
     # resize given explicitly replaces the model's rule (no max_size)

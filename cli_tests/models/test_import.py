@@ -37,7 +37,8 @@ def _image(height: int = 64, width: int = 64, seed: int = 0) -> np.ndarray:
 
 
 def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights everywhere, offset branches included (so offsets are non-zero), and BN statistics."""
+    """Random weights everywhere, offset branches included (so offsets are non-zero), and BN
+    statistics."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -80,7 +81,10 @@ def test_mmdetection_checkpoint_loads_with_identical_outputs(
     dcn_type = (
         "DCNv2" if modulated else "DCN"
     )  # 54 offset channels fit both v1 x3 and v2 x2: the config decides
-    config_text = f"model = dict(backbone=dict(type='ResNet', dcn=dict(type='{dcn_type}', deform_groups={deform_groups})))"
+    config_text = (
+        "model = dict(backbone=dict(type='ResNet', "
+        f"dcn=dict(type='{dcn_type}', deform_groups={deform_groups})))"
+    )
     torch.save({"meta": {"config": config_text, "epoch": 12}, "state_dict": state}, path)
 
     with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="dcn_inspect"):
@@ -249,7 +253,8 @@ def _frozen_bn(x: torch.Tensor, w: Dict[str, torch.Tensor], name: str) -> torch.
 def _d2_forward(
     w: Dict[str, torch.Tensor], bgr: torch.Tensor, modulated: bool, deform_stages: Tuple[bool, ...]
 ) -> Dict[str, torch.Tensor]:
-    """detectron2's ResNet by hand: stride on the 1x1 conv (STRIDE_IN_1X1), offsets split [2N | N]."""
+    """detectron2's ResNet by hand: stride on the 1x1 conv (STRIDE_IN_1X1), offsets split
+    [2N | N]."""
     x = F.relu(
         _frozen_bn(F.conv2d(bgr, w["stem.conv1.weight"], stride=2, padding=3), w, "stem.conv1")
     )
@@ -360,7 +365,8 @@ def test_detectron2_checkpoint_matches_detectron2_conventions(
         want, got = expected[f"res{stage}"], actual[f"res{stage}"]
         scale = want.abs().max()
         assert scale > 0
-        # float32 through a ResNet: the native ops sum in another order than the hand-written forward.
+        # float32 through a ResNet: the native ops sum in another order than the hand-written
+        # forward.
         torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=2e-4)
 
 
@@ -432,7 +438,8 @@ def test_pkl_object_arrays_and_array_subclasses_are_refused(tmp_path):
 
 
 def test_numpy_metadata_in_a_pth_is_readable(tmp_path):
-    """weights_only loading still accepts numpy scalars/arrays in metadata (guarded reconstructors)."""
+    """weights_only loading still accepts numpy scalars/arrays in metadata (guarded
+    reconstructors)."""
     from dcn_inspect.models.checkpoint import read_checkpoint_file
 
     path = tmp_path / "meta.pth"
@@ -524,7 +531,7 @@ def test_user_file_import_error_and_missing_file(tmp_path):
         load_model(f"{tmp_path / 'absent.py'}:build")
 
 
-# --------------------------------------------------------------------------------- the frameworks' preprocessing
+# ---------------------------------------------------------------- the frameworks' preprocessing
 
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -562,8 +569,8 @@ def _mmdetection_pipeline(
     image: np.ndarray, divisor: int = 32
 ) -> Tuple[np.ndarray, Tuple[int, int]]:
     """mmdetection's test pipeline by hand: Resize(img_scale=(1333, 800), keep_ratio=True) with
-    mmcv's rounding, Normalize(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True),
-    Pad(size_divisor) with zeros -> [3, H, W] RGB, and the resized size."""
+    mmcv's rounding, Normalize(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+    to_rgb=True), Pad(size_divisor) with zeros -> [3, H, W] RGB, and the resized size."""
     h, w = image.shape[:2]
     factor = min(1333 / max(h, w), 800 / min(h, w))
     new_w, new_h = int(w * factor + 0.5), int(h * factor + 0.5)
@@ -665,7 +672,7 @@ def test_detectron2_preprocessing_matches_its_pipeline(tmp_path, layout, divisor
     np.testing.assert_allclose(prepared.tensor[0].numpy(), expected[::-1], atol=1e-3, rtol=0)
 
 
-# --------------------------------------------------------------------------------- mmdetection ambiguities
+# -------------------------------------------------------------------- mmdetection ambiguities
 
 
 def _mmdet_checkpoint(tmp_path: Path, **config: object) -> Tuple[Path, torch.nn.Module]:
@@ -692,7 +699,7 @@ def test_108_channel_offsets_without_a_config_load_as_dcnv2_with_4_groups(tmp_pa
             loaded.model(images)["layer4"], reference(images)["layer4"], rtol=0, atol=0
         )
     # A config that says otherwise wins.
-    from dcn_inspect.models.importers import _offset_kind
+    from dcn_inspect.models.importers.resnet_structure import _offset_kind
 
     assert _offset_kind(108, 9, False, path, [8, 16, 32], None) == (False, 6)
     assert _offset_kind(108, 9, None, path, [12, 24], 6) == (False, 6)
@@ -710,7 +717,8 @@ def test_resnext_dcn_backbones_load(tmp_path):
         torch.testing.assert_close(
             loaded.model(images)["layer4"], reference(images)["layer4"], rtol=0, atol=0
         )
-    # mmdetection's ResNeXt: width = floor(planes * base_width / 64) * groups, planes = 64 * 2**stage.
+    # mmdetection's ResNeXt: width = floor(planes * base_width / 64) * groups,
+    # planes = 64 * 2**stage.
     for groups, base_width in ((32, 4), (64, 4)):
         config = {
             **registry.get("resnet101-dcn-mmdet").default_config,
@@ -734,7 +742,7 @@ def test_resnext_dcn_backbones_load(tmp_path):
         )
 
 
-# --------------------------------------------------------------------------------- the user's names, quietly
+# ----------------------------------------------------------------- the user's names, quietly
 
 
 def _d2_c4_file(tmp_path: Path) -> Path:
@@ -775,7 +783,8 @@ def test_detectron2_checkpoint_speaks_of_res5_everywhere(tmp_path, monkeypatch, 
     )  # one row per layer in each of info's tables
     assert "warning" not in err  # the heads' keys are ignored quietly
     code, out, err = _run_cli(
-        ["sample-points", str(image), "--model", str(path), "--layers", "res5.2.conv2,res5.1.conv2", "--resize", "0", "--out", str(tmp_path / "out")],
+        ["sample-points", str(image), "--model", str(path),
+         "--layers", "res5.2.conv2,res5.1.conv2", "--resize", "0", "--out", str(tmp_path / "out")],
         monkeypatch, capsys,
     )  # fmt: skip
     assert code == 0, err
@@ -803,7 +812,8 @@ def test_detectron2_checkpoint_speaks_of_res5_everywhere(tmp_path, monkeypatch, 
     )
     assert (
         code == 1
-        and "unknown deformable layer(s) layer4.2.conv2; valid: res5.0.conv2, res5.1.conv2, res5.2.conv2"
+        and "unknown deformable layer(s) layer4.2.conv2; "
+        "valid: res5.0.conv2, res5.1.conv2, res5.2.conv2"
         in err
     )
 
@@ -826,7 +836,8 @@ def test_user_file_preprocess_takes_the_framework_keys(tmp_path):
     source.write_text(
         USER_FILE.replace(
             '"resize": 0}',
-            '"resize": 800, "max_size": 1333, "interpolation": "cv2-bilinear", "size_rule": "mmdetection", "size_divisor": 32}',
+            '"resize": 800, "max_size": 1333, "interpolation": "cv2-bilinear", '
+            '"size_rule": "mmdetection", "size_divisor": 32}',
         )
     )
     pre = load_model(f"{source}:build").preprocess
@@ -876,7 +887,8 @@ def test_deflated_checkpoint_loads_but_a_zip_bomb_is_refused_before_inflating(tm
     assert bomb.stat().st_size * MAX_INFLATION < 2**20
     with pytest.raises(
         InputError,
-        match=r"bomb\.pth: the \d+-byte archive declares \d+ bytes uncompressed \(\d compressed entries, over 4x its size\): refused before inflating",
+        match=r"bomb\.pth: the \d+-byte archive declares \d+ bytes uncompressed "
+        r"\(\d compressed entries, over 4x its size\): refused before inflating",
     ):
         read_checkpoint_file(bomb)
 
@@ -911,7 +923,8 @@ def test_pickled_bytearrays_still_load_but_not_a_zero_filled_length(tmp_path, pr
 
 
 def test_foreign_checkpoint_is_sized_on_the_meta_device_before_the_build(tmp_path, monkeypatch):
-    """A ResNet stem of 20000 channels (whose real build would need ~100 GB) with nothing else fitting."""
+    """A ResNet stem of 20000 channels (whose real build would need ~100 GB) with nothing else
+    fitting."""
     built = []
     original = registry.Architecture.build
     monkeypatch.setattr(
@@ -931,7 +944,8 @@ def test_foreign_checkpoint_is_sized_on_the_meta_device_before_the_build(tmp_pat
 def test_user_file_sys_exit_is_an_error_and_ctrl_c_an_interrupt(tmp_path):
     source = tmp_path / "exits.py"
     source.write_text(
-        "def build():\n    raise SystemExit(3)\n\n\ndef interrupted():\n    raise KeyboardInterrupt\n"
+        "def build():\n    raise SystemExit(3)\n\n\n"
+        "def interrupted():\n    raise KeyboardInterrupt\n"
     )
     with pytest.raises(InputError, match=r"build\(\): it called sys\.exit\(3\)"):
         load_model(f"{source}:build")

@@ -226,7 +226,8 @@ def test_info_command_with_an_image(tmp_path, monkeypatch, capsys):
     assert "native" in out and "48x64" not in out and "64x48 model-input pixels" in out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("layer4.")]
     names = ["layer4.0.conv2", "layer4.1.conv2", "layer4.2.conv2"]
-    # One narrow table per concern, each row led by the layer name: type, arithmetic, frames, offsets.
+    # One narrow table per concern, each row led by the layer name: type, arithmetic, frames,
+    # offsets.
     assert [row[0] for row in rows] == names * 4
     assert rows[0][1:] == [
         "ModulatedDeformConv2dPack",
@@ -241,9 +242,9 @@ def test_info_command_with_an_image(tmp_path, monkeypatch, capsys):
 def test_info_fits_80_columns_without_ellipsis(tmp_path):
     from rich.console import Console
 
-    from dcn_inspect.cli.models import info_renderables
     from dcn_inspect.commands.info import model_info
     from dcn_inspect.models.loading import load_model
+    from dcn_inspect.report.info import info_renderables
 
     loaded = load_model(str(_offset_model_file(tmp_path)))
     for image in (None, _image_file(tmp_path)):
@@ -321,11 +322,13 @@ def test_info_on_a_model_without_deformable_layers(tmp_path, monkeypatch, capsys
     [
         (
             5,
-            "expected a dict of mean, std, resize, max_size, interpolation, size_rule, size_divisor, got int",
+            "expected a dict of mean, std, resize, max_size, interpolation, size_rule, "
+            "size_divisor, got int",
         ),
         (
             {"size_divisor": 10**6},
-            "size_divisor 1000000: must be 0 (no padding) or a positive number of pixels up to 16384",
+            "size_divisor 1000000: must be 0 (no padding) or a positive number of pixels "
+            "up to 16384",
         ),
         ({"interpolation": 3}, "interpolation 3: use pil-bilinear or cv2-bilinear"),
         ({"resize": "600"}, "resize must be a whole number of pixels from 0 to 16384, got '600'"),

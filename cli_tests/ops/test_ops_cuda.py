@@ -43,9 +43,8 @@ def native() -> ModuleType:
     try:
         module = _native.load()
     except Exception as exc:  # noqa: BLE001 - any build failure is a skip reason
-        pytest.skip(
-            f"native ops unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        )
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        pytest.skip(f"native ops unavailable: {reason}")
     if not _native.build_details().get("with_cuda"):
         pytest.skip("the native extension was built without its CUDA kernels (no nvcc / CUDA_HOME)")
     missing = [
@@ -124,7 +123,8 @@ def to(
 # deform_conv2d
 
 CONV_CASES = [
-    # batch, cin, cout, (h, w), kernel, stride, padding, dilation, groups, offset_groups, mask, bias, offset scale
+    # batch, cin, cout, (h, w), kernel, stride, padding, dilation, groups, offset_groups, mask,
+    # bias, offset scale
     dict(
         batch=2,
         cin=4,

@@ -334,8 +334,10 @@ def test_pools_take_non_contiguous_operands(ops: ModuleType) -> None:
 
 
 def test_package_calls_the_ops_by_offset_groups_not_the_mmcv_aliases() -> None:
-    """``offset_groups`` is the package's word (issue #11); ``deform_groups`` / ``deformable_groups``
-    are accepted from users only. ops/modules.py, which defines the aliases, is the exception."""
+    """``offset_groups`` is the package's word (issue #11); ``deform_groups`` /
+    ``deformable_groups`` are accepted from users only. ops/modules.py, which defines the
+    aliases, is the exception."""
+
     package = Path(__file__).resolve().parents[2] / "dcn_inspect"
     offenders = []
     for path in sorted(package.rglob("*.py")):

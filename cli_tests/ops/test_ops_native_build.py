@@ -20,9 +20,8 @@ def details() -> dict:
     try:
         _native.load()
     except Exception as exc:  # noqa: BLE001 - any build failure is a skip reason
-        pytest.skip(
-            f"native ops unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        )
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        pytest.skip(f"native ops unavailable: {reason}")
     return _native.build_details()
 
 
@@ -42,7 +41,9 @@ def test_second_process_loads_from_cache(details: dict) -> None:
         "from dcn_inspect.ops import _native\n"
         "_native.load()\n"
         "x = torch.randn(1, 2, 5, 5)\n"
-        "y = _native.deform_conv2d(x, torch.zeros(1, 18, 5, 5), torch.randn(3, 2, 3, 3), padding=1)\n"
+        "y = _native.deform_conv2d(\n"
+        "    x, torch.zeros(1, 18, 5, 5), torch.randn(3, 2, 3, 3), padding=1\n"
+        ")\n"
         "print(json.dumps(dict(_native.build_details(), shape=list(y.shape))))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))

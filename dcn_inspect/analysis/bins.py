@@ -35,13 +35,17 @@ from dcn_inspect.core.columns import Column, names, position
 from dcn_inspect.core.errors import InputError
 from dcn_inspect.core.geometry import FrameMap
 
-_OP_CONVENTION = "as the pooling op lays it out (feature index u <-> model-input pixel (u + 0.5) / spatial_scale)"
+_OP_CONVENTION = (
+    "as the pooling op lays it out "
+    "(feature index u <-> model-input pixel (u + 0.5) / spatial_scale)"
+)
 
 #: ``<stem>_bins.csv``: one row per (RoI, class, bin), in this column order.
 BINS_CSV: Tuple[Column, ...] = (
     Column(
         "roi",
-        "index of the RoI in the image (RoIs given one by one first, then those of a file, then annotated boxes)",
+        "index of the RoI in the image "
+        "(RoIs given one by one first, then those of a file, then annotated boxes)",
     ),
     Column("class", "whose offsets: class name or index, `agnostic` for class-agnostic offsets"),
     Column("bin_row", "bin row i (down)"),
@@ -64,12 +68,14 @@ BINS_CSV: Tuple[Column, ...] = (
     position("by2", "the deformed bin's bottom edge"),
     Column(
         "fg_regular",
-        "fraction of the regular bin's sampling points on the RoI's object mask (empty without a mask)",
+        "fraction of the regular bin's sampling points on the RoI's object mask "
+        "(empty without a mask)",
         "0..1",
     ),
     Column(
         "fg_deformed",
-        "fraction of the deformed bin's sampling points on the RoI's object mask (empty without a mask)",
+        "fraction of the deformed bin's sampling points on the RoI's object mask "
+        "(empty without a mask)",
         "0..1",
     ),
 )
@@ -386,7 +392,8 @@ def _to_pixels(
     scale: float,
     regular_points: Optional[List[np.ndarray]] = None,
 ) -> BinGeometry:
-    """Feature-cell geometry -> model-input pixels with the op's convention x = (u + 0.5) / scale."""
+    """Feature-cell geometry -> model-input pixels with the op's convention
+    x = (u + 0.5) / scale."""
 
     def px(u: np.ndarray) -> np.ndarray:
         return (u + 0.5) / scale
@@ -429,7 +436,8 @@ def roi_bins(record: RoIPoolRecord, class_index: Optional[Sequence[int]] = None)
             bad = [int(c) for c in chosen if not 0 <= c < info.num_classes]
             if bad:
                 raise InputError(
-                    f"class index {bad[0]} is outside 0..{info.num_classes - 1} of layer {record.name}",
+                    f"class index {bad[0]} is outside 0..{info.num_classes - 1} "
+                    f"of layer {record.name}",
                     param="class_choice",
                 )
         return _psroi_geometry(record, chosen)
@@ -448,7 +456,8 @@ def bins_table(
 
     ``rows[k] = (roi, class label)`` names the k-th RoI row set of ``geometry``;
     ``fg_regular`` / ``fg_deformed`` [sets, ph, pw] are the bins' foreground fractions
-    (:mod:`dcn_inspect.analysis.bins_foreground`; NaN where the RoI has no object mask, all NaN when omitted).
+    (:mod:`dcn_inspect.analysis.bins_foreground`; NaN where the RoI has no object mask, all NaN
+    when omitted).
     """
     count, pooled_h, pooled_w = geometry.regular.shape[:3]
     per_set = pooled_h * pooled_w
@@ -553,7 +562,8 @@ def frame_comparison(info: HeadInfo, frame: Optional[FrameMap]) -> Dict[str, Any
 def geometry_for_rows(
     record: RoIPoolRecord, rows: Sequence[Tuple[int, int, str]], info: HeadInfo
 ) -> BinGeometry:
-    """Bins for every ``(roi, class index, how chosen)`` row: one geometry per distinct class, rows picked."""
+    """Bins for every ``(roi, class index, how chosen)`` row: one geometry per distinct class,
+    rows picked."""
     if info.class_agnostic:
         return roi_bins(record)
     classes = sorted({c for _, c, _ in rows})

@@ -39,7 +39,8 @@ from dcn_inspect.analysis.bins import BinGeometry
 from dcn_inspect.analysis.category_stats import bootstrap_means
 from dcn_inspect.core.columns import Column, names, position
 
-#: An RoI not made from an annotated box belongs to the best-IoU annotated object at or above this IoU.
+#: An RoI not made from an annotated box belongs to the best-IoU annotated object at or above
+#: this IoU.
 MATCH_IOU = 0.5
 
 #: The ``group`` of the overall row of :func:`foreground_table`.
@@ -57,7 +58,8 @@ TABLE_CSV: Tuple[Column, ...] = (
     Column("gain", "fg_deformed - fg_regular", "fraction"),
     Column(
         "gain_ci_low",
-        "lower end of the 95 % confidence interval of the gain (percentile bootstrap over images, seeded)",
+        "lower end of the 95 % confidence interval of the gain "
+        "(percentile bootstrap over images, seeded)",
         "fraction",
     ),
     Column("gain_ci_high", "upper end of the 95 % confidence interval of the gain", "fraction"),
@@ -120,7 +122,8 @@ def match_object(
 
 
 def on_mask(points: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Whether each point [..., 2] (x, y in original-image pixels) lies in a pixel of ``mask`` [H, W]."""
+    """Whether each point [..., 2] (x, y in original-image pixels) lies in a pixel of ``mask``
+    [H, W]."""
     height, width = mask.shape
     columns = np.floor(points[..., 0])
     rows = np.floor(points[..., 1])

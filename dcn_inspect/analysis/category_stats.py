@@ -351,7 +351,8 @@ def _row_index(rows: Sequence[int], total: int, device: torch.device) -> Any:
 
 
 def merge_states(states: Sequence[Dict[str, CategoryStats]]) -> Dict[str, CategoryStats]:
-    """Merge per-layer statistics of several shards, in the given order (layers keep first-seen order)."""
+    """Merge per-layer statistics of several shards, in the given order (layers keep first-seen
+    order)."""
     merged: Dict[str, CategoryStats] = {}
     for shard in states:
         for name, stats in shard.items():

@@ -1,4 +1,5 @@
-"""Dense offset maps: what every unit of a deformable layer does with its kernel (``dcn-inspect offsets``).
+"""Dense offset maps: what every unit of a deformable layer does with its kernel
+(``dcn-inspect offsets``).
 
 A deformable layer's offset field is [B, 2*G*kh*kw, Ho, Wo]: for unit (i, j), offset group g and
 kernel point (a, b) (row-major, K = kh*kw), channel ``2*(g*K + a*kw + b)`` holds dy and the next
@@ -10,9 +11,9 @@ the original image:
 - the unit's **mean offset** over its K kernel points: the translation of its sampling grid
   (a symmetric widening or narrowing averages out; the dilation map shows it);
 - the **magnitude** (length) of the field shown;
-- the **effective dilation** (:func:`dcn_inspect.analysis.dilation_stats.effective_dilation`): the mean distance
-  between adjacent sampling points, ``dilation * input stride`` for an undeformed filter, more
-  where the receptive field widens.
+- the **effective dilation** (:func:`dcn_inspect.analysis.dilation.effective_dilation`):
+  the mean distance between adjacent sampling points, ``dilation * input stride`` for an
+  undeformed filter, more where the receptive field widens.
 
 ``group`` follows one offset group (a layer with one group uses it for every channel) or
 ``"mean"``: the groups' offsets averaged, and the mean of the groups' dilations (as
@@ -29,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from dcn_inspect.analysis.dilation_stats import effective_dilation
+from dcn_inspect.analysis.dilation import effective_dilation
 from dcn_inspect.analysis.sample_points import GroupChoice, check_group
 from dcn_inspect.capture.records import DeformConvRecord
 from dcn_inspect.core.errors import InputError
@@ -39,7 +40,8 @@ KernelPoint = Tuple[int, int]
 
 
 def parse_kernel_point(text: str) -> KernelPoint:
-    """``"a,b"`` (kernel row a, column b, 0-based) -> (a, b); one-line error naming ``kernel_point``."""
+    """``"a,b"`` (kernel row a, column b, 0-based) -> (a, b); one-line error naming
+    ``kernel_point``."""
     parts = [p.strip() for p in str(text).split(",")]
     try:
         if len(parts) != 2:
@@ -47,7 +49,8 @@ def parse_kernel_point(text: str) -> KernelPoint:
         a, b = int(parts[0]), int(parts[1])
     except ValueError:
         raise InputError(
-            f"{text!r}: expected A,B = kernel row, column (0-based; 1,1 is the centre of a 3x3 kernel)",
+            f"{text!r}: expected A,B = kernel row, column "
+            "(0-based; 1,1 is the centre of a 3x3 kernel)",
             param="kernel_point",
         ) from None
     if a < 0 or b < 0:
@@ -98,7 +101,8 @@ class LayerOffsetMaps:
         return [self.mean, *self.points]
 
     def summary(self) -> Dict[str, Any]:
-        """Numbers for ``summary.json``: per field the mean and largest magnitude, and the dilation."""
+        """Numbers for ``summary.json``: per field the mean and largest magnitude, and the
+        dilation."""
         return {
             "layer": self.layer,
             "kernel": list(self.kernel),
@@ -136,7 +140,8 @@ def _choose_group(
     g = 0 if values.shape[0] == 1 else int(group)
     if not 0 <= g < values.shape[0]:
         raise InputError(
-            f"{group}: layer {record.name} has {values.shape[0]} offset groups (0..{values.shape[0] - 1})",
+            f"{group}: layer {record.name} has {values.shape[0]} offset groups "
+            f"(0..{values.shape[0] - 1})",
             param="group",
         )
     return values[g]
@@ -148,7 +153,8 @@ def check_kernel_points(record: DeformConvRecord, kernel_points: Sequence[Kernel
     for a, b in kernel_points:
         if not (0 <= a < kh and 0 <= b < kw):
             raise InputError(
-                f"{a},{b}: layer {record.name} has a {kh}x{kw} kernel (rows 0..{kh - 1}, columns 0..{kw - 1})",
+                f"{a},{b}: layer {record.name} has a {kh}x{kw} kernel "
+                f"(rows 0..{kh - 1}, columns 0..{kw - 1})",
                 param="kernel_point",
             )
 

@@ -13,9 +13,16 @@ confident foreground class), ``all``, or a class index or name. The background c
 are shown only when asked for (its index or name, or ``all``): :func:`background_index` says
 which class that is (the class named background, or R-FCN's class 0 when the model names none).
 
-Every RoI may belong to an annotated object (:func:`dcn_inspect.analysis.bins_foreground.match_object`): the
-box it was made from, or the best-IoU annotated box of the image; ``RoIRequest.object_index``
-is that box's position in the image's annotation.
+Every RoI may belong to an annotated object
+(:func:`dcn_inspect.analysis.bins_foreground.match_object`): the box it was made from, or the
+best-IoU annotated box of the image; ``RoIRequest.object_index`` is that box's position in the
+image's annotation.
+
+``RoIRequest.source`` says where an RoI came from (in error messages and ``summary.json``),
+naming the parameter in backticks (``"`rois` 10,10,90,80"``): an error renders it as its front
+end spells parameters, and text written into outputs goes through
+:func:`~dcn_inspect.core.errors.spell_parameters`, so a command-line run reads its flag
+(``"--roi 10,10,90,80"``) and a Python caller the parameter (``"rois 10,10,90,80"``).
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ class RoIRequest:
 
     box: Box
     label: Optional[str]
-    source: str  # where it came from, for error messages and summary.json
+    # where it came from, for error messages and summary.json (parameters in backticks)
+    source: str
     object_index: Optional[int] = (
         None  # the annotated box it was made from (position in the image's annotation)
     )
@@ -59,7 +67,8 @@ MAX_COORDINATE = float(2**24)
 
 
 def parse_roi(text: str) -> Box:
-    """``"X1,Y1,X2,Y2"`` -> a box; one-line :class:`InputError` naming the ``rois`` parameter otherwise."""
+    """``"X1,Y1,X2,Y2"`` -> a box; one-line :class:`InputError` naming the ``rois`` parameter
+    otherwise."""
     parts = [p.strip() for p in text.split(",")]
     try:
         values = tuple(float(p) for p in parts)
@@ -83,7 +92,8 @@ def check_roi(request: RoIRequest) -> None:
         )
     if any(abs(v) > MAX_COORDINATE for v in request.box):
         raise InputError(
-            f"{request.source}: RoI {_fmt_box(request.box)} has a coordinate beyond ±{MAX_COORDINATE:.0f} pixels "
+            f"{request.source}: RoI {_fmt_box(request.box)} has a coordinate "
+            f"beyond ±{MAX_COORDINATE:.0f} pixels "
             "(the pooling ops compute in float32, exact to 2**24)"
         )
     if x2 < x1:
@@ -112,15 +122,17 @@ def collect_rois(
     requests: List[RoIRequest] = []
     for item in rois:
         box = parse_roi(item) if isinstance(item, str) else tuple(float(v) for v in item)
-        requests.append(RoIRequest(box, None, f"--roi {_fmt_box(box)}"))  # type: ignore[arg-type]
+        source = f"`rois` {_fmt_box(box)}"
+        requests.append(RoIRequest(box, None, source))  # type: ignore[arg-type]
     if rois_file is not None:
         file_boxes, labels = read_box_csv(Path(rois_file))
         for k, (box, label) in enumerate(
             zip(np.asarray(file_boxes, dtype=np.float64).reshape(-1, 4), labels)
         ):
+            source = f"`rois_file` {rois_file} box {k}"
             requests.append(
-                RoIRequest(tuple(float(v) for v in box), label, f"--rois {rois_file} box {k}")
-            )  # type: ignore[arg-type]
+                RoIRequest(tuple(float(v) for v in box), label, source)  # type: ignore[arg-type]
+            )
     if boxes is not None:
         found = read_boxes(Path(image_path), Path(boxes))
         if found is None:
@@ -136,7 +148,8 @@ def collect_rois(
         annotation_path = _bundled_annotations_for(image_path)
         if annotation_path is None:
             raise InputError(
-                f"{image_path}: no RoIs given: use `rois` X1,Y1,X2,Y2, `rois_file` FILE, `boxes` FILE or `annotations` FILE"
+                f"{image_path}: no RoIs given: use `rois` X1,Y1,X2,Y2, `rois_file` FILE, "
+                "`boxes` FILE or `annotations` FILE"
             )
     if annotation_path is not None:
         entry = annotation_for_image(annotation_path, Path(image_path))
@@ -219,7 +232,8 @@ def roi_objects(
 
 def _bundled_annotations_for(image_path: Path) -> Optional[Path]:
     """The bundled annotation file if ``image_path`` is one of the bundled demo images."""
-    # realpath, not Path.resolve: it does not raise on a symlink loop (the image is then skipped as unreadable).
+    # realpath, not Path.resolve: it does not raise on a symlink loop (the image is then skipped
+    # as unreadable).
     bundled = {os.path.realpath(p) for p in datasets.bundled_images()}
     if os.path.realpath(image_path) in bundled:
         return Path(datasets.bundled_images_annotations())
@@ -246,7 +260,8 @@ def class_names(loaded: LoadedModel) -> Optional[List[str]]:
 
 
 def offset_class_names(names: Optional[List[str]], num_classes: int) -> Optional[List[str]]:
-    """Names of the head's offset classes: the model's list, with R-FCN's background prepended if short by one."""
+    """Names of the head's offset classes: the model's list, with R-FCN's background prepended
+    if short by one."""
     if names is None:
         return None
     if len(names) == num_classes:
@@ -366,7 +381,8 @@ def choose_classes(
             else:
                 raise InputError(
                     f"{choice}: {request.source} needs a class for the class-specific offsets of "
-                    f"{info.layer} ({num} classes) and the model gives no roi_logits to predict one; "
+                    f"{info.layer} ({num} classes) and the model gives no roi_logits "
+                    "to predict one; "
                     "use `class_choice` INDEX|NAME|all",
                     param="class_choice",
                 )
@@ -375,7 +391,8 @@ def choose_classes(
     if index is None:
         known = f" ({', '.join(names)})" if names else ""
         raise InputError(
-            f"{choice!r}: not a class index 0..{num - 1}, a class name{known}, auto, gt, pred or all",
+            f"{choice!r}: not a class index 0..{num - 1}, a class name{known}, "
+            "auto, gt, pred or all",
             param="class_choice",
         )
     return ClassChoice([(r, index, "given") for r in range(count)], top, background)

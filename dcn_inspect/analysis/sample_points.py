@@ -43,7 +43,8 @@ from dcn_inspect.core.columns import Column, names, position, present
 from dcn_inspect.core.errors import InputError
 from dcn_inspect.core.kernel_grid import kernel_grid
 
-#: ``<stem>_points.csv``: one row per point, in this column order (README and summary.json describe it from here).
+#: ``<stem>_points.csv``: one row per point, in this column order (README and summary.json describe
+#: it from here).
 POINTS_CSV: Tuple[Column, ...] = (
     Column("unit", "index of the traced unit (summary.json lists how each was chosen)"),
     position("unit_x", "the traced unit's centre, x"),
@@ -59,13 +60,15 @@ POINTS_CSV: Tuple[Column, ...] = (
     Column("weight", "product of the DCNv2 masks along the path (1 without masks)", "0..1"),
     Column(
         "inside",
-        "1 if the point lies in the band the op reads (-1 < row < H and -1 < col < W of that layer's input map), "
+        "1 if the point lies in the band the op reads (-1 < row < H and -1 < col < W of that "
+        "layer's input map), "
         "else 0 (kept, never dropped: offsets read outside a map are zero, as in the op)",
         "0 or 1",
     ),
     Column(
         "grad_weight",
-        "|d response / d point| of the unit's response (sum over the top layer's channels at the unit) with respect to the "
+        "|d response / d point| of the unit's response (sum over the top layer's channels at "
+        "the unit) with respect to the "
         "point's position: the total derivative, how much the point matters",
         "response per original-image pixel",
         only="grad_weight",
@@ -128,7 +131,8 @@ class SamplingTrees:
 def _layer_field(
     record: DeformConvRecord, batch_index: int, group: GroupChoice, dtype: torch.dtype
 ) -> torch.Tensor:
-    """The offsets (and mask) a tree reads from one layer: [2K (+K), Ho, Wo] = dy's, dx's (, masks)."""
+    """The offsets (and mask) a tree reads from one layer: [2K (+K), Ho, Wo] = dy's, dx's (,
+    masks)."""
     kernel_points = record.kernel_points
     groups = record.offset_groups
     out_h, out_w = record.offset.shape[-2:]
@@ -158,7 +162,8 @@ def _layer_field(
 
 
 def read_field(field: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Bilinear read of ``field`` [C, H, W] at fractional positions [N] with the op's border rule -> [N, C].
+    """Bilinear read of ``field`` [C, H, W] at fractional positions [N] with the op's border rule ->
+    [N, C].
 
     Same values as :func:`dcn_inspect.ops.reference.bilinear_zero_border` (zero unless
     -1 < y < H and -1 < x < W; corners outside the map contribute zero), laid out for this use:
@@ -209,7 +214,8 @@ def check_group(group: GroupChoice) -> GroupChoice:
 
 def check_group_fits(group: GroupChoice, records: Sequence[DeformConvRecord]) -> GroupChoice:
     """:func:`check_group`, and an error when no layer of ``records`` has that offset group (a
-    layer with one group uses it for every group index, so only an index beyond them all is wrong)."""
+    layer with one group uses it for every group index, so only an index beyond them all is
+    wrong)."""
     group = check_group(group)
     if group == "mean" or not records:
         return group
@@ -220,7 +226,8 @@ def check_group_fits(group: GroupChoice, records: Sequence[DeformConvRecord]) ->
             " (the most of the layers)" if any(r.offset_groups != count for r in records) else ""
         )
         raise InputError(
-            f"{group}: layer {widest.name} has {count} offset group{'s' if count > 1 else ''}{among} "
+            f"{group}: layer {widest.name} has {count} offset "
+            f"group{'s' if count > 1 else ''}{among} "
             f"(use {'0' if count == 1 else f'0..{count - 1}'} or mean)",
             param="group",
         )
@@ -248,17 +255,7 @@ def trace_sampling_trees(
         raise ValueError("trace_sampling_trees needs at least one deformable layer")
     group = check_group_fits(group, records)
     top = records[0]
-    if not 0 <= batch_index < top.offset.shape[0]:
-        raise ValueError(f"batch_index {batch_index} outside the batch of {top.offset.shape[0]}")
-    units = torch.as_tensor(units, dtype=torch.long).reshape(-1, 2).cpu()
-    out_h, out_w = top.geometry.output_hw
-    if units.numel() and (
-        units[:, 0].min() < 0
-        or units[:, 0].max() >= out_h
-        or units[:, 1].min() < 0
-        or units[:, 1].max() >= out_w
-    ):
-        raise ValueError(f"units outside the {out_h}x{out_w} output map of {top.name}")
+    units = _checked_units(top, units, batch_index)
     dtype = torch.float64
     sx, sy = float(scale_to_original[0]), float(scale_to_original[1])
     num_units = units.shape[0]
@@ -278,29 +275,11 @@ def trace_sampling_trees(
     read_at: List[Tuple[torch.Tensor, torch.Tensor]] = []
     for level, record in enumerate(records):
         geometry = record.geometry
-        kernel_points = record.kernel_points
         if round_positions:
             rows, cols = torch.round(rows), torch.round(cols)
         read_at.append((rows, cols))
         layer_field = _layer_field(record, batch_index, group, dtype).cpu()
-        values = read_field(layer_field, rows, cols).reshape(
-            num_units, rows.shape[1], layer_field.shape[0]
-        )  # [U, N, C]
-        dy, dx = values[..., :kernel_points], values[..., kernel_points : 2 * kernel_points]
-        grid_y, grid_x = kernel_grid(geometry.kernel, geometry.dilation, dtype=dtype)
-        sample_y = (
-            rows[..., None] * geometry.stride[0] - geometry.padding[0] + grid_y + dy
-        )  # [U, N, K]
-        sample_x = cols[..., None] * geometry.stride[1] - geometry.padding[1] + grid_x + dx
-        points = rows.shape[1] * kernel_points
-        if record.mask is not None:
-            weight = (weight[..., None] * values[..., 2 * kernel_points :]).reshape(
-                num_units, points
-            )
-        else:
-            weight = weight.repeat_interleave(kernel_points, dim=1)
-        sample_y = sample_y.reshape(num_units, points)
-        sample_x = sample_x.reshape(num_units, points)
+        sample_y, sample_x, weight = _level_samples(record, layer_field, rows, cols, weight)
         in_h, in_w = geometry.input_hw
         inside.append((sample_y > -1) & (sample_y < in_h) & (sample_x > -1) & (sample_x < in_w))
         image_x, image_y = geometry.input_frame.to_image(sample_x, sample_y)
@@ -321,6 +300,52 @@ def trace_sampling_trees(
         inside=inside,
         read_at=read_at,
     )
+
+
+def _checked_units(top: DeformConvRecord, units: torch.Tensor, batch_index: int) -> torch.Tensor:
+    """``units`` as [U, 2] long (row, col) on the CPU; an error for a unit outside the top
+    layer's output map or a batch index outside its batch."""
+    if not 0 <= batch_index < top.offset.shape[0]:
+        raise ValueError(f"batch_index {batch_index} outside the batch of {top.offset.shape[0]}")
+    units = torch.as_tensor(units, dtype=torch.long).reshape(-1, 2).cpu()
+    out_h, out_w = top.geometry.output_hw
+    if units.numel() and (
+        units[:, 0].min() < 0
+        or units[:, 0].max() >= out_h
+        or units[:, 1].min() < 0
+        or units[:, 1].max() >= out_w
+    ):
+        raise ValueError(f"units outside the {out_h}x{out_w} output map of {top.name}")
+    return units
+
+
+def _level_samples(
+    record: DeformConvRecord,
+    layer_field: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    weight: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One level of the trees: the sampling locations of filters centred at the fractional
+    output positions (``rows``, ``cols``: [U, N]) of ``record``, in its input-index frame, and
+    the path weights times the masks read there. Returns ``(sample_y, sample_x, weight)``, each
+    [U, N*K] (parent-major, kernel points row-major)."""
+    geometry = record.geometry
+    kernel_points = record.kernel_points
+    num_units, parents = rows.shape
+    values = read_field(layer_field, rows, cols).reshape(
+        num_units, parents, layer_field.shape[0]
+    )  # [U, N, C]
+    dy, dx = values[..., :kernel_points], values[..., kernel_points : 2 * kernel_points]
+    grid_y, grid_x = kernel_grid(geometry.kernel, geometry.dilation, dtype=rows.dtype)
+    sample_y = rows[..., None] * geometry.stride[0] - geometry.padding[0] + grid_y + dy  # [U, N, K]
+    sample_x = cols[..., None] * geometry.stride[1] - geometry.padding[1] + grid_x + dx
+    points = parents * kernel_points
+    if record.mask is not None:
+        weight = (weight[..., None] * values[..., 2 * kernel_points :]).reshape(num_units, points)
+    else:
+        weight = weight.repeat_interleave(kernel_points, dim=1)
+    return sample_y.reshape(num_units, points), sample_x.reshape(num_units, points), weight
 
 
 def tree_half_extent(
@@ -357,7 +382,8 @@ def points_table(
 ) -> pd.DataFrame:
     """One row per point, units outermost, then levels, then points (the CSV's row order).
 
-    ``grad_weights`` (per level [U, P_l], e.g. from :func:`dcn_inspect.analysis.receptive_field.sampling_point_gradients`)
+    ``grad_weights`` (per level [U, P_l], e.g. from
+    :func:`dcn_inspect.analysis.receptive_field.sampling_point_gradients`)
     adds the :data:`GRAD_WEIGHT_COLUMN` column.
     """
     names = CSV_COLUMNS + ([GRAD_WEIGHT_COLUMN] if grad_weights is not None else [])

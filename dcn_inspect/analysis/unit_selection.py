@@ -1,4 +1,5 @@
-"""Which units of a deformable layer to analyse: at points, on a grid, at box centres, on background.
+"""Which units of a deformable layer to analyse: at points, on a grid, at box centres, on
+background.
 
 Every command that analyses single units (``sample-points``, ``receptive-field``) chooses them
 here, in the top deformable layer's output frame mapped to original-image pixels
@@ -28,8 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dcn_inspect.analysis.dilation_stats import CATEGORIES, area_category
-from dcn_inspect.core.errors import InputError
+from dcn_inspect.analysis.size_categories import CATEGORIES, area_category
+from dcn_inspect.core.errors import InputError, spell_parameters
 from dcn_inspect.core.geometry import FrameMap
 
 #: Boxes of one image: [N, 4] (x1, y1, x2, y2) original-image pixels and their labels.
@@ -64,7 +65,8 @@ class Unit:
 
 @dataclass(frozen=True)
 class UnitCategory:
-    """Where a unit's centre lies: ``background`` or the size category of its box (Table 2's classes)."""
+    """Where a unit's centre lies: ``background`` or the size category of its box (Table 2's
+    classes)."""
 
     name: str  # small, medium, large or background
     box: Optional[int]  # index of the box in the image's boxes
@@ -142,7 +144,8 @@ def background_unit(
     """The background unit of the Fig. 6 triplets: in open background, with its tree on the image.
 
     ``clearance = (cx, cy)`` is half the theoretical receptive field of the traced layers in
-    image pixels (:func:`dcn_inspect.analysis.sample_points.tree_half_extent`). A unit is *clear* when its
+    image pixels (:func:`dcn_inspect.analysis.sample_points.tree_half_extent`). A unit is *clear*
+    when its
     centre is at least ``cx`` from the left and right image borders and ``cy`` from the top and
     bottom ones (its undeformed tree lies on the image), and *background* when its centre lies
     in no box (edges count as inside). The chosen unit is
@@ -192,9 +195,16 @@ def background_unit(
     flat = int(np.lexsort((np.arange(score.size), -fit, -score))[0])
     row, col = divmod(flat, map_hw[1])
     if kept_clear:
-        where = f"at least {cx:.0f} px (x) and {cy:.0f} px (y), half the traced layers' receptive field, from the image border"
+        where = (
+            f"at least {cx:.0f} px (x) and {cy:.0f} px (y), half the traced layers' "
+            "receptive field, from the image border"
+        )
     else:
-        where = f"as far from the image border as the image allows ({border_x[flat]:.0f} px (x), {border_y[flat]:.0f} px (y); half the receptive field is {cx:.0f}, {cy:.0f} px)"
+        where = (
+            f"as far from the image border as the image allows ({border_x[flat]:.0f} px "
+            f"(x), {border_y[flat]:.0f} px (y); half the receptive field is {cx:.0f}, "
+            f"{cy:.0f} px)"
+        )
     distance = (
         "no box"
         if not np.isfinite(to_boxes[flat])
@@ -223,7 +233,10 @@ def box_units(
     for n in np.argsort(areas, kind="stable"):
         x1, y1, x2, y2 = boxes[n]
         label = f" {labels[n]}" if labels[n] else ""
-        detail = f"centre of box {int(n)}{label} [{x1:g},{y1:g},{x2:g},{y2:g}] ({source}), area {areas[n]:.0f} px^2"
+        detail = (
+            f"centre of box {int(n)}{label} [{x1:g},{y1:g},{x2:g},{y2:g}] ({source}), "
+            f"area {areas[n]:.0f} px^2"
+        )
         short = f"box {int(n)}{label} ({x2 - x1:g}x{y2 - y1:g} px)"
         unit = nearest_unit(frame, map_hw, 0.5 * (x1 + x2), 0.5 * (y1 + y2), short, detail)
         units.append(replace(unit, box=int(n)))
@@ -234,7 +247,8 @@ def unit_category(
     unit: Unit, boxes: Optional[Boxes], thresholds: Tuple[float, float]
 ) -> Optional[UnitCategory]:
     """The unit's category for panel titles: from the box that chose it, else (Table 2's rule) the
-    smallest box containing its centre (edges inclusive), else background; ``None`` without boxes."""
+    smallest box containing its centre (edges inclusive), else background; ``None`` without
+    boxes."""
     if boxes is None:
         return None
     coords = np.asarray(boxes[0], dtype=np.float64).reshape(-1, 4)
@@ -279,10 +293,12 @@ def read_boxes(image_path: Path, boxes_file: Path) -> Optional[Boxes]:
 
 
 def bundled_boxes(image_path: Path) -> Optional[Boxes]:
-    """The bundled annotations of ``image_path`` when it is one of the bundled images, else ``None``."""
+    """The bundled annotations of ``image_path`` when it is one of the bundled images, else
+    ``None``."""
     from dcn_inspect.io.datasets import bundled_images, bundled_images_annotations
 
-    # realpath, not Path.resolve: it does not raise on a symlink loop (the image is then skipped as unreadable).
+    # realpath, not Path.resolve: it does not raise on a symlink loop (the image is then skipped as
+    # unreadable).
     if os.path.realpath(image_path) not in {os.path.realpath(p) for p in bundled_images()}:
         return None
     annotations = bundled_images_annotations()
@@ -301,7 +317,8 @@ def choose_units(
     notes: List[str],
     clearance: Tuple[float, float],
 ) -> List[Unit]:
-    """Units of the top layer (output frame ``frame`` in original pixels) for one image, duplicates removed.
+    """Units of the top layer (output frame ``frame`` in original pixels) for one image, duplicates
+    removed.
 
     ``boxes`` come from ``--boxes`` (``boxes_source`` names it) or, when nothing else chose
     units, from the bundled annotations; with no units at all the image centre is traced.
@@ -320,8 +337,8 @@ def choose_units(
                 map_hw,
                 x,
                 y,
-                f"--at {x:g},{y:g}",
-                f"--at {x:g},{y:g}: the nearest unit, clamped into the map",
+                spell_parameters(f"`at` {x:g},{y:g}"),
+                spell_parameters(f"`at` {x:g},{y:g}: the nearest unit, clamped into the map"),
             )
         )
     if grid is not None:
@@ -337,7 +354,8 @@ def choose_units(
     for unit in units:
         if (unit.row, unit.col) in unique:
             notes.append(
-                f"{image_path.name}: {unit.detail or unit.source} falls on the same unit ({unit.row}, {unit.col}) as {unique[(unit.row, unit.col)].source}; traced once"
+                f"{image_path.name}: {unit.detail or unit.source} falls on the same unit "
+                f"({unit.row}, {unit.col}) as {unique[(unit.row, unit.col)].source}; traced once"
             )
         else:
             unique[(unit.row, unit.col)] = unit
@@ -363,4 +381,7 @@ def boxes_per_image(
             found.append(boxes)
         else:
             found.append(bundled_boxes(path) if use_bundled else None)
-    return found, (f"--boxes {boxes_file}" if boxes_file is not None else "the bundled annotations")
+    source = "the bundled annotations"
+    if boxes_file is not None:
+        source = spell_parameters(f"`boxes` {boxes_file}")
+    return found, source

@@ -1,1 +1,2 @@
-"""Capture: what a forward's deformable calls used (records, the capture session, the adapter registry and its adapters)."""
+"""Capture: what a forward's deformable calls used (records, the capture session, the adapter
+registry and its adapters)."""

@@ -14,7 +14,7 @@ imported, and nothing here imports them). Two families:
 Every layer records its kernel, stride, padding, dilation and groups from its attributes; the
 offset layout of all of them is the standard one (PAPER.md §1). A subclass counts as its parent
 only if it does not override ``forward`` (an overriding subclass may take other arguments).
-Its adapter is registered in :data:`dcn_inspect.capture.registry.CAPTURE_REGISTRY`.
+Its adapter is registered in :data:`dcn_inspect.capture.adapters.CAPTURE_REGISTRY`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class ForeignLayer:
         )
 
 
-#: The foreign layers recognised. mmcv 1.x/2.x define them in mmcv.ops.*; mmdetection 1.x in mmdet.ops.dcn.
+#: The foreign layers recognised. mmcv 1.x/2.x define them in mmcv.ops.*; mmdetection 1.x in
+#: mmdet.ops.dcn.
 FOREIGN_LAYERS: Tuple[ForeignLayer, ...] = (
     ForeignLayer("torchvision", ("torchvision.ops",), "DeformConv2d", "arguments", False),
     ForeignLayer("mmcv", ("mmcv.ops",), "DeformConv2d", "arguments", False),
@@ -103,7 +104,8 @@ def _offset_branch(module: nn.Module) -> Optional[nn.Module]:
 
 
 class ForeignDeformConvAdapter(LayerAdapter):
-    """Records the offsets (and masks) of torchvision / mmcv / mmdetection / detectron2 deformable convs."""
+    """Records the offsets (and masks) of torchvision / mmcv / mmdetection / detectron2 deformable
+    convs."""
 
     def matches(self, module: nn.Module) -> bool:
         layer = identify(module)
@@ -168,7 +170,8 @@ class ForeignDeformConvAdapter(LayerAdapter):
                 raw = last["branch_out"]
                 if isinstance(raw, torch.Tensor):
                     if layer.modulated:
-                        # mmcv: o1, o2, mask = chunk(out, 3); offset = cat(o1, o2); mask = sigmoid(mask)
+                        # mmcv: o1, o2, mask = chunk(out, 3); offset = cat(o1, o2);
+                        # mask = sigmoid(mask)
                         first, second, logits = torch.chunk(raw, 3, dim=1)
                         record(
                             last["input"], torch.cat((first, second), dim=1), torch.sigmoid(logits)

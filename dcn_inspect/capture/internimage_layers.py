@@ -101,7 +101,8 @@ def kernel_order(kernel: Pair) -> torch.Tensor:
 
 
 def _with_centre(values: torch.Tensor, points: int, fill: float) -> torch.Tensor:
-    """Insert the removed centre point (``remove_center``) as point ``(points - 1) // 2`` of dim -2."""
+    """Insert the removed centre point (``remove_center``) as point ``(points - 1) // 2`` of
+    dim -2."""
     centre = (points - 1) // 2
     filler = values.new_full(values.shape[:-2] + (1,) + values.shape[-1:], fill)
     return torch.cat([values[..., :centre, :], filler, values[..., centre:, :]], dim=-2)

@@ -128,8 +128,9 @@ def _parse_v1_style(args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[OpC
 
 
 def _parse_v2_style(args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[OpCall]:
-    """``(input, offset, mask, weight, bias, stride=1, padding=0, dilation=1, groups=1, deform_groups=1)``:
-    mmcv's ``modulated_deform_conv2d``, mmdetection 1.x's and detectron2's ``modulated_deform_conv``."""
+    """``(input, offset, mask, weight, bias, stride=1, padding=0, dilation=1, groups=1,
+    deform_groups=1)``: mmcv's ``modulated_deform_conv2d``, mmdetection 1.x's and detectron2's
+    ``modulated_deform_conv``."""
     names = ("input", "offset", "mask", "weight")
     input_, offset, mask, weight = (
         _tensor(_get(args, kwargs, i, (n,))) for i, n in enumerate(names)
@@ -172,9 +173,8 @@ class OpKind:
     name: str  # how records and messages name it
     homes: Tuple[Tuple[str, str], ...]  # (module, attribute) pairs holding the entry point
     parse: Callable[[Sequence[Any], Dict[str, Any]], Optional[OpCall]]
-    slots: Tuple[Slot, ...] = (
-        _TORCHVISION_SLOTS  # where input, offset (and mask) are: the arguments with a batch dimension
-    )
+    # where input, offset (and mask) are: the arguments with a batch dimension
+    slots: Tuple[Slot, ...] = _TORCHVISION_SLOTS
 
 
 def _read_slot(args: Sequence[Any], kwargs: Dict[str, Any], slot: Slot) -> Any:
@@ -196,9 +196,10 @@ def rerun_of(
     kind: OpKind, original: Callable, args: Sequence[Any], kwargs: Dict[str, Any]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The call ``original(*args, **kwargs)`` as a function of its offset (see
-    :data:`dcn_inspect.capture.records.Rerun`): the same entry point, the same arguments (detached; input
-    and mask copied now, so later in-place changes do not reach them), the input and mask
-    expanded to the offset's batch size. The offset is the op's own, the standard layout."""
+    :data:`dcn_inspect.capture.records.Rerun`): the same entry point, the same arguments
+    (detached; input and mask copied now, so later in-place changes do not reach them), the input
+    and mask expanded to the offset's batch size. The offset is the op's own, the standard
+    layout."""
 
     def frozen(value: Any, copy: bool) -> Any:
         if not isinstance(value, torch.Tensor):
@@ -525,7 +526,8 @@ def _wrapper(session: _OpSession, kind: OpKind, original: Callable) -> Callable:
 
 
 def torchvision_op_registered() -> bool:
-    """Whether ``torch.ops.torchvision.deform_conv2d`` exists in this process (never imports torchvision)."""
+    """Whether ``torch.ops.torchvision.deform_conv2d`` exists in this process (never imports
+    torchvision)."""
     try:
         return bool(torch._C._jit_get_schemas_for_operator(TORCHVISION_OP_NAME))
     except (AttributeError, RuntimeError):

@@ -1,14 +1,15 @@
 """What a capture records: one record per deformable layer call, and the capture they go into.
 
-The types every capture adapter shares (:mod:`dcn_inspect.capture.session` for dcn-inspect's own layers,
-:mod:`dcn_inspect.capture.foreign_layers` for torchvision / mmcv / mmdetection / detectron2 layers):
+The types every capture adapter shares (:mod:`dcn_inspect.capture.session` for dcn-inspect's own
+layers, :mod:`dcn_inspect.capture.foreign_layers` for torchvision / mmcv / mmdetection / detectron2
+layers):
 
 - :class:`DeformConvRecord`: the offset field (and DCNv2 mask) a deformable conv call used,
   with the layer's kernel arithmetic and the frame of its input (:mod:`dcn_inspect.core.geometry`);
 - :class:`RoIPoolRecord`: the RoIs and normalised offsets a deformable (PS) RoI pooling call used;
 - :class:`OffsetCapture`: the records of one forward pass, in call order;
 - :class:`LayerAdapter`: how one family of layers is recognised and hooked;
-- the adapters themselves are listed in :mod:`dcn_inspect.capture.registry`; the layers an
+- the adapters themselves are listed in :mod:`dcn_inspect.capture.adapters`; the layers an
   analysis follows are chosen by :func:`dcn_inspect.capture.selection.select_layers`.
 
 Offset layout (PAPER.md §1): ``[B, 2*G*kh*kw, Hout, Wout]``, channel ``2*(g*kh*kw + a*kw + b)``
@@ -53,7 +54,9 @@ class DeformConvRecord:
     converted_from: Optional[str] = (
         None  # native layout converted into the standard one ("DCNv3", "DCNv4")
     )
-    grid_scale: float = 1.0  # the layer scales its regular grid by this (DCNv3/v4 ``offset_scale``; folded into the offsets here)
+    # the layer scales its regular grid by this (DCNv3/v4 ``offset_scale``; folded into the
+    # offsets here)
+    grid_scale: float = 1.0
 
     @property
     def modulated(self) -> bool:
@@ -80,9 +83,9 @@ class RoIPoolRecord:
     input_frame: Optional[FrameMap]
 
 
-#: ``rerun(offset)``: a call run again on B copies of its input with ``offset`` [B, 2*G*kh*kw, Ho, Wo]
-#: (standard layout) in place of the captured one -> the call's output for the B copies (in the
-#: autograd graph of ``offset``).
+#: ``rerun(offset)``: a call run again on B copies of its input with ``offset``
+#: [B, 2*G*kh*kw, Ho, Wo] (standard layout) in place of the captured one -> the call's output for
+#: the B copies (in the autograd graph of ``offset``).
 Rerun = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -199,7 +202,8 @@ class OffsetCapture:
         ):
             # Tracing or measuring NaN offsets gives silent garbage: stop and name the layer.
             raise InputError(
-                f"layer {record.name}: its offsets came out non-finite (NaN/Inf); the checkpoint's weights or the input are broken"
+                f"layer {record.name}: its offsets came out non-finite (NaN/Inf); "
+                "the checkpoint's weights or the input are broken"
             )
         self.convs[record.name] = record
         return record

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
-from dcn_inspect.capture import registry
+from dcn_inspect.capture import adapters
 from dcn_inspect.capture.records import DeformConvRecord
 from dcn_inspect.core.errors import InputError
 
@@ -30,9 +30,10 @@ def select_layers(
         name for name, record in convs.items() if record.kernel_points >= min_kernel_points
     ]
     if not available:
-        looked_for = registry.looked_for()
+        looked_for = adapters.looked_for()
         raise InputError(
-            f"{model_name}: the model ran no deformable conv layer that dcn-inspect recognises on this input (looked for: {looked_for})",
+            f"{model_name}: the model ran no deformable conv layer that dcn-inspect recognises "
+            f"on this input (looked for: {looked_for})",
             param="model",
         )
     if names and count is not None:
@@ -42,14 +43,16 @@ def select_layers(
         unknown = [name for name in wanted if name not in available]
         if unknown:
             raise InputError(
-                f": unknown deformable layer(s) {', '.join(unknown)}; valid: {', '.join(available)}",
+                f": unknown deformable layer(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(available)}",
                 param="layers",
             )
         chosen = [name for name in available if name in wanted]
     else:
         if count is not None and not 1 <= count <= len(available):
             raise InputError(
-                f"{count}: the model has {len(available)} deformable conv layer(s) ({', '.join(available)})",
+                f"{count}: the model has {len(available)} deformable conv layer(s) "
+                f"({', '.join(available)})",
                 param="levels",
             )
         take = count if count is not None else default_count

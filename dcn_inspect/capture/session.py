@@ -12,17 +12,19 @@ Two levels of capture, and no call counted twice:
 
 * module level, through adapters (:class:`~dcn_inspect.capture.records.LayerAdapter`): ours report
   their offsets through the observer mechanism of :mod:`dcn_inspect.ops.modules`; foreign
-  layers (torchvision / mmcv / mmdetection / detectron2, :mod:`dcn_inspect.capture.foreign_layers`) are
-  matched by class name, without importing those libraries, and read their offsets from the
-  call arguments or from their ``conv_offset`` branch; DCNv3 / DCNv4 layers
+  layers (torchvision / mmcv / mmdetection / detectron2,
+  :mod:`dcn_inspect.capture.foreign_layers`) are matched by class name, without importing those
+  libraries, and read their offsets from the call arguments or from their ``conv_offset``
+  branch; DCNv3 / DCNv4 layers
   (:mod:`dcn_inspect.capture.internimage_layers`) are converted into the standard layout;
 * op level (:mod:`dcn_inspect.capture.op_calls`): every other deformable-conv op call the forward
   makes (a research module calling ``torchvision.ops.deform_conv2d`` with its own offset and
   modulator convs), named after the innermost module whose forward made the call.
 
 :func:`forward` calls a model the way every command does: an exception the model raises (the
-user's code, or an input it cannot take) becomes a one-line :class:`~dcn_inspect.core.errors.InputError`
-naming the model and quoting the exception, instead of a crash.
+user's code, or an input it cannot take) becomes a one-line
+:class:`~dcn_inspect.core.errors.InputError` naming the model and quoting the exception, instead
+of a crash.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
+from dcn_inspect.capture.adapters import ADAPTERS
 from dcn_inspect.capture.op_calls import capture_ops
 from dcn_inspect.capture.records import (
     DeformConvRecord,
     OffsetCapture,
     RoIPoolRecord,
 )
-from dcn_inspect.capture.registry import ADAPTERS
 from dcn_inspect.core.errors import InputError
 from dcn_inspect.core.geometry import FrameTracker
 
@@ -60,7 +62,8 @@ __all__ = [
 def capture_offsets(
     model: nn.Module, track_frames: bool = True, tracker: Optional[FrameTracker] = None
 ) -> Iterator[OffsetCapture]:
-    """Record the offsets of every deformable layer and op call of ``model`` during the enclosed forward.
+    """Record the offsets of every deformable layer and op call of ``model`` during the enclosed
+    forward.
 
     Call ``capture.watch_input(images)`` before ``model(images)`` so frames can be derived.
     ``tracker`` replaces the default :class:`FrameTracker` (e.g. a subclass that follows more
@@ -119,15 +122,16 @@ def forward(
     except MemoryError as exc:
         shape = "x".join(str(n) for n in images.shape)
         raise ModelRaised(
-            f"{model_name or type(model).__name__}: out of memory in the forward of a {shape} input (lower `max_pixels` or `resize`)",
+            f"{model_name or type(model).__name__}: out of memory in the forward of a {shape} "
+            "input (lower `max_pixels` or `resize`)",
             exc,
         ) from exc
     except Exception as exc:  # noqa: BLE001 - whatever the model's code raises is reported as the model's
         text = str(exc).strip()
         first = text.splitlines()[0][:300] if text else ""
         raise ModelRaised(
-            f"{model_name or type(model).__name__}: the model raised {type(exc).__name__} in its forward"
-            + (f": {first}" if first else ""),
+            f"{model_name or type(model).__name__}: the model raised {type(exc).__name__} "
+            "in its forward" + (f": {first}" if first else ""),
             exc,
         ) from exc
 

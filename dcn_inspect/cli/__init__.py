@@ -55,7 +55,8 @@ def _raise_terminated(owner: int) -> Callable[[int, Any], None]:
 
 
 def _set_handlers(handlers: Dict[int, Any]) -> Dict[int, Any]:
-    """Install ``handlers`` (signal -> handler); returns the previous ones (none off the main thread)."""
+    """Install ``handlers`` (signal -> handler); returns the previous ones (none off the main
+    thread)."""
     previous: Dict[int, Any] = {}
     for signum, handler in handlers.items():
         try:
@@ -132,7 +133,8 @@ def _unexpected(exc: Exception) -> int:
         traceback.print_exc()
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     print(
-        f"dcn-inspect: internal error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)",
+        f"dcn-inspect: internal error: {type(exc).__name__}: {message} (rerun with --debug for "
+        "the traceback)",
         file=sys.stderr,
     )
     return 1

@@ -6,10 +6,14 @@ import the library inside their functions.
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
+
+from dcn_inspect.cli.spelling import lazy_spelling
+from dcn_inspect.core.errors import parameter_spelling
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -43,39 +47,77 @@ class Command(TyperCommand):
         return params
 
 
+#: The order ``dcn-inspect --help`` lists the commands in (set-up first, then the figures);
+#: fixed here, not by the order in which the command modules happen to be imported.
+COMMAND_ORDER = (
+    "doctor",
+    "models",
+    "info",
+    "bins",
+    "sample-points",
+    "dilation-stats",
+    "offsets",
+    "receptive-field",
+    "demo-data",
+)
+
+
 class Group(TyperGroup):
-    """The ``dcn-inspect`` group: its own options' help without Python type names."""
+    """The ``dcn-inspect`` group: its own options' help without Python type names, its commands
+    in :data:`COMMAND_ORDER`."""
 
     def get_params(self, ctx: Any) -> List[Any]:
         params = super().get_params(ctx)
         plain_metavars(params)
         return params
 
+    def list_commands(self, ctx: Any) -> List[str]:
+        names = super().list_commands(ctx)
+        rank = {name: k for k, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda name: (rank.get(name, len(rank)), names.index(name)))
+
+
+def one_line_paragraphs(docstring: str) -> str:
+    """``docstring`` with each paragraph on one line: rich help keeps a docstring's line breaks,
+    so the source can wrap at 100 columns while ``--help`` lays the text out itself."""
+    paragraphs = inspect.cleandoc(docstring).split("\n\n")
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
+
 
 class App(typer.Typer):
-    """``app.command(...)`` registers commands of class :class:`Command`."""
+    """``app.command(...)`` registers commands of class :class:`Command`, their help taken from
+    the docstring with each paragraph on one line."""
 
     def command(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:  # type: ignore[override]
         kwargs.setdefault("cls", Command)
-        return super().command(*args, **kwargs)
+
+        def register(function: Callable[..., Any]) -> Callable[..., Any]:
+            if kwargs.get("help") is None and function.__doc__:
+                kwargs["help"] = one_line_paragraphs(function.__doc__)
+            return super(App, self).command(*args, **kwargs)(function)
+
+        return register
 
 
 app = App(
     name="dcn-inspect",
     cls=Group,
-    help="Inspect what deformable convolutional networks learned: sampling trees, effective dilation, deformed RoI bins.",
+    help="Inspect what deformable convolutional networks learned: sampling trees, "
+    "effective dilation, deformed RoI bins.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-#: Global options: ``--debug`` shows tracebacks, ``--verbose`` shows details (e.g. checkpoint key tables).
+#: Global options: ``--debug`` shows tracebacks, ``--verbose`` shows details (e.g. checkpoint key
+#: tables).
 state: Dict[str, bool] = {"debug": False, "verbose": False}
 
 
 @app.callback()
 def _global_options(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     verbose: bool = typer.Option(
         False, "--verbose", help="Show details: the checkpoint key table, every warning."
@@ -83,6 +125,14 @@ def _global_options(
 ) -> None:
     state["debug"] = debug
     state["verbose"] = verbose
+    if ctx.invoked_subcommand:
+        # Text the library writes into the run's outputs (how a unit or RoI was chosen) names
+        # parameters as this command's flags, for as long as the command runs.
+        def params() -> List[Any]:
+            command = ctx.command.get_command(ctx, ctx.invoked_subcommand)  # type: ignore[attr-defined]
+            return list(ctx.command.params) + list(getattr(command, "params", []))
+
+        ctx.with_resource(parameter_spelling(lazy_spelling(params)))
 
 
 def comma_list(values: Optional[List[str]]) -> Optional[List[str]]:

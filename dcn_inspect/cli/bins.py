@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import typer
 
@@ -14,7 +14,8 @@ from dcn_inspect.cli.app import app, print_skipped
 EPILOG = (
     "Example: dcn-inspect bins  (the bundled demo images with their annotated boxes)\n\n"
     "Example: dcn-inspect bins photo.jpg --roi 40,30,220,260 --class all --points --out out/\n\n"
-    "Example: dcn-inspect bins dcn_inspect/data/demo/annotations.json  (a dataset: foreground fractions per class)"
+    "Example: dcn-inspect bins dcn_inspect/data/demo/annotations.json  "
+    "(a dataset: foreground fractions per class)"
 )
 
 
@@ -23,8 +24,8 @@ def bins(
     images: Optional[List[Path]] = typer.Argument(
         None,
         metavar="IMAGE",
-        help="Images, or one dataset (COCO json or VOC directory: every annotated box is an RoI, foreground table only). "
-        "Default: the bundled demo images.",
+        help="Images, or one dataset (COCO json or VOC directory: every annotated box is an RoI, "
+        "foreground table only). Default: the bundled demo images.",
         show_default=False,
     ),
     model: Optional[str] = options.model(),
@@ -49,7 +50,8 @@ def bins(
         "auto",
         "--class",
         metavar="CLASS",
-        help="Offsets of a class-specific head: INDEX or NAME, gt (the RoI's class), pred (the model's), all, or auto (gt, else pred).",
+        help="Offsets of a class-specific head: INDEX or NAME, gt (the RoI's class), "
+        "pred (the model's), all, or auto (gt, else pred).",
     ),
     points: bool = typer.Option(
         False, "--points", help="Also draw and write the bilinear sampling points of each bin."
@@ -74,7 +76,8 @@ def bins(
     max_images: Optional[int] = options.max_images("Dataset only"),
     allow_outside_paths: bool = options.allow_outside_paths(),
 ) -> None:
-    """Regular versus deformed RoI-pooling bins (the paper's Fig. 7): CSV, figure and summary.json."""
+    """Regular versus deformed RoI-pooling bins (the paper's Fig. 7): CSV, figure and
+    summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters
 
     from dcn_inspect.commands.bins import bins as run
@@ -84,39 +87,12 @@ def bins(
     for item in result.images:
         console.print(f"{item.image.name}: {len(item.rois)} RoI(s) -> {item.csv}, {item.figure}")
     if result.foreground is not None:
-        console.print(foreground_table(result.foreground))
+        from dcn_inspect.report.tables import foreground_console_table
+
+        console.print(foreground_console_table(result.foreground))
     for name, path in result.files.items():
         console.print(f"{name}: {path}", soft_wrap=True)
     for note in result.notes:
         console.print(f"note: {note}")
     print_skipped(console, result.skipped)
     console.print(f"summary: {result.summary}")
-
-
-def foreground_table(table: Any) -> Any:
-    """Fraction of bin sampling points on the object's mask, per class and overall, as a rich table."""
-    import math
-
-    from rich.table import Table
-
-    out = Table(title="Bin sampling points on the object's mask (mean over RoIs)")
-    for name, justify in (
-        ("class", "left"),
-        ("RoIs", "right"),
-        ("regular", "right"),
-        ("deformed", "right"),
-        ("gain [95% CI]", "right"),
-        ("improved", "right"),
-    ):
-        out.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for row in table.itertuples(index=False):
-        interval = (
-            ""
-            if not math.isfinite(row.gain_ci_low)
-            else f" [{100 * row.gain_ci_low:+.1f}, {100 * row.gain_ci_high:+.1f}]"
-        )
-        out.add_row(
-            str(row.group), str(row.rois), f"{100 * row.fg_regular:.1f} %", f"{100 * row.fg_deformed:.1f} %",
-            f"{100 * row.gain:+.1f} pt{interval}", f"{100 * row.improved:.0f} %",
-        )  # fmt: skip
-    return out

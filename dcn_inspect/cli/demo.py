@@ -1,4 +1,5 @@
-"""``dcn-inspect demo-data``: synthetic shape scenes with boxes and polygons, like the bundled demo dataset.
+"""``dcn-inspect demo-data``: synthetic shape scenes with boxes and polygons, like the bundled demo
+dataset.
 
 (The sample weights are trained by ``python sample_weights/train.py``, outside the package.)
 """
@@ -33,7 +34,8 @@ def demo_data(
         "coco",
         "--format",
         metavar="coco|voc",
-        help="coco (annotations.json + images/) or voc (Annotations/, JPEGImages/, ImageSets/Main/all.txt).",
+        help="coco (annotations.json + images/) or voc "
+        "(Annotations/, JPEGImages/, ImageSets/Main/all.txt).",
     ),
     size: int = typer.Option(
         256, "--size", metavar="PIXELS", help="Image width and height in pixels (at least 64)."
@@ -45,7 +47,8 @@ def demo_data(
         help="png (exact pixels) or jpg (quality 90, ~5x smaller).",
     ),
 ) -> None:
-    """Generate synthetic shape scenes (disc, square, triangle, cross, star at small/medium/large scales on cluttered textured backgrounds) with ground-truth boxes and polygons."""
+    """Generate synthetic shape scenes (disc, square, triangle, cross, star at small/medium/large
+    scales on cluttered textured backgrounds) with ground-truth boxes and polygons."""
     from rich.progress import Progress
 
     from dcn_inspect.core.errors import InputError

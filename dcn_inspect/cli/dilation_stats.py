@@ -13,8 +13,10 @@ from dcn_inspect.cli.app import app, comma_list
 
 EPILOG = (
     "Example: dcn-inspect dilation-stats  (the bundled demo dataset, sample model)\n\n"
-    "Example: dcn-inspect dilation-stats VOCdevkit/VOC2007 --split test --thresholds coco --units pixels --batch-size 8 --workers 4 --out out/\n\n"
-    "Distributed: torchrun --nproc-per-node 4 $(which dcn-inspect) dilation-stats instances_val2017.json --images val2017/ --device cuda"
+    "Example: dcn-inspect dilation-stats VOCdevkit/VOC2007 --split test --thresholds coco "
+    "--units pixels --batch-size 8 --workers 4 --out out/\n\n"
+    "Distributed: torchrun --nproc-per-node 4 $(which dcn-inspect) dilation-stats "
+    "instances_val2017.json --images val2017/ --device cuda"
 )
 
 
@@ -71,7 +73,8 @@ def dilation_stats(
     max_pixels: int = options.max_pixels("Skip"),
     allow_outside_paths: bool = options.allow_outside_paths(),
 ) -> None:
-    """Effective dilation per deformable layer and object size (the paper's Table 2): CSV, Markdown, histogram, summary.json."""
+    """Effective dilation per deformable layer and object size (the paper's Table 2): CSV, Markdown,
+    histogram, summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters
 
     from dcn_inspect.commands.dilation_stats import dilation_stats as run
@@ -84,7 +87,8 @@ def dilation_stats(
     console.print(rich_differences(result.differences, result.units))
     low, high = result.thresholds
     console.print(
-        f"thresholds ({result.thresholds_name}): small < {low:g} px² <= medium < {high:g} px² <= large"
+        f"thresholds ({result.thresholds_name}): "
+        f"small < {low:g} px² <= medium < {high:g} px² <= large"
     )
     by_kind = result.skipped.by_kind()
     line = f"images used: {result.images_used}"
@@ -106,8 +110,8 @@ def rich_table(table: Any, units: str, title: str = "Effective dilation") -> Any
     from rich import box
     from rich.table import Table
 
-    from dcn_inspect.analysis.dilation_stats import CATEGORIES
-    from dcn_inspect.commands.dilation_stats import table2_rows
+    from dcn_inspect.analysis.size_categories import CATEGORIES
+    from dcn_inspect.report.dilation_stats import table2_rows
 
     rows = table2_rows(table)
     per_group = "group" in table.columns
@@ -143,7 +147,7 @@ def rich_differences(differences: Any, units: str) -> Any:
     from rich import box
     from rich.table import Table
 
-    from dcn_inspect.commands.dilation_stats import difference_label, difference_text
+    from dcn_inspect.report.dilation_stats import difference_label, difference_text
 
     per_group = "group" in differences.columns
     out = Table(

@@ -13,7 +13,8 @@ from dcn_inspect.cli.app import app, comma_list, print_skipped
 
 EPILOG = (
     "Example: dcn-inspect offsets  (the bundled images, every deformable layer)\n\n"
-    "Example: dcn-inspect offsets photo.jpg --layers layer4.2.conv2 --kernel-point 0,0 --kernel-point 2,2 --out out/\n\n"
+    "Example: dcn-inspect offsets photo.jpg --layers layer4.2.conv2 "
+    "--kernel-point 0,0 --kernel-point 2,2 --out out/\n\n"
     "Example: dcn-inspect offsets photo.jpg --model mask_rcnn_r50_dcn.pth --group mean --format pdf"
 )
 
@@ -28,7 +29,8 @@ def offsets(
         None,
         "--kernel-point",
         metavar="A,B",
-        help="Also show the offsets of kernel point A,B (kernel row, column, 0-based; 1,1 = centre of 3x3; repeatable).",
+        help="Also show the offsets of kernel point A,B "
+        "(kernel row, column, 0-based; 1,1 = centre of 3x3; repeatable).",
     ),
     group: str = options.group("Offset group to show (G), or 'mean' to average the groups."),
     resize: Optional[int] = options.resize(),
@@ -38,7 +40,8 @@ def offsets(
     max_pixels: int = options.max_pixels(),
     strict: bool = options.strict(),
 ) -> None:
-    """Dense offset maps per deformable layer: flow colours, magnitude, effective dilation over the image; PNG, npz, summary.json."""
+    """Dense offset maps per deformable layer: flow colours, magnitude, effective dilation over the
+    image; PNG, npz, summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters
 
     from dcn_inspect.commands.offsets import offsets as run

@@ -66,9 +66,11 @@ def max_pixels(verb: str = "Refuse") -> Any:
         "--max-pixels",
         metavar="N",
         help=(
-            f"{verb} images whose pixels (width*height), or whose model input after resizing, exceed this; 0: no limit. "
-            f"It bounds memory: ~{BYTES_PER_PIXEL} bytes per model-input pixel at the forward's peak, so the default "
-            f"keeps one image within {MEMORY_SHARE_PER_IMAGE:.0%} of a {MACHINE_MEMORY_BYTES // 2**30} GB machine."
+            f"{verb} images whose pixels (width*height), or whose model input after resizing, "
+            "exceed this; 0: no limit. It bounds memory: "
+            f"~{BYTES_PER_PIXEL} bytes per model-input pixel at the forward's peak, so the default "
+            f"keeps one image within {MEMORY_SHARE_PER_IMAGE:.0%} of a "
+            f"{MACHINE_MEMORY_BYTES // 2**30} GB machine."
         ),
     )
 
@@ -95,7 +97,8 @@ def boxes(what: str) -> Any:
         None,
         "--boxes",
         metavar="FILE",
-        help=f"The image's boxes: COCO json, VOC xml/directory or CSV x1,y1,x2,y2[,class] (crowd/difficult boxes left out): {what}.",
+        help="The image's boxes: COCO json, VOC xml/directory or CSV x1,y1,x2,y2[,class] "
+        f"(crowd/difficult boxes left out): {what}.",
     )
 
 
@@ -109,7 +112,8 @@ def allow_outside_paths() -> Any:
     return typer.Option(
         False,
         "--allow-outside-paths",
-        help="Read image files a dataset names outside its folder (absolute or ../ paths in COCO / VOC files).",
+        help="Read image files a dataset names outside its folder "
+        "(absolute or ../ paths in COCO / VOC files).",
     )
 
 

@@ -1,12 +1,12 @@
-"""``dcn-inspect receptive-field``: effective receptive fields, gradient-weighted sampling points and
-error-bounded saliency regions (parses, then calls
+"""``dcn-inspect receptive-field``: effective receptive fields, gradient-weighted sampling points
+and error-bounded saliency regions (parses, then calls
 :func:`dcn_inspect.commands.receptive_field.receptive_field` or, with ``--stats``,
 :func:`dcn_inspect.commands.receptive_field.receptive_field_stats`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import typer
 
@@ -15,10 +15,14 @@ from dcn_inspect.cli.app import app, comma_list, print_skipped
 from dcn_inspect.core.errors import InputError
 
 EPILOG = (
-    "Example: dcn-inspect receptive-field  (the bundled images: background, small and large object units)\n\n"
-    "Example: dcn-inspect receptive-field photo.jpg --at 320,240 --channel 7 --saliency-error 0.05 --out out/\n\n"
-    "Example: dcn-inspect receptive-field scene.jpg --compare-model dcn-sample-dilated  (deformable vs plain, side by side)\n\n"
-    "Example: dcn-inspect receptive-field --stats --max-images 5  (ERF radius and saliency area per object size, bundled dataset)"
+    "Example: dcn-inspect receptive-field  (the bundled images: background, small and large "
+    "object units)\n\n"
+    "Example: dcn-inspect receptive-field photo.jpg --at 320,240 --channel 7 "
+    "--saliency-error 0.05 --out out/\n\n"
+    "Example: dcn-inspect receptive-field scene.jpg --compare-model dcn-sample-dilated  "
+    "(deformable vs plain, side by side)\n\n"
+    "Example: dcn-inspect receptive-field --stats --max-images 5  (ERF radius and saliency area "
+    "per object size, bundled dataset)"
 )
 
 #: Options that only the dataset mode reads, with their defaults.
@@ -36,14 +40,91 @@ _IMAGES_ONLY = {
 }
 
 
-@app.command("receptive-field", epilog=EPILOG)
-def receptive_field(
-    images: Optional[List[Path]] = typer.Argument(
+# --------------------------------------------------------------------------------------------
+# This command's own options
+
+
+def _images() -> Any:
+    return typer.Argument(
         None,
         metavar="IMAGE",
-        help="Images (default: the bundled example images); with --stats, the DATASET: a COCO json or VOC directory (default: the bundled demo dataset).",
+        help="Images (default: the bundled example images); with --stats, the DATASET: a COCO "
+        "json or VOC directory (default: the bundled demo dataset).",
         show_default=False,
-    ),
+    )
+
+
+def _channel() -> Any:
+    return typer.Option(
+        None,
+        "--channel",
+        metavar="C",
+        help="The response is this channel's value (default: the sum over the layer's channels).",
+    )
+
+
+def _saliency_error() -> Any:
+    return typer.Option(
+        0.1,
+        "--saliency-error",
+        metavar="FRACTION",
+        help="Relative error bound of the saliency region (0.1 = 10 %).",
+    )
+
+
+def _saliency_step() -> Any:
+    return typer.Option(
+        None,
+        "--saliency-step",
+        metavar="PIXELS",
+        help="Resolution of the saliency search in model-input pixels (default: the layer's "
+        "stride).",
+    )
+
+
+def _compare_model() -> Any:
+    return typer.Option(
+        None,
+        "--compare-model",
+        metavar="MODEL",
+        help="A second model (e.g. dcn-sample-dilated) on the same units, drawn side by side.",
+    )
+
+
+def _compare_weights() -> Any:
+    return typer.Option(
+        None,
+        "--compare-weights",
+        metavar="FILE",
+        help="Weights of the --compare-model architecture.",
+    )
+
+
+def _stats() -> Any:
+    return typer.Option(
+        False,
+        "--stats",
+        help="Dataset mode: ERF 90 % radius and saliency area per layer and object size "
+        "(dilation-stats layout).",
+    )
+
+
+def _batch_size() -> Any:
+    return typer.Option(
+        8,
+        "--batch-size",
+        metavar="N",
+        help="Units per backward pass (and masked images per forward).",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+@app.command("receptive-field", epilog=EPILOG)
+def receptive_field(
+    images: Optional[List[Path]] = _images(),
     model: Optional[str] = options.model(),
     weights: Optional[Path] = options.weights(),
     layers: Optional[List[str]] = options.layers("to follow (the units belong to the last called)"),
@@ -51,53 +132,19 @@ def receptive_field(
     at: Optional[List[str]] = options.at(),
     grid: Optional[int] = options.grid(),
     boxes: Optional[Path] = options.boxes("a unit at each box centre plus one on background"),
-    channel: Optional[int] = typer.Option(
-        None,
-        "--channel",
-        metavar="C",
-        help="The response is this channel's value (default: the sum over the layer's channels).",
-    ),
+    channel: Optional[int] = _channel(),
     group: str = options.group("Offset group the sampling trees follow (G), or 'mean'."),
     round_positions: bool = options.round_positions("tree positions"),
-    saliency_error: float = typer.Option(
-        0.1,
-        "--saliency-error",
-        metavar="FRACTION",
-        help="Relative error bound of the saliency region (0.1 = 10 %).",
-    ),
-    saliency_step: Optional[int] = typer.Option(
-        None,
-        "--saliency-step",
-        metavar="PIXELS",
-        help="Resolution of the saliency search in model-input pixels (default: the layer's stride).",
-    ),
-    compare_model: Optional[str] = typer.Option(
-        None,
-        "--compare-model",
-        metavar="MODEL",
-        help="A second model (e.g. dcn-sample-dilated) on the same units, drawn side by side.",
-    ),
-    compare_weights: Optional[Path] = typer.Option(
-        None,
-        "--compare-weights",
-        metavar="FILE",
-        help="Weights of the --compare-model architecture.",
-    ),
-    stats: bool = typer.Option(
-        False,
-        "--stats",
-        help="Dataset mode: ERF 90 % radius and saliency area per layer and object size (dilation-stats layout).",
-    ),
+    saliency_error: float = _saliency_error(),
+    saliency_step: Optional[int] = _saliency_step(),
+    compare_model: Optional[str] = _compare_model(),
+    compare_weights: Optional[Path] = _compare_weights(),
+    stats: bool = _stats(),
     images_dir: Optional[Path] = options.dataset_images("With --stats", "--image-dir"),
     split: Optional[str] = options.split("With --stats"),
     thresholds: str = options.thresholds(scope="With --stats"),
     max_images: Optional[int] = options.max_images("With --stats"),
-    batch_size: int = typer.Option(
-        8,
-        "--batch-size",
-        metavar="N",
-        help="Units per backward pass (and masked images per forward).",
-    ),
+    batch_size: int = _batch_size(),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
     out: Path = options.out(),
@@ -105,49 +152,61 @@ def receptive_field(
     max_pixels: int = options.max_pixels(),
     strict: bool = options.strict(),
 ) -> None:
-    """Effective receptive field, gradient-weighted sampling points and error-bounded saliency region of chosen units (DCNv2 §2.1): figure, CSV, npz, summary.json."""
+    """Effective receptive field, gradient-weighted sampling points and error-bounded saliency
+    region of chosen units (DCNv2 §2.1): figure, CSV, npz, summary.json."""
     given = dict(locals())  # the options, named as the library functions name their parameters
 
     given.pop("stats")
     given["layers"] = comma_list(layers)
-    console = render.console()
     if stats:
-        _refuse(given, _IMAGES_ONLY, "stats")
-        if images and len(images) > 1:
-            raise InputError(
-                f"{len(images)} paths given: the dataset mode takes one DATASET (a COCO json or a VOC directory)",
-                param="images",
-            )
-        from dcn_inspect.cli.dilation_stats import rich_table
-        from dcn_inspect.commands.receptive_field import receptive_field_stats
+        _run_stats(given)
+    else:
+        _run_images(given)
 
-        for name in _IMAGES_ONLY:
-            given.pop(name)
-        given.pop("images")
-        result = receptive_field_stats(dataset=images[0] if images else None, **given)
-        console.print(
-            rich_table(
-                result.radius_table,
-                "original-image pixels",
-                "ERF radius holding 90 % of the gradient mass",
-            )
+
+def _run_stats(given: Dict[str, Any]) -> None:
+    """The dataset mode: ``receptive_field_stats`` on the one DATASET, its tables printed."""
+    _refuse(given, _IMAGES_ONLY, "stats")
+    images = given.pop("images")
+    if images and len(images) > 1:
+        raise InputError(
+            f"{len(images)} paths given: the dataset mode takes one DATASET (a COCO json or a "
+            "VOC directory)",
+            param="images",
         )
-        console.print(
-            rich_table(result.area_table, "original-image pixels²", "Saliency region area")
+    from dcn_inspect.cli.dilation_stats import rich_table
+    from dcn_inspect.commands.receptive_field import receptive_field_stats
+
+    for name in _IMAGES_ONLY:
+        given.pop(name)
+    result = receptive_field_stats(dataset=images[0] if images else None, **given)
+    console = render.console()
+    console.print(
+        rich_table(
+            result.radius_table,
+            "original-image pixels",
+            "ERF radius holding 90 % of the gradient mass",
         )
-        low, high = result.thresholds
-        console.print(
-            f"thresholds ({result.thresholds_name}): small < {low:g} px² <= medium < {high:g} px² <= large; images used: {result.images_used}"
-        )
-        for name, path in result.files.items():
-            console.print(f"{name}: {path}")
-        return
+    )
+    console.print(rich_table(result.area_table, "original-image pixels²", "Saliency region area"))
+    low, high = result.thresholds
+    console.print(
+        f"thresholds ({result.thresholds_name}): small < {low:g} px² <= medium < {high:g} px² "
+        f"<= large; images used: {result.images_used}"
+    )
+    for name, path in result.files.items():
+        console.print(f"{name}: {path}")
+
+
+def _run_images(given: Dict[str, Any]) -> None:
+    """The image mode: ``receptive_field`` on the images, its outputs and notes printed."""
     _refuse(given, _STATS_ONLY, "stats", needed=True)
     from dcn_inspect.commands.receptive_field import receptive_field as run
 
     for name in _STATS_ONLY:
         given.pop(name)
-    result = run(**{**given, **dict(images=images or None, at=at or ())})
+    result = run(**{**given, **dict(images=given["images"] or None, at=given["at"] or ())})
+    console = render.console()
     console.print(f"followed layers (top first): {', '.join(result.layers)}")
     for item in result.images:
         console.print(

@@ -10,16 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
+from dcn_inspect.cli.spelling import flag_names_of, spelling_of
 from dcn_inspect.core.errors import InputError, render_message
-
-#: Spelling of parameters a command does not have itself (hints that mention other options).
-FALLBACK_FLAGS = {
-    "fmt": "--format",
-    "class_choice": "--class",
-    "rois": "--roi",
-    "rois_file": "--rois",
-    "round_positions": "--round",
-}
 
 
 def invoked_command(argv: List[str]) -> Optional[str]:
@@ -37,31 +29,14 @@ def flag_names(command: Optional[str]) -> Dict[str, str]:
     from dcn_inspect.cli.app import app
 
     group = typer.main.get_command(app)
-    names: Dict[str, str] = {}
     sub = getattr(group, "commands", {}).get(command) if command else None
-    for param in list(getattr(group, "params", [])) + list(
-        getattr(sub, "params", []) if sub is not None else []
-    ):
-        if not param.name:
-            continue
-        opts = [o for o in getattr(param, "opts", []) if o.startswith("--")]
-        if opts:
-            names[param.name] = opts[0]
-        else:  # an argument
-            names[param.name] = (param.metavar or param.name).upper()
-    return names
+    params = list(getattr(group, "params", [])) + list(getattr(sub, "params", []) if sub else [])
+    return flag_names_of(params)
 
 
 def name_spelling(command: Optional[str]) -> Callable[[str], str]:
     """A function spelling a Python parameter name as ``command``'s flag."""
-    names = flag_names(command)
-
-    def spell(name: str) -> str:
-        if name in names:
-            return names[name]
-        return FALLBACK_FLAGS.get(name, "--" + name.replace("_", "-"))
-
-    return spell
+    return spelling_of(flag_names(command))
 
 
 def error_line(error: InputError, command: Optional[str]) -> str:
@@ -92,7 +67,8 @@ def print_key_table(report: Any) -> None:
 
 
 def install_warning_printer(command: Optional[str]) -> None:
-    """Print each :class:`~dcn_inspect.core.errors.DcnInspectWarning` once, as ``dcn-inspect: warning: ...``."""
+    """Print each :class:`~dcn_inspect.core.errors.DcnInspectWarning` once, as
+    ``dcn-inspect: warning: ...``."""
     import warnings
 
     from dcn_inspect.core.errors import DcnInspectWarning

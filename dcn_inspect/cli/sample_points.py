@@ -1,4 +1,5 @@
-"""``dcn-inspect sample-points``: sampling trees of chosen units drawn on the image (parses, then calls
+"""``dcn-inspect sample-points``: sampling trees of chosen units drawn on the image (parses, then
+calls
 :func:`dcn_inspect.commands.sample_points.sample_points`)."""
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from dcn_inspect.cli import options, render
 from dcn_inspect.cli.app import app, comma_list, print_skipped
 
 EPILOG = (
-    "Example: dcn-inspect sample-points  (the bundled images: background, small and large object units)\n\n"
-    "Example: dcn-inspect sample-points photo.jpg --at 320,240 --at 100,80 --levels 3 --gif --out out/\n\n"
-    "Example: dcn-inspect sample-points photo.jpg --boxes photo_boxes.csv --round --save-offsets out/offsets.npz"
+    "Example: dcn-inspect sample-points  (the bundled images: background, small and large "
+    "object units)\n\n"
+    "Example: dcn-inspect sample-points photo.jpg --at 320,240 --at 100,80 --levels 3 --gif "
+    "--out out/\n\n"
+    "Example: dcn-inspect sample-points photo.jpg --boxes photo_boxes.csv --round "
+    "--save-offsets out/offsets.npz"
 )
 
 
@@ -28,7 +32,8 @@ def sample_points(
     ),
     levels: Optional[int] = options.levels("Trace"),
     at: Optional[List[str]] = options.at(
-        "Default without --at, --grid, --boxes: a bundled image's annotated boxes, else the image centre."
+        "Default without --at, --grid, --boxes: a bundled image's annotated boxes, else the "
+        "image centre."
     ),
     grid: Optional[int] = options.grid(),
     boxes: Optional[Path] = options.boxes("a unit at each box centre plus one on background"),
@@ -42,13 +47,15 @@ def sample_points(
     zoom: bool = typer.Option(
         False,
         "--zoom",
-        help="Fit each panel to its own unit's points (default: every panel the whole image at one scale).",
+        help="Fit each panel to its own unit's points (default: every panel the whole image at "
+        "one scale).",
     ),
     thresholds: str = options.thresholds("for the titles' small/medium/large"),
     grad_weight: bool = typer.Option(
         False,
         "--grad-weight",
-        help="Add each point's |d response / d point| (grad_weight column) and size the points by it.",
+        help="Add each point's |d response / d point| (grad_weight column) and size the points "
+        "by it.",
     ),
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
@@ -66,7 +73,8 @@ def sample_points(
     max_pixels: int = options.max_pixels(),
     strict: bool = options.strict(),
 ) -> None:
-    """Trace the sampling points of chosen units back to the image (the paper's Fig. 5/6): CSV, figure, summary.json."""
+    """Trace the sampling points of chosen units back to the image (the paper's Fig. 5/6): CSV,
+    figure, summary.json."""
     given = dict(locals())  # the options, named as the library function names its parameters
 
     from dcn_inspect.commands.sample_points import sample_points as run
@@ -77,7 +85,8 @@ def sample_points(
     for item in result.images:
         outputs = [str(item.csv), str(item.figure)] + ([str(item.gif)] if item.gif else [])
         console.print(
-            f"{item.image.name}: {len(item.units)} unit(s), {len(item.table)} points -> {', '.join(outputs)}"
+            f"{item.image.name}: {len(item.units)} unit(s), {len(item.table)} points -> "
+            f"{', '.join(outputs)}"
         )
     if result.offsets is not None:
         console.print(f"offsets: {result.offsets}")

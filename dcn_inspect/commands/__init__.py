@@ -18,7 +18,7 @@ def csv_files() -> Dict[str, Tuple[Column, ...]]:
     from dcn_inspect.analysis.bins import BIN_POINTS_CSV, BINS_CSV
     from dcn_inspect.analysis.bins_foreground import ROIS_CSV
     from dcn_inspect.analysis.bins_foreground import TABLE_CSV as FOREGROUND_TABLE_CSV
-    from dcn_inspect.analysis.dilation_stats import (
+    from dcn_inspect.analysis.dilation_tables import (
         DIFFERENCES_CSV,
         TABLE_CSV,
         UNITS_CSV,

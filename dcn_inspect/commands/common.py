@@ -1,7 +1,8 @@
 """The set-up every command shares, written once: option checks, the image list, the model, the
 output directory and ``summary.json``, and the loop over images with one skipping policy.
 
-A command module reads as: check options (:func:`~dcn_inspect.commands.options.check_figure_format`, :func:`check_resize`,
+A command module reads as: check options (:func:`~dcn_inspect.commands.options.check_figure_format`,
+:func:`check_resize`,
 :func:`image_list`) -> :func:`start_run` (model, device, output directory, summary) ->
 :func:`images_of_run` (each usable image, unusable ones skipped by
 :class:`~dcn_inspect.io.images.SkippedImages`) -> its analysis -> its writers -> ``run.finish()``.
@@ -73,7 +74,8 @@ def image_list(images: Optional[Sequence[Path]]) -> List[Path]:
     for path in paths:
         if path.stem in stems and stems[path.stem] != path:
             raise InputError(
-                f"{path}: same file name stem as {stems[path.stem]}; their outputs would overwrite each other"
+                f"{path}: same file name stem as {stems[path.stem]}; their outputs would "
+                "overwrite each other"
             )
         stems[path.stem] = path
     return paths
@@ -152,7 +154,8 @@ def start_run(
     create_out: bool = True,
     outputs: Sequence[Path] = (),
 ) -> CommandRun:
-    """Load the model (unless given loaded), create and lock the output directory and start the summary.
+    """Load the model (unless given loaded), create and lock the output directory and start the
+    summary.
 
     ``parameters`` are recorded as given, plus the device the model runs on; the files among
     them are the run's inputs (:func:`input_files`), never overwritten. ``outputs``: the paths
@@ -198,7 +201,8 @@ def _refuse_outputs_onto_inputs(
         hit = identities.get((status.st_dev, status.st_ino))
         if hit is not None:
             raise InputError(
-                f"{target}: is an input of this run (`{hit[0]}` {hit[1]}); refusing to overwrite it: choose another `out`",
+                f"{target}: is an input of this run (`{hit[0]}` {hit[1]}); refusing to "
+                "overwrite it: choose another `out`",
                 param="out",
             )
 
@@ -279,13 +283,15 @@ def offset_field_arrays(
             "converted_from": record.converted_from,
             "offset_groups": record.offset_groups,
             "groups": record.groups,
-            "frames_in": "model-input pixels (multiply by scale_to_original for the original image)",
+            "frames_in": "model-input pixels (multiply by scale_to_original for the original "
+            "image)",
             "scale_to_original": list(model_input.scale_to_original),
             "original_hw": list(model_input.original_hw),
             "model_input_hw": list(
                 model_input.input_hw
             ),  # the image as the model saw it; input_hw is the layer's input map
-            "offset_layout": "[B, 2*G*kh*kw, Hout, Wout]; channel 2*(g*kh*kw + a*kw + b) = dy, next = dx (input-index units)",
+            "offset_layout": "[B, 2*G*kh*kw, Hout, Wout]; channel 2*(g*kh*kw + a*kw + b) = dy, "
+            "next = dx (input-index units)",
         }
         arrays[f"{key}/geometry"] = np.array(json.dumps(geometry, sort_keys=True))
     return arrays

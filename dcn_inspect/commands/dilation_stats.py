@@ -4,11 +4,15 @@
 Pipeline: annotations (:mod:`dcn_inspect.io.annotations`) -> a ``DataLoader`` that decodes and
 preprocesses images in worker processes (:class:`~dcn_inspect.io.images.DatasetImages`) ->
 batches of images with the SAME model-input size (after the model's own padding to its size
-divisor; no padding beyond that, so every unit is exactly what a one-image forward gives) -> one forward per batch with the offsets captured (:mod:`dcn_inspect.capture.session`)
--> :class:`~dcn_inspect.analysis.dilation_stats.DilationAccumulator` (effective dilation and category of every
-unit, streaming statistics) -> the ranks merged (:mod:`dcn_inspect.commands.distributed`) -> rank 0
-writes ``dilation_table.csv``, ``dilation_table.md``, ``dilation_hist.png``,
-``dilation_units.csv`` (``per_unit``) and ``summary.json``.
+divisor; no padding beyond that, so every unit is exactly what a one-image forward gives,
+:func:`size_batches`) -> one forward per batch with the offsets captured
+(:mod:`dcn_inspect.capture.session`) ->
+:class:`~dcn_inspect.analysis.dilation_stats.DilationAccumulator` (effective dilation and
+category of every unit, streaming statistics) -> the ranks merged
+(:mod:`dcn_inspect.commands.dilation_ranks`) -> rank 0 writes ``dilation_table.csv``,
+``dilation_differences.csv``, ``dilation_table.md`` (:mod:`dcn_inspect.report.dilation_stats`),
+``dilation_hist.png``, ``dilation_units.csv`` (``per_unit``,
+:mod:`dcn_inspect.commands.dilation_units`) and ``summary.json``.
 
 Frames are derived through the real forward once per model-input size and reused for later
 batches of that size.
@@ -16,11 +20,9 @@ batches of that size.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -30,55 +32,44 @@ import torch
 from torch.utils.data import DataLoader
 
 from dcn_inspect.analysis.category_stats import BINS, CategoryStats
-from dcn_inspect.analysis.dilation_stats import (
+from dcn_inspect.analysis.dilation_stats import UNITS, DilationAccumulator
+from dcn_inspect.analysis.dilation_tables import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
-    CATEGORIES,
-    CATEGORY_CODES,
-    DIFFERENCE_COLUMNS,
     DIFFERENCES_CSV,
-    TABLE_COLUMNS,
     TABLE_CSV,
-    UNIT_COLUMNS,
-    UNITS,
     UNITS_CSV,
-    DilationAccumulator,
     Intervals,
     bootstrap_intervals,
     differences_frame,
-    resolve_thresholds,
-    split_row,
     table_frame,
 )
+from dcn_inspect.analysis.size_categories import resolve_thresholds
 from dcn_inspect.capture.selection import select_layers
 from dcn_inspect.capture.session import capture_offsets, forward
 from dcn_inspect.commands.common import CommandRun, start_run
+from dcn_inspect.commands.dilation_ranks import Measured, Merged, merge_ranks
+from dcn_inspect.commands.dilation_units import UnitWriter, assemble_units
 from dcn_inspect.commands.distributed import World, join_world
-from dcn_inspect.commands.options import ImageInput, ModelChoice
-from dcn_inspect.core.columns import describe, format_value, present
+from dcn_inspect.commands.options import DatasetOptions, ImageInput, ModelChoice, OutputOptions
+from dcn_inspect.core.columns import describe, present
 from dcn_inspect.core.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
 from dcn_inspect.core.errors import InputError
-from dcn_inspect.core.geometry import FrameMap
 from dcn_inspect.io.annotations import AnnotatedDataset, ImageAnnotation, load_dataset
 from dcn_inspect.io.images import (
     DatasetImages,
     ImageItem,
     SkippedImages,
     check_max_pixels,
-    check_resize,
     model_input_size,
 )
-from dcn_inspect.io.outputs import atomic_path, write_csv, write_error, write_figure, write_text
+from dcn_inspect.io.outputs import write_csv, write_figure, write_text
 from dcn_inspect.models.loaded_model import LoadedModel
 
 __all__ = [
-    "DIFFERENCE_COLUMNS",
-    "TABLE_COLUMNS",
-    "UNIT_COLUMNS",
     "DilationStatsResult",
     "dilation_stats",
     "size_batches",
-    "table_markdown",
 ]
 
 #: The files a run may write into ``out``.
@@ -97,12 +88,10 @@ class DilationStatsResult:
     """What :func:`dilation_stats` computed (identical on every rank) and where rank 0 wrote it."""
 
     table: pd.DataFrame  # dilation_table.csv: means with their bootstrap intervals
-    differences: (
-        pd.DataFrame
-    )  # dilation_differences.csv: differences of category means with intervals
-    stats: Dict[
-        str, CategoryStats
-    ]  # row layer name (top layer first; "<layer>:g<k>" per group) -> statistics
+    # dilation_differences.csv: differences of category means with intervals
+    differences: pd.DataFrame
+    # row layer name (top layer first; "<layer>:g<k>" per group) -> statistics
+    stats: Dict[str, CategoryStats]
     intervals: Dict[str, Intervals]  # row layer name -> bootstrap intervals over images
     thresholds_name: str
     thresholds: Tuple[float, float]
@@ -115,6 +104,20 @@ class DilationStatsResult:
     rank: int = 0
     world_size: int = 1
     wall_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Options:
+    """dilation-stats' own choices (the shared ones are in :mod:`dcn_inspect.commands.options`)."""
+
+    layers: Optional[Sequence[str]]  # layer names to measure; None: every deformable layer
+    units: str  # cells or pixels
+    per_group: bool  # one row per offset group instead of the groups' mean
+    per_unit: bool  # also write dilation_units.csv
+    batch_size: int
+    workers: int  # DataLoader worker processes
+    figure: bool  # write dilation_hist.png
+    write: bool  # False when ``out`` is None: compute only, write nothing
 
 
 def dilation_stats(
@@ -148,82 +151,44 @@ def dilation_stats(
     result on every rank.
     """
     started = time.time()
-    _check_options(units, batch_size, workers, max_images, resize, per_unit, out, max_pixels)
-    data = load_dataset(dataset, images, split, allow_outside_paths=allow_outside_paths)
-    entries = data.images[:max_images] if max_images is not None else data.images
-    if not entries:
-        raise InputError(f"{data.root}: the dataset has no images")
-    areas = np.concatenate([e.areas[~e.ignore] for e in entries])
-    thresholds_name, threshold_values = resolve_thresholds(thresholds, areas)
-    with join_world(device) as (world, device):
-        parameters = {
-            "dataset": str(dataset) if dataset is not None else None, "images": images, "split": split,
-            "layers": list(layers) if layers else None, "thresholds": thresholds, "units": units,
-            "per_group": per_group, "per_unit": per_unit, "max_images": max_images, "batch_size": batch_size,
-            "workers": workers, "resize": resize, "strict": strict, "max_pixels": max_pixels,
-            "allow_outside_paths": allow_outside_paths,
-        }  # fmt: skip
-        writes = out is not None and world.is_main
-        target = Path(out) if out is not None else Path(DEFAULT_OUT)
-        planned = [target / name for name in OUTPUT_NAMES] if writes else []
+    data_options = DatasetOptions(
+        dataset=dataset,
+        images_dir=images,
+        split=split,
+        max_images=max_images,
+        thresholds=thresholds,
+        allow_outside_paths=allow_outside_paths,
+    )
+    inputs = ImageInput(resize=resize, max_pixels=max_pixels, device=device, strict=strict)
+    output = OutputOptions(Path(out) if out is not None else Path(DEFAULT_OUT), progress=progress)
+    options = _Options(
+        layers, units, per_group, per_unit, batch_size, workers, figure, write=out is not None
+    )
+    _check_options(options, data_options, inputs)
+    chosen = _read_dataset(data_options)
+    with join_world(inputs.device) as (world, device):
+        inputs = replace(inputs, device=device)
+        writes = options.write and world.is_main
         with start_run(
             "dilation-stats",
-            parameters,
+            _parameters(data_options, inputs, options),
             ModelChoice(model, weights),
-            ImageInput(resize, max_pixels, device, strict),
-            target,
+            inputs,
+            output.out,
             create_out=writes,
-            outputs=planned,
+            outputs=[output.out / name for name in OUTPUT_NAMES] if writes else [],
         ) as run:
             if writes:
-                run.outputs.protect("dataset", [data.root, *(entry.path for entry in entries)])
-            out_dir = run.out_dir if out is not None else None
-            if world.distributed and out_dir is not None:
-                world.gather(
-                    None
-                )  # rank 0 has created the output directory before anyone writes parts
-            shard = world.shard(len(entries))
-            measured = _measure(
-                run,
-                entries,
-                shard,
-                layers,
-                threshold_values,
-                units,
-                per_group,
-                per_unit and out_dir is not None,
-                batch_size,
-                workers,
-                resize,
-                strict,
-                max_pixels,
-                progress and world.is_main,
-            )
-            merged = _merge_ranks(world, measured, entries, strict, per_group)
-            if merged.images_used == 0:
-                merged.skipped.check_any_used(0, str(data.root))
-            intervals = bootstrap_intervals(merged.image_sums)
-            result = DilationStatsResult(
-                table=table_frame(merged.stats, units, intervals, per_group),
-                differences=differences_frame(merged.stats, intervals, units, per_group),
-                stats=merged.stats,
-                intervals=intervals,
-                thresholds_name=thresholds_name,
-                thresholds=threshold_values,
-                units=units,
-                images_used=merged.images_used,
-                skipped=merged.skipped,
-                out_dir=out_dir,
-                rank=world.rank,
-                world_size=world.size,
-            )
+                run.outputs.protect("dataset", [chosen.data.root, *chosen.paths()])
+            merged, result = _measure_ranks(run, world, chosen, options, inputs, output.progress)
             result.wall_seconds = time.time() - started
-            _fill_summary(run, data, entries, merged, result, world, split, per_group)
+            _fill_summary(run, chosen, merged, result, world, options)
             if writes:
-                result.files = _write_outputs(run, merged, result, figure, per_group)
+                result.files = _write_outputs(run, merged, result, options)
             result.summary = run.summary.data
             if world.distributed:
-                world.gather(None)  # other ranks return only after rank 0 has read their part files
+                # Other ranks return only after rank 0 has read their part files.
+                world.gather(None)
     return result
 
 
@@ -231,37 +196,84 @@ def dilation_stats(
 # Steps
 
 
-def _check_options(
-    units: str,
-    batch_size: int,
-    workers: int,
-    max_images: Optional[int],
-    resize: Optional[int],
-    per_unit: bool,
-    out: Optional[Path],
-    max_pixels: int,
-) -> None:
-    if units not in UNITS:
-        raise InputError(f"{units!r}: use cells or pixels", param="units")
-    if batch_size < 1:
-        raise InputError(f"{batch_size}: must be at least 1", param="batch_size")
-    if workers < 0:
-        raise InputError(f"{workers}: must be 0 or more", param="workers")
-    if workers > max_workers():
+def _check_options(options: _Options, data: DatasetOptions, inputs: ImageInput) -> None:
+    """Every option checked before any file is read (in this order: the first error wins)."""
+    if options.units not in UNITS:
+        raise InputError(f"{options.units!r}: use cells or pixels", param="units")
+    if options.batch_size < 1:
+        raise InputError(f"{options.batch_size}: must be at least 1", param="batch_size")
+    if options.workers < 0:
+        raise InputError(f"{options.workers}: must be 0 or more", param="workers")
+    if options.workers > max_workers():
         raise InputError(
-            f"{workers}: at most {max_workers()} worker processes (4 per CPU core)", param="workers"
+            f"{options.workers}: at most {max_workers()} worker processes (4 per CPU core)",
+            param="workers",
         )
-    if max_images is not None and max_images < 1:
-        raise InputError(f"{max_images}: must be at least 1", param="max_images")
-    check_resize(resize)
-    check_max_pixels(max_pixels)
-    if per_unit and out is None:
+    if data.max_images is not None and data.max_images < 1:
+        raise InputError(f"{data.max_images}: must be at least 1", param="max_images")
+    inputs.checked()
+    check_max_pixels(inputs.max_pixels)
+    if options.per_unit and not options.write:
         raise InputError("needs an output directory (`out`)", param="per_unit")
 
 
 def max_workers() -> int:
     """The most DataLoader worker processes a run may start: 4 per CPU core (at least 8)."""
     return max(8, 4 * (os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class _ChosenImages:
+    """The dataset read, the images to measure (the first ``max_images``) and the area
+    thresholds of their size categories."""
+
+    data: AnnotatedDataset
+    split: Optional[str]
+    entries: List[ImageAnnotation]
+    thresholds_name: str
+    thresholds: Tuple[float, float]
+
+    def paths(self) -> List[Path]:
+        return [entry.path for entry in self.entries]
+
+
+def _read_dataset(options: DatasetOptions) -> _ChosenImages:
+    """The dataset's annotations, the images to measure and the thresholds (``tertiles``: of
+    their non-ignored boxes' areas)."""
+    data = load_dataset(
+        options.dataset,
+        options.images_dir,
+        options.split,
+        allow_outside_paths=options.allow_outside_paths,
+    )
+    max_images = options.max_images
+    entries = data.images[:max_images] if max_images is not None else data.images
+    if not entries:
+        raise InputError(f"{data.root}: the dataset has no images")
+    areas = np.concatenate([e.areas[~e.ignore] for e in entries])
+    name, thresholds = resolve_thresholds(options.thresholds, areas)
+    return _ChosenImages(data, options.split, entries, name, thresholds)
+
+
+def _parameters(data: DatasetOptions, inputs: ImageInput, options: _Options) -> Dict[str, Any]:
+    """``summary.json``'s parameters, as the command was given them."""
+    return {
+        "dataset": str(data.dataset) if data.dataset is not None else None,
+        "images": data.images_dir,
+        "split": data.split,
+        "layers": list(options.layers) if options.layers else None,
+        "thresholds": data.thresholds,
+        "units": options.units,
+        "per_group": options.per_group,
+        "per_unit": options.per_unit,
+        "max_images": data.max_images,
+        "batch_size": options.batch_size,
+        "workers": options.workers,
+        "resize": inputs.resize,
+        "strict": inputs.strict,
+        "max_pixels": inputs.max_pixels,
+        "allow_outside_paths": data.allow_outside_paths,
+    }
 
 
 def size_batches(
@@ -291,26 +303,23 @@ def _image_loader(
     run: CommandRun,
     entries: Sequence[ImageAnnotation],
     shard: List[int],
-    resize: Optional[int],
-    max_pixels: int,
-    batch_size: int,
-    workers: int,
+    inputs: ImageInput,
+    options: _Options,
 ) -> DataLoader:
-    """Batches of equal model-input size, decoded in ``workers`` processes."""
+    """Batches of equal model-input size, decoded in ``options.workers`` processes."""
     preprocess = run.loaded.preprocess
     input_sizes = [
-        model_input_size((entries[i].height, entries[i].width), preprocess, resize)[1]
+        model_input_size((entries[i].height, entries[i].width), preprocess, inputs.resize)[1]
         for i in shard
     ]
+    fork = options.workers > 0 and "fork" in torch.multiprocessing.get_all_start_methods()
     return DataLoader(
-        DatasetImages(entries, shard, preprocess, resize, max_pixels),
-        batch_sampler=size_batches(input_sizes, batch_size, max_pixels),
-        num_workers=workers,
+        DatasetImages(entries, shard, preprocess, inputs.resize, inputs.max_pixels),
+        batch_sampler=size_batches(input_sizes, options.batch_size, inputs.max_pixels),
+        num_workers=options.workers,
         collate_fn=_as_list,
         persistent_workers=False,
-        multiprocessing_context="fork"
-        if workers > 0 and "fork" in torch.multiprocessing.get_all_start_methods()
-        else None,
+        multiprocessing_context="fork" if fork else None,
     )
 
 
@@ -318,88 +327,76 @@ def _as_list(items: List[ImageItem]) -> List[ImageItem]:
     return items
 
 
-@dataclass
-class _Measured:
-    """What one rank measured."""
-
-    accumulator: DilationAccumulator
-    skipped: SkippedImages
-    used: int
-    forward_seconds: float
-    unit_part: Optional[Path]
-    unit_index: List[Tuple[int, int, int]]  # (image index, start, length) in unit_part
+def _measure_ranks(
+    run: CommandRun,
+    world: World,
+    chosen: _ChosenImages,
+    options: _Options,
+    inputs: ImageInput,
+    progress: bool,
+) -> Tuple[Merged, DilationStatsResult]:
+    """Every rank measures its shard; the ranks merged and turned into tables (on every rank)."""
+    entries = chosen.entries
+    out_dir = run.out_dir if options.write else None
+    if world.distributed and out_dir is not None:
+        # Rank 0 has created the output directory before anyone writes parts.
+        world.gather(None)
+    measured = _measure(
+        run,
+        entries,
+        world.shard(len(entries)),
+        chosen.thresholds,
+        options,
+        inputs,
+        per_unit=options.per_unit and out_dir is not None,
+        progress=progress and world.is_main,
+    )
+    merged = merge_ranks(world, measured, entries, inputs.strict, options.per_group)
+    if merged.images_used == 0:
+        merged.skipped.check_any_used(0, str(chosen.data.root))
+    return merged, _result(merged, options, chosen, out_dir, world)
 
 
 def _measure(
     run: CommandRun,
     entries: Sequence[ImageAnnotation],
     shard: List[int],
-    layers: Optional[Sequence[str]],
     thresholds: Tuple[float, float],
-    units: str,
-    per_group: bool,
+    options: _Options,
+    inputs: ImageInput,
     per_unit: bool,
-    batch_size: int,
-    workers: int,
-    resize: Optional[int],
-    strict: bool,
-    max_pixels: int,
     progress: bool,
-) -> _Measured:
+) -> Measured:
     """Forward every image of this rank's shard and accumulate its units."""
     from dcn_inspect.io.progress import image_progress
 
-    writer = _UnitWriter(run, entries, per_group) if per_unit else None
+    writer = UnitWriter(run, entries, options.per_group) if per_unit else None
     accumulator = DilationAccumulator(
-        thresholds, units, per_group, run.device, writer.write_image if writer else None
+        thresholds,
+        options.units,
+        options.per_group,
+        run.device,
+        writer.write_image if writer else None,
     )
-    skipped = SkippedImages(len(entries), strict)
-    selected: Optional[List[str]] = None
+    skipped = SkippedImages(len(entries), inputs.strict)
+    layers = _LayerChoice(options.layers)
     used = 0
     forward_seconds = 0.0
     try:
         with torch.no_grad(), image_progress("dilation-stats", progress, len(shard)) as advance:
-            for items in _image_loader(
-                run, entries, shard, resize, max_pixels, batch_size, workers
-            ):
+            for items in _image_loader(run, entries, shard, inputs, options):
                 for item in items:
                     if item.error is not None:
                         skipped.skip(entries[item.index].file_name, item.error)
                 good = [item for item in items if item.error is None]
                 if good:
-                    batch = torch.stack([item.tensor for item in good]).to(run.device)  # type: ignore[misc]
-                    input_hw = (int(batch.shape[-2]), int(batch.shape[-1]))
-                    tick = time.perf_counter()
-                    with capture_offsets(
-                        run.loaded.model, track_frames=accumulator.needs_frames(input_hw)
-                    ) as capture:
-                        capture.watch_input(batch)
-                        forward(run.loaded.model, batch, run.loaded.name)
-                    forward_seconds += time.perf_counter() - tick
-                    if selected is None:
-                        selected = [
-                            r.name
-                            for r in select_layers(
-                                capture.convs,
-                                layers,
-                                min_kernel_points=2,
-                                model_name=run.loaded.name,
-                            )
-                        ]
-                    chosen = [r for r in capture.convs.values() if r.name in selected]
-                    accumulator.add(
-                        chosen,
-                        [entries[item.index] for item in good],
-                        [item.index for item in good],
-                        input_hw,
-                        [item.resized_hw or input_hw for item in good],
-                    )
+                    forward_seconds += _add_batch(run, accumulator, layers, entries, good)
                     used += len(good)
                 advance(len(items))
     finally:
         if writer is not None:
             writer.close()
-    return _Measured(
+    return Measured(
         accumulator,
         skipped,
         used,
@@ -410,120 +407,94 @@ def _measure(
 
 
 @dataclass
-class _Merged:
-    """All ranks' measurements merged (identical on every rank)."""
+class _LayerChoice:
+    """The layers to measure: ``requested`` names, resolved against the first forward's layers
+    (``selected``), then the same for every batch."""
 
-    stats: Dict[str, CategoryStats]
-    image_sums: Dict[
-        str, List[Tuple[int, Any, Any]]
-    ]  # row -> every image's (index, sums, counts), all ranks
-    layer_info: Dict[str, Dict[str, Any]]
-    not_counted: Dict[str, List[int]]
-    skipped: SkippedImages
-    images_used: int
-    forward_seconds: float
-    unit_parts: List[Path]
-    unit_index: List[Tuple[int, int, int, int]]  # (image index, rank, start, length)
+    requested: Optional[Sequence[str]]
+    selected: Optional[List[str]] = None
 
 
-def _merge_ranks(
-    world: World,
-    measured: _Measured,
+def _add_batch(
+    run: CommandRun,
+    accumulator: DilationAccumulator,
+    layers: _LayerChoice,
     entries: Sequence[ImageAnnotation],
-    strict: bool,
-    per_group: bool,
-) -> _Merged:
-    """Gather every rank's state and merge it in rank order (a single process merges itself)."""
-    gathered = world.gather(
-        {
-            "state": measured.accumulator.state(),
-            "skipped": measured.skipped.items,
-            "used": measured.used,
-            "unit_part": measured.unit_part,
-            "unit_index": measured.unit_index,
-            "forward_seconds": measured.forward_seconds,
-        }
-    )
-    layer_info: Dict[str, Dict[str, Any]] = {}
-    for payload in gathered:
-        for name, info in payload["state"]["layers"].items():
-            layer_info.setdefault(name, info)
-    merged: Dict[str, CategoryStats] = {
-        name: CategoryStats(len(CATEGORIES), BINS) for name in _row_order(gathered, per_group)
-    }
-    not_counted: Dict[str, List[int]] = {}
-    image_sums: Dict[str, List[Tuple[int, Any, Any]]] = {name: [] for name in merged}
-    for payload in gathered:
-        for name, state in payload["state"]["stats"].items():
-            merged[name].merge_(CategoryStats.from_state(state, BINS))
-        for name, rows in payload["state"]["image_sums"].items():
-            image_sums[name].extend(rows)
-        for name, counts in payload["state"]["not_counted"].items():
-            previous = not_counted.get(name, [0, 0])
-            not_counted[name] = [previous[0] + counts[0], previous[1] + counts[1]]
-    skipped = SkippedImages(len(entries), strict)
-    position = {entry.file_name: i for i, entry in enumerate(entries)}
-    skipped.items = sorted(
-        (item for payload in gathered for item in payload["skipped"]),
-        key=lambda item: position.get(item["image"], 0),
-    )
-    return _Merged(
-        stats=merged,
-        image_sums=image_sums,
-        layer_info=layer_info,
-        not_counted=not_counted,
-        skipped=skipped,
-        images_used=sum(payload["used"] for payload in gathered),
-        forward_seconds=sum(payload["forward_seconds"] for payload in gathered),
-        unit_parts=[
-            payload["unit_part"] for payload in gathered if payload["unit_part"] is not None
-        ],
-        unit_index=[
-            (image, rank, start, length)
-            for rank, payload in enumerate(gathered)
-            for image, start, length in payload["unit_index"]
-        ],
-    )
-
-
-def _row_order(gathered: Sequence[Dict[str, Any]], per_group: bool) -> List[str]:
-    """Row layers top first: reverse call order of the deformable layers; groups ascending."""
-    call_order: List[str] = []
-    for payload in gathered:
-        for name in payload["state"]["layers"]:
-            if name not in call_order:
-                call_order.append(name)
-    rows: List[str] = []
-    present = {name for payload in gathered for name in payload["state"]["stats"]}
-    for name in reversed(call_order):
-        if per_group:
-            groups = sorted(
-                (r for r in present if r.startswith(name + ":g")),
-                key=lambda r: int(r.rsplit(":g", 1)[1]),
+    good: List[ImageItem],
+) -> float:
+    """One forward of a batch of equal-size images with the offsets captured, its units added to
+    ``accumulator``; returns the forward's seconds."""
+    batch = torch.stack([item.tensor for item in good]).to(run.device)  # type: ignore[misc]
+    input_hw = (int(batch.shape[-2]), int(batch.shape[-1]))
+    tick = time.perf_counter()
+    with capture_offsets(
+        run.loaded.model, track_frames=accumulator.needs_frames(input_hw)
+    ) as capture:
+        capture.watch_input(batch)
+        forward(run.loaded.model, batch, run.loaded.name)
+    seconds = time.perf_counter() - tick
+    if layers.selected is None:
+        layers.selected = [
+            r.name
+            for r in select_layers(
+                capture.convs, layers.requested, min_kernel_points=2, model_name=run.loaded.name
             )
-            rows.extend(groups)
-        elif name in present:
-            rows.append(name)
-    return rows
+        ]
+    chosen = [r for r in capture.convs.values() if r.name in layers.selected]
+    accumulator.add(
+        chosen,
+        [entries[item.index] for item in good],
+        [item.index for item in good],
+        input_hw,
+        [item.resized_hw or input_hw for item in good],
+    )
+    return seconds
+
+
+def _result(
+    merged: Merged,
+    options: _Options,
+    chosen: _ChosenImages,
+    out_dir: Optional[Path],
+    world: World,
+) -> DilationStatsResult:
+    """The merged statistics as tables, with their bootstrap intervals over images."""
+    intervals = bootstrap_intervals(merged.image_sums)
+    units, per_group = options.units, options.per_group
+    return DilationStatsResult(
+        table=table_frame(merged.stats, units, intervals, per_group),
+        differences=differences_frame(merged.stats, intervals, units, per_group),
+        stats=merged.stats,
+        intervals=intervals,
+        thresholds_name=chosen.thresholds_name,
+        thresholds=chosen.thresholds,
+        units=units,
+        images_used=merged.images_used,
+        skipped=merged.skipped,
+        out_dir=out_dir,
+        rank=world.rank,
+        world_size=world.size,
+    )
 
 
 def _fill_summary(
     run: CommandRun,
-    data: AnnotatedDataset,
-    entries: Sequence[ImageAnnotation],
-    merged: _Merged,
+    chosen: _ChosenImages,
+    merged: Merged,
     result: DilationStatsResult,
     world: World,
-    split: Optional[str],
-    per_group: bool,
+    options: _Options,
 ) -> None:
+    """``summary.json``: the dataset, the images used and skipped, the thresholds, how the
+    statistics are computed, the layers measured and the run's speed."""
     summary = run.summary
+    data = chosen.data
     summary["dataset"] = {
         "path": str(data.root),
         "format": data.format,
-        "split": split,
+        "split": chosen.split,
         "images_in_dataset": len(data.images),
-        "images_selected": len(entries),
+        "images_selected": len(chosen.entries),
         "categories": data.categories,
         "issues": data.issues,
     }
@@ -536,21 +507,7 @@ def _fill_summary(
         "medium_large_px2": result.thresholds[1],
     }
     summary["units"] = result.units
-    summary["statistics"] = {
-        "std": "population (ddof=0)",
-        "percentiles": "from fixed log-spaced histograms, clamped to the exact min/max",
-        "bins": BINS.as_dict(),
-        "offset_groups": "per group" if per_group else "mean of the groups' dilations",
-        "confidence_intervals": {
-            "level": 0.95,
-            "method": "percentile bootstrap over images (an image's units are correlated, so the image is the sample): "
-            "each resample draws the used images with replacement and recomputes every category mean as "
-            "(sum over the drawn images' units) / (their number of units)",
-            "resamples": BOOTSTRAP_RESAMPLES,
-            "seed": BOOTSTRAP_SEED,
-            "differences": "mean of category_a - mean of category_b, intervals from the same resamples",
-        },
-    }
+    summary["statistics"] = _statistics_note(options.per_group)
     summary["units_not_counted"] = {
         name: {"ignored_box": c[0], "centre_outside_image": c[1]}
         for name, c in merged.not_counted.items()
@@ -566,19 +523,44 @@ def _fill_summary(
     )
 
 
+def _statistics_note(per_group: bool) -> Dict[str, Any]:
+    """``summary.json`` ``statistics``: how the table's statistics and intervals are computed."""
+    return {
+        "std": "population (ddof=0)",
+        "percentiles": "from fixed log-spaced histograms, clamped to the exact min/max",
+        "bins": BINS.as_dict(),
+        "offset_groups": "per group" if per_group else "mean of the groups' dilations",
+        "confidence_intervals": {
+            "level": 0.95,
+            "method": "percentile bootstrap over images "
+            "(an image's units are correlated, so the image is the sample): "
+            "each resample draws the used images with replacement and recomputes every "
+            "category mean as "
+            "(sum over the drawn images' units) / (their number of units)",
+            "resamples": BOOTSTRAP_RESAMPLES,
+            "seed": BOOTSTRAP_SEED,
+            "differences": "mean of category_a - mean of category_b, "
+            "intervals from the same resamples",
+        },
+    }
+
+
 def _write_outputs(
-    run: CommandRun, merged: _Merged, result: DilationStatsResult, figure: bool, per_group: bool
+    run: CommandRun, merged: Merged, result: DilationStatsResult, options: _Options
 ) -> Dict[str, Path]:
-    """Rank 0: the tables (CSV, Markdown), the histogram figure, the per-unit CSV and summary.json."""
+    """Rank 0: the tables (CSV, Markdown), the histogram figure, the per-unit CSV and
+    summary.json."""
+    from dcn_inspect.report.dilation_stats import draw_dilation_histograms, table_markdown
+
     out_dir = run.out_dir
     files = {
         "table_csv": out_dir / "dilation_table.csv",
         "differences_csv": out_dir / "dilation_differences.csv",
         "table_md": out_dir / "dilation_table.md",
     }
-    table_columns = present(TABLE_CSV, per_group=per_group)
-    difference_columns = present(DIFFERENCES_CSV, per_group=per_group)
-    unit_columns = present(UNITS_CSV, per_group=per_group)
+    table_columns = present(TABLE_CSV, per_group=options.per_group)
+    difference_columns = present(DIFFERENCES_CSV, per_group=options.per_group)
+    unit_columns = present(UNITS_CSV, per_group=options.per_group)
     write_csv(files["table_csv"], result.table, table_columns)
     write_csv(files["differences_csv"], result.differences, difference_columns)
     columns = {
@@ -595,9 +577,7 @@ def _write_outputs(
             result.differences,
         ),
     )
-    if figure:
-        from dcn_inspect.report.dilation_stats import draw_dilation_histograms
-
+    if options.figure:
         files["figure"] = out_dir / "dilation_hist.png"
         write_figure(
             files["figure"],
@@ -605,7 +585,7 @@ def _write_outputs(
             dpi=100,
         )
     if merged.unit_parts:
-        files["units_csv"] = _assemble_units(
+        files["units_csv"] = assemble_units(
             out_dir / "dilation_units.csv",
             merged.unit_parts,
             merged.unit_index,
@@ -616,230 +596,3 @@ def _write_outputs(
     run.summary["outputs"] = sorted(p.name for p in files.values())
     files["summary"] = run.summary.write(out_dir)
     return files
-
-
-# --------------------------------------------------------------------------------------------
-# Per-unit rows
-
-
-_UNIT_COLUMN = {column.name: column for column in UNITS_CSV}
-
-
-def _unit_rows(
-    image: str, row: str, frame: FrameMap, codes: np.ndarray, values: np.ndarray, per_group: bool
-) -> List[List[str]]:
-    """The ``dilation_units.csv`` rows of one image and row layer, as text (:data:`UNITS_CSV` formats)."""
-    out_h, out_w = codes.shape
-    xs, ys = frame.to_image(np.arange(out_w, dtype=np.float64), np.arange(out_h, dtype=np.float64))
-    x_text = [format_value(float(x), _UNIT_COLUMN["unit_x"]) for x in xs]
-    y_text = [format_value(float(y), _UNIT_COLUMN["unit_y"]) for y in ys]
-    layer, group = split_row(row) if per_group else (row, None)
-    lead = [image, layer] if group is None else [image, layer, str(group)]
-    dilation = _UNIT_COLUMN["dilation"]
-    return [
-        [
-            *lead,
-            x_text[j],
-            y_text[i],
-            CATEGORY_CODES[int(codes[i, j])],
-            format_value(float(values[i, j]), dilation),
-        ]
-        for i in range(out_h)
-        for j in range(out_w)
-    ]
-
-
-class _UnitWriter:
-    """Streams one rank's per-unit rows to a part file private to this run (a scratch file of the
-    run: removed at its end whatever happens); remembers where each image's rows are, so rank 0
-    can write them in dataset order whatever the batching and sharding."""
-
-    def __init__(
-        self, run: CommandRun, entries: Sequence[ImageAnnotation], per_group: bool
-    ) -> None:
-        fd, self.path = run.outputs.scratch_file(
-            run.out_dir, prefix=".dilation_units.", suffix=".part"
-        )
-        self.out_dir = run.out_dir
-        self.handle = os.fdopen(fd, "wb")
-        self.entries = entries
-        self.per_group = per_group
-        self.index: List[Tuple[int, int, int]] = []  # (image index, start, length)
-
-    def write_image(
-        self, index: int, layers: List[Tuple[str, FrameMap, np.ndarray, np.ndarray]]
-    ) -> None:
-        rows: List[List[str]] = []
-        for layer, frame, codes, values in layers:
-            rows.extend(
-                _unit_rows(
-                    self.entries[index].file_name, layer, frame, codes, values, self.per_group
-                )
-            )
-        buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerows(rows)
-        data = buffer.getvalue().encode("utf-8")
-        try:
-            start = self.handle.tell()
-            self.handle.write(data)
-        except OSError as exc:
-            raise write_error(self.out_dir, exc, "the per-unit rows") from None
-        self.index.append((index, start, len(data)))
-
-    def close(self) -> None:
-        if self.handle.closed:
-            return
-        try:
-            self.handle.close()
-        except OSError as exc:
-            raise write_error(self.out_dir, exc, "the per-unit rows") from None
-
-
-def _assemble_units(
-    path: Path, parts: List[Path], index: List[Tuple[int, int, int, int]], header: List[str]
-) -> Path:
-    """``dilation_units.csv`` from the ranks' part files, in dataset order; the parts are removed."""
-    handles: Dict[int, Any] = {}
-    try:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as handle:
-                handle.write((",".join(header) + "\n").encode("utf-8"))
-                for _, rank, start, length in sorted(index):
-                    if rank not in handles:
-                        handles[rank] = open(parts[rank], "rb")
-                    handles[rank].seek(start)
-                    handle.write(handles[rank].read(length))
-    finally:
-        for part in handles.values():
-            part.close()
-        _remove_parts(parts)
-    return path
-
-
-def _remove_parts(parts: Sequence[Path]) -> None:
-    for part in parts:
-        if part.exists():
-            part.unlink()
-
-
-# --------------------------------------------------------------------------------------------
-# Table layouts
-
-
-@dataclass(frozen=True)
-class Table2Row:
-    """One row of the paper's Table 2 layout: a layer (and offset group), and per category the
-    text ``mean ± std`` and its 95 % interval ``[low, high]`` ("–" where the category is empty)."""
-
-    layer: str
-    group: Optional[int]
-    means: List[str]
-    intervals: List[str]
-
-
-def table2_rows(table: pd.DataFrame) -> List[Table2Row]:
-    """``dilation_table.csv`` rows in the Table 2 layout (layers top first, categories as columns)."""
-    keys = ["layer", "group"] if "group" in table.columns else ["layer"]
-    rows: List[Table2Row] = []
-    for key, part in table.groupby(keys, sort=False):
-        layer, group = (
-            (key[0], int(key[1]))
-            if len(keys) == 2
-            else (key[0] if isinstance(key, tuple) else key, None)
-        )
-        means, intervals = [], []
-        for category in CATEGORIES:
-            row = part[part["category"] == category].iloc[0]
-            empty = row["count"] == 0
-            means.append("–" if empty else f"{row['mean']:.2f} ± {row['std']:.2f}")
-            intervals.append(
-                "–"
-                if empty or "ci_low" not in row or pd.isna(row["ci_low"])
-                else f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
-            )
-        rows.append(Table2Row(str(layer), group, means, intervals))
-    return rows
-
-
-def difference_label(first: str, second: str) -> str:
-    return f"{first} − {second}"
-
-
-def difference_text(row: Any) -> Tuple[str, str]:
-    """A ``dilation_differences.csv`` row as text: the difference and its interval ("–" if undefined)."""
-    if pd.isna(row["difference"]):
-        return "–", "–"
-    interval = "–" if pd.isna(row["ci_low"]) else f"[{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
-    return f"{row['difference']:+.2f}", interval
-
-
-def table_markdown(
-    table: pd.DataFrame,
-    units: str,
-    thresholds_name: str,
-    thresholds: Tuple[float, float],
-    differences: Optional[pd.DataFrame] = None,
-    title: str = "Effective dilation",
-) -> str:
-    """The paper's Table 2 layout: layers as rows (top first), categories as columns,
-    ``mean ± std [95 % interval of the mean]`` (intervals where the table has them); then the
-    differences of means with their intervals."""
-    per_group = "group" in table.columns
-    with_intervals = "ci_low" in table.columns
-    lead = "| layer | group | " if per_group else "| layer | "
-    lines = [
-        f"# {title} (mean ± std{' [95 % confidence interval of the mean]' if with_intervals else ''}, {units})",
-        "",
-        lead + " | ".join(CATEGORIES) + " |",
-        "|---|" + ("---:|" if per_group else "") + "---:|" * len(CATEGORIES),
-    ]
-    for row in table2_rows(table):
-        cells = [
-            mean if interval == "–" else f"{mean} {interval}"
-            for mean, interval in zip(row.means, row.intervals)
-        ]
-        lines.append(
-            f"| {row.layer} | "
-            + (f"{row.group} | " if per_group else "")
-            + " | ".join(cells)
-            + " |"
-        )
-    counts = table.groupby("category", sort=False)["count"].max()
-    lines += [
-        "",
-        "Units per category (largest layer): "
-        + ", ".join(f"{c} {int(counts.get(c, 0))}" for c in CATEGORIES)
-        + ".",
-        f"Categories by box area in original-image pixels² ({thresholds_name}): small < {thresholds[0]:g} <= medium < {thresholds[1]:g} <= large;",
-        "background = filter centre inside no ground-truth box. Units inside only crowd/difficult boxes are not counted.",
-    ]
-    if with_intervals:
-        lines.append(
-            "Intervals: percentile bootstrap over images (summary.json `statistics.confidence_intervals`)."
-        )
-    lines += [
-        "",
-    ]
-    if differences is not None and len(differences):
-        pairs = list(dict.fromkeys(zip(differences["category_a"], differences["category_b"])))
-        lines += [
-            f"## Differences of means ({units}, 95 % confidence interval)",
-            "",
-            lead + " | ".join(difference_label(a, b) for a, b in pairs) + " |",
-            "|---|" + ("---:|" if per_group else "") + "---:|" * len(pairs),
-        ]
-        keys = ["layer", "group"] if per_group else ["layer"]
-        for key, part in differences.groupby(keys, sort=False):
-            layer = key[0] if isinstance(key, tuple) else key
-            texts = [
-                " ".join(difference_text(row)) if not pd.isna(row["difference"]) else "–"
-                for _, row in part.iterrows()
-            ]
-            lines.append(
-                f"| {layer} | "
-                + (f"{int(key[1])} | " if per_group else "")
-                + " | ".join(texts)
-                + " |"
-            )
-        lines.append("")
-    return "\n".join(lines)

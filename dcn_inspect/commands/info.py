@@ -5,7 +5,8 @@ Layer geometry comes from one probe forward pass (:func:`dcn_inspect.capture.ses
 given image, or on a blank image of :data:`BLANK_PROBE_SIZE` pixels when there is none (the
 frame strides do not depend on the image). Layers are named as the model names them (a
 detectron2 checkpoint's ``res5.0.conv2``), whether they were captured as a module, as an op
-call inside the user's module, or as a DCNv3/DCNv4 layer (converted to the standard layout). Offsets are measured in cells of the layer's input
+call inside the user's module, or as a DCNv3/DCNv4 layer (converted to the standard layout). Offsets
+are measured in cells of the layer's input
 feature map -- the unit the op adds them in -- and converted to model-input pixels through the
 layer's input frame stride.
 """
@@ -219,7 +220,8 @@ def model_info(
     resize: Optional[int] = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ModelInfo:
-    """Probe ``loaded`` once and describe its deformable layers (offset statistics with an image)."""
+    """Probe ``loaded`` once and describe its deformable layers (offset statistics with an
+    image)."""
     check_resize(resize)
     model = loaded.model
     device = model_device(loaded)

@@ -9,7 +9,8 @@ original-image pixels) -> written as
   wheel, the magnitude and the effective dilation over the image, plus a row per requested
   kernel point (:mod:`dcn_inspect.report.offsets`);
 - ``offsets.npz``: the captured offset (and mask) fields of those layers with their geometry, in
-  the ``sample-points --save-offsets`` layout (:func:`~dcn_inspect.commands.common.offset_field_arrays`);
+  the ``sample-points --save-offsets`` layout
+  (:func:`~dcn_inspect.commands.common.offset_field_arrays`);
 - ``summary.json``: model, checkpoint hash, parameters, per image and layer the maps' numbers.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -31,14 +32,15 @@ from dcn_inspect.analysis.sample_points import GroupChoice, check_group, check_g
 from dcn_inspect.capture.selection import select_layers
 from dcn_inspect.capture.session import probe
 from dcn_inspect.commands.common import (
+    CommandRun,
     image_list,
     images_of_run,
     offset_field_arrays,
     start_run,
 )
-from dcn_inspect.commands.options import ImageInput, ModelChoice, check_figure_format
+from dcn_inspect.commands.options import ImageInput, ModelChoice, OutputOptions
 from dcn_inspect.core.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
-from dcn_inspect.io.images import check_resize, to_model_input
+from dcn_inspect.io.images import to_model_input
 from dcn_inspect.io.outputs import write_figure, write_npz
 from dcn_inspect.models.loaded_model import LoadedModel
 
@@ -89,8 +91,8 @@ def offsets(
     shown layer; ``group`` follows an offset group or ``"mean"`` averages them. Writes
     ``<stem>_offsets.<fmt>`` per image, ``offsets.npz`` and ``summary.json`` into ``out``.
     """
-    fmt = check_figure_format(fmt)
-    check_resize(resize)
+    output = OutputOptions(out, fmt, progress).checked()
+    inputs = ImageInput(resize, max_pixels, device, strict).checked()
     checked_group = check_group(group)
     points: List[KernelPoint] = [
         parse_kernel_point(p) if isinstance(p, str) else (int(p[0]), int(p[1]))
@@ -104,74 +106,101 @@ def offsets(
         "kernel_point": [list(p) for p in points],
         "group": checked_group,
         "resize": resize,
-        "format": fmt,
+        "format": output.fmt,
     }
-    planned = [Path(out) / f"{p.stem}_offsets.{fmt}" for p in image_paths] + [Path(out) / NPZ_NAME]
-    inputs = ImageInput(resize, max_pixels, device, strict)
+    planned = [Path(out) / f"{p.stem}_offsets.{output.fmt}" for p in image_paths]
+    planned.append(Path(out) / NPZ_NAME)
     run = start_run(
         "offsets", parameters, ModelChoice(model, weights), inputs, out, outputs=planned
     )
-
-    results: List[ImageOffsets] = []
-    per_image: List[Dict[str, Any]] = []
+    shown = _Shown(layers, checked_group, points)
     arrays: Dict[str, np.ndarray] = {}
-    shown_layers: List[str] = []
-    preprocess = run.loaded.preprocess
     with run:
-        with images_of_run(image_paths, inputs, "offsets", progress, preprocess) as (
+        preprocess = run.loaded.preprocess
+        with images_of_run(image_paths, inputs, "offsets", output.progress, preprocess) as (
             readable,
             skipped,
         ):
-            for path, image in readable:
-                model_input = to_model_input(image, preprocess, resize, max_pixels)
-                captured = probe(
-                    run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name
-                )
-                records = list(
-                    reversed(
-                        select_layers(
-                            captured.convs, layers, default_count=None, model_name=run.loaded.name
-                        )
-                    )
-                )
-                check_group_fits(checked_group, records)
-                maps = [
-                    layer_offset_maps(r, model_input.scale_to_original, checked_group, points)
-                    for r in records
-                ]
-                arrays.update(
-                    offset_field_arrays(path.stem, {r.name: r for r in records}, model_input)
-                )
-                figure_path = _write_figure(path, image, maps, fmt, run.out_dir, run.notes)
-                shown_layers = shown_layers or [r.name for r in records]
-                per_image.append(
-                    {
-                        "image": str(path),
-                        "original_hw": list(model_input.original_hw),
-                        "input_hw": list(model_input.input_hw),
-                        "scale_to_original": list(model_input.scale_to_original),
-                        "layers": [m.summary() for m in maps],
-                        "geometry_method": {r.name: r.geometry.method for r in records},
-                        "outputs": [figure_path.name, NPZ_NAME],
-                    }
-                )
-                results.append(ImageOffsets(path, maps, figure_path))
+            done = [
+                _image_maps(run, path, image, shown, inputs, output, arrays)
+                for path, image in readable
+            ]
         npz_path = run.out_dir / NPZ_NAME
         write_npz(npz_path, arrays)
+        shown_layers = next((layers for _, _, layers in done), [])
         run.summary["layers"] = shown_layers
-        run.summary["conventions"] = {
-            "pixels": "original-image pixels, COCO continuous coordinates ((0,0) = top-left corner of the top-left pixel, x right, y down)",
-            "offset_px": "offset (dx, dy) in input cells times the layer's input-frame stride and the model-input -> original scale",
-            "mean_offset": "mean over the unit's kernel points of their offsets (the translation of its sampling grid)",
-            "flow_colour": "hue = direction (0 = right, then down, left, up), saturation = magnitude / the field's largest, white = 0",
-            "effective_dilation_px": "mean distance between horizontally and vertically adjacent sampling points (dilation-stats' measure), image pixels",
-            "group": "an offset group index, or 'mean': offsets averaged over groups and the mean of the groups' dilations",
-        }
-        run.summary["images"] = per_image
+        run.summary["conventions"] = CONVENTIONS
+        run.summary["images"] = [summary for _, summary, _ in done]
         summary_path = run.finish(skipped)
+    results = [item for item, _, _ in done]
     return OffsetsResult(
         run.out_dir, shown_layers, results, npz_path, summary_path, run.notes, skipped.items
     )
+
+
+@dataclass(frozen=True)
+class _Shown:
+    """What each image's maps show: the layers (None: all), the offset group, kernel points."""
+
+    layers: Optional[Sequence[str]]
+    group: GroupChoice
+    kernel_points: List[KernelPoint]
+
+
+def _image_maps(
+    run: CommandRun,
+    path: Path,
+    image: np.ndarray,
+    shown: _Shown,
+    inputs: ImageInput,
+    output: OutputOptions,
+    arrays: Dict[str, np.ndarray],
+) -> Tuple[ImageOffsets, Dict[str, Any], List[str]]:
+    """One image: probe, the maps of every shown layer, its figure and its fields (into
+    ``arrays``); returns the result, its summary entry and the layers shown."""
+    model_input = to_model_input(image, run.loaded.preprocess, inputs.resize, inputs.max_pixels)
+    captured = probe(
+        run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name
+    )
+    chosen = select_layers(
+        captured.convs, shown.layers, default_count=None, model_name=run.loaded.name
+    )
+    records = list(reversed(chosen))
+    check_group_fits(shown.group, records)
+    maps = [
+        layer_offset_maps(r, model_input.scale_to_original, shown.group, shown.kernel_points)
+        for r in records
+    ]
+    arrays.update(offset_field_arrays(path.stem, {r.name: r for r in records}, model_input))
+    figure_path = _write_figure(path, image, maps, output.fmt, run.out_dir, run.notes)
+    summary = {
+        "image": str(path),
+        "original_hw": list(model_input.original_hw),
+        "input_hw": list(model_input.input_hw),
+        "scale_to_original": list(model_input.scale_to_original),
+        "layers": [m.summary() for m in maps],
+        "geometry_method": {r.name: r.geometry.method for r in records},
+        "outputs": [figure_path.name, NPZ_NAME],
+    }
+    return ImageOffsets(path, maps, figure_path), summary, [r.name for r in records]
+
+
+#: ``summary.json``'s ``conventions``: what the maps' numbers mean.
+CONVENTIONS = {
+    "pixels": "original-image pixels, COCO continuous coordinates ((0,0) = top-left "
+    "corner of the top-left pixel, x right, y down)",
+    "offset_px": "offset (dx, dy) in input cells times the layer's input-frame stride "
+    "and the model-input -> original scale",
+    "mean_offset": "mean over the unit's kernel points of their offsets (the "
+    "translation of its sampling grid)",
+    "flow_colour": "hue = direction (0 = right, then down, left, up), saturation = "
+    "magnitude / the field's largest, white = 0",
+    "effective_dilation_px": "mean distance between horizontally and vertically "
+    "adjacent sampling points (dilation-stats' measure), "
+    "image pixels",
+    "group": "an offset group index, or 'mean': offsets averaged over groups and the "
+    "mean of the groups' dilations",
+}
 
 
 def _write_figure(
@@ -187,7 +216,8 @@ def _write_figure(
     left_out = rows_left_out(maps)
     if left_out:
         notes.append(
-            f"{path.name}: the figure shows the first {MAX_ROWS} layer / kernel-point rows ({left_out} left out); the npz has every layer"
+            f"{path.name}: the figure shows the first {MAX_ROWS} layer / kernel-point rows "
+            f"({left_out} left out); the npz has every layer"
         )
     figure_path = out_dir / f"{path.stem}_offsets.{fmt}"
     write_figure(

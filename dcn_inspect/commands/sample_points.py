@@ -1,8 +1,10 @@
 """``dcn-inspect sample-points``: sampling trees of chosen units drawn on the image (Fig. 5/6).
 
-For each image: one forward under :func:`dcn_inspect.capture.session.probe` (the offsets and masks the
+For each image: one forward under :func:`dcn_inspect.capture.session.probe` (the offsets and masks
+the
 deformable layers used, and each layer's exact frame) -> the layers to follow
-(:func:`dcn_inspect.capture.records.select_layers`) -> the units (:mod:`dcn_inspect.analysis.unit_selection`) ->
+(:func:`dcn_inspect.capture.records.select_layers`) -> the units
+(:mod:`dcn_inspect.analysis.unit_selection`) ->
 their sampling trees (:func:`dcn_inspect.analysis.sample_points.trace_sampling_trees`) -> written as
 
 - ``<stem>_points.csv``: one row per point (every level, points outside the maps included);
@@ -16,7 +18,7 @@ their sampling trees (:func:`dcn_inspect.analysis.sample_points.trace_sampling_t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -24,7 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dcn_inspect.analysis.dilation_stats import resolve_thresholds
 from dcn_inspect.analysis.sample_points import (
     CSV_COLUMNS,
     POINTS_CSV,
@@ -35,6 +36,7 @@ from dcn_inspect.analysis.sample_points import (
     trace_sampling_trees,
     tree_half_extent,
 )
+from dcn_inspect.analysis.size_categories import resolve_thresholds
 from dcn_inspect.analysis.unit_selection import (
     Boxes,
     Unit,
@@ -55,11 +57,11 @@ from dcn_inspect.commands.common import (
     offset_field_arrays,
     start_run,
 )
-from dcn_inspect.commands.options import ImageInput, ModelChoice, check_figure_format
+from dcn_inspect.commands.options import ImageInput, ModelChoice, OutputOptions, UnitOptions
 from dcn_inspect.core.columns import describe, present
 from dcn_inspect.core.defaults import DEFAULT_LEVELS, DEFAULT_MAX_PIXELS, DEFAULT_OUT
 from dcn_inspect.core.errors import InputError
-from dcn_inspect.io.images import ModelInput, check_resize, to_model_input
+from dcn_inspect.io.images import ModelInput, to_model_input
 from dcn_inspect.io.outputs import write_csv, write_figure, write_npz
 from dcn_inspect.models.loaded_model import LoadedModel
 
@@ -95,16 +97,11 @@ class SamplePointsResult:
 
 @dataclass(frozen=True)
 class _Options:
-    """The per-image choices of one run, checked."""
+    """The choices of one run, checked: the shared option groups and this command's own."""
 
-    layers: Optional[Sequence[str]]
-    levels: Optional[int]
-    at: List[Tuple[float, float]]
-    grid: Optional[int]
-    group: GroupChoice
-    round_positions: bool
-    resize: Optional[int]
-    fmt: str
+    units: UnitOptions  # ``at`` as (x, y) pairs, ``group`` checked
+    inputs: ImageInput
+    output: OutputOptions  # ``fmt`` normalised
     gif: bool
     color_by_level: bool
     zoom: bool
@@ -143,97 +140,46 @@ def sample_points(
     per image, ``save_offsets`` if given, and ``summary.json`` into ``out``. ``thresholds``
     (as in dilation-stats: ``paper``, ``coco``, ``tertiles`` of the given boxes, or ``A,B``
     px²) sizes the boxes for the panel titles' categories. ``grad_weight`` adds each point's
-    |dr/dp| (:func:`dcn_inspect.analysis.receptive_field.sampling_point_gradients`) to the CSV and sizes
-    the points by it.
+    |dr/dp| (:func:`dcn_inspect.analysis.receptive_field.sampling_point_gradients`) to the CSV and
+    sizes the points by it.
     """
     check_npz_path(save_offsets, "save_offsets")
     image_paths = image_list(images)
-    use_bundled = not at and grid is None
-    boxes_of_images, boxes_source = boxes_per_image(image_paths, boxes, use_bundled=use_bundled)
-    areas = np.concatenate(
-        [_box_areas(b) for b in boxes_of_images if b is not None] or [np.zeros(0)]
+    boxes_of_images, boxes_source = boxes_per_image(
+        image_paths, boxes, use_bundled=not at and grid is None
     )
     options = _check_options(
-        layers,
-        levels,
-        at,
-        grid,
-        group,
-        round_positions,
-        resize,
-        fmt,
-        gif,
-        color_by_level,
-        zoom,
+        UnitOptions(layers, levels, at, grid, boxes, round_positions, group),
+        ImageInput(resize, max_pixels, device, strict),
+        OutputOptions(out, fmt, progress),
+        (gif, color_by_level, zoom, grad_weight),
         thresholds,
-        areas,
-        grad_weight,
+        _all_box_areas(boxes_of_images),
     )
-    planned = [
-        Path(out) / name for path in image_paths for name in _output_names(path, options)
-    ] + ([Path(save_offsets)] if save_offsets is not None else [])
-    inputs = ImageInput(options.resize, max_pixels, device, strict)
-    run = start_run(
-        "sample-points",
-        _parameters(image_paths, options, boxes, save_offsets),
-        ModelChoice(model, weights),
-        inputs,
-        out,
-        outputs=planned,
-    )
-
-    results: List[ImagePoints] = []
-    per_image: List[Dict[str, Any]] = []
-    offsets_arrays: Dict[str, np.ndarray] = {}
-    traced_layers: Optional[List[Dict[str, Any]]] = None
-    boxes_of = dict(zip(image_paths, boxes_of_images))
-    preprocess = run.loaded.preprocess
+    run = _start(image_paths, options, boxes, save_offsets, ModelChoice(model, weights))
+    boxes_of = {path: (b, boxes_source) for path, b in zip(image_paths, boxes_of_images)}
+    offsets_arrays: Optional[Dict[str, np.ndarray]] = {} if save_offsets is not None else None
     with run:
-        with images_of_run(image_paths, inputs, "sample-points", progress, preprocess) as (
+        preprocess = run.loaded.preprocess
+        with images_of_run(image_paths, options.inputs, "sample-points", progress, preprocess) as (
             readable,
             skipped,
         ):
-            for path, image in readable:
-                model_input = to_model_input(image, preprocess, options.resize, max_pixels)
-                captured = probe(
-                    run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name
-                )
-                records = _traced_records(captured.convs, options, run.loaded.name)
-                units, trees = _trace_image(
-                    path, model_input, records, boxes_of[path], boxes_source, options, run.notes
-                )
-                categories = [unit_category(u, boxes_of[path], options.thresholds) for u in units]
-                grad_weights = (
-                    _grad_weights(run, model_input, records, trees, options, path)
-                    if options.grad_weight
-                    else None
-                )
-                item = _write_image_outputs(
-                    path, image, units, categories, trees, options, run, grad_weights
-                )
-                if save_offsets is not None:
-                    offsets_arrays.update(
-                        offset_field_arrays(path.stem, captured.convs, model_input)
-                    )
-                _note_approximate_frames(path, records, run.notes)
-                image_summary = _image_summary(path, model_input, records, units, item)
-                traced_layers = traced_layers or image_summary["layers"]
-                per_image.append(image_summary)
-                results.append(item)
-        offsets_path = None
-        if save_offsets is not None:
-            offsets_path = Path(save_offsets)
-            write_npz(offsets_path, offsets_arrays)
+            traced = [
+                _points_of_image(run, path, image, boxes_of[path], options, offsets_arrays)
+                for path, image in readable
+            ]
+        offsets_path = _write_offsets(save_offsets, offsets_arrays)
+        traced_layers = next((summary["layers"] for _, summary in traced), None)
         run.summary["layers"] = traced_layers
-        run.summary["images"] = per_image
-        run.summary["columns"] = {
-            "<stem>_points.csv": describe(present(POINTS_CSV, grad_weight=options.grad_weight))
-        }
+        run.summary["images"] = [summary for _, summary in traced]
+        columns = describe(present(POINTS_CSV, grad_weight=options.grad_weight))
+        run.summary["columns"] = {"<stem>_points.csv": columns}
         summary_path = run.finish(skipped)
     return SamplePointsResult(
         run.out_dir,
         [r["name"] for r in traced_layers or []],
-        results,
+        [item for item, _ in traced],
         summary_path,
         offsets_path,
         run.notes,
@@ -241,50 +187,96 @@ def sample_points(
     )
 
 
+def _start(
+    image_paths: Sequence[Path],
+    options: _Options,
+    boxes: Optional[Path],
+    save_offsets: Optional[Path],
+    model: ModelChoice,
+) -> CommandRun:
+    """Load the model and open the run, every planned output checked against the inputs."""
+    out = options.output.out
+    planned = [Path(out) / name for path in image_paths for name in _output_names(path, options)]
+    if save_offsets is not None:
+        planned.append(Path(save_offsets))
+    parameters = _parameters(image_paths, options, boxes, save_offsets)
+    return start_run("sample-points", parameters, model, options.inputs, out, outputs=planned)
+
+
+def _write_offsets(path: Optional[Path], arrays: Optional[Dict[str, np.ndarray]]) -> Optional[Path]:
+    """The captured offset fields of every image as one ``.npz`` (``save_offsets``), if asked."""
+    if path is None or arrays is None:
+        return None
+    write_npz(Path(path), arrays)
+    return Path(path)
+
+
+def _points_of_image(
+    run: CommandRun,
+    path: Path,
+    image: np.ndarray,
+    boxes: Tuple[Optional[Boxes], str],
+    options: _Options,
+    offsets_arrays: Optional[Dict[str, np.ndarray]],
+) -> Tuple[ImagePoints, Dict[str, Any]]:
+    """One image: probe, trace the chosen units, write its CSV and figures; its summary entry.
+    ``boxes``: the image's boxes (or None) and where they come from."""
+    preprocess = run.loaded.preprocess
+    model_input = to_model_input(
+        image, preprocess, options.inputs.resize, options.inputs.max_pixels
+    )
+    captured = probe(
+        run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name
+    )
+    records = _traced_records(captured.convs, options, run.loaded.name)
+    units, trees = _trace_image(path, model_input, records, boxes[0], boxes[1], options, run.notes)
+    categories = [unit_category(u, boxes[0], options.thresholds) for u in units]
+    grad_weights = (
+        _grad_weights(run, model_input, records, trees, options, path)
+        if options.grad_weight
+        else None
+    )
+    item = _write_image_outputs(path, image, units, categories, trees, options, run, grad_weights)
+    if offsets_arrays is not None:
+        offsets_arrays.update(offset_field_arrays(path.stem, captured.convs, model_input))
+    _note_approximate_frames(path, records, run.notes)
+    return item, _image_summary(path, model_input, records, units, item)
+
+
 # --------------------------------------------------------------------------------------------
 # Steps
 
 
 def _check_options(
-    layers: Optional[Sequence[str]],
-    levels: Optional[int],
-    at: Sequence[Union[str, Tuple[float, float]]],
-    grid: Optional[int],
-    group: GroupChoice,
-    round_positions: bool,
-    resize: Optional[int],
-    fmt: str,
-    gif: bool,
-    color_by_level: bool,
-    zoom: bool,
+    units: UnitOptions,
+    inputs: ImageInput,
+    output: OutputOptions,
+    flags: Tuple[bool, bool, bool, bool],
     thresholds: str,
     box_areas: np.ndarray,
-    grad_weight: bool = False,
 ) -> _Options:
-    fmt = check_figure_format(fmt)
+    """The run's options checked, in the order their errors are reported; ``flags`` = (gif,
+    color_by_level, zoom, grad_weight)."""
+    output = output.checked()
     _, threshold_values = resolve_thresholds(thresholds, box_areas)
-    check_resize(resize)
-    checked_group = check_group(group)
-    points_at = check_unit_options(at, grid)
-    if levels is not None and levels < 1:
-        raise InputError(f"{levels}: must be at least 1", param="levels")
-    if layers and levels is not None:
+    inputs = inputs.checked()
+    checked_group = check_group(units.group)
+    points_at = check_unit_options(units.at, units.grid)
+    if units.levels is not None and units.levels < 1:
+        raise InputError(f"{units.levels}: must be at least 1", param="levels")
+    if units.layers and units.levels is not None:
         raise InputError("and `levels`: give one or the other", param="layers")
+    gif, color_by_level, zoom, grad_weight = flags
+    checked_units = replace(units, at=points_at, group=checked_group)
     return _Options(
-        layers,
-        levels,
-        points_at,
-        grid,
-        checked_group,
-        round_positions,
-        resize,
-        fmt,
-        gif,
-        color_by_level,
-        zoom,
-        threshold_values,
-        grad_weight,
+        checked_units, inputs, output, gif, color_by_level, zoom, threshold_values, grad_weight
     )
+
+
+def _all_box_areas(boxes_of_images: Sequence[Optional[Boxes]]) -> np.ndarray:
+    """The areas of every box of every image (for ``tertiles`` thresholds)."""
+    areas = [_box_areas(b) for b in boxes_of_images if b is not None]
+    return np.concatenate(areas or [np.zeros(0)])
 
 
 def _box_areas(boxes: Boxes) -> np.ndarray:
@@ -300,15 +292,15 @@ def _parameters(
 ) -> Dict[str, Any]:
     return {
         "images": [str(p) for p in image_paths],
-        "layers": list(options.layers) if options.layers else None,
-        "levels": options.levels,
-        "at": [list(p) for p in options.at],
-        "grid": options.grid,
+        "layers": list(options.units.layers) if options.units.layers else None,
+        "levels": options.units.levels,
+        "at": [list(p) for p in options.units.at],
+        "grid": options.units.grid,
         "boxes": boxes,
-        "round": options.round_positions,
-        "group": options.group,
-        "resize": options.resize,
-        "format": options.fmt,
+        "round": options.units.round_positions,
+        "group": options.units.group,
+        "resize": options.inputs.resize,
+        "format": options.output.fmt,
         "gif": options.gif,
         "save_offsets": save_offsets,
         "color_by_level": options.color_by_level,
@@ -320,7 +312,7 @@ def _parameters(
 
 def _output_names(path: Path, options: _Options) -> List[str]:
     """The files :func:`_write_image_outputs` writes for ``path`` (in the output directory)."""
-    return [f"{path.stem}_points.csv", f"{path.stem}_sampling.{options.fmt}"] + (
+    return [f"{path.stem}_points.csv", f"{path.stem}_sampling.{options.output.fmt}"] + (
         [f"{path.stem}_sampling.gif"] if options.gif else []
     )
 
@@ -330,7 +322,11 @@ def _traced_records(
 ) -> List[DeformConvRecord]:
     """The layers to trace, top (last called) first."""
     chosen = select_layers(
-        convs, options.layers, options.levels, default_count=DEFAULT_LEVELS, model_name=model_name
+        convs,
+        options.units.layers,
+        options.units.levels,
+        default_count=DEFAULT_LEVELS,
+        model_name=model_name,
     )
     return list(reversed(chosen))
 
@@ -353,8 +349,8 @@ def _trace_image(
         top_frame,
         top.geometry.output_hw,
         model_input.original_hw,
-        options.at,
-        options.grid,
+        options.units.at,
+        options.units.grid,
         boxes,
         boxes_source,
         notes,
@@ -363,8 +359,8 @@ def _trace_image(
     trees = trace_sampling_trees(
         records,
         torch.tensor([[u.row, u.col] for u in units], dtype=torch.long),
-        group=options.group,
-        round_positions=options.round_positions,
+        group=options.units.group,
+        round_positions=options.units.round_positions,
         scale_to_original=(sx, sy),
     )
     return units, trees
@@ -378,16 +374,18 @@ def _grad_weights(
     options: _Options,
     path: Path,
 ) -> Optional[List[torch.Tensor]]:
-    """|dr/dp| of every point (per level [U, P_l]), r = the unit's response (sum over the top layer's channels)."""
+    """|dr/dp| of every point (per level [U, P_l]), r = the unit's response (sum over the top
+    layer's channels)."""
     from dcn_inspect.analysis.receptive_field import sampling_point_gradients
 
     gradients = sampling_point_gradients(
         run.loaded.model, model_input.tensor.to(run.device), [r.name for r in records], trees,
-        group=options.group, scale_to_original=model_input.scale_to_original,
+        group=options.units.group, scale_to_original=model_input.scale_to_original,
     )  # fmt: skip
     if gradients is None:
         run.notes.append(
-            f"{path.name}: a traced layer's op could not be re-run to reproduce its output: no grad_weight column"
+            f"{path.name}: a traced layer's op could not be re-run to reproduce its output: no "
+            "grad_weight column"
         )
         return None
     return gradients.weights
@@ -416,7 +414,7 @@ def _write_image_outputs(
     csv_path = run.out_dir / f"{path.stem}_points.csv"
     write_csv(csv_path, table, present(POINTS_CSV, grad_weight=grad_weights is not None))
     titles = [panel_title(k, u, c) for k, (u, c) in enumerate(zip(units, categories))]
-    figure_path = run.out_dir / f"{path.stem}_sampling.{options.fmt}"
+    figure_path = run.out_dir / f"{path.stem}_sampling.{options.output.fmt}"
     size_label = "grad_weight |dr/dp|" if grad_weights is not None else None
     write_figure(
         figure_path,
@@ -434,7 +432,8 @@ def _write_image_outputs(
     if trees.num_units > MAX_PANELS:
         also = " and GIF have" if options.gif else " has"
         run.notes.append(
-            f"{path.name}: the figure shows the first {MAX_PANELS} of {trees.num_units} units; the CSV{also} all"
+            f"{path.name}: the figure shows the first {MAX_PANELS} of {trees.num_units} units; "
+            f"the CSV{also} all"
         )
     gif_path = None
     if options.gif:
@@ -465,8 +464,10 @@ def _layer_summary(level: int, record: DeformConvRecord) -> Dict[str, Any]:
         "kernel_points": record.kernel_points,
         "offset_groups": record.offset_groups,
         "modulated": record.modulated,
-        "op": record.op,  # the op entry point that received the offsets (op-level capture), else null
-        "converted_from": record.converted_from,  # "DCNv3"/"DCNv4": offsets converted to the standard layout
+        # the op entry point that received the offsets (op-level capture), else null
+        "op": record.op,
+        # "DCNv3"/"DCNv4": offsets converted to the standard layout
+        "converted_from": record.converted_from,
         "geometry": record.geometry.as_dict(),
     }
 

@@ -1,10 +1,11 @@
-"""What each column of a CSV means: defined once, as data, next to the analysis that makes the table.
+"""What each column of a CSV means: defined once, as data, next to the analysis that makes the
+table.
 
 Every CSV dcn-inspect writes is plain (a header line, then rows: it loads with
 ``pandas.read_csv(path)`` and no arguments). Its columns are described by a tuple of
 :class:`Column` defined in the analysis module that produces the table
-(:data:`dcn_inspect.analysis.sample_points.POINT_COLUMNS`, :data:`dcn_inspect.analysis.bins.BIN_COLUMNS`, ...); from
-that one definition come
+(:data:`dcn_inspect.analysis.sample_points.POINT_COLUMNS`,
+:data:`dcn_inspect.analysis.bins.BIN_COLUMNS`, ...); from that one definition come
 
 - the ``columns`` section of the command's ``summary.json`` (:func:`describe`),
 - the column tables of the README (:func:`markdown_table`, kept in sync by
@@ -121,9 +122,11 @@ def formatted(frame: pd.DataFrame, columns: Sequence[Column]) -> pd.DataFrame:
     )
 
 
-#: README markers around a generated column table: ``<!-- columns FILE -->`` ... ``<!-- /columns -->``.
+#: README markers around a generated column table: ``<!-- columns FILE -->`` ...
+#: ``<!-- /columns -->``.
 _BLOCK = re.compile(
-    r"(?P<start><!-- columns (?P<name>[^\n]+?) -->\n)(?P<body>(?:(?!<!-- ).*\n)*?)(?P<end><!-- /columns -->)"
+    r"(?P<start><!-- columns (?P<name>[^\n]+?) -->\n)"
+    r"(?P<body>(?:(?!<!-- ).*\n)*?)(?P<end><!-- /columns -->)"
 )
 
 
@@ -135,7 +138,8 @@ def fill_markdown_tables(text: str, files: Dict[str, Sequence[Column]]) -> str:
         name = match.group("name")
         if name not in files:
             raise KeyError(
-                f"README marks columns of {name!r}, which no command writes (known: {', '.join(files)})"
+                f"README marks columns of {name!r}, which no command writes "
+                f"(known: {', '.join(files)})"
             )
         return match.group("start") + markdown_table(files[name]) + "\n" + match.group("end")
 

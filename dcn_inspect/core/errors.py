@@ -14,11 +14,12 @@ Warnings go through :mod:`warnings` with the category :class:`DcnInspectWarning`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 #: A parameter named inside a message: a Python identifier in backticks.
 PARAM_REFERENCE = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
@@ -33,8 +34,33 @@ def render_message(message: str, name_of: Callable[[str], str] = _python_name) -
     return PARAM_REFERENCE.sub(lambda match: name_of(match.group(1)), message)
 
 
+#: How parameter names are spelled in text the library writes into its outputs (see
+#: :func:`spell_parameters`), innermost last; empty: their Python names.
+_OUTPUT_SPELLINGS: List[Callable[[str], str]] = []
+
+
+@contextlib.contextmanager
+def parameter_spelling(name_of: Callable[[str], str]) -> Iterator[None]:
+    """Within the block, :func:`spell_parameters` spells parameter names with ``name_of``: a
+    front end sets its own words for the run (the CLI: the running command's flags)."""
+    _OUTPUT_SPELLINGS.append(name_of)
+    try:
+        yield
+    finally:
+        _OUTPUT_SPELLINGS.remove(name_of)
+
+
+def spell_parameters(text: str) -> str:
+    """``text`` with every backticked parameter spelled the front end's way
+    (:func:`parameter_spelling`; Python names by default). For text the library writes into its
+    outputs (how a unit or an RoI was chosen: ``"`at` 10,10"``), so the library never hard-codes a
+    flag and a run from the command line still reads ``"--at 10,10"``."""
+    return render_message(text, _OUTPUT_SPELLINGS[-1] if _OUTPUT_SPELLINGS else _python_name)
+
+
 class InputError(ValueError):
-    """A problem with the user's input; the message names the file or parameter and the problem, on one line.
+    """A problem with the user's input; the message names the file or parameter and the problem, on
+    one line.
 
     ``param``: the parameter the message is about (``"at"``, ``"resize"``...), rendered first;
     ``details``: structured data a front end may show (e.g. the key table of a checkpoint).
@@ -52,7 +78,8 @@ class InputError(ValueError):
         return (_rebuild_input_error, (type(self), self.message, self.param, self.details))
 
     def render(self, name_of: Callable[[str], str] = _python_name) -> str:
-        """The message with parameter names spelled by ``name_of`` (the CLI passes its flag names)."""
+        """The message with parameter names spelled by ``name_of`` (the CLI passes its flag
+        names)."""
         text = render_message(self.message, name_of)
         if not self.param:
             return text

@@ -22,12 +22,14 @@ from dcn_inspect.core.errors import InputError
 __all__ = ["abort_open_runs", "active_run_outputs", "atomic_path", "write_error"]
 
 
-#: Open runs of this process, innermost last (weak: a run nobody holds is cleaned up by its finaliser).
+#: Open runs of this process, innermost last (weak: a run nobody holds is cleaned up by its
+#: finaliser).
 _OPEN_RUNS: List["weakref.ReferenceType[Any]"] = []
 
 
 def active_run_outputs() -> Optional[Any]:
-    """The innermost open :class:`~dcn_inspect.io.outputs.RunOutputs` of this process (None outside a run)."""
+    """The innermost open :class:`~dcn_inspect.io.outputs.RunOutputs` of this process (None
+    outside a run)."""
     while _OPEN_RUNS:
         run = _OPEN_RUNS[-1]()
         if run is not None and run.is_open:
@@ -45,7 +47,8 @@ def abort_open_runs() -> None:
 
 
 def write_error(path: Path, exc: OSError, what: str = "") -> InputError:
-    """The one line for a failed write of ``path`` (``what``: what was being written, if not the file itself)."""
+    """The one line for a failed write of ``path`` (``what``: what was being written, if not the
+    file itself)."""
     reason = exc.strerror or str(exc) or type(exc).__name__
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         reason = "no space left on the device"
@@ -57,8 +60,9 @@ def write_error(path: Path, exc: OSError, what: str = "") -> InputError:
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds
-    (during an open :class:`~dcn_inspect.io.outputs.RunOutputs`: when the run commits). An ``OSError`` in the block
-    (disk full...) becomes a one-line :class:`InputError` naming ``path``."""
+    (during an open :class:`~dcn_inspect.io.outputs.RunOutputs`: when the run commits). An
+    ``OSError`` in the block (disk full...) becomes a one-line :class:`InputError` naming
+    ``path``."""
     path = Path(path)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -24,7 +24,7 @@ transposes and reshapes between these layouts keep the frame; ops that keep a la
 dimensions (a ``Linear`` or ``LayerNorm`` over the channels of an ``nhwc`` map) inherit it.
 
 Trackers that follow more than frames (the receptive-field extents of
-:mod:`dcn_inspect.analysis.receptive_field`) subclass :class:`FrameTracker` and read a call with the
+:mod:`dcn_inspect.capture.extent`) subclass :class:`FrameTracker` and read a call with the
 public helpers :func:`sliding_window` (a conv's or pool's kernel arithmetic), :func:`is_padding`
 and :func:`flat_tensors`; :meth:`MapLayout.to_nchw` / :meth:`MapLayout.from_nchw` move a map
 between its layout and ``[N, C, H, W]``.
@@ -61,7 +61,8 @@ class MapLayout:
     def of(
         tensor: torch.Tensor, kind: str = NCHW, hw: Optional[Pair] = None
     ) -> Optional["MapLayout"]:
-        """The layout ``kind`` of ``tensor`` (``hw`` needed for token layouts), or None if it does not fit."""
+        """The layout ``kind`` of ``tensor`` (``hw`` needed for token layouts), or None if it does
+        not fit."""
         if kind == NCHW and tensor.dim() == 4:
             layout = MapLayout(NCHW, (int(tensor.shape[2]), int(tensor.shape[3])))
         elif kind == NHWC and tensor.dim() == 4:
@@ -136,7 +137,8 @@ class FrameMap:
         return (x - self.offset_x) / self.stride_x, (y - self.offset_y) / self.stride_y
 
     def conv_output(self, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> "FrameMap":
-        """Frame of the output of a conv/pool with this frame as input ((vertical, horizontal) pairs)."""
+        """Frame of the output of a conv/pool with this frame as input ((vertical, horizontal)
+        pairs)."""
         return FrameMap(
             self.stride_x * stride[1],
             self.stride_y * stride[0],
@@ -154,7 +156,8 @@ class FrameMap:
         )
 
     def scaled(self, sx: float, sy: float) -> "FrameMap":
-        """The same frame measured in an image scaled by (sx, sy), e.g. model input -> original image."""
+        """The same frame measured in an image scaled by (sx, sy), e.g. model input -> original
+        image."""
         return FrameMap(
             self.stride_x * sx, self.stride_y * sy, self.offset_x * sx, self.offset_y * sy
         )
@@ -224,7 +227,8 @@ def _arg(args: Sequence[Any], kwargs: Dict[str, Any], index: int, name: str, def
 
 @dataclass(frozen=True)
 class Window:
-    """The sliding window of one 2-D conv or pool call ((vertical, horizontal) pairs, in cells of its input)."""
+    """The sliding window of one 2-D conv or pool call ((vertical, horizontal) pairs, in cells of
+    its input)."""
 
     kernel: Pair
     stride: Pair
@@ -271,7 +275,8 @@ def sliding_window(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) 
 
 
 def is_padding(func: Callable) -> bool:
-    """Whether ``func`` is ``F.pad`` (or the ``torch`` op it calls): the map grows, its cells keep their content."""
+    """Whether ``func`` is ``F.pad`` (or the ``torch`` op it calls): the map grows, its cells
+    keep their content."""
     return func in _PAD_FUNCS
 
 
@@ -498,7 +503,8 @@ class FrameTracker(TorchFunctionMode):
             return out
         for t in flat_tensors(out):
             for source, frame, layout in known:
-                # Channels-first maps keep today's rule (any leading size); the others must keep the batch.
+                # Channels-first maps keep today's rule (any leading size); the others must keep
+                # the batch.
                 if layout.fits(t) and (layout.kind == NCHW or t.shape[0] == source.shape[0]):
                     self.set_frame(t, frame, layout)
                     break

@@ -22,7 +22,8 @@ def kernel_grid(
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Row and column displacement of each kernel point, row-major: ([K], [K]) = (a*dil_y, b*dil_x)."""
+    """Row and column displacement of each kernel point, row-major:
+    ([K], [K]) = (a*dil_y, b*dil_x)."""
     kh, kw = kernel
     rows = torch.arange(kh, device=device, dtype=dtype).repeat_interleave(kw) * dilation[0]
     cols = torch.arange(kw, device=device, dtype=dtype).repeat(kh) * dilation[1]
@@ -30,7 +31,8 @@ def kernel_grid(
 
 
 def split_offsets(offset: torch.Tensor, kernel: Pair) -> Tuple[torch.Tensor, torch.Tensor]:
-    """[B, 2*G*K, Ho, Wo] -> (dy, dx), each [B, G, K, Ho, Wo] (y first, interleaved per kernel point)."""
+    """[B, 2*G*K, Ho, Wo] -> (dy, dx), each [B, G, K, Ho, Wo] (y first, interleaved per kernel
+    point)."""
     batch, channels, out_h, out_w = offset.shape
     points = kernel[0] * kernel[1]
     groups = channels // (2 * points)
@@ -41,7 +43,8 @@ def split_offsets(offset: torch.Tensor, kernel: Pair) -> Tuple[torch.Tensor, tor
 def sampling_locations(
     offset: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sampling positions (ys, xs), each [B, G, K, Ho, Wo], in the layer's input index coordinates."""
+    """Sampling positions (ys, xs), each [B, G, K, Ho, Wo], in the layer's input index
+    coordinates."""
     dy, dx = split_offsets(offset, kernel)
     out_h, out_w = offset.shape[-2:]
     rows, cols = kernel_grid(kernel, dilation, offset.device, offset.dtype)

@@ -1,1 +1,2 @@
-"""Input and output: images and the frameworks' resizing, annotations, datasets, run outputs, progress."""
+"""Input and output: images and the frameworks' resizing, annotations, datasets, run outputs,
+progress."""

@@ -140,7 +140,8 @@ def check_model_input_size(
 ) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     """(resized size, padded model-input size) of an image of ``original_hw``, as
     :func:`model_input_size`; an :class:`ImageError` naming both the image's and the model
-    input's size when the model input is above ``max_pixels`` (0: no limit). Nothing is allocated."""
+    input's size when the model input is above ``max_pixels`` (0: no limit). Nothing is
+    allocated."""
     resized_hw, input_hw = model_input_size(original_hw, preprocess, resize)
     pixels = input_hw[0] * input_hw[1]
     if max_pixels > 0 and pixels > max_pixels:
@@ -152,8 +153,9 @@ def check_model_input_size(
             f", padded to a multiple of {preprocess.size_divisor}" if input_hw != resized_hw else ""
         )
         raise ImageError(
-            f"{source}: the {original_hw[1]}x{original_hw[0]} image becomes a {input_hw[1]}x{input_hw[0]} = {pixels} pixel "
-            f"model input ({rule}), above the limit of {max_pixels} (lower `resize` or raise `max_pixels`)",
+            f"{source}: the {original_hw[1]}x{original_hw[0]} image becomes a "
+            f"{input_hw[1]}x{input_hw[0]} = {pixels} pixel model input ({rule}), above the limit "
+            f"of {max_pixels} (lower `resize` or raise `max_pixels`)",
             TOO_LARGE,
         )
     return resized_hw, input_hw
@@ -187,8 +189,8 @@ def _checked_image(
             width, height = image.size
             if max_pixels > 0 and width * height > max_pixels:
                 raise ImageError(
-                    f"{path}: image is {width}x{height} = {width * height} pixels, above the limit of "
-                    f"{max_pixels} (raise it with `max_pixels`)",
+                    f"{path}: image is {width}x{height} = {width * height} pixels, above the "
+                    f"limit of {max_pixels} (raise it with `max_pixels`)",
                     TOO_LARGE,
                 )
             oriented = (
@@ -213,9 +215,8 @@ def _checked_image(
             f"{path}: out of memory decoding the image (lower `max_pixels`)", TOO_LARGE
         ) from None
     except Exception as exc:  # noqa: BLE001 - Pillow's decoders and EXIF parsing raise many types for bad files
-        raise ImageError(
-            f"{path}: image is corrupt or truncated ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
-        ) from None
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ImageError(f"{path}: image is corrupt or truncated ({reason})") from None
 
 
 def check_image(
@@ -312,7 +313,8 @@ def read_model_input(
     image = load_image(path, max_pixels, preprocess, resize)
     if expected_hw is not None and tuple(image.shape[:2]) != tuple(expected_hw):
         raise ImageError(
-            f"{path}: image is {image.shape[1]}x{image.shape[0]} but its annotation says {expected_hw[1]}x{expected_hw[0]}",
+            f"{path}: image is {image.shape[1]}x{image.shape[0]} but its annotation says "
+            f"{expected_hw[1]}x{expected_hw[0]}",
             SIZE_MISMATCH,
         )
     return image, to_model_input(image, preprocess, resize, max_pixels)

@@ -15,8 +15,8 @@ A command's files are one unit, :class:`RunOutputs` (opened by ``commands.common
 - the run's input files are protected: writing onto one of them (``--out`` the dataset's
   folder with a dataset named ``summary.json``, an image named like an output) is an error
   before anything is renamed;
-- a write that fails (disk full, permissions) is a one-line :class:`~dcn_inspect.core.errors.InputError`
-  naming the file.
+- a write that fails (disk full, permissions) is a one-line
+  :class:`~dcn_inspect.core.errors.InputError` naming the file.
 
 Scratch files a run needs on the way (e.g. per-unit rows before they are sorted) come from
 :meth:`RunOutputs.scratch_file` and are removed at the end whatever happens.
@@ -49,7 +49,8 @@ from dcn_inspect.core.files import (
     write_error,
 )
 
-#: Float format of CSV columns without a description (positions have fixed decimals: :mod:`dcn_inspect.core.columns`).
+#: Float format of CSV columns without a description (positions have fixed decimals:
+#: :mod:`dcn_inspect.core.columns`).
 CSV_FLOAT_FORMAT = FLOAT_FORMAT
 
 
@@ -77,7 +78,8 @@ def write_csv(path: Path, frame: pd.DataFrame, columns: Optional[Sequence[Column
 
 
 def write_npz(path: Path, arrays: Dict[str, Any]) -> None:
-    """Write a compressed ``.npz`` atomically (a file object keeps numpy from appending a suffix)."""
+    """Write a compressed ``.npz`` atomically (a file object keeps numpy from appending a
+    suffix)."""
     import io
 
     import numpy as np
@@ -202,7 +204,8 @@ class RunOutputs:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 self._files.open = False
                 raise InputError(
-                    f"{out_dir}: another dcn-inspect run is writing into this directory; wait for it to finish or choose another `out`",
+                    f"{out_dir}: another dcn-inspect run is writing into this directory; "
+                    "wait for it to finish or choose another `out`",
                     param="out",
                 ) from None
             return  # a file system without flock (some network mounts): run unlocked
@@ -231,7 +234,8 @@ class RunOutputs:
         if hit is not None:
             parameter, source = hit
             raise InputError(
-                f"{path}: is an input of this run (`{parameter}` {source}); refusing to overwrite it: choose another `out`",
+                f"{path}: is an input of this run (`{parameter}` {source}); "
+                "refusing to overwrite it: choose another `out`",
                 param="out",
             )
 

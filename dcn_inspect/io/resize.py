@@ -16,13 +16,22 @@ image its framework would have made:
   installed);
 * padding (:func:`padded_size`): bottom/right to a multiple of the size divisor (both
   frameworks pad the normalised tensor with zeros).
+
+The adjoint of the Pillow resize, for gradients taken back to the original image
+(:func:`image_gradient`). The resize works on 8-bit values and rounds back to 8 bits, which is
+piecewise constant: its exact derivative is zero. The gradient taken through it is therefore
+that of the LINEAR resize PIL's rounding approximates: the separable operator
+``X = Ry I Rx^T`` per colour channel, ``Ry``, ``Rx`` one axis each as a matrix
+(:func:`bilinear_resize_matrix`, equal to PIL's float resize to ~1e-6), whose adjoint is
+``dr/dI = Ry^T (dr/dX) Rx``.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 
 #: OpenCV's INTER_RESIZE_COEF_BITS: bilinear weights are integers out of 2**11.
@@ -118,7 +127,8 @@ def cv2_bilinear(image: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
 def resize_image(
     image: np.ndarray, hw: Tuple[int, int], interpolation: str = "pil-bilinear"
 ) -> np.ndarray:
-    """``image`` (uint8 [H, W, 3]) resized to ``hw`` with ``interpolation`` ("pil-bilinear" or "cv2-bilinear")."""
+    """``image`` (uint8 [H, W, 3]) resized to ``hw`` with ``interpolation`` ("pil-bilinear" or
+    "cv2-bilinear")."""
     if tuple(hw) == tuple(image.shape[:2]):
         return image
     if interpolation == "cv2-bilinear":
@@ -126,3 +136,54 @@ def resize_image(
     if interpolation != "pil-bilinear":
         raise ValueError(f"unknown interpolation {interpolation!r}")
     return np.asarray(Image.fromarray(image).resize((int(hw[1]), int(hw[0])), Image.BILINEAR))
+
+
+def bilinear_resize_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """PIL's ``BILINEAR`` resampling of one axis as a matrix [out_size, in_size] (float64).
+
+    Pillow's ``precompute_coeffs``: output sample i sits at ``center = (i + 0.5) * scale``
+    (scale = in/out); the triangle filter is widened by ``max(scale, 1)`` (antialiasing when
+    shrinking) and its taps ``j`` in
+    ``[int(center - support + 0.5), int(center + support + 0.5))`` (clipped to the axis) weigh
+    ``tri((j + 0.5 - center) / max(scale, 1))``, normalised to sum 1.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    if in_size == out_size:
+        return matrix.fill_diagonal_(1.0)
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = filter_scale
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        low = max(int(center - support + 0.5), 0)
+        high = min(int(center + support + 0.5), in_size)
+        taps = torch.arange(low, high, dtype=torch.float64)
+        weights = (1.0 - ((taps - center + 0.5) / filter_scale).abs()).clamp(min=0.0)
+        total = float(weights.sum())
+        if total != 0.0:
+            weights = weights / total
+        matrix[i, low:high] = weights
+    return matrix
+
+
+def image_gradient(
+    input_grad: torch.Tensor, original_hw: Tuple[int, int], std: Sequence[float]
+) -> torch.Tensor:
+    """dr/dI of the original image [..., 3, H, W] (per 8-bit level) from dr/dX of the model
+    input [..., 3, h, w].
+
+    X_c = (R I_c / 255 - mean_c) / std_c with R the separable PIL bilinear resize (identity when
+    the sizes agree), so dr/dI_c = R^T (dr/dX_c) / (255 std_c) = Ry^T G_c Rx / (255 std_c).
+    """
+    height, width = original_hw
+    in_h, in_w = input_grad.shape[-2:]
+    grad = input_grad / (
+        255.0 * torch.tensor(std, dtype=input_grad.dtype, device=input_grad.device).view(3, 1, 1)
+    )
+    if (in_h, in_w) != (height, width):
+        rows = bilinear_resize_matrix(height, in_h).to(grad)  # [h, H]
+        cols = bilinear_resize_matrix(width, in_w).to(grad)  # [w, W]
+        grad = rows.transpose(0, 1) @ grad @ cols
+    return grad

@@ -43,7 +43,8 @@ MAX_ZIP_ENTRIES = 100_000
 
 
 def missing_file_reason(path: Path) -> str:
-    """Why ``path`` cannot be opened although it was named: a symlink loop, a broken link, or absent."""
+    """Why ``path`` cannot be opened although it was named: a symlink loop, a broken link, or
+    absent."""
     if os.path.islink(path):
         try:
             os.stat(path)
@@ -84,7 +85,8 @@ def save_native(
 
 
 def read_checkpoint_file(path: Path) -> Any:
-    """Read a checkpoint without running code from it; one-line errors for missing/corrupt/unsafe files.
+    """Read a checkpoint without running code from it; one-line errors for missing, corrupt or
+    unsafe files.
 
     PyTorch files (zip or legacy format) go through ``torch.load(weights_only=True)``, with
     numpy arrays/scalars allowed through guarded reconstructors; plain pickles (detectron2
@@ -118,15 +120,17 @@ def read_checkpoint_file(path: Path) -> Any:
         first = text.splitlines()[0] if text else type(exc).__name__
         if "Weights only load failed" in text or "weights_only" in text:
             raise InputError(
-                f"{path}: refused to load: {_weights_only_reason(text)} (read with torch.load(weights_only=True), "
-                "which never runs code; re-save only the state_dict where the file is trusted)"
+                f"{path}: refused to load: {_weights_only_reason(text)} "
+                "(read with torch.load(weights_only=True), which never runs code; re-save only "
+                "the state_dict where the file is trusted)"
             ) from None
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
 
 
 def check_zip_sizes(path: Path) -> None:
     """Refuse a zip checkpoint whose entries declare more bytes than :data:`MAX_INFLATION` times
-    the file (plus :data:`INFLATION_SLACK_BYTES`), or too many entries, before anything is inflated."""
+    the file (plus :data:`INFLATION_SLACK_BYTES`), or too many entries, before anything is
+    inflated."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as handle:
@@ -136,7 +140,8 @@ def check_zip_sizes(path: Path) -> None:
         entries = int(end[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
         if entries > MAX_ZIP_ENTRIES:
             raise InputError(
-                f"{path}: the archive declares {entries} entries (at most {MAX_ZIP_ENTRIES}); not a PyTorch checkpoint"
+                f"{path}: the archive declares {entries} entries (at most {MAX_ZIP_ENTRIES}); "
+                "not a PyTorch checkpoint"
             )
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
@@ -151,15 +156,16 @@ def check_zip_sizes(path: Path) -> None:
         struct.error,
     ) as exc:
         raise InputError(
-            f"{path}: not a readable PyTorch checkpoint (broken zip archive: {str(exc)[:160] or type(exc).__name__})"
+            f"{path}: not a readable PyTorch checkpoint "
+            f"(broken zip archive: {str(exc)[:160] or type(exc).__name__})"
         ) from None
     declared = sum(info.file_size for info in infos)
     if declared > MAX_INFLATION * size + INFLATION_SLACK_BYTES:
         compressed = sum(1 for info in infos if info.compress_type != zipfile.ZIP_STORED)
         raise InputError(
-            f"{path}: the {size}-byte archive declares {declared} bytes uncompressed ({compressed} compressed "
-            f"entries, over {MAX_INFLATION}x its size): refused before inflating it (a zip bomb?); torch.save writes "
-            "uncompressed archives"
+            f"{path}: the {size}-byte archive declares {declared} bytes uncompressed "
+            f"({compressed} compressed entries, over {MAX_INFLATION}x its size): refused before "
+            "inflating it (a zip bomb?); torch.save writes uncompressed archives"
         )
 
 

@@ -214,7 +214,8 @@ _CONFIG = {
 @register(
     "dcn-sample",
     "Demo network trained on synthetic shape scenes: stride-8 ResNet-like backbone, three 3x3 "
-    "deformable convs (dilation 2) in layer4, dense shape segmentation + R-FCN deformable PS RoI pooling (3x3 bins).",
+    "deformable convs (dilation 2) in layer4, dense shape segmentation + R-FCN deformable PS RoI "
+    "pooling (3x3 bins).",
     default_config=_CONFIG,
     preprocess=Preprocess(resize=0),
     bundled_weights=_weights("dcn_sample.pt", WEIGHTS_ENV),
@@ -225,7 +226,8 @@ def build_deformable(**config: object) -> DemoNet:
 
 @register(
     "dcn-sample-dilated",
-    "Baseline for dcn-sample: the same network and training with regular dilated 3x3 convs in layer4 (no offsets).",
+    "Baseline for dcn-sample: the same network and training with regular dilated 3x3 convs in "
+    "layer4 (no offsets).",
     default_config=_CONFIG,
     preprocess=Preprocess(resize=0),
     bundled_weights=_weights("dcn_sample_dilated.pt"),

@@ -50,10 +50,13 @@ class LoadedModel:
 
 
 def warn_non_finite_weights(loaded: LoadedModel) -> List[str]:
-    """Warn (a :class:`~dcn_inspect.core.errors.DcnInspectWarning`) when weights hold NaN/Inf; returns the offending tensor names.
+    """Warn (a :class:`~dcn_inspect.core.errors.DcnInspectWarning`) when weights hold NaN/Inf;
+    returns the offending tensor names.
 
     A warning rather than an error: a broken head or unused buffer need not spoil the offsets.
-    If the offsets themselves come out non-finite, :mod:`dcn_inspect.capture.session` stops with an error.
+    If the offsets themselves come out non-finite, :mod:`dcn_inspect.capture.session` stops
+    with an error.
+
     """
     bad = [
         name

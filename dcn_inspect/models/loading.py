@@ -60,7 +60,8 @@ def check_state_dict_fits(
     for key, value in state_dict.items():
         if key in own and tuple(own[key].shape) != tuple(value.shape):
             raise InputError(
-                f"{source}: shape mismatch at {key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+                f"{source}: shape mismatch at {key}: checkpoint {tuple(value.shape)} "
+                f"vs model {tuple(own[key].shape)}"
             )
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -76,30 +77,35 @@ def check_state_dict_fits(
 def load_state_dict_strict(
     model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str
 ) -> None:
-    """Load weights; a shape mismatch is a one-line error naming the key, missing keys an error listing them."""
+    """Load weights; a shape mismatch is a one-line error naming the key, missing keys an error
+    listing them."""
     check_state_dict_fits(model, state_dict, source)
     model.load_state_dict(state_dict, strict=True)
 
 
 def _native_part(payload: Dict[str, Any], key: str, path: Path) -> Dict[str, Any]:
-    """``payload[key]`` as a dict with string keys (``{}`` when absent); an error naming the entry otherwise."""
+    """``payload[key]`` as a dict with string keys (``{}`` when absent); an error naming the
+    entry otherwise."""
     value = payload.get(key)
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise InputError(
-            f"{path}: native checkpoint entry '{key}' must be a dict with string keys, got {type(value).__name__}"
+            f"{path}: native checkpoint entry '{key}' must be a dict with string keys, "
+            f"got {type(value).__name__}"
         )
     return dict(value)
 
 
 def _from_native(payload: Dict[str, Any], path: Path, name: str) -> LoadedModel:
     """A native checkpoint: every entry's type, the config and preprocessing values and the
-    weights' shapes are checked (the network is sized on the meta device) before anything is built."""
+    weights' shapes are checked (the network is sized on the meta device) before anything is
+    built."""
     arch_name = payload.get("arch")
     if not isinstance(arch_name, str):
         raise InputError(
-            f"{path}: native checkpoint entry 'arch' must be an architecture name, got {type(arch_name).__name__}"
+            f"{path}: native checkpoint entry 'arch' must be an architecture name, "
+            f"got {type(arch_name).__name__}"
         )
     try:
         arch = registry.get(arch_name)
@@ -169,7 +175,8 @@ def load_model(
             if is_native(payload):
                 if payload.get("arch") != arch.name:
                     raise InputError(
-                        f"{path}: checkpoint is for architecture {payload.get('arch')!r}, not {arch.name!r}"
+                        f"{path}: checkpoint is for architecture {payload.get('arch')!r}, "
+                        f"not {arch.name!r}"
                     )
                 loaded = _from_native(payload, Path(path), spec)
             else:
@@ -180,14 +187,16 @@ def load_model(
         path = Path(spec)
         if weights is not None:
             raise InputError(
-                f"{weights}: `model` {spec} is a checkpoint already; `weights` goes with an architecture name or a file.py:function",
+                f"{weights}: `model` {spec} is a checkpoint already; `weights` goes with an "
+                "architecture name or a file.py:function",
                 param="weights",
             )
         if not path.exists():
             if os.path.islink(path):
                 raise InputError(f"{spec}: {missing_file_reason(path)}", param="model")
             raise InputError(
-                f"{spec}: neither a registered architecture ({', '.join(registry.names())}) nor an existing file",
+                f"{spec}: neither a registered architecture ({', '.join(registry.names())}) "
+                "nor an existing file",
                 param="model",
             )
         payload = read_checkpoint_file(path)
@@ -203,6 +212,8 @@ def load_model(
 def open_model(
     model: Union[str, LoadedModel, None], weights: Optional[Path], device: str
 ) -> Tuple[LoadedModel, torch.device]:
-    """``model`` as a :class:`LoadedModel` (loaded unless it is one already) and the device it runs on."""
+    """``model`` as a :class:`LoadedModel` (loaded unless it is one already) and the device it
+    runs on."""
+
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, device)
     return loaded, model_device(loaded)

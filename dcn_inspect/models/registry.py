@@ -52,7 +52,8 @@ def _short(value: Any) -> str:
 #: torchvision-style models, detectron2's ``ResizeShortestEdge``) or cv2's ``INTER_LINEAR``
 #: (no antialiasing, half-pixel centres, uint8 result: mmdetection / mmcv ``imresize``).
 INTERPOLATIONS = ("pil-bilinear", "cv2-bilinear")
-#: ``Preprocess.size_rule`` values: how the resized size is rounded (see :func:`dcn_inspect.io.images.resized_size`).
+#: ``Preprocess.size_rule`` values: how the resized size is rounded (see
+#: :func:`dcn_inspect.io.images.resized_size`).
 SIZE_RULES = ("round", "mmdetection", "detectron2")
 
 
@@ -86,7 +87,8 @@ class Preprocess:
         value out of range. Missing fields take their defaults."""
         if not isinstance(data, Mapping):
             raise ValueError(
-                f"expected a dict of {', '.join(f.name for f in fields(Preprocess))}, got {type(data).__name__}"
+                f"expected a dict of {', '.join(f.name for f in fields(Preprocess))}, "
+                f"got {type(data).__name__}"
             )
         known = {f.name: f for f in fields(Preprocess)}
         unknown = [str(key) for key in data if key not in known]
@@ -101,7 +103,8 @@ class Preprocess:
 
 
 def _check_preprocess_field(name: str, value: Any, default: Any) -> Any:
-    """One preprocessing field, checked against its rule (or, for fields without one, its default's type)."""
+    """One preprocessing field, checked against its rule (or, for fields without one, its
+    default's type)."""
     if name in ("mean", "std"):
         if not (
             isinstance(value, (list, tuple))
@@ -115,7 +118,8 @@ def _check_preprocess_field(name: str, value: Any, default: Any) -> Any:
     if name in ("resize", "max_size"):
         if not _is_int(value) or not 0 <= value <= MAX_RESIZE_SIDE:
             raise ValueError(
-                f"{name} must be a whole number of pixels from 0 to {MAX_RESIZE_SIDE}, got {_short(value)}"
+                f"{name} must be a whole number of pixels from 0 to {MAX_RESIZE_SIDE}, "
+                f"got {_short(value)}"
             )
         return int(value)
     if name == "interpolation" and value not in INTERPOLATIONS:
@@ -125,7 +129,8 @@ def _check_preprocess_field(name: str, value: Any, default: Any) -> Any:
     if name == "size_divisor":
         if not _is_int(value) or not 0 <= value <= MAX_RESIZE_SIDE:
             raise ValueError(
-                f"size_divisor {_short(value)}: must be 0 (no padding) or a positive number of pixels up to {MAX_RESIZE_SIDE}"
+                f"size_divisor {_short(value)}: must be 0 (no padding) or a positive number of "
+                f"pixels up to {MAX_RESIZE_SIDE}"
             )
         return int(value)
     return _check_like_default(name, value, default)
@@ -143,7 +148,8 @@ def _check_plain(name: str, value: Any, depth: int = 0) -> Any:
     if isinstance(value, (list, tuple)) and len(value) <= 64 and depth == 0:
         return [_check_plain(f"{name}[{i}]", v, depth + 1) for i, v in enumerate(value)]
     raise ValueError(
-        f"{name} must be a number, a string, true/false or a short list of them, got {_short(value)}"
+        f"{name} must be a number, a string, true/false or a short list of them, "
+        f"got {_short(value)}"
     )
 
 
@@ -175,7 +181,8 @@ def _check_like_default(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, (list, tuple)):
         if not isinstance(value, (list, tuple)) or len(value) != len(default):
             raise ValueError(
-                f"{name} must be a list of {len(default)} values (like {list(default)!r}), got {_short(value)}"
+                f"{name} must be a list of {len(default)} values (like {list(default)!r}), "
+                f"got {_short(value)}"
             )
         checked = [
             _check_like_default(f"{name}[{i}]", v, d)

@@ -163,7 +163,8 @@ class DeformableResNet(nn.Module):
         first_width = base_channels if width_per_group is None else groups * width_per_group
         if first_width % offset_groups or first_width % groups:
             raise ValueError(
-                f"the 3x3 convs' width ({first_width}) must be divisible by offset_groups ({offset_groups}) and groups ({groups})"
+                f"the 3x3 convs' width ({first_width}) must be divisible by offset_groups "
+                f"({offset_groups}) and groups ({groups})"
             )
         self.depth = depth
         self.stage_names = stage_names
@@ -236,7 +237,8 @@ class DeformableResNet(nn.Module):
         return nn.Sequential(*layers), planes * EXPANSION
 
     def _init_weights(self) -> None:
-        # Offset branches stay zero-initialised (PAPER.md §1): a fresh model samples the regular grid.
+        # Offset branches stay zero-initialised (PAPER.md §1): a fresh model samples the regular
+        # grid.
         offset_branches = {
             id(m.conv_offset) for m in self.modules() if isinstance(m, DeformConv2dPack)
         }
@@ -259,7 +261,8 @@ class DeformableResNet(nn.Module):
 
 
 def _config(depth: int, setting: str) -> Dict[str, object]:
-    """Paper: deformable res5 only, kept at stride 16 with dilation 2. mmdetection: deformable c3-c5, stride 32."""
+    """Paper: deformable res5 only, kept at stride 16 with dilation 2. mmdetection: deformable
+    c3-c5, stride 32."""
     paper = setting == "paper"
     return {
         "depth": depth,
@@ -298,12 +301,13 @@ MMDET_PREPROCESS = Preprocess(
 def _description(depth: int, setting: str) -> str:
     if setting == "paper":
         return (
-            f"ResNet-{depth}, paper setting: conv5 at stride 16 (dilation 2), deformable 3x3 convs in "
-            "the three res5 blocks (offset conv 3x3, dil 2, pad 2); v1, or v2 with modulated=true"
+            f"ResNet-{depth}, paper setting: conv5 at stride 16 (dilation 2), deformable 3x3 "
+            "convs in the three res5 blocks (offset conv 3x3, dil 2, pad 2); v1, or v2 with "
+            "modulated=true"
         )
     return (
-        f"ResNet-{depth}, mmdetection setting: deformable 3x3 convs in layer2-layer4 (c3-c5), stride 32, "
-        "pytorch style; loads mmdetection/detectron2 DCN and DCNv2 backbones"
+        f"ResNet-{depth}, mmdetection setting: deformable 3x3 convs in layer2-layer4 (c3-c5), "
+        "stride 32, pytorch style; loads mmdetection/detectron2 DCN and DCNv2 backbones"
     )
 
 

@@ -55,7 +55,8 @@ def safe_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
         and 0 in shape
     ):
         raise pickle.UnpicklingError(
-            f"refused: array reconstruction with shape {str(shape)[:40]} (numpy pickles start empty)"
+            f"refused: array reconstruction with shape {str(shape)[:40]} "
+            "(numpy pickles start empty)"
         )
     return _multiarray._reconstruct(np.ndarray, shape, _check_dtype(np.dtype(dtype)))
 
@@ -76,7 +77,8 @@ def safe_scalar(dtype: Any, *args: Any) -> Any:
 
 
 def safe_frombuffer(buffer: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
-    """numpy's protocol-5 array reconstructor (``numpy.core.numeric._frombuffer``), no object dtypes."""
+    """numpy's protocol-5 array reconstructor (``numpy.core.numeric._frombuffer``), no object
+    dtypes."""
     if order not in ("C", "F"):
         raise pickle.UnpicklingError(f"refused: array order {order!r}")
     return np.frombuffer(buffer, dtype=_check_dtype(np.dtype(dtype))).reshape(shape, order=order)
@@ -138,7 +140,8 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def load_pickle_file(path: Path) -> Any:
-    """Unpickle ``path`` with :class:`SafeUnpickler`; one-line :class:`InputError` on refusal or corruption."""
+    """Unpickle ``path`` with :class:`SafeUnpickler`; one-line :class:`InputError` on refusal or
+    corruption."""
     path = Path(path)
     try:
         with open(path, "rb") as handle:
@@ -148,7 +151,8 @@ def load_pickle_file(path: Path) -> Any:
         message = str(exc).splitlines()[0] if str(exc) else "unpickling failed"
         if message.startswith("refused"):
             raise InputError(
-                f"{path}: refused to load: {message} (only arrays, numbers, strings and containers are read)"
+                f"{path}: refused to load: {message} "
+                "(only arrays, numbers, strings and containers are read)"
             ) from None
         raise InputError(f"{path}: not a readable pickle ({message})") from None
     except (

@@ -165,7 +165,8 @@ class _BuildProgress:
                 compiling = self._compiling(done)
                 tail = f"; compiling {', '.join(compiling)}" if compiling else "; linking"
                 self._say(
-                    f"[{len(done)}/{len(self.objects)}] {name} compiled ({self.elapsed():.0f} s){tail}"
+                    f"[{len(done)}/{len(self.objects)}] {name} compiled "
+                    f"({self.elapsed():.0f} s){tail}"
                 )
                 last_report = self.elapsed()
             if self.elapsed() - last_report >= PROGRESS_HEARTBEAT:
@@ -176,8 +177,9 @@ class _BuildProgress:
 
     def __enter__(self) -> "_BuildProgress":
         self._say(
-            f"{STATUS_LINE[len('dcn-inspect: ') :]} (first use): {len(self.objects)} files, {self.jobs} at a time, "
-            f"into {self.build_dir.parent}; DCN_INSPECT_OPS=reference skips this"
+            f"{STATUS_LINE[len('dcn-inspect: ') :]} (first use): {len(self.objects)} files, "
+            f"{self.jobs} at a time, into {self.build_dir.parent}; "
+            "DCN_INSPECT_OPS=reference skips this"
         )
         self._say(f"compiling {', '.join(self._compiling(set()))}")
         self._thread.start()
@@ -330,7 +332,9 @@ def _load_or_build() -> Dict[str, Any]:
 
 
 def build_details() -> Dict[str, Any]:
-    """How the loaded extension was obtained, and the CPU scratch pool (for ``dcn-inspect doctor``)."""
+    """How the loaded extension was obtained, and the CPU scratch pool (for
+    ``dcn-inspect doctor``)."""
+
     load()
     assert _details is not None
     details = dict(_details)

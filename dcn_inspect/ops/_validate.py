@@ -76,16 +76,14 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def check_deform_conv2d(
+def _check_conv_operands(
     input: torch.Tensor,
     offset: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
-    stride: IntPair,
-    padding: IntPair,
-    dilation: IntPair,
     mask: Optional[torch.Tensor],
-) -> DeformConvArgs:
+) -> None:
+    """Every operand a tensor of the right rank, on the input's device, of its dtype."""
     _tensor(input, "input", 4)
     _tensor(offset, "offset", 4)
     _tensor(weight, "weight", 4)
@@ -98,6 +96,12 @@ def check_deform_conv2d(
     if bias is not None:
         _tensor(bias, "bias", 1)
         _same(input, bias, "input", "bias")
+
+
+def _conv_pairs(
+    stride: IntPair, padding: IntPair, dilation: IntPair
+) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
+    """(stride, padding, dilation) as (h, w) pairs: stride and dilation >= 1, padding >= 0."""
     stride_, padding_, dilation_ = (
         pair(stride, "stride"),
         pair(padding, "padding"),
@@ -109,6 +113,21 @@ def check_deform_conv2d(
         raise OpsArgumentError(f"padding must be >= 0, got {padding_}")
     if min(dilation_) < 1:
         raise OpsArgumentError(f"dilation must be >= 1, got {dilation_}")
+    return stride_, padding_, dilation_
+
+
+def check_deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    mask: Optional[torch.Tensor],
+) -> DeformConvArgs:
+    _check_conv_operands(input, offset, weight, bias, mask)
+    stride_, padding_, dilation_ = _conv_pairs(stride, padding, dilation)
     batch, in_channels, height, width = input.shape
     if in_channels < 1:
         raise OpsArgumentError(f"input has no channels: shape {tuple(input.shape)}")
@@ -127,22 +146,26 @@ def check_deform_conv2d(
     kernel_points = kh * kw
     if offset.shape[1] == 0 or offset.shape[1] % (2 * kernel_points) != 0:
         raise OpsArgumentError(
-            f"offset has {offset.shape[1]} channels; expected a positive multiple of 2*kh*kw = {2 * kernel_points}"
+            f"offset has {offset.shape[1]} channels; expected a positive multiple of "
+            f"2*kh*kw = {2 * kernel_points}"
         )
     offset_groups = offset.shape[1] // (2 * kernel_points)
     if in_channels % offset_groups != 0:
         raise OpsArgumentError(
-            f"input channels ({in_channels}) are not divisible by the offset groups ({offset_groups})"
+            f"input channels ({in_channels}) are not divisible by the offset groups "
+            f"({offset_groups})"
         )
     out_h = conv_output_size(height, kh, stride_[0], padding_[0], dilation_[0])
     out_w = conv_output_size(width, kw, stride_[1], padding_[1], dilation_[1])
     if out_h < 1 or out_w < 1:
         raise OpsArgumentError(
-            f"input {height}x{width} is too small for kernel {kh}x{kw} with padding {padding_} and dilation {dilation_}"
+            f"input {height}x{width} is too small for kernel {kh}x{kw} with padding {padding_} "
+            f"and dilation {dilation_}"
         )
     if offset.shape[0] != batch or tuple(offset.shape[2:]) != (out_h, out_w):
         raise OpsArgumentError(
-            f"offset has shape {tuple(offset.shape)}; expected [{batch}, {offset.shape[1]}, {out_h}, {out_w}]"
+            f"offset has shape {tuple(offset.shape)}; "
+            f"expected [{batch}, {offset.shape[1]}, {out_h}, {out_w}]"
         )
     if mask is not None:
         expected = (batch, offset_groups * kernel_points, out_h, out_w)
@@ -250,11 +273,13 @@ def check_deform_psroi_pool(
         or tuple(trans.shape[2:]) != (part_size, part_size)
     ):
         raise OpsArgumentError(
-            f"trans has shape {tuple(trans.shape)}; expected [{rois.shape[0]}, 2*num_classes, {part_size}, {part_size}]"
+            f"trans has shape {tuple(trans.shape)}; "
+            f"expected [{rois.shape[0]}, 2*num_classes, {part_size}, {part_size}]"
         )
     num_classes = trans.shape[1] // 2
     if output_dim % num_classes != 0:
         raise OpsArgumentError(
-            f"output_dim ({output_dim}) is not divisible by the number of classes in trans ({num_classes})"
+            f"output_dim ({output_dim}) is not divisible by the number of classes in trans "
+            f"({num_classes})"
         )
     return num_classes

@@ -78,7 +78,8 @@ class _ObservedOffsets(nn.Module):
             observer(self, **record)
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """Called by ``torch.jit.script``: scripted code calls the native op only if it is loaded."""
+        """Called by ``torch.jit.script``: scripted code calls the native op only if it is
+        loaded."""
         from dcn_inspect.ops import _backend
 
         self._script_native = _backend.info().name == "native"
@@ -109,7 +110,8 @@ class DeformConv2d(_ObservedOffsets):
         super().__init__()
         if in_channels % groups or out_channels % groups:
             raise ValueError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "
+                f"by groups ({groups})"
             )
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -181,13 +183,15 @@ class DeformConv2d(_ObservedOffsets):
 
     def extra_repr(self) -> str:
         return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}"
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"groups={self.groups}, bias={self.bias is not None}"
         )
 
 
 class DeformConv2dPack(DeformConv2d):
-    """Deformable conv v1 with its own zero-initialised offset branch ``conv_offset`` (mmcv ``DCN``).
+    """Deformable conv v1 with its own zero-initialised offset branch ``conv_offset`` (mmcv
+    ``DCN``).
 
     The offset conv has the same kernel, stride, padding and dilation as the deformable conv
     and ``2 * offset_groups * kh * kw`` output channels (dy, dx interleaved per kernel point).
@@ -219,7 +223,8 @@ class DeformConv2dPack(DeformConv2d):
         self.offset_groups = _resolve_offset_groups(offset_groups, deform_groups, deformable_groups)
         if in_channels % self.offset_groups:
             raise ValueError(
-                f"in_channels ({in_channels}) must be divisible by offset_groups ({self.offset_groups})"
+                f"in_channels ({in_channels}) must be divisible by offset_groups "
+                f"({self.offset_groups})"
             )
         self.im2col_step = int(im2col_step)  # accepted for mmcv compatibility; no effect
         self.conv_offset = nn.Conv2d(
@@ -363,7 +368,8 @@ def _fc_branch(inputs: int, hidden: int, outputs: int, layers: int) -> nn.Sequen
 
 
 class DeformRoIPoolPack(DeformRoIPool):
-    """Deformable RoI pooling with mmcv's offset fc branch (``offset_fc``, last layer zero-initialised).
+    """Deformable RoI pooling with mmcv's offset fc branch (``offset_fc``, last layer
+    zero-initialised).
 
     Pools plainly, predicts normalised offsets [R, 2, ph, pw] (x first) from the pooled
     features, then pools again with them.
@@ -472,7 +478,8 @@ class DeformPSRoIPool(_ObservedOffsets):
 
     def extra_repr(self) -> str:
         return (
-            f"output_dim={self.output_dim}, group_size={self.group_size}, pooled_size={self.pooled_size}, "
-            f"part_size={self.part_size}, sample_per_part={self.sample_per_part}, trans_std={self.trans_std}, "
+            f"output_dim={self.output_dim}, group_size={self.group_size}, "
+            f"pooled_size={self.pooled_size}, part_size={self.part_size}, "
+            f"sample_per_part={self.sample_per_part}, trans_std={self.trans_std}, "
             f"spatial_scale={self.spatial_scale}"
         )

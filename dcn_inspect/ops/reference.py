@@ -208,7 +208,8 @@ def deform_roi_pool(
         grid_w = sampling_ratio if sampling_ratio > 0 else int(math.ceil(float(roi_w) / pooled_w))
         count = max(grid_h * grid_w, 1)
         if grid_h <= 0 or grid_w <= 0:
-            # An empty sampling grid pools to zero; keep it in the graph so backward gives zero gradients.
+            # An empty sampling grid pools to zero; keep it in the graph so backward gives zero
+            # gradients.
             zero = input[batch_index].sum() * 0
             if offset is not None and offset.numel() > 0:
                 zero = zero + offset[r].sum() * 0
@@ -257,6 +258,49 @@ def _bilinear_psroi(
     )
 
 
+class _PsRoIBins:
+    """Where each output cell of :func:`deform_psroi_pool` reads, independent of the RoI.
+
+    Shapes broadcast over [output_dim D, pooled P, pooled P, sample_per_part S, S]:
+    ``channel`` [D, P, P, 1, 1] is the score map of (class channel ``ctop``, group cell
+    ``gh, gw``); ``class_id`` [D, 1, 1, 1, 1] the class whose offsets move the bin;
+    ``part_h``/``part_w`` the offset cell of bin (ph, pw); ``ph``/``pw`` the bin indices and
+    ``ih``/``iw`` the sample indices inside a bin.
+    """
+
+    def __init__(
+        self,
+        output_dim: int,
+        group_size: int,
+        pooled_size: int,
+        part: int,
+        sample_per_part: int,
+        channels_each_class: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.pooled_size, self.sample_per_part = pooled_size, sample_per_part
+        ctop = torch.arange(output_dim, device=device).view(-1, 1, 1, 1, 1)
+        self.ph = torch.arange(pooled_size, device=device).view(1, -1, 1, 1, 1)
+        self.pw = torch.arange(pooled_size, device=device).view(1, 1, -1, 1, 1)
+        self.ih = torch.arange(sample_per_part, device=device, dtype=dtype).view(1, 1, 1, -1, 1)
+        self.iw = torch.arange(sample_per_part, device=device, dtype=dtype).view(1, 1, 1, 1, -1)
+        self.part_h = torch.div(self.ph * part, pooled_size, rounding_mode="floor")
+        self.part_w = torch.div(self.pw * part, pooled_size, rounding_mode="floor")
+        gh = torch.div(self.ph * group_size, pooled_size, rounding_mode="floor")
+        gw = torch.div(self.pw * group_size, pooled_size, rounding_mode="floor")
+        gh, gw = gh.clamp(0, group_size - 1), gw.clamp(0, group_size - 1)
+        self.channel = (ctop * group_size + gh) * group_size + gw  # [D, P, P, 1, 1]
+        self.class_id = torch.div(ctop, channels_each_class, rounding_mode="floor")
+
+
+def _rounded_roi_corners(roi: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """C ``round()`` of the corners: halves away from zero (torch.round rounds halves to even).
+    In float64, where |x| + 0.5 is exact for float32 input."""
+    corners = roi.double()
+    return (torch.sign(corners) * torch.floor(corners.abs() + 0.5)).to(dtype)
+
+
 def deform_psroi_pool(
     input: torch.Tensor,
     rois: torch.Tensor,
@@ -291,53 +335,70 @@ def deform_psroi_pool(
         sample_per_part,
     )
     no_trans = trans is None or trans.numel() == 0
-    channels_each_class = output_dim // num_classes
     device, dtype = input.device, input.dtype
-    height, width = input.shape[-2:]
-
-    ctop = torch.arange(output_dim, device=device).view(-1, 1, 1, 1, 1)
-    ph = torch.arange(pooled_size, device=device).view(1, -1, 1, 1, 1)
-    pw = torch.arange(pooled_size, device=device).view(1, 1, -1, 1, 1)
-    ih = torch.arange(sample_per_part, device=device, dtype=dtype).view(1, 1, 1, -1, 1)
-    iw = torch.arange(sample_per_part, device=device, dtype=dtype).view(1, 1, 1, 1, -1)
-    part_h = torch.div(ph * part, pooled_size, rounding_mode="floor")
-    part_w = torch.div(pw * part, pooled_size, rounding_mode="floor")
-    gh = torch.div(ph * group_size, pooled_size, rounding_mode="floor").clamp(0, group_size - 1)
-    gw = torch.div(pw * group_size, pooled_size, rounding_mode="floor").clamp(0, group_size - 1)
-    channel = (ctop * group_size + gh) * group_size + gw  # [D, P, P, 1, 1]
-    class_id = torch.div(ctop, channels_each_class, rounding_mode="floor")
-
+    bins = _PsRoIBins(
+        output_dim,
+        group_size,
+        pooled_size,
+        part,
+        sample_per_part,
+        output_dim // num_classes,
+        device,
+        dtype,
+    )
     outputs = []
     for r in range(rois.shape[0]):
-        batch_index = int(rois[r, 0])
-        # C round(): halves away from zero (torch.round rounds halves to even). In float64,
-        # where |x| + 0.5 is exact for float32 input.
-        corners = rois[r, 1:].double()
-        roi = (torch.sign(corners) * torch.floor(corners.abs() + 0.5)).to(dtype)
-        start_x = roi[0] * spatial_scale - 0.5
-        start_y = roi[1] * spatial_scale - 0.5
-        roi_w = torch.clamp((roi[2] + 1) * spatial_scale - 0.5 - start_x, min=0.1)
-        roi_h = torch.clamp((roi[3] + 1) * spatial_scale - 0.5 - start_y, min=0.1)
-        bin_w, bin_h = roi_w / pooled_size, roi_h / pooled_size
         if no_trans:
-            trans_x = trans_y = torch.zeros((), device=device, dtype=dtype)
+            shift: Optional[torch.Tensor] = None
         else:
-            t = trans[r].view(num_classes, 2, part, part)
-            trans_x = t[class_id, 0, part_h, part_w] * trans_std
-            trans_y = t[class_id, 1, part_h, part_w] * trans_std
-        wstart = pw.to(dtype) * bin_w + start_x + trans_x * roi_w
-        hstart = ph.to(dtype) * bin_h + start_y + trans_y * roi_h
-        xs = wstart + iw * (bin_w / sample_per_part)
-        ys = hstart + ih * (bin_h / sample_per_part)
-        xs, ys, chan = torch.broadcast_tensors(xs, ys, channel)
-        inside = (xs >= -0.5) & (xs <= width - 0.5) & (ys >= -0.5) & (ys <= height - 0.5)
-        values = _bilinear_psroi(
-            input[batch_index], chan, ys.clamp(0, height - 1), xs.clamp(0, width - 1)
+            shift = trans[r].view(num_classes, 2, part, part)  # type: ignore[union-attr]
+        outputs.append(
+            _psroi_pool_one(
+                input[int(rois[r, 0])], rois[r, 1:], shift, bins, spatial_scale, trans_std
+            )
         )
-        values = values * inside.to(dtype)
-        count = inside.sum(dim=(-1, -2))
-        pooled = values.sum(dim=(-1, -2)) / count.clamp(min=1).to(dtype)
-        outputs.append(pooled)
     if not outputs:
         return input.new_zeros(0, output_dim, pooled_size, pooled_size)
     return torch.stack(outputs)
+
+
+def _psroi_pool_one(
+    feature: torch.Tensor,
+    corners: torch.Tensor,
+    shift: Optional[torch.Tensor],
+    bins: _PsRoIBins,
+    spatial_scale: float,
+    trans_std: float,
+) -> torch.Tensor:
+    """One RoI of :func:`deform_psroi_pool`: ``feature`` [C, H, W] of its image, ``corners``
+    [4] (x1, y1, x2, y2) in image pixels, ``shift`` [num_classes, 2, part, part] or ``None``.
+
+    Bin (ph, pw) starts at ``p * roi_size / pooled + start + trans * trans_std * roi_size``
+    (``start = corner * spatial_scale - 0.5``); its S x S samples are averaged over those that
+    fall inside [-0.5, size - 0.5] (clamped into the map before the bilinear read).
+    Returns [output_dim, pooled, pooled].
+    """
+    dtype = feature.dtype
+    height, width = feature.shape[-2:]
+    pooled_size, sample_per_part = bins.pooled_size, bins.sample_per_part
+    roi = _rounded_roi_corners(corners, dtype)
+    start_x = roi[0] * spatial_scale - 0.5
+    start_y = roi[1] * spatial_scale - 0.5
+    roi_w = torch.clamp((roi[2] + 1) * spatial_scale - 0.5 - start_x, min=0.1)
+    roi_h = torch.clamp((roi[3] + 1) * spatial_scale - 0.5 - start_y, min=0.1)
+    bin_w, bin_h = roi_w / pooled_size, roi_h / pooled_size
+    if shift is None:
+        trans_x = trans_y = torch.zeros((), device=feature.device, dtype=dtype)
+    else:
+        trans_x = shift[bins.class_id, 0, bins.part_h, bins.part_w] * trans_std
+        trans_y = shift[bins.class_id, 1, bins.part_h, bins.part_w] * trans_std
+    wstart = bins.pw.to(dtype) * bin_w + start_x + trans_x * roi_w
+    hstart = bins.ph.to(dtype) * bin_h + start_y + trans_y * roi_h
+    xs = wstart + bins.iw * (bin_w / sample_per_part)
+    ys = hstart + bins.ih * (bin_h / sample_per_part)
+    xs, ys, chan = torch.broadcast_tensors(xs, ys, bins.channel)
+    inside = (xs >= -0.5) & (xs <= width - 0.5) & (ys >= -0.5) & (ys <= height - 0.5)
+    values = _bilinear_psroi(feature, chan, ys.clamp(0, height - 1), xs.clamp(0, width - 1))
+    values = values * inside.to(dtype)
+    count = inside.sum(dim=(-1, -2))
+    return values.sum(dim=(-1, -2)) / count.clamp(min=1).to(dtype)

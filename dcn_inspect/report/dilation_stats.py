@@ -1,24 +1,31 @@
-"""Figure of ``dcn-inspect dilation-stats``: per-layer distributions of effective dilation by
-object-size category (``dilation_hist.png``).
+"""Reports of ``dcn-inspect dilation-stats``: the Markdown tables (``dilation_table.md``) and
+the per-layer distributions of effective dilation by object-size category
+(``dilation_hist.png``).
 
-One panel per layer (top layer first), one density curve per category, drawn from the
-streaming histograms (no per-unit values are kept). The fine 0.1 % log bins are summed into
-at most 60 equal-width display bins (each at least two fine bins wide, so they do not alias)
-over the central 99 % of the layer's values; each panel has its own x range. Each curve is
-normalised to unit area so categories with very different unit counts compare by shape. The
-mean of each category is marked with a dashed line.
+The tables render ``dilation_table.csv`` in the paper's Table 2 layout (:func:`table2_rows`:
+layers as rows, top first; categories as columns; ``mean ± std [95 % interval]``) and
+``dilation_differences.csv`` as one row per layer (:func:`table_markdown`).
+
+The figure (:func:`draw_dilation_histograms`) has one panel per layer (top layer first), one
+density curve per category, drawn from the streaming histograms (no per-unit values are kept).
+The fine 0.1 % log bins are summed into at most 60 equal-width display bins (each at least two
+fine bins wide, so they do not alias) over the central 99 % of the layer's values; each panel
+has its own x range. Each curve is normalised to unit area so categories with very different
+unit counts compare by shape. The mean of each category is marked with a dashed line.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 
 from dcn_inspect.analysis.category_stats import CategoryStats
-from dcn_inspect.analysis.dilation_stats import CATEGORIES
+from dcn_inspect.analysis.size_categories import CATEGORIES
 
 #: Category colours (colour-blind safe, Okabe-Ito).
 COLOURS = {"small": "#0072B2", "medium": "#009E73", "large": "#D55E00", "background": "#7F7F7F"}
@@ -45,7 +52,8 @@ def display_range(layer_stats: CategoryStats) -> tuple:
 
 
 def display_bins(layer_stats: CategoryStats, low: float, high: float) -> int:
-    """At most :data:`DISPLAY_BINS`, each at least two fine bins wide (narrower ones alias into combs)."""
+    """At most :data:`DISPLAY_BINS`, each at least two fine bins wide (narrower ones alias into
+    combs)."""
     fine_width = max(high, layer_stats.bins.low) * (layer_stats.bins.ratio - 1.0)
     return int(min(DISPLAY_BINS, max(MIN_DISPLAY_BINS, (high - low) // (2.0 * fine_width))))
 
@@ -99,3 +107,156 @@ def draw_dilation_histograms(
         fontsize=11,
     )
     return figure
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Table2Row:
+    """One row of the paper's Table 2 layout: a layer (and offset group), and per category the
+    text ``mean ± std`` and its 95 % interval ``[low, high]`` ("–" where the category is
+    empty)."""
+
+    layer: str
+    group: Optional[int]
+    means: List[str]
+    intervals: List[str]
+
+
+def table2_rows(table: pd.DataFrame) -> List[Table2Row]:
+    """``dilation_table.csv`` rows in the Table 2 layout (layers top first, categories as
+    columns)."""
+    keys = ["layer", "group"] if "group" in table.columns else ["layer"]
+    rows: List[Table2Row] = []
+    for key, part in table.groupby(keys, sort=False):
+        layer, group = (
+            (key[0], int(key[1]))
+            if len(keys) == 2
+            else (key[0] if isinstance(key, tuple) else key, None)
+        )
+        means, intervals = [], []
+        for category in CATEGORIES:
+            row = part[part["category"] == category].iloc[0]
+            empty = row["count"] == 0
+            means.append("–" if empty else f"{row['mean']:.2f} ± {row['std']:.2f}")
+            intervals.append(
+                "–"
+                if empty or "ci_low" not in row or pd.isna(row["ci_low"])
+                else f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+            )
+        rows.append(Table2Row(str(layer), group, means, intervals))
+    return rows
+
+
+def difference_label(first: str, second: str) -> str:
+    return f"{first} − {second}"
+
+
+def difference_text(row: Any) -> Tuple[str, str]:
+    """A ``dilation_differences.csv`` row as text: the difference and its interval ("–" if
+    undefined)."""
+    if pd.isna(row["difference"]):
+        return "–", "–"
+    interval = "–" if pd.isna(row["ci_low"]) else f"[{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+    return f"{row['difference']:+.2f}", interval
+
+
+def table_markdown(
+    table: pd.DataFrame,
+    units: str,
+    thresholds_name: str,
+    thresholds: Tuple[float, float],
+    differences: Optional[pd.DataFrame] = None,
+    title: str = "Effective dilation",
+) -> str:
+    """The paper's Table 2 layout: layers as rows (top first), categories as columns,
+    ``mean ± std [95 % interval of the mean]`` (intervals where the table has them); then the
+    differences of means with their intervals."""
+    lines = _means_markdown(table, units, title)
+    lines += _categories_legend(table, thresholds_name, thresholds)
+    if differences is not None and len(differences):
+        lines += _differences_markdown(differences, units, "group" in table.columns)
+    return "\n".join(lines)
+
+
+def _means_markdown(table: pd.DataFrame, units: str, title: str) -> List[str]:
+    """The title and the Table 2 rows: ``mean ± std [interval]`` per layer and category."""
+    per_group = "group" in table.columns
+    interval_note = " [95 % confidence interval of the mean]" if "ci_low" in table.columns else ""
+    lines = [
+        f"# {title} (mean ± std{interval_note}, {units})",
+        "",
+        _lead(per_group) + " | ".join(CATEGORIES) + " |",
+        _rule(per_group, len(CATEGORIES)),
+    ]
+    for row in table2_rows(table):
+        cells = [
+            mean if interval == "–" else f"{mean} {interval}"
+            for mean, interval in zip(row.means, row.intervals)
+        ]
+        lines.append(
+            f"| {row.layer} | "
+            + (f"{row.group} | " if per_group else "")
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
+
+
+def _categories_legend(
+    table: pd.DataFrame, thresholds_name: str, thresholds: Tuple[float, float]
+) -> List[str]:
+    """Units per category, what the categories mean and where the intervals come from."""
+    counts = table.groupby("category", sort=False)["count"].max()
+    lines = [
+        "",
+        "Units per category (largest layer): "
+        + ", ".join(f"{c} {int(counts.get(c, 0))}" for c in CATEGORIES)
+        + ".",
+        f"Categories by box area in original-image pixels² ({thresholds_name}): "
+        f"small < {thresholds[0]:g} <= medium < {thresholds[1]:g} <= large;",
+        "background = filter centre inside no ground-truth box. "
+        "Units inside only crowd/difficult boxes are not counted.",
+    ]
+    if "ci_low" in table.columns:
+        lines.append(
+            "Intervals: percentile bootstrap over images "
+            "(summary.json `statistics.confidence_intervals`)."
+        )
+    return lines + [""]
+
+
+def _differences_markdown(differences: pd.DataFrame, units: str, per_group: bool) -> List[str]:
+    """The differences of category means with their intervals, one row per layer (and group
+    with ``per_group``)."""
+    pairs = list(dict.fromkeys(zip(differences["category_a"], differences["category_b"])))
+    lines = [
+        f"## Differences of means ({units}, 95 % confidence interval)",
+        "",
+        _lead(per_group) + " | ".join(difference_label(a, b) for a, b in pairs) + " |",
+        _rule(per_group, len(pairs)),
+    ]
+    keys = ["layer", "group"] if per_group else ["layer"]
+    for key, part in differences.groupby(keys, sort=False):
+        layer = key[0] if isinstance(key, tuple) else key
+        texts = [
+            " ".join(difference_text(row)) if not pd.isna(row["difference"]) else "–"
+            for _, row in part.iterrows()
+        ]
+        lines.append(
+            f"| {layer} | " + (f"{int(key[1])} | " if per_group else "") + " | ".join(texts) + " |"
+        )
+    return lines + [""]
+
+
+def _lead(per_group: bool) -> str:
+    """A Markdown table's first header cells: the layer, and the group with ``per_group``."""
+    return "| layer | group | " if per_group else "| layer | "
+
+
+def _rule(per_group: bool, columns: int) -> str:
+    """A Markdown header rule: the layer left-aligned, the group and ``columns`` right-aligned."""
+    return "|---|" + ("---:|" if per_group else "") + "---:|" * columns

@@ -122,10 +122,51 @@ def _draw_panel(
     ax.set_axis_off()  # type: ignore[attr-defined]
 
 
+def _add_legend(fig: Figure, shown: Sequence[ErfPanel]) -> None:
+    """The legend below the panels: the unit, the two boxes and the first panel's point levels."""
+    level_labels = [level.label for level in (shown[0].levels if shown else [])]
+    handles: List[object] = [
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="s",
+            markersize=6,
+            markerfacecolor=UNIT_COLOUR,
+            markeredgecolor="black",
+        ),
+        Patch(facecolor="none", edgecolor=THEORETICAL_COLOUR, linestyle="--"),
+        Patch(facecolor="none", edgecolor=SALIENCY_COLOUR),
+    ]
+    labels = ["unit", "theoretical receptive field", "saliency region"]
+    for index, label in enumerate(level_labels):
+        handles.append(
+            Line2D(
+                [],
+                [],
+                linestyle="none",
+                marker="o",
+                markersize=5,
+                color=LEVEL_COLOURS[index % len(LEVEL_COLOURS)],
+            )
+        )
+        labels.append(f"{label} (size, opacity: |dr/dp|)")
+    legend = fig.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncols=min(len(handles), 3),
+        fontsize=7,
+        frameon=True,
+    )
+    legend.get_frame().set_facecolor("#808080")
+
+
 def draw_receptive_field_figure(
     image: np.ndarray, panels: Sequence[ErfPanel], columns: int = 4, max_panels: int = MAX_PANELS
 ) -> Figure:
-    """Panels side by side (``columns`` per row; 2 for a model compared with another: one row per unit)."""
+    """Panels side by side (``columns`` per row; 2 for a model compared with another: one row per
+    unit)."""
     shown = list(panels[:max_panels])
     height, width = image.shape[:2]
     grey = (
@@ -165,40 +206,5 @@ def draw_receptive_field_figure(
         "ERF: sum over colours of |dr/dI|, divided by the panel's maximum", fontsize=8
     )
     colourbar.ax.tick_params(labelsize=7)
-    level_labels = [level.label for level in (shown[0].levels if shown else [])]
-    handles: List[object] = [
-        Line2D(
-            [],
-            [],
-            linestyle="none",
-            marker="s",
-            markersize=6,
-            markerfacecolor=UNIT_COLOUR,
-            markeredgecolor="black",
-        ),
-        Patch(facecolor="none", edgecolor=THEORETICAL_COLOUR, linestyle="--"),
-        Patch(facecolor="none", edgecolor=SALIENCY_COLOUR),
-    ]
-    labels = ["unit", "theoretical receptive field", "saliency region"]
-    for index, label in enumerate(level_labels):
-        handles.append(
-            Line2D(
-                [],
-                [],
-                linestyle="none",
-                marker="o",
-                markersize=5,
-                color=LEVEL_COLOURS[index % len(LEVEL_COLOURS)],
-            )
-        )
-        labels.append(f"{label} (size, opacity: |dr/dp|)")
-    legend = fig.legend(
-        handles,
-        labels,
-        loc="outside lower center",
-        ncols=min(len(handles), 3),
-        fontsize=7,
-        frameon=True,
-    )
-    legend.get_frame().set_facecolor("#808080")
+    _add_legend(fig, shown)
     return fig

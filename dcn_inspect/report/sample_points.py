@@ -1,4 +1,5 @@
-"""Figures of ``dcn-inspect sample-points``: each unit in green, its sampling points in red (Fig. 5/6).
+"""Figures of ``dcn-inspect sample-points``: each unit in green, its sampling points in red
+(Fig. 5/6).
 
 Everything is drawn in original-image pixel coordinates (COCO continuous: pixel (r, c) covers
 [c, c+1] x [r, r+1]), so the image is shown with ``extent=(0, W, H, 0)``.
@@ -67,7 +68,8 @@ def level_colour(level: int, num_levels: int, color_by_level: bool) -> str:
 
 
 def panel_title(index: int, unit: Unit, category: Optional[UnitCategory]) -> str:
-    """``unit k at (x, y) = (..)`` in image pixels, then the unit's category and how it was chosen."""
+    """``unit k at (x, y) = (..)`` in image pixels, then the unit's category and how it was
+    chosen."""
     first = f"unit {index} at (x, y) = ({unit.x:.1f}, {unit.y:.1f})"
     if category is None:
         return f"{first}\n{unit.source}"
@@ -113,7 +115,8 @@ class View:
         return self.y1 - self.y0
 
     def pin(self, xs: np.ndarray, ys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Points beyond the view moved onto its edge (half a per mille inside, so they are drawn)."""
+        """Points beyond the view moved onto its edge (half a per mille inside, so they are
+        drawn)."""
         inset = 5e-4 * max(self.width, self.height)
         return np.clip(xs, self.x0 + inset, self.x1 - inset), np.clip(
             ys, self.y0 + inset, self.y1 - inset
@@ -163,7 +166,8 @@ def _levels_to_draw(trees: SamplingTrees, color_by_level: bool) -> List[int]:
 
 
 def _relative(weights: np.ndarray, floor: float) -> np.ndarray:
-    """Weights relative to the largest, clipped to [floor, 1]; all ones when they carry no information."""
+    """Weights relative to the largest, clipped to [floor, 1]; all ones when they carry no
+    information."""
     peak = float(weights.max()) if weights.size else 0.0
     if peak <= 0 or float(weights.min()) == peak:
         return np.ones_like(weights, dtype=np.float64)
@@ -308,7 +312,8 @@ def draw_sampling_figure(
     size_weights: Optional[Sequence[torch.Tensor]] = None,
     size_label: Optional[str] = None,
 ) -> Figure:
-    """One panel per unit (side by side, wrapping after 4): the image, the unit, its points, a legend.
+    """One panel per unit (side by side, wrapping after 4): the image, the unit, its points, a
+    legend.
 
     Every panel has the same limits and size (the image and its margin band,
     :func:`view_limits`), unless ``zoom`` fits each to its own points. ``size_weights`` (per

@@ -61,7 +61,8 @@ class SceneConfig:
 
     @staticmethod
     def for_size(size: int) -> "SceneConfig":
-        """Square scenes of ``size`` pixels with every shape size scaled from the 256-pixel defaults."""
+        """Square scenes of ``size`` pixels with every shape size scaled from the 256-pixel
+        defaults."""
         base = SceneConfig()
         if size == base.width:
             return base
@@ -133,7 +134,8 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int)
 def random_texture(
     rng: np.random.Generator, height: int, width: int, scale: Optional[float] = None
 ) -> np.ndarray:
-    """A random texture [H, W, 3] float32 in [0, 255]: dots, stripes, checks or blotches, with grain.
+    """A random texture [H, W, 3] float32 in [0, 255]: dots, stripes, checks or blotches, with
+    grain.
 
     Pattern sizes are proportional to ``scale`` (default: the region's larger side), as the
     parts of real objects look bigger on bigger objects: a shape's fill tells its size, not
@@ -280,7 +282,8 @@ def _bar_polygon(rng: np.random.Generator, cx: float, cy: float, length: float) 
 
 
 def _sample_sides(rng: np.random.Generator, config: SceneConfig) -> List[Tuple[float, float]]:
-    """Box sizes (w, h) of the scene's shapes, largest first (so smaller shapes are drawn on top)."""
+    """Box sizes (w, h) of the scene's shapes, largest first (so smaller shapes are drawn on
+    top)."""
     sides: List[float] = []
     if rng.random() < config.p_large:
         sides.append(rng.uniform(*config.large_side))
@@ -390,7 +393,8 @@ def _draw_outline(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray
 def _contrasting_texture(
     rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, min_contrast: float
 ) -> np.ndarray:
-    """A fill texture whose mean colour differs from the canvas under ``mask`` (else the shape is invisible)."""
+    """A fill texture whose mean colour differs from the canvas under ``mask`` (else the shape
+    is invisible)."""
     under = canvas[mask].mean(axis=0)
     texture = random_texture(rng, *mask.shape)
     for _ in range(10):
@@ -430,8 +434,8 @@ def save_image(path: Path, image: np.ndarray, image_format: str = "png") -> None
 def coco_entries(
     image_id: int, file_name: str, scene: Scene, first_annotation_id: int
 ) -> Tuple[dict, List[dict]]:
-    """The COCO ``images`` entry of one scene and its ``annotations`` (ids from ``first_annotation_id``):
-    boxes [x, y, w, h], mask area, iscrowd 0, polygon segmentation."""
+    """The COCO ``images`` entry of one scene and its ``annotations`` (ids from
+    ``first_annotation_id``): boxes [x, y, w, h], mask area, iscrowd 0, polygon segmentation."""
     height, width = scene.labels.shape
     image = {"id": image_id, "file_name": file_name, "width": width, "height": height}
     annotations = []
@@ -452,7 +456,8 @@ def coco_entries(
 
 
 def coco_document(images: List[dict], annotations: List[dict]) -> dict:
-    """COCO instances json around ``images`` and ``annotations`` entries (see :func:`coco_entries`)."""
+    """COCO instances json around ``images`` and ``annotations`` entries (see
+    :func:`coco_entries`)."""
     categories = [
         {"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)
     ]
@@ -571,7 +576,9 @@ def write_dataset(
     """Generate ``n`` scenes into ``out``; returns the annotation file (COCO) or the VOC root.
 
     COCO: ``out/annotations.json`` + ``out/images/scene_XXXXX.png``. VOC: ``out/Annotations``,
-    ``out/JPEGImages``, ``out/ImageSets/Main/all.txt``. Images are ``image_format`` ("png" or "jpg").
+    ``out/JPEGImages``, ``out/ImageSets/Main/all.txt``. Images are ``image_format`` ("png" or
+    "jpg").
+
     """
     from dcn_inspect.io.outputs import write_text
 
