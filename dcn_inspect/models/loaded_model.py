@@ -32,6 +32,12 @@ class LoadedModel:
     checkpoint_sha256: Optional[str] = None
     meta: Dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def random_weights(self) -> bool:
+        """A registered architecture built without weights (none given, none bundled): its
+        offsets come from a random initialisation, not from training."""
+        return self.source == "registered" and self.checkpoint is None
+
     def summary(self) -> Dict[str, Any]:
         summary = {
             "name": self.name,
