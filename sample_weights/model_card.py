@@ -3,7 +3,7 @@ their ``*.metrics.json`` (written by ``recipe.py`` and ``head_finetune.py`` besi
 
 Every table is drawn by :func:`dcn_inspect.report.tables.markdown_table` (plain ``| --- |``
 rule); the Fig. 7 foreground cells are those ``dcn-inspect bins`` prints
-(:func:`dcn_inspect.report.tables.foreground_cells`).
+(:func:`dcn_inspect.report.tables.foreground_measure_cells`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from recipe import DIFFERENCES, weights_file_name
 
 from dcn_inspect.analysis.size_categories import CATEGORIES
 from dcn_inspect.io.outputs import write_text
-from dcn_inspect.report.tables import foreground_measure_cells, foreground_rows, markdown_table
+from dcn_inspect.report.tables import foreground_measure_cells, markdown_table
 
 HERE = Path(__file__).resolve().parent
 CARD_TEMPLATE = HERE / "MODEL_CARD.template.md"
@@ -138,7 +138,8 @@ def metrics_markdown(reports: Sequence[Dict[str, Any]]) -> str:
 def foreground_markdown(report: Dict[str, Any]) -> str:
     """Markdown table: Fig. 7 measured per class and overall (``eval.foreground``)."""
     table = report["eval"].get("foreground") or {}
-    rows = foreground_rows([{"group": name, **row} for name, row in table.items()])
+    # The metrics files count RoIs, not images (every class spans many of the held-out images).
+    rows = [[name, str(row["rois"]), *foreground_measure_cells(row)] for name, row in table.items()]
     return markdown_table(FOREGROUND_HEADER, rows)
 
 

@@ -10,6 +10,7 @@ fractions follow from counting sampling points by hand.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -401,12 +402,13 @@ def test_foreground_fraction_of_bins_moved_onto_a_known_object(
 ) -> None:
     result = bins(
         [seeker["images"] / "one.png"], model=_seeker(seeker), annotations=seeker["annotations"],
-        rois=["0,0,11,12", "20,20,30,30"], out=tmp_path, progress=False,
+        rois=["0,0,11,12", "8,8,11,11"], out=tmp_path, progress=False,
     )  # fmt: skip
     table = pd.read_csv(result.images[0].csv)
     summary = json.loads(result.summary.read_text())
     rois = summary["images"][0]["rois"]
-    # RoI 0 (typed) belongs to the best-IoU annotated box (box 0, IoU 121/132); RoI 1 to none.
+    # RoI 0 (typed) belongs to the best-IoU annotated box (box 0, IoU 121/132); RoI 1 to none
+    # (IoU 9/121 with both boxes, below one half).
     assert rois[0]["object"] == {
         "index": 0,
         "matched_by": "best IoU",
@@ -479,11 +481,64 @@ def test_bins_dataset_table_per_class_and_overall(seeker: Dict[str, Any], tmp_pa
         "core", "gain_ci_high"
     ] == pytest.approx(8 / 9)
     markdown = (tmp_path / "foreground_table.md").read_text()
-    assert "| core | 2 | 11.1 % | 100.0 % | +88.9 pt [+88.9, +88.9] | 100 % |" in markdown
+    assert "| core | 2 | 2 | 11.1 % | 100.0 % | +88.9 pt [+88.9, +88.9] | 100 % |" in markdown
     summary = json.loads(result.summary.read_text())
     assert summary["rois"] == {"total": 5, "measured": 3, "without_mask": 1, "ignored_boxes": 1}
     assert summary["images"] == {"used": 2, "without_boxes": 0}
     assert [row["group"] for row in summary["foreground"]["table"]] == ["core", "block", "all"]
+
+
+def test_a_class_seen_in_one_image_prints_its_image_count_and_no_interval(
+    seeker: Dict[str, Any], tmp_path: Path
+) -> None:
+    # "block" is measured in one image only (image two's block is a crowd box): a bootstrap over
+    # one image draws it every time, a zero-width interval that must not be printed as real.
+    result = bins([seeker["annotations"]], model=_seeker(seeker), out=tmp_path, progress=False)
+    table = pd.read_csv(tmp_path / "foreground_table.csv", keep_default_na=False).set_index("group")
+    assert table.loc["block", ["rois", "images"]].tolist() == [1, 1]
+    assert table.loc["block", ["gain_ci_low", "gain_ci_high"]].tolist() == ["", ""]
+    assert table.loc["core", "images"] == 2 and table.loc["core", "gain_ci_low"] != ""
+    markdown = (tmp_path / "foreground_table.md").read_text()
+    assert "| class | RoIs | images | regular bins |" in markdown
+    assert "| block | 1 | 1 | 100.0 % | 100.0 % | +0.0 pt | 0 % |" in markdown
+    summary = json.loads(result.summary.read_text())
+    block = next(row for row in summary["foreground"]["table"] if row["group"] == "block")
+    assert (block["images"], block["gain_ci_low"], block["gain_ci_high"]) == (1, None, None)
+    # The console table: the image count, no interval for block, one line per row in 80 columns.
+    from rich.console import Console
+
+    from dcn_inspect.report.tables import foreground_console_table
+
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(foreground_console_table(result.foreground))
+    lines = console.export_text().splitlines()
+    block_line = next(line for line in lines if line.startswith("block"))
+    assert block_line.split() == ["block", "1", "1", "100.0", "%", "100.0", "%", "+0.0", "pt",
+                                  "0", "%"]  # fmt: skip
+    assert max(len(line) for line in lines) <= 80 and len(lines) == 2 + 3 + 1  # title, head
+
+
+def test_gain_interval_over_two_images_spans_their_two_gains() -> None:
+    # Two images, one RoI each: resampled means are g1, (g1 + g2) / 2 or g2, and each extreme is
+    # drawn with probability 1/4 > 2.5 %, so the 95 % interval is exactly [g1, g2]. One image
+    # (three RoIs of class "one"): no interval.
+    from dcn_inspect.analysis.bins_foreground import foreground_table
+
+    rois = pd.DataFrame(
+        [
+            ["a.png", 0, "two", "two", 0.5, 0.6],
+            ["b.png", 0, "two", "two", 0.5, 0.9],
+            ["c.png", 0, "one", "one", 0.2, 0.3],
+            ["c.png", 1, "one", "one", 0.2, 0.4],
+            ["c.png", 2, "one", "one", 0.2, 0.2],
+        ],
+        columns=["image", "roi", "label", "class", "fg_regular", "fg_deformed"],
+    )
+    table = foreground_table(rois).set_index("group")
+    assert table.loc["two", ["gain_ci_low", "gain_ci_high"]].tolist() == pytest.approx([0.1, 0.4])
+    assert table.loc["one", "images"] == 1 and table.loc["one", "gain"] == pytest.approx(0.1)
+    assert np.isnan(table.loc["one", ["gain_ci_low", "gain_ci_high"]].astype(float)).all()
+    assert table.loc["all", "images"] == 3 and np.isfinite(table.loc["all", "gain_ci_low"])
 
 
 def test_bins_dataset_cli_prints_the_table_and_rejects_a_malformed_mask(

@@ -440,9 +440,25 @@ def test_offset_gradient_is_the_derivative_of_the_response() -> None:
 # Saliency regions
 
 
-def test_saliency_search_returns_the_known_response_region() -> None:
+def _mass_evaluator(maps: torch.Tensor, offset: float = 0.0):
+    """``evaluate`` of a response that is ``offset`` plus the mass of ``maps[n]`` inside the
+    kept box."""
+
+    def evaluate(indices: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return torch.stack(
+            [
+                maps[int(n), y1:y2, x1:x2].sum() + offset
+                for n, (x1, y1, x2, y2) in zip(indices.tolist(), boxes.tolist())
+            ]
+        )
+
+    return evaluate
+
+
+def test_saliency_region_is_the_smallest_box_holding_the_response_region_and_its_unit() -> None:
     """The response is the mass of a weight map inside the kept box; the mass lies uniformly on a
-    5x7 region R, so dropping any row (20 %) or column (14 %) of R breaks a 10 % bound."""
+    5x7 region R, so dropping any row (20 %) or column (14 %) of R breaks a 10 % bound. The region
+    is the smallest box containing R and the unit's pixel (a region always contains its unit)."""
     height, width = 48, 64
     regions = [(30, 12, 37, 17), (3, 30, 10, 35), (50, 40, 57, 45)]  # (x1, y1, x2, y2) pixel edges
     maps = torch.zeros(len(regions), height, width, dtype=torch.float64)
@@ -451,28 +467,55 @@ def test_saliency_search_returns_the_known_response_region() -> None:
     centres = torch.tensor(
         [[33.5, 14.5], [20.0, 20.0], [60.0, 5.0]], dtype=torch.float64
     )  # inside, off and far off R
-
-    def evaluate(indices: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return torch.stack(
-            [
-                maps[int(n), y1:y2, x1:x2].sum()
-                for n, (x1, y1, x2, y2) in zip(indices.tolist(), boxes.tolist())
-            ]
-        )
-
-    found = saliency_regions(
-        evaluate, centres, maps.sum(dim=(1, 2)), (height, width), error=0.1, step=1
-    )
-    assert [r.box for r in found] == regions
-    assert all(r.relative_error == 0 and r.area == 35 for r in found)
-    # A coarser resolution still contains the region (boxes move in whole steps from the grown
-    # square).
-    coarse = saliency_regions(
-        evaluate, centres, maps.sum(dim=(1, 2)), (height, width), error=0.1, step=4
-    )
-    for region, (x1, y1, x2, y2) in zip(coarse, regions):
+    # by hand: R widened to the unit's pixel (floor(x), floor(y))
+    expected = [(30, 12, 37, 17), (3, 20, 21, 35), (50, 5, 61, 45)]
+    evaluate = _mass_evaluator(maps)
+    found = saliency_regions(evaluate, centres, maps.sum(dim=(1, 2)), (height, width), 0.1, 1)
+    assert [r.box for r in found] == expected
+    assert all(r.relative_error == 0 and r.status == "found" for r in found)
+    assert [r.area for r in found] == [35, 18 * 15, 11 * 40]
+    # A coarser resolution still contains the region and the unit (boxes move in whole steps).
+    coarse = saliency_regions(evaluate, centres, maps.sum(dim=(1, 2)), (height, width), 0.1, 4)
+    for region, (x1, y1, x2, y2), (cx, cy) in zip(coarse, expected, centres.tolist()):
         bx1, by1, bx2, by2 = region.box
         assert bx1 <= x1 and by1 <= y1 and bx2 >= x2 and by2 >= y2 and region.relative_error == 0
+        assert bx1 <= cx < bx2 and by1 <= cy < by2
+    # Searched one unit at a time (the progress counts each), the regions are the same.
+    done: List[int] = []
+    one_by_one = saliency_regions(
+        evaluate,
+        centres,
+        maps.sum(dim=(1, 2)),
+        (height, width),
+        0.1,
+        1,
+        chunk=1,
+        on_units=done.append,
+    )
+    assert [r.box for r in one_by_one] == expected and done == [1, 1, 1]
+    assert saliency_regions(evaluate, centres[:0], maps.sum(dim=(1, 2))[:0], (height, width)) == []
+
+
+def test_saliency_search_reports_no_region_when_the_masked_image_meets_the_bound() -> None:
+    """r = 100 + the mass of a 5-pixel region: with every pixel masked r is 100, 4.8 % from the
+    full 105, within a 10 % bound: no box is the smallest (the search would collapse to a point);
+    the row says so. Within a 0.5 % bound (one pixel of the five is 0.95 %) the region is
+    found as usual."""
+    height, width = 20, 30
+    maps = torch.zeros(2, height, width, dtype=torch.float64)
+    maps[:, 8:9, 10:15] = 1.0
+    centres = torch.tensor([[12.5, 8.5], [25.5, 15.5]], dtype=torch.float64)
+    evaluate = _mass_evaluator(maps, offset=100.0)
+    full = maps.sum(dim=(1, 2)) + 100.0
+    loose = saliency_regions(evaluate, centres, full, (height, width), 0.1, 1)
+    assert [r.status for r in loose] == ["masked_image_within_bound"] * 2
+    assert [r.box for r in loose] == [None, None] and [r.area for r in loose] == [None, None]
+    assert [r.response for r in loose] == [100.0, 100.0]
+    assert loose[0].relative_error == pytest.approx(5 / 105)
+    assert [r.evaluations for r in loose] == [1, 1]  # the masked image only
+    tight = saliency_regions(evaluate, centres, full, (height, width), 0.005, 1)
+    assert [r.status for r in tight] == ["found"] * 2
+    assert [r.box for r in tight] == [(10, 8, 15, 9), (10, 8, 26, 16)]
 
 
 class BoxResponse(nn.Module):
@@ -499,8 +542,9 @@ def test_saliency_search_on_a_model_finds_the_box_it_reads() -> None:
     fields = receptive_fields(
         forward, records, torch.tensor([[10, 20], [3, 30]]), (30, 40), STD, saliency_step=1
     )
-    # Unit (i, j) reads rows i+4-2..i+4+2 and columns j-6-3..j-6+3.
-    assert [r.box for r in fields.saliency] == [(11, 12, 18, 17), (21, 5, 28, 10)]
+    # Unit (i, j) reads rows i+4-2..i+4+2 and columns j-6-3..j-6+3; its region also holds the
+    # unit's own pixel (j, i).
+    assert [r.box for r in fields.saliency] == [(11, 10, 21, 17), (21, 3, 31, 10)]
     assert _support(fields.erf[0].numpy() > 0) == {
         (r, c) for r in range(12, 17) for c in range(11, 18)
     }
@@ -743,9 +787,11 @@ def test_dataset_mode_tabulates_radius_and_area_by_category_like_dilation_stats(
     assert list(radius["count"][:4]) == [1, 0, 1, 1] and list(area["count"][4:]) == [1, 0, 1, 1]
     units = pd.read_csv(out / "receptive_field_units.csv")
     assert len(units) == 6 and set(units["category"]) == {"small", "large", "background"}
-    assert (units["saliency_area"] > 0).all() and (
-        units["erf_radius_90"] >= units["erf_radius_50"]
-    ).all()
+    found = units["saliency_status"] == "found"  # else the masked image meets the bound: no area
+    assert (units.loc[found, "saliency_area"] > 0).all() and units.loc[
+        ~found, "saliency_area"
+    ].isna().all()
+    assert (units["erf_radius_90"] >= units["erf_radius_50"]).all()
     assert "ERF radius" in (out / "erf_radius_table.md").read_text()
 
 
@@ -939,3 +985,361 @@ def test_erf_with_a_resize_is_the_gradient_through_the_float_preprocessing() -> 
             fields.erf[u].numpy(), grad.abs().sum(dim=0).numpy(), rtol=2e-4, atol=1e-9
         )
     assert fields.erf.shape == (2, 60, 84)
+
+
+BIASED_SOURCE = (
+    TINY_SOURCE
+    + '''
+
+def build_biased():
+    """dcn_c's output is dominated by its bias: with every pixel masked its units keep their
+    response within 10 %."""
+    model = TinyRF().eval()
+    with torch.no_grad():
+        model.dcn_c.bias.fill_(1000.0)
+    return model
+
+
+def build_unbiased():
+    """No bias anywhere: with every pixel masked every response is 0."""
+    model = TinyRF().eval()
+    with torch.no_grad():
+        for layer in (model.stem, model.dcn_a, model.dcn_b, model.dcn_c):
+            if layer.bias is not None:
+                layer.bias.zero_()
+    return model
+'''
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Padded model inputs (mmdetection / detectron2: zero padding to a size divisor)
+
+
+@pytest.mark.parametrize(
+    "image_hw, preprocess, resized_hw, input_hw",
+    [
+        ((40, 48), Preprocess(size_divisor=32), (40, 48), (64, 64)),
+        ((60, 84), Preprocess(resize=25, size_divisor=16), (25, 35), (32, 48)),
+    ],
+    ids=["padding-only", "resize-and-padding"],
+)
+def test_padded_input_maps_through_the_resize_only_and_erf_is_autograd_of_the_padded_input(
+    image_hw: Tuple[int, int],
+    preprocess: Preprocess,
+    resized_hw: Tuple[int, int],
+    input_hw: Tuple[int, int],
+) -> None:
+    """The padding is model input but no image: positions map to the image by original / resized
+    size, and the ERF is |dr/dI| through resize + normalisation + zero padding (direct autograd,
+    the padded input built from the pixels), not a resize of the padded input onto the image."""
+    model = LinearTwoLevels().eval()
+    rng = np.random.default_rng(5)
+    image = (rng.random((*image_hw, 3)) * 255).astype(np.uint8)
+    model_input = to_model_input(image, preprocess)
+    assert model_input.input_hw == input_hw and model_input.content_hw == resized_hw
+    forward = GradientForward(model, model_input.tensor)
+    records = list(reversed(select_layers(forward.deformable_records(), None, 2)))
+    units = torch.tensor([[12, 17], [3, 30], [20, 2]])
+    fields = receptive_fields(
+        forward,
+        records,
+        units,
+        model_input.original_hw,
+        preprocess.std,
+        saliency_step=1,
+        content_hw=model_input.content_hw,
+    )
+    # dcn_b keeps the input's grid: unit (i, j) is centred at (j + 0.5, i + 0.5) model-input pixels
+    sx, sy = image_hw[1] / resized_hw[1], image_hw[0] / resized_hw[0]
+    expected_xy = [((j + 0.5) * sx, (i + 0.5) * sy) for i, j in units.tolist()]
+    np.testing.assert_allclose(fields.unit_xy.numpy(), expected_xy, rtol=1e-12)
+    np.testing.assert_allclose(
+        fields.trees.xs[0][0].numpy().mean(), expected_xy[0][0], atol=0.5 * sx
+    )  # the level-1 points sit around the unit, in the same frame
+    pixels = torch.from_numpy(image).double().permute(2, 0, 1).clone().requires_grad_(True)
+    rows = bilinear_resize_matrix(image_hw[0], resized_hw[0])
+    cols = bilinear_resize_matrix(image_hw[1], resized_hw[1])
+    mean = torch.tensor(preprocess.mean, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(preprocess.std, dtype=torch.float64).view(3, 1, 1)
+    content = (rows @ pixels @ cols.T / 255 - mean) / std
+    padded = torch.nn.functional.pad(
+        content, (0, input_hw[1] - resized_hw[1], 0, input_hw[0] - resized_hw[0])
+    )
+    output = model.double()(padded[None])
+    for u, (i, j) in enumerate(units.tolist()):
+        (grad,) = torch.autograd.grad(output[0, :, i, j].sum(), pixels, retain_graph=True)
+        expected = grad.abs().sum(dim=0).numpy()
+        np.testing.assert_allclose(fields.erf[u].numpy(), expected, rtol=2e-4, atol=1e-9)
+    # the saliency region lies on the image and holds its unit
+    for (x, y), box in zip(expected_xy, fields.saliency_boxes.tolist()):
+        assert 0 <= box[0] <= x < box[2] <= image_hw[1] and 0 <= box[1] <= y < box[3] <= image_hw[0]
+
+
+def test_padded_model_unit_is_where_sample_points_puts_it(
+    tiny: Dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    """A model whose input is padded to a multiple of 32 (48x40 -> 64x64): receptive-field and
+    sample-points put the unit of `--at 20,16` at the same place, (20.5, 16.5) by hand (stride-2
+    stem: cell j centred at 2j + 0.5), and so are the sampling points and the theoretical field."""
+    padded = tiny["root"] / "tiny_padded.py"
+    padded.write_text(BIASED_SOURCE + "\nPREPROCESS = {'size_divisor': 32}\n")
+    model = f"{padded}:build_unbiased"
+    common = [str(tiny["image"]), "--model", model, "--at", "20,16"]
+    code, _, stderr = _main(["sample-points", *common, "--out", str(tiny["root"] / "sp")], capsys)
+    assert code == 0, stderr
+    points = pd.read_csv(tiny["root"] / "sp" / "scene_points.csv")
+    code, _, stderr = _main(["receptive-field", *common, "--out", str(tiny["root"] / "rf")], capsys)
+    assert code == 0, stderr
+    row = pd.read_csv(tiny["root"] / "rf" / "scene_receptive_field.csv").iloc[0]
+    assert (row["unit_x"], row["unit_y"]) == (20.5, 16.5)
+    assert (points["unit_x"].iloc[0], points["unit_y"].iloc[0]) == (20.5, 16.5)
+    arrays = np.load(tiny["root"] / "rf" / "scene_erf.npz")
+    for level in (1, 2, 3):
+        rows = points[points["level"] == level]
+        # the points CSV keeps 4 decimals
+        np.testing.assert_allclose(arrays[f"model/level{level}/x"][0], rows["x"], atol=6e-5)
+        np.testing.assert_allclose(arrays[f"model/level{level}/y"][0], rows["y"], atol=6e-5)
+    # regular grids: stem 3x3 s2 (+1 px), then 3x3 (+1 cell), two 3x3 dil 2 (+2 cells each) at
+    # stride 2: 1.5 + 2 * (1 + 2 + 2) = 11.5 px on each side of the unit
+    assert (row["rf_x1"], row["rf_x2"]) == (20.5 - 11.5, 20.5 + 11.5)
+    assert row["saliency_x1"] <= 20.5 < row["saliency_x2"] <= 48
+
+
+# ---------------------------------------------------------------------------------------------
+# Units without a saliency region; progress; figures; the dataset mode's printed tables
+
+
+def test_dataset_mode_leaves_units_without_a_saliency_region_out_with_a_count(
+    tiny: Dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    source = tiny["root"] / "tiny_biased.py"
+    source.write_text(BIASED_SOURCE)
+    dataset = tiny["root"] / "ds.json"
+    dataset.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "scene.png", "width": 48, "height": 40}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 8, 6], "area": 48,
+             "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [20, 10, 26, 28], "area": 728,
+             "iscrowd": 0},
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }))  # fmt: skip
+    out = tiny["root"] / "stats"
+    args = ["receptive-field", str(dataset), "--stats", "--model", f"{source}:build_biased"]
+    code, stdout, stderr = _main(
+        [*args, "--thresholds", "100,500", "--levels", "2", "--out", str(out)], capsys
+    )
+    assert code == 0, stderr
+    units = pd.read_csv(out / "receptive_field_units.csv")
+    top = units[units["layer"] == "dcn_c"]
+    assert len(top) == 3 and (top["saliency_status"] == "masked_image_within_bound").all()
+    assert top["saliency_area"].isna().all()
+    lower = units[units["layer"] == "dcn_b"]
+    assert (lower["saliency_status"] == "found").all() and (lower["saliency_area"] > 0).all()
+    area = pd.read_csv(out / "saliency_area_table.csv")
+    radius = pd.read_csv(out / "erf_radius_table.csv")
+    assert list(area["count"][:4]) == [0, 0, 0, 0] and list(radius["count"][:4]) == [1, 0, 1, 1]
+    assert list(area["count"][4:]) == [1, 0, 1, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["saliency"]["units_without_region"] == {"dcn_c": 3, "dcn_b": 0}
+    assert "3 unit(s) without a saliency region" in stdout
+
+
+def test_image_rows_say_when_no_saliency_region_exists(tiny: Dict[str, Path]) -> None:
+    from dcn_inspect.commands.receptive_field import receptive_field
+    from dcn_inspect.models.loading import load_model
+
+    source = tiny["root"] / "tiny_biased.py"
+    source.write_text(BIASED_SOURCE)
+    result = receptive_field(
+        [tiny["image"]],
+        model=load_model(f"{source}:build_biased"),
+        compare_model=load_model(f"{source}:build_unbiased"),
+        at=["20,16", "3,37"],
+        out=tiny["root"] / "out",
+        progress=False,
+    )
+    table = pd.read_csv(tiny["root"] / "out" / "scene_receptive_field.csv")
+    assert list(table.columns) == CSV_COLUMNS and "saliency_status" in CSV_COLUMNS
+    biased, plain = table[table["model"] == "model"], table[table["model"] == "compare"]
+    assert (biased["saliency_status"] == "masked_image_within_bound").all()
+    assert biased[["saliency_x1", "saliency_y2", "saliency_area"]].isna().all().all()
+    assert (biased["saliency_error"] <= 0.1).all()
+    assert (plain["saliency_status"] == "found").all()
+    for _, row in plain.iterrows():
+        assert row["saliency_x1"] <= row["unit_x"] < row["saliency_x2"]
+        assert row["saliency_y1"] <= row["unit_y"] < row["saliency_y2"]
+    arrays = np.load(tiny["root"] / "out" / "scene_erf.npz")
+    assert np.isnan(arrays["model/saliency_box"]).all()
+    assert len(result.images) == 1
+
+
+class _Bars:
+    """A stand-in for ``image_progress`` recording every bar: label, total, unit, advances."""
+
+    def __init__(self) -> None:
+        self.bars: List[Dict[str, object]] = []
+
+    def __call__(self, label: str, enabled: bool, total: int, noun: str = "images"):
+        from contextlib import contextmanager
+
+        bar: Dict[str, object] = {"label": label, "total": total, "noun": noun, "done": 0}
+        self.bars.append(bar)
+
+        @contextmanager
+        def opened():
+            def advance(n: int = 1) -> None:
+                bar["done"] = int(bar["done"]) + n  # type: ignore[call-overload]
+
+            yield advance
+
+        return opened()
+
+
+def test_saliency_search_shows_its_progress_in_units(
+    tiny: Dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcn_inspect.commands.receptive_field import per_image, receptive_field
+
+    bars = _Bars()
+    monkeypatch.setattr(per_image, "image_progress", bars)
+    result = receptive_field(
+        [tiny["image"]],
+        model=f"{tiny['model']}:build",
+        compare_model=f"{tiny['model']}:build_plain",
+        grid=8,
+        batch_size=4,
+        out=tiny["root"] / "out",
+    )
+    count = len(result.images[0].units)
+    labels = [str(b["label"]) for b in bars.bars]
+    assert labels == [
+        "scene.png: gradients (model)",
+        "scene.png: saliency search (model)",
+        "scene.png: gradients (compare)",
+        "scene.png: saliency search (compare)",
+    ]
+    assert all(b["noun"] == "units" and b["total"] == b["done"] == count for b in bars.bars)
+
+
+def _captured_figure(monkeypatch: pytest.MonkeyPatch) -> List[object]:
+    from dcn_inspect.commands.receptive_field import image_outputs
+
+    figures: List[object] = []
+    original = image_outputs.write_figure
+
+    def keep(path: Path, figure: object, **kwargs: object) -> None:
+        figures.append(figure)
+        original(path, figure, **kwargs)
+
+    monkeypatch.setattr(image_outputs, "write_figure", keep)
+    return figures
+
+
+def _texts_inside(figure) -> None:
+    """Every title, the legend and the colour bar (label and ticks) lie inside the saved image."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    width, height = figure.bbox.width, figure.bbox.height
+    artists = [figure.legends[0]] + [t for ax in figure.axes for t in (ax.title, ax.xaxis.label)]
+    shown = [ax for ax in figure.axes if ax.axison]  # the colour bar's axes
+    artists += [t for ax in shown for t in ax.get_xticklabels() if t.get_text()]
+    for artist in artists:
+        box = artist.get_window_extent(renderer)
+        if box.width == 0:
+            continue
+        label = getattr(artist, "get_text", lambda: "legend")()
+        assert box.x0 >= -0.5 and box.y0 >= -0.5, label
+        assert box.x1 <= width + 0.5 and box.y1 <= height + 0.5, label
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["one-panel", "many-panels"])
+def test_figure_titles_keep_the_unit_position_channel_and_legends_stay_inside(
+    many: bool, tiny: Dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcn_inspect.commands.receptive_field import receptive_field
+
+    figures = _captured_figure(monkeypatch)
+    options = {"grid": 3, "compare_model": f"{tiny['model']}:build_plain"} if many else {}
+    receptive_field(
+        [tiny["image"]],
+        model=f"{tiny['model']}:build",
+        at=[] if many else ["8,8"],
+        channel=1,
+        out=tiny["root"] / "out",
+        progress=False,
+        **options,
+    )
+    (figure,) = figures
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert len(titles) == (24 if many else 1)  # grid 3 on 48x40: 12 units, two models
+    if not many:
+        assert "(8.5, 8.5)" in titles[0]  # the unit's centre, not rounded to (8, 8)
+    assert all("`channel` 1" in t or "channel 1" in t for t in titles), titles
+    colour_bar = [ax.get_xlabel() for ax in figure.axes if ax.get_xlabel()]
+    assert colour_bar and "square-root" in colour_bar[0]
+    _texts_inside(figure)
+
+
+def test_figure_titles_say_random_weights(
+    tiny: Dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcn_inspect.commands.receptive_field import receptive_field
+    from dcn_inspect.models.loaded_model import LoadedModel
+    from dcn_inspect.models.loading import load_model
+
+    trained = load_model(f"{tiny['model']}:build")
+    untrained = LoadedModel(trained.model, "tiny-arch", "tiny-arch", {}, Preprocess(), "registered")
+    assert untrained.random_weights and not trained.random_weights
+    figures = _captured_figure(monkeypatch)
+    for model in (untrained, trained):
+        receptive_field(
+            [tiny["image"]], model=model, at=["8,8"], out=tiny["root"] / "out", progress=False
+        )
+    random_titles, trained_titles = ([ax.get_title() for ax in f.axes] for f in figures)
+    assert any("random weights" in t for t in random_titles)
+    assert not any("random weights" in t for t in trained_titles)
+
+
+def test_stats_tables_fit_80_columns_without_breaking_names_or_values(
+    tiny: Dict[str, Path], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dcn_inspect.commands.receptive_field as commands
+    from dcn_inspect.analysis.size_categories import CATEGORIES
+    from dcn_inspect.commands.receptive_field import ReceptiveFieldStatsResult
+
+    layers = ["backbone.layer4.2.conv2", "backbone.layer4.1.conv2"]
+
+    def table(scale: float, units: str) -> pd.DataFrame:
+        rows = [
+            [layer, category, 12, scale * (k + 1.123), scale * 0.91, 0, 0, 0, units]
+            for layer in layers
+            for k, category in enumerate(CATEGORIES)
+        ]
+        return pd.DataFrame(
+            rows,
+            columns=["layer", "category", "count", "mean", "std", "median", "p10", "p90", "units"],
+        )
+
+    radius, area = table(81.08, "original-image pixels"), table(21733.85, "original-image pixels^2")
+
+    def fake(**kwargs: object) -> ReceptiveFieldStatsResult:
+        return ReceptiveFieldStatsResult(
+            radius, area, "paper", (9216.0, 50176.0), 3, None, tiny["root"], {}
+        )
+
+    monkeypatch.setattr(commands, "receptive_field_stats", fake)
+    code, stdout, stderr = _main(["receptive-field", "--stats"], capsys)
+    assert code == 0, stderr
+    lines = stdout.split("thresholds (")[0].splitlines()  # the tables
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    for layer in layers:
+        assert any(layer in line for line in lines), layer
+    for frame, decimals in ((radius, 2), (area, 0)):
+        for value in list(frame["mean"]) + list(frame["std"]):
+            text = f"{value:.{decimals}f}"
+            assert any(text in line for line in lines), text

@@ -625,8 +625,8 @@ def test_saliency_search_finds_the_box_the_op_or_layer_reads(build, layer: str) 
         forward, records, torch.tensor([[10, 20], [3, 30]]), (30, 40), STD, saliency_step=1
     )
     # Unit (i, j) reads rows i+4-2..i+4+2 and columns j-6-3..j-6+3 (as test_receptive_field's
-    # BoxResponse).
-    assert [r.box for r in fields.saliency] == [(11, 12, 18, 17), (21, 5, 28, 10)]
+    # BoxResponse); the region also holds the unit's own pixel (j, i).
+    assert [r.box for r in fields.saliency] == [(11, 10, 21, 17), (21, 3, 31, 10)]
     assert all(
         r.relative_error < 1e-5 for r in fields.saliency
     )  # DCNv3's grid_sample: ~1e-7 weights next to whole-cell positions

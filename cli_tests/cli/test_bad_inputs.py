@@ -387,6 +387,20 @@ def _hostile_files(root: Path, files: Dict[str, Path]) -> None:
     files["voc_split"] = voc
     files["rois_huge_field"] = root / "huge_field.csv"
     files["rois_huge_field"].write_text('x1,y1,x2,y2\n"' + "1" * 200_000 + '",1,10,10\n')
+    # boxes in another frame than the image's
+    files["coco_larger"] = root / "larger.json"  # made for a 2x larger version of good.png
+    files["coco_larger"].write_text(
+        json.dumps(coco).replace('"width": 48, "height": 40', '"width": 96, "height": 80')
+    )
+    phone = Image.fromarray(np.zeros((40, 48, 3), np.uint8))
+    exif = phone.getexif()
+    exif[0x0112] = 6  # stored 48x40, displayed 40x48
+    files["phone"] = root / "phone.jpg"
+    phone.save(files["phone"], exif=exif.tobytes())
+    files["coco_stored_frame"] = root / "stored_frame.json"  # annotated on the stored pixels
+    files["coco_stored_frame"].write_text(json.dumps(coco).replace("good.png", "phone.jpg"))
+    files["boxes_outside"] = root / "outside.csv"
+    files["boxes_outside"].write_text("x1,y1,x2,y2\n5,5,20,20\n500,500,600,600\n")
 
 
 @dataclass
@@ -782,6 +796,43 @@ CASES = [
         ["sample-points", "{good}", "--model", "{model}:build", "--device", "cpu:99"],
         r"--device cpu:99: there is one CPU device",
     ),
+    # boxes in another frame than the image's: refused by every command that reads them
+    *[
+        Case(
+            f"{command}-boxes-for-another-image-size",
+            [command, "{good}", "--boxes", "{coco_larger}", *extra],
+            r"good\.png: image is 48x40 but its annotation in .*larger\.json says 96x80$",
+        )
+        for command, extra in (
+            ("sample-points", ["--model", "{model}:build"]),
+            ("receptive-field", ["--model", "{model}:build"]),
+            ("bins", []),
+        )
+    ],
+    Case(
+        "bins-annotations-for-another-image-size",
+        ["bins", "{good}", "--annotations", "{coco_larger}"],
+        r"good\.png: image is 48x40 but its annotation in .*larger\.json says 96x80$",
+    ),
+    Case(
+        "boxes-in-the-stored-frame-of-an-exif-rotated-image",
+        ["sample-points", "{phone}", "--model", "{model}:build", "--boxes", "{coco_stored_frame}"],
+        r"phone\.jpg: image is 40x48 but its annotation in .*stored_frame\.json says 48x40 "
+        r"\(width and height swapped: the image carries an EXIF rotation \(orientation 6\)",
+    ),
+    *[
+        Case(
+            f"{command}-box-entirely-outside-the-image",
+            [command, "{good}", "--boxes", "{boxes_outside}", *extra],
+            r"outside\.csv: line 3: box 500,500,600,600 lies entirely outside good\.png "
+            r"\(48x40 pixels\)$",
+        )
+        for command, extra in (
+            ("sample-points", ["--model", "{model}:build"]),
+            ("receptive-field", ["--model", "{model}:build"]),
+            ("bins", []),
+        )
+    ],
     # interrupts: a KeyboardInterrupt from the user's model is an interrupt, exit 130
     Case(
         "model-build-keyboard-interrupt",
@@ -1440,3 +1491,73 @@ def test_image_named_like_an_output_is_refused_before_anything_is_written(
         stderr,
     ), stderr
     assert victim.read_bytes() == before and _files_under(out) == [victim]
+
+
+def test_an_empty_out_is_refused_and_nothing_is_written_in_the_current_directory(
+    corpus: Dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--out "$UNSET"`` is an empty argument, not the current directory."""
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = _run(
+        ["sample-points", str(corpus["good"]), "--model", f"{corpus['model']}:build", "--out", ""],
+        capsys,
+    )
+    assert code == 1, stderr
+    assert stderr.strip().splitlines() == [
+        "dcn-inspect: error: --out '': an empty path (an unset shell variable?); "
+        "name the output directory"
+    ]
+    assert _files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("blocked", ["summary.json", "offsets.npz"])
+def test_a_directory_where_an_output_goes_leaves_no_file_of_the_run(
+    corpus: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, blocked: str
+) -> None:
+    """``--out D`` with ``D/summary.json`` a directory, ``--save-offsets`` onto a directory: the
+    line says nothing was written, and nothing was (the CSV and PNG are not left in D)."""
+    out = tmp_path / "out"
+    (out / blocked).mkdir(parents=True)
+    code, _, stderr = _run(
+        [
+            "sample-points",
+            str(corpus["good"]),
+            "--model",
+            f"{corpus['model']}:build",
+            "--out",
+            str(out),
+            "--save-offsets",
+            str(out / "offsets.npz"),
+        ],
+        capsys,
+    )
+    assert code == 1, stderr
+    assert stderr.strip().splitlines() == [
+        f"dcn-inspect: error: {out / blocked}: cannot write (Is a directory); nothing was written"
+    ]
+    assert _files_under(out) == [] and sorted(p.name for p in out.iterdir()) == [blocked]
+
+
+def test_a_corrupt_exif_block_is_one_dcn_inspect_warning(
+    corpus: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    image = Image.fromarray(np.zeros((40, 48, 3), np.uint8))
+    exif = image.getexif()
+    exif[0x010E] = "x" * 100  # an ImageDescription stored past the IFD, then cut off
+    path = tmp_path / "corrupt_exif.jpg"
+    image.save(path, exif=exif.tobytes()[:-60])
+    out = tmp_path / "out"
+    code, _, stderr = _run(
+        ["sample-points", str(path), "--model", f"{corpus['model']}:build", "--out", str(out)],
+        capsys,
+    )
+    assert code == 0, stderr
+    assert "UserWarning" not in stderr and "site-packages" not in stderr, stderr
+    warnings = [line for line in stderr.splitlines() if "EXIF" in line]
+    assert warnings == [
+        f"dcn-inspect: warning: {path}: corrupt EXIF block, read as far as it goes "
+        "(Tag data larger than file. Skipping tag 270)"
+    ], stderr

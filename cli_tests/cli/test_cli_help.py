@@ -90,3 +90,96 @@ def test_commands_are_listed_in_a_fixed_order_with_one_line_help() -> None:
         help_text = group.commands[name].help  # type: ignore[attr-defined]
         assert help_text and "\n" not in help_text.split("\n\n")[0], name
     assert one_line_paragraphs("A b\n    c.\n\n    D\n    e.") == "A b c.\n\nD e."
+
+
+# ---------------------------------------------------------------- fast usage errors (issue #21)
+
+
+def _usage_image(tmp_path) -> str:
+    from PIL import Image
+
+    path = tmp_path / "small.png"
+    Image.new("RGB", (128, 96), (120, 60, 30)).save(path)
+    return str(path)
+
+
+#: (command line after the image, what the library function is called with): plain usage
+#: mistakes every command reports before torch and the model are loaded.
+USAGE_MISTAKES = [
+    (["sample-points", "{img}", "--grid", "0"], "sample_points", dict(grid=0)),
+    (["sample-points", "{missing}"], "sample_points", dict()),
+    (["sample-points", "{img}", "--at", "300,-5"], "sample_points", dict(at=["300,-5"])),
+    (["sample-points", "{img}", "--at", "1,1", "--at", "300,20"], "sample_points",
+     dict(at=["1,1", "300,20"])),
+    (["receptive-field", "{img}", "--at", "12"], "receptive_field", dict(at=["12"])),
+    (["receptive-field", "{img}", "--at", "130,5"], "receptive_field", dict(at=["130,5"])),
+    (["offsets", "{img}", "--kernel-point", "x"], "offsets", dict(kernel_point=["x"])),
+    (["offsets", "{missing}"], "offsets", dict()),
+    (["offsets", "{img}", "--group", "two"], "offsets", dict(group="two")),
+    (["bins", "{img}", "--format", "gif"], "bins", dict(fmt="gif")),
+    (["sample-points", "{img}", "--resize", "-2"], "sample_points", dict(resize=-2)),
+]  # fmt: skip
+
+
+def _library_line(function: str, images: List[str], out: str, kwargs: dict, command: str) -> str:
+    """The line the CLI prints for the error the library function raises with these options."""
+    import importlib
+
+    from conftest import cli_message
+
+    from dcn_inspect.core.errors import InputError
+
+    module = importlib.import_module(f"dcn_inspect.commands.{function}")
+    with pytest.raises(InputError) as info:
+        getattr(module, function)(images, out=out, progress=False, **kwargs)
+    return cli_message(info.value, command)
+
+
+@pytest.mark.parametrize("argv, function, kwargs", USAGE_MISTAKES)
+def test_usage_mistakes_are_reported_before_torch_with_the_library_s_words(
+    tmp_path, argv: List[str], function: str, kwargs: dict
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    img, missing = _usage_image(tmp_path), str(tmp_path / "missing.jpg")
+    argv = [word.format(img=img, missing=missing) for word in argv]
+    out = tmp_path / "out"
+    code = (
+        "import json, sys\n"
+        f"sys.argv = ['dcn-inspect', *{argv + ['--out', str(out)]!r}]\n"
+        "from dcn_inspect.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "print(json.dumps([code, sorted(m for m in ('torch', 'pandas') if m in sys.modules)]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    exit_code, heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    assert exit_code == 1 and heavy == [], done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    images = [w for w in argv[1:2]]
+    expected = _library_line(function, images, str(tmp_path / "lib"), kwargs, argv[0])
+    assert line == f"dcn-inspect: error: {expected}"
+    assert not out.exists()
+
+
+# -------------------------------------------------------------------------- doctor (issue #21)
+
+
+def test_doctor_names_the_backend_once_and_how_the_ops_were_built() -> None:
+    from typer.testing import CliRunner
+
+    done = CliRunner().invoke(app, ["doctor"], env={"COLUMNS": "120"})
+    assert done.exit_code == 0, done.output
+    assert done.output.count("ops backend") == 1 and "None" not in done.output
+
+    from dcn_inspect.cli.doctor import ops_rows
+
+    # The build row, from the native build's details (compiled now, or cached with its time).
+    assert ops_rows({"backend": "native", "cached": True, "build_seconds": None,
+                     "compile_seconds": 82.24, "with_cuda": False}) == [
+        ("build", "cached (compiled earlier in 82.2 s)"), ("with_cuda", "False")]  # fmt: skip
+    assert ops_rows({"cached": False, "build_seconds": 3.0, "compile_seconds": 3.0}) == [
+        ("build", "compiled now in 3.0 s")
+    ]
+    assert ops_rows({}) == []  # the reference backend: no build

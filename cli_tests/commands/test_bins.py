@@ -795,3 +795,204 @@ def test_psroi_corner_rounding_is_half_away_from_zero() -> None:
     np.testing.assert_allclose(geometry.regular[0, 0, :, 0], [3.0, 7.0])
     np.testing.assert_allclose(geometry.regular[0, :, 0, 1], [-2.0, 2.5])
     np.testing.assert_array_equal(geometry.deformed, geometry.regular)  # no offsets: no shift
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 21: RoIs outside the image, the figure's marks, panels, legend and title
+
+
+@pytest.mark.parametrize(
+    "rois, rois_csv, message",
+    [
+        (["500,500,600,600"], None, r"^--roi 500,500,600,600: RoI 500,500,600,600 lies entirely "
+         r"outside scene\.png \(56x40 pixels\)$"),
+        (["5,4,30,33", "56,0,70,10"], None, r"^--roi 56,0,70,10: RoI 56,0,70,10 lies entirely "
+         r"outside scene\.png"),  # touching the right border from outside: no pixel pooled
+        ([], "x1,y1,x2,y2\n5,4,30,33\n-30,-20,-1,-2\n", r"^--rois .*rois\.csv box 1: RoI "
+         r"-30,-20,-1,-2 lies entirely outside scene\.png \(56x40 pixels\)$"),
+    ],
+)  # fmt: skip
+def test_roi_entirely_outside_the_image_is_refused_and_writes_nothing(
+    workspace: Dict[str, Any], tmp_path: Path, rois: List[str], rois_csv: Any, message: str
+) -> None:
+    rois_file = None
+    if rois_csv is not None:
+        rois_file = tmp_path / "rois.csv"
+        rois_file.write_text(rois_csv)
+    out = tmp_path / "out"
+    with raises_cli(message, "bins"):
+        bins(
+            [workspace["image"]],
+            model=_loaded(workspace["module"], "build"),
+            rois=rois,
+            rois_file=rois_file,
+            out=out,
+            progress=False,
+        )
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_roi_partly_outside_the_image_is_still_pooled(
+    workspace: Dict[str, Any], tmp_path: Path
+) -> None:
+    # Overlapping the image by one pixel column: allowed, as before.
+    table, summary = _run(
+        workspace, _loaded(workspace["module"], "build"), tmp_path, rois=["-20,-20,1,50"]
+    )
+    assert len(table) == 9 and summary["images"][0]["rois"][0]["box"] == [-20, -20, 1, 50]
+
+
+def _rgb(colour: str) -> np.ndarray:
+    return np.array([int(colour[k : k + 2], 16) for k in (1, 3, 5)], dtype=np.float64)
+
+
+def _rendered(fig: Any) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].astype(np.float64)
+
+
+def _stands_out(fig: Any, ax: Any, x: float, y: float, background: np.ndarray) -> bool:
+    """Whether, within 3 screen pixels of data point (x, y), some pixel of the rendered figure
+    differs clearly from ``background`` (the colour of the image under it)."""
+    pixels = _rendered(fig)
+    column, row_from_bottom = ax.transData.transform((x, y))
+    row = pixels.shape[0] - row_from_bottom
+    r, c = int(round(row)), int(round(column))
+    window = pixels[r - 3 : r + 4, c - 3 : c + 4]
+    return bool((np.abs(window - background).max(axis=-1) > 100).any())
+
+
+def test_deformed_bins_and_sampling_points_stay_visible_on_their_own_colour() -> None:
+    from dcn_inspect.report.bins import DEFORMED_COLOUR, POINT_COLOUR, RoIPanel, draw_bins_figure
+
+    # One bin moved 40 px right of its regular bin; its right edge (x = 80) lies away from
+    # every other mark (the link ends at the bin's centre). A sampling point at (70, 33).
+    panel = RoIPanel(
+        "t",
+        (10.0, 10.0, 40.0, 40.0),
+        np.array([[[10.0, 10.0, 40.0, 40.0]]]),
+        np.array([[[50.0, 10.0, 80.0, 40.0]]]),
+        points=np.array([[70.0, 33.0]]),
+    )
+    for colour, (x, y) in ((DEFORMED_COLOUR, (80.0, 25.0)), (POINT_COLOUR, (70.0, 33.0))):
+        background = _rgb(colour)
+        image = np.broadcast_to(background.astype(np.uint8), (100, 100, 3)).copy()
+        fig = draw_bins_figure(image, [panel])
+        assert _stands_out(fig, fig.axes[0], x, y, background), colour
+        # The image itself is plain: away from every mark nothing stands out.
+        assert not _stands_out(fig, fig.axes[0], 45.0, 46.0, background)
+
+
+def test_every_panel_holds_all_its_deformed_bins(
+    workspace: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcn_inspect.commands import bins as bins_module
+
+    caught: List[Any] = []
+    original = bins_module.write_figure
+    monkeypatch.setattr(
+        bins_module, "write_figure", lambda p, f, **k: (caught.append(f), original(p, f, **k))
+    )
+    # A model whose offsets are large (random weights): RoIs near and across the border send
+    # bins far beyond the image and its 5 % band.
+    table, _ = _run(
+        workspace,
+        _loaded(workspace["module"], "build"),
+        tmp_path,
+        rois=["-10,-5,20,30", "40,2,55,38", "1,1,8,8"],
+        class_choice="all",
+    )
+    deformed = table[["bx1", "by1", "bx2", "by2"]].to_numpy()
+    assert (deformed[:, 0] < -2.8).any() or (deformed[:, 2] > 58.8).any()  # beyond the band
+    panels = caught[0].axes
+    assert len(panels) == len(table) // 9
+    for ax, (_, rows) in zip(panels, table.groupby(["roi", "class"], sort=False)):
+        (x_min, x_max), (y_max, y_min) = ax.get_xlim(), ax.get_ylim()
+        boxes = rows[["bx1", "by1", "bx2", "by2"]].to_numpy()
+        assert x_min < boxes[:, 0].min() and boxes[:, 2].max() < x_max
+        assert y_min < boxes[:, 1].min() and boxes[:, 3].max() < y_max
+
+
+def _inside(box: Any, figure_box: Any) -> bool:
+    return (
+        box.x0 >= figure_box.x0 - 0.5
+        and box.x1 <= figure_box.x1 + 0.5
+        and box.y0 >= figure_box.y0 - 0.5
+        and box.y1 <= figure_box.y1 + 0.5
+    )
+
+
+@pytest.mark.parametrize("count, overlay, shape", [
+    (1, False, (400, 120)), (2, False, (400, 120)), (5, False, (100, 100)),
+    (9, False, (60, 300)), (3, True, (400, 120)), (3, True, (100, 100)),
+])  # fmt: skip
+def test_legend_and_titles_lie_inside_the_saved_image(
+    tmp_path: Path, count: int, overlay: bool, shape: Tuple[int, int]
+) -> None:
+    from dcn_inspect.io.outputs import write_figure
+    from dcn_inspect.report.bins import OP_EXTENT_LABELS, RoIPanel, draw_bins_figure
+
+    height, width = shape
+    # Small RoIs (their op extent drawn: the longest legend) with sampling points.
+    panels = [
+        RoIPanel(
+            f"RoI {k} (a long class name): offsets of a long class name [gt]",
+            (2.0 + k, 2.0, 8.0 + k, 8.0),
+            np.array([[[2.0 + k, 2.0, 9.0 + k, 9.0]]]),
+            np.array([[[3.0 + k, 1.0, 10.0 + k, 8.0]]]),
+            points=np.array([[5.0 + k, 4.0]]),
+            roi_label=f"RoI {k}",
+            op_roi=(2.0 + k, 2.0, 9.0 + k, 9.0),
+        )
+        for k in range(count)
+    ]
+    title = "a_rather_long_image_name.jpg: DeformPSRoIPool rfcn.psroi_pool (random weights)"
+    fig = draw_bins_figure(
+        np.zeros((height, width, 3), dtype=np.uint8),
+        panels,
+        overlay=overlay,
+        title=title,
+        op_extent_label=OP_EXTENT_LABELS["psroi_pool"],
+    )
+    path = tmp_path / "bins.png"
+    write_figure(path, fig, dpi=100)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    saved = Image.open(path).size
+    assert abs(saved[0] - fig.bbox.width) < 1 and abs(saved[1] - fig.bbox.height) < 1
+    (legend,) = fig.legends
+    assert OP_EXTENT_LABELS["psroi_pool"] in [t.get_text() for t in legend.get_texts()]
+    assert _inside(legend.get_window_extent(renderer), fig.bbox)
+    titles = [ax.title for ax in fig.axes] + ([fig._suptitle] if fig._suptitle else [])
+    assert title in [t.get_text() for t in titles]
+    for text in titles:
+        if text.get_text():
+            assert _inside(text.get_window_extent(renderer), fig.bbox), text.get_text()
+
+
+def test_figure_title_says_random_weights_for_a_registered_model_without_weights(
+    workspace: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcn_inspect.commands import bins as bins_module
+
+    titles: List[str] = []
+    monkeypatch.setattr(
+        bins_module,
+        "write_figure",
+        lambda path, fig, **kwargs: titles.append(fig._suptitle.get_text()),
+    )
+    trained = _loaded(workspace["module"], "build")
+    trained.source, trained.checkpoint = "registered", tmp_path / "weights.pt"
+    untrained = _loaded(workspace["module"], "build")
+    untrained.source = "registered"
+    assert untrained.random_weights and not trained.random_weights
+    for loaded, name in ((untrained, "random"), (trained, "trained")):
+        bins([workspace["image"]], model=loaded, rois=ROIS[:1], out=tmp_path / name,
+             progress=False)  # fmt: skip
+    assert titles[0].endswith("(random weights)") and "random" not in titles[1]

@@ -39,6 +39,7 @@ TEXT_COLUMNS = {
     "group",
     "model",
     "channel",
+    "saliency_status",
 }
 
 

@@ -623,3 +623,97 @@ def test_dilation_table_fits_80_columns_without_ellipsis(ws, tmp_path):
     plain_text = rendered(rich_table(plain.table, "cells"))
     assert "95 % CI" in plain_text and "group" not in plain_text
     assert "group" in rendered(rich_table(groups.table, "pixels"))
+
+
+# ------------------------------------------------------------------------------------ issue #21
+
+#: The groups model under a backbone prefix: layer names as long as a real model's
+#: ("backbone.blocks.2", like "layer4.2.conv2" or longer).
+BACKBONE_SOURCE = """
+
+class Backbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = Tiny([0.0, 1.0], groups=2)
+
+    def forward(self, x):
+        return self.backbone(x)
+
+
+def build_backbone_groups():
+    return Backbone()
+"""
+
+
+def _lines_keep_whole(text: str, pieces) -> list:
+    """The pieces that appear on no single line of ``text`` (broken or missing)."""
+    lines = text.splitlines()
+    return [piece for piece in pieces if not any(piece in line for line in lines)]
+
+
+def test_per_group_table_fits_80_columns_with_layer_names_and_values_whole(ws, tmp_path):
+    model = tmp_path / "backbone.py"
+    model.write_text(MODEL_SOURCE + BACKBONE_SOURCE)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "dcn_inspect", "dilation-stats", str(ws["coco"]),
+            "--model", f"{model}:build_backbone_groups", "--thresholds", "100,300",
+            "--per-group", "--workers", "0", "--out", str(out),
+        ],
+        capture_output=True, text=True, timeout=180,
+        env=dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="80"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    table = _table(out)
+    assert set(table["layer"]) == {f"backbone.blocks.{k}" for k in range(3)}
+    tables = done.stdout[: done.stdout.index("thresholds (")]  # then paths, never folded
+    assert max(len(line) for line in tables.splitlines()) <= 80
+    text = tables[: tables.index("Differences of means")]
+    pieces = set(table["layer"])
+    for _, row in table.iterrows():
+        pieces.add(f"{row['mean']:.2f} ± {row['std']:.2f}")
+        pieces.add(f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]")
+    assert _lines_keep_whole(text, pieces) == []
+    # Where it fits, the table is one table as before: a layer column beside the group column.
+    from rich.console import Console
+
+    from dcn_inspect.cli.dilation_stats import rich_table
+
+    console = Console(width=120, record=True, file=open(os.devnull, "w"))
+    console.print(rich_table(table, "cells"))
+    wide = console.export_text()
+    assert "layer" in wide.splitlines()[2] and "group" in wide.splitlines()[2]
+    assert _lines_keep_whole(wide, pieces) == []
+
+
+def test_random_weights_are_named_in_the_histogram_title(ws, tmp_path, monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from dcn_inspect.commands import dilation_stats as module
+    from dcn_inspect.models.loaded_model import LoadedModel
+
+    titles, inside = [], []
+    original = module.write_figure
+
+    def keep(path, figure, **kwargs):
+        titles.append(" ".join(figure.get_suptitle().split()))
+        renderer = FigureCanvasAgg(figure).get_renderer()
+        box, page = figure._suptitle.get_window_extent(renderer), figure.bbox
+        inside.append(box.x0 >= page.x0 and box.x1 <= page.x1 and box.y1 <= page.y1)
+        original(path, figure, **kwargs)
+
+    monkeypatch.setattr(module, "write_figure", keep)
+    trained = _model(ws, "build_spread")
+    untrained = LoadedModel(
+        trained.model, "tiny", "tiny", {}, trained.preprocess, "registered"
+    )  # a registered architecture without weights
+    for loaded, name in ((trained, "a"), (untrained, "b")):  # one panel: the narrowest figure
+        dilation_stats(
+            ws["coco"], model=loaded, out=tmp_path / name, thresholds="100,300", workers=0,
+            progress=False, layers=["blocks.2"],
+        )  # fmt: skip
+    assert [title.endswith("(random weights)") for title in titles] == [False, True]
+    assert titles[1].startswith(titles[0]) and inside == [True, True]
+    model = json.loads((tmp_path / "b" / "summary.json").read_text())["model"]
+    assert model["random_weights"] is True and "untrained" in model["note"]

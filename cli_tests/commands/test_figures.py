@@ -28,8 +28,11 @@ from dcn_inspect.commands.sample_points import sample_points
 from dcn_inspect.report.bins import OP_EXTENT_LABELS, RoIPanel, draw_bins_figure, panel_limits
 from dcn_inspect.report.sample_points import (
     BAND_MAX,
+    GIF_LABEL_HEIGHT,
+    POINT_COLOUR,
     UNIT_COLOUR,
     draw_sampling_figure,
+    gif_frames,
     gif_position,
     view_limits,
 )
@@ -147,19 +150,151 @@ def test_legend_names_unit_points_outside_and_mask_opacity() -> None:
     assert not any(text.startswith("outside the image") for text in zoomed)  # no band when zoomed
 
 
-def test_size_weights_scale_marker_area_and_join_the_legend() -> None:
+def test_grad_weight_marker_area_is_proportional_to_the_weight_and_zero_is_hollow() -> None:
     image = np.zeros((20, 20, 3), dtype=np.uint8)
-    trees = _trees([[10.0, 10.0]], np.array([[5.0, 10.0, 15.0]]), np.array([[5.0, 10.0, 15.0]]))
+    xs, ys = np.array([[4.0, 8.0, 12.0, 16.0, 10.0]]), np.array([[4.0, 8.0, 12.0, 16.0, 3.0]])
+    trees = _trees([[10.0, 10.0]], xs, ys)
+    weights = np.array([[8.0, 2.0, 0.1, 0.0, 4.0]])
     fig = draw_sampling_figure(
-        image,
-        trees,
-        ["t"],
-        size_weights=[torch.tensor([[4.0, 2.0, 1.0]])],
-        size_label="gradient weight",
+        image, trees, ["t"], size_weights=[torch.tensor(weights)], size_label="gradient weight"
     )
-    points = fig.axes[0].collections[0]
-    assert points.get_sizes() == pytest.approx([12.0, 6.0, 3.0])  # area proportional to the weight
-    assert "gradient weight: largest (marker area)" in _legend_texts(fig)
+    filled = [c for c in fig.axes[0].collections if len(c.get_facecolors())]
+    hollow = [c for c in fig.axes[0].collections if not len(c.get_facecolors())]
+    points = filled[0]
+    drawn = {tuple(xy): size for xy, size in zip(points.get_offsets(), points.get_sizes())}
+    # Area / weight is one constant (no floor): the mean weight (2.82) gets the usual 6 pt^2.
+    ratios = [drawn[(x, y)] / w for x, y, w in zip(xs[0], ys[0], weights[0]) if w > 0]
+    assert ratios == pytest.approx([6.0 / weights.mean()] * 4)
+    # The zero-weight point: hollow (no face), at the usual size, named in the legend.
+    assert [tuple(xy) for c in hollow for xy in c.get_offsets()] == [(16.0, 16.0)]
+    assert hollow[0].get_sizes() == pytest.approx([6.0])
+    legend = _legend_texts(fig)
+    assert "gradient weight = 0 (hollow)" in legend
+    assert "gradient weight = the unit's mean (marker area proportional)" in legend
+
+
+def _rendered(fig: Figure) -> np.ndarray:
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3]
+
+
+def test_red_points_show_on_a_red_object() -> None:
+    # A red image, one point at its middle (the unit far away): the point must differ from the
+    # red around it (its edge), or it is invisible.
+    red = tuple(int(POINT_COLOUR[i : i + 2], 16) for i in (1, 3, 5))
+    image = np.empty((100, 100, 3), dtype=np.uint8)
+    image[...] = red
+    trees = _trees([[90.0, 90.0]], np.array([[50.0]]), np.array([[50.0]]))
+    fig = draw_sampling_figure(image, trees, ["t"])
+    pixels = _rendered(fig)
+    ax = fig.axes[0]
+    x, y = ax.transData.transform((50.0, 50.0))
+    row, col = int(round(pixels.shape[0] - y)), int(round(x))
+    patch = pixels[row - 4 : row + 5, col - 4 : col + 5].astype(int)
+    assert (np.abs(patch - np.array(red)).sum(axis=-1) > 150).any()
+
+
+@pytest.mark.parametrize(
+    "units, options",
+    [
+        (1, {}),
+        (1, {"color_by_level": True, "size_weights": True}),
+        (2, {}),
+        (5, {"zoom": True}),
+        (9, {"size_weights": True}),
+    ],
+)
+def test_every_legend_and_title_lies_inside_the_saved_image(
+    units: int, options: Dict[str, Any], tmp_path: Path
+) -> None:
+    # Three levels with real layer names and DCNv2 weights: the longest legend there is.
+    rng = np.random.default_rng(0)
+    image = np.zeros((256, 256, 3), dtype=np.uint8)
+    trees = _three_level_trees(rng, units)
+    if options.pop("size_weights", False):
+        options.update(
+            size_weights=[torch.rand(*x.shape, dtype=torch.float64) for x in trees.xs],
+            size_label="grad_weight |dr/dp|",
+        )
+    titles = [f"unit {k} at (x, y) = (128.5, 136.5)\nmedium: box 3 cross [26, 118, 110, 202]"
+              for k in range(units)]  # fmt: skip
+    title = "resnet50-dcn-mmdet: random weights (no --weights given), the offsets are untrained"
+    fig = draw_sampling_figure(image, trees, titles, title=title, **options)
+    fig.savefig(tmp_path / "figure.png")  # as the README's API example saves it (dpi 100)
+    with Image.open(tmp_path / "figure.png") as saved:
+        width, height = saved.size
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    boxes = [legend.get_window_extent(renderer) for legend in fig.legends]
+    boxes += [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    assert len(fig.legends) == 1 and fig.legends[0].get_title().get_text()
+    for box in boxes:
+        assert box.x0 >= 0 and box.y0 >= 0, box
+        assert box.x1 <= width and box.y1 <= height, (box, width, height)
+
+
+def _three_level_trees(rng: np.random.Generator, units: int) -> SamplingTrees:
+    counts = [9, 81, 729]
+    xs = [torch.tensor(rng.uniform(0, 256, (units, n))) for n in counts]
+    ys = [torch.tensor(rng.uniform(0, 256, (units, n))) for n in counts]
+    return SamplingTrees(
+        layers=["layer4.2.conv2", "layer4.1.conv2", "layer4.0.conv2"],
+        kernel_points=[9, 9, 9],
+        units=torch.zeros(units, 2, dtype=torch.long),
+        unit_xy=torch.full((units, 2), 128.0, dtype=torch.float64),
+        xs=xs,
+        ys=ys,
+        weights=[torch.tensor(rng.uniform(0, 1, (units, n))) for n in counts],
+        inside=[torch.ones(units, n, dtype=torch.bool) for n in counts],
+    )
+
+
+def test_zoom_fits_each_panel_to_its_own_units_points() -> None:
+    image = np.zeros((100, 200, 3), dtype=np.uint8)
+    # Unit 0 reads a 20x10 px patch; unit 1 a 60x40 px one sticking out of the image's top.
+    xs = np.array([[50.0, 70.0, 60.0], [100.0, 160.0, 130.0]])
+    ys = np.array([[40.0, 50.0, 45.0], [-10.0, 30.0, 10.0]])
+    trees = _trees([[52.0, 42.0], [110.0, 20.0]], xs, ys)
+    fig = draw_sampling_figure(image, trees, ["a", "b"], zoom=True)
+    for unit, ax in enumerate(fig.axes):
+        (x0, x1), (y1, y0) = ax.get_xlim(), ax.get_ylim()
+        lo_x, hi_x = xs[unit].min(), xs[unit].max()
+        lo_y, hi_y = ys[unit].min(), ys[unit].max()
+        assert x0 < lo_x and hi_x < x1 and y0 < lo_y and hi_y < y1  # every point shown
+        # ... and the points fill the panel: 80 % of its width or of its height.
+        assert max((hi_x - lo_x) / (x1 - x0), (hi_y - lo_y) / (y1 - y0)) >= 0.8
+    assert len({round(ax.get_window_extent().width, 3) for ax in fig.axes}) == 1
+
+
+def test_zoomed_gif_frames_fit_each_unit() -> None:
+    image = np.full((100, 200, 3), 40, dtype=np.uint8)
+    xs = np.array([[50.0, 70.0, 60.0], [100.0, 160.0, 130.0]])
+    ys = np.array([[40.0, 50.0, 45.0], [-10.0, 30.0, 10.0]])
+    trees = _trees([[52.0, 42.0], [110.0, 20.0]], xs, ys)
+    red = np.array([int(POINT_COLOUR[i : i + 2], 16) for i in (1, 3, 5)])
+    for unit, frame in enumerate(gif_frames(image, trees, zoom=True)):
+        pixels = np.asarray(frame.convert("RGB"))[GIF_LABEL_HEIGHT:]
+        rows, cols = np.nonzero((pixels == red).all(axis=-1))
+        spread = max(np.ptp(cols) / pixels.shape[1], np.ptp(rows) / pixels.shape[0])
+        assert spread >= 0.75, (unit, spread)  # the unit's points span its frame
+        for k in range(3):  # each point where gif_position says
+            x, y = gif_position(trees, (100, 200), xs[unit, k], ys[unit, k], unit=unit, zoom=True)
+            near = (np.abs(cols - x) <= 3) & (np.abs(rows - (y - GIF_LABEL_HEIGHT)) <= 3)
+            assert near.any(), (unit, k)
+
+
+def test_titles_say_random_weights(
+    image_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figures = _catch_figures(monkeypatch, sample_points_module)
+    random = _loaded()
+    random.source, random.checkpoint = "registered", None  # a registered architecture, no weights
+    assert random.random_weights
+    sample_points([image_path], model=random, levels=1, out=tmp_path / "a", progress=False)
+    sample_points([image_path], model=_loaded(), levels=1, out=tmp_path / "b", progress=False)
+    assert "random weights" in figures[0].legends[0].get_title().get_text()
+    assert not figures[1].legends[0].get_title().get_text()
 
 
 def test_command_titles_give_the_csv_pixel_coordinates_and_the_category(
@@ -305,12 +440,13 @@ def test_small_roi_draws_the_extent_the_op_pools_and_says_so() -> None:
     assert OP_EXTENT_LABELS["psroi_pool"] not in _legend_texts(draw_bins_figure(image, [large]))
 
 
-def test_large_roi_fills_its_panel_even_when_bins_fly_off_the_image() -> None:
+def test_large_roi_panel_holds_bins_that_fly_off_the_image_and_cuts_only_its_margin() -> None:
+    # Issue 21: the panel holds every deformed bin (x up to 395, y down to -295) with a pad of
+    # 2 % of the drawn extent (390 px: 7.8); only the context margin stops at the 5 % band.
     panel = _panel((5.0, 5.0, 95.0, 95.0), (5.0, 5.0, 95.0, 95.0), shift=300.0)
     x_min, x_max, y_min, y_max = panel_limits(panel, 100, 100)
-    assert (x_min, x_max) == pytest.approx((-5.0, 105.0))  # cut to the image and a 5 % band
-    assert (y_min, y_max) == pytest.approx((-5.0, 105.0))
-    assert (95.0 - 5.0) / (x_max - x_min) > 0.8
+    assert (x_min, x_max) == pytest.approx((-5.0, 395.0 + 7.8))
+    assert (y_min, y_max) == pytest.approx((-295.0 - 7.8, 105.0))
 
 
 def test_bins_command_draws_legend_links_and_the_small_rois_pooled_extent(

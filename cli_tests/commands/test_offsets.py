@@ -296,3 +296,76 @@ def test_help_shows_an_example() -> None:
     result = CliRunner().invoke(app, ["offsets", "--help"])
     assert result.exit_code == 0
     assert "Example: dcn-inspect offsets" in result.output and "--kernel-point" in result.output
+
+
+# ------------------------------------------------------------------------------------ issue #21
+
+
+def _dilation_bar_ticks(undeformed: float, low: float, high: float):
+    """(ticks inside the bar, their labels) of the dilation colour bar drawn for a layer whose
+    units' effective dilation spans [low, high] around the undeformed value."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from dcn_inspect.analysis.offsets import LayerOffsetMaps, OffsetField
+    from dcn_inspect.report.offsets import draw_offsets_figure
+
+    dilation = np.linspace(low, high, 12 * 16).reshape(12, 16)
+    zero = np.zeros((12, 16))
+    maps = LayerOffsetMaps(
+        "layer4.2.conv2", (3, 3), (2, 2), 1, 0, (0.0, 64.0, 0.0, 48.0), (2.0, 2.0),
+        OffsetField(None, zero + 1.0, zero), dilation=dilation, undeformed_dilation=undeformed,
+    )  # fmt: skip
+    figure = draw_offsets_figure(np.zeros((48, 64, 3), dtype=np.uint8), [maps])
+    FigureCanvasAgg(figure).draw()
+    (bar,) = [ax for ax in figure.axes if ax.get_ylabel() == "effective dilation (image px)"]
+    bottom, top = sorted(bar.get_ylim())
+    shown = [
+        (float(tick), label.get_text())
+        for tick, label in zip(bar.get_yticks(), bar.get_yticklabels())
+        if bottom - 1e-9 <= tick <= top + 1e-9
+    ]
+    return [t for t, _ in shown], [text for _, text in shown]
+
+
+@pytest.mark.parametrize(
+    "undeformed, low, high", [(7.5, 7.0, 40.0), (16.0, 3.0, 17.0), (5.0, 4.6, 5.3)]
+)
+def test_dilation_colour_bar_has_ticks_on_both_halves_and_labels_the_undeformed_value(
+    undeformed: float, low: float, high: float
+) -> None:
+    ticks, labels = _dilation_bar_ticks(undeformed, low, high)
+    assert any(low - 1e-9 <= t < undeformed for t in ticks), (ticks, labels)  # narrower half
+    assert any(undeformed < t <= high + 1e-9 for t in ticks), (ticks, labels)  # wider half
+    at_undeformed = [text for t, text in zip(ticks, labels) if t == pytest.approx(undeformed)]
+    assert at_undeformed == [f"{undeformed:.3g} undeformed"], (ticks, labels)
+    assert len(set(labels)) == len(labels)  # no two ticks read the same
+
+
+def test_random_weights_are_named_in_the_offsets_figure_title(
+    workspace: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figures = _catch_figures(monkeypatch)
+    trained = _loaded(workspace)
+    untrained = LoadedModel(trained.model, "tiny", "tiny", {}, Preprocess(resize=0), "registered")
+    assert untrained.random_weights and not trained.random_weights
+    offsets([workspace["image"]], model=trained, out=tmp_path / "a", progress=False)
+    result = offsets([workspace["image"]], model=untrained, out=tmp_path / "b", progress=False)
+    titles = [figure.get_suptitle() for figure in figures]
+    assert titles == [
+        "scene.png: offsets in image pixels",
+        "scene.png: offsets in image pixels (random weights)",
+    ]
+    model = json.loads(result.summary.read_text())["model"]
+    assert model["random_weights"] is True and "untrained" in model["note"]
+
+
+@pytest.mark.parametrize(
+    "low, high, expected",
+    [
+        (32.0, 32.0, ["none narrower", "32 undeformed", "none wider"]),
+        (32.0, 75.0, ["none narrower", "32 undeformed", "45", "60", "75"]),
+    ],
+)
+def test_a_half_no_unit_falls_in_says_so_on_the_dilation_bar(low, high, expected) -> None:
+    ticks, labels = _dilation_bar_ticks(32.0, low, high)
+    assert labels == expected and ticks == sorted(ticks)

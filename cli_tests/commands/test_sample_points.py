@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import numpy as np
 import pandas as pd
@@ -328,65 +328,127 @@ def test_boxes_give_background_then_boxes_by_area(image_path: Path, tmp_path: Pa
     assert [(u.row, u.col) for u in from_coco.images[0].units][1:] == [(11, 17)]
 
 
-def test_background_unit_is_farthest_from_boxes_among_units_whose_tree_stays_on_the_image() -> None:
-    frame = FrameMap(
-        1.0, 1.0, 0.5, 0.5
-    )  # map cell (r, c) centred on image pixel (c + 0.5, r + 0.5)
-    # 10x20 image, box on the left 8 columns, clearance 3 px: centres x <= 16.5, 3.5 <= y <= 6.5
-    # keep it; x = 16.5 is the farthest from the box (8.5 px). Rows 3..6 tie on that distance and
-    # on centrality (the x border binds), so the first row wins.
-    unit = background_unit(
-        frame, (10, 20), np.array([[0.0, 0.0, 8.0, 10.0]]), (10, 20), clearance=(3.0, 3.0)
-    )
-    assert (unit.row, unit.col, unit.source) == (3, 16, "background")
-    # 40x40 image, a box in the middle, clearance 8: the farthest clear units are the four corners
-    # of the clear square [8, 32]^2 (2.1 px from the box), not the image corners (13.4 px away).
-    unit = background_unit(
-        frame, (40, 40), np.array([[10.0, 10.0, 30.0, 30.0]]), (40, 40), clearance=(8.0, 8.0)
-    )
-    assert (unit.x, unit.y) == (8.5, 8.5)
-    # 10x10 image too small for a clearance of 8: the most central background units (4.5 px from
-    # the border), the farthest from the box of these; never the far corner (9.5, 9.5).
-    unit = background_unit(
-        frame, (10, 10), np.array([[0.0, 0.0, 3.0, 3.0]]), (10, 10), clearance=(8.0, 8.0)
-    )
-    assert (unit.x, unit.y) == (5.5, 5.5)
-    # Every clear unit lies in the box: a background unit with as much clearance as possible
-    # (the x = 16.5 column / y = 16.5 row, 3.5 px), the farthest from the box among those.
-    unit = background_unit(
-        frame, (20, 20), np.array([[0.0, 0.0, 16.0, 16.0]]), (20, 20), clearance=(6.0, 6.0)
-    )
-    assert (unit.x, unit.y) == (16.5, 16.5)
+def _square_on_image(
+    frame: FrameMap, map_w: int, image_hw: tuple, reach: float
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A stand-in tree: the square of half-side ``reach`` around the unit's centre, uniformly
+    filled; its fraction on the image by hand (the overlap on each axis, multiplied)."""
+
+    def fraction(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        xs, ys = frame.to_image(cols.astype(float), rows.astype(float))
+        on_x = np.clip(np.minimum(xs + reach, image_hw[1]) - np.maximum(xs - reach, 0), 0, None)
+        on_y = np.clip(np.minimum(ys + reach, image_hw[0]) - np.maximum(ys - reach, 0), 0, None)
+        return on_x * on_y / (2 * reach) ** 2
+
+    return fraction
 
 
-def test_sample_points_background_unit_keeps_half_the_tree_extent_from_the_border(
+def test_background_unit_has_the_most_tree_on_the_image_then_is_farthest_from_every_box() -> None:
+    frame = FrameMap(1.0, 1.0, 0.5, 0.5)  # map cell (r, c) centred on image pixel (c + .5, r + .5)
+    # 10x20 image, box on the left 8 columns, trees of half-side 3: whole trees for centres
+    # 3 <= x <= 17, 3 <= y <= 7; x = 16.5 is the farthest from the box (8.5 px); rows 3..6 tie,
+    # the most central rows 4 and 5 (0.5 px from the middle, 5) tie again: the first, row 4.
+    unit = background_unit(
+        frame, (10, 20), np.array([[0.0, 0.0, 8.0, 10.0]]), _square_on_image(frame, 20, (10, 20), 3)
+    )
+    assert (unit.row, unit.col, unit.source, unit.tree_on_image) == (4, 16, "background", 1.0)
+    # Scene_04's case: 20x20 image, background only in the top strip y < 4, trees of half-side 6.
+    # No background tree is 95 % on the image: the most is (3.5 + 6) / 12 on the row y = 3.5
+    # for 6 <= x <= 14; all 0.5 px from the box, so the most central, x = 9.5 (before 10.5).
+    # The corner unit (0.5, 0.5) would have (6.5 / 12)^2 = 29 % of its tree on the image.
+    tree = _square_on_image(frame, 20, (20, 20), 6)
+    unit = background_unit(frame, (20, 20), np.array([[0.0, 4.0, 20.0, 20.0]]), tree)
+    assert (unit.x, unit.y) == (9.5, 3.5)
+    assert unit.tree_on_image == pytest.approx(9.5 / 12)
+    assert unit.as_dict()["tree_on_image"] == pytest.approx(9.5 / 12)
+    assert "no background unit has 95% of its sampling tree on the image" in unit.detail
+    # Every unit lies in a box: the most central of those with their whole tree on the image.
+    unit = background_unit(
+        frame,
+        (10, 10),
+        np.array([[0.0, 0.0, 10.0, 10.0]]),
+        _square_on_image(frame, 10, (10, 10), 3),
+    )
+    assert (unit.x, unit.y, unit.tree_on_image) == (4.5, 4.5, 1.0)
+
+
+def _on_image_fraction(deepest: pd.DataFrame, width: float, height: float) -> pd.Series:
+    on = deepest["x"].between(0, width) & deepest["y"].between(0, height)
+    return on.groupby(deepest["unit"]).mean()
+
+
+def test_background_unit_has_the_most_of_its_traced_tree_on_the_image(
     image_path: Path, tmp_path: Path
 ) -> None:
-    from dcn_inspect.analysis.sample_points import tree_half_extent
-    from dcn_inspect.capture.session import probe
-    from dcn_inspect.io.images import load_image, to_model_input
-
-    # The tiny model's three deformable layers all read stride-2 maps: the undeformed tree reaches
-    # 1*1*2 + 1*2*2 + 1*2*2 = 10 px from the unit, plus half a 2-px cell: 11 px each way.
-    loaded = _loaded()
-    captured = probe(
-        loaded.model, to_model_input(load_image(image_path), Preprocess(resize=0), None).tensor
-    )
-    records = [captured.convs[name] for name in ("dcn_c", "dcn_b", "dcn_a")]
-    assert tree_half_extent(records) == (11.0, 11.0)
+    # Like scene_04: boxes cover all of the 48x32 image but its top strip y < 6. Every unit's
+    # traced tree (--grid 1) rated by brute force from the CSV: the background unit must have
+    # 95 % of its deepest points on the image, or the most any background unit has; of those,
+    # the farthest from the box (6 - y); summary.json gives its fraction.
     boxes_csv = tmp_path / "boxes.csv"
-    boxes_csv.write_text("x1,y1,x2,y2\n0,0,24,32\n")  # the left half of the 48x32 image
-    result = sample_points(
-        [image_path], model=loaded, boxes=boxes_csv, out=tmp_path / "out", progress=False
+    boxes_csv.write_text("x1,y1,x2,y2\n0,6,48,32\n")
+    chosen = sample_points(
+        [image_path], model=_loaded(), boxes=boxes_csv, out=tmp_path / "boxes", progress=False
     )
-    background = result.images[0].units[0]
-    # Clear centres (2j + 0.5): 11 <= x <= 37 and 11 <= y <= 21; the farthest from the box is
-    # x = 36.5; every clear row ties (the box spans the height), so the first clear row, y = 12.5.
-    assert (background.source, background.x, background.y) == ("background", 36.5, 12.5)
-    assert result.images[0].categories[0].name == "background"
-    summary = json.loads(result.summary.read_text())
-    assert summary["images"][0]["units"][0]["category"]["name"] == "background"
-    assert "at least 11 px (x) and 11 px (y)" in summary["images"][0]["units"][0]["detail"]
+    every = sample_points(
+        [image_path], model=_loaded(), grid=1, out=tmp_path / "every", progress=False
+    )
+    table = every.images[0].table
+    deepest = table[table["level"] == 3]
+    fraction = _on_image_fraction(deepest, 48, 32)
+    centres = table.groupby("unit")[["unit_x", "unit_y"]].first()
+    background = centres[centres["unit_y"] < 6].assign(fraction=fraction)
+    eligible = background[background["fraction"] >= min(0.95, background["fraction"].max())]
+    farthest = eligible[eligible["unit_y"] == eligible["unit_y"].min()]
+    unit = chosen.images[0].units[0]
+    assert unit.source == "background"
+    match = farthest[(farthest["unit_x"] == unit.x) & (farthest["unit_y"] == unit.y)]
+    assert len(match) == 1, (unit, farthest)
+    own = chosen.images[0].table
+    own_fraction = _on_image_fraction(own[own["level"] == 3], 48, 32)[0]
+    assert own_fraction == pytest.approx(float(match["fraction"].iloc[0]))
+    corner = background.loc[(background["unit_x"] - 0.5).abs().add(background["unit_y"]).idxmin()]
+    assert own_fraction > corner["fraction"]  # not the corner unit
+    summary = json.loads(chosen.summary.read_text())
+    assert summary["images"][0]["units"][0]["tree_on_image"] == pytest.approx(own_fraction)
+
+
+def test_at_on_a_bundled_image_takes_the_category_from_its_bundled_annotations(
+    image_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dcn_inspect.io.datasets as datasets
+
+    annotations = _coco_for(tmp_path, "scene.png", [4, 4, 40, 24])  # 960 px^2: small ("paper")
+    monkeypatch.setattr(datasets, "bundled_images", lambda: [image_path])
+    monkeypatch.setattr(datasets, "bundled_images_annotations", lambda: annotations)
+    result = sample_points(
+        None, model=_loaded(), levels=1, at=["24,16", "46,30"], out=tmp_path / "out", progress=False
+    )
+    item = result.images[0]
+    # The annotations name the units' categories; they add no units of their own.
+    assert [u.source for u in item.units] == ["at 24,16", "at 46,30"]
+    assert [c.name if c else None for c in item.categories] == ["small", "background"]
+    assert item.categories[0].label == "thing"
+    assert item.categories[0].coords == (4.0, 4.0, 44.0, 28.0)
+
+
+def test_save_offsets_creates_its_folder_like_out(image_path: Path, tmp_path: Path) -> None:
+    target = tmp_path / "new" / "deeper" / "offsets.npz"
+    result = sample_points(
+        [image_path], model=_loaded(), levels=1, save_offsets=target, out=tmp_path / "out",
+        progress=False,
+    )  # fmt: skip
+    assert result.offsets == target
+    with np.load(target, allow_pickle=False) as npz:
+        assert npz["scene/dcn_a/offset"].shape == (1, 18, 16, 24)
+    # A file where a folder should be: one line, before anything is written.
+    (tmp_path / "file.txt").write_text("x")
+    message = r"--save-offsets .*file.txt/offsets.npz: .*file.txt exists and is not a directory"
+    with raises_cli(message, "sample-points"):
+        sample_points(
+            [image_path], model=_loaded(), save_offsets=tmp_path / "file.txt" / "offsets.npz",
+            out=tmp_path / "out2", progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "out2").exists()
 
 
 def test_default_unit_is_the_image_centre(image_path: Path, tmp_path: Path) -> None:

@@ -419,3 +419,103 @@ def test_box_csv_with_a_field_beyond_the_csv_limit(tmp_path):
     path.write_text('x1,y1,x2,y2\n"' + "1" * 200_000 + '",1,2,2\n')
     with pytest.raises(InputError, match=r"boxes\.csv: not a readable CSV"):
         read_box_csv(path)
+
+
+# ------------------------------------------------- boxes read in the image's frame, or refused
+
+
+def _exif_rotated(path: Path, width: int, height: int, orientation: int = 6) -> Path:
+    """A JPEG stored as ``width`` x ``height`` pixels, displayed rotated (EXIF ``orientation``)."""
+    image = Image.new("RGB", (width, height))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif.tobytes())
+    return path
+
+
+def test_annotation_of_another_image_size_is_refused_naming_both_sizes(tmp_path):
+    Image.new("RGB", (128, 96)).save(tmp_path / "a.png")
+    box = [{"image_id": 1, "bbox": [10, 10, 20, 20], "category_id": 1}]
+    larger = _coco(
+        tmp_path,
+        images=[{"id": 1, "file_name": "a.png", "width": 256, "height": 192}],
+        annotations=box,
+    )
+    with raises_cli(r"a\.png: image is 128x96 but its annotation in .*ann\.json says 256x192$"):
+        annotation_for_image(larger, tmp_path / "a.png")
+    same = _coco(
+        tmp_path,
+        images=[{"id": 1, "file_name": "a.png", "width": 128, "height": 96}],
+        annotations=box,
+        name="same.json",
+    )
+    np.testing.assert_array_equal(
+        annotation_for_image(same, tmp_path / "a.png").boxes, [[10, 10, 30, 30]]
+    )
+
+
+def test_annotation_in_the_stored_frame_of_an_exif_rotated_image_names_the_rotation(tmp_path):
+    """A phone photo stored 128x96 with orientation 6 is read as displayed, 96x128; an annotation
+    made on the stored pixels (128x96) would put every box in the wrong place."""
+    _exif_rotated(tmp_path / "phone.jpg", 128, 96)
+    stored = _coco(
+        tmp_path, images=[{"id": 1, "file_name": "phone.jpg", "width": 128, "height": 96}]
+    )
+    with raises_cli(
+        r"phone\.jpg: image is 96x128 but its annotation in .*ann\.json says 128x96 "
+        r"\(width and height swapped: the image carries an EXIF rotation \(orientation 6\) and "
+        r"is read as displayed; the annotation is in the stored frame\)"
+    ):
+        annotation_for_image(stored, tmp_path / "phone.jpg")
+    displayed = _coco(
+        tmp_path,
+        images=[{"id": 1, "file_name": "phone.jpg", "width": 96, "height": 128}],
+        name="displayed.json",
+    )
+    assert annotation_for_image(displayed, tmp_path / "phone.jpg") is not None
+
+
+def test_voc_annotation_of_another_image_size_is_refused(tmp_path):
+    root = _voc(tmp_path, _obj("cat", 1, 1, 10, 20), width=50, height=40)
+    Image.new("RGB", (100, 80)).save(root / "JPEGImages" / "000001.jpg")  # a larger version
+    with raises_cli(r"000001\.jpg: image is 100x80 but its annotation in .*000001\.xml says 50x40"):
+        annotation_for_image(root, root / "JPEGImages" / "000001.jpg")
+
+
+def test_box_csv_box_entirely_outside_the_image_is_refused_in_one_line(tmp_path):
+    Image.new("RGB", (128, 96)).save(tmp_path / "a.png")
+    path = tmp_path / "boxes.csv"
+    path.write_text("x1,y1,x2,y2\n10,10,20,20\n500,500,600,600\n")
+    with raises_cli(
+        r"boxes\.csv: line 3: box 500,500,600,600 lies entirely outside a\.png "
+        r"\(128x96 pixels\)$"
+    ):
+        read_box_csv(path, image=tmp_path / "a.png")
+    # reaching outside is kept as written (partly on the image); touching the edge from outside
+    # is outside
+    path.write_text("x1,y1,x2,y2\n120,90,200,200\n")
+    np.testing.assert_array_equal(
+        read_box_csv(path, image=tmp_path / "a.png")[0], [[120, 90, 200, 200]]
+    )
+    path.write_text("x1,y1,x2,y2\n128,0,140,10\n")
+    with raises_cli(r"line 2: box 128,0,140,10 lies entirely outside a\.png"):
+        read_box_csv(path, image=tmp_path / "a.png")
+
+
+@pytest.mark.parametrize(
+    "size", ["", "<size><depth>3</depth></size>", "<size><width>0</width><height>0</height></size>"]
+)
+def test_voc_without_size_reads_it_from_the_image_like_coco(tmp_path, size):
+    root = _voc(tmp_path, _obj("cat", 1, 1, 10, 20), width=50, height=40)
+    (root / "Annotations" / "000001.xml").write_text(
+        f"<annotation><filename>000001.jpg</filename>{size}{_obj('cat', 1, 1, 10, 20)}</annotation>"
+    )
+    image = load_dataset(root).images[0]
+    assert (image.width, image.height) == (50, 40)  # the JPEG's header
+    np.testing.assert_array_equal(image.boxes, [[0, 0, 10, 20]])
+    _exif_rotated(root / "JPEGImages" / "000001.jpg", 50, 40)  # read as displayed: 40x50
+    image = load_dataset(root).images[0]
+    assert (image.width, image.height) == (40, 50)
+    (root / "JPEGImages" / "000001.jpg").unlink()
+    with pytest.raises(InputError, match=r"000001\.xml: no <size> and image 000001\.jpg not found"):
+        load_dataset(root)

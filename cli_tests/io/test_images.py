@@ -340,3 +340,90 @@ def test_symlink_loop_is_named(tmp_path: Path) -> None:
     os.symlink("loop.png", loop)
     with pytest.raises(ImageError, match=r"loop\.png: symlink loop"):
         load_image(loop)
+
+
+# ------------------------------------------------------------------ bit depths, alpha, EXIF
+
+
+def _save_16bit(path: Path, values: np.ndarray) -> Path:
+    image = Image.fromarray(values.astype(np.uint16))
+    assert image.mode.startswith("I;16")
+    image.save(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", ["png", "tiff"])
+def test_16bit_values_scale_by_1_over_257_whatever_the_image_maximum(
+    tmp_path: Path, suffix: str
+) -> None:
+    """65535 -> 255 by one fixed rule (value / 257, rounded): two images that differ by one step
+    in one pixel read the same everywhere else, a dark one stays dark."""
+    dark = np.array([[0, 128, 255], [100, 200, 255]], dtype=np.int64)
+    brighter = dark.copy()
+    brighter[1, 2] = 256  # one step more in one pixel
+    full = np.array([[0, 257, 32768], [65535, 65278, 12850]], dtype=np.int64)
+    for name, values in (("dark", dark), ("brighter", brighter), ("full", full)):
+        array = load_image(_save_16bit(tmp_path / f"{name}.{suffix}", values))
+        expected = np.floor(values / 257.0 + 0.5).astype(np.uint8)  # hand rule: round(v / 257)
+        assert array.dtype == np.uint8
+        for channel in range(3):
+            np.testing.assert_array_equal(array[..., channel], expected, err_msg=name)
+    # by hand: 128 / 257 = 0.498 -> 0; 200 / 257 = 0.778 -> 1; 255 / 257 = 0.992 -> 1
+    dark_read = load_image(tmp_path / f"dark.{suffix}")[..., 0]
+    np.testing.assert_array_equal(dark_read, [[0, 0, 1], [0, 1, 1]])
+    brighter_read = load_image(tmp_path / f"brighter.{suffix}")[..., 0]
+    assert int(np.abs(brighter_read.astype(int) - dark_read).max()) == 0
+
+
+def test_float_tiff_in_0_to_1_scales_by_255_and_other_ranges_are_refused(tmp_path: Path) -> None:
+    values = np.array([[0.0, 0.25, 0.5], [0.75, 1.0, 0.1]], dtype=np.float32)
+    Image.fromarray(values).save(tmp_path / "unit.tiff")
+    array = load_image(tmp_path / "unit.tiff")
+    np.testing.assert_array_equal(array[..., 0], [[0, 64, 128], [191, 255, 26]])  # round(255 v)
+    assert np.array_equal(array[..., 0], array[..., 2])
+    Image.fromarray(values * 4000).save(tmp_path / "hdr.tiff")
+    with pytest.raises(
+        ImageError, match=r"hdr\.tiff: 32-bit float image with values from 0 to 4000"
+    ):
+        load_image(tmp_path / "hdr.tiff")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_colour_under_transparency_is_kept_like_pillow_convert_rgb(
+    tmp_path: Path, mode: str
+) -> None:
+    """cv2.imread and Pillow's convert("RGB") keep the colour of transparent pixels (no blending
+    onto white); so do we. The left half is fully transparent, the right half half."""
+    colour = {"RGBA": (200, 30, 10), "LA": (120, 120, 120), "P": (200, 30, 10)}[mode]
+    path = tmp_path / "alpha.png"
+    if mode == "P":  # a palette whose index 0 is transparent
+        image = Image.new("P", (6, 4), 0)
+        image.putpalette([*colour, 0, 0, 0])
+        image.save(path, transparency=0)
+    else:
+        pixels = np.zeros((4, 6, 4), dtype=np.uint8)
+        pixels[..., :3] = colour
+        pixels[:, 3:, 3] = 128
+        image = Image.fromarray(pixels, "RGBA").convert(mode)
+        image.save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode == mode and (mode != "P" or reopened.info["transparency"] == 0)
+    array = load_image(path)
+    assert (array == np.array(colour, dtype=np.uint8)).all(), array[0, 0]
+
+
+def test_corrupt_exif_is_one_dcn_inspect_warning_and_the_image_still_reads(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    from dcn_inspect.core.errors import DcnInspectWarning
+
+    image = Image.fromarray(_gradient(12, 8))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    exif[0x010E] = "x" * 100  # an ImageDescription stored past the IFD
+    path = tmp_path / "corrupt_exif.jpg"
+    image.save(path, exif=exif.tobytes()[:-60])  # the description's bytes cut off
+    assert load_image(path).shape == (12, 8, 3)  # the orientation tag is still honoured
+    warned = [(w.category, str(w.message)) for w in recwarn.list]
+    assert [category for category, _ in warned] == [DcnInspectWarning], warned
+    assert warned[0][1].startswith(f"{path}: corrupt EXIF block"), warned

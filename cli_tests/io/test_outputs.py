@@ -187,3 +187,37 @@ def test_a_failed_write_is_one_line_naming_the_file(
         == f"{tmp_path / 't.csv'}: cannot write (no space left on the device); nothing was written"
     )
     assert _visible(tmp_path) == []
+
+
+@pytest.mark.parametrize("blocked", ["summary.json", "offsets.npz"])
+def test_commit_checks_every_target_before_the_first_file_moves(
+    tmp_path: Path, blocked: str
+) -> None:
+    """A directory where an output goes (``summary.json``, ``save_offsets``) stops the run before
+    any file is renamed: "nothing was written" is true."""
+    from dcn_inspect.io.outputs import RunOutputs, write_npz, write_text
+
+    (tmp_path / blocked).mkdir()
+    (tmp_path / "a.csv").write_text("previous run")
+    with pytest.raises(InputError) as info:
+        with RunOutputs(tmp_path):
+            write_csv(tmp_path / "a.csv", pd.DataFrame({"x": [1]}))
+            write_text(tmp_path / "b.png", "figure")
+            write_npz(tmp_path / "offsets.npz", {"x": [1]})
+            write_text(tmp_path / "summary.json", "{}")
+    assert str(info.value) == (
+        f"{tmp_path / blocked}: cannot write (Is a directory); nothing was written"
+    )
+    assert _visible(tmp_path) == sorted(["a.csv", blocked])
+    assert (tmp_path / "a.csv").read_text() == "previous run"
+
+
+@pytest.mark.parametrize("empty", ["", " "])
+def test_an_empty_out_is_refused_not_read_as_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"empty path .*unset shell variable") as info:
+        prepare_out_dir(empty)  # type: ignore[arg-type]
+    assert info.value.param == "out"
+    assert _visible(tmp_path) == []

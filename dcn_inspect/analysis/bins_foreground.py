@@ -24,11 +24,14 @@ bins (the same pattern shifted by each bin's offset), per bin and per RoI.
 
 :func:`foreground_table` aggregates per-RoI fractions over a dataset per ground-truth class and
 overall (mean over RoIs; a 95 % percentile-bootstrap interval of the mean gain, resampling
-whole images, seeded).
+whole images, seeded). A row whose RoIs come from fewer than :data:`MIN_INTERVAL_IMAGES`
+images has no interval (NaN): resampling one image draws that image every time, a zero-width
+interval that says nothing about the spread.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -46,6 +49,10 @@ MATCH_IOU = 0.5
 #: The ``group`` of the overall row of :func:`foreground_table`.
 OVERALL = "all"
 
+#: A row of :func:`foreground_table` gets an interval of its gain from this many images on
+#: (the bootstrap resamples images: below two it has no spread to measure).
+MIN_INTERVAL_IMAGES = 2
+
 _FRACTION = "fraction of sampling points on the object's mask"
 
 #: ``foreground_table.csv`` (``bins DATASET``): per ground-truth class, then overall.
@@ -59,10 +66,15 @@ TABLE_CSV: Tuple[Column, ...] = (
     Column(
         "gain_ci_low",
         "lower end of the 95 % confidence interval of the gain "
-        "(percentile bootstrap over images, seeded)",
+        f"(percentile bootstrap over images, seeded; empty below {MIN_INTERVAL_IMAGES} images)",
         "fraction",
     ),
-    Column("gain_ci_high", "upper end of the 95 % confidence interval of the gain", "fraction"),
+    Column(
+        "gain_ci_high",
+        "upper end of the 95 % confidence interval of the gain "
+        f"(empty below {MIN_INTERVAL_IMAGES} images)",
+        "fraction",
+    ),
     Column(
         "improved",
         "fraction of RoIs whose deformed bins land more on the object than the regular ones",
@@ -176,7 +188,8 @@ def foreground_table(rois: pd.DataFrame, resamples: int = 2000, seed: int = 0) -
     ground-truth class, rows without a fraction are left out). Columns :data:`TABLE_COLUMNS`:
     ``rois`` and ``images`` counted, ``fg_regular`` / ``fg_deformed`` means over RoIs,
     ``gain`` their difference, ``gain_ci_low`` / ``gain_ci_high`` its 95 % percentile-bootstrap
-    interval (``resamples`` draws of whole images with replacement, ``seed``), ``improved`` the
+    interval (``resamples`` draws of whole images with replacement, ``seed``; NaN when the row's
+    RoIs come from fewer than :data:`MIN_INTERVAL_IMAGES` images), ``improved`` the
     fraction of RoIs whose deformed bins have the larger fraction. Classes in order of first
     appearance, then the overall row (``group`` = :data:`OVERALL`).
     """
@@ -198,16 +211,20 @@ def foreground_table(rois: pd.DataFrame, resamples: int = 2000, seed: int = 0) -
         part = measured if name == OVERALL else measured[measured["label"].astype(str) == name]
         regular = part["fg_regular"].to_numpy(dtype=np.float64)
         deformed = part["fg_deformed"].to_numpy(dtype=np.float64)
+        images_of_row = int(part["image"].nunique())
+        low, high = (
+            intervals[column] if images_of_row >= MIN_INTERVAL_IMAGES else (math.nan, math.nan)
+        )
         rows.append(
             {
                 "group": name,
                 "rois": len(part),
-                "images": int(part["image"].nunique()),
+                "images": images_of_row,
                 "fg_regular": float(regular.mean()) if len(part) else float("nan"),
                 "fg_deformed": float(deformed.mean()) if len(part) else float("nan"),
                 "gain": float((deformed - regular).mean()) if len(part) else float("nan"),
-                "gain_ci_low": float(intervals[column, 0]),
-                "gain_ci_high": float(intervals[column, 1]),
+                "gain_ci_low": float(low),
+                "gain_ci_high": float(high),
                 "improved": float((deformed > regular).mean()) if len(part) else float("nan"),
             }
         )

@@ -33,29 +33,11 @@ import torch
 from dcn_inspect.analysis.dilation import effective_dilation
 from dcn_inspect.analysis.sample_points import GroupChoice, check_group
 from dcn_inspect.capture.records import DeformConvRecord
+from dcn_inspect.core.checks import parse_kernel_point  # noqa: F401 - offsets' own option
 from dcn_inspect.core.errors import InputError
 from dcn_inspect.core.kernel_grid import split_offsets
 
 KernelPoint = Tuple[int, int]
-
-
-def parse_kernel_point(text: str) -> KernelPoint:
-    """``"a,b"`` (kernel row a, column b, 0-based) -> (a, b); one-line error naming
-    ``kernel_point``."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        a, b = int(parts[0]), int(parts[1])
-    except ValueError:
-        raise InputError(
-            f"{text!r}: expected A,B = kernel row, column "
-            "(0-based; 1,1 is the centre of a 3x3 kernel)",
-            param="kernel_point",
-        ) from None
-    if a < 0 or b < 0:
-        raise InputError(f"{text!r}: kernel row and column start at 0", param="kernel_point")
-    return a, b
 
 
 @dataclass

@@ -4,7 +4,8 @@ RoIs come from boxes typed by the user (``rois``: ``"X1,Y1,X2,Y2"`` in original-
 a CSV file (``rois_file``: ``x1,y1,x2,y2[,class]``) and an annotation file (``annotations``:
 COCO json or Pascal VOC), in that order; a bundled demo image with none of them uses its
 bundled annotations. RoIs may lie partly outside the image (the pooling op handles that) but
-must not be inverted.
+must not be inverted, nor lie entirely outside the image (:func:`check_rois_on_image`, once the
+image's size is known).
 
 A class-specific deformable PS RoI pooling head predicts one set of offsets per class;
 :func:`choose_classes` picks, per RoI, the set to show: ``auto`` (the RoI's ground-truth class
@@ -100,6 +101,21 @@ def check_roi(request: RoIRequest) -> None:
         raise InputError(f"{request.source}: RoI {_fmt_box(request.box)} has x2 < x1")
     if y2 < y1:
         raise InputError(f"{request.source}: RoI {_fmt_box(request.box)} has y2 < y1")
+
+
+def check_rois_on_image(
+    requests: Sequence[RoIRequest], image: str, width: int, height: int
+) -> None:
+    """Every RoI must share some area with the ``width`` x ``height`` image (named ``image``): one
+    lying entirely outside it (including one that only touches its border) pools nothing of the
+    image, so it is refused, as a unit outside the image is. Partly outside is allowed."""
+    for request in requests:
+        x1, y1, x2, y2 = request.box
+        if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+            raise InputError(
+                f"{request.source}: RoI {_fmt_box(request.box)} lies entirely outside "
+                f"{image} ({width}x{height} pixels)"
+            )
 
 
 def _fmt_box(box: Sequence[float]) -> str:

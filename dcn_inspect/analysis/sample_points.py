@@ -32,13 +32,14 @@ layers without a mask. Coordinates are continuous image pixels in the COCO conve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 import torch
 
 from dcn_inspect.capture.records import DeformConvRecord
+from dcn_inspect.core.checks import check_group
 from dcn_inspect.core.columns import Column, names, position, present
 from dcn_inspect.core.errors import InputError
 from dcn_inspect.core.kernel_grid import kernel_grid
@@ -194,22 +195,6 @@ def read_field(field: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> t
         index = torch.where(inside, y * width + x, height * width)
         out += table[index] * weight[:, None]
     return out
-
-
-def check_group(group: GroupChoice) -> GroupChoice:
-    """Validate a ``group`` value ("mean" or a non-negative integer, also given as a string)."""
-    if isinstance(group, str):
-        if group.strip().lower() == "mean":
-            return "mean"
-        try:
-            group = int(group)
-        except ValueError:
-            raise InputError(
-                f"{group!r}: expected an offset-group index (0, 1, ...) or 'mean'", param="group"
-            ) from None
-    if int(group) < 0:
-        raise InputError(f"{group}: the offset-group index must be >= 0", param="group")
-    return int(group)
 
 
 def check_group_fits(group: GroupChoice, records: Sequence[DeformConvRecord]) -> GroupChoice:
@@ -375,6 +360,42 @@ def tree_half_extent(
         reach_x += deepest.stride_x * sx / 2
         reach_y += deepest.stride_y * sy / 2
     return reach_x, reach_y
+
+
+def tree_on_image(
+    records: Sequence[DeformConvRecord],
+    image_hw: Tuple[int, int],
+    group: GroupChoice = 0,
+    round_positions: bool = False,
+    scale_to_original: Tuple[float, float] = (1.0, 1.0),
+    max_points: int = 1 << 18,
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A function from top-layer units (rows, cols [N]) to the fraction of each unit's sampling
+    tree on the image: of its deepest points (:func:`trace_sampling_trees` with these options,
+    as the CSV lists them), those with 0 <= x <= W and 0 <= y <= H of the original image
+    (``image_hw`` = (H, W)). Traced in chunks of at most ``max_points`` deepest points.
+    (:func:`dcn_inspect.analysis.unit_selection.background_unit` chooses by it.)"""
+    height, width = image_hw
+    per_unit = int(np.prod([record.kernel_points for record in records]))
+    chunk = max(1, max_points // max(per_unit, 1))
+
+    def fraction(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        cells = np.stack([np.asarray(rows), np.asarray(cols)], axis=1).astype(np.int64)
+        found = np.zeros(len(cells))
+        for start in range(0, len(cells), chunk):
+            trees = trace_sampling_trees(
+                records,
+                torch.from_numpy(cells[start : start + chunk]),
+                group=group,
+                round_positions=round_positions,
+                scale_to_original=scale_to_original,
+            )
+            xs, ys = trees.xs[-1], trees.ys[-1]
+            on = (xs >= 0) & (xs <= width) & (ys >= 0) & (ys <= height)
+            found[start : start + chunk] = on.double().mean(dim=1).numpy()
+        return found
+
+    return fraction
 
 
 def points_table(

@@ -9,10 +9,13 @@ here, in the top deformable layer's output frame mapped to original-image pixels
 - a ``grid`` step: every STEP-th unit in both directions, starting at STEP // 2 (the official
   demo's layout);
 - boxes (COCO / VOC annotation or a CSV ``x1,y1,x2,y2[,class]``): the paper's Fig. 6 triplets,
-  one background unit (:func:`background_unit`: farthest from every box among the units whose
-  undeformed tree stays on the image) then one unit at each box centre, smallest box first;
-  for a bundled image with nothing else asked, its bundled annotations;
+  one background unit (:func:`background_unit`: farthest from every box among the units with
+  the most of their sampling tree on the image) then one unit at each box centre, smallest box
+  first; for a bundled image with nothing else asked, its bundled annotations;
 - otherwise the image centre.
+
+A bundled image's annotations name the categories of the units chosen by ``at`` and ``grid``
+too (they add no units there).
 
 Units are kept once (the first reason that chose a unit names it). :func:`unit_category` names
 a unit's class for figure titles (the box that chose it, else Table 2's smallest containing
@@ -25,16 +28,33 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from dcn_inspect.analysis.size_categories import CATEGORIES, area_category
+from dcn_inspect.core.checks import (  # noqa: F401 - parse_point, check_unit_options: here for callers
+    check_point_on_image,
+    check_unit_options,
+    parse_point,
+)
 from dcn_inspect.core.errors import InputError, spell_parameters
 from dcn_inspect.core.geometry import FrameMap
 
 #: Boxes of one image: [N, 4] (x1, y1, x2, y2) original-image pixels and their labels.
 Boxes = Tuple[np.ndarray, List[Optional[str]]]
+
+#: The fraction of each unit's sampling tree on the image: (rows, cols) [N] of top-layer units ->
+#: [N] in [0, 1] (:func:`dcn_inspect.analysis.sample_points.tree_on_image`).
+TreeOnImage = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+#: A background unit with at least this fraction of its sampling tree on the image counts as on
+#: the image (:func:`background_unit`).
+ON_IMAGE = 0.95
+
+#: ``boxes_source`` of a bundled image's own annotations (they choose units only when nothing
+#: else does).
+BUNDLED_SOURCE = "the bundled annotations"
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,7 @@ class Unit:
     source: str  # how it was chosen, short (panel titles)
     detail: str = ""  # more about the choice (summary.json)
     box: Optional[int] = None  # index of the box whose centre chose it
+    tree_on_image: Optional[float] = None  # the background unit: fraction of its tree on the image
 
     def as_dict(self) -> Dict[str, Any]:
         found = {
@@ -60,6 +81,8 @@ class Unit:
         }
         if self.box is not None:
             found["box"] = self.box
+        if self.tree_on_image is not None:
+            found["tree_on_image"] = self.tree_on_image
         return found
 
 
@@ -80,31 +103,6 @@ class UnitCategory:
             "box_label": self.label,
             "box_coords": list(self.coords) if self.coords else None,
         }
-
-
-def parse_point(text: str) -> Tuple[float, float]:
-    """``"X,Y"`` -> (x, y) in image pixels; one-line error naming the ``at`` parameter."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        x, y = float(parts[0]), float(parts[1])
-    except ValueError:
-        raise InputError(
-            f"{text!r}: expected X,Y in image pixels, e.g. `at` 120,80", param="at"
-        ) from None
-    if not (math.isfinite(x) and math.isfinite(y)):
-        raise InputError(f"{text!r}: X and Y must be finite numbers", param="at")
-    return x, y
-
-
-def check_unit_options(at: Sequence[Any], grid: Optional[int]) -> List[Tuple[float, float]]:
-    """The ``at`` points as (x, y) (strings ``"X,Y"`` or pairs) and a checked ``grid`` step,
-    before any work: the unit options every unit-analysing command takes."""
-    points = [parse_point(p) if isinstance(p, str) else (float(p[0]), float(p[1])) for p in at]
-    if grid is not None and grid < 1:
-        raise InputError(f"{grid}: STEP must be a positive number of units", param="grid")
-    return points
 
 
 def _unit(frame: FrameMap, row: int, col: int, source: str, detail: str = "") -> Unit:
@@ -138,80 +136,72 @@ def background_unit(
     frame: FrameMap,
     map_hw: Tuple[int, int],
     boxes: np.ndarray,
-    image_hw: Tuple[int, int],
-    clearance: Tuple[float, float],
+    tree_on_image: TreeOnImage,
 ) -> Unit:
     """The background unit of the Fig. 6 triplets: in open background, with its tree on the image.
 
-    ``clearance = (cx, cy)`` is half the theoretical receptive field of the traced layers in
-    image pixels (:func:`dcn_inspect.analysis.sample_points.tree_half_extent`). A unit is *clear*
-    when its
-    centre is at least ``cx`` from the left and right image borders and ``cy`` from the top and
-    bottom ones (its undeformed tree lies on the image), and *background* when its centre lies
-    in no box (edges count as inside). The chosen unit is
+    ``tree_on_image`` gives the fraction of a unit's sampling tree that lies on the image
+    (:func:`dcn_inspect.analysis.sample_points.tree_on_image`: its deepest points, traced with
+    the run's offsets). A unit is *background* when its centre lies in no box (edges count as
+    inside). Among the background units, those with at least :data:`ON_IMAGE` of their tree on
+    the image -- or, where the image allows none, those with the largest fraction -- the one
+    farthest from every box (distance from its centre to the nearest box rectangle) is chosen;
+    when every unit lies in a box, the unit with the most of its tree on the image. Ties go to
+    the more central unit, then to the first in row-major order.
 
-    1. among the clear background units, the one farthest from every box (distance from its
-       centre to the nearest box rectangle);
-    2. when the image allows none, among the background units those that come closest to the
-       clearance (the largest fraction of it on their tighter side), the farthest from every box;
-    3. when every unit lies in a box, the most central one.
-
-    So a corner unit whose tree lies mostly outside the image is never chosen while a more
-    central background unit exists. Ties go to the more central unit, then to the first in
-    row-major order.
+    So a corner unit whose tree lies mostly outside the image is never chosen while a background
+    unit with more of its tree on the image exists. The chosen unit carries its fraction
+    (``Unit.tree_on_image``).
     """
     rows, cols = np.meshgrid(np.arange(map_hw[0]), np.arange(map_hw[1]), indexing="ij")
     xs, ys = frame.to_image(cols.astype(np.float64), rows.astype(np.float64))
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    if len(boxes):
-        gap_x = np.maximum(
-            np.maximum(
-                boxes[:, 0][None, None] - xs[..., None], xs[..., None] - boxes[:, 2][None, None]
-            ),
-            0.0,
-        )
-        gap_y = np.maximum(
-            np.maximum(
-                boxes[:, 1][None, None] - ys[..., None], ys[..., None] - boxes[:, 3][None, None]
-            ),
-            0.0,
-        )
-        to_boxes = np.hypot(gap_x, gap_y).min(axis=-1).reshape(-1)
-    else:
-        to_boxes = np.full(xs.size, np.inf)
-    border_x = np.minimum(xs, image_hw[1] - xs).reshape(
-        -1
-    )  # negative for a centre outside the image
-    border_y = np.minimum(ys, image_hw[0] - ys).reshape(-1)
-    cx, cy = (max(float(c), 1e-9) for c in clearance)
-    fit = np.minimum(border_x / cx, border_y / cy)  # >= 1: the undeformed tree lies on the image
+    xs, ys = xs.reshape(-1), ys.reshape(-1)
+    to_boxes = _distance_to_boxes(xs, ys, boxes)
     background = to_boxes > 0
-    pool = background if background.any() else np.ones_like(background)
-    candidates = pool & (fit >= 1.0)
-    kept_clear = bool(candidates.any())
-    if not kept_clear:
-        candidates = pool & (fit >= fit[pool].max() - 1e-9)
-    score = np.where(candidates, to_boxes, -np.inf)
-    flat = int(np.lexsort((np.arange(score.size), -fit, -score))[0])
+    pool = np.flatnonzero(background) if background.any() else np.arange(xs.size)
+    fraction = np.full(xs.size, -1.0)
+    fraction[pool] = np.asarray(
+        tree_on_image(pool // map_hw[1], pool % map_hw[1]), dtype=np.float64
+    )
+    best = float(fraction[pool].max())
+    enough = min(ON_IMAGE, best)
+    score = np.where(fraction >= enough - 1e-12, to_boxes, -np.inf)
+    off_centre = np.hypot(xs - 0.5 * (xs.min() + xs.max()), ys - 0.5 * (ys.min() + ys.max()))
+    flat = int(np.lexsort((np.arange(xs.size), off_centre, -fraction, -score))[0])
     row, col = divmod(flat, map_hw[1])
-    if kept_clear:
-        where = (
-            f"at least {cx:.0f} px (x) and {cy:.0f} px (y), half the traced layers' "
-            "receptive field, from the image border"
-        )
-    else:
-        where = (
-            f"as far from the image border as the image allows ({border_x[flat]:.0f} px "
-            f"(x), {border_y[flat]:.0f} px (y); half the receptive field is {cx:.0f}, "
-            f"{cy:.0f} px)"
-        )
     distance = (
         "no box"
         if not np.isfinite(to_boxes[flat])
         else f"{to_boxes[flat]:.1f} px from the nearest box"
     )
-    detail = f"background: the unit farthest from every box {where} ({distance})"
-    return _unit(frame, row, col, "background", detail)
+    if not background.any():
+        detail = (
+            "background: every unit lies in a box; the one with the most of its sampling tree "
+            f"on the image ({fraction[flat]:.0%})"
+        )
+    elif best >= ON_IMAGE:
+        detail = (
+            f"background: the unit farthest from every box among those with at least "
+            f"{ON_IMAGE:.0%} of their sampling tree on the image ({fraction[flat]:.0%}; {distance})"
+        )
+    else:
+        detail = (
+            f"background: no background unit has {ON_IMAGE:.0%} of its sampling tree on the "
+            f"image; the farthest from every box among those with the most ({best:.0%}; {distance})"
+        )
+    unit = _unit(frame, row, col, "background", detail)
+    return replace(unit, tree_on_image=float(fraction[flat]))
+
+
+def _distance_to_boxes(xs: np.ndarray, ys: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Distance from each point (x, y) [N] to the nearest box rectangle (0 inside or on an
+    edge; infinite without boxes)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if not len(boxes):
+        return np.full(xs.size, np.inf)
+    gap_x = np.maximum(np.maximum(boxes[:, 0] - xs[:, None], xs[:, None] - boxes[:, 2]), 0.0)
+    gap_y = np.maximum(np.maximum(boxes[:, 1] - ys[:, None], ys[:, None] - boxes[:, 3]), 0.0)
+    return np.hypot(gap_x, gap_y).min(axis=-1)
 
 
 def box_units(
@@ -219,16 +209,15 @@ def box_units(
     map_hw: Tuple[int, int],
     boxes: np.ndarray,
     labels: Sequence[Optional[str]],
-    image_hw: Tuple[int, int],
     source: str,
-    clearance: Tuple[float, float],
+    tree_on_image: TreeOnImage,
 ) -> List[Unit]:
     """Fig. 6 triplets: one background unit (:func:`background_unit`), then one unit at each box
     centre, smallest box first."""
     if len(boxes) == 0:
         return []
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    units = [background_unit(frame, map_hw, boxes, image_hw, clearance)]
+    units = [background_unit(frame, map_hw, boxes, tree_on_image)]
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     for n in np.argsort(areas, kind="stable"):
         x1, y1, x2, y2 = boxes[n]
@@ -284,7 +273,7 @@ def read_boxes(image_path: Path, boxes_file: Path) -> Optional[Boxes]:
     from dcn_inspect.io.annotations import annotation_for_image, read_box_csv
 
     if boxes_file.suffix.lower() == ".csv":
-        return read_box_csv(boxes_file)
+        return read_box_csv(boxes_file, image=image_path)
     annotation = annotation_for_image(boxes_file, image_path)
     if annotation is None:
         return None
@@ -315,22 +304,20 @@ def choose_units(
     boxes: Optional[Boxes],
     boxes_source: str,
     notes: List[str],
-    clearance: Tuple[float, float],
+    tree_on_image: TreeOnImage,
 ) -> List[Unit]:
     """Units of the top layer (output frame ``frame`` in original pixels) for one image, duplicates
     removed.
 
-    ``boxes`` come from ``--boxes`` (``boxes_source`` names it) or, when nothing else chose
-    units, from the bundled annotations; with no units at all the image centre is traced.
-    ``clearance`` is what the background unit keeps from the image border (:func:`background_unit`).
+    ``boxes`` come from ``boxes`` (``boxes_source`` names it) or from a bundled image's
+    annotations (:data:`BUNDLED_SOURCE`), which add units only when ``at`` and ``grid`` chose
+    none; with no units at all the image centre is traced. ``tree_on_image`` rates the
+    candidates for the background unit (:func:`background_unit`).
     """
     height, width = image_hw
     units: List[Unit] = []
     for x, y in at:
-        if not (0 <= x <= width and 0 <= y <= height):
-            raise InputError(
-                f"{x:g},{y:g}: outside {image_path.name} ({width}x{height} pixels)", param="at"
-            )
+        check_point_on_image(x, y, image_path.name, image_hw)
         units.append(
             nearest_unit(
                 frame,
@@ -343,8 +330,8 @@ def choose_units(
         )
     if grid is not None:
         units.extend(grid_units(frame, map_hw, grid))
-    if boxes is not None:
-        found = box_units(frame, map_hw, boxes[0], boxes[1], image_hw, boxes_source, clearance)
+    if boxes is not None and not (units and boxes_source == BUNDLED_SOURCE):
+        found = box_units(frame, map_hw, boxes[0], boxes[1], boxes_source, tree_on_image)
         if not found:
             notes.append(f"{image_path.name}: {boxes_source} has no box for this image")
         units.extend(found)
@@ -363,11 +350,13 @@ def choose_units(
 
 
 def boxes_per_image(
-    image_paths: Sequence[Path], boxes_file: Optional[Path], use_bundled: bool
+    image_paths: Sequence[Path], boxes_file: Optional[Path], use_bundled: bool = True
 ) -> Tuple[List[Optional[Boxes]], str]:
     """Every image's boxes, read before any work so that a bad annotation fails fast:
     from ``boxes_file`` (every image must be in it), else the bundled annotations of bundled
-    images when ``use_bundled``; and a label naming the source for panel titles and notes."""
+    images when ``use_bundled``; and a label naming the source for panel titles and notes
+    (:data:`BUNDLED_SOURCE` for the bundled annotations: :func:`choose_units` then adds their
+    units only when nothing else chose units)."""
     if boxes_file is not None and not Path(boxes_file).exists():
         raise InputError(f"{boxes_file}: file not found", param="boxes")
     found: List[Optional[Boxes]] = []
@@ -381,7 +370,7 @@ def boxes_per_image(
             found.append(boxes)
         else:
             found.append(bundled_boxes(path) if use_bundled else None)
-    source = "the bundled annotations"
+    source = BUNDLED_SOURCE
     if boxes_file is not None:
         source = spell_parameters(f"`boxes` {boxes_file}")
     return found, source

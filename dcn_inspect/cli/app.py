@@ -6,6 +6,7 @@ import the library inside their functions.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional
 
@@ -86,7 +87,8 @@ def one_line_paragraphs(docstring: str) -> str:
 
 class App(typer.Typer):
     """``app.command(...)`` registers commands of class :class:`Command`, their help taken from
-    the docstring with each paragraph on one line."""
+    the docstring with each paragraph on one line, each run after its option values passed
+    :func:`dcn_inspect.cli.prechecks.precheck` (before torch and the model are loaded)."""
 
     def command(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:  # type: ignore[override]
         kwargs.setdefault("cls", Command)
@@ -94,7 +96,17 @@ class App(typer.Typer):
         def register(function: Callable[..., Any]) -> Callable[..., Any]:
             if kwargs.get("help") is None and function.__doc__:
                 kwargs["help"] = one_line_paragraphs(function.__doc__)
-            return super(App, self).command(*args, **kwargs)(function)
+            name = (args[0] if args else kwargs.get("name")) or function.__name__.replace("_", "-")
+
+            @functools.wraps(function)  # typer reads the options from the wrapped signature
+            def checked_first(**given: Any) -> Any:
+                from dcn_inspect.cli.prechecks import precheck
+
+                precheck(name, given)
+                return function(**given)
+
+            super(App, self).command(*args, **kwargs)(checked_first)
+            return function
 
         return register
 

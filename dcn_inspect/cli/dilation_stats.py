@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import typer
 
@@ -104,42 +104,80 @@ def dilation_stats(
 
 
 def rich_table(table: Any, units: str, title: str = "Effective dilation") -> Any:
-    """The Table 2 layout as a rich table that fits 80 columns: layers as rows (the offset group in
-    its own column with ``--per-group``), categories as columns, each cell ``mean ± std`` over
-    its 95 % interval ``[low, high]``."""
-    from rich import box
-    from rich.table import Table
-
-    from dcn_inspect.analysis.size_categories import CATEGORIES
+    """The Table 2 layout as a rich renderable that fits the console's width: layers as rows (the
+    offset group in its own column with ``--per-group``), categories as columns, each cell
+    ``mean ± std`` over its 95 % interval ``[low, high]``. When that table is wider than the
+    console (long layer names, offset groups, wide values), each layer becomes a small table
+    titled with its name, so no layer name or value is broken across lines."""
     from dcn_inspect.report.dilation_stats import table2_rows
 
     rows = table2_rows(table)
     per_group = "group" in table.columns
-    out = Table(
-        title=f"{title} ({units}): mean ± std"
-        + (", [95 % CI of the mean]" if "ci_low" in table.columns else ""),
-        box=box.SIMPLE_HEAD,
-        padding=(0, 1),
-        collapse_padding=True,
+    heading = f"{title} ({units}): mean ± std" + (
+        ", [95 % CI of the mean]" if "ci_low" in table.columns else ""
     )
-    out.add_column("layer", overflow="fold")
-    if per_group:
+    cells = [
+        (
+            row.layer,
+            [str(row.group)] if per_group else [],
+            [f"{m}\n{i}" if i != "–" else m for m, i in zip(row.means, row.intervals)],
+        )
+        for row in rows
+    ]
+    return _FittedTable(_one_table(heading, cells, per_group), _table_per_layer(heading, cells))
+
+
+def _category_table(title: str, layer_column: bool, group_column: bool, **kwargs: Any) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    from dcn_inspect.analysis.size_categories import CATEGORIES
+
+    out = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, **kwargs)
+    if layer_column:
+        out.add_column("layer", overflow="fold")
+    if group_column:
         out.add_column("group", justify="right")
     for category in CATEGORIES:
         out.add_column(category, justify="right", overflow="fold")
-    previous = None
-    for row in rows:
-        cells = [
-            f"{mean}\n{interval}" if interval != "–" else mean
-            for mean, interval in zip(row.means, row.intervals)
-        ]
-        out.add_row(
-            row.layer if row.layer != previous else "",
-            *([str(row.group)] if per_group else []),
-            *cells,
-        )
-        previous = row.layer
     return out
+
+
+def _one_table(heading: str, cells: List[Tuple[str, List[str], List[str]]], per_group: bool) -> Any:
+    """Every layer in one table, the layer's name on its first row."""
+    out = _category_table(heading, True, per_group)
+    previous = None
+    for layer, group, values in cells:
+        out.add_row(layer if layer != previous else "", *group, *values)
+        previous = layer
+    return out
+
+
+def _table_per_layer(heading: str, cells: List[Tuple[str, List[str], List[str]]]) -> Any:
+    """One small table per layer, titled with its name (layer order kept)."""
+    from rich.console import Group
+    from rich.text import Text
+
+    tables: Dict[str, Any] = {}
+    for layer, group, values in cells:
+        if layer not in tables:
+            tables[layer] = _category_table(layer, False, bool(group), title_justify="left")
+        tables[layer].add_row(*group, *values)
+    return Group(Text(heading), *tables.values())
+
+
+class _FittedTable:
+    """``wide`` when it fits the console's width unbroken, else ``narrow``."""
+
+    def __init__(self, wide: Any, narrow: Any) -> None:
+        self.wide, self.narrow = wide, narrow
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.measure import Measurement
+
+        unbounded = options.update(max_width=10**6)  # the natural width, not clamped to ours
+        fits = Measurement.get(console, unbounded, self.wide).maximum <= options.max_width
+        yield self.wide if fits else self.narrow
 
 
 def rich_differences(differences: Any, units: str) -> Any:

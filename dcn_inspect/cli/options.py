@@ -50,8 +50,15 @@ def resize() -> Any:
     )
 
 
+def _path_or_empty(text: Any) -> Any:
+    """A path; ``""`` stays ``""`` (not ``.``) so the library refuses it (an unset variable)."""
+    return Path(text) if str(text) else ""
+
+
 def out() -> Any:
-    return typer.Option(Path(DEFAULT_OUT), "--out", metavar="DIR", help="Output directory.")
+    return typer.Option(
+        Path(DEFAULT_OUT), "--out", metavar="DIR", help="Output directory.", parser=_path_or_empty
+    )
 
 
 def figure_format() -> Any:

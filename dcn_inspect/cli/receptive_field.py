@@ -174,7 +174,6 @@ def _run_stats(given: Dict[str, Any]) -> None:
             "VOC directory)",
             param="images",
         )
-    from dcn_inspect.cli.dilation_stats import rich_table
     from dcn_inspect.commands.receptive_field import receptive_field_stats
 
     for name in _IMAGES_ONLY:
@@ -182,13 +181,22 @@ def _run_stats(given: Dict[str, Any]) -> None:
     result = receptive_field_stats(dataset=images[0] if images else None, **given)
     console = render.console()
     console.print(
-        rich_table(
+        _StatsTable(
             result.radius_table,
-            "original-image pixels",
-            "ERF radius holding 90 % of the gradient mass",
+            "ERF radius holding 90 % of the gradient mass (original-image pixels)",
+            decimals=2,
         )
     )
-    console.print(rich_table(result.area_table, "original-image pixels²", "Saliency region area"))
+    console.print(
+        _StatsTable(result.area_table, "Saliency region area (original-image pixels²)", 0)
+    )
+    without = sum(result.without_region.values())
+    if without:
+        console.print(
+            f"{without} unit(s) without a saliency region (the masked image already meets the "
+            "error bound) left out of the area table: "
+            + ", ".join(f"{layer} {n}" for layer, n in result.without_region.items() if n)
+        )
     low, high = result.thresholds
     console.print(
         f"thresholds ({result.thresholds_name}): small < {low:g} px² <= medium < {high:g} px² "
@@ -216,6 +224,65 @@ def _run_images(given: Dict[str, Any]) -> None:
         console.print(f"note: {note}")
     print_skipped(console, result.skipped)
     console.print(f"summary: {result.summary}")
+
+
+class _StatsTable:
+    """A per-layer, per-category table of ``--stats`` (dilation-stats layout) on the console:
+    one row per layer, ``mean ± std`` per category (``decimals`` places); when that is wider
+    than the console, each layer's name on its own line above its row, so that no layer name
+    or value is ever broken across lines."""
+
+    def __init__(self, table: Any, title: str, decimals: int) -> None:
+        from dcn_inspect.analysis.size_categories import CATEGORIES
+
+        self.title = f"{title}: mean ± std"
+        self.rows: Dict[str, List[str]] = {}
+        for layer, part in table.groupby("layer", sort=False):
+            cells = []
+            for category in CATEGORIES:
+                row = part[part["category"] == category].iloc[0]
+                empty = row["count"] == 0
+                cells.append(
+                    "–" if empty else f"{row['mean']:.{decimals}f} ± {row['std']:.{decimals}f}"
+                )
+            self.rows[str(layer)] = cells
+
+    def _table(self, with_layers: bool) -> Any:
+        from rich import box
+        from rich.table import Table
+
+        from dcn_inspect.analysis.size_categories import CATEGORIES
+
+        out = Table(
+            box=box.SIMPLE_HEAD,
+            padding=(0, 1),
+            collapse_padding=True,
+            pad_edge=False,
+            show_edge=with_layers,
+        )
+        if with_layers:
+            out.add_column("layer", no_wrap=True)
+        for category in CATEGORIES:
+            out.add_column(category, justify="right", no_wrap=True)
+        for layer, cells in self.rows.items():
+            out.add_row(*([layer] if with_layers else []), *cells)
+        return out
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.measure import Measurement
+        from rich.text import Text
+
+        yield Text(self.title)
+        wide = self._table(with_layers=True)
+        unbounded = options.update(max_width=10**6)  # its natural width, not clamped to ours
+        if Measurement.get(console, unbounded, wide).maximum <= options.max_width:
+            yield wide
+            return
+        for layer, cells in self.rows.items():
+            yield Text(layer, no_wrap=True, overflow="ignore")
+            single = _StatsTable.__new__(_StatsTable)
+            single.rows = {layer: cells}
+            yield single._table(with_layers=False)
 
 
 def _refuse(given: dict, defaults: dict, mode: str, needed: bool = False) -> None:

@@ -68,7 +68,8 @@ def sample_points(
         None,
         "--save-offsets",
         metavar="FILE.npz",
-        help="Write the captured offset/mask fields with their geometry to FILE.npz.",
+        help="Write the captured offset/mask fields with their geometry to FILE.npz (its folder "
+        "is created, like --out's).",
     ),
     max_pixels: int = options.max_pixels(),
     strict: bool = options.strict(),

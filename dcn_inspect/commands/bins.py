@@ -42,6 +42,7 @@ from dcn_inspect.analysis.bins_foreground import TABLE_COLUMNS, foreground_table
 from dcn_inspect.analysis.roi_selection import (
     Box,
     RoIRequest,
+    check_rois_on_image,
     class_label,
     class_names,
     collect_rois,
@@ -82,6 +83,8 @@ __all__ = [
 
 #: Figures show at most this many panels (RoI x class); the rest are listed in summary.json.
 MAX_PANELS = 36
+#: What the figure's title adds for a registered architecture run without weights.
+RANDOM_WEIGHTS = "random weights"
 
 
 def bins(
@@ -250,6 +253,7 @@ def _bins_for_image(
 ) -> Tuple[ImageBins, Dict[str, Any], HeadInfo]:
     """Probe one image with its RoIs, lay out its bins, measure them on the objects' masks
     (``entry``: the image's annotation, if any) and write its CSV(s) and figure."""
+    check_rois_on_image(requests, path.name, image.shape[1], image.shape[0])
     model_input = to_model_input(image, run.loaded.preprocess, inputs.resize, inputs.max_pixels)
     measured = measure_image(model_input, requests, names, options, run, entry, inputs.max_pixels)
     record, info = measured.record, measured.info
@@ -262,6 +266,8 @@ def _bins_for_image(
         (roi, class_label(c, how, measured.offset_names)) for roi, c, how in measured.choice.rows
     ]
     title = f"{path.name}: {info.module_type} {record.name}"
+    if run.loaded.random_weights:
+        title += f" ({RANDOM_WEIGHTS})"
     files = _write_image_outputs(
         path, image, requests, measured, labels, title, options, output, run
     )

@@ -38,7 +38,7 @@ from dcn_inspect.io.images import (
     check_max_pixels,
     load_image,
 )
-from dcn_inspect.io.outputs import RunOutputs, RunSummary, prepare_out_dir
+from dcn_inspect.io.outputs import RunOutputs, RunSummary, check_out_dir, prepare_out_dir
 from dcn_inspect.io.progress import image_progress
 from dcn_inspect.models.loaded_model import LoadedModel
 from dcn_inspect.models.loading import open_model
@@ -46,14 +46,27 @@ from dcn_inspect.models.registry import Preprocess
 
 
 def check_npz_path(path: Optional[Path], param: str) -> None:
-    """An ``.npz`` output path whose directory exists (checked before any work is done)."""
+    """An ``.npz`` output path whose directory exists or can be created (nothing but folders on
+    the way), checked before any work is done; :func:`make_parent_dir` creates it."""
     if path is None:
         return
     path = Path(path)
     if path.suffix.lower() != ".npz":
         raise InputError(f"{path}: the file name must end in .npz", param=param)
-    if not path.parent.is_dir():
-        raise InputError(f"{path}: directory {path.parent} does not exist", param=param)
+    existing = next(p for p in [path.parent, *path.parent.parents] if os.path.lexists(p))
+    if not existing.is_dir():
+        raise InputError(f"{path}: {existing} exists and is not a directory", param=param)
+
+
+def make_parent_dir(path: Path, param: str) -> None:
+    """Create the directory of the output file ``path`` (and its parents), as ``out`` is."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(
+            f"{path}: cannot create directory {parent} ({exc.strerror})", param=param
+        ) from None
 
 
 def default_images() -> List[Path]:
@@ -163,6 +176,7 @@ def start_run(
     each is checked against the inputs before any work, even before the model is loaded.
     ``create_out`` is False on the ranks of a distributed run that do not write (rank 0 creates it).
     """
+    out = check_out_dir(out)  # "" (an unset shell variable) is not the current directory
     input_paths = input_files(parameters)
     if create_out:
         _refuse_outputs_onto_inputs(Path(out), outputs, input_paths)

@@ -63,7 +63,7 @@ from dcn_inspect.io.images import (
     check_max_pixels,
     model_input_size,
 )
-from dcn_inspect.io.outputs import write_csv, write_figure, write_text
+from dcn_inspect.io.outputs import check_out_dir, write_csv, write_figure, write_text
 from dcn_inspect.models.loaded_model import LoadedModel
 
 __all__ = [
@@ -160,7 +160,9 @@ def dilation_stats(
         allow_outside_paths=allow_outside_paths,
     )
     inputs = ImageInput(resize=resize, max_pixels=max_pixels, device=device, strict=strict)
-    output = OutputOptions(Path(out) if out is not None else Path(DEFAULT_OUT), progress=progress)
+    output = OutputOptions(
+        check_out_dir(out) if out is not None else Path(DEFAULT_OUT), progress=progress
+    )
     options = _Options(
         layers, units, per_group, per_unit, batch_size, workers, figure, write=out is not None
     )
@@ -581,7 +583,9 @@ def _write_outputs(
         files["figure"] = out_dir / "dilation_hist.png"
         write_figure(
             files["figure"],
-            draw_dilation_histograms(merged.stats, result.units, result.thresholds_name),
+            draw_dilation_histograms(
+                merged.stats, result.units, result.thresholds_name, run.loaded.titled
+            ),
             dpi=100,
         )
     if merged.unit_parts:

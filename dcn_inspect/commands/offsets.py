@@ -172,7 +172,8 @@ def _image_maps(
         for r in records
     ]
     arrays.update(offset_field_arrays(path.stem, {r.name: r for r in records}, model_input))
-    figure_path = _write_figure(path, image, maps, output.fmt, run.out_dir, run.notes)
+    title = run.loaded.titled(f"{path.name}: offsets in image pixels")
+    figure_path = _write_figure(path, image, maps, output.fmt, run.out_dir, run.notes, title)
     summary = {
         "image": str(path),
         "original_hw": list(model_input.original_hw),
@@ -210,6 +211,7 @@ def _write_figure(
     fmt: str,
     out_dir: Path,
     notes: List[str],
+    title: str,
 ) -> Path:
     from dcn_inspect.report.offsets import MAX_ROWS, draw_offsets_figure, rows_left_out
 
@@ -222,7 +224,7 @@ def _write_figure(
     figure_path = out_dir / f"{path.stem}_offsets.{fmt}"
     write_figure(
         figure_path,
-        draw_offsets_figure(image, maps, title=f"{path.name}: offsets in image pixels"),
+        draw_offsets_figure(image, maps, title=title),
         dpi=100,
     )
     return figure_path

@@ -15,8 +15,9 @@ per-image loop, ``summary.json``'s parameters) takes a group, never the loose va
 
 The groups hold values as given; :meth:`ImageInput.checked` and :meth:`OutputOptions.checked`
 return them checked (an :class:`~dcn_inspect.core.errors.InputError` naming the parameter),
-so each check is written once (:func:`check_figure_format` here, ``check_resize`` in
-:mod:`dcn_inspect.io.images`).
+so each check is written once (:func:`check_figure_format`, ``check_resize``: in
+:mod:`dcn_inspect.core.checks`, torch-free, where the command line finds them before it loads
+torch).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
-from dcn_inspect.core.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT, FIGURE_FORMATS
-from dcn_inspect.core.errors import InputError
+from dcn_inspect.core.checks import check_figure_format, check_resize
+from dcn_inspect.core.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OUT
 
 if TYPE_CHECKING:
     from dcn_inspect.models.loaded_model import LoadedModel
@@ -39,14 +40,6 @@ __all__ = [
     "UnitOptions",
     "check_figure_format",
 ]
-
-
-def check_figure_format(fmt: str) -> str:
-    """``fmt`` lower-cased without a dot; an error unless it is one of :data:`FIGURE_FORMATS`."""
-    fmt = fmt.lower().lstrip(".")
-    if fmt not in FIGURE_FORMATS:
-        raise InputError(f"{fmt!r}: use png, svg or pdf", param="fmt")
-    return fmt
 
 
 @dataclass(frozen=True)
@@ -69,8 +62,6 @@ class ImageInput:
 
     def checked(self) -> "ImageInput":
         """These options, checked (``resize`` >= 0)."""
-        from dcn_inspect.io.images import check_resize
-
         check_resize(self.resize)
         return self
 

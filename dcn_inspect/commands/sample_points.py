@@ -34,7 +34,7 @@ from dcn_inspect.analysis.sample_points import (
     check_group,
     points_table,
     trace_sampling_trees,
-    tree_half_extent,
+    tree_on_image,
 )
 from dcn_inspect.analysis.size_categories import resolve_thresholds
 from dcn_inspect.analysis.unit_selection import (
@@ -54,13 +54,14 @@ from dcn_inspect.commands.common import (
     check_npz_path,
     image_list,
     images_of_run,
+    make_parent_dir,
     offset_field_arrays,
     start_run,
 )
 from dcn_inspect.commands.options import ImageInput, ModelChoice, OutputOptions, UnitOptions
 from dcn_inspect.core.columns import describe, present
 from dcn_inspect.core.defaults import DEFAULT_LEVELS, DEFAULT_MAX_PIXELS, DEFAULT_OUT
-from dcn_inspect.core.errors import InputError
+from dcn_inspect.core.errors import InputError, spell_parameters
 from dcn_inspect.io.images import ModelInput, to_model_input
 from dcn_inspect.io.outputs import write_csv, write_figure, write_npz
 from dcn_inspect.models.loaded_model import LoadedModel
@@ -145,9 +146,7 @@ def sample_points(
     """
     check_npz_path(save_offsets, "save_offsets")
     image_paths = image_list(images)
-    boxes_of_images, boxes_source = boxes_per_image(
-        image_paths, boxes, use_bundled=not at and grid is None
-    )
+    boxes_of_images, boxes_source = boxes_per_image(image_paths, boxes)
     options = _check_options(
         UnitOptions(layers, levels, at, grid, boxes, round_positions, group),
         ImageInput(resize, max_pixels, device, strict),
@@ -207,6 +206,7 @@ def _write_offsets(path: Optional[Path], arrays: Optional[Dict[str, np.ndarray]]
     """The captured offset fields of every image as one ``.npz`` (``save_offsets``), if asked."""
     if path is None or arrays is None:
         return None
+    make_parent_dir(Path(path), "save_offsets")
     write_npz(Path(path), arrays)
     return Path(path)
 
@@ -343,7 +343,13 @@ def _trace_image(
     sx, sy = model_input.scale_to_original
     top = records[0]
     top_frame = top.geometry.output_frame.scaled(sx, sy)
-    clearance = tree_half_extent(records, (sx, sy))
+    on_image = tree_on_image(
+        records,
+        model_input.original_hw,
+        options.units.group,
+        options.units.round_positions,
+        (sx, sy),
+    )
     units = choose_units(
         path,
         top_frame,
@@ -354,7 +360,7 @@ def _trace_image(
         boxes,
         boxes_source,
         notes,
-        clearance,
+        on_image,
     )
     trees = trace_sampling_trees(
         records,
@@ -426,6 +432,7 @@ def _write_image_outputs(
             zoom=options.zoom,
             size_weights=grad_weights,
             size_label=size_label,
+            title=_figure_title(run.loaded),
         ),
         dpi=100,
     )
@@ -439,10 +446,20 @@ def _write_image_outputs(
     if options.gif:
         gif_path = run.out_dir / f"{path.stem}_sampling.gif"
         labels = [frame_label(k, (u.x, u.y), c) for k, (u, c) in enumerate(zip(units, categories))]
-        write_sampling_gif(
-            gif_path, gif_frames(image, trees, options.color_by_level, labels=labels)
-        )
+        if run.loaded.random_weights:
+            labels = [f"{label}  random weights" for label in labels]
+        frames = gif_frames(image, trees, options.color_by_level, labels=labels, zoom=options.zoom)
+        write_sampling_gif(gif_path, frames)
     return ImagePoints(path, units, categories, trees, csv_path, figure_path, gif_path, table)
+
+
+def _figure_title(loaded: LoadedModel) -> Optional[str]:
+    """The figure's title: says so when the model runs with random weights."""
+    if not loaded.random_weights:
+        return None
+    return spell_parameters(
+        f"{loaded.name}: random weights (no `weights` given), the offsets are untrained"
+    )
 
 
 def _note_approximate_frames(

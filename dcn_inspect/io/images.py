@@ -1,7 +1,18 @@
 """Reading images and turning them into model inputs, with the exact original<->input scale.
 
-Images are decoded with Pillow, EXIF orientation honoured, converted to 8-bit RGB whatever
-their mode (grayscale, palette, RGBA, CMYK, 16-bit). Memory is bounded by one pixel limit
+Images are decoded with Pillow, EXIF orientation honoured (:mod:`dcn_inspect.io.image_file`),
+converted to 8-bit RGB by one fixed rule per bit depth, never by the image's own values, as
+``cv2.imread`` does:
+
+- 8-bit images of every mode (grayscale, palette, RGB, RGBA, CMYK...): Pillow's
+  ``convert("RGB")``. Transparency is dropped and the colour under it kept (as ``cv2.imread``
+  and Pillow do), not blended onto a background;
+- 16-bit images (grayscale PNG / TIFF): value / 257, rounded (65535 -> 255, 257 -> 1);
+- 32-bit float images: intensities from 0 to 1, times 255, rounded; values outside 0..1 (or
+  not finite) are refused: no fixed scale fits them;
+- 32-bit integer images (other than a PNG's 16-bit values): refused.
+
+Memory is bounded by one pixel limit
 (``max_pixels``, :data:`~dcn_inspect.core.defaults.DEFAULT_MAX_PIXELS` by default), checked from the
 image's header before anything is decoded, on the image AND on the model input it becomes
 after resizing (a 1x40000 image resized to a shorter side of 600 would be a 600x24000000 input).
@@ -22,8 +33,6 @@ counted by kind.
 
 from __future__ import annotations
 
-import errno
-import stat
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +43,24 @@ import torch
 import torch.utils.data
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dcn_inspect.core.defaults import DEFAULT_MAX_PIXELS, MAX_RESIZE_SIDE
-from dcn_inspect.core.errors import InputError, refuse_special_file
+from dcn_inspect.core.checks import (
+    NOT_FOUND,
+    SIZE_MISMATCH,
+    TOO_LARGE,
+    UNREADABLE,
+    check_image_file,
+    check_max_pixels,
+    check_resize,
+)
+from dcn_inspect.core.defaults import DEFAULT_MAX_PIXELS
+from dcn_inspect.core.errors import InputError
+from dcn_inspect.io.image_file import (
+    ROTATED_ORIENTATIONS,
+    displayed_size,
+    open_image,
+    quiet_pillow_warnings,
+    size_mismatch_message,
+)
 from dcn_inspect.io.resize import padded_size, resize_image, resized_size
 from dcn_inspect.models.registry import Preprocess
 
@@ -55,11 +80,9 @@ __all__ = [
     "to_model_input",
 ]
 
-#: ``ImageError.kind`` values.
-NOT_FOUND = "image file not found"
-UNREADABLE = "unreadable image"
-TOO_LARGE = "image too large"
-SIZE_MISMATCH = "image size differs from its annotation"
+#: ``ImageError.kind`` values (NOT_FOUND, UNREADABLE, TOO_LARGE, SIZE_MISMATCH), like
+#: ``check_max_pixels`` and ``check_resize``, live in :mod:`dcn_inspect.core.checks` (torch-free:
+#: the command line runs them before it loads torch).
 
 
 class ImageError(InputError):
@@ -97,38 +120,6 @@ class ModelInput:
         """
         content = self.content_hw
         return self.original_hw[1] / content[1], self.original_hw[0] / content[0]
-
-
-def check_max_pixels(max_pixels: int) -> int:
-    """``max_pixels`` is 0 (no limit) or a positive number of pixels."""
-    if (
-        isinstance(max_pixels, bool)
-        or not isinstance(max_pixels, (int, np.integer))
-        or max_pixels < 0
-    ):
-        raise InputError(
-            f"{max_pixels!r}: must be a number of pixels >= 1, or 0 for no limit",
-            param="max_pixels",
-        )
-    return int(max_pixels)
-
-
-def check_resize(resize: Optional[int]) -> None:
-    """``resize`` is None (the model's own), 0 (the image's size) or a positive shorter side up to
-    :data:`~dcn_inspect.core.defaults.MAX_RESIZE_SIDE`."""
-    if resize is None:
-        return
-    if isinstance(resize, bool) or not isinstance(resize, (int, np.integer)):
-        raise InputError(f"{resize!r}: must be a whole number of pixels", param="resize")
-    if resize < 0:
-        raise InputError(
-            f"{resize}: must be 0 (the image's own size) or a positive shorter-side length",
-            param="resize",
-        )
-    if resize > MAX_RESIZE_SIDE:
-        raise InputError(
-            f"{resize}: above the largest shorter side of {MAX_RESIZE_SIDE} pixels", param="resize"
-        )
 
 
 def check_model_input_size(
@@ -169,23 +160,9 @@ def _checked_image(
     check that needs no pixels has passed; Pillow's failures inside the block become
     :class:`ImageError` naming ``path``."""
     max_pixels = check_max_pixels(max_pixels)
+    check_image_file(path, ImageError)
     try:
-        status = path.stat()
-    except FileNotFoundError:
-        raise ImageError(f"{path}: image not found", NOT_FOUND) from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ImageError(
-                f"{path}: symlink loop (the link points back to itself)", NOT_FOUND
-            ) from None
-        raise ImageError(f"{path}: cannot read ({exc.strerror})", NOT_FOUND) from None
-    if stat.S_ISDIR(status.st_mode):
-        raise ImageError(f"{path}: is a directory, expected an image file")
-    refuse_special_file(path, "an image file", ImageError)
-    if status.st_size == 0:
-        raise ImageError(f"{path}: image file is empty")
-    try:
-        with Image.open(path) as image:
+        with open_image(path) as (image, orientation):
             width, height = image.size
             if max_pixels > 0 and width * height > max_pixels:
                 raise ImageError(
@@ -193,11 +170,7 @@ def _checked_image(
                     f"limit of {max_pixels} (raise it with `max_pixels`)",
                     TOO_LARGE,
                 )
-            oriented = (
-                (width, height)
-                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-                else (height, width)
-            )
+            oriented = (width, height) if orientation in ROTATED_ORIENTATIONS else (height, width)
             if preprocess is not None:
                 check_model_input_size(path, oriented, preprocess, resize, max_pixels)
             yield image, oriented
@@ -243,21 +216,40 @@ def load_image(
     when ``preprocess`` is given, the model input it becomes (``resize`` overrides the
     model's shorter side, as in :func:`to_model_input`).
     """
-    with _checked_image(Path(path), max_pixels, preprocess, resize) as (image, _):
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image, dtype=np.float64)
-            peak = 65535.0 if array.max(initial=0) > 255 else 255.0
-            return np.repeat(
-                (array / peak * 255.0).round().clip(0, 255).astype(np.uint8)[..., None], 3, axis=2
+    path = Path(path)
+    with _checked_image(path, max_pixels, preprocess, resize) as (image, _):
+        file_format = image.format
+        with quiet_pillow_warnings():  # a corrupt EXIF block was reported by _checked_image
+            image = ImageOps.exif_transpose(image)
+        return _rgb_uint8(image, path, file_format)
+
+
+def _rgb_uint8(image: Image.Image, path: Path, file_format: Optional[str]) -> np.ndarray:
+    """The decoded ``image`` as RGB uint8 [H, W, 3], by the fixed rule of its bit depth (module
+    docstring)."""
+    mode = image.mode
+    if mode.startswith("I;16") or (mode == "I" and file_format == "PNG"):  # 16-bit values
+        levels = np.asarray(image, dtype=np.float64) / 257.0
+    elif mode == "F":
+        levels = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(levels).all():
+            raise ImageError(f"{path}: 32-bit float image with non-finite values")
+        low, high = float(levels.min(initial=0.0)), float(levels.max(initial=0.0))
+        if low < 0.0 or high > 1.0:
+            raise ImageError(
+                f"{path}: 32-bit float image with values from {low:g} to {high:g}; float images "
+                "are read as intensities from 0 to 1 (times 255): convert it to 8 or 16 bits"
             )
-        if image.mode in ("RGBA", "LA", "PA") or (
-            image.mode == "P" and "transparency" in image.info
-        ):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba)
+        levels = levels * 255.0
+    elif mode in ("I", "I;32", "I;32B", "I;32L"):
+        raise ImageError(
+            f"{path}: 32-bit integer image ({mode}): no fixed 8-bit scale for it; "
+            "convert it to 8 or 16 bits"
+        )
+    else:  # 8-bit modes; the colour under transparency is kept, as cv2.imread does
         return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    gray = np.floor(levels + 0.5).clip(0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
 
 
 def model_input_size(
@@ -312,10 +304,10 @@ def read_model_input(
     """
     image = load_image(path, max_pixels, preprocess, resize)
     if expected_hw is not None and tuple(image.shape[:2]) != tuple(expected_hw):
+        header = displayed_size(Path(path))
+        orientation = header[1] if header is not None else 1
         raise ImageError(
-            f"{path}: image is {image.shape[1]}x{image.shape[0]} but its annotation says "
-            f"{expected_hw[1]}x{expected_hw[0]}",
-            SIZE_MISMATCH,
+            size_mismatch_message(path, image.shape[:2], expected_hw, orientation), SIZE_MISMATCH
         )
     return image, to_model_input(image, preprocess, resize, max_pixels)
 

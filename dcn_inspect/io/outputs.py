@@ -14,7 +14,8 @@ A command's files are one unit, :class:`RunOutputs` (opened by ``commands.common
   run on the same directory is refused with a clear message instead of mixing its files in;
 - the run's input files are protected: writing onto one of them (``--out`` the dataset's
   folder with a dataset named ``summary.json``, an image named like an output) is an error
-  before anything is renamed;
+  before anything is renamed; so is a directory where a file goes (``out/summary.json`` a
+  folder, ``save_offsets`` naming a folder): every target is checked before the first rename;
 - a write that fails (disk full, permissions) is a one-line
   :class:`~dcn_inspect.core.errors.InputError` naming the file.
 
@@ -100,9 +101,22 @@ def write_figure(path: Path, figure: Any, **savefig_kwargs: Any) -> None:
         figure.savefig(tmp, format=fmt, metadata=metadata, **savefig_kwargs)
 
 
+def check_out_dir(out: Any) -> Path:
+    """``out`` as a path; an empty one (``--out "$UNSET"``) is refused, not read as the current
+    directory (``Path("")`` is ``.``)."""
+    if out is None or not str(out).strip():
+        raise InputError(
+            f"{str(out or '')!r}: an empty path (an unset shell variable?); "
+            "name the output directory",
+            param="out",
+        )
+    return Path(out)
+
+
 def prepare_out_dir(out: Path) -> Path:
-    """Create ``out`` (reusing it if present; unrelated files are kept) and check it is writable."""
-    out = Path(out)
+    """Create ``out`` (reusing it if present; unrelated files are kept) and check it is writable;
+    an empty path is refused (:func:`check_out_dir`)."""
+    out = check_out_dir(out)
     if os.path.islink(out) and not out.exists():
         raise InputError(f"{out}: is a symlink that leads nowhere (broken, or a loop)", param="out")
     try:
@@ -266,14 +280,25 @@ class RunOutputs:
         """The targets written so far, in order."""
         return list(self._files.pending)
 
+    def check_targets(self) -> None:
+        """An error naming the first pending target that cannot be renamed onto: a protected
+        input, or a directory (a file cannot replace it); nothing is renamed."""
+        for target in self._files.pending:
+            self.check_target(target)
+            if os.path.isdir(target) and not os.path.islink(target):
+                raise write_error(
+                    target, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+                )
+
     def commit(self) -> None:
-        """Rename every pending file onto its target (:data:`LAST_OUTPUTS` last), remove the
-        scratch files, release the directory."""
+        """Check every target (:meth:`check_targets`), then rename every pending file onto its
+        target (:data:`LAST_OUTPUTS` last), remove the scratch files, release the directory."""
         files = self._files
         if not files.open:
             return
         order = sorted(files.pending.items(), key=lambda item: item[0].name in LAST_OUTPUTS)
         try:
+            self.check_targets()
             for target, tmp in order:
                 self.check_target(target)
                 os.replace(tmp, target)

@@ -8,9 +8,12 @@ from typing import Callable, Iterator
 
 
 @contextmanager
-def image_progress(label: str, enabled: bool, total: int) -> Iterator[Callable[..., None]]:
+def image_progress(
+    label: str, enabled: bool, total: int, noun: str = "images"
+) -> Iterator[Callable[..., None]]:
     """Yields ``advance(n=1)``; draws a transient rich bar on stderr unless ``enabled`` is False
-    or stderr is not a terminal (a transient bar still leaves blank lines in logs and pipes)."""
+    or stderr is not a terminal (a transient bar still leaves blank lines in logs and pipes).
+    ``noun``: what is counted (the rate reads ``<noun>/s``)."""
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -45,6 +48,6 @@ def image_progress(label: str, enabled: bool, total: int) -> Iterator[Callable[.
         def advance(n: int = 1) -> None:
             done[0] += n
             elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=n, rate=f"{done[0] / elapsed:.1f} images/s")
+            bar.update(task, advance=n, rate=f"{done[0] / elapsed:.1f} {noun}/s")
 
         yield advance

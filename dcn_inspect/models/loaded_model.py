@@ -17,6 +17,11 @@ from torch import nn
 from dcn_inspect.core.errors import warn
 from dcn_inspect.models.registry import Preprocess
 
+#: What the outputs say of a registered architecture run without weights (its offsets were never
+#: trained): the warning, ``summary.json``'s ``model.note`` and, shorter, the figure titles.
+RANDOM_WEIGHTS_NOTE = "random weights: no weights given and none bundled, the offsets are untrained"
+RANDOM_WEIGHTS_TITLE = "random weights"
+
 
 @dataclass
 class LoadedModel:
@@ -52,7 +57,14 @@ class LoadedModel:
             "import" in self.meta
         ):  # how a foreign checkpoint was mapped (layout, ignored keys, channel order)
             summary["import"] = self.meta["import"]
+        if self.random_weights:
+            summary["random_weights"] = True
+            summary["note"] = RANDOM_WEIGHTS_NOTE
         return summary
+
+    def titled(self, title: str) -> str:
+        """A figure title, ending in "(random weights)" when :attr:`random_weights`."""
+        return f"{title} ({RANDOM_WEIGHTS_TITLE})" if self.random_weights else title
 
 
 def warn_non_finite_weights(loaded: LoadedModel) -> List[str]:

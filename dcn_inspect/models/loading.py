@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dcn_inspect.core.defaults import DEFAULT_MODEL
-from dcn_inspect.core.errors import InputError
+from dcn_inspect.core.errors import InputError, warn
 from dcn_inspect.models import importers, registry
 from dcn_inspect.models.checkpoint import (
     is_native,
@@ -24,7 +24,12 @@ from dcn_inspect.models.checkpoint import (
     read_checkpoint_file,
     sha256_file,
 )
-from dcn_inspect.models.loaded_model import LoadedModel, model_device, warn_non_finite_weights
+from dcn_inspect.models.loaded_model import (
+    RANDOM_WEIGHTS_NOTE,
+    LoadedModel,
+    model_device,
+    warn_non_finite_weights,
+)
 from dcn_inspect.models.registry import Preprocess
 
 __all__ = ["LoadedModel", "load_model", "open_model", "resolve_device"]
@@ -170,6 +175,7 @@ def load_model(
             loaded = LoadedModel(
                 model, spec, arch.name, dict(arch.default_config), arch.preprocess, "registered"
             )
+            warn(f"{spec}: {RANDOM_WEIGHTS_NOTE} (give `weights` for a trained model)")
         else:
             payload = read_checkpoint_file(path)
             if is_native(payload):

@@ -326,6 +326,7 @@ def _load_or_build() -> Dict[str, Any]:
         "build_dir": str(build_dir),
         "build_seconds": None if cached else info["build_seconds"],
         "cached": cached,
+        "compile_seconds": info.get("build_seconds"),  # what compiling took, now or when cached
         "with_cuda": with_cuda,
         "sources": list(info["sources"]),
     }

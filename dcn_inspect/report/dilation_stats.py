@@ -17,8 +17,9 @@ unit counts compare by shape. The mean of each category is marked with a dashed 
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -74,9 +75,14 @@ def category_density(layer_stats: CategoryStats, category: int, edges: np.ndarra
 
 
 def draw_dilation_histograms(
-    stats: Dict[str, CategoryStats], units: str, thresholds_name: str
+    stats: Dict[str, CategoryStats],
+    units: str,
+    thresholds_name: str,
+    titled: Callable[[str], str] = str,
 ) -> Figure:
-    """One panel per layer of ``stats`` (in the given order), one curve per category."""
+    """One panel per layer of ``stats`` (in the given order), one curve per category; ``titled``
+    completes the figure's title (:meth:`~dcn_inspect.models.loaded_model.LoadedModel.titled`
+    says "random weights")."""
     names = list(stats)
     columns = min(COLUMNS, max(1, len(names)))
     rows = max(1, math.ceil(len(names) / columns))
@@ -102,10 +108,12 @@ def draw_dilation_histograms(
         axes.set_xlim(low, high)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize=7, frameon=False)
-    figure.suptitle(
-        f"Effective dilation by object size (thresholds: {thresholds_name}; dashed: mean)",
-        fontsize=11,
+    title = titled(
+        f"Effective dilation by object size (thresholds: {thresholds_name}; dashed: mean)"
     )
+    # Wrapped to the figure's width (about 12 characters of 11 pt text per inch): one panel's
+    # figure is narrower than the title.
+    figure.suptitle(textwrap.fill(title, width=int(4.2 * columns * 12)), fontsize=11)
     return figure
 
 

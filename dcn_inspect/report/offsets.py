@@ -7,7 +7,9 @@ One row per deformable layer (top layer first), and one more per requested kerne
   (:func:`draw_colour_wheel`);
 - its magnitude as a heat map with a colour bar (image pixels);
 - (layer rows) the effective dilation per unit with a colour bar centred on the undeformed
-  filter's value, so where the receptive field widens reads red and where it narrows blue.
+  filter's value, so where the receptive field widens reads red and where it narrows blue;
+  both halves of the bar carry ticks and the undeformed value is labelled
+  (:func:`dilation_ticks`).
 
 Every map covers its units' cells in original-image pixels (COCO continuous coordinates) over
 the image shown in grey, and every panel has the image's limits: one scale for all panels.
@@ -16,11 +18,12 @@ the image shown in grey, and every panel has the image's limits: one scale for a
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib.colors import Normalize, TwoSlopeNorm, hsv_to_rgb
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from dcn_inspect.analysis.offsets import LayerOffsetMaps, OffsetField
 
@@ -187,7 +190,43 @@ def _draw_dilation(fig: Figure, ax: object, image: np.ndarray, layer: LayerOffse
     bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
     bar.set_label("effective dilation (image px)", fontsize=7)
     bar.ax.axhline(undeformed, color="black", linewidth=1.0)
+    ticks = dilation_ticks(low, undeformed, high, tiny)
+    bar.set_ticks([t for t, _ in ticks], labels=[text for _, text in ticks])
     bar.ax.tick_params(labelsize=6)
+
+
+def dilation_ticks(
+    low: float, undeformed: float, high: float, tiny: float = 0.0
+) -> List[Tuple[float, str]]:
+    """(value, label) ticks of the diverging dilation bar, each half filling half the bar however
+    short its range: the undeformed value ("16 undeformed"), and on each half round values
+    clear of it (else the half's end). A half no wider than ``tiny`` holds no unit (the bar
+    keeps it so that the norm has two slopes): its end says "none narrower" / "none wider"."""
+    ticks: List[float] = [undeformed]
+    empty: Dict[float, str] = {}
+    for start, end, none in ((low, undeformed, "none narrower"), (undeformed, high, "none wider")):
+        span = end - start
+        outer = start if end == undeformed else end
+        if span <= tiny * (1 + 1e-9):
+            ticks.append(outer)
+            empty[outer] = none
+            continue
+        inside = [
+            float(t)
+            for t in MaxNLocator(nbins=3).tick_values(start, end)
+            if start <= t <= end and abs(t - undeformed) > 0.25 * span
+        ]
+        ticks += inside or [outer]
+    ticks.sort()
+    texts = [f"{t:.3g}" for t in ticks]
+    for digits in range(4, 7):  # as few significant digits as tell the ticks apart
+        if len(set(texts)) == len(texts):
+            break
+        texts = [f"{t:.{digits}g}" for t in ticks]
+    return [
+        (t, f"{text} undeformed" if t == undeformed else empty.get(t, text))
+        for t, text in zip(ticks, texts)
+    ]
 
 
 def rows_left_out(maps: Sequence[LayerOffsetMaps], max_rows: int = MAX_ROWS) -> Optional[int]:

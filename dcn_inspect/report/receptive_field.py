@@ -4,14 +4,17 @@ unit (DCNv2 §2.1).
 
 Everything is drawn in original-image pixel coordinates (COCO continuous: pixel (r, c) covers
 [c, c+1] x [r, r+1]); every panel shows the whole image at the same scale, so panels compare.
-Each ERF is divided by its own maximum (one colour bar, 0..1, for all panels); sampling points
-are sized and made opaque by their gradient weight relative to the strongest point of their
-level in that panel.
+Each ERF is divided by its own maximum (one colour bar, 0..1, for all panels, on a square-root
+colour scale so the tails of a peaked map show); sampling points are sized and made opaque by
+their gradient weight relative to the strongest point of their level in that panel. The legend
+and the colour bar's label are laid out for the figure's width (wrapped, fewer legend columns)
+so they stay inside the saved image from one panel to many.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -28,8 +31,14 @@ THEORETICAL_COLOUR = "#ffffff"
 #: Point colours of levels 1, 2, 3, ... (level 1 = the unit's own sampling points).
 LEVEL_COLOURS = ("#1e90ff", "#ffd400", "#ff1a1a", "#ff00ff", "#ff8c00")
 ERF_COLOURMAP = "inferno"
-#: Colour scale of the ERF: a power norm shows the tails of a peaked map.
+#: Colour scale of the ERF: a power norm shows the tails of a peaked map (0.5: square root).
 ERF_GAMMA = 0.5
+#: The colour bar's label.
+ERF_LABEL = (
+    "ERF: sum over colours of |dr/dI|, divided by the panel's maximum (square-root colour scale)"
+)
+#: Width of one panel, inches.
+PANEL_WIDTH = 3.6
 #: Figures show at most this many panels (the CSV and npz have every unit).
 MAX_PANELS = 24
 
@@ -122,8 +131,37 @@ def _draw_panel(
     ax.set_axis_off()  # type: ignore[attr-defined]
 
 
-def _add_legend(fig: Figure, shown: Sequence[ErfPanel]) -> None:
-    """The legend below the panels: the unit, the two boxes and the first panel's point levels."""
+def _text_width(inches: float, fontsize: float) -> int:
+    """About how many characters of ``fontsize`` points fit across ``inches``."""
+    return max(20, int(inches * 72 / (0.56 * fontsize)))
+
+
+def _wrapped(text: str, inches: float, fontsize: float) -> str:
+    """``text`` with each line wrapped to ``inches`` (long words, such as paths, broken)."""
+    width = _text_width(inches, fontsize)
+    return "\n".join(
+        textwrap.fill(line, width, break_long_words=True, break_on_hyphens=False) or line
+        for line in text.split("\n")
+    )
+
+
+@dataclass
+class _Legend:
+    """The legend's entries and how many columns the figure's width holds."""
+
+    handles: List[object]
+    labels: List[str]
+    title: Optional[str]
+    columns: int
+
+    @property
+    def rows(self) -> int:
+        return math.ceil(len(self.handles) / self.columns) + (1 if self.title else 0)
+
+
+def _legend(shown: Sequence[ErfPanel], figure_width: float) -> _Legend:
+    """The unit, the two boxes and the first panel's point levels, in as many columns (at most
+    3) as ``figure_width`` inches hold."""
     level_labels = [level.label for level in (shown[0].levels if shown else [])]
     handles: List[object] = [
         Line2D(
@@ -150,23 +188,35 @@ def _add_legend(fig: Figure, shown: Sequence[ErfPanel]) -> None:
                 color=LEVEL_COLOURS[index % len(LEVEL_COLOURS)],
             )
         )
-        labels.append(f"{label} (size, opacity: |dr/dp|)")
-    legend = fig.legend(
-        handles,
-        labels,
+        labels.append(_wrapped(label, figure_width - 0.6, 7))
+    # a column is as wide as the longest label line (plus its marker and spacing)
+    column = max(len(line) for label in labels for line in label.split("\n")) + 8
+    columns = max(1, min(len(handles), 3, _text_width(figure_width, 7) // column))
+    title = "points: size and opacity follow |dr/dp|" if level_labels else None
+    return _Legend(handles, labels, title, columns)
+
+
+def _add_legend(fig: Figure, legend: _Legend) -> None:
+    """The legend below the panels."""
+    drawn = fig.legend(
+        legend.handles,
+        legend.labels,
         loc="outside lower center",
-        ncols=min(len(handles), 3),
+        ncols=legend.columns,
         fontsize=7,
         frameon=True,
+        title=legend.title,
+        title_fontsize=7,
     )
-    legend.get_frame().set_facecolor("#808080")
+    drawn.get_frame().set_facecolor("#808080")
 
 
 def draw_receptive_field_figure(
     image: np.ndarray, panels: Sequence[ErfPanel], columns: int = 4, max_panels: int = MAX_PANELS
 ) -> Figure:
     """Panels side by side (``columns`` per row; 2 for a model compared with another: one row per
-    unit)."""
+    unit). The figure is tall enough for the panels' titles, the colour bar and the legend at
+    its width."""
     shown = list(panels[:max_panels])
     height, width = image.shape[:2]
     grey = (
@@ -177,10 +227,19 @@ def draw_receptive_field_figure(
     grey = 40.0 + 0.6 * grey  # dimmed so the heat map reads
     columns = max(1, min(columns, len(shown) or 1))
     rows = max(1, math.ceil(len(shown) / columns))
-    panel_width = 3.6
     aspect = width / max(height, 1)
+    figure_width = PANEL_WIDTH * columns
+    titles = [_wrapped(panel.title, PANEL_WIDTH - 0.1, 7) for panel in shown]
+    title_lines = max([t.count("\n") + 1 for t in titles] or [0])
+    label = _wrapped(ERF_LABEL, figure_width - 0.2, 8)
+    legend = _legend(shown, figure_width)
+    # per row: the panel and its title (7 pt lines); below: colour bar, its label, the legend
+    below = 0.55 + 0.16 * (label.count("\n") + 1) + 0.17 * legend.rows
     fig = Figure(
-        figsize=(panel_width * columns, rows * (panel_width / aspect + 0.45) + 1.1),
+        figsize=(
+            figure_width,
+            rows * (PANEL_WIDTH / aspect + 0.14 * title_lines + 0.17) + below,
+        ),
         layout="constrained",
     )
     norm = colors.PowerNorm(gamma=ERF_GAMMA, vmin=0.0, vmax=1.0)
@@ -194,6 +253,7 @@ def draw_receptive_field_figure(
             ax.set_axis_off()
             continue
         _draw_panel(ax, grey, panel, norm, point_scale)
+        ax.set_title(titles[slot], fontsize=7)
     colourbar = fig.colorbar(
         ScalarMappable(norm=norm, cmap=ERF_COLOURMAP),
         ax=axes,
@@ -202,9 +262,7 @@ def draw_receptive_field_figure(
         aspect=40,
         pad=0.01,
     )
-    colourbar.set_label(
-        "ERF: sum over colours of |dr/dI|, divided by the panel's maximum", fontsize=8
-    )
+    colourbar.set_label(label, fontsize=8)
     colourbar.ax.tick_params(labelsize=7)
-    _add_legend(fig, shown)
+    _add_legend(fig, legend)
     return fig

@@ -8,18 +8,22 @@ draws it in one of two rules: with alignment (``|---|---:|``, ``align`` one lett
 The foreground table (``bins``; the paper's Fig. 7 measured, a row per ground-truth class and
 the overall row, columns :data:`dcn_inspect.analysis.bins_foreground.TABLE_COLUMNS`) reads
 
-    class | RoIs | regular bins | deformed bins | gain [95 % CI] | RoIs improved
+    class | RoIs | images | regular bins | deformed bins | gain [95 % CI] | RoIs improved
 
-with the mean fractions of sampling points on the object's mask in % (one decimal), the gain
-``fg_deformed - fg_regular`` in percentage points (signed, one decimal) followed by its 95 %
-bootstrap interval ``[low, high]`` (left out when the interval is not finite), and the share
-of RoIs whose deformed bins score higher in whole %.
+with the number of RoIs and of the images they come from, the mean fractions of sampling
+points on the object's mask in % (one decimal), the gain ``fg_deformed - fg_regular`` in
+percentage points (signed, one decimal) followed by its 95 % bootstrap interval ``[low, high]``
+(left out when the interval is not finite or the row's RoIs come from fewer than
+:data:`~dcn_inspect.analysis.bins_foreground.MIN_INTERVAL_IMAGES` images: a bootstrap over one
+image has no spread), and the share of RoIs whose deformed bins score higher in whole %.
 """
 
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING, Any, Iterable, List, Mapping, Optional, Sequence, Union
+
+from dcn_inspect.analysis.bins_foreground import MIN_INTERVAL_IMAGES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,8 +40,8 @@ __all__ = [
     "markdown_table",
 ]
 
-#: One row of the foreground table: ``group``, ``rois``, ``fg_regular``, ``fg_deformed``,
-#: ``gain``, ``gain_ci_low``, ``gain_ci_high``, ``improved`` (fractions, 0..1).
+#: One row of the foreground table: ``group``, ``rois``, ``images``, ``fg_regular``,
+#: ``fg_deformed``, ``gain``, ``gain_ci_low``, ``gain_ci_high``, ``improved`` (fractions, 0..1).
 Row = Mapping[str, Any]
 
 #: The foreground table's title on the console.
@@ -46,15 +50,25 @@ FOREGROUND_TITLE = "Bin sampling points on the object's mask (mean over RoIs)"
 FOREGROUND_HEADER = (
     "class",
     "RoIs",
+    "images",
     "regular bins",
     "deformed bins",
     "gain [95 % CI]",
     "RoIs improved",
 )
-FOREGROUND_ALIGN = "lrrrlr"
-#: Its columns on the console (short, so the table fits 80 columns), and their alignment.
-FOREGROUND_CONSOLE_HEADER = ("class", "RoIs", "regular", "deformed", "gain [95% CI]", "improved")
-FOREGROUND_CONSOLE_ALIGN = "lrrrrr"
+FOREGROUND_ALIGN = "lrrrrlr"
+#: Its columns on the console (short, and drawn without outer edges or inner rules, so the
+#: table fits 80 columns), and their alignment.
+FOREGROUND_CONSOLE_HEADER = (
+    "class",
+    "RoIs",
+    "images",
+    "regular",
+    "deformed",
+    "gain [95% CI]",
+    "improved",
+)
+FOREGROUND_CONSOLE_ALIGN = "lrrrrrr"
 
 
 def markdown_table(
@@ -80,9 +94,13 @@ def _markdown_line(cells: Sequence[str]) -> str:
 
 def foreground_measure_cells(row: Row) -> List[str]:
     """The measured cells of one row: regular and deformed fraction (%), gain (pt) with its
-    interval, RoIs improved (%)."""
+    interval (none when not finite, or when ``row`` counts fewer than
+    :data:`~dcn_inspect.analysis.bins_foreground.MIN_INTERVAL_IMAGES` ``images``), RoIs
+    improved (%)."""
     low, high = row["gain_ci_low"], row["gain_ci_high"]
-    interval = "" if not math.isfinite(low) else f" [{100 * low:+.1f}, {100 * high:+.1f}]"
+    enough = row.get("images", MIN_INTERVAL_IMAGES) >= MIN_INTERVAL_IMAGES
+    shown = enough and _finite(low) and _finite(high)
+    interval = f" [{100 * low:+.1f}, {100 * high:+.1f}]" if shown else ""
     return [
         f"{100 * row['fg_regular']:.1f} %",
         f"{100 * row['fg_deformed']:.1f} %",
@@ -91,9 +109,19 @@ def foreground_measure_cells(row: Row) -> List[str]:
     ]
 
 
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def foreground_cells(row: Row) -> List[str]:
-    """One row of the foreground table as its cells: class, RoIs, then the measured cells."""
-    return [str(row["group"]), str(row["rois"]), *foreground_measure_cells(row)]
+    """One row of the foreground table as its cells: class, RoIs, images, then the measured
+    cells."""
+    return [
+        str(row["group"]),
+        str(row["rois"]),
+        str(row["images"]),
+        *foreground_measure_cells(row),
+    ]
 
 
 def foreground_rows(table: Union["pd.DataFrame", Iterable[Row]]) -> List[List[str]]:
@@ -114,9 +142,10 @@ def foreground_markdown(table: "pd.DataFrame", model: str, dataset: str) -> str:
 
 def foreground_console_table(table: "pd.DataFrame") -> Any:
     """The foreground table as a rich ``Table`` for the console."""
+    from rich import box
     from rich.table import Table
 
-    out = Table(title=FOREGROUND_TITLE)
+    out = Table(title=FOREGROUND_TITLE, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
     for name, side in zip(FOREGROUND_CONSOLE_HEADER, FOREGROUND_CONSOLE_ALIGN):
         out.add_column(name, justify="right" if side == "r" else "left")
     for cells in foreground_rows(table):

@@ -15,8 +15,11 @@ the units are cells of the top one) and computes, per unit:
 5. the ERF's summary numbers, with the unit's ground-truth box.
 
 Positions are original-image pixels (continuous, (0, 0) = top-left corner of the top-left
-pixel, x right, y down) unless said otherwise; the model input is scaled by
-``(sx, sy) = original / model-input size`` to get there.
+pixel, x right, y down) unless said otherwise. The model input holds the resized image in its
+top-left ``content_hw`` pixels, the rest zero padding (mmdetection's and detectron2's size
+divisor): positions map to the image through the resize only, ``(sx, sy) = original /
+resized size`` (as every command maps them), the ERF reads dr/d(model input) on the resized
+image only (the padding is no pixel of the image) and saliency boxes stay on it.
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ class ReceptiveFields:
     point_gradients: Optional[PointGradients]  # None when a layer's op could not be re-run
     theoretical: Optional[torch.Tensor]  # [U, 4] (x1, y1, x2, y2), None when a frame was lost
     saliency: List[SaliencyRegion]  # boxes in model-input pixels
-    saliency_boxes: torch.Tensor  # [U, 4] float64 the same boxes in original-image pixels
+    # [U, 4] float64 the same boxes in original-image pixels (NaN: no region)
+    saliency_boxes: torch.Tensor
     numbers: List[ErfNumbers]
     notes: List[str] = field(default_factory=list)
 
@@ -79,21 +83,24 @@ def _erfs_and_offset_fields(
     forward: GradientForward,
     units: torch.Tensor,
     levels: List[str],
-    original_hw: Tuple[int, int],
+    hw: Tuple[Tuple[int, int], Tuple[int, int]],
     std: Sequence[float],
     channel: Optional[int],
     batch_size: int,
     on_batch: Optional[Callable[[int], None]],
 ) -> Tuple[torch.Tensor, Dict[str, List[torch.Tensor]]]:
     """The ERF of every unit [U, H, W] (float32) and, per followed layer, the offset gradient
-    fields of the batches whose re-run reproduced the layer's output."""
+    fields of the batches whose re-run reproduced the layer's output. ``hw``: the original
+    image's size and the resized image's inside the model input."""
     layer = levels[0]
+    original_hw, content_hw = hw
     erf = torch.zeros((int(units.shape[0]),) + tuple(original_hw), dtype=torch.float32)
     offset_fields: Dict[str, List[torch.Tensor]] = {name: [] for name in levels}
     for batch in forward.backward_units(layer, units, channel, levels, batch_size):
         size = batch.input_grad.shape[0]
+        content = batch.input_grad[..., : content_hw[0], : content_hw[1]]
         erf[batch.start : batch.start + size] = effective_receptive_field(
-            batch.input_grad.float().cpu(), original_hw, std
+            content.float().cpu(), original_hw, std
         )
         for name in levels:
             if name in batch.offset_grads:
@@ -160,12 +167,14 @@ def _saliency(
     unit_xy_input: torch.Tensor,
     responses: torch.Tensor,
     channel: Optional[int],
-    saliency_error: Optional[float],
-    saliency_step: Optional[int],
+    search: Tuple[Optional[float], Optional[int], Tuple[int, int]],
     batch_size: int,
+    on_units: Optional[Callable[[int], None]],
 ) -> List[SaliencyRegion]:
-    """The saliency regions of ``units`` of ``record``'s layer (model-input pixels); none
-    when ``saliency_error`` is None or there are no units."""
+    """The saliency regions of ``units`` of ``record``'s layer (model-input pixels, on the
+    resized image: ``search`` is the error bound, the step and that image's size), searched a
+    batch of units at a time; none when the error bound is None or there are no units."""
+    saliency_error, saliency_step, content_hw = search
     if saliency_error is None or not int(units.shape[0]):
         return []
     # what a gradient forward saves bounds a plain one's peak
@@ -175,8 +184,25 @@ def _saliency(
         return forward.evaluate_masked(record.name, units[indices], boxes_in, channel, masked_batch)
 
     step = saliency_step if saliency_step is not None else default_saliency_step(record)
-    input_hw = (int(forward.images.shape[-2]), int(forward.images.shape[-1]))
-    return saliency_regions(evaluate, unit_xy_input, responses, input_hw, saliency_error, step)
+    if on_units is not None:
+        on_units(0)  # the search starts
+    return saliency_regions(
+        evaluate,
+        unit_xy_input,
+        responses,
+        content_hw,
+        saliency_error,
+        step,
+        chunk=masked_batch,
+        on_units=on_units,
+    )
+
+
+def _region_boxes(regions: Sequence[SaliencyRegion], scale: torch.Tensor) -> torch.Tensor:
+    """The regions' boxes [U, 4] scaled by ``scale`` (NaN rows: no region)."""
+    nan = float("nan")
+    boxes = [r.box if r.box is not None else (nan,) * 4 for r in regions]
+    return torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4) * scale
 
 
 def _numbers(
@@ -210,18 +236,24 @@ def receptive_fields(
     boxes: Optional[np.ndarray] = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_batch: Optional[Callable[[int], None]] = None,
+    content_hw: Optional[Tuple[int, int]] = None,
+    on_saliency: Optional[Callable[[int], None]] = None,
 ) -> ReceptiveFields:
     """ERF, gradient-weighted sampling trees, theoretical receptive field, saliency region and
     summary numbers of ``units`` [U, 2] of ``records[0]``'s layer, traced through ``records``
     (top first), for the image of ``forward``. ``boxes`` [N, 4] (original pixels): the unit's
     box is the smallest containing its centre (for ``ErfNumbers.mass_in_box``).
     ``saliency_error=None`` skips the saliency search; ``saliency_step`` is its resolution in
-    model-input pixels (default: the layer's stride, rounded, at least 1). ``on_batch(n)`` is
-    told of every batch of n units done.
+    model-input pixels (default: the layer's stride, rounded, at least 1). ``content_hw``: the
+    resized image's size inside the model input, the rest being padding (default: the whole
+    input). ``on_batch(n)`` is told of every batch of n units whose gradients are done,
+    ``on_saliency(n)`` of every batch of n units whose saliency search is done (with n = 0 when
+    the search starts).
     """
     layer = records[0].name
     input_hw = (int(forward.images.shape[-2]), int(forward.images.shape[-1]))
-    sx, sy = original_hw[1] / input_hw[1], original_hw[0] / input_hw[0]
+    content_hw = input_hw if content_hw is None else (int(content_hw[0]), int(content_hw[1]))
+    sx, sy = original_hw[1] / content_hw[1], original_hw[0] / content_hw[0]
     units = torch.as_tensor(units, dtype=torch.long).reshape(-1, 2)
     trees = trace_sampling_trees(
         records, units, group=group, round_positions=round_positions, scale_to_original=(sx, sy)
@@ -229,7 +261,7 @@ def receptive_fields(
     responses = forward.responses(layer, units, channel)
     levels = [r.name for r in records]
     erf, offset_fields = _erfs_and_offset_fields(
-        forward, units, levels, original_hw, std, channel, batch_size, on_batch
+        forward, units, levels, (original_hw, content_hw), std, channel, batch_size, on_batch
     )
     notes: List[str] = []
     point_gradients = _point_gradients(trees, records, offset_fields, group, (sx, sy), notes)
@@ -248,12 +280,9 @@ def receptive_fields(
         unit_xy_input,
         responses,
         channel,
-        saliency_error,
-        saliency_step,
+        (saliency_error, saliency_step, content_hw),
         batch_size,
-    )
-    saliency_boxes = (
-        torch.tensor([r.box for r in regions], dtype=torch.float64).reshape(-1, 4) * scale
+        on_saliency,
     )
     return ReceptiveFields(
         layer=layer,
@@ -267,7 +296,7 @@ def receptive_fields(
         point_gradients=point_gradients,
         theoretical=theoretical,
         saliency=regions,
-        saliency_boxes=saliency_boxes,
+        saliency_boxes=_region_boxes(regions, scale),
         numbers=_numbers(erf, trees.unit_xy, boxes),
         notes=notes,
     )

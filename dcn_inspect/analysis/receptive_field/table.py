@@ -20,6 +20,7 @@ import numpy as np
 
 from dcn_inspect.analysis.receptive_field.erf import unit_box
 from dcn_inspect.analysis.receptive_field.fields import ReceptiveFields
+from dcn_inspect.analysis.receptive_field.saliency import FOUND, NO_REGION
 from dcn_inspect.core.columns import Column, names, position
 
 __all__ = [
@@ -31,6 +32,13 @@ __all__ = [
 ]
 
 _PX2 = "original-image pixels²"
+
+#: What the saliency status column says (both tables).
+_STATUS = (
+    f"`{FOUND}`: the saliency region (a box containing the unit) meets the error bound; "
+    f"`{NO_REGION}`: the image with every pixel masked already does, so no box is the "
+    "smallest and no region is given (its columns empty)"
+)
 
 #: ``<stem>_receptive_field.csv``: one row per unit and model, in this column order.
 RECEPTIVE_FIELD_CSV: Tuple[Column, ...] = (
@@ -72,8 +80,9 @@ RECEPTIVE_FIELD_CSV: Tuple[Column, ...] = (
     position("rf_y2", "theoretical receptive field, bottom"),
     position(
         "saliency_x1",
-        "error-bounded saliency region (the smallest box found by progressive masking whose "
-        "pixels alone give the response within the error bound), left",
+        "error-bounded saliency region (the smallest box containing the unit found by "
+        "progressive masking whose pixels alone give the response within the error bound), "
+        "left (empty: no region, see saliency_status)",
     ),
     position("saliency_y1", "saliency region, top"),
     position("saliency_x2", "saliency region, right"),
@@ -81,9 +90,11 @@ RECEPTIVE_FIELD_CSV: Tuple[Column, ...] = (
     Column("saliency_area", "area of the saliency region", _PX2),
     Column(
         "saliency_error",
-        "relative error of the response the saliency region reaches",
+        "relative error of the response the saliency region reaches (no region: that of the "
+        "masked image)",
         "fraction",
     ),
+    Column("saliency_status", _STATUS),
 )
 #: Columns of ``<stem>_receptive_field.csv``, in order.
 CSV_COLUMNS = names(RECEPTIVE_FIELD_CSV)
@@ -101,7 +112,12 @@ STATS_UNITS_CSV: Tuple[Column, ...] = (
     ),
     position("erf_radius_50", "radius around the ERF centroid holding 50 % of the gradient mass"),
     position("erf_radius_90", "radius around the ERF centroid holding 90 % of the gradient mass"),
-    Column("saliency_area", "area of the error-bounded saliency region", _PX2),
+    Column(
+        "saliency_area",
+        "area of the error-bounded saliency region (empty: no region, see saliency_status)",
+        _PX2,
+    ),
+    Column("saliency_status", _STATUS),
 )
 
 
@@ -119,9 +135,9 @@ def _unit_row(
         region = item.saliency[u]
         saliency = [float(v) for v in item.saliency_boxes[u]]
         area = (saliency[2] - saliency[0]) * (saliency[3] - saliency[1])
-        error = region.relative_error
+        error, status = region.relative_error, region.status
     else:
-        saliency, area, error = [nan] * 4, nan, nan
+        saliency, area, error, status = [nan] * 4, nan, nan, ""
     return {
         "model": role,
         "unit": u,
@@ -152,6 +168,7 @@ def _unit_row(
         "saliency_y2": saliency[3],
         "saliency_area": area,
         "saliency_error": error,
+        "saliency_status": status,
     }
 
 

@@ -40,12 +40,15 @@ RESPONSE_DEFINITION = (
 #: How summary.json describes the saliency search.
 SALIENCY_SCHEDULE = (
     "masking value: the dataset mean (zero after normalisation); model-input pixels outside the "
-    "box are masked. Boxes move in multiples of saliency_step model-input pixels (default: the "
-    "layer's output stride). 1) square windows centred on the unit, half-sizes step*2^k, until "
-    "one passes (the whole image always does); 2) bisection of the half-size between the last "
-    "failing and the first passing square; 3) each side (left, top, right, bottom) in turn "
-    "moved inward by the largest multiple of step that still passes (bisection). A box passes "
-    "when |r_box - r| <= saliency_error * |r|."
+    "box are masked (the padding of a padded model input is masked already; boxes stay on the "
+    "resized image). Boxes move in multiples of saliency_step model-input pixels (default: the "
+    "layer's output stride) and always contain the unit's pixel. 0) the image with every pixel "
+    "masked: when it passes, the unit has no region (saliency_status "
+    "masked_image_within_bound); 1) square windows centred on the unit, half-sizes step*2^k, "
+    "until one passes (the whole image always does); 2) bisection of the half-size between the "
+    "last failing and the first passing square; 3) each side (left, top, right, bottom) in turn "
+    "moved inward by the largest multiple of step that still passes (bisection), never past "
+    "the unit. A box passes when |r_box - r| <= saliency_error * |r|."
 )
 
 

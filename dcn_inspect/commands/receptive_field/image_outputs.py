@@ -25,8 +25,10 @@ from dcn_inspect.analysis.unit_selection import Unit
 from dcn_inspect.capture.records import DeformConvRecord
 from dcn_inspect.commands.common import CommandRun
 from dcn_inspect.commands.receptive_field.choices import RESPONSE_DEFINITION
+from dcn_inspect.core.errors import spell_parameters
 from dcn_inspect.io.images import ModelInput
 from dcn_inspect.io.outputs import write_csv, write_figure, write_npz
+from dcn_inspect.models.loaded_model import RANDOM_WEIGHTS_TITLE
 
 __all__ = ["ImageFields", "image_summary", "output_names", "write_image_outputs"]
 
@@ -74,9 +76,14 @@ def _panel(u: int, unit: Unit, item: ReceptiveFields, prefix: str) -> Any:
         )
     x, y = (float(v) for v in item.unit_xy[u])
     numbers = item.numbers[u]
-    title = f"{prefix}unit {u} ({x:.0f}, {y:.0f}) {unit.source}\nERF r90 {numbers.radius_90:.0f} px"
+    title = f"{prefix}unit {u} ({x:.1f}, {y:.1f}) {unit.source}\n"
+    if item.channel is not None:
+        title += spell_parameters(f"r: `channel` {item.channel}") + ", "
+    title += f"ERF r90 {numbers.radius_90:.0f} px"
     saliency = None
-    if item.saliency:
+    if item.saliency and item.saliency[u].box is None:
+        title += ", no saliency region"
+    elif item.saliency:
         saliency = tuple(float(v) for v in item.saliency_boxes[u])
         area = (saliency[2] - saliency[0]) * (saliency[3] - saliency[1])
         title += f", saliency {area:.0f} px²"
@@ -85,9 +92,13 @@ def _panel(u: int, unit: Unit, item: ReceptiveFields, prefix: str) -> Any:
 
 
 def _panels(
-    units: Sequence[Unit], fields: Dict[str, ReceptiveFields], names: Dict[str, str]
+    units: Sequence[Unit],
+    fields: Dict[str, ReceptiveFields],
+    names: Dict[str, str],
+    random_weights: Sequence[str] = (),
 ) -> List[Any]:
-    """One panel per unit and model (models side by side), at most ``MAX_PANELS``."""
+    """One panel per unit and model (models side by side), at most ``MAX_PANELS``; the titles
+    of a model in ``random_weights`` (roles) say so."""
     from dcn_inspect.report.receptive_field import MAX_PANELS
 
     panels = []
@@ -95,7 +106,13 @@ def _panels(
         for role, item in fields.items():
             if len(panels) >= MAX_PANELS:
                 break
-            prefix = f"{names[role]}: " if len(fields) > 1 else ""
+            random = role in random_weights
+            if len(fields) > 1:
+                prefix = (
+                    f"{names[role]} ({RANDOM_WEIGHTS_TITLE}): " if random else f"{names[role]}: "
+                )
+            else:
+                prefix = f"{RANDOM_WEIGHTS_TITLE}: " if random else ""
             panels.append(_panel(u, unit, item, prefix))
     return panels
 
@@ -127,9 +144,11 @@ def write_image_outputs(
     boxes: Optional[np.ndarray],
     fmt: str,
     run: CommandRun,
+    random_weights: Sequence[str] = (),
 ) -> ImageFields:
     """Write the CSV, the npz and the figure of one image (a note when the figure leaves units
-    out)."""
+    out); the figure's titles say "random weights" for the models (roles) in
+    ``random_weights``."""
     from dcn_inspect.report.receptive_field import MAX_PANELS, draw_receptive_field_figure
 
     table = units_table(fields, boxes)
@@ -137,11 +156,11 @@ def write_image_outputs(
     write_csv(csv_path, table, RECEPTIVE_FIELD_CSV)
     npz_path = run.out_dir / f"{path.stem}_erf.npz"
     write_npz(npz_path, _npz_arrays(fields))
-    names = {
-        "model": run.loaded.name,
-        "compare": str(run.summary.data.get("compare_model", {}).get("name", "compare")),
+    names = {  # a file's name without its folders (summary.json has the path)
+        "model": Path(run.loaded.name).name,
+        "compare": Path(str(run.summary.data.get("compare_model", {}).get("name", "compare"))).name,
     }
-    panels = _panels(units, fields, names)
+    panels = _panels(units, fields, names, random_weights)
     figure_path = run.out_dir / f"{path.stem}_receptive_field.{fmt}"
     write_figure(
         figure_path,

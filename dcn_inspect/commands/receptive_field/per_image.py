@@ -13,6 +13,7 @@ image positions under a second model -> written
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -24,7 +25,7 @@ from dcn_inspect.analysis.receptive_field.erf import erf_memory_bytes
 from dcn_inspect.analysis.receptive_field.fields import ReceptiveFields, receptive_fields
 from dcn_inspect.analysis.receptive_field.saliency import DEFAULT_SALIENCY_ERROR
 from dcn_inspect.analysis.receptive_field.table import RECEPTIVE_FIELD_CSV
-from dcn_inspect.analysis.sample_points import GroupChoice, tree_half_extent
+from dcn_inspect.analysis.sample_points import GroupChoice, tree_on_image
 from dcn_inspect.analysis.unit_selection import (
     Boxes,
     Unit,
@@ -114,9 +115,7 @@ def receptive_field(
         OutputOptions(out, fmt, progress),
     )
     image_paths = image_list(images)
-    boxes_of_images, boxes_source = boxes_per_image(
-        image_paths, units.boxes, use_bundled=not units.at and units.grid is None
-    )
+    boxes_of_images, boxes_source = boxes_per_image(image_paths, units.boxes)
     compare = ModelChoice(compare_model, compare_weights)
     planned = [
         Path(output.out) / name for path in image_paths for name in output_names(path, output.fmt)
@@ -248,20 +247,27 @@ def _analyse_image(
         None if boxes[0] is None else np.asarray(boxes[0][0], dtype=np.float64).reshape(-1, 4)
     )
     fields: Dict[str, ReceptiveFields] = {}
-    with image_progress(f"{path.name}: units", output.progress, len(chosen) * models) as advance:
+    with _UnitBars(path.name, output.progress, len(chosen), models > 1) as bars:
         cells = [(u.row, u.col) for u in chosen]
         fields["model"] = _fields(
-            forward, records, cells, model_input, run.loaded, units, own, box_array, advance
+            forward, records, cells, model_input, run.loaded, units, own, box_array, bars.model
         )
         if compare is not None:
             names = [r.name for r in records]
             fields["compare"], compare_units = _compare_fields(
-                image, chosen, names, compare, units, own, inputs, run.device, box_array, advance
+                image, chosen, names, compare, units, own, inputs, run.device, box_array, bars
             )
     for role, item in fields.items():
         run.notes.extend(f"{path.name} ({role}): {note}" for note in item.notes)
     _note_approximate_frames(path, records, run.notes)
-    written = write_image_outputs(path, image, chosen, fields, box_array, output.fmt, run)
+    random = [
+        role
+        for role, loaded in (("model", run.loaded), ("compare", compare))
+        if loaded is not None and loaded.random_weights
+    ]
+    written = write_image_outputs(
+        path, image, chosen, fields, box_array, output.fmt, run, random_weights=random
+    )
     summary = image_summary(path, model_input, records, chosen, fields, written)
     if compare is not None:
         summary["compare_units"] = [u.as_dict() for u in compare_units]
@@ -290,7 +296,9 @@ def _choose_units(
         boxes[0],
         boxes[1],
         notes,
-        tree_half_extent(records, (sx, sy)),
+        tree_on_image(
+            records, model_input.original_hw, units.group, units.round_positions, (sx, sy)
+        ),
     )
 
 
@@ -304,6 +312,50 @@ def _check_memory(path: Path, units: int, original_hw: Tuple[int, int]) -> None:
         )
 
 
+class _UnitBars:
+    """The progress of one image's units, counted in units: one bar per phase, each model's
+    gradients then its saliency search (a bar opens when its phase starts, closing the last)."""
+
+    def __init__(self, name: str, enabled: bool, units: int, compared: bool) -> None:
+        self.name, self.enabled, self.units, self.compared = name, enabled, units, compared
+        self._stack = ExitStack()
+        self._label: Optional[str] = None
+        self._advance: Callable[[int], None] = lambda n: None
+
+    def __enter__(self) -> "_UnitBars":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _open(self, label: str) -> None:
+        self._stack.close()
+        self._stack = ExitStack()
+        self._label = label
+        self._advance = self._stack.enter_context(
+            image_progress(f"{self.name}: {label}", self.enabled, self.units, noun="units")
+        )
+
+    def phase(self, phase: str, role: str) -> Callable[[int], None]:
+        """``advance(n)`` of ``phase`` ("gradients", "saliency search") of model ``role``; its
+        bar opens on the first call (n = 0: the phase starts)."""
+        label = f"{phase} ({role})" if self.compared else phase
+
+        def advance(n: int) -> None:
+            if self._label != label:
+                self._open(label)
+            if n:
+                self._advance(n)
+
+        return advance
+
+    def model(self, phase: str) -> Callable[[int], None]:
+        return self.phase(phase, "model")
+
+    def compare(self, phase: str) -> Callable[[int], None]:
+        return self.phase(phase, "compare")
+
+
 def _fields(
     forward: GradientForward,
     records: Sequence[DeformConvRecord],
@@ -313,8 +365,11 @@ def _fields(
     units: UnitOptions,
     own: FieldOptions,
     boxes: Optional[np.ndarray],
-    advance: Callable[[int], None],
+    progress: Callable[[str], Callable[[int], None]],
 ) -> ReceptiveFields:
+    """The receptive fields of the units at ``cells``; ``progress(phase)`` gives each phase's
+    ``advance``."""
+    progress("gradients")(0)
     return receptive_fields(
         forward,
         records,
@@ -328,7 +383,9 @@ def _fields(
         saliency_step=own.saliency_step,
         boxes=boxes,
         batch_size=own.batch_size,
-        on_batch=advance,
+        on_batch=progress("gradients"),
+        content_hw=model_input.content_hw,
+        on_saliency=progress("saliency search"),
     )
 
 
@@ -358,7 +415,7 @@ def _compare_fields(
     inputs: ImageInput,
     device: torch.device,
     boxes: Optional[np.ndarray],
-    advance: Callable[[int], None],
+    bars: _UnitBars,
 ) -> Tuple[ReceptiveFields, List[Unit]]:
     """The same image positions under the compare model, through its layers of the same
     names."""
@@ -379,7 +436,7 @@ def _compare_fields(
         nearest_unit(frame, top.geometry.output_hw, u.x, u.y, u.source, u.detail) for u in chosen
     ]
     cells = [(u.row, u.col) for u in compare_units]
-    fields = _fields(forward, records, cells, model_input, compare, units, own, boxes, advance)
+    fields = _fields(forward, records, cells, model_input, compare, units, own, boxes, bars.compare)
     return fields, compare_units
 
 

@@ -8,7 +8,9 @@ when the image has no box); each unit's category is the one ``dilation-stats`` g
 (:func:`dcn_inspect.analysis.size_categories.unit_categories`). Each layer's units are analysed
 with that layer alone followed. The per-category statistics are mergeable
 (:class:`~dcn_inspect.analysis.category_stats.CategoryStats`), written in the dilation-stats
-layout; radii in original-image pixels, areas in original-image pixels².
+layout; radii in original-image pixels, areas in original-image pixels². A unit without a
+saliency region (the masked image already meets the error bound) counts in the radius table
+only; ``summary.json`` counts them per layer.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import torch
 from dcn_inspect.analysis.category_stats import BINS, CategoryStats, LogBins
 from dcn_inspect.analysis.dilation_tables import category_table_columns, table_frame
 from dcn_inspect.analysis.receptive_field.fields import ReceptiveFields, receptive_fields
-from dcn_inspect.analysis.receptive_field.saliency import DEFAULT_SALIENCY_ERROR
+from dcn_inspect.analysis.receptive_field.saliency import DEFAULT_SALIENCY_ERROR, FOUND
 from dcn_inspect.analysis.receptive_field.table import STATS_UNITS_CSV
-from dcn_inspect.analysis.sample_points import tree_half_extent
+from dcn_inspect.analysis.sample_points import tree_on_image
 from dcn_inspect.analysis.size_categories import (
     CATEGORIES,
     CATEGORY_CODES,
@@ -93,6 +95,8 @@ class ReceptiveFieldStatsResult:
     skipped: Any
     out_dir: Path
     files: Dict[str, Path] = field(default_factory=dict)
+    # per layer: units left out of the area table (no saliency region)
+    without_region: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,6 +110,7 @@ class _Tally:
     rows: List[List[Any]] = field(default_factory=list)
     followed: List[str] = field(default_factory=list)  # layer names, top first
     used: int = 0  # images measured
+    without_region: Dict[str, int] = field(default_factory=dict)  # per layer: no saliency region
 
     def add(self, image: str, layer: str, item: ReceptiveFields, codes: torch.Tensor) -> None:
         """The units of one image and layer (``codes``: their category codes)."""
@@ -116,9 +121,12 @@ class _Tally:
         self.radius.setdefault(layer, CategoryStats(len(CATEGORIES), BINS)).update(
             radii[finite], codes[finite]
         )
+        region = torch.tensor([r.status == FOUND for r in item.saliency], dtype=torch.bool)
+        region = region.reshape(-1) if item.saliency else torch.isfinite(sizes)
         self.area.setdefault(layer, CategoryStats(len(CATEGORIES), self.area_bins)).update(
-            sizes, codes
+            sizes[region], codes[region]
         )
+        self.without_region[layer] = self.without_region.get(layer, 0) + int((~region).sum())
         for k in range(item.num_units):
             x, y = (float(v) for v in item.unit_xy[k])
             numbers = item.numbers[k]
@@ -133,6 +141,7 @@ class _Tally:
                     numbers.radius_50,
                     numbers.radius_90,
                     float(sizes[k]),
+                    item.saliency[k].status if item.saliency else "",
                 ]
             )
 
@@ -288,6 +297,7 @@ def _measure(
                     saliency_error=own.saliency_error,
                     saliency_step=own.saliency_step,
                     batch_size=own.batch_size,
+                    content_hw=model_input.content_hw,
                 )
                 tally.add(entry.file_name, record.name, item, codes)
             tally.used += 1
@@ -322,9 +332,8 @@ def _layer_units(
         output_hw,
         entry.boxes[kept],
         labels,
-        (entry.height, entry.width),
         "annotations",
-        tree_half_extent([record], (sx, sy)),
+        tree_on_image([record], (entry.height, entry.width), scale_to_original=(sx, sy)),
     )
     if not units:
         units = [nearest_unit(frame, output_hw, entry.width / 2, entry.height / 2, "image centre")]
@@ -408,6 +417,7 @@ def _write_stats(
         skipped,
         out_dir,
         files,
+        {name: tally.without_region.get(name, 0) for name in order},
     )
 
 
@@ -446,4 +456,9 @@ def _fill_summary(
         "definition": RESPONSE_DEFINITION,
         "channel": "sum over channels" if own.channel is None else own.channel,
     }
-    run.summary["saliency"] = {"error": own.saliency_error, "schedule": SALIENCY_SCHEDULE}
+    run.summary["saliency"] = {
+        "error": own.saliency_error,
+        "schedule": SALIENCY_SCHEDULE,
+        # left out of saliency_area_table: the masked image already meets the bound
+        "units_without_region": {name: tally.without_region.get(name, 0) for name in order},
+    }

@@ -1,6 +1,7 @@
 """Boxes from a small CSV file: a header ``x1,y1,x2,y2`` and an optional ``class`` (or
 ``label``) column, in continuous original-image pixels; lines starting with ``#`` are
-comments."""
+comments. Read for one image, a box entirely outside it is an error (like an `at` point
+outside it); a box reaching outside is kept as written."""
 
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from dcn_inspect.core.errors import InputError, refuse_special_file
+from dcn_inspect.io.image_file import displayed_size
 
 
-def read_box_csv(path: Path) -> Tuple[np.ndarray, List[Optional[str]]]:
+def read_box_csv(
+    path: Path, image: Optional[Path] = None
+) -> Tuple[np.ndarray, List[Optional[str]]]:
     """Read boxes from a CSV with a header ``x1,y1,x2,y2`` and an optional ``class`` (or ``label``)
-    column, in continuous original-image pixels. Lines starting with ``#`` are comments."""
+    column, in continuous original-image pixels. Lines starting with ``#`` are comments.
+
+    With ``image`` (the image the boxes are for), a box with no area on it is an error naming its
+    line; nothing is checked when the image cannot be read (its reader says why)."""
     path = Path(path)
     refuse_special_file(path, "a CSV file of boxes")
     try:
@@ -70,4 +77,23 @@ def read_box_csv(path: Path) -> Tuple[np.ndarray, List[Optional[str]]]:
         boxes.append(values)
         label = row[label_column].strip() if label_column is not None else ""
         labels.append(label or None)
+    if image is not None:
+        _refuse_boxes_outside(path, [number for number, _ in lines[1:]], boxes, Path(image))
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), labels
+
+
+def _refuse_boxes_outside(
+    path: Path, line_numbers: List[int], boxes: List[List[float]], image: Path
+) -> None:
+    """An error for the first box that does not overlap ``image`` (x2 <= 0, x1 >= width...)."""
+    header = displayed_size(image)
+    if header is None:
+        return
+    height, width = header[0]
+    for number, (x1, y1, x2, y2) in zip(line_numbers, boxes):
+        if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+            box = ",".join(f"{v:g}" for v in (x1, y1, x2, y2))
+            raise InputError(
+                f"{path}: line {number}: box {box} lies entirely outside {image.name} "
+                f"({width}x{height} pixels)"
+            )

@@ -36,6 +36,7 @@ from dcn_inspect.io.annotations.types import (
     ImageId,
     pack_boxes,
 )
+from dcn_inspect.io.image_file import read_displayed_size
 
 
 def is_number(value: Any) -> bool:
@@ -211,20 +212,14 @@ def _read_image(
 
 def _image_size_from_header(path: Path, where: str) -> Tuple[int, int]:
     """(width, height) of an image file from its header, honouring EXIF orientation."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
+        (height, width), _ = read_displayed_size(path)
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for unreadable files
         raise InputError(
             f"{where}: no 'width'/'height' and the size of {path} cannot be read "
             f"({type(exc).__name__})"
         ) from None
-    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: ImageOps.exif_transpose swaps sides
-        width, height = height, width
-    return int(width), int(height)
+    return width, height
 
 
 @dataclass

@@ -4,7 +4,8 @@
 ``annotations.json``, ``instances.json`` or a single ``.json``) from a Pascal VOC directory (an
 ``Annotations/`` folder, or a VOCdevkit holding one such year directory);
 :func:`load_dataset` parses either (the bundled demo dataset without a path);
-:func:`annotation_for_image` finds one image's entry, matched by file name.
+:func:`annotation_for_image` finds one image's entry, matched by file name, and refuses it when
+its image size is not the image file's (the boxes would be read in another frame).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dcn_inspect.io.annotations.coco import load_coco
 from dcn_inspect.io.annotations.paths import os_reason
 from dcn_inspect.io.annotations.types import AnnotatedDataset, ImageAnnotation
 from dcn_inspect.io.annotations.voc import load_voc, parse_voc_xml, voc_root
+from dcn_inspect.io.image_file import displayed_size, size_mismatch_message
 
 
 def default_dataset_path() -> Path:
@@ -113,25 +115,44 @@ def annotation_for_image(
 
     COCO entries are matched by file name (a ``file_name`` with folders matches on its last
     component; an exact relative-path match wins). Returns ``None`` when the image is not
-    listed. ``masks`` keeps the COCO boxes' segmentations.
+    listed. ``masks`` keeps the COCO boxes' segmentations. An entry whose width and height are
+    not those of ``image_path`` as displayed (EXIF orientation applied) is an error naming both
+    sizes (and the EXIF rotation, when that is why they are swapped).
     """
     annotation_path, image_path = Path(annotation_path), Path(image_path)
+    entry, source = _entry_for_image(annotation_path, image_path, masks)
+    if entry is None:
+        return None
+    header = displayed_size(image_path)  # None: unreadable, the image reader says why
+    if header is not None and header[0] != (entry.height, entry.width):
+        raise InputError(
+            size_mismatch_message(
+                image_path, header[0], (entry.height, entry.width), header[1], source
+            )
+        )
+    return entry
+
+
+def _entry_for_image(
+    annotation_path: Path, image_path: Path, masks: bool
+) -> Tuple[Optional[ImageAnnotation], Path]:
+    """:func:`annotation_for_image` before the size check, and the file the entry is in."""
     if not annotation_path.exists():
         raise InputError(f"{annotation_path}: annotation file not found")
     if annotation_path.is_file() and annotation_path.suffix.lower() == ".xml":
-        return parse_voc_xml(
+        entry = parse_voc_xml(
             annotation_path, images_dir=image_path.parent, allow_outside_paths=True
         )
+        return entry, annotation_path
     kind, resolved = detect_format(annotation_path)
     if kind == "voc":
         root = voc_root(resolved)
         assert root is not None
         xml_path = root / "Annotations" / f"{image_path.stem}.xml"
-        return (
-            parse_voc_xml(xml_path, images_dir=image_path.parent, allow_outside_paths=True)
-            if xml_path.is_file()
-            else None
-        )
+        if not xml_path.is_file():
+            return None, xml_path
+        entry = parse_voc_xml(xml_path, images_dir=image_path.parent, allow_outside_paths=True)
+        return entry, xml_path
     dataset = _cached_coco(str(resolved), resolved.stat().st_mtime_ns, None, masks)
     matches = [image for image in dataset.images if Path(image.file_name).name == image_path.name]
     if len(matches) > 1:
@@ -143,11 +164,12 @@ def annotation_for_image(
             )
         matches = exact
     if not matches:
-        return None
+        return None, resolved
     # The caller names the image file: that is where it is, whatever the json's folder layout.
-    return dataclasses.replace(
+    entry = dataclasses.replace(
         matches[0], path=image_path if image_path.is_file() else matches[0].path
     )
+    return entry, resolved
 
 
 def count_labels(dataset: AnnotatedDataset) -> Counter:

@@ -5,7 +5,9 @@
 ``(xmin - 1, ymin - 1, xmax, ymax)`` in the continuous pixels of
 :mod:`~dcn_inspect.io.annotations.types`. ``difficult`` objects are kept with
 ``ignore = True``. A split names ``ImageSets/Main/<split>.txt`` (the first word of each line;
-class files carry a second column); without one every xml is read, sorted by name.
+class files carry a second column); without one every xml is read, sorted by name. An xml
+without ``<size>`` (or with a 0x0 one, as some tools write) takes its image file's size from
+the file's header, EXIF orientation honoured, as a COCO entry without width/height does.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dcn_inspect.io.annotations.types import (
     ImageAnnotation,
     pack_boxes,
 )
+from dcn_inspect.io.image_file import read_displayed_size
 
 #: Image file suffixes tried when a VOC xml names no file.
 VOC_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -68,11 +71,11 @@ def parse_voc_xml(
     xml_path = Path(xml_path)
     repairs = repairs if repairs is not None else BoxRepairs(xml_path)
     root = _read_xml(xml_path)
-    width, height = _image_size(root, xml_path)
     search_dir = (
         Path(images_dir) if images_dir is not None else xml_path.parent.parent / "JPEGImages"
     )
     file_name, image_path = _image_file(root, xml_path, search_dir, allow_outside_paths)
+    width, height = _image_size(root, xml_path, file_name, image_path)
     boxes, ignore, labels = _objects(root, xml_path, width, height, repairs)
     packed_boxes, packed_ignore = pack_boxes(boxes, ignore)
     return ImageAnnotation(
@@ -104,21 +107,43 @@ def _read_xml(xml_path: Path) -> ET.Element:
     return root
 
 
-def _image_size(root: ET.Element, xml_path: Path) -> Tuple[int, int]:
-    """(width, height) from ``<size>``, positive integers."""
+def _image_size(
+    root: ET.Element, xml_path: Path, file_name: str, image_path: Optional[Path]
+) -> Tuple[int, int]:
+    """(width, height) from ``<size>``, positive integers; from the image file's header when
+    ``<size>`` is missing, names neither width nor height, or says 0x0."""
     size = root.find("size")
-    if size is None:
-        raise InputError(f"{xml_path}: missing <size>")
-    width, height = (
-        _xml_number(size, "width", xml_path, "<size>"),
-        _xml_number(size, "height", xml_path, "<size>"),
+    stated = (
+        None
+        if size is None or (size.find("width") is None and size.find("height") is None)
+        else (
+            _xml_number(size, "width", xml_path, "<size>"),
+            _xml_number(size, "height", xml_path, "<size>"),
+        )
     )
+    if stated is None or stated == (0.0, 0.0):
+        return _size_from_image(xml_path, file_name, image_path)
+    width, height = stated
     if not (width > 0 and height > 0 and int(width) == width and int(height) == height):
         raise InputError(
             f"{xml_path}: <size> width and height must be positive integers, "
             f"got {width:g}x{height:g}"
         )
     return int(width), int(height)
+
+
+def _size_from_image(xml_path: Path, file_name: str, image_path: Optional[Path]) -> Tuple[int, int]:
+    """(width, height) of ``image_path`` as displayed, for an xml that does not say it."""
+    if image_path is None:
+        raise InputError(f"{xml_path}: no <size> and image {file_name} not found to read it")
+    try:
+        (height, width), _ = read_displayed_size(image_path)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for unreadable files
+        raise InputError(
+            f"{xml_path}: no <size> and the size of {image_path} cannot be read "
+            f"({type(exc).__name__})"
+        ) from None
+    return width, height
 
 
 def _image_file(
