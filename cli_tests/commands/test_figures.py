@@ -7,6 +7,8 @@ figures are caught on their way to ``write_figure``) and GIFs are decoded with P
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -496,3 +498,25 @@ def test_every_readme_picture_is_written_by_make_figures() -> None:
     assert pictures and pictures == written
     assert all((root / "sample_weights" / "examples" / name).is_file() for name in pictures)
     assert "dcn-inspect offsets" in makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+
+
+def test_make_figures_recipe_reproduces_the_readme_sampling_picture(tmp_path: Path) -> None:
+    """Runs the recipe's own ``sample-points`` line (the bundled weights on ``FIGURE_IMAGE``) and
+    finds the README's picture byte for byte: the committed figure is the code's current output."""
+    root = Path(__file__).resolve().parents[2]
+    makefile = (root / "Makefile").read_text()
+    image = re.search(r"^FIGURE_IMAGE \?= (\S+)$", makefile, re.M).group(1)
+    recipe = makefile.split("\nfigures:", 1)[1].split("\n\n", 1)[0]
+    command = re.search(r"\$\(BIN\)/dcn-inspect (sample-points \S+) --out (\S+)", recipe)
+    assert command and command.group(1) == "sample-points $(FIGURE_IMAGE)"
+    copied = re.search(r"cp (\S+) \$\(EXAMPLES\)/sample_points\.png", recipe).group(1)
+    stem = Path(image).stem
+    written = copied.replace(command.group(2), str(tmp_path)).replace("$(FIGURE_STEM)", stem)
+    subprocess.run(
+        [sys.executable, "-m", "dcn_inspect", "sample-points", image, "--out", str(tmp_path)],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
+    expected = (root / "sample_weights" / "examples" / "sample_points.png").read_bytes()
+    assert Path(written).read_bytes() == expected

@@ -3,6 +3,7 @@ model."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,9 +19,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dcn_inspect.analysis.unit_selection import background_unit, grid_units, nearest_unit
+from dcn_inspect.capture.session import probe
 from dcn_inspect.commands.sample_points import CSV_COLUMNS, sample_points
 from dcn_inspect.core.errors import InputError
 from dcn_inspect.core.geometry import FrameMap
+from dcn_inspect.io.images import to_model_input
 from dcn_inspect.models import registry
 from dcn_inspect.models.loaded_model import LoadedModel
 from dcn_inspect.models.registry import Preprocess
@@ -214,27 +217,41 @@ def test_same_inputs_same_csv_bytes(image_path: Path, tmp_path: Path) -> None:
     assert second.images[0].figure.read_bytes().startswith(b"%PDF")
 
 
-def test_csv_rows_are_the_traced_trees(image_path: Path, tmp_path: Path) -> None:
+def _brute_force_tracer() -> Callable[..., Any]:
+    """The plain-recursion tracer of ``cli_tests/analysis/test_sampling_trees.py`` (scalar
+    bilinear reads of PAPER.md §1 with the op's border rule, the layers' own geometry)."""
+    path = Path(__file__).resolve().parents[1] / "analysis" / "test_sampling_trees.py"
+    spec = importlib.util.spec_from_file_location("_sampling_trees_oracle", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module._brute_force
+
+
+def test_csv_rows_match_a_brute_force_tracer(image_path: Path, tmp_path: Path) -> None:
+    loaded = _loaded()
     result = sample_points(
-        [image_path],
-        model=_loaded(),
-        at=["3,3", "40,30"],
-        group="mean",
-        out=tmp_path,
-        progress=False,
+        [image_path], model=loaded, at=["3,3", "40,30"], group="mean", out=tmp_path, progress=False
     )
-    trees = result.images[0].trees
     table = _read_points(result.images[0].csv)
-    for unit in range(2):
+    # The oracle's own forward: the same image and model, records top (last called) first.
+    model_input = to_model_input(
+        np.asarray(Image.open(image_path).convert("RGB")), loaded.preprocess
+    )
+    convs = probe(loaded.model, model_input.tensor).convs
+    records = [convs[name] for name in ("dcn_c", "dcn_b", "dcn_a")]
+    brute_force = _brute_force_tracer()
+    # Stride-2 stem: unit (row, col) sits at image (2 col + 0.5, 2 row + 0.5); the nearest units
+    # to (3, 3) and (40, 30) are (1, 1) and (15, 20).
+    for unit, cell in enumerate([(1, 1), (15, 20)]):
+        expected = brute_force(records, cell, "mean", False)
         for level in (1, 2, 3):
             rows = table[(table["unit"] == unit) & (table["level"] == level)]
-            np.testing.assert_allclose(
-                rows["x"].to_numpy(), trees.xs[level - 1][unit].numpy(), rtol=1e-5, atol=1e-4
-            )
-            np.testing.assert_allclose(
-                rows["y"].to_numpy(), trees.ys[level - 1][unit].numpy(), rtol=1e-5, atol=1e-4
-            )
-            assert rows["inside"].tolist() == trees.inside[level - 1][unit].long().tolist()
+            want = np.array([p[:3] for p in expected[level - 1]])
+            assert len(rows) == len(want) == 9**level
+            np.testing.assert_allclose(rows["x"].to_numpy(), want[:, 0], rtol=0, atol=1e-4)
+            np.testing.assert_allclose(rows["y"].to_numpy(), want[:, 1], rtol=0, atol=1e-4)
+            np.testing.assert_allclose(rows["weight"].to_numpy(), want[:, 2], rtol=1e-5, atol=1e-6)
+            assert rows["inside"].tolist() == [int(p[3]) for p in expected[level - 1]]
     # The corner unit's level-1 samples (dilation 2 around cell (1, 1)) fall outside the map.
     corner = table[(table["unit"] == 0) & (table["level"] == 1)]
     assert 0 < corner["inside"].sum() < 9

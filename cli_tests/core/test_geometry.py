@@ -226,7 +226,13 @@ def test_user_model_file_is_hooked_and_traced(tmp_path):
     # dcn3 follows an interpolation: the map is inferred from sizes and says so.
     dcn3 = result.convs["dcn3"].geometry
     assert dcn3.method == "size"
-    assert dcn3.input_frame == FrameMap.from_sizes((37, 50), dcn3.input_hw)
+    # By hand: 37x50 -> pad 38x51 -> stem 3x3 s2: 18x25 -> pad 19x26 -> down 2x2 s2: 9x13
+    # -> pool 2: 4x6 -> dcn2 3x3 s2 p2 d2: 2x3 -> interpolate x3: 6x9. A 6x9 map spread over the
+    # 37x50 image: steps 37/6 and 50/9 px, cell 0 centred half a step in.
+    assert dcn3.input_hw == (6, 9)
+    assert dcn3.input_frame.as_dict() == pytest.approx(
+        {"stride_x": 50 / 9, "stride_y": 37 / 6, "offset_x": 25 / 9, "offset_y": 37 / 12}
+    )
 
 
 def test_info_cli_on_a_user_model_file(tmp_path, monkeypatch, capsys):

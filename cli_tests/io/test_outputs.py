@@ -68,12 +68,35 @@ def test_out_dir_reused_and_unwritable_reported(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(InputError, match="exists and is not a directory|cannot create"):
         prepare_out_dir(blocker)
-    if os.geteuid() != 0:  # root can write anywhere
-        locked = tmp_path / "locked"
-        locked.mkdir()
-        locked.chmod(0o500)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.geteuid() != 0:  # the real permission error
         with pytest.raises(InputError, match="not writable"):
             prepare_out_dir(locked)
+    locked.chmod(0o700)
+
+
+def test_unwritable_out_dir_reported_even_as_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root may write anywhere (CI runs as root), so the refusal of write access is simulated."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    refused = []
+
+    def access(path, mode, *args, **kwargs):
+        if Path(path) == locked and mode & os.W_OK:
+            refused.append(path)
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(InputError, match="not writable"):
+        prepare_out_dir(locked)
+    assert refused  # the check asked the operating system about this directory
+    assert prepare_out_dir(tmp_path / "free") == tmp_path / "free"
 
 
 def test_summary_has_versions_and_parameters(tmp_path: Path) -> None:

@@ -639,8 +639,11 @@ def test_mmdetection_preprocessing_matches_its_pipeline(tmp_path, height, width,
         1e-4 if _has_cv2() else 1.0 / 57.12 + 1e-4
     )  # bit-exact with cv2; else within a grey level
     np.testing.assert_allclose(prepared.tensor[0].numpy(), expected, atol=tolerance, rtol=0)
-    assert (
-        "embedded config" in loaded.summary()["import"]["size_divisor"] if divisor_config else True
+    assert loaded.preprocess.size_divisor == (divisor_config or 32)
+    assert loaded.summary()["import"]["size_divisor"] == (
+        "embedded config"
+        if divisor_config
+        else "mmdetection's default (no size divisor in an embedded config)"
     )
 
 

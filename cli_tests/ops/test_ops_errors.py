@@ -244,8 +244,33 @@ def _direct_calls() -> Dict[str, Callable[[], object]]:
     }
 
 
+# The kernel's own message for each direct call: a call of the wrong arity or argument type
+# also raises RuntimeError, but from the dispatcher, with none of these messages.
+DIRECT_MESSAGES = {
+    "conv offset shape": r"^deform_conv2d: offset has shape \[1, 18, 5, 6\]; "
+    r"expected \[1, 18, 6, 6\]",
+    "conv mask shape": r"^deform_conv2d: mask has shape \[1, 9, 3, 3\]; expected \[1, 9, 6, 6\]",
+    "conv groups": r"^deform_conv2d: input channels \(4\) != weight.size\(1\) \(4\) "
+    r"\* groups \(2\)",
+    "conv stride zero": r"^deform_conv2d: stride must be >= 1",
+    "conv backward grad shape": r"^deform_conv2d backward: grad has shape \[1, 3, 5, 5\]; "
+    r"expected \[1, 3, 6, 6\]",
+    "roi batch index": r"^deform_roi_pool: roi batch index 3 is outside \[0, 0\]",
+    "roi offset shape": r"^deform_roi_pool: offset has shape \[1, 2, 3, 3\]; "
+    r"expected \[1, 2, 2, 2\]",
+    "psroi channels": r"^deform_psroi_pool: input has 4 channels; "
+    r"expected output_dim \* group_size\^2 = 9",
+    "psroi count shape": r"^deform_psroi_pool backward: grad and count must have shape "
+    r"\[1, 1, 2, 2\], got \[1, 1, 3, 3\]",
+}
+
+
+def test_every_direct_call_has_its_message() -> None:
+    assert sorted(DIRECT_MESSAGES) == sorted(_direct_calls())
+
+
 @pytest.mark.parametrize("name", sorted(_direct_calls()))
-def test_native_ops_check_shapes(name: str) -> None:
+def test_native_ops_reject_bad_shapes_with_the_kernel_message(name: str) -> None:
     native_or_skip()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=DIRECT_MESSAGES[name]):
         _direct_calls()[name]()
