@@ -4,6 +4,9 @@ shown, an example, and the same option spelled the same way in every command."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Dict, List
 
 import pytest
@@ -183,3 +186,22 @@ def test_doctor_names_the_backend_once_and_how_the_ops_were_built() -> None:
         ("build", "compiled now in 3.0 s")
     ]
     assert ops_rows({}) == []  # the reference backend: no build
+
+
+def test_demo_data_refuses_an_empty_out_instead_of_writing_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``demo-data "$UNSET"``: OUT is an empty string, which a Path would read as ``.``."""
+    monkeypatch.chdir(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "dcn_inspect", "demo-data", "", "--n", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "dcn-inspect: error: OUT '': an empty path (an unset shell variable?); "
+        "name the output directory"
+    ]
+    assert list(tmp_path.iterdir()) == []

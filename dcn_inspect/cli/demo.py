@@ -6,8 +6,6 @@ dataset.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from dcn_inspect.cli.app import app
@@ -18,7 +16,8 @@ from dcn_inspect.cli.app import app
     epilog="Example: dcn-inspect demo-data shapes/ --n 50 --seed 7 --format voc",
 )
 def demo_data(
-    out: Path = typer.Argument(
+    # A string, not a Path: Path("") would read an unset shell variable as the current folder.
+    out: str = typer.Argument(
         ...,
         metavar="OUT",
         help="Output directory (created; existing files with the same names are replaced).",
@@ -53,7 +52,7 @@ def demo_data(
 
     from dcn_inspect.core.errors import InputError
     from dcn_inspect.io.datasets.synthetic import SceneConfig, write_dataset
-    from dcn_inspect.io.outputs import prepare_out_dir
+    from dcn_inspect.io.outputs import check_out_dir, prepare_out_dir
 
     if n < 1:
         raise InputError(f"{n}: need at least one scene", param="n")
@@ -63,12 +62,12 @@ def demo_data(
         raise InputError(f"{image_format}: expected png or jpg", param="image_format")
     if size < 64:
         raise InputError(f"{size}: images must be at least 64 pixels wide", param="size")
-    prepare_out_dir(out)
+    out_dir = prepare_out_dir(check_out_dir(out))
     config = SceneConfig.for_size(size)
     with Progress() as bar:
         task = bar.add_task("generating scenes", total=n)
         result = write_dataset(
-            out,
+            out_dir,
             n,
             seed,
             fmt,
