@@ -29,6 +29,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
+from dcn_inspect.report.legends import legend_in_fitting_columns
+
 ROI_COLOUR = "#ffd400"
 DEFORMED_COLOUR = "#ff1a1a"
 POINT_COLOUR = "#00e5ff"
@@ -315,12 +317,15 @@ OVERHANG = 1e-3
 def fit_legend(fig: Figure, handles: Sequence[object], labels: Sequence[str], loc: str) -> None:
     """Add the legend at ``loc`` in as many columns (three at most) as keep it, and every title,
     inside the figure; where even one column (or a title) is wider, widen the figure."""
-    for ncols in range(min(3, len(handles)), 0, -1):
-        legend = fig.legend(handles, labels, loc=loc, ncols=ncols, fontsize=8, frameon=False)
-        if _overflow(fig) <= OVERHANG:
-            return
-        if ncols > 1:
-            legend.remove()
+    legend_in_fitting_columns(
+        fig,
+        handles,
+        labels,
+        lambda _: _overflow(fig) <= OVERHANG,
+        loc=loc,
+        fontsize=8,
+        frameon=False,
+    )
     for _ in range(3):  # the layout changes with the width: measure again
         excess = _overflow(fig)
         if excess <= OVERHANG:

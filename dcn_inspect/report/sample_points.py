@@ -29,7 +29,7 @@ import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from PIL import Image, ImageDraw, ImageFont
 from dcn_inspect.analysis.sample_points import SamplingTrees
 from dcn_inspect.analysis.unit_selection import Unit, UnitCategory
 from dcn_inspect.core.files import atomic_path
+from dcn_inspect.report.legends import legend_in_fitting_columns
 
 UNIT_COLOUR = "#00e000"
 POINT_COLOUR = "#ff1a1a"
@@ -353,16 +354,15 @@ def _add_legend(
     renderer = FigureCanvasAgg(fig).get_renderer()
     if title:  # about 0.55 em per character
         title = textwrap.fill(title, max(20, int(fig.get_figwidth() * 72 / (0.55 * 9))))
-    for ncols in range(min(3, len(handles)), 0, -1):
-        legend = fig.legend(
-            handles, labels, loc="outside upper center", ncols=ncols, fontsize=8, frameon=False,
-            title=title, title_fontsize=9,
-        )  # fmt: skip
-        needed = legend.get_window_extent(renderer).width / fig.dpi + LEGEND_PAD
-        if needed <= fig.get_figwidth() or ncols == 1:
-            break
-        legend.remove()
-    fig.set_figwidth(max(fig.get_figwidth(), needed))
+
+    def needed(legend: Any) -> float:
+        return legend.get_window_extent(renderer).width / fig.dpi + LEGEND_PAD
+
+    legend = legend_in_fitting_columns(
+        fig, handles, labels, lambda legend: needed(legend) <= fig.get_figwidth(),
+        loc="outside upper center", fontsize=8, frameon=False, title=title, title_fontsize=9,
+    )  # fmt: skip
+    fig.set_figwidth(max(fig.get_figwidth(), needed(legend)))
     return float(legend.get_window_extent(renderer).height / fig.dpi)
 
 
