@@ -14,6 +14,9 @@ FIGURES_OUT ?= $(OUT)/figures
 # receptive-field: three units (background, a small cross, the large disc) under dcn-sample and its plain dilated baseline.
 RF_FIGURE_ARGS := dcn_inspect/data/images/scene_04.jpg --at 8,8 --at 64,232 --at 128,136 --compare-model dcn-sample-dilated
 
+# attention: dcn-attn-sample's encoder trees of two tokens (on the star and on background).
+ATTENTION_TREE_ARGS := $(FIGURE_IMAGE) --queries encoder --at 120,170 --at 20,120
+
 .PHONY: setup demo figures test lint ops bench clean readme-tables
 
 setup: $(VENV)/.installed
@@ -37,6 +40,7 @@ demo: ops
 	$(BIN)/dcn-inspect bins --out $(OUT)/bins
 	$(BIN)/dcn-inspect offsets --out $(OUT)/offsets
 	$(BIN)/dcn-inspect receptive-field $(RF_FIGURE_ARGS) --out $(OUT)/receptive-field
+	$(BIN)/dcn-inspect attention --out $(OUT)/attention
 	@echo "demo outputs in $(OUT)/"
 
 # Regenerate the README's pictures (never edited by hand): the bundled weights on a bundled
@@ -53,6 +57,12 @@ figures: ops
 	cp $(FIGURES_OUT)/dilation-stats/dilation_hist.png $(EXAMPLES)/dilation_hist.png
 	$(BIN)/dcn-inspect receptive-field $(RF_FIGURE_ARGS) --out $(FIGURES_OUT)/receptive-field
 	cp $(FIGURES_OUT)/receptive-field/scene_04_receptive_field.png $(EXAMPLES)/receptive_field.png
+	$(BIN)/dcn-inspect attention $(FIGURE_IMAGE) --out $(FIGURES_OUT)/attention
+	cp $(FIGURES_OUT)/attention/$(FIGURE_STEM)_attention.png $(EXAMPLES)/attention.png
+	$(BIN)/dcn-inspect attention $(ATTENTION_TREE_ARGS) --out $(FIGURES_OUT)/attention-tree
+	cp $(FIGURES_OUT)/attention-tree/$(FIGURE_STEM)_attention_tree.png $(EXAMPLES)/attention_tree.png
+	$(BIN)/dcn-inspect receptive-field $(FIGURE_IMAGE) --model dcn-attn-sample --queries decoder --top 4 --out $(FIGURES_OUT)/query-receptive-field
+	cp $(FIGURES_OUT)/query-receptive-field/$(FIGURE_STEM)_query_receptive_field.png $(EXAMPLES)/query_receptive_field.png
 	@echo "README pictures written to $(EXAMPLES)/"
 
 # The linter first (pyflakes, pycodestyle at 100 columns, import order; the tree is

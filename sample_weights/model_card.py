@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from attn_recipe import CARD_HEADING as ATTN_CARD_HEADING
+from attn_recipe import with_card_section
 from recipe import DIFFERENCES, weights_file_name
 
 from dcn_inspect.analysis.size_categories import CATEGORIES
@@ -71,6 +73,12 @@ def render_card(out: Path, archs: Sequence[str]) -> Path:
         "finetune": finetune_markdown(deformable),
     }
     card = CARD_TEMPLATE.read_text(encoding="utf-8").format(**fields)
+    # The ``dcn-attn-sample`` section (``train_attn.py`` writes it) is kept as it is.
+    previous_path = out / "MODEL_CARD.md"
+    previous = previous_path.read_text(encoding="utf-8") if previous_path.exists() else ""
+    index = previous.find("\n" + ATTN_CARD_HEADING)
+    if index >= 0:
+        card = with_card_section(card, previous[index + 1 :])
     write_text(out / "MODEL_CARD.md", card)
     return out / "MODEL_CARD.md"
 

@@ -188,6 +188,26 @@ def test_size_rules_of_each_framework() -> None:
     assert resized_size((400, 2000), 800, 1333, "detectron2") == (267, 1333)
     assert resized_size((600, 600), 800, 1333, "detectron2") == (800, 800)
     assert resized_size((1500, 2000), 0, 1333, "detectron2") == (1500, 2000)
+    # transformers (DETR-family get_size_with_aspect_ratio): short side exact, long side
+    # TRUNCATED where every other rule rounds it.
+    assert resized_size((1500, 2000), 800, 1333, "transformers") == (800, 1066)
+    assert resized_size((50, 70), 64, 96, "transformers") == (64, 89)
+    assert resized_size((50, 70), 64, 96, "round") == (64, 90)
+    assert resized_size((400, 2000), 800, 1333, "transformers") == (267, 1333)  # capped
+    assert resized_size((800, 1000), 800, 1333, "transformers") == (800, 1000)  # kept as is
+
+
+def test_fixed_size_stretches_the_image_and_scales_each_axis_on_its_own() -> None:
+    image = np.random.default_rng(5).integers(0, 256, (30, 45, 3), dtype=np.uint8)
+    pre = Preprocess(fixed_size=(40, 20))
+    prepared = to_model_input(image, pre)
+    assert prepared.input_hw == prepared.content_hw == (40, 20)
+    assert prepared.scale_to_original == (45 / 20, 30 / 40)
+    assert to_model_input(image, pre, resize=15).input_hw == (15, 22)  # `resize` overrides it
+    assert "fixed_size" not in Preprocess().as_dict()  # left out of every other model's record
+    assert Preprocess.from_dict(pre.as_dict()) == pre
+    with pytest.raises(ValueError, match="fixed_size"):
+        Preprocess.from_dict({"fixed_size": [40, 0]})
 
 
 def test_padding_is_zero_at_the_bottom_right_and_keeps_the_scale() -> None:

@@ -310,7 +310,7 @@ def test_info_on_a_model_without_deformable_layers(tmp_path, monkeypatch, capsys
     source = tmp_path / "plain.py"
     source.write_text("from torch import nn\n\ndef build():\n    return nn.Conv2d(3, 4, 3)\n")
     code, out, _ = _run_cli(["info", f"{source}:build"], monkeypatch, capsys)
-    assert code == 0 and "No deformable conv layer ran" in out
+    assert code == 0 and "No deformable conv layer or deformable attention ran" in out
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,8 +323,10 @@ def test_info_on_a_model_without_deformable_layers(tmp_path, monkeypatch, capsys
         (
             5,
             "expected a dict of mean, std, resize, max_size, interpolation, size_rule, "
-            "size_divisor, got int",
+            "size_divisor, fixed_size, got int",
         ),
+        ({"fixed_size": [640, 0]}, "fixed_size must be (height, width) in pixels"),
+        ({"fixed_size": [64, 64], "resize": 32}, "fixed_size replaces resize and max_size"),
         (
             {"size_divisor": 10**6},
             "size_divisor 1000000: must be 0 (no padding) or a positive number of pixels "

@@ -30,8 +30,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from dcn_inspect.analysis.attention import finest_level
 from dcn_inspect.analysis.dilation import effective_dilation
 from dcn_inspect.analysis.sample_points import GroupChoice, check_group
+from dcn_inspect.capture.attention_calls import AttentionRecord
 from dcn_inspect.capture.records import DeformConvRecord
 from dcn_inspect.core.checks import parse_kernel_point  # noqa: F401 - offsets' own option
 from dcn_inspect.core.errors import InputError
@@ -47,6 +49,7 @@ class OffsetField:
     kernel_point: Optional[KernelPoint]  # None: the mean over the unit's kernel points
     dx: np.ndarray
     dy: np.ndarray
+    label: Optional[str] = None  # the field's name when not a kernel point's (attention)
 
     @property
     def magnitude(self) -> np.ndarray:
@@ -54,6 +57,8 @@ class OffsetField:
 
     @property
     def name(self) -> str:
+        if self.label is not None:
+            return self.label
         if self.kernel_point is None:
             return "mean offset of the kernel points"
         return f"kernel point ({self.kernel_point[0]}, {self.kernel_point[1]})"
@@ -76,6 +81,8 @@ class LayerOffsetMaps:
         default_factory=lambda: np.zeros((0, 0))
     )  # [Ho, Wo] effective dilation, px
     undeformed_dilation: float = 0.0  # what an undeformed filter scores, px
+    #: Why there is no dilation map (NaN ``undeformed_dilation``), as the figure says it.
+    no_dilation: str = "no effective dilation (a single kernel point)"
 
     @property
     def fields(self) -> List[OffsetField]:
@@ -198,4 +205,55 @@ def layer_offset_maps(
         points=points,
         dilation=dilation,
         undeformed_dilation=undeformed,
+    )
+
+
+def attention_offset_maps(
+    record: AttentionRecord,
+    scale_to_original: Tuple[float, float] = (1.0, 1.0),
+    batch_index: int = 0,
+) -> LayerOffsetMaps:
+    """The attention-weighted mean displacement of the encoder queries of one multi-scale
+    deformable attention call, over the tokens of its finest level, in original-image pixels.
+
+    A query's displacement is, per head, the attention-weighted mean of (sampling point -
+    reference point of the point's level), then averaged over the heads (each head's weights
+    sum to 1): the translation of where the query looks. Needs every token of the finest level
+    (a capture that kept them all) and the call's reference points.
+    """
+    level = finest_level(record.spatial_shapes)
+    height, width = record.spatial_shapes[level]
+    start = record.level_start[level]
+    wanted = torch.arange(start, start + height * width)
+    if record.queries.numel() != record.query_count or record.kind != "encoder":
+        raise ValueError(f"{record.name}: needs every encoder token of the call")
+    refs = record.references_in_input()
+    if refs is None:
+        raise ValueError(f"{record.name}: the call's reference points were not captured")
+    sx, sy = (float(v) for v in scale_to_original)
+    xs, ys = record.points_in_input()  # [B, Q, H, P]
+    weights = record.weights[batch_index, wanted].double()  # [Q, H, P]
+    dx = ((xs[batch_index, wanted] - refs[0][batch_index, wanted][:, None, :]) * weights).sum(-1)
+    dy = ((ys[batch_index, wanted] - refs[1][batch_index, wanted][:, None, :]) * weights).sum(-1)
+    mean = OffsetField(
+        None,
+        (dx.mean(-1) * sx).reshape(height, width).numpy(),
+        (dy.mean(-1) * sy).reshape(height, width).numpy(),
+        label="attention-weighted mean displacement",
+    )
+    frame = record.level_frames[level].scaled(sx, sy)
+    x0, y0 = frame.to_image(-0.5, -0.5)
+    x1, y1 = frame.to_image(width - 0.5, height - 0.5)
+    return LayerOffsetMaps(
+        layer=record.name,
+        kernel=(1, 1),
+        dilation_setting=(1, 1),
+        offset_groups=record.heads,
+        group="mean",
+        extent=(float(x0), float(x1), float(y0), float(y1)),
+        cell_px=(frame.stride_x, frame.stride_y),
+        mean=mean,
+        dilation=np.full((height, width), math.nan),
+        undeformed_dilation=math.nan,
+        no_dilation="attention: its spread is measured by `attention`",
     )

@@ -19,6 +19,12 @@ from typing import Optional, Tuple
 
 from torch import nn
 
+from dcn_inspect.capture.attention_calls import (
+    ATTENTION_MODULE_CLASSES,
+    CORE_FUNCTION_CLASSES,
+    CORE_FUNCTIONS,
+    CORE_MODULE_CLASSES,
+)
 from dcn_inspect.capture.foreign_layers import FOREIGN_LAYERS, ForeignDeformConvAdapter
 from dcn_inspect.capture.internimage_layers import FAMILIES, InternImageAdapter
 from dcn_inspect.capture.op_calls import OP_KINDS, TORCHVISION_OP
@@ -57,6 +63,19 @@ CAPTURE_REGISTRY: Tuple[CaptureEntry, ...] = (
         InternImageAdapter(),
     ),
     CaptureEntry("op calls", ", ".join([kind.name for kind in OP_KINDS] + [TORCHVISION_OP.name])),
+    # Multi-scale deformable attention: the core calls are captured, named after the modules.
+    CaptureEntry(
+        "deformable attention modules",
+        ", ".join(f"{owner} {name}" for name, owner in ATTENTION_MODULE_CLASSES.items()),
+    ),
+    CaptureEntry(
+        "deformable attention cores",
+        ", ".join(
+            [f"{owner} {name}" for name, owner in CORE_FUNCTIONS.items()]
+            + [f"{owner} {name}.apply" for name, owner in CORE_FUNCTION_CLASSES.items()]
+            + [f"{owner} {name} module" for name, owner in CORE_MODULE_CLASSES.items()]
+        ),
+    ),
 )
 
 #: The module-level adapters, in the registry's order.

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from dcn_inspect.capture.attention_calls import AttentionRecord, TokenChoice
 from dcn_inspect.core.errors import InputError
 from dcn_inspect.core.geometry import NCHW, FrameMap, FrameTracker, LayerGeometry, MapLayout, Pair
 
@@ -115,6 +116,10 @@ class OffsetCapture:
     input_hw: Optional[Pair] = None
     claimed: int = 0  # depth of module-level captures running (their op calls are theirs)
     op_listener: Optional[Callable[[OpCallRun], Optional[torch.Tensor]]] = None
+    #: Multi-scale deformable attention calls (:mod:`dcn_inspect.capture.attention_calls`).
+    attention: Dict[str, AttentionRecord] = field(default_factory=dict)
+    #: Which encoder queries of an attention call to keep (None: all of them).
+    keep_tokens: Optional[TokenChoice] = None
 
     def watch_input(self, images: torch.Tensor) -> None:
         """Declare the model-input image batch [B, 3, H, W] (its frame is the image's)."""

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from dcn_inspect.capture.adapters import ADAPTERS
+from dcn_inspect.capture.attention_calls import TokenChoice, capture_attention
 from dcn_inspect.capture.op_calls import capture_ops
 from dcn_inspect.capture.records import (
     DeformConvRecord,
@@ -60,7 +61,10 @@ __all__ = [
 
 @contextlib.contextmanager
 def capture_offsets(
-    model: nn.Module, track_frames: bool = True, tracker: Optional[FrameTracker] = None
+    model: nn.Module,
+    track_frames: bool = True,
+    tracker: Optional[FrameTracker] = None,
+    keep_tokens: Optional[TokenChoice] = None,
 ) -> Iterator[OffsetCapture]:
     """Record the offsets of every deformable layer and op call of ``model`` during the enclosed
     forward.
@@ -69,7 +73,9 @@ def capture_offsets(
     ``tracker`` replaces the default :class:`FrameTracker` (e.g. a subclass that follows more
     than frames); it is ignored without ``track_frames``.
     """
-    capture = OffsetCapture(tracker=(tracker or FrameTracker()) if track_frames else None)
+    capture = OffsetCapture(
+        tracker=(tracker or FrameTracker()) if track_frames else None, keep_tokens=keep_tokens
+    )
     removers: List[Callable[[], None]] = []
     try:
         for name, module in model.named_modules():
@@ -83,6 +89,16 @@ def capture_offsets(
             stack.enter_context(
                 capture_ops(model, capture)
             )  # inside the tracker: sees op calls first
+            tracker = capture.tracker
+            stack.enter_context(
+                capture_attention(
+                    model,
+                    capture.attention,
+                    tracker.frame_of_size if tracker is not None else lambda hw: None,
+                    lambda: capture.input_hw,
+                    capture.keep_tokens,
+                )
+            )
             yield capture
     finally:
         for remove in reversed(removers):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict
 
 # Importing a command module registers its command on ``app``.
 from dcn_inspect.cli import (
+    attention,  # noqa: E402,F401
     bins,  # noqa: E402,F401
     demo,  # noqa: E402,F401
     dilation_stats,  # noqa: E402,F401

@@ -59,6 +59,7 @@ COMMAND_ORDER = (
     "dilation-stats",
     "offsets",
     "receptive-field",
+    "attention",
     "demo-data",
 )
 

@@ -85,8 +85,8 @@ def info_command(
     target: Optional[str] = typer.Argument(
         None,
         metavar="MODEL",
-        help="Registered architecture, checkpoint path, or path/to/file.py:function (or "
-        "--model; default: dcn-sample).",
+        help="Registered architecture, checkpoint path, path/to/file.py:function or hf:DIR "
+        "(or --model; default: dcn-sample).",
         show_default=False,
     ),
     image: Optional[str] = typer.Argument(

@@ -19,12 +19,13 @@ from dcn_inspect.core.defaults import (
 )
 
 
-def model() -> Any:
+def model(default: str = "dcn-sample") -> Any:
     return typer.Option(
         None,
         "--model",
         metavar="MODEL",
-        help="Registered architecture, checkpoint, or file.py:function (default: dcn-sample).",
+        help="Registered architecture, checkpoint, file.py:function, or hf:DIR (a HuggingFace "
+        f"save_pretrained folder, loaded offline) (default: {default}).",
     )
 
 

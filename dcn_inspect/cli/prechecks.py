@@ -21,6 +21,7 @@ PRECHECKS: Dict[str, Tuple[str, ...]] = {
     "receptive-field": ("fmt", "resize", "max_pixels", "group", "units", "images"),
     "offsets": ("fmt", "resize", "max_pixels", "group", "kernel_point", "images"),
     "bins": ("fmt", "resize", "max_pixels"),
+    "attention": ("fmt", "resize", "max_pixels", "images"),
     "dilation-stats": ("resize", "max_pixels"),
     "info": ("resize", "max_pixels"),
 }

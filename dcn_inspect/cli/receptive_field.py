@@ -22,7 +22,9 @@ EPILOG = (
     "Example: dcn-inspect receptive-field scene.jpg --compare-model dcn-sample-dilated  "
     "(deformable vs plain, side by side)\n\n"
     "Example: dcn-inspect receptive-field --stats --max-images 5  (ERF radius and saliency area "
-    "per object size, bundled dataset)"
+    "per object size, bundled dataset)\n\n"
+    "Example: dcn-inspect receptive-field photo.jpg --model hf:deformable-detr/ --queries decoder "
+    "--top 2  (ERF of object queries, attention points weighted by |dr/dp|)"
 )
 
 #: Options that only the dataset mode reads, with their defaults.
@@ -40,8 +42,45 @@ _IMAGES_ONLY = {
 }
 
 
+#: Options that only the query mode (``--queries``) reads, with their defaults.
+_QUERIES_ONLY = {"query": [], "top": 4}
+#: Options of the unit modes that the query mode does not read, with their defaults.
+_UNITS_ONLY = {
+    "layers": None,
+    "levels": None,
+    "grid": None,
+    "boxes": None,
+    "channel": None,
+    "group": "0",
+    "round_positions": False,
+    "saliency_error": 0.1,
+    "saliency_step": None,
+    "compare_model": None,
+    "compare_weights": None,
+    "batch_size": 8,
+    **_STATS_ONLY,
+}
+
 # --------------------------------------------------------------------------------------------
 # This command's own options
+
+QUERIES_OPTION = typer.Option(
+    None,
+    "--queries",
+    metavar="decoder|encoder",
+    help="Receptive fields of multi-scale deformable attention queries instead of units: object "
+    "queries of the decoder (r: the top class's logit) or encoder tokens at --at (r: the sum of "
+    "the last encoder attention's output at the token).",
+)
+QUERY_OPTION = typer.Option(
+    None, "--query", metavar="I", help="With --queries decoder: query I (0-based; repeatable)."
+)
+TOP_OPTION = typer.Option(
+    4,
+    "--top",
+    metavar="N",
+    help="With --queries decoder, without --query: the N queries with the highest class score.",
+)
 
 
 def _images() -> Any:
@@ -145,6 +184,9 @@ def receptive_field(
     thresholds: str = options.thresholds(scope="With --stats"),
     max_images: Optional[int] = options.max_images("With --stats"),
     batch_size: int = _batch_size(),
+    queries: Optional[str] = QUERIES_OPTION,
+    query: Optional[List[int]] = QUERY_OPTION,
+    top: int = TOP_OPTION,
     resize: Optional[int] = options.resize(),
     device: str = options.device(),
     out: Path = options.out(),
@@ -158,6 +200,13 @@ def receptive_field(
 
     given.pop("stats")
     given["layers"] = comma_list(layers)
+    if queries is not None:
+        _run_queries(given, stats)
+        return
+    _refuse(given, _QUERIES_ONLY, "queries", needed=True)
+    for name in _QUERIES_ONLY:
+        given.pop(name)
+    given.pop("queries")
     if stats:
         _run_stats(given)
     else:
@@ -220,6 +269,41 @@ def _run_images(given: Dict[str, Any]) -> None:
         console.print(
             f"{item.image.name}: {len(item.units)} unit(s) -> {item.csv}, {item.npz}, {item.figure}"
         )
+    for note in result.notes:
+        console.print(f"note: {note}")
+    print_skipped(console, result.skipped)
+    console.print(f"summary: {result.summary}")
+
+
+def _run_queries(given: Dict[str, Any], stats: bool) -> None:
+    """The query mode: ``query_receptive_field`` on the images, its outputs printed."""
+    if stats:
+        raise InputError("is not read with `queries`", param="stats")
+    _refuse(given, _UNITS_ONLY, "queries")
+    from dcn_inspect.commands.receptive_field.query_mode import query_receptive_field
+
+    for name in _UNITS_ONLY:
+        given.pop(name)
+    result = query_receptive_field(
+        **{
+            **given,
+            **dict(
+                images=given["images"] or None, at=given["at"] or (), query=given["query"] or ()
+            ),
+        }
+    )
+    console = render.console()
+    console.print(f"attention layers: {', '.join(result.layers)}")
+    for item in result.images:
+        console.print(
+            f"{item.image.name}: {item.kind} queries {', '.join(map(str, item.queries))} -> "
+            f"{item.csv}, {item.npz}, {item.figure}"
+        )
+        for c in item.correlations:
+            console.print(
+                f"  {c['query']} {c['layer']}: spearman(weight, |dr/dp|) {c['spearman']:.3f}, "
+                f"gradient share of the top-weight quarter {c['top_quarter_share']:.3f}"
+            )
     for note in result.notes:
         console.print(f"note: {note}")
     print_skipped(console, result.skipped)

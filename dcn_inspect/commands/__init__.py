@@ -15,6 +15,9 @@ from dcn_inspect.core.columns import Column
 def csv_files() -> Dict[str, Tuple[Column, ...]]:
     """Every CSV the commands write (file name, ``<stem>`` = the image's stem) -> its columns,
     as defined beside the analysis that fills them (the README's column tables come from here)."""
+    from dcn_inspect.analysis.attention import ATTENTION_CSV
+    from dcn_inspect.analysis.attention_stats import DIFFERENCES_CSV as ATTENTION_DIFFERENCES_CSV
+    from dcn_inspect.analysis.attention_stats import TABLE_CSV as ATTENTION_TABLE_CSV
     from dcn_inspect.analysis.bins import BIN_POINTS_CSV, BINS_CSV
     from dcn_inspect.analysis.bins_foreground import ROIS_CSV
     from dcn_inspect.analysis.bins_foreground import TABLE_CSV as FOREGROUND_TABLE_CSV
@@ -25,7 +28,9 @@ def csv_files() -> Dict[str, Tuple[Column, ...]]:
         category_table_columns,
     )
     from dcn_inspect.analysis.receptive_field import RECEPTIVE_FIELD_CSV, STATS_UNITS_CSV
+    from dcn_inspect.analysis.receptive_field.queries import QUERY_FIELD_CSV
     from dcn_inspect.analysis.sample_points import POINTS_CSV
+    from dcn_inspect.commands.attention import TREE_CSV
 
     return {
         "<stem>_points.csv": POINTS_CSV,
@@ -46,4 +51,9 @@ def csv_files() -> Dict[str, Tuple[Column, ...]]:
             "original-image pixels²",
         ),
         "receptive_field_units.csv": STATS_UNITS_CSV,
+        "<stem>_attention.csv": ATTENTION_CSV,
+        "<stem>_attention_tree.csv": TREE_CSV,
+        "attention_table.csv": ATTENTION_TABLE_CSV,
+        "attention_differences.csv": ATTENTION_DIFFERENCES_CSV,
+        "<stem>_query_receptive_field.csv": QUERY_FIELD_CSV,
     }

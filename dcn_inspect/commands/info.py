@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from dcn_inspect.capture.attention_calls import AttentionRecord
 from dcn_inspect.capture.records import DeformConvRecord
 from dcn_inspect.capture.session import probe
 from dcn_inspect.core.defaults import DEFAULT_MAX_PIXELS
@@ -105,6 +106,23 @@ class RoIPoolInfo:
     spatial_scale: float
 
 
+@dataclass(frozen=True)
+class AttentionLayerInfo:
+    """A multi-scale deformable attention call seen in the probe forward pass."""
+
+    name: str
+    module_type: str
+    kind: str  # encoder | decoder
+    heads: int
+    levels: int
+    points_per_level: Tuple[int, ...]
+    queries: int
+    level_strides_px: Tuple[Tuple[float, float], ...]  # per level (x, y), model-input pixels
+    frame_methods: Tuple[str, ...]
+    captured_by: str
+    reference_points: Optional[str]  # "2-d" / "4-d" / None
+
+
 @dataclass
 class ModelInfo:
     """Everything ``dcn-inspect info`` shows."""
@@ -119,6 +137,27 @@ class ModelInfo:
     original_hw: Optional[Tuple[int, int]]
     layers: List[DeformLayerInfo] = field(default_factory=list)
     roi_pools: List[RoIPoolInfo] = field(default_factory=list)
+    attention: List[AttentionLayerInfo] = field(default_factory=list)
+
+
+def attention_layers(records: Dict[str, AttentionRecord]) -> List[AttentionLayerInfo]:
+    """What ``info`` shows of each captured attention call."""
+    return [
+        AttentionLayerInfo(
+            name=record.name,
+            module_type=record.module_type,
+            kind=record.kind,
+            heads=record.heads,
+            levels=record.levels,
+            points_per_level=record.points_per_level,
+            queries=record.query_count,
+            level_strides_px=tuple((f.stride_x, f.stride_y) for f in record.level_frames),
+            frame_methods=record.frame_methods,
+            captured_by=record.captured_by,
+            reference_points=record.summary()["reference_points"],
+        )
+        for record in records.values()
+    ]
 
 
 def offset_stats(record: DeformConvRecord) -> OffsetStats:
@@ -275,4 +314,5 @@ def model_info(
         original_hw=original_hw,
         layers=layers,
         roi_pools=_roi_pools(model),
+        attention=attention_layers(result.capture.attention),
     )

@@ -25,10 +25,12 @@ import numpy as np
 from dcn_inspect.analysis.offsets import (
     KernelPoint,
     LayerOffsetMaps,
+    attention_offset_maps,
     layer_offset_maps,
     parse_kernel_point,
 )
 from dcn_inspect.analysis.sample_points import GroupChoice, check_group, check_group_fits
+from dcn_inspect.capture.attention_calls import ENCODER, AttentionRecord
 from dcn_inspect.capture.selection import select_layers
 from dcn_inspect.capture.session import probe
 from dcn_inspect.commands.common import (
@@ -162,15 +164,25 @@ def _image_maps(
     captured = probe(
         run.loaded.model, model_input.tensor.to(run.device), model_name=run.loaded.name
     )
-    chosen = select_layers(
-        captured.convs, shown.layers, default_count=None, model_name=run.loaded.name
+    attention = _encoder_attention(captured.capture.attention, shown.layers)
+    convs_wanted = (
+        None
+        if shown.layers is None
+        else [n for n in shown.layers if n not in captured.capture.attention]
+    )
+    chosen = (
+        []
+        if attention and (not captured.convs or convs_wanted == [])
+        else select_layers(
+            captured.convs, convs_wanted, default_count=None, model_name=run.loaded.name
+        )
     )
     records = list(reversed(chosen))
     check_group_fits(shown.group, records)
     maps = [
         layer_offset_maps(r, model_input.scale_to_original, shown.group, shown.kernel_points)
         for r in records
-    ]
+    ] + [attention_offset_maps(r, model_input.scale_to_original) for r in reversed(attention)]
     arrays.update(offset_field_arrays(path.stem, {r.name: r for r in records}, model_input))
     title = run.loaded.titled(f"{path.name}: offsets in image pixels")
     figure_path = _write_figure(path, image, maps, output.fmt, run.out_dir, run.notes, title)
@@ -180,10 +192,24 @@ def _image_maps(
         "input_hw": list(model_input.input_hw),
         "scale_to_original": list(model_input.scale_to_original),
         "layers": [m.summary() for m in maps],
-        "geometry_method": {r.name: r.geometry.method for r in records},
+        "geometry_method": {
+            **{r.name: r.geometry.method for r in records},
+            **{r.name: list(r.frame_methods) for r in attention},
+        },
         "outputs": [figure_path.name, NPZ_NAME],
     }
-    return ImageOffsets(path, maps, figure_path), summary, [r.name for r in records]
+    shown_names = [r.name for r in records] + [r.name for r in reversed(attention)]
+    return ImageOffsets(path, maps, figure_path), summary, shown_names
+
+
+def _encoder_attention(
+    records: Dict[str, AttentionRecord], layers: Optional[Sequence[str]]
+) -> List[AttentionRecord]:
+    """The encoder attention calls to draw (all, or those named in ``layers``), call order:
+    decoder queries have no map to draw a field over."""
+    return [
+        r for r in records.values() if r.kind == ENCODER and (layers is None or r.name in layers)
+    ]
 
 
 #: ``summary.json``'s ``conventions``: what the maps' numbers mean.

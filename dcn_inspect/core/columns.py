@@ -48,6 +48,9 @@ class Column:
     unit: str = ""
     decimals: Optional[int] = None
     only: Optional[str] = None
+    #: When the column exists, in words, where ``only`` is not an option (default: "with
+    #: ``--<only>``").
+    only_when: str = ""
 
     def as_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"name": self.name, "meaning": self.meaning, "unit": self.unit or "-"}
@@ -81,9 +84,10 @@ def markdown_table(columns: Iterable[Column]) -> str:
     """The README table of a file's columns (``column | meaning | unit``)."""
     lines = ["| column | meaning | unit |", "|---|---|---|"]
     for column in columns:
-        meaning = column.meaning + (
-            f" (only with `--{column.only.replace('_', '-')}`)" if column.only else ""
+        when = column.only_when or (
+            f"with `--{column.only.replace('_', '-')}`" if column.only else ""
         )
+        meaning = column.meaning + (f" (only {when})" if column.only else "")
         lines.append(f"| `{column.name}` | {meaning.replace('|', '/')} | {column.unit or '–'} |")
     return "\n".join(lines)
 

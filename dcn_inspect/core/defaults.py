@@ -7,6 +7,8 @@ from __future__ import annotations
 
 #: The model every command uses when none is given (the bundled demo network).
 DEFAULT_MODEL = "dcn-sample"
+#: The model of `attention` when none is given: the bundled deformable-attention detector.
+DEFAULT_ATTENTION_MODEL = "dcn-attn-sample"
 
 #: The machine the defaults are sized for: 24 GiB of memory.
 MACHINE_MEMORY_BYTES = 24 * 2**30

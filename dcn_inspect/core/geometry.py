@@ -405,6 +405,10 @@ class FrameTracker(TorchFunctionMode):
             int, Tuple["weakref.ReferenceType[torch.Tensor]", FrameMap, MapLayout]
         ] = {}
         self._opaque_depth = 0
+        # The latest frame declared for a map of each (layout, size): deformable attention
+        # flattens its levels into one token sequence (a concatenation loses frames), so its
+        # levels find their frames by size among the maps the forward made just before.
+        self.latest_by_size: Dict[Tuple[str, Pair], FrameMap] = {}
 
     def set_frame(
         self, tensor: torch.Tensor, frame: FrameMap, layout: Optional[MapLayout] = None
@@ -426,6 +430,16 @@ class FrameTracker(TorchFunctionMode):
                 del frames[key]
 
         frames[key] = (weakref.ref(tensor, forget), frame, layout)
+        self.latest_by_size[(layout.kind, tuple(layout.hw))] = frame
+
+    def frame_of_size(self, hw: Pair) -> Optional[FrameMap]:
+        """The frame of the latest map of size ``hw`` the forward made, preferring flattened
+        maps (``tokens``, ``tokens_cf``: what becomes an attention level) to ``nchw`` ones."""
+        for kind in (TOKENS, TOKENS_CF, NCHW, NHWC):
+            frame = self.latest_by_size.get((kind, (int(hw[0]), int(hw[1]))))
+            if frame is not None:
+                return frame
+        return None
 
     def _entry(self, tensor: Any) -> Optional[Tuple[FrameMap, MapLayout]]:
         if not isinstance(tensor, torch.Tensor):

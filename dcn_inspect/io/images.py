@@ -21,8 +21,9 @@ A model input is made the way the checkpoint's framework makes it (:class:`Prepr
 :mod:`dcn_inspect.io.resize`): resized (size rule and interpolation of that framework),
 normalised, then zero-padded at the bottom and right to the size divisor. The padded cells
 are model input but not image: :attr:`ModelInput.scale_to_original` is original / resized
-size, so frames map padding to positions beyond the image (border units of the padding count
-in no category, like units whose centre lies outside the image).
+size, per axis (a model with a fixed input size stretches the image, aspect ratio not kept,
+so the two differ), so frames map padding to positions beyond the image (border units of the
+padding count in no category, like units whose centre lies outside the image).
 
 Every multi-image command follows one policy for images it cannot use (:class:`SkippedImages`):
 such an image is skipped and its reason kept for ``summary.json`` and the final message; with
@@ -140,6 +141,8 @@ def check_model_input_size(
         max_size = preprocess.max_size if resize is None else 0
         rule = "the image's own size" if target <= 0 else f"shorter side resized to {target}"
         rule += f", longer side capped at {max_size}" if target > 0 and max_size > 0 else ""
+        if resize is None and any(preprocess.fixed_size):
+            rule = f"stretched to {preprocess.fixed_size[1]}x{preprocess.fixed_size[0]}"
         rule += (
             f", padded to a multiple of {preprocess.size_divisor}" if input_hw != resized_hw else ""
         )
@@ -258,8 +261,12 @@ def model_input_size(
     """(resized size, padded model-input size) of an image of ``original_hw``.
 
     ``resize`` overrides the model's shorter side (0: the image's own size; the model's
-    ``max_size`` then does not apply); the model's size rule and size divisor always do.
+    ``max_size`` then does not apply); the model's size rule and size divisor always do. A
+    model's ``fixed_size`` (aspect ratio not kept) is its size unless ``resize`` overrides it.
     """
+    if resize is None and any(preprocess.fixed_size):
+        fixed = (int(preprocess.fixed_size[0]), int(preprocess.fixed_size[1]))
+        return fixed, padded_size(fixed, preprocess.size_divisor)
     target = preprocess.resize if resize is None else resize
     max_size = preprocess.max_size if resize is None else 0
     resized = resized_size(original_hw, target, max_size, preprocess.size_rule)

@@ -7,7 +7,11 @@ image its framework would have made:
   ``mmdetection`` (mmcv ``rescale_size``: factor ``min(max_size / long side, resize / short
   side)``, each side ``int(side * factor + 0.5)``) or ``detectron2`` (``ResizeShortestEdge``:
   the short side becomes ``resize`` exactly, the long side ``factor * side``, both scaled down
-  together when the long side exceeds ``max_size``, then ``int(x + 0.5)``);
+  together when the long side exceeds ``max_size``, then ``int(x + 0.5)``) or ``transformers``
+  (transformers' ``get_size_with_aspect_ratio``, the DETR-family image processors: when the long
+  side would exceed ``max_size`` the short side becomes ``round(max_size * short / long)``, else
+  ``resize``; an image whose short side is that size already is kept; the long side is
+  TRUNCATED, ``int(short * long / short_original)`` with the unrounded short side when capped);
 * pixels (:func:`resize_image`): Pillow's bilinear filter (antialiased when shrinking; what
   detectron2 uses for uint8 images) or :func:`cv2_bilinear`, a numpy reimplementation of
   OpenCV's ``cv2.resize(..., interpolation=cv2.INTER_LINEAR)`` on uint8 images (what
@@ -59,12 +63,32 @@ def resized_size(
             scale = max_size * 1.0 / max(new_h, new_w)
             new_h, new_w = new_h * scale, new_w * scale
         return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
+    if rule == "transformers":
+        return _transformers_size(height, width, resize, max_size)
     if rule != "round":
         raise ValueError(f"unknown size rule {rule!r}")
     scale = resize / min(height, width)
     if max_size > 0 and max(height, width) * scale > max_size:
         scale = max_size / max(height, width)
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def _transformers_size(height: int, width: int, size: int, max_size: int) -> Tuple[int, int]:
+    """transformers' ``get_size_with_aspect_ratio((height, width), size, max_size)``, the same
+    float operations in the same order (``max_size`` 0: no cap), each side at least 1."""
+    raw_size = None
+    if max_size > 0:
+        min_original_size = float(min(height, width))
+        max_original_size = float(max(height, width))
+        if max_original_size / min_original_size * size > max_size:
+            raw_size = max_size * min_original_size / max_original_size
+            size = int(round(raw_size))
+    if (height <= width and height == size) or (width <= height and width == size):
+        return height, width
+    long_side = raw_size if raw_size is not None else size
+    if width < height:
+        return max(1, int(long_side * height / width)), max(1, size)
+    return max(1, size), max(1, int(long_side * width / height))
 
 
 def padded_size(hw: Tuple[int, int], divisor: int) -> Tuple[int, int]:

@@ -32,7 +32,8 @@ class LoadedModel:
     arch: Optional[str]
     config: Dict[str, Any]
     preprocess: Preprocess
-    source: str  # "registered", "native", "mmdetection", "detectron2", "state-dict", "user-file"
+    source: str  # "registered", "native", "mmdetection", "detectron2", "state-dict", "user-file",
+    # "huggingface"
     checkpoint: Optional[Path] = None
     checkpoint_sha256: Optional[str] = None
     meta: Dict[str, Any] = field(default_factory=dict)

@@ -2,7 +2,9 @@
 
 ``spec`` is a registered architecture name (weights from ``weights`` or its bundled
 weights), a checkpoint path (native format; other formats are recognised by
-:mod:`dcn_inspect.models.importers`), or ``path/to/file.py:function`` returning an ``nn.Module``.
+:mod:`dcn_inspect.models.importers`), ``path/to/file.py:function`` returning an ``nn.Module``,
+or ``hf:DIR``, a HuggingFace ``save_pretrained`` folder loaded offline
+(:mod:`dcn_inspect.models.importers.huggingface`).
 :func:`open_model` is the same for callers that may already hold a :class:`LoadedModel`.
 """
 
@@ -187,6 +189,14 @@ def load_model(
                 loaded = _from_native(payload, Path(path), spec)
             else:
                 loaded = importers.import_checkpoint(payload, Path(path), spec, arch)
+    elif spec.startswith("hf:"):
+        if weights is not None:
+            raise InputError(
+                f"{weights}: `model` {spec} holds its weights already; `weights` goes with an "
+                "architecture name or a file.py:function",
+                param="weights",
+            )
+        loaded = importers.load_huggingface(spec)
     elif spec.rpartition(":")[0].endswith(".py"):
         loaded = importers.load_user_file(spec, weights)
     else:

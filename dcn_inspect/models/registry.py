@@ -54,7 +54,7 @@ def _short(value: Any) -> str:
 INTERPOLATIONS = ("pil-bilinear", "cv2-bilinear")
 #: ``Preprocess.size_rule`` values: how the resized size is rounded (see
 #: :func:`dcn_inspect.io.images.resized_size`).
-SIZE_RULES = ("round", "mmdetection", "detectron2")
+SIZE_RULES = ("round", "mmdetection", "detectron2", "transformers")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,11 @@ class Preprocess:
     [0, 1], normalised with ``mean``/``std`` (RGB order), then zero-padded at the bottom and
     right to a multiple of ``size_divisor`` (0: no padding). Padding never changes the
     original <-> model-input scale (original / resized size).
+
+    ``fixed_size`` (height, width), when not (0, 0), replaces ``resize``/``max_size``: every
+    image is stretched to that size, its aspect ratio NOT kept (RT-DETR's 640x640), so the
+    scale differs per axis. :meth:`as_dict` leaves it out while it is (0, 0), so the records of
+    every other model read as before.
     """
 
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -76,9 +81,13 @@ class Preprocess:
     interpolation: str = "pil-bilinear"
     size_rule: str = "round"
     size_divisor: int = 0
+    fixed_size: Tuple[int, int] = (0, 0)
 
     def as_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not any(self.fixed_size):
+            del data["fixed_size"]
+        return data
 
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> "Preprocess":
@@ -99,6 +108,9 @@ class Preprocess:
             for name in known
             if name in data
         }
+        fixed = any(values.get("fixed_size", (0, 0)))
+        if fixed and (values.get("resize") or values.get("max_size")):
+            raise ValueError("fixed_size replaces resize and max_size: give one or the other")
         return Preprocess(**values)
 
 
@@ -122,6 +134,18 @@ def _check_preprocess_field(name: str, value: Any, default: Any) -> Any:
                 f"got {_short(value)}"
             )
         return int(value)
+    if name == "fixed_size":
+        if not (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(_is_int(v) and 0 <= v <= MAX_RESIZE_SIDE for v in value)
+            and (all(value) or not any(value))
+        ):
+            raise ValueError(
+                f"fixed_size must be (height, width) in pixels up to {MAX_RESIZE_SIDE}, or (0, 0) "
+                f"for none, got {_short(value)}"
+            )
+        return (int(value[0]), int(value[1]))
     if name == "interpolation" and value not in INTERPOLATIONS:
         raise ValueError(f"interpolation {_short(value)}: use {' or '.join(INTERPOLATIONS)}")
     if name == "size_rule" and value not in SIZE_RULES:

@@ -17,15 +17,51 @@ __all__ = ["info_renderables"]
 def info_renderables(info: Any) -> List[Any]:
     """The renderables ``info`` prints, in order."""
     out: List[Any] = [_model_table(info)]
-    if not info.layers:
-        out.append(Text("No deformable conv layer ran during the probe forward pass."))
-    else:
+    if not info.layers and not info.attention:
+        out.append(
+            Text(
+                "No deformable conv layer or deformable attention ran during the probe forward "
+                "pass."
+            )
+        )
+    elif info.layers:
         out += _layer_tables(info.layers)
         if any(layer.offsets is not None for layer in info.layers):
             out.append(_offsets_table(info.layers))
+    if info.attention:
+        out.append(_attention_table(info.attention))
     if info.roi_pools:
         out.append(_roi_pools_table(info.roi_pools))
     return out
+
+
+def _attention_table(layers: List[Any]) -> Table:
+    """Multi-scale deformable attention calls: kind, heads, levels, points, how captured."""
+    table = _table(
+        "multi-scale deformable attention",
+        [
+            ("layer", "left"),
+            ("kind", "left"),
+            ("heads", "right"),
+            ("level strides\n(px)", "left"),
+            ("points per\nlevel", "left"),
+            ("queries", "right"),
+            ("captured by", "left"),
+        ],
+    )
+    for layer in layers:
+        strides = ", ".join(_pair_label(s) for s in layer.level_strides_px)
+        traced = "" if all(m == "hooks" for m in layer.frame_methods) else " (by size)"
+        table.add_row(
+            layer.name,
+            layer.kind,
+            str(layer.heads),
+            strides + traced,
+            ", ".join(map(str, layer.points_per_level)),
+            str(layer.queries),
+            layer.captured_by,
+        )
+    return table
 
 
 def _pair_label(pair: Tuple[float, float], sep: str = "x") -> str:
@@ -88,9 +124,15 @@ def _model_table(info: Any) -> Table:
 
 
 def _preprocess_label(pre: Any) -> str:
-    return (
-        f"resize {pre['resize'] or 'none'}, max {pre['max_size'] or 'none'} "
+    fixed = pre.get("fixed_size") or (0, 0)
+    size = (
+        f"stretched to {fixed[1]}x{fixed[0]} (aspect ratio not kept, "
+        if any(fixed)
+        else f"resize {pre['resize'] or 'none'}, max {pre['max_size'] or 'none'} "
         f"({pre.get('size_rule', 'round')} sizes, "
+    )
+    return (
+        f"{size}"
         f"{pre.get('interpolation', 'pil-bilinear')}), pad to {pre.get('size_divisor') or 'none'}, "
         f"mean {tuple(round(v, 4) for v in pre['mean'])}, std "
         f"{tuple(round(v, 4) for v in pre['std'])}"

@@ -168,7 +168,7 @@ def _draw_dilation(fig: Figure, ax: object, image: np.ndarray, layer: LayerOffse
     height, width = image.shape[:2]
     undeformed = layer.undeformed_dilation
     if not math.isfinite(undeformed):  # a 1x1 kernel: no pair of sampling points
-        ax.set_title("no effective dilation (a single kernel point)", fontsize=8)  # type: ignore[attr-defined]
+        ax.set_title(layer.no_dilation, fontsize=8)  # type: ignore[attr-defined]
         ax.set_axis_off()  # type: ignore[attr-defined]
         return
     _map_axes(ax, image, f"effective dilation (undeformed: {undeformed:.3g} px)")

@@ -51,6 +51,7 @@ class PointLevel:
     xs: np.ndarray
     ys: np.ndarray
     weights: Optional[np.ndarray]  # |dr/dp|; None: not available (drawn uniformly)
+    base_size: Optional[float] = None  # marker area at full weight; None: by level (30, 14, 5)
 
 
 @dataclass
@@ -110,7 +111,15 @@ def _draw_panel(
         )  # type: ignore[attr-defined]
     for index in reversed(range(len(panel.levels))):  # deepest (most numerous) first
         level = panel.levels[index]
-        base = point_scale * (30.0 if index == 0 else 14.0 if index == 1 else 5.0)
+        base = point_scale * (
+            level.base_size
+            if level.base_size is not None
+            else 30.0
+            if index == 0
+            else 14.0
+            if index == 1
+            else 5.0
+        )
         sizes, alphas = _sizes_and_alpha(level.weights, base)
         rgba = np.zeros((level.xs.size, 4))
         rgba[:, :3] = colors.to_rgb(LEVEL_COLOURS[index % len(LEVEL_COLOURS)])
@@ -159,9 +168,16 @@ class _Legend:
         return math.ceil(len(self.handles) / self.columns) + (1 if self.title else 0)
 
 
-def _legend(shown: Sequence[ErfPanel], figure_width: float) -> _Legend:
+#: The legend's labels of the unit marker, the theoretical receptive field and the saliency box.
+LEGEND_LABELS = ("unit", "theoretical receptive field", "saliency region")
+
+
+def _legend(
+    shown: Sequence[ErfPanel], figure_width: float, names: Sequence[str] = LEGEND_LABELS
+) -> _Legend:
     """The unit, the two boxes and the first panel's point levels, in as many columns (at most
-    3) as ``figure_width`` inches hold."""
+    3) as ``figure_width`` inches hold; ``names`` labels the first three (an empty one: left
+    out)."""
     level_labels = [level.label for level in (shown[0].levels if shown else [])]
     handles: List[object] = [
         Line2D(
@@ -176,7 +192,9 @@ def _legend(shown: Sequence[ErfPanel], figure_width: float) -> _Legend:
         Patch(facecolor="none", edgecolor=THEORETICAL_COLOUR, linestyle="--"),
         Patch(facecolor="none", edgecolor=SALIENCY_COLOUR),
     ]
-    labels = ["unit", "theoretical receptive field", "saliency region"]
+    kept = [i for i, name in enumerate(names) if name]
+    handles = [handles[i] for i in kept]
+    labels = [names[i] for i in kept]
     for index, label in enumerate(level_labels):
         handles.append(
             Line2D(
@@ -212,11 +230,15 @@ def _add_legend(fig: Figure, legend: _Legend) -> None:
 
 
 def draw_receptive_field_figure(
-    image: np.ndarray, panels: Sequence[ErfPanel], columns: int = 4, max_panels: int = MAX_PANELS
+    image: np.ndarray,
+    panels: Sequence[ErfPanel],
+    columns: int = 4,
+    max_panels: int = MAX_PANELS,
+    legend_labels: Sequence[str] = LEGEND_LABELS,
 ) -> Figure:
     """Panels side by side (``columns`` per row; 2 for a model compared with another: one row per
     unit). The figure is tall enough for the panels' titles, the colour bar and the legend at
-    its width."""
+    its width; ``legend_labels`` names the unit marker and the two boxes (see :func:`_legend`)."""
     shown = list(panels[:max_panels])
     height, width = image.shape[:2]
     grey = (
@@ -232,7 +254,7 @@ def draw_receptive_field_figure(
     titles = [_wrapped(panel.title, PANEL_WIDTH - 0.1, 7) for panel in shown]
     title_lines = max([t.count("\n") + 1 for t in titles] or [0])
     label = _wrapped(ERF_LABEL, figure_width - 0.2, 8)
-    legend = _legend(shown, figure_width)
+    legend = _legend(shown, figure_width, legend_labels)
     # per row: the panel and its title (7 pt lines); below: colour bar, its label, the legend
     below = 0.55 + 0.16 * (label.count("\n") + 1) + 0.17 * legend.rows
     fig = Figure(

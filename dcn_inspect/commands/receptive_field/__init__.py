@@ -12,7 +12,10 @@ a dataset.
 - :func:`receptive_field_stats` (:mod:`.stats`): the same analysis on the units of a dataset's
   boxes (one at each box centre, one background unit) of every followed layer, tabulating the
   ERF 90 % radius and the saliency area per object-size category, in the layout and with the
-  thresholds of ``dilation-stats``.
+  thresholds of ``dilation-stats``;
+- :func:`query_receptive_field` (:mod:`.query_mode`, with ``queries``): the ERF and the
+  gradient-weighted attention sampling points of object queries or encoder tokens of a
+  multi-scale deformable attention model.
 
 Both modes take the shared option groups (:mod:`dcn_inspect.commands.options`) and this
 command's own choices (:class:`~.choices.FieldOptions`), checked once (:mod:`.choices`).
@@ -24,6 +27,7 @@ from dcn_inspect.analysis.receptive_field.table import CSV_COLUMNS
 from dcn_inspect.commands.receptive_field.choices import RESPONSE_DEFINITION, FieldOptions
 from dcn_inspect.commands.receptive_field.image_outputs import ImageFields
 from dcn_inspect.commands.receptive_field.per_image import ReceptiveFieldResult, receptive_field
+from dcn_inspect.commands.receptive_field.query_mode import QueryFieldResult, query_receptive_field
 from dcn_inspect.commands.receptive_field.stats import (
     ReceptiveFieldStatsResult,
     receptive_field_stats,
@@ -34,8 +38,10 @@ __all__ = [
     "RESPONSE_DEFINITION",
     "FieldOptions",
     "ImageFields",
+    "QueryFieldResult",
     "ReceptiveFieldResult",
     "ReceptiveFieldStatsResult",
+    "query_receptive_field",
     "receptive_field",
     "receptive_field_stats",
 ]

@@ -44,10 +44,16 @@ keys are a one-line error whose ``details`` carry the full :class:`KeyReport`
 returning an ``nn.Module`` (optionally with ``weights``). The file may define ``PREPROCESS`` (a
 dict with ``mean``, ``std``, ``resize``, ``max_size``, ``interpolation``, ``size_rule``,
 ``size_divisor``) to describe its input preprocessing.
+
+:func:`load_huggingface` (:mod:`.huggingface`) loads ``hf:DIR``, a folder transformers'
+``save_pretrained`` wrote, offline, with the preprocessing of its ``preprocessor_config.json``
+(DETR-family image processors, mapped exactly; the image at its own size with ImageNet mean/std
+without one).
 """
 
 from dcn_inspect.models.importers.detectron2 import D2_STAGES, convert_detectron2
 from dcn_inspect.models.importers.foreign_checkpoint import import_checkpoint
+from dcn_inspect.models.importers.huggingface import load_huggingface
 from dcn_inspect.models.importers.input_convention import (
     CAFFE_MEAN_RGB,
     CAFFE_STD,
@@ -77,6 +83,7 @@ __all__ = [
     "fit_weights",
     "import_checkpoint",
     "infer_resnet_config",
+    "load_huggingface",
     "load_user_file",
     "load_weights",
 ]
