@@ -355,7 +355,7 @@ def test_provenance_is_spelled_by_the_front_end() -> None:
 #: options (declared as flags in cli/, as option groups in commands/).
 FEATURE_NAMES = {
     "sample_points", "dilation_stats", "bins", "offsets", "receptive_field", "info", "options",
-    "attention", "attention_trees", "attention_stats",
+    "attention", "attention_trees", "attention_stats", "explore",
 }  # fmt: skip
 
 

@@ -129,8 +129,11 @@ class SamplingTrees:
         return torch.arange(self.points_per_unit(level)) // self.kernel_points[level - 1]
 
 
-def _layer_field(
-    record: DeformConvRecord, batch_index: int, group: GroupChoice, dtype: torch.dtype
+def layer_field(
+    record: DeformConvRecord,
+    batch_index: int = 0,
+    group: GroupChoice = 0,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """The offsets (and mask) a tree reads from one layer: [2K (+K), Ho, Wo] = dy's, dx's (,
     masks)."""
@@ -263,8 +266,8 @@ def trace_sampling_trees(
         if round_positions:
             rows, cols = torch.round(rows), torch.round(cols)
         read_at.append((rows, cols))
-        layer_field = _layer_field(record, batch_index, group, dtype).cpu()
-        sample_y, sample_x, weight = _level_samples(record, layer_field, rows, cols, weight)
+        values = layer_field(record, batch_index, group, dtype).cpu()
+        sample_y, sample_x, weight = _level_samples(record, values, rows, cols, weight)
         in_h, in_w = geometry.input_hw
         inside.append((sample_y > -1) & (sample_y < in_h) & (sample_x > -1) & (sample_x < in_w))
         image_x, image_y = geometry.input_frame.to_image(sample_x, sample_y)
@@ -306,7 +309,7 @@ def _checked_units(top: DeformConvRecord, units: torch.Tensor, batch_index: int)
 
 def _level_samples(
     record: DeformConvRecord,
-    layer_field: torch.Tensor,
+    values_field: torch.Tensor,
     rows: torch.Tensor,
     cols: torch.Tensor,
     weight: torch.Tensor,
@@ -318,8 +321,8 @@ def _level_samples(
     geometry = record.geometry
     kernel_points = record.kernel_points
     num_units, parents = rows.shape
-    values = read_field(layer_field, rows, cols).reshape(
-        num_units, parents, layer_field.shape[0]
+    values = read_field(values_field, rows, cols).reshape(
+        num_units, parents, values_field.shape[0]
     )  # [U, N, C]
     dy, dx = values[..., :kernel_points], values[..., kernel_points : 2 * kernel_points]
     grid_y, grid_x = kernel_grid(geometry.kernel, geometry.dilation, dtype=rows.dtype)

@@ -23,6 +23,7 @@ from dcn_inspect.cli import (
     demo,  # noqa: E402,F401
     dilation_stats,  # noqa: E402,F401
     doctor,  # noqa: E402,F401
+    explore,  # noqa: E402,F401
     models,  # noqa: E402,F401
     offsets,  # noqa: E402,F401
     receptive_field,  # noqa: E402,F401

@@ -56,6 +56,7 @@ COMMAND_ORDER = (
     "info",
     "bins",
     "sample-points",
+    "explore",
     "dilation-stats",
     "offsets",
     "receptive-field",

@@ -24,6 +24,7 @@ PRECHECKS: Dict[str, Tuple[str, ...]] = {
     "attention": ("fmt", "resize", "max_pixels", "images"),
     "dilation-stats": ("resize", "max_pixels"),
     "info": ("resize", "max_pixels"),
+    "explore": ("resize", "max_pixels", "images"),
 }
 
 

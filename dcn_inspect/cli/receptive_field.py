@@ -55,6 +55,7 @@ _UNITS_ONLY = {
     "round_positions": False,
     "saliency_error": 0.1,
     "saliency_step": None,
+    "no_saliency": False,
     "compare_model": None,
     "compare_weights": None,
     "batch_size": 8,
@@ -64,6 +65,12 @@ _UNITS_ONLY = {
 # --------------------------------------------------------------------------------------------
 # This command's own options
 
+NO_SALIENCY_OPTION = typer.Option(
+    False,
+    "--no-saliency",
+    help="Skip the saliency search: the ERF and the gradient-weighted sampling points only "
+    "(much faster; the saliency columns stay empty, saliency_status not_searched).",
+)
 QUERIES_OPTION = typer.Option(
     None,
     "--queries",
@@ -176,6 +183,7 @@ def receptive_field(
     round_positions: bool = options.round_positions("tree positions"),
     saliency_error: float = _saliency_error(),
     saliency_step: Optional[int] = _saliency_step(),
+    no_saliency: bool = NO_SALIENCY_OPTION,
     compare_model: Optional[str] = _compare_model(),
     compare_weights: Optional[Path] = _compare_weights(),
     stats: bool = _stats(),
@@ -207,6 +215,9 @@ def receptive_field(
     for name in _QUERIES_ONLY:
         given.pop(name)
     given.pop("queries")
+    if given.pop("no_saliency"):
+        _refuse(given, {"saliency_error": 0.1, "saliency_step": None}, "no_saliency")
+        given["saliency_error"] = None  # the library's "no saliency search"
     if stats:
         _run_stats(given)
     else:
@@ -227,6 +238,7 @@ def _run_stats(given: Dict[str, Any]) -> None:
 
     for name in _IMAGES_ONLY:
         given.pop(name)
+    searched = given.get("saliency_error") is not None
     result = receptive_field_stats(dataset=images[0] if images else None, **given)
     console = render.console()
     console.print(
@@ -236,9 +248,10 @@ def _run_stats(given: Dict[str, Any]) -> None:
             decimals=2,
         )
     )
-    console.print(
-        _StatsTable(result.area_table, "Saliency region area (original-image pixels²)", 0)
-    )
+    if searched:  # no areas with `no_saliency`
+        console.print(
+            _StatsTable(result.area_table, "Saliency region area (original-image pixels²)", 0)
+        )
     without = sum(result.without_region.values())
     if without:
         console.print(

@@ -34,10 +34,14 @@ __all__ = [
 _PX2 = "original-image pixels²"
 
 #: What the saliency status column says (both tables).
+#: ``saliency_status`` of a unit whose saliency region was not searched (`no_saliency`).
+NOT_SEARCHED = "not_searched"
+
 _STATUS = (
     f"`{FOUND}`: the saliency region (a box containing the unit) meets the error bound; "
     f"`{NO_REGION}`: the image with every pixel masked already does, so no box is the "
-    "smallest and no region is given (its columns empty)"
+    "smallest and no region is given (its columns empty); "
+    f"`{NOT_SEARCHED}`: no saliency search was run (`no_saliency`)"
 )
 
 #: ``<stem>_receptive_field.csv``: one row per unit and model, in this column order.
@@ -137,7 +141,7 @@ def _unit_row(
         area = (saliency[2] - saliency[0]) * (saliency[3] - saliency[1])
         error, status = region.relative_error, region.status
     else:
-        saliency, area, error, status = [nan] * 4, nan, nan, ""
+        saliency, area, error, status = [nan] * 4, nan, nan, NOT_SEARCHED
     return {
         "model": role,
         "unit": u,

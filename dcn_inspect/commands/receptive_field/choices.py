@@ -58,7 +58,9 @@ class FieldOptions:
     searched."""
 
     channel: Optional[int] = None  # the response is this channel's value; None: the sum
-    saliency_error: float = DEFAULT_SALIENCY_ERROR  # relative error bound of the saliency region
+    # Relative error bound of the saliency region; None: no saliency search (ERF and gradient
+    # weights only, a user's most common request).
+    saliency_error: Optional[float] = DEFAULT_SALIENCY_ERROR
     saliency_step: Optional[int] = None  # search resolution (model-input pixels); None: stride
     batch_size: int = DEFAULT_BATCH_SIZE  # units per backward (and masked images per forward)
 
@@ -66,7 +68,7 @@ class FieldOptions:
         """These options, checked (``saliency_error`` as a float)."""
         if self.channel is not None and self.channel < 0:
             raise InputError(f"{self.channel}: channels are numbered from 0", param="channel")
-        if not (0.0 <= self.saliency_error < 1.0):
+        if self.saliency_error is not None and not (0.0 <= self.saliency_error < 1.0):
             raise InputError(
                 f"{self.saliency_error}: the relative error bound must be in [0, 1)",
                 param="saliency_error",
@@ -78,6 +80,8 @@ class FieldOptions:
             )
         if self.batch_size < 1:
             raise InputError(f"{self.batch_size}: must be at least 1", param="batch_size")
+        if self.saliency_error is None:
+            return self
         return replace(self, saliency_error=float(self.saliency_error))
 
 

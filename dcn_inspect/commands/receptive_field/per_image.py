@@ -199,7 +199,11 @@ def _run_images(
         "definition": RESPONSE_DEFINITION,
         "channel": "sum over channels" if own.channel is None else own.channel,
     }
-    run.summary["saliency"] = {"error": own.saliency_error, "schedule": SALIENCY_SCHEDULE}
+    run.summary["saliency"] = (
+        {"error": own.saliency_error, "schedule": SALIENCY_SCHEDULE}
+        if own.saliency_error is not None
+        else {"searched": False, "note": "no saliency search (`no_saliency`)"}
+    )
     results: List[ImageFields] = []
     per_image: List[Dict[str, Any]] = []
     followed: List[str] = []

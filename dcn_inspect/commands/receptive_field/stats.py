@@ -28,7 +28,7 @@ from dcn_inspect.analysis.category_stats import BINS, CategoryStats, LogBins
 from dcn_inspect.analysis.dilation_tables import category_table_columns, table_frame
 from dcn_inspect.analysis.receptive_field.fields import ReceptiveFields, receptive_fields
 from dcn_inspect.analysis.receptive_field.saliency import DEFAULT_SALIENCY_ERROR, FOUND
-from dcn_inspect.analysis.receptive_field.table import STATS_UNITS_CSV
+from dcn_inspect.analysis.receptive_field.table import NOT_SEARCHED, STATS_UNITS_CSV
 from dcn_inspect.analysis.sample_points import tree_on_image
 from dcn_inspect.analysis.size_categories import (
     CATEGORIES,
@@ -115,18 +115,20 @@ class _Tally:
     def add(self, image: str, layer: str, item: ReceptiveFields, codes: torch.Tensor) -> None:
         """The units of one image and layer (``codes``: their category codes)."""
         radii = torch.tensor([n.radius_90 for n in item.numbers], dtype=torch.float64)
-        boxes = item.saliency_boxes
-        sizes = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         finite = torch.isfinite(radii)
         self.radius.setdefault(layer, CategoryStats(len(CATEGORIES), BINS)).update(
             radii[finite], codes[finite]
         )
-        region = torch.tensor([r.status == FOUND for r in item.saliency], dtype=torch.bool)
-        region = region.reshape(-1) if item.saliency else torch.isfinite(sizes)
-        self.area.setdefault(layer, CategoryStats(len(CATEGORIES), self.area_bins)).update(
-            sizes[region], codes[region]
-        )
-        self.without_region[layer] = self.without_region.get(layer, 0) + int((~region).sum())
+        area = self.area.setdefault(layer, CategoryStats(len(CATEGORIES), self.area_bins))
+        self.without_region.setdefault(layer, 0)
+        if item.saliency:
+            boxes = item.saliency_boxes
+            sizes = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            region = torch.tensor([r.status == FOUND for r in item.saliency], dtype=torch.bool)
+            area.update(sizes[region], codes[region])
+            self.without_region[layer] += int((~region).sum())
+        else:  # no saliency search (`no_saliency`): no areas, no unit counted as without one
+            sizes = torch.full((item.num_units,), float("nan"), dtype=torch.float64)
         for k in range(item.num_units):
             x, y = (float(v) for v in item.unit_xy[k])
             numbers = item.numbers[k]
@@ -141,7 +143,7 @@ class _Tally:
                     numbers.radius_50,
                     numbers.radius_90,
                     float(sizes[k]),
-                    item.saliency[k].status if item.saliency else "",
+                    item.saliency[k].status if item.saliency else NOT_SEARCHED,
                 ]
             )
 
@@ -342,6 +344,35 @@ def _layer_units(
     return cells, codes
 
 
+def _write_area_table(
+    files: Dict[str, Path],
+    area_table: pd.DataFrame,
+    own: FieldOptions,
+    thresholds: Tuple[str, Tuple[float, float]],
+) -> Optional[Tuple[Any, ...]]:
+    """The saliency area table (CSV and markdown) and its columns; without a saliency search
+    (`no_saliency`) nothing (and its files leave ``files``)."""
+    if own.saliency_error is None:
+        del files["area_csv"], files["area_md"]
+        return None
+    columns = category_table_columns(
+        f"error-bounded saliency region area (error {own.saliency_error:g})",
+        "original-image pixels²",
+    )
+    write_csv(files["area_csv"], area_table, columns)
+    write_text(
+        files["area_md"],
+        table_markdown(
+            area_table,
+            "original-image pixels²",
+            thresholds[0],
+            thresholds[1],
+            title=f"Saliency region area (error {own.saliency_error:g})",
+        ),
+    )
+    return tuple(columns)
+
+
 def _write_stats(
     run: CommandRun,
     data: Any,
@@ -371,10 +402,6 @@ def _write_stats(
     radius_columns = category_table_columns(
         "ERF radius holding 90 % of sum_colour |dr/dI| around its centroid", "original-image pixels"
     )
-    area_columns = category_table_columns(
-        f"error-bounded saliency region area (error {own.saliency_error:g})",
-        "original-image pixels²",
-    )
     write_csv(files["radius_csv"], radius_table, radius_columns)
     write_text(
         files["radius_md"],
@@ -386,22 +413,12 @@ def _write_stats(
             title="ERF radius holding 90 % of the gradient mass",
         ),
     )
-    write_csv(files["area_csv"], area_table, area_columns)
-    write_text(
-        files["area_md"],
-        table_markdown(
-            area_table,
-            "original-image pixels²",
-            thresholds_name,
-            threshold_values,
-            title=f"Saliency region area (error {own.saliency_error:g})",
-        ),
-    )
+    area_columns = _write_area_table(files, area_table, own, thresholds)
     units_frame = pd.DataFrame(tally.rows, columns=STATS_UNIT_COLUMNS)
     write_csv(files["units_csv"], units_frame, STATS_UNITS_CSV)
     run.summary["columns"] = {
         "erf_radius_table.csv": describe(radius_columns),
-        "saliency_area_table.csv": describe(area_columns),
+        **({"saliency_area_table.csv": describe(area_columns)} if area_columns else {}),
         "receptive_field_units.csv": describe(STATS_UNITS_CSV),
     }
     _fill_summary(run, data, selected, data_options, tally, order, own, thresholds)
@@ -457,6 +474,7 @@ def _fill_summary(
         "channel": "sum over channels" if own.channel is None else own.channel,
     }
     run.summary["saliency"] = {
+        "searched": own.saliency_error is not None,
         "error": own.saliency_error,
         "schedule": SALIENCY_SCHEDULE,
         # left out of saliency_area_table: the masked image already meets the bound
