@@ -84,6 +84,17 @@ def test_readme_attention_table_numbers_are_the_bundled_models_output(tmp_path: 
     from dcn_inspect.commands.attention_stats import attention_stats
 
     attention_stats(out=tmp_path, progress=False)
+    markdown = (tmp_path / "attention_table.md").read_text()
+
+    def first_table_under(heading: str) -> List[str]:
+        return _tables(markdown[markdown.index(heading) :])[0]
+
+    assert _readme_table_after("Attention spread of `dcn-attn-sample`'s encoder") == (
+        first_table_under("# Attention spread_px (encoder queries)")
+    )
+    assert _readme_table_after("Weight inside the matched box of its decoder") == (
+        first_table_under("# Attention inside (decoder queries)")
+    )
     table = pd.read_csv(tmp_path / "attention_table.csv")
     differences = pd.read_csv(tmp_path / "attention_differences.csv")
     paragraph = README[
