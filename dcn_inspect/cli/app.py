@@ -117,7 +117,8 @@ app = App(
     name="dcn-inspect",
     cls=Group,
     help="Inspect what deformable convolutional networks learned: sampling trees, "
-    "effective dilation, deformed RoI bins.",
+    "effective dilation, deformed RoI bins, receptive fields, and where multi-scale deformable "
+    "attention looks.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
