@@ -169,3 +169,31 @@ def test_readme_query_receptive_field_numbers_are_the_bundled_models_output(
     ]
     missing = [text for text in quoted if text not in paragraph]
     assert not missing, missing
+
+
+def test_readme_and_model_card_ap50_is_the_bundled_attention_models_output() -> None:
+    """`dcn-attn-sample`'s held-out AP50 (README, model card, metrics file) re-evaluated from
+    the shipped weights on the 200 held-out scenes (seed 1000)."""
+    import json
+    import sys
+
+    import torch
+
+    from dcn_inspect.models.loading import load_model
+
+    sys.path.insert(0, str(ROOT / "sample_weights"))  # the recipe lives beside the weights
+    from attn_recipe import evaluate, evaluation_scenes
+
+    metrics = json.loads((ROOT / "sample_weights" / "dcn_attn_sample.metrics.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the recipe's evaluation ran on one thread
+    try:
+        with torch.no_grad():
+            result = evaluate(load_model("dcn-attn-sample").model, evaluation_scenes(1000, 200))
+    finally:
+        torch.set_num_threads(threads)
+    assert abs(result["ap50"] - metrics["eval"]["ap50"]) < 1e-9
+    quoted = f"{result['ap50']:.3f}"
+    assert f"held-out AP50 {quoted}" in README
+    card = (ROOT / "sample_weights" / "MODEL_CARD.md").read_text()
+    assert f"| {quoted} |" in card
