@@ -45,6 +45,8 @@ __all__ = [
     "QueryPanel",
     "attention_rows",
     "decoder_predictions",
+    "decoder_queries",
+    "encoder_points",
     "nearest_tokens",
     "query_panels",
     "top_queries",
@@ -167,6 +169,44 @@ def top_queries(predictions: DecoderPredictions, top: int) -> List[int]:
     """The ``top`` object queries by score (ties: the lower index first)."""
     order = sorted(range(len(predictions.scores)), key=lambda q: (-float(predictions.scores[q]), q))
     return order[:top]
+
+
+def decoder_queries(
+    query: Sequence[int],
+    top: int,
+    predictions: Optional[DecoderPredictions],
+    count: int,
+    name: str,
+) -> Tuple[List[int], str]:
+    """The object queries to show and how they were chosen: ``query`` (indices, checked against
+    the ``count`` queries of model ``name``), else the ``top`` by the model's class score."""
+    if query:
+        beyond = [q for q in query if q >= count]
+        if beyond:
+            raise InputError(
+                f"{beyond[0]}: no such object query; {name} has {count} (0..{count - 1})",
+                param="query",
+            )
+        return list(query), "by index"
+    if predictions is None:
+        raise InputError(
+            f"{name}: the model's output carries no class logits (a logits or pred_logits "
+            "field) to rank object queries by; pick them with `query`",
+            param="model",
+        )
+    return top_queries(predictions, min(top, count)), f"top {top} by class score"
+
+
+def encoder_points(
+    at: Sequence[Tuple[float, float]],
+    original_hw: Pair,
+    scale_to_original: Tuple[float, float],
+) -> List[Tuple[float, float]]:
+    """The points whose nearest tokens are the encoder queries, in model-input pixels: ``at``
+    (original-image pixels), or the image centre when there is none."""
+    height, width = original_hw
+    sx, sy = scale_to_original
+    return [(x / sx, y / sy) for x, y in (at or ((width / 2.0, height / 2.0),))]
 
 
 def finest_level(shapes: Sequence[Pair]) -> int:

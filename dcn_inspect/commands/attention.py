@@ -30,11 +30,12 @@ from dcn_inspect.analysis.attention import (
     QueryPanel,
     attention_rows,
     decoder_predictions,
+    decoder_queries,
+    encoder_points,
     model_class_names,
     nearest_tokens,
     query_panels,
     token_centre,
-    top_queries,
 )
 from dcn_inspect.analysis.attention_trees import ATTENTION_TREE_CSV, encoder_tree
 from dcn_inspect.capture.adapters import looked_for
@@ -270,19 +271,11 @@ CONVENTIONS = {
 }
 
 
-def _encoder_points(options: QueryOptions, model_input: ModelInput) -> List[Tuple[float, float]]:
-    """The encoder points in model-input pixels (default: the image centre)."""
-    height, width = model_input.original_hw
-    sx, sy = model_input.scale_to_original
-    chosen = options.at or ((width / 2.0, height / 2.0),)
-    return [(x / sx, y / sy) for x, y in chosen]
-
-
 def _capture(
     run: CommandRun, model_input: ModelInput, options: QueryOptions
 ) -> Tuple[Any, Dict[str, AttentionRecord]]:
     """One forward with the attention captured, keeping only the encoder tokens asked for."""
-    points = _encoder_points(options, model_input)
+    points = encoder_points(options.at, model_input.original_hw, model_input.scale_to_original)
 
     def keep(shapes: Tuple[Pair, ...], frames: Tuple[FrameMap, ...]) -> List[int]:
         return nearest_tokens(points, shapes, frames, options.feature_level)
@@ -332,26 +325,6 @@ def _chosen_records(
     return kind, [r for r in of_kind if r.name in options.layers]
 
 
-def _decoder_queries(
-    options: QueryOptions, predictions: Optional[DecoderPredictions], count: int, name: str
-) -> Tuple[List[int], str]:
-    if options.query:
-        beyond = [q for q in options.query if q >= count]
-        if beyond:
-            raise InputError(
-                f"{beyond[0]}: no such object query; {name} has {count} (0..{count - 1})",
-                param="query",
-            )
-        return list(options.query), "by index"
-    if predictions is None:
-        raise InputError(
-            f"{name}: the model's output carries no class logits (a logits or pred_logits "
-            "field) to rank object queries by; pick them with `query`",
-            param="model",
-        )
-    return top_queries(predictions, min(options.top, count)), f"top {options.top} by class score"
-
-
 def _image_attention(
     run: CommandRun,
     path: Path,
@@ -374,11 +347,11 @@ def _image_attention(
     )
     query_points: Dict[int, Tuple[float, float]] = {}
     if kind == DECODER:
-        queries, how = _decoder_queries(
-            options, predictions, chosen[0].query_count, run.loaded.name
+        queries, how = decoder_queries(
+            options.query, options.top, predictions, chosen[0].query_count, run.loaded.name
         )
     else:
-        points = _encoder_points(options, model_input)
+        points = encoder_points(options.at, model_input.original_hw, model_input.scale_to_original)
         queries = list(
             dict.fromkeys(
                 nearest_tokens(points, chosen[0].spatial_shapes, chosen[0].level_frames,

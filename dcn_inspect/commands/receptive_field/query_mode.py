@@ -32,10 +32,11 @@ import pandas as pd
 from dcn_inspect.analysis.attention import (
     DecoderPredictions,
     decoder_predictions,
+    decoder_queries,
+    encoder_points,
     model_class_names,
     nearest_tokens,
     token_centre,
-    top_queries,
 )
 from dcn_inspect.analysis.receptive_field.queries import (
     POINT_GRADIENT,
@@ -260,28 +261,11 @@ def _choose(
     """The queries (indices in the calls' query sequence) and how they were chosen."""
     count = records[0].query_count
     if choice.kind == ENCODER:
-        height, width = model_input.original_hw
-        sx, sy = model_input.scale_to_original
-        points = choice.at or ((width / 2.0, height / 2.0),)
-        inputs = [(x / sx, y / sy) for x, y in points]
+        inputs = encoder_points(choice.at, model_input.original_hw, model_input.scale_to_original)
         tokens = nearest_tokens(inputs, records[0].spatial_shapes, records[0].level_frames, None)
         how = "nearest token to " + ("`at`" if choice.at else "the image centre")
         return list(dict.fromkeys(tokens)), how
-    if choice.query:
-        beyond = [q for q in choice.query if q >= count]
-        if beyond:
-            raise InputError(
-                f"{beyond[0]}: no such object query; {name} has {count} (0..{count - 1})",
-                param="query",
-            )
-        return list(choice.query), "by index"
-    if predictions is None:
-        raise InputError(
-            f"{name}: the model's output carries no class logits (a logits or pred_logits "
-            "field) to rank object queries by; pick them with `query`",
-            param="model",
-        )
-    return top_queries(predictions, min(choice.top, count)), f"top {choice.top} by class score"
+    return decoder_queries(choice.query, choice.top, predictions, count, name)
 
 
 def _image(
