@@ -2,6 +2,7 @@
 
 Shapes (PAPER.md §3 setting and a mid-size one):
   S1: N=1, C=512 -> 512, 38x63, 3x3, pad 2, dilation 2 (res5 at stride 16 on a ~600x1000 image)
+  S2: N=8, C=64 -> 64, 56x56, 3x3, pad 1 (many small channels: the gather and scatter dominate)
   S3: N=2, C=256 -> 256, 64x64, 3x3, pad 1
 
 For each shape and variant (v1: no mask; v2: modulated) it times the forward and the
@@ -9,7 +10,7 @@ forward + backward (median of --reps timed runs after --warmup, CUDA events), an
 max abs differences of the output and of every gradient (input, offset, mask, weight, bias)
 against torchvision on the same inputs.
 
-    python bench/cuda_compare.py                    # float32, both shapes, v1 and v2
+    python bench/cuda_compare.py                    # float32, the three shapes, v1 and v2
     python bench/cuda_compare.py --dtype float16 --reps 20 --json out.json
 """
 
@@ -30,6 +31,7 @@ import torch  # noqa: E402
 
 SHAPES = {
     "S1": dict(batch=1, cin=512, cout=512, hw=(38, 63), kernel=3, padding=2, dilation=2),
+    "S2": dict(batch=8, cin=64, cout=64, hw=(56, 56), kernel=3, padding=1, dilation=1),
     "S3": dict(batch=2, cin=256, cout=256, hw=(64, 64), kernel=3, padding=1, dilation=1),
 }
 DTYPES = {

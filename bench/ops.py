@@ -28,8 +28,16 @@ native forward at S1 (maxrss delta, measured in a fresh subprocess).
 On a machine whose cores other processes share, ``--threads 1 --clock process`` times CPU
 seconds of this process instead of elapsed time, which the other processes barely disturb.
 
+``--rounds R`` runs the whole measurement R times; the last block gives, per shape with a
+forward+backward goal (issue #24: native / F.conv2d at most 1.4 at S1, S1m and S3, 2.0 at
+S2) and per thread count, the ratio of every round, their maximum and PASS / FAIL of that
+maximum: the goal holds in every round or it fails. ``--no-reference`` leaves out the
+pure-PyTorch reference (most of the run time at the large shapes); the native / F.conv2d
+ratios are measured the same way without it.
+
 Usage: python bench/ops.py [--device cpu|cuda] [--repeats 5] [--warmup 1] [--only S1,S3]
-                           [--threads 2,1] [--paths] [--clock wall|process]
+                           [--threads 2,1] [--paths] [--clock wall|process] [--rounds 1]
+                           [--no-reference]
 """
 
 from __future__ import annotations
@@ -208,7 +216,9 @@ def torchvision_deform_conv2d(device: str) -> Tuple[Optional[Callable[..., torch
     return tv_deform_conv2d, "torchvision.ops.deform_conv2d"
 
 
-def implementations(device: str, paths: bool) -> Dict[str, Callable[..., torch.Tensor]]:
+def implementations(
+    device: str, paths: bool, with_reference: bool = True
+) -> Dict[str, Callable[..., torch.Tensor]]:
     def args(t: dict, s: dict) -> tuple:
         return (
             t["input"],
@@ -230,7 +240,8 @@ def implementations(device: str, paths: bool) -> Dict[str, Callable[..., torch.T
                 impls[path] = _forced(path, lambda t, s: native.deform_conv2d(*args(t, s)))
     except Exception as exc:  # noqa: BLE001 - reported, the others still run
         print(f"native unavailable: {exc}".splitlines()[0], file=sys.stderr)
-    impls["reference"] = lambda t, s: reference.deform_conv2d(*args(t, s))
+    if with_reference:
+        impls["reference"] = lambda t, s: reference.deform_conv2d(*args(t, s))
     impls["conv2d"] = lambda t, s: F.conv2d(
         t["input"], t["weight"], t["bias"], s["stride"], s["padding"], s["dilation"], s["groups"]
     )
@@ -295,9 +306,10 @@ def bench_scenario(
     offset_std: float,
     paths: bool,
     clock: Callable[[], float] = time.perf_counter,
+    with_reference: bool = True,
 ) -> Dict[str, Dict[str, float]]:
     scenario = SCENARIOS[name]
-    impls = implementations(device, paths)
+    impls = implementations(device, paths, with_reference)
     tensors = make_inputs(scenario, device, offset_std)
     leaves = {
         n: (t.detach().clone().requires_grad_() if t is not None else None)
@@ -423,6 +435,8 @@ def _verdict(name: str, row_fwd: Dict[str, float], row_bwd: Dict[str, float]) ->
     if "native" not in row_fwd or target is None:
         return ""
     if target == "ref":
+        if "reference" not in row_fwd:
+            return "native <= reference: not measured (--no-reference)"
         ok = row_fwd["native"] <= row_fwd["reference"] and row_bwd["native"] <= row_bwd["reference"]
         return f"native <= reference: {'met' if ok else 'MISSED'}"
     fwd, both = row_fwd["native"] / row_fwd["conv2d"], row_bwd["native"] / row_bwd["conv2d"]
@@ -431,6 +445,28 @@ def _verdict(name: str, row_fwd: Dict[str, float], row_bwd: Dict[str, float]) ->
         f"fwd+bwd {both:.2f} <= {target[1]}: {'met' if both <= target[1] else 'MISSED'}",
     ]
     return "; ".join(marks)
+
+
+def goal_report(ratios: Dict[Tuple[str, int], List[float]]) -> Tuple[List[str], bool]:
+    """Lines of the final block: per (shape, threads) with a forward+backward goal, the native /
+    F.conv2d ratio of every round, their maximum and PASS / FAIL of it; and whether all pass."""
+    lines = [
+        "== goals (issue #24): native / F.conv2d forward+backward in every round "
+        "(max over rounds) =="
+    ]
+    all_pass = True
+    for (name, threads), values in ratios.items():
+        goal = TARGETS[name][1]  # type: ignore[index]
+        worst = max(values)
+        ok = worst <= goal
+        all_pass = all_pass and ok
+        rounds = " ".join(f"{v:.2f}" for v in values)
+        lines.append(
+            f"{name:<5} threads={threads:<3} goal <= {goal:.1f}  rounds: {rounds}  "
+            f"max {worst:.2f}  {'PASS' if ok else 'FAIL'}"
+        )
+    lines.append(f"overall: {'PASS' if all_pass else 'FAIL'}")
+    return lines, all_pass
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -460,9 +496,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         "processes hold the cores (one thread only: with several, spin-waits count)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the S1 peak-memory probe")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every table this many times; the goals block reports each round and the max",
+    )
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="leave out the pure-PyTorch reference (the slowest column)",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be >= 5")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -479,7 +528,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"device={args.device} cpu='{cpu_model()}' torch={torch.__version__} "
         f"cpu_count={os.cpu_count()} "
         f"load_avg={os.getloadavg()[0]:.2f} repeats={args.repeats} warmup={args.warmup} "
-        f"offset_std={args.offset_std} clock={args.clock} "
+        f"offset_std={args.offset_std} clock={args.clock} rounds={args.rounds} "
         f"{_native.CONV_PATH_ENV}={os.environ.get(_native.CONV_PATH_ENV, 'auto')}"
     )
     print(f"torchvision: {tv_note}")
@@ -491,9 +540,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     columns = ["native", "reference", "conv2d", "torchvision", "gemm"] + (
         list(PATHS) if args.paths else []
     )
-    for count in threads:
+    ratios: Dict[Tuple[str, int], List[float]] = {}
+    default_threads = torch.get_num_threads()
+    for round_index, count in [(r, c) for r in range(args.rounds) for c in threads]:
         torch.set_num_threads(count)
-        print(f"\n== threads={count} (ms, medians) ==")
+        label = f"round {round_index + 1}/{args.rounds}, " if args.rounds > 1 else ""
+        print(f"\n== {label}threads={count} (ms, medians) ==")
         print(
             f"{'shape':<8} {'pass':<8} "
             + " ".join(f"{n:>10}" for n in columns)
@@ -502,14 +554,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
         for name in names:
             result = bench_scenario(
-                name, args.device, args.repeats, args.warmup, args.offset_std, args.paths, clock
+                name,
+                args.device,
+                args.repeats,
+                args.warmup,
+                args.offset_std,
+                args.paths,
+                clock,
+                with_reference=not args.no_reference,
             )
+            both = result["fwd+bwd"]
+            if isinstance(TARGETS.get(name), tuple) and "native" in both:
+                ratios.setdefault((name, count), []).append(both["native"] / both["conv2d"])
             for kind in ("fwd", "fwd+bwd"):
                 row = result[kind]
                 cells = " ".join(f"{row[n]:>10.3f}" if n in row else f"{'-':>10}" for n in columns)
                 nat_conv = row["native"] / row["conv2d"] if "native" in row else float("nan")
                 gemm_conv = row["gemm"] / row["conv2d"]
-                ref_nat = row["reference"] / row["native"] if "native" in row else float("nan")
+                ref_nat = (
+                    row["reference"] / row["native"]
+                    if "native" in row and "reference" in row
+                    else float("nan")
+                )
                 path = ""
                 if args.device == "cpu" and "native" in row:
                     t = make_inputs(SCENARIOS[name], "cpu", args.offset_std)
@@ -531,6 +597,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     flush=True,
                 )
             print(f"{'':<8} {'':<8} {_verdict(name, result['fwd'], result['fwd+bwd'])}", flush=True)
+    torch.set_num_threads(default_threads)
     print(f"\nload_avg after: {os.getloadavg()[0]:.2f}")
     if args.device == "cpu" and not args.no_memory:
         for which in ("native", "conv2d"):
@@ -547,6 +614,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "rusage maxrss of this process: "
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
     )
+    if ratios:
+        lines, _ = goal_report(ratios)
+        print("\n" + "\n".join(lines))
     return 0
 
 

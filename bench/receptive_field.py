@@ -1,5 +1,8 @@
 """Seconds per unit of ``receptive-field``'s analysis: the gradient forward, the batched backward
-(ERF + gradient weights of the 9/81/729 sampling points) and the saliency search.
+(ERF + gradient weights of the 9/81/729 sampling points) and the saliency search, with the
+saliency search's masked forwards per unit (max / mean, budget
+:data:`~dcn_inspect.analysis.receptive_field.saliency.MAX_FORWARDS_PER_UNIT`) and the relative
+error it reached (max / mean over the units with a region, default bound 0.1).
 
 Issue 13 asks for seconds per unit for the bundled model on a bundled image and for a
 ResNet-50-DCN (mmdetection layout, random weights) at 800x1067, target <= 1 s per unit for the
@@ -10,8 +13,8 @@ dominates them.
     # both models, ERF + weights; saliency on the bundled model
     .venv/bin/python bench/receptive_field.py
     .venv/bin/python bench/receptive_field.py --only bundled --repeats 3
-    # the saliency search on ResNet-50 too (slow)
-    .venv/bin/python bench/receptive_field.py --only resnet --units 4 --saliency
+    # the saliency search on ResNet-50 too (slow: up to 12 masked 800x1067 forwards per unit)
+    .venv/bin/python bench/receptive_field.py --only resnet --units 2 --saliency
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from dcn_inspect.analysis.receptive_field import receptive_fields
-from dcn_inspect.capture.gradients import BATCH_MEMORY_BYTES, GradientForward
+from dcn_inspect.analysis.receptive_field.saliency import (
+    DEFAULT_SALIENCY_ERROR,
+    MAX_FORWARDS_PER_UNIT,
+    saliency_cost,
+)
+from dcn_inspect.capture.gradients import GradientForward
 from dcn_inspect.capture.selection import select_layers
 from dcn_inspect.io.images import load_image, to_model_input
 from dcn_inspect.models.loading import load_model
@@ -63,17 +71,21 @@ def _warm_up(model, images: torch.Tensor, units: torch.Tensor, batch_size: int) 
 
 def _saliency_seconds(
     forward: GradientForward, records, units, original_hw, std, batch_size: int
-) -> float:
-    """The saliency search's share of ``receptive_fields``: with it minus without it."""
+) -> Tuple[float, Dict]:
+    """The saliency search's share of ``receptive_fields`` (with it minus without it) and its
+    cost (:func:`~dcn_inspect.analysis.receptive_field.saliency.saliency_cost`)."""
+    found = []
     with_search = _time(
-        lambda: receptive_fields(forward, records, units, original_hw, std, batch_size=batch_size)
+        lambda: found.append(
+            receptive_fields(forward, records, units, original_hw, std, batch_size=batch_size)
+        )
     )
     without = _time(
         lambda: receptive_fields(
             forward, records, units, original_hw, std, saliency_error=None, batch_size=batch_size
         )
     )
-    return with_search - without
+    return with_search - without, saliency_cost(found[0].saliency)
 
 
 def _time_stages(
@@ -81,8 +93,8 @@ def _time_stages(
 ) -> Tuple[Dict[str, List[float]], GradientForward, List[str]]:
     """Seconds of each stage, ``repeats`` times (the backward strategies interleaved), with the
     last forward and its followed layers."""
-    stages = ("forward", "batched", "single", "vmap", "saliency")
-    times: Dict[str, List[float]] = {stage: [] for stage in stages}
+    stages = ("forward", "batched", "single", "vmap", "saliency", "saliency_cost")
+    times: Dict[str, List] = {stage: [] for stage in stages}
     forward: Optional[GradientForward] = None
     levels: List[str] = []
     for _ in range(repeats):
@@ -105,11 +117,11 @@ def _time_stages(
         times["single"].append(backward(1))
         times["vmap"].append(backward(batch_size, "vmap"))
         if saliency:
-            times["saliency"].append(
-                _saliency_seconds(
-                    forward, records, units, original_hw, loaded.preprocess.std, batch_size
-                )
+            seconds, cost = _saliency_seconds(
+                forward, records, units, original_hw, loaded.preprocess.std, batch_size
             )
+            times["saliency"].append(seconds)
+            times["saliency_cost"] = [cost]  # the same boxes every repeat
     assert forward is not None
     return times, forward, levels
 
@@ -129,10 +141,10 @@ def _print_result(
         f"(levels {', '.join(levels)}), batch {batch_size}, {torch.get_num_threads()} thread(s)"
     )
     print(f"  gradient forward (once per image): {result['forward_s']:.2f} s")
-    copies = forward.replicas(batch_size, BATCH_MEMORY_BYTES)
+    copies = forward.replicas(batch_size, layer=levels[0])
     print(
         f"  saved activations of one image: {forward.saved_bytes / 1024**2:.0f} MiB -> {copies} "
-        f"copies per batched backward (budget {BATCH_MEMORY_BYTES / 1024**3:.0f} GiB)"
+        f"copies per batched backward (budget {forward.memory_budget() / 1024**2:.0f} MiB)"
     )
     batched, single = result["backward_per_unit_s"], result["backward_one_at_a_time_per_unit_s"]
     print(
@@ -143,6 +155,19 @@ def _print_result(
     )
     if "saliency_per_unit_s" in result:
         print(f"  saliency search: {result['saliency_per_unit_s']:.2f} s per unit")
+        error = result["saliency_error_max"]
+        reached = (
+            "no unit with a region"
+            if error is None
+            else f"max {error:.4f}, mean {result['saliency_error_mean']:.4f} over "
+            f"{result['saliency_units_with_region']} unit(s) with a region "
+            f"(bound {DEFAULT_SALIENCY_ERROR:g})"
+        )
+        print(
+            f"  saliency masked forwards per unit: max {result['saliency_forwards_max']}, mean "
+            f"{result['saliency_forwards_mean']:.1f} (budget {MAX_FORWARDS_PER_UNIT}); relative "
+            f"error reached: {reached}"
+        )
     per_unit = batched + result.get("saliency_per_unit_s", 0.0) + result["forward_s"] / count
     print(f"  total per unit ({count} units per image, forward shared): {per_unit:.2f} s")
 
@@ -173,6 +198,12 @@ def bench_model(
     }
     if saliency:
         result["saliency_per_unit_s"] = median(times["saliency"]) / count
+        cost = times["saliency_cost"][0]
+        result["saliency_forwards_max"] = cost["forwards_per_unit"]["max"]
+        result["saliency_forwards_mean"] = cost["forwards_per_unit"]["mean"]
+        result["saliency_error_max"] = cost["error_reached"]["max"]
+        result["saliency_error_mean"] = cost["error_reached"]["mean"]
+        result["saliency_units_with_region"] = cost["units_with_region"]
     _print_result(label, result, forward, images, levels, count, batch_size)
     return result
 
@@ -237,8 +268,8 @@ def main() -> None:
     parser.add_argument(
         "--saliency",
         action="store_true",
-        help="Also time the saliency search on ResNet-50 (tens of masked 800x1067 forwards per "
-        "unit).",
+        help="Also time the saliency search on ResNet-50 (up to 12 masked 800x1067 forwards per "
+        "unit) and print its forwards per unit and error reached.",
     )
     parser.add_argument(
         "--image",

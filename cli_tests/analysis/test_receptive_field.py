@@ -24,6 +24,12 @@ from dcn_inspect.analysis.receptive_field import (
     saliency_regions,
     tree_gradient_weights,
 )
+from dcn_inspect.analysis.receptive_field.saliency import (
+    MAX_FAMILY,
+    MAX_FORWARDS_PER_UNIT,
+    prior_family,
+    square_family,
+)
 from dcn_inspect.analysis.sample_points import trace_sampling_trees
 from dcn_inspect.capture.extent import Extent
 from dcn_inspect.capture.gradients import GradientForward
@@ -455,10 +461,16 @@ def _mass_evaluator(maps: torch.Tensor, offset: float = 0.0):
     return evaluate
 
 
+def _marginals(maps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The prior the search reads: x- [U, W] and y-marginals [U, H] of the maps."""
+    return maps.sum(dim=1), maps.sum(dim=2)
+
+
 def test_saliency_region_is_the_smallest_box_holding_the_response_region_and_its_unit() -> None:
     """The response is the mass of a weight map inside the kept box; the mass lies uniformly on a
-    5x7 region R, so dropping any row (20 %) or column (14 %) of R breaks a 10 % bound. The region
-    is the smallest box containing R and the unit's pixel (a region always contains its unit)."""
+    5x7 region R, so dropping any row (20 %) or column (14 %) of R breaks a 10 % bound. With the
+    map's marginals as the prior, the region is the smallest box containing R and the unit's
+    pixel (a region always contains its unit)."""
     height, width = 48, 64
     regions = [(30, 12, 37, 17), (3, 30, 10, 35), (50, 40, 57, 45)]  # (x1, y1, x2, y2) pixel edges
     maps = torch.zeros(len(regions), height, width, dtype=torch.float64)
@@ -470,16 +482,31 @@ def test_saliency_region_is_the_smallest_box_holding_the_response_region_and_its
     # by hand: R widened to the unit's pixel (floor(x), floor(y))
     expected = [(30, 12, 37, 17), (3, 20, 21, 35), (50, 5, 61, 45)]
     evaluate = _mass_evaluator(maps)
-    found = saliency_regions(evaluate, centres, maps.sum(dim=(1, 2)), (height, width), 0.1, 1)
+    prior = _marginals(maps)
+    found = saliency_regions(
+        evaluate, centres, maps.sum(dim=(1, 2)), (height, width), 0.1, 1, prior=prior
+    )
     assert [r.box for r in found] == expected
     assert all(r.relative_error == 0 and r.status == "found" for r in found)
     assert [r.area for r in found] == [35, 18 * 15, 11 * 40]
-    # A coarser resolution still contains the region and the unit (boxes move in whole steps).
-    coarse = saliency_regions(evaluate, centres, maps.sum(dim=(1, 2)), (height, width), 0.1, 4)
-    for region, (x1, y1, x2, y2), (cx, cy) in zip(coarse, expected, centres.tolist()):
+    # A coarser resolution, or no prior (squares), still contains the region and the unit.
+    coarse = saliency_regions(
+        evaluate, centres, maps.sum(dim=(1, 2)), (height, width), 0.1, 4, prior=prior
+    )
+    squares = saliency_regions(evaluate, centres, maps.sum(dim=(1, 2)), (height, width), 0.1, 1)
+    for region, (x1, y1, x2, y2), (cx, cy) in zip(
+        coarse + squares, expected * 2, centres.tolist() * 2
+    ):
         bx1, by1, bx2, by2 = region.box
         assert bx1 <= x1 and by1 <= y1 and bx2 >= x2 and by2 >= y2 and region.relative_error == 0
         assert bx1 <= cx < bx2 and by1 <= cy < by2
+    # The coarse boxes' edges sit on multiples of 4, the border, or next to the unit's pixel.
+    for region, (cx, cy) in zip(coarse, centres.tolist()):
+        x1, y1, x2, y2 = region.box
+        assert x1 % 4 == 0 or x1 == math.floor(cx)
+        assert y1 % 4 == 0 or y1 == math.floor(cy)
+        assert x2 % 4 == 0 or x2 in (width, math.floor(cx) + 1)
+        assert y2 % 4 == 0 or y2 in (height, math.floor(cy) + 1)
     # Searched one unit at a time (the progress counts each), the regions are the same.
     done: List[int] = []
     one_by_one = saliency_regions(
@@ -491,6 +518,7 @@ def test_saliency_region_is_the_smallest_box_holding_the_response_region_and_its
         1,
         chunk=1,
         on_units=done.append,
+        prior=prior,
     )
     assert [r.box for r in one_by_one] == expected and done == [1, 1, 1]
     assert saliency_regions(evaluate, centres[:0], maps.sum(dim=(1, 2))[:0], (height, width)) == []
@@ -507,15 +535,170 @@ def test_saliency_search_reports_no_region_when_the_masked_image_meets_the_bound
     centres = torch.tensor([[12.5, 8.5], [25.5, 15.5]], dtype=torch.float64)
     evaluate = _mass_evaluator(maps, offset=100.0)
     full = maps.sum(dim=(1, 2)) + 100.0
-    loose = saliency_regions(evaluate, centres, full, (height, width), 0.1, 1)
+    prior = _marginals(maps)
+    loose = saliency_regions(evaluate, centres, full, (height, width), 0.1, 1, prior=prior)
     assert [r.status for r in loose] == ["masked_image_within_bound"] * 2
     assert [r.box for r in loose] == [None, None] and [r.area for r in loose] == [None, None]
     assert [r.response for r in loose] == [100.0, 100.0]
     assert loose[0].relative_error == pytest.approx(5 / 105)
     assert [r.evaluations for r in loose] == [1, 1]  # the masked image only
-    tight = saliency_regions(evaluate, centres, full, (height, width), 0.005, 1)
+    tight = saliency_regions(evaluate, centres, full, (height, width), 0.005, 1, prior=prior)
     assert [r.status for r in tight] == ["found"] * 2
     assert [r.box for r in tight] == [(10, 8, 15, 9), (10, 8, 26, 16)]
+
+
+def _integral_evaluator(maps: torch.Tensor, offset: float = 0.0):
+    """:func:`_mass_evaluator` in O(1) per box (an integral image), for large images; it counts
+    the boxes it is asked for per unit (``evaluate.asked``)."""
+    integral = torch.nn.functional.pad(maps.cumsum(dim=1).cumsum(dim=2), (1, 0, 1, 0))
+    asked = torch.zeros(maps.shape[0], dtype=torch.long)
+
+    def evaluate(indices: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        asked.index_add_(0, indices, torch.ones_like(indices))
+        x1, y1, x2, y2 = boxes.unbind(dim=1)
+        n = indices
+        inside = (
+            integral[n, y2, x2] - integral[n, y1, x2] - integral[n, y2, x1] + integral[n, y1, x1]
+        )
+        return inside + offset
+
+    evaluate.asked = asked  # type: ignore[attr-defined]
+    return evaluate
+
+
+def _response_maps(kind: str, count: int, hw: Tuple[int, int], rng: np.random.Generator):
+    """``count`` weight maps of one kind: uniform random boxes, Gaussian blobs of random widths,
+    two blobs of opposite signs (a response the box can overshoot), or noise everywhere."""
+    height, width = hw
+    ys, xs = np.mgrid[0:height, 0:width]
+    maps = np.zeros((count, height, width))
+    for n in range(count):
+        if kind == "boxes":
+            x1, x2 = sorted(rng.integers(0, width + 1, 2))
+            y1, y2 = sorted(rng.integers(0, height + 1, 2))
+            maps[n, y1 : max(y2, y1 + 1), x1 : max(x2, x1 + 1)] = 1.0
+        elif kind in ("gaussian", "signed"):
+            for sign in (1.0, -0.6) if kind == "signed" else (1.0,):
+                cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+                sx, sy = rng.uniform(1, width / 3), rng.uniform(1, height / 3)
+                maps[n] += sign * np.exp(-(((xs - cx) / sx) ** 2 + ((ys - cy) / sy) ** 2) / 2)
+        else:
+            maps[n] = rng.random((height, width)) + 0.2
+    return torch.from_numpy(maps)
+
+
+def _priors(kind: str, maps: torch.Tensor, rng: np.random.Generator):
+    """The search's prior: the maps' own marginals, noisy ones, another unit's, zero (squares
+    for those units) or none."""
+    prior_x, prior_y = maps.abs().sum(dim=1), maps.abs().sum(dim=2)
+    if kind == "exact":
+        return prior_x, prior_y
+    if kind == "noisy":
+        return (
+            prior_x * torch.from_numpy(rng.uniform(0.2, 3.0, tuple(prior_x.shape))),
+            prior_y * torch.from_numpy(rng.uniform(0.2, 3.0, tuple(prior_y.shape))),
+        )
+    if kind == "another_units":
+        return prior_x.roll(1, dims=0), prior_y.roll(1, dims=0)
+    if kind == "zero":
+        return prior_x * 0, prior_y * 0
+    return None
+
+
+@pytest.mark.parametrize(
+    ("hw", "steps", "errors"),
+    [
+        ((48, 64), (1, 3, 8), (0.02, 0.1, 0.5)),
+        ((800, 1333), (1, 16), (0.1,)),
+        ((1333, 800), (1, 32), (0.05,)),
+    ],
+)
+def test_every_unit_takes_at_most_12_masked_forwards_and_its_box_passes_and_holds_it(
+    hw: Tuple[int, int], steps: Tuple[int, ...], errors: Tuple[float, ...]
+) -> None:
+    """On responses of many shapes (random boxes, Gaussian blobs, blobs of both signs, noise),
+    units on and off the mass, exact / noisy / wrong / zero / no priors, fine and coarse steps and
+    images up to 1333x800 (families of more than 127 members, subsampled): every unit is asked
+    for at most 12 masked images, as its region says; a found box meets the bound it was
+    searched with, lies on the image and contains the unit's pixel."""
+    rng = np.random.default_rng(sum(hw))
+    height, width = hw
+    count = 6 if height * width < 10**5 else 4
+    for kind in ("boxes", "gaussian", "signed", "noise"):
+        maps = _response_maps(kind, count, hw, rng)
+        full = maps.sum(dim=(1, 2))
+        centres = torch.from_numpy(
+            np.column_stack([rng.uniform(-2, width + 2, count), rng.uniform(-2, height + 2, count)])
+        )  # a few outside the image: clamped
+        for prior_kind in ("exact", "noisy", "another_units", "zero", "none"):
+            prior = _priors(prior_kind, maps, rng)
+            for step in steps:
+                for error in errors:
+                    evaluate = _integral_evaluator(maps)
+                    found = saliency_regions(
+                        evaluate, centres, full, hw, error, step, chunk=4, prior=prior
+                    )
+                    assert [r.evaluations for r in found] == evaluate.asked.tolist()
+                    assert max(r.evaluations for r in found) <= MAX_FORWARDS_PER_UNIT == 12
+                    for region, (cx, cy) in zip(found, centres.tolist()):
+                        if region.status != "found":
+                            continue
+                        x1, y1, x2, y2 = region.box
+                        px = math.floor(min(max(cx, 0.0), width - 1e-9))
+                        py = math.floor(min(max(cy, 0.0), height - 1e-9))
+                        assert 0 <= x1 <= px < x2 <= width and 0 <= y1 <= py < y2 <= height
+                        assert region.relative_error <= error * (1 + 1e-9)
+
+
+def _nested(boxes: torch.Tensor) -> bool:
+    inner, outer = boxes[:-1], boxes[1:]
+    return bool(((outer[:, :2] <= inner[:, :2]) & (outer[:, 2:] >= inner[:, 2:])).all())
+
+
+def test_families_grow_from_the_unit_to_the_whole_image_in_at_most_128_members() -> None:
+    """Both families are nested, distinct, start at the unit (the prior's: the unit's cell on the
+    step grid), end with the whole image and, on a 1333x800 image at step 1 where they would
+    have hundreds of members, keep 127 before it."""
+    height, width = 800, 1333
+    ys, xs = np.mgrid[0:height, 0:width]
+    blob = torch.from_numpy(np.exp(-(((xs - 700) / 300.0) ** 2 + ((ys - 400) / 200.0) ** 2) / 2))
+    centre = (650.5, 420.5)
+    for step, first in ((1, (650, 420, 651, 421)), (16, (640, 416, 656, 432))):
+        for family in (
+            prior_family(blob.sum(dim=0), blob.sum(dim=1), centre, (height, width), step),
+            square_family(centre, (height, width), step),
+        ):
+            assert family is not None and _nested(family)
+            assert len(torch.unique(family, dim=0)) == len(family) <= MAX_FAMILY + 1 == 128
+            assert family[-1].tolist() == [0, 0, width, height]
+            x1, y1, x2, y2 = family[0].tolist()
+            assert x1 <= 650 < x2 and y1 <= 420 < y2
+        assert prior_family(blob.sum(0), blob.sum(1), centre, (height, width), step)[
+            0
+        ].tolist() == list(first)
+    assert len(square_family(centre, (height, width), 1)) == 128
+    assert len(prior_family(blob.sum(dim=0), blob.sum(dim=1), centre, (height, width), 1)) == 128
+    # No mass: no prior family (the search uses the squares).
+    assert prior_family(blob.sum(0) * 0, blob.sum(1) * 0, centre, (height, width), 1) is None
+
+
+def test_the_prior_finds_a_thin_region_that_squares_and_four_single_steps_cannot() -> None:
+    """A response read from a 2x100 strip, within 0.5 %: its marginals lead the family straight
+    onto the strip (the smallest box), in at most 12 forwards; squares around the unit (the
+    prior ignored) must grow to the strip's length and end far bigger, so a search that dropped
+    the prior fails this test."""
+    height, width = 64, 256
+    maps = torch.zeros(1, height, width, dtype=torch.float64)
+    maps[0, 30:32, 100:200] = 1.0
+    centres = torch.tensor([[150.5, 31.5]], dtype=torch.float64)
+    full = maps.sum(dim=(1, 2))
+    error = 0.005  # dropping one column of the strip (1 %) breaks it: the strip is the region
+    guided = saliency_regions(
+        _integral_evaluator(maps), centres, full, (height, width), error, 1, prior=_marginals(maps)
+    )[0]
+    assert guided.box == (100, 30, 200, 32) and guided.evaluations <= 12
+    blind = saliency_regions(_integral_evaluator(maps), centres, full, (height, width), error, 1)
+    assert blind[0].area > 20 * guided.area
 
 
 class BoxResponse(nn.Module):
@@ -551,6 +734,50 @@ def test_saliency_search_on_a_model_finds_the_box_it_reads() -> None:
     assert fields.numbers[0].centroid_x == pytest.approx(14.5) and fields.numbers[
         0
     ].centroid_y == pytest.approx(14.5)
+
+
+def test_saliency_search_on_a_model_takes_at_most_12_masked_forwards_per_unit() -> None:
+    """Through ``receptive_fields`` (the ERF's marginals as the prior) on a random deformable
+    model: every unit of its 20x24 map's corners, edges and inside is given at most 12 masked
+    images (counted at the gradient forward's ``evaluate_masked``), as its region says, at the
+    default step and at step 1 with a tighter bound; every found box meets the bound and holds
+    its unit."""
+    namespace: Dict[str, object] = {}
+    exec(TINY_SOURCE, namespace)
+    model = namespace["build"]()  # type: ignore[operator]
+    image = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 3, 40, 48))).float()
+    units = torch.tensor([[0, 0], [0, 23], [19, 0], [19, 23], [10, 12], [5, 17], [14, 3], [9, 9]])
+    for step, error in ((None, 0.1), (1, 0.02)):
+        forward = GradientForward(model, image)
+        records = list(select_layers(forward.deformable_records(), None, 3))[::-1]
+        asked: Dict[Tuple[int, int], int] = {}
+        evaluate_masked = forward.evaluate_masked
+
+        def counted(layer, chosen, boxes, *args, **kwargs):
+            for row, col in chosen.tolist():
+                asked[(row, col)] = asked.get((row, col), 0) + 1
+            return evaluate_masked(layer, chosen, boxes, *args, **kwargs)
+
+        forward.evaluate_masked = counted  # type: ignore[method-assign]
+        fields = receptive_fields(
+            forward,
+            records,
+            units,
+            (40, 48),
+            STD,
+            saliency_error=error,
+            saliency_step=step,
+            batch_size=3,
+        )
+        evaluations = [r.evaluations for r in fields.saliency]
+        assert evaluations == [asked[(int(i), int(j))] for i, j in units.tolist()]
+        assert max(evaluations) <= 12
+        assert fields.saliency_prior is not None and fields.saliency_error == error
+        assert fields.saliency_prior[0].shape == (8, 48)
+        for region, (x, y) in zip(fields.saliency, fields.unit_xy.tolist()):
+            if region.status == "found":
+                x1, y1, x2, y2 = region.box
+                assert x1 <= x < x2 and y1 <= y < y2 and region.relative_error <= error
 
 
 def test_erf_numbers_of_a_ring_and_a_box() -> None:

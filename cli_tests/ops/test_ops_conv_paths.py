@@ -334,8 +334,8 @@ def test_rule_for_float32_engines(
     monkeypatch: pytest.MonkeyPatch, out_channels: int, batch: int, expected_forward: str
 ) -> None:
     """Intel: oneDNN for forwards with <= 64 outputs per group over >= 4096 positions, MKL
-    otherwise and for every backward; other CPUs: oneDNN wherever it can take the call (fixed,
-    never timed, so reruns are bit-identical)."""
+    otherwise and for every backward; other CPUs: oneDNN for every forward it can take, BLAS
+    for every backward (issue #24; fixed, never timed, so reruns are bit-identical)."""
     native_or_skip()
     if not torch.backends.mkldnn.is_available():
         pytest.skip("PyTorch without oneDNN")
@@ -348,7 +348,4 @@ def test_rule_for_float32_engines(
     if _cpu_vendor() == "GenuineIntel":
         assert (forward, backward) == (expected_forward, "cl-blas")
     else:
-        one_thread = (
-            torch.get_num_threads() == 1
-        )  # oneDNN's 1x1 backward falls back to BLAS on one thread
-        assert (forward, backward) == ("cl-onednn", "cl-blas" if one_thread else "cl-onednn")
+        assert (forward, backward) == ("cl-onednn", "cl-blas")

@@ -12,15 +12,21 @@
 //   output[b, grp] [Og, L] = weight'[grp] [Og, K*Cg] x columns[b][:, grp block]^T,
 // either by at::mm per image and group (BLAS) or by one 1x1 convolution over the chunk of
 // images, the columns seen as an NHWC image [count, K*C, Ho, Wo] (oneDNN, whose brgemm reads
-// that layout without the packing copy MKL makes of it). The backward is the same two engines'
-// weight and input gradients, followed by one pass that scatters the column gradient into the
-// input gradient and reduces the offset and mask gradients.
+// that layout without the packing copy MKL makes of it). The backward regathers the columns,
+// then on oneDNN computes the weight and column gradients of the chunk and makes one pass that
+// scatters the column gradient into the input gradient and reduces the offset and mask
+// gradients; on BLAS it does all of that in one parallel region by parts of output positions,
+// each part scattering its column gradient block by block while it is in cache
+// (blas_backward).
 //
 // Parallel loops partition their writes: the gather owns blocks of output positions; the
-// backward pass owns (image, block of channels): it scatters into those channels of the NHWC
-// input gradient alone, and writes its partial offset / mask sums to its own slot, reduced in a
-// fixed order afterwards. No atomics: reruns give bit-identical results (the blocks, and so
-// the summation order, depend only on the shapes and the thread count).
+// oneDNN scatter pass owns (image, block of channels): it scatters into those channels of the
+// NHWC input gradient alone, and writes its partial offset / mask sums to its own slot, reduced
+// in a fixed order afterwards; a BLAS part owns its positions' offset / mask gradients, whole
+// images of the input gradient or else its own copy of it, and its own weight-gradient sum,
+// the copies and sums reduced in part order afterwards. No atomics: reruns give bit-identical
+// results (the blocks and parts, and so the summation order, depend only on the shapes and the
+// thread count).
 #include "deform_conv2d_cpu.h"
 
 #include <ATen/Context.h>
@@ -169,9 +175,81 @@ std::vector<int64_t> first_segments(const std::vector<Segment>& segments, int64_
   return first;
 }
 
-// columns[(b * L + l) * KC + segment.column + k * Cg + (c - segment.begin)] = mask * bilinear(
-// input[first + b], c) of kernel point k at position l, for the images [first, first + count).
-// input_nhwc: [N, H, W, C]; zeros: C zeros, read in place of the corners that are off the map.
+// The sample table of one gather block: per (offset group, kernel point) r, 4 corner indices
+// and 4 weights of each of kGatherPositions positions.
+template <typename scalar_t>
+struct GatherTable {
+  std::vector<int32_t> index;
+  std::vector<scalar_t> weight;
+  explicit GatherTable(const DeformConvGeometry& g)
+      : index(g.offset_groups * g.kernel_points() * 4 * kGatherPositions),
+        weight(g.offset_groups * g.kernel_points() * 4 * kGatherPositions) {}
+};
+
+// rows[t * KC + segment.column + k * Cg + (c - segment.begin)] = mask * bilinear(input[image],
+// c) of kernel point k at position l0 + t, for the n <= kGatherPositions positions
+// [l0, l0 + n) of one image. planes: that image's [H, W, C]; zeros: C zeros, read in place of
+// the corners that are off the map.
+template <typename scalar_t>
+void gather_block(
+    const DeformConvGeometry& g,
+    const Grid<scalar_t>& grid,
+    const std::vector<Segment>& segments,
+    const std::vector<int64_t>& first_segment,
+    const scalar_t* planes,
+    const scalar_t* offset,
+    const scalar_t* mask,
+    const scalar_t* zeros,
+    int64_t image,
+    int64_t l0,
+    int64_t n,
+    scalar_t* rows,
+    GatherTable<scalar_t>& table) {
+  constexpr int64_t P = kGatherPositions;
+  const int64_t C = g.channels, K = g.kernel_points(), L = g.positions(), OG = g.offset_groups;
+  const int64_t Cg = C / g.groups, KC = K * C;
+  scalar_t ly[P], lx[P];
+  for (int64_t r = 0; r < OG * K; ++r) {  // r = og * K + k
+    const int64_t plane = image * OG * K + r;  // offset / mask channel pair index
+    int32_t* idx = table.index.data() + r * 4 * P;
+    scalar_t* w = table.weight.data() + r * 4 * P;
+    locate_samples<scalar_t>(
+        g, grid, r % K, l0, n, offset + (2 * plane) * L + l0, offset + (2 * plane + 1) * L + l0, idx, idx + P,
+        idx + 2 * P, idx + 3 * P, ly, lx);
+    const scalar_t* m = mask ? mask + plane * L + l0 : nullptr;
+    for (int64_t t = 0; t < n; ++t) {
+      const scalar_t s = m ? m[t] : scalar_t(1);
+      const scalar_t hy = 1 - ly[t], hx = 1 - lx[t];
+      w[t] = hy * hx * s;
+      w[P + t] = hy * lx[t] * s;
+      w[2 * P + t] = ly[t] * hx * s;
+      w[3 * P + t] = ly[t] * lx[t] * s;
+    }
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    scalar_t* row = rows + t * KC;
+    for (int64_t og = 0; og < OG; ++og) {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t r = og * K + k;
+        const int32_t* idx = table.index.data() + r * 4 * P + t;
+        const scalar_t* w = table.weight.data() + r * 4 * P + t;
+        const scalar_t* p[4];
+        for (int q = 0; q < 4; ++q) {
+          p[q] = idx[q * P] >= 0 ? planes + int64_t(idx[q * P]) * C : zeros;
+        }
+        for (int64_t si = first_segment[og]; si < first_segment[og + 1]; ++si) {
+          const Segment& s = segments[si];
+          lerp4<scalar_t>(
+              row + s.column + k * Cg, p[0] + s.begin, p[1] + s.begin, p[2] + s.begin, p[3] + s.begin, w[0], w[P],
+              w[2 * P], w[3 * P], s.end - s.begin);
+        }
+      }
+    }
+  }
+}
+
+// columns[(b * L + l) * KC + ...] = gather_block's rows of every position of the images
+// [first, first + count). input_nhwc: [N, H, W, C].
 template <typename scalar_t>
 void gather_columns(
     const DeformConvGeometry& g,
@@ -185,59 +263,17 @@ void gather_columns(
     int64_t count,
     scalar_t* columns) {
   constexpr int64_t P = kGatherPositions;
-  const int64_t C = g.channels, K = g.kernel_points(), L = g.positions(), OG = g.offset_groups;
-  const int64_t Cg = C / g.groups;
-  const int64_t HW = g.height * g.width, KC = K * C;
+  const int64_t L = g.positions(), KC = g.kernel_points() * g.channels, HWC = g.height * g.width * g.channels;
   const int64_t blocks = (L + P - 1) / P;
-  const std::vector<int64_t> first_segment = first_segments(segments, OG);
+  const std::vector<int64_t> first_segment = first_segments(segments, g.offset_groups);
   at::parallel_for(0, count * blocks, grain_for(P * KC), [&](int64_t begin, int64_t end) {
-    // Per (offset group, kernel point) row of the block: 4 corner indices and 4 weights.
-    std::vector<int32_t> index(OG * K * 4 * P);
-    std::vector<scalar_t> weight(OG * K * 4 * P);
-    scalar_t ly[P], lx[P];
+    GatherTable<scalar_t> table(g);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks;
       const int64_t l0 = (task - b * blocks) * P;
-      const int64_t n = std::min(L, l0 + P) - l0;
-      const int64_t image = first + b;
-      for (int64_t r = 0; r < OG * K; ++r) {  // r = og * K + k
-        const int64_t plane = image * OG * K + r;  // offset / mask channel pair index
-        int32_t* idx = index.data() + r * 4 * P;
-        scalar_t* w = weight.data() + r * 4 * P;
-        locate_samples<scalar_t>(
-            g, grid, r % K, l0, n, offset + (2 * plane) * L + l0, offset + (2 * plane + 1) * L + l0, idx, idx + P,
-            idx + 2 * P, idx + 3 * P, ly, lx);
-        const scalar_t* m = mask ? mask + plane * L + l0 : nullptr;
-        for (int64_t t = 0; t < n; ++t) {
-          const scalar_t s = m ? m[t] : scalar_t(1);
-          const scalar_t hy = 1 - ly[t], hx = 1 - lx[t];
-          w[t] = hy * hx * s;
-          w[P + t] = hy * lx[t] * s;
-          w[2 * P + t] = ly[t] * hx * s;
-          w[3 * P + t] = ly[t] * lx[t] * s;
-        }
-      }
-      const scalar_t* planes = input_nhwc + image * HW * C;
-      for (int64_t t = 0; t < n; ++t) {
-        scalar_t* row = columns + (b * L + l0 + t) * KC;
-        for (int64_t og = 0; og < OG; ++og) {
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t r = og * K + k;
-            const int32_t* idx = index.data() + r * 4 * P + t;
-            const scalar_t* w = weight.data() + r * 4 * P + t;
-            const scalar_t* p[4];
-            for (int q = 0; q < 4; ++q) {
-              p[q] = idx[q * P] >= 0 ? planes + int64_t(idx[q * P]) * C : zeros;
-            }
-            for (int64_t si = first_segment[og]; si < first_segment[og + 1]; ++si) {
-              const Segment& s = segments[si];
-              lerp4<scalar_t>(
-                  row + s.column + k * Cg, p[0] + s.begin, p[1] + s.begin, p[2] + s.begin, p[3] + s.begin, w[0],
-                  w[P], w[2 * P], w[3 * P], s.end - s.begin);
-            }
-          }
-        }
-      }
+      gather_block<scalar_t>(
+          g, grid, segments, first_segment, input_nhwc + (first + b) * HWC, offset, mask, zeros, first + b, l0,
+          std::min(L, l0 + P) - l0, columns + (b * L + l0) * KC, table);
     }
   });
 }
@@ -367,6 +403,210 @@ void scatter_columns(
   });
 }
 
+// Positions per scatter block of the BLAS backward: the block's sample table stays in L1.
+constexpr int64_t kScatterPositions = 32;
+
+// The backward of n <= kScatterPositions positions [l0, l0 + n) of one image, from their rows
+// of the column gradient (row t at grad_rows + t * K*C, all channels):
+//   grad_image (NHWC, this image) += mask * bilinear weight * grad_column, per channel vector;
+//   grad_offset / grad_mask of these positions = sums over the offset group's channels of the
+//   column gradient times the sample's derivatives by y and x (times the mask) and times the
+//   unmasked sample. The positions are the caller's alone, so the sums are written directly.
+template <typename scalar_t>
+void scatter_block(
+    const DeformConvGeometry& g,
+    const Grid<scalar_t>& grid,
+    const std::vector<Segment>& segments,
+    const std::vector<int64_t>& first_segment,
+    const scalar_t* planes,
+    const scalar_t* grad_rows,
+    const scalar_t* offset,
+    const scalar_t* mask,
+    const scalar_t* zeros,
+    int64_t image,
+    int64_t l0,
+    int64_t n,
+    scalar_t* grad_image,
+    scalar_t* grad_offset,
+    scalar_t* grad_mask) {
+  constexpr int64_t P = kScatterPositions;
+  const int64_t C = g.channels, K = g.kernel_points(), L = g.positions(), OG = g.offset_groups;
+  const int64_t KC = K * C, Cg = C / g.groups;
+  int32_t index[4][P];
+  scalar_t ly[P], lx[P];
+  for (int64_t og = 0; og < OG; ++og) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t plane = (image * OG + og) * K + k;  // offset / mask channel pair index
+      locate_samples<scalar_t>(
+          g, grid, k, l0, n, offset + (2 * plane) * L + l0, offset + (2 * plane + 1) * L + l0, index[0], index[1],
+          index[2], index[3], ly, lx);
+      const scalar_t* m = mask ? mask + plane * L + l0 : nullptr;
+      scalar_t* gy = grad_offset + (2 * plane) * L + l0;
+      scalar_t* gx = gy + L;
+      scalar_t* gm = grad_mask ? grad_mask + plane * L + l0 : nullptr;
+      for (int64_t t = 0; t < n; ++t) {
+        const int32_t i00 = index[0][t], i01 = index[1][t], i10 = index[2][t], i11 = index[3][t];
+        if ((i00 & i01 & i10 & i11) < 0) {  // every corner off the map
+          gy[t] = gx[t] = 0;
+          if (gm) {
+            gm[t] = 0;
+          }
+          continue;
+        }
+        const scalar_t s = m ? m[t] : scalar_t(1);
+        const scalar_t y = ly[t], x = lx[t], hy = 1 - y, hx = 1 - x;
+        const scalar_t weight[4] = {hy * hx * s, hy * x * s, y * hx * s, y * x * s};
+        const int32_t corner[4] = {i00, i01, i10, i11};
+        const scalar_t* grad_row = grad_rows + t * KC;
+        scalar_t sy = 0, sx = 0, sm = 0;
+        for (int64_t si = first_segment[og]; si < first_segment[og + 1]; ++si) {
+          const Segment& seg = segments[si];
+          const int64_t len = seg.end - seg.begin;
+          const scalar_t* __restrict__ gc = grad_row + seg.column + k * Cg;
+          const scalar_t* __restrict__ v00 = (i00 >= 0 ? planes + int64_t(i00) * C : zeros) + seg.begin;
+          const scalar_t* __restrict__ v01 = (i01 >= 0 ? planes + int64_t(i01) * C : zeros) + seg.begin;
+          const scalar_t* __restrict__ v10 = (i10 >= 0 ? planes + int64_t(i10) * C : zeros) + seg.begin;
+          const scalar_t* __restrict__ v11 = (i11 >= 0 ? planes + int64_t(i11) * C : zeros) + seg.begin;
+          scalar_t ssy = 0, ssx = 0, ssm = 0;
+#pragma omp simd reduction(+ : ssy, ssx, ssm)
+          for (int64_t c = 0; c < len; ++c) {
+            const scalar_t a = v00[c], bb = v01[c], cc = v10[c], d = v11[c], gcc = gc[c];
+            ssy += gcc * (hx * (cc - a) + x * (d - bb));
+            ssx += gcc * (hy * (bb - a) + y * (d - cc));
+            ssm += gcc * (hy * (hx * a + x * bb) + y * (hx * cc + x * d));
+          }
+          sy += ssy;
+          sx += ssx;
+          sm += ssm;
+          for (int q = 0; q < 4; ++q) {
+            if (corner[q] >= 0) {
+              axpy<scalar_t>(grad_image + int64_t(corner[q]) * C + seg.begin, gc, weight[q], len);
+            }
+          }
+        }
+        gy[t] = s * sy;
+        gx[t] = s * sx;
+        if (gm) {
+          gm[t] = sm;
+        }
+      }
+    }
+  }
+}
+
+// dst[i] += parts[0][i] + parts[1][i] + ... (each part `size` elements), in part order.
+template <typename scalar_t>
+void add_parts(const scalar_t* partial, int64_t parts, int64_t size, scalar_t* dst) {
+  at::parallel_for(0, size, grain_for(parts), [&](int64_t begin, int64_t end) {
+    for (int64_t part = 0; part < parts; ++part) {
+      const scalar_t* __restrict__ src = partial + part * size;
+      scalar_t* __restrict__ out = dst;
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) {
+        out[i] += src[i];
+      }
+    }
+  });
+}
+
+// Rows of the column gradient computed per GEMM call of the BLAS backward: about 1 MiB, so the
+// scatter that follows reads them from cache; at least 256, so BLAS's packing of the weight
+// stays small against the multiplication.
+int64_t gemm_block_rows(const DeformConvGeometry& g, int64_t element_size) {
+  const int64_t rows = (int64_t(1) << 20) / (g.kernel_points() * g.channels * element_size);
+  return std::max<int64_t>(256, rows / 32 * 32);
+}
+
+// The backward of the images [first, first + count) on BLAS, in one parallel region of
+// `parts` fixed ranges of column rows (b * L + l), one per thread, cut at image boundaries. For
+// each image in its range a part gathers its rows of the columns (gather_block), adds their
+// weight gradient,
+//   weight_partial[part] [O, K*Cg] += grad[b, grp] [Og, n] x columns[rows, grp block] [n, K*Cg],
+// then, block by block, overwrites the rows with the column gradient grad[b, grp]^T x
+// weight'[grp] and scatters them at once (scatter_block) while they are in cache. The BLAS
+// calls run single-threaded inside the region: one fork and join instead of one per call (on
+// shared cores every join waits for the slowest thread). Writes are partitioned: offset and
+// mask gradients by position; the input gradient by image when the parts hold whole images,
+// else into each part's own zeroed copy of the chunk's input gradient (input_partial); the
+// copies and the weight partials are then added to grad_input_nhwc / grad_weight_cols in part
+// order. The parts depend only on the shapes and the thread count: reruns are bit-identical.
+template <typename scalar_t>
+void blas_backward(
+    const DeformConvGeometry& g,
+    const Grid<scalar_t>& grid,
+    const std::vector<Segment>& segments,
+    const at::Tensor& grad,
+    const at::Tensor& weight_cols,
+    const scalar_t* input_nhwc,
+    const scalar_t* offset,
+    const scalar_t* mask,
+    const scalar_t* zeros,
+    int64_t first,
+    int64_t count,
+    int64_t parts,
+    scalar_t* columns,
+    scalar_t* weight_partial,
+    scalar_t* input_partial,
+    scalar_t* grad_weight_cols,
+    scalar_t* grad_input_nhwc,
+    scalar_t* grad_offset,
+    scalar_t* grad_mask) {
+  const int64_t L = g.positions(), KC = g.kernel_points() * g.channels, HWC = g.height * g.width * g.channels;
+  const int64_t Og = g.out_channels / g.groups, KCg = KC / g.groups;
+  const int64_t rows = count * L;
+  const int64_t block = gemm_block_rows(g, sizeof(scalar_t));
+  const std::vector<int64_t> first_segment = first_segments(segments, g.offset_groups);
+  const at::TensorOptions options = grad.options();
+  const scalar_t* grad_data = grad.data_ptr<scalar_t>();
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t r0 = rows * part / parts, r1 = rows * (part + 1) / parts;
+      const at::Tensor partial = at::from_blob(weight_partial + part * g.out_channels * KCg, {g.out_channels, KCg}, options);
+      scalar_t* own = input_partial ? input_partial + part * count * HWC : nullptr;  // else whole images
+      if (own) {
+        std::memset(own, 0, sizeof(scalar_t) * count * HWC);
+      }
+      GatherTable<scalar_t> table(g);
+      for (int64_t b = r0 / L; b < count && b * L < r1; ++b) {
+        const int64_t la = std::max(r0 - b * L, int64_t(0)), lb = std::min(r1 - b * L, L);
+        if (lb <= la) {
+          continue;
+        }
+        const scalar_t* planes = input_nhwc + (first + b) * HWC;
+        for (int64_t l0 = la; l0 < lb; l0 += kGatherPositions) {
+          gather_block<scalar_t>(
+              g, grid, segments, first_segment, planes, offset, mask, zeros, first + b, l0,
+              std::min(lb, l0 + kGatherPositions) - l0, columns + (b * L + l0) * KC, table);
+        }
+        const at::Tensor grad_out = at::from_blob(
+            const_cast<scalar_t*>(grad_data) + (first + b) * g.out_channels * L, {g.groups, Og, L}, options);
+        const at::Tensor cols = at::from_blob(columns + b * L * KC, {L, KC}, options);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          at::Tensor partial_slice = partial.narrow(0, grp * Og, Og);
+          partial_slice.addmm_(grad_out[grp].narrow(1, la, lb - la), cols.narrow(0, la, lb - la).narrow(1, grp * KCg, KCg));
+        }
+        scalar_t* grad_image = own ? own + b * HWC : grad_input_nhwc + (first + b) * HWC;
+        for (int64_t l0 = la; l0 < lb; l0 += block) {
+          const int64_t n = std::min(lb, l0 + block) - l0;
+          for (int64_t grp = 0; grp < g.groups; ++grp) {
+            at::Tensor cols_slice = cols.narrow(0, l0, n).narrow(1, grp * KCg, KCg);
+            at::mm_out(cols_slice, grad_out[grp].narrow(1, l0, n).t(), weight_cols.narrow(0, grp * Og, Og));
+          }
+          for (int64_t t0 = l0; t0 < l0 + n; t0 += kScatterPositions) {
+            scatter_block<scalar_t>(
+                g, grid, segments, first_segment, planes, columns + (b * L + t0) * KC, offset, mask, zeros, first + b,
+                t0, std::min(l0 + n, t0 + kScatterPositions) - t0, grad_image, grad_offset, grad_mask);
+          }
+        }
+      }
+    }
+  });
+  add_parts<scalar_t>(weight_partial, parts, g.out_channels * KCg, grad_weight_cols);
+  if (input_partial) {
+    add_parts<scalar_t>(input_partial, parts, count * HWC, grad_input_nhwc + first * HWC);
+  }
+}
+
 // grad_offset / grad_mask of the chunk from the per-segment sums, in a fixed order.
 template <typename scalar_t>
 void reduce_partial(
@@ -416,6 +656,12 @@ int64_t backward_segment_length(const DeformConvGeometry& g, int64_t count) {
   const int64_t per_image = std::max<int64_t>(1, (threads + count - 1) / count);
   const int64_t length = (g.channels + per_image - 1) / per_image;
   return std::max<int64_t>(16, (length + 15) / 16 * 16);
+}
+
+// Parts of blas_backward: one per thread, while each keeps at least 256 column rows.
+int64_t gemm_parts(const DeformConvGeometry& g, int64_t count) {
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  return std::max<int64_t>(1, std::min<int64_t>(threads, count * g.positions() / 256));
 }
 
 // out[s][r] = in[r][s] for the rows [r0, r1) of an image with `rows` rows and `cols` columns,
@@ -608,43 +854,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   const int64_t K = g.kernel_points(), L = g.positions(), KC = K * g.channels;
   const int64_t Og = g.out_channels / g.groups, KCg = KC / g.groups;
   const int64_t Cg = g.channels / g.groups;
-
   if (g.batch > 0) {
     const int64_t chunk = images_per_chunk(g.batch, KC * L * static_cast<int64_t>(input.element_size()));
     const std::vector<Segment> gather_segments = channel_segments(g, g.channels);
-    const std::vector<Segment> segments = channel_segments(g, backward_segment_length(g, chunk));
+    // oneDNN: the column gradient of the whole chunk, then one scatter pass over it by
+    // (image, channel segment). BLAS: both in blas_backward, by parts of rows.
+    const std::vector<Segment> segments =
+        onednn ? channel_segments(g, backward_segment_length(g, chunk)) : gather_segments;
     const int64_t S = static_cast<int64_t>(segments.size());
+    const int64_t parts = onednn ? 0 : gemm_parts(g, chunk);
+    // BLAS parts share an image unless each holds whole images of every chunk.
+    const bool parts_share_images = !onednn && (chunk % parts != 0 || (g.batch % chunk) % parts != 0);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_channels_last", [&] {
       const Grid<scalar_t> grid(g);
       scalar_t* columns = scratch.get<scalar_t>(chunk * L * KC);
       scalar_t* zeros = scratch.get<scalar_t>(g.channels);
       std::fill(zeros, zeros + g.channels, scalar_t(0));
-      GradEntry<scalar_t>* entries = scratch.get<GradEntry<scalar_t>>(chunk * g.offset_groups * K * L);
-      scalar_t* partial = scratch.get<scalar_t>(S * chunk * K * L * 3);
+      GradEntry<scalar_t>* entries = onednn ? scratch.get<GradEntry<scalar_t>>(chunk * g.offset_groups * K * L) : nullptr;
+      scalar_t* partial = onednn ? scratch.get<scalar_t>(S * chunk * K * L * 3) : nullptr;
+      scalar_t* weight_partial = onednn ? nullptr : scratch.get<scalar_t>(parts * g.out_channels * KCg);
+      scalar_t* input_partial =
+          parts_share_images ? scratch.get<scalar_t>(parts * chunk * g.height * g.width * g.channels) : nullptr;
       for (int64_t first = 0; first < g.batch; first += chunk) {
         const int64_t count = std::min(chunk, g.batch - first);
+        if (!onednn) {
+          std::memset(weight_partial, 0, sizeof(scalar_t) * parts * g.out_channels * KCg);
+          blas_backward<scalar_t>(
+              g, grid, segments, grad, weight_cols, input_nhwc.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+              g.use_mask ? mask.data_ptr<scalar_t>() : nullptr, zeros, first, count, parts, columns, weight_partial,
+              input_partial, grad_weight_cols.data_ptr<scalar_t>(), grad_input_nhwc.data_ptr<scalar_t>(),
+              grad_offset.data_ptr<scalar_t>(), g.use_mask ? grad_mask.data_ptr<scalar_t>() : nullptr);
+          continue;
+        }
         gather_columns<scalar_t>(
             g, grid, gather_segments, input_nhwc.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
             g.use_mask ? mask.data_ptr<scalar_t>() : nullptr, zeros, first, count, columns);
-        if (onednn) {
-          const at::Tensor image = columns_as_image(columns, g, count, input.options());
-          auto grads = at::convolution_backward(
-              grad.narrow(0, first, count), image, weight_cols.view({g.out_channels, KCg, 1, 1}), c10::nullopt,
-              {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, g.groups, {true, true, false});
-          grad_weight_cols.add_(std::get<1>(grads).view({g.out_channels, KCg}));
-          image.copy_(std::get<0>(grads));  // the columns are not needed any more: their gradient replaces them
-        } else {
-          for (int64_t b = 0; b < count; ++b) {
-            const at::Tensor cols = at::from_blob(columns + b * L * KC, {L, KC}, input.options());
-            const at::Tensor grad_out = grad[first + b].view({g.groups, Og, L});
-            for (int64_t grp = 0; grp < g.groups; ++grp) {
-              at::Tensor cols_slice = cols.narrow(1, grp * KCg, KCg);
-              at::Tensor grad_weight_slice = grad_weight_cols.narrow(0, grp * Og, Og);
-              grad_weight_slice.addmm_(grad_out[grp], cols_slice);
-              at::mm_out(cols_slice, grad_out[grp].t(), weight_cols.narrow(0, grp * Og, Og));
-            }
-          }
-        }
+        const at::Tensor image = columns_as_image(columns, g, count, input.options());
+        auto grads = at::convolution_backward(
+            grad.narrow(0, first, count), image, weight_cols.view({g.out_channels, KCg, 1, 1}), c10::nullopt,
+            {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, g.groups, {true, true, false});
+        grad_weight_cols.add_(std::get<1>(grads).view({g.out_channels, KCg}));
+        image.copy_(std::get<0>(grads));  // the columns are not needed any more: their gradient replaces them
         build_grad_entries<scalar_t>(
             g, grid, offset.data_ptr<scalar_t>(), g.use_mask ? mask.data_ptr<scalar_t>() : nullptr, first, count,
             entries);

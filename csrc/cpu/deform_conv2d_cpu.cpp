@@ -36,10 +36,20 @@
 //    At the large shapes planar and channels-last are closer than at small channel counts:
 //    planar / cl-blas end to end on one thread (CPU time, medians of 5, forward / fwd+bwd):
 //    S1 1.13 / 1.07, S2 1.36 / 1.00, S3 1.00 / 0.92, dcn-sample 1.49 / 1.21.
-// 3. Any other CPU (AMD, ARM): oneDNN for forward and backward wherever it can take them.
-//    Issue #15 measured MKL sgemm 1.3-2.7x slower than the oneDNN kernels for the same
-//    arithmetic on the project's AMD EPYC machines, a CPU this rule could not be measured on
-//    here. The choice is fixed, never timed: a rule that timed the engines would let the
+// 3. Any other CPU (AMD, ARM): the forward on oneDNN wherever it can take it (issue #15
+//    measured MKL sgemm 1.3-2.7x slower than the oneDNN kernels for the same arithmetic on the
+//    project's AMD EPYC machines), the backward on BLAS: since issue #24 the BLAS backward runs
+//    its GEMMs single-threaded inside one parallel region by parts of output positions and
+//    scatters each part's column gradient while it is in cache (deform_conv2d_channels_last.cpp,
+//    blas_backward), where oneDNN's 1x1 convolution backward returns a new column gradient
+//    that is copied and then scattered in separate passes. On a 2-core AMD EPYC (Zen 3) VM
+//    shared with other processes (load average 7-12), 2 threads, wall clock, medians of 5
+//    interleaved, native fwd+bwd / F.conv2d fwd+bwd, backward on BLAS / on oneDNN: S2
+//    1.42-1.49 / 1.91-1.97, S3 1.02-1.22 / 1.57-1.67, S1 1.08-1.11 / 1.41-1.49. With the
+//    cores less shared (load average 2-3; bench/ops.py --paths, 3 rounds) the two are close:
+//    S2 1.38-1.54 / 1.23-1.33, S3 1.19-1.30 / 1.22-1.25, S1 0.82-1.10 / 0.93-1.03; BLAS was
+//    kept for the worst case, which is what the goals of issue #24 bound.
+//    The choice is fixed, never timed: a rule that timed the engines would let the
 //    rounding of a result depend on the machine's load and on which calls came first, and the
 //    tool promises byte-identical reruns. DCN_INSPECT_CONV_PATH=tune measures both
 //    channels-last engines on each problem size's first four calls (blas, onednn, blas,
@@ -176,7 +186,7 @@ ConvPlan plan_conv(const DeformConvGeometry& g, at::ScalarType dtype, bool backw
       return {!backward && few_outputs_many_positions ? ConvPath::kChannelsLastOneDNN : ConvPath::kChannelsLastBlas,
               false, key};
     }
-    return {ConvPath::kChannelsLastOneDNN, false, key};
+    return {backward ? ConvPath::kChannelsLastBlas : ConvPath::kChannelsLastOneDNN, false, key};
   }
   return {tuner().next(key), true, key};
 }

@@ -7,7 +7,8 @@
 //                   corners from an NHWC copy of the input, contiguous loads instead of
 //                   gathers, and the backward scatters whole channel vectors
 //                   (deform_conv2d_channels_last.cpp). GEMM by either
-//     blas          at::mm per image and group (MKL), or
+//     blas          at::mm per image and group (MKL); the backward's calls single-threaded in
+//                   one parallel region by parts of output positions, fused with the scatter, or
 //     onednn        at::convolution / at::convolution_backward of a 1x1 convolution over the
 //                   columns seen as an NHWC image [images, K*C, Ho, Wo] (oneDNN).
 // deform_conv2d_cpu.cpp picks one per call (its comment holds the rule and the measurements

@@ -32,10 +32,9 @@ layers without a mask. Coordinates are continuous image pixels in the COCO conve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pandas as pd
 import torch
 
 from dcn_inspect.capture.records import DeformConvRecord
@@ -43,6 +42,9 @@ from dcn_inspect.core.checks import check_group
 from dcn_inspect.core.columns import Column, names, position, present
 from dcn_inspect.core.errors import InputError
 from dcn_inspect.core.kernel_grid import kernel_grid
+
+if TYPE_CHECKING:  # pandas comes in when the table is made (points_table)
+    import pandas as pd
 
 #: ``<stem>_points.csv``: one row per point, in this column order (README and summary.json describe
 #: it from here).
@@ -410,6 +412,8 @@ def points_table(
     :func:`dcn_inspect.analysis.receptive_field.sampling_point_gradients`)
     adds the :data:`GRAD_WEIGHT_COLUMN` column.
     """
+    import pandas as pd
+
     names = CSV_COLUMNS + ([GRAD_WEIGHT_COLUMN] if grad_weights is not None else [])
     columns: Dict[str, List[np.ndarray]] = {name: [] for name in names}
     num_units = trees.num_units

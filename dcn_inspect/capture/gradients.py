@@ -22,9 +22,9 @@ How the gradients are computed (:class:`GradientForward`, :meth:`GradientForward
    ``torch.autograd.grad(y_top, [copies, outputs of the lower analysed layers], E)`` with E the
    one-hot selections (ones over unit b's channels at its cell, in copy b). It returns, per
    unit, dr/d(model input) and dr/dy_l for every lower layer l (the total derivative: through
-   everything between y_l and the unit). B is capped so that the copies' saved activations stay
-   within :data:`BATCH_MEMORY_BYTES` (measured on the single-image forward); when one copy is
-   all that fits, each unit is one backward through the single-image graph. (Batching the
+   everything between y_l and the unit). B is capped by the memory the copies need
+   (:meth:`GradientForward.replicas`, the rule below); when one copy is all that fits, each
+   unit is one backward through the single-image graph. (Batching the
    one-hots with ``is_grads_batched`` instead is kept as ``strategy="vmap"``: on CPU its
    convolution-backward and custom-op fallbacks loop over the batch, which measured slower.)
 3. The offsets: dr/d(offset_l) = (dy_l/d(offset_l))^T dr/dy_l. The call is run again on its
@@ -34,6 +34,21 @@ How the gradients are computed (:class:`GradientForward`, :meth:`GradientForward
    (checked, :data:`RERUN_TOLERANCE`), so the field is the gradient of the real network at the
    offsets the op really used. A regular convolution (a compared model's layers) is a
    deformable one with zero offsets.
+
+Memory (:meth:`GradientForward.memory_budget`, :meth:`GradientForward.copy_bytes`): the batched
+copies -- the gradient copies of step 2 and the masked images of the saliency search
+(:meth:`GradientForward.evaluate_masked`) -- may use at most :data:`EXTRA_MEMORY_SHARE` of what
+the single-image forward+backward itself needs, ``budget = share * (baseline + weights +
+saved)``: ``saved`` the bytes autograd saved for the backward in the single-image forward (each
+storage once, :attr:`GradientForward.saved_bytes`), ``weights`` the model's parameters and
+buffers, ``baseline`` :data:`PROCESS_BASELINE_BYTES` on the CPU (the libraries; none on an
+accelerator, whose memory holds tensors only). One gradient copy costs :data:`BACKWARD_FACTOR`
+x what the forward had saved when the units' layer ran (its saved maps, then their gradients
+in the backward); one masked image without gradients holds at most a few maps at a time:
+:data:`LIVE_MAPS` x the largest map saved before the layer, plus the masked input and its mask
+(and never more than the forward had saved). ``B = min(batch_size, max(1, budget //
+copy))``: fixed by the input's shapes and the model, never by the memory free at the moment,
+so the same inputs give the same batches (and the same bytes).
 
 The forward also follows the theoretical receptive field of every map
 (:class:`~dcn_inspect.capture.extent.ExtentTracker`); each analysed call widens its input's
@@ -45,7 +60,7 @@ centred at (c + 0.5, r + 0.5), x right, y down; model-input pixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -65,8 +80,11 @@ from dcn_inspect.core.errors import InputError
 from dcn_inspect.core.geometry import MapLayout
 
 __all__ = [
-    "BATCH_MEMORY_BYTES",
+    "BACKWARD_FACTOR",
     "DEFAULT_BATCH_SIZE",
+    "EXTRA_MEMORY_SHARE",
+    "LIVE_MAPS",
+    "PROCESS_BASELINE_BYTES",
     "RERUN_TOLERANCE",
     "GradientForward",
     "LayerCall",
@@ -76,9 +94,19 @@ __all__ = [
 
 #: Default number of units per backward (and masked images per forward).
 DEFAULT_BATCH_SIZE = 8
-#: Saved activations one batched backward may hold (copies of the image x what one forward
-#: saves).
-BATCH_MEMORY_BYTES = 2 * 1024**3
+#: The batched copies (gradient copies, masked images) may use at most this share of the
+#: single-image forward+backward's own memory (:meth:`GradientForward.memory_budget`): the
+#: command's peak stays within 1 + share of the model's own forward+backward (issue 24: 1.5x).
+EXTRA_MEMORY_SHARE = 0.5
+#: What a process holding the libraries (torch) needs before any model, counted into the
+#: forward+backward's memory on the CPU (``import torch``: ~220 MiB resident).
+PROCESS_BASELINE_BYTES = 200 * 1024**2
+#: One gradient copy of the image costs this many times what its forward saves: the saved maps,
+#: then their gradients during the backward (measured on dcn-sample: ~2.2x).
+BACKWARD_FACTOR = 2
+#: Maps a forward without gradients holds at once, at most (a block's input, its residual, its
+#: output and the op's buffer): one masked image costs this many of the largest saved map.
+LIVE_MAPS = 4
 #: A re-run of a layer's op must match its captured output to this (relative to the output's
 #: scale).
 RERUN_TOLERANCE = 1e-4
@@ -175,12 +203,25 @@ class GradientForward:
         self.calls: Dict[str, LayerCall] = {}
         self.capture: Optional[OffsetCapture] = None
         self.regular = list(regular)
-        # memory autograd keeps for the backward (what each replica of the image costs)
+        # memory autograd keeps for the backward (each storage once)
         self.saved_bytes = 0
+        # call name -> (bytes saved, largest storage saved) when the call had run
+        self.saved_until: Dict[str, Tuple[int, int]] = {}
+        # False once :meth:`release_graph` freed the graph: no more backwards
+        self.has_graph = True
         problems = unusable_layers(model, regular)
         if problems:
             raise ValueError(f"layers that cannot be analysed: {problems}")
         self._run(stop_after)
+
+    def release_graph(self) -> None:
+        """Free the forward's autograd graph (the activations it saved, most of its memory) once
+        no more backward is wanted: the kept outputs become detached tensors of the same values
+        and the re-runs are dropped. Responses, layouts, theoretical boxes and masked forwards
+        still work; :meth:`backward_units` and :meth:`offset_gradient` refuse afterwards."""
+        for name, call in self.calls.items():
+            self.calls[name] = replace(call, output=call.output.detach(), rerun=None)
+        self.has_graph = False
 
     def _keep_call(
         self,
@@ -228,6 +269,8 @@ class GradientForward:
             make_rerun: Callable[[], Optional[Rerun]],
         ) -> torch.Tensor:
             passed_on = self._keep_call(tracker, record, layer_input, out, layout, make_rerun)
+            sizes = storages.values()
+            self.saved_until[record.name] = (sum(sizes), max(sizes, default=0))
             if stop_after is not None and record.name == stop_after:
                 raise StopForward
             return passed_on
@@ -306,12 +349,41 @@ class GradientForward:
         values = output[0, :, rows, cols]  # [C, U]
         return (values.sum(dim=0) if channel is None else values[channel]).to(torch.float64)
 
-    def replicas(self, batch_size: int, memory_bytes: int) -> int:
-        """How many copies of the image one batched backward may use: ``batch_size``, at most
-        ``memory_bytes`` of saved activations (measured on this forward)."""
-        if self.saved_bytes <= 0:
+    def memory_budget(self) -> int:
+        """Bytes the batched copies may use: :data:`EXTRA_MEMORY_SHARE` of this forward+backward's
+        own memory (``baseline + weights + saved``, see the module docstring)."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        weights = sum(t.numel() * t.element_size() for t in tensors)
+        baseline = PROCESS_BASELINE_BYTES if self.images.device.type == "cpu" else 0
+        return int(EXTRA_MEMORY_SHARE * (baseline + weights + self.saved_bytes))
+
+    def copy_bytes(self, layer: Optional[str] = None, gradients: bool = True) -> int:
+        """What one more copy of the image costs, up to call ``layer`` (None: the whole
+        forward): with ``gradients`` :data:`BACKWARD_FACTOR` x what this forward had saved when
+        the call ran, else (a forward without gradients) :data:`LIVE_MAPS` x the largest map
+        saved by then plus the masked input and its mask, at most what had been saved."""
+        saved, largest = self.saved_until.get(layer or "", (self.saved_bytes, 0))
+        if gradients:
+            return BACKWARD_FACTOR * saved
+        if not largest:
+            return saved
+        image = self.images.numel() * self.images.element_size()
+        return min(saved, LIVE_MAPS * largest + 2 * image)
+
+    def replicas(
+        self,
+        batch_size: int,
+        memory_bytes: Optional[int] = None,
+        layer: Optional[str] = None,
+        gradients: bool = True,
+    ) -> int:
+        """How many copies of the image one batch may use: ``batch_size``, at most ``memory_bytes``
+        (default :meth:`memory_budget`) at :meth:`copy_bytes` each, at least 1."""
+        budget = self.memory_budget() if memory_bytes is None else memory_bytes
+        each = self.copy_bytes(layer, gradients)
+        if each <= 0:
             return max(1, batch_size)
-        return max(1, min(batch_size, memory_bytes // self.saved_bytes))
+        return max(1, min(batch_size, budget // each))
 
     # ----------------------------------------------------------------------------------------
 
@@ -382,7 +454,7 @@ class GradientForward:
         levels: Sequence[str] = (),
         batch_size: int = DEFAULT_BATCH_SIZE,
         strategy: str = "replicate",
-        memory_bytes: int = BATCH_MEMORY_BYTES,
+        memory_bytes: Optional[int] = None,
     ) -> Iterator[UnitGradients]:
         """dr/d(model input) and dr/d(offsets of each of ``levels``) for ``units`` [U, 2]
         (row, col) of ``layer``.
@@ -390,18 +462,24 @@ class GradientForward:
         Yields one :class:`UnitGradients` per batch of units, in order. ``levels`` are layer
         names (``layer`` itself may be one of them) whose offset gradient fields are wanted.
         ``strategy``: ``"replicate"`` (default) runs one forward of B copies of the image (B =
-        :meth:`replicas`, at most ``batch_size``) and one backward whose ``grad_outputs`` select
-        unit b in copy b; with room for one copy only, every unit is one backward through this
-        forward's graph. ``"vmap"`` runs ``torch.autograd.grad(..., is_grads_batched=True)``
-        through this forward's graph (on CPU its convolution-backward and custom-op fallbacks
-        loop per sample: slower, see ``bench/receptive_field.py``). The one-hot selections are
-        built on the ``[C, Ho, Wo]`` map and put into the output's own layout (channels-last,
-        tokens).
+        :meth:`replicas` within ``memory_bytes``, default :meth:`memory_budget`, at most
+        ``batch_size``) and one backward whose ``grad_outputs`` select unit b in copy b; with
+        room for one copy only, every unit is one backward through this forward's graph.
+        ``"vmap"`` runs ``torch.autograd.grad(..., is_grads_batched=True)`` through this
+        forward's graph (on CPU its convolution-backward and custom-op fallbacks loop per
+        sample: slower, see ``bench/receptive_field.py``). The one-hot selections are built on
+        the ``[C, Ho, Wo]`` map and put into the output's own layout (channels-last, tokens).
         """
+        if not self.has_graph:
+            raise RuntimeError("the gradient forward's graph was released: no more backwards")
         output = self.calls[layer].output
         units, layout, channels = self._checked_units(layer, units, channel, strategy)
         lower = [name for name in levels if name != layer]
-        step = max(1, batch_size) if strategy == "vmap" else self.replicas(batch_size, memory_bytes)
+        step = (
+            max(1, batch_size)
+            if strategy == "vmap"
+            else self.replicas(batch_size, memory_bytes, layer)
+        )
         for start in range(0, units.shape[0], step):
             chunk = units[start : start + step]
             count = int(chunk.shape[0])
@@ -430,6 +508,8 @@ class GradientForward:
         itself for op-level calls, the layer's own forward for DCNv3/DCNv4, the standard op on
         the module's weight otherwise). None when the call cannot be run again or the re-run does
         not reproduce the captured output (a layer doing more than the op)."""
+        if not self.has_graph:
+            raise RuntimeError("the gradient forward's graph was released: no more backwards")
         call = self.calls[name]
         if call.rerun is None:
             return None

@@ -68,8 +68,9 @@ _UNITS_ONLY = {
 NO_SALIENCY_OPTION = typer.Option(
     False,
     "--no-saliency",
-    help="Skip the saliency search: the ERF and the gradient-weighted sampling points only "
-    "(much faster; the saliency columns stay empty, saliency_status not_searched).",
+    help="Skip the saliency search (up to 12 masked forwards per unit): the ERF and the "
+    "gradient-weighted sampling points only (faster; the saliency columns stay empty, "
+    "saliency_status not_searched).",
 )
 QUERIES_OPTION = typer.Option(
     None,
@@ -114,7 +115,8 @@ def _saliency_error() -> Any:
         0.1,
         "--saliency-error",
         metavar="FRACTION",
-        help="Relative error bound of the saliency region (0.1 = 10 %).",
+        help="Relative error bound of the saliency region (0.1 = 10 %), found in at most 12 "
+        "masked forwards per unit, guided by the unit's gradient on the input.",
     )
 
 
@@ -123,8 +125,8 @@ def _saliency_step() -> Any:
         None,
         "--saliency-step",
         metavar="PIXELS",
-        help="Resolution of the saliency search in model-input pixels (default: the layer's "
-        "stride).",
+        help="Resolution of the saliency search in model-input pixels: box edges on its "
+        "multiples (default: the layer's stride).",
     )
 
 

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pandas as pd
 import torch
 
 from dcn_inspect.analysis.sample_points import (
@@ -65,6 +64,9 @@ from dcn_inspect.core.errors import InputError, spell_parameters
 from dcn_inspect.io.images import ModelInput, to_model_input
 from dcn_inspect.io.outputs import write_csv, write_figure, write_npz
 from dcn_inspect.models.loaded_model import LoadedModel
+
+if TYPE_CHECKING:  # pandas comes in with the table (points_table), matplotlib to draw
+    import pandas as pd
 
 __all__ = ["CSV_COLUMNS", "ImagePoints", "SamplePointsResult", "sample_points"]
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where a table is written, not by every command's import
+    import pandas as pd
 
 #: Decimals of every pixel position in a CSV (0.0001 px, whatever the image size).
 COORDINATE_DECIMALS = 4
@@ -105,6 +107,8 @@ def format_value(value: float, column: Column) -> str:
 
 def format_column(values: pd.Series, column: Column) -> pd.Series:
     """A float column as the text the CSV holds (other columns are returned unchanged)."""
+    import pandas as pd
+
     if not pd.api.types.is_float_dtype(values.dtype):
         return values
     array = values.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -116,6 +120,8 @@ def format_column(values: pd.Series, column: Column) -> pd.Series:
 def formatted(frame: pd.DataFrame, columns: Sequence[Column]) -> pd.DataFrame:
     """``frame`` with every float column as text, by its column's format; the frame's columns
     must be exactly ``columns`` in order (so the description matches the file)."""
+    import pandas as pd
+
     if list(frame.columns) != names(columns):
         raise ValueError(
             f"table columns {list(frame.columns)} differ from their description {names(columns)}"

@@ -38,9 +38,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from dcn_inspect.core.columns import FLOAT_FORMAT, Column, formatted
 from dcn_inspect.core.errors import InputError
@@ -49,6 +47,9 @@ from dcn_inspect.core.files import (
     atomic_path,
     write_error,
 )
+
+if TYPE_CHECKING:  # pandas is imported by the writers of tables, not with this module
+    import pandas as pd
 
 #: Float format of CSV columns without a description (positions have fixed decimals:
 #: :mod:`dcn_inspect.core.columns`).
@@ -327,8 +328,8 @@ class RunOutputs:
 
 
 def versions() -> Dict[str, str]:
-    """Versions of everything that shapes the results."""
-    import matplotlib
+    """Versions of everything that shapes the results (pandas and matplotlib: as imported, else
+    as installed; a run that wrote no table or figure need not import them to name them)."""
     import numpy
     import torch
 
@@ -340,10 +341,20 @@ def versions() -> Dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
-        "pandas": pd.__version__,
-        "matplotlib": matplotlib.__version__,
+        "pandas": _version("pandas"),
+        "matplotlib": _version("matplotlib"),
         "ops_backend": backend_info().name,
     }
+
+
+def _version(package: str) -> str:
+    """``package.__version__`` if it is imported, else the installed distribution's version."""
+    module = sys.modules.get(package)
+    if module is not None:
+        return str(module.__version__)
+    from importlib import metadata
+
+    return metadata.version(package)
 
 
 #: Keys of summary.json that legitimately differ between two identical runs.

@@ -68,8 +68,8 @@ from dcn_inspect.analysis.receptive_field.table import (
 from dcn_inspect.capture.extent import Extent, ExtentTracker, grid_reach
 from dcn_inspect.capture.following import run_until, unusable_layers
 from dcn_inspect.capture.gradients import (
-    BATCH_MEMORY_BYTES,
     DEFAULT_BATCH_SIZE,
+    EXTRA_MEMORY_SHARE,
     RERUN_TOLERANCE,
     GradientForward,
     LayerCall,
@@ -79,10 +79,10 @@ from dcn_inspect.capture.gradients import (
 from dcn_inspect.io.resize import bilinear_resize_matrix, image_gradient
 
 __all__ = [
-    "BATCH_MEMORY_BYTES",
     "CSV_COLUMNS",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_SALIENCY_ERROR",
+    "EXTRA_MEMORY_SHARE",
     "RECEPTIVE_FIELD_CSV",
     "RERUN_TOLERANCE",
     "STATS_UNITS_CSV",

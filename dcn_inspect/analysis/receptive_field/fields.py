@@ -7,11 +7,14 @@ the units are cells of the top one) and computes, per unit:
 
 1. the sampling tree (:func:`~dcn_inspect.analysis.sample_points.trace_sampling_trees`) and the
    response r;
-2. one batched backward per batch of units: the ERF (:mod:`.erf`) and the offset gradient
-   fields of every followed layer, read at the tree's points (:mod:`.point_gradients`);
+2. one batched backward per batch of units: the ERF (:mod:`.erf`), the x- and y-marginals of
+   ``sum_colour |dr/dX|`` on the resized image in the model input X (the saliency search's
+   prior) and the offset gradient fields of every followed layer, read at the tree's points
+   (:mod:`.point_gradients`);
 3. the theoretical receptive field: the unit's cell centre and the extent the forward followed
    for its layer (:mod:`dcn_inspect.capture.extent`);
-4. the saliency region (:mod:`.saliency`), by masked forwards of the model input;
+4. the saliency region (:mod:`.saliency`), by at most 12 masked forwards of the model input
+   per unit, guided by those marginals;
 5. the ERF's summary numbers, with the unit's ground-truth box.
 
 Positions are original-image pixels (continuous, (0, 0) = top-left corner of the top-left
@@ -42,12 +45,13 @@ from dcn_inspect.analysis.receptive_field.point_gradients import (
 )
 from dcn_inspect.analysis.receptive_field.saliency import (
     DEFAULT_SALIENCY_ERROR,
+    Prior,
     SaliencyRegion,
     default_saliency_step,
     saliency_regions,
 )
 from dcn_inspect.analysis.sample_points import GroupChoice, SamplingTrees, trace_sampling_trees
-from dcn_inspect.capture.gradients import BATCH_MEMORY_BYTES, DEFAULT_BATCH_SIZE, GradientForward
+from dcn_inspect.capture.gradients import DEFAULT_BATCH_SIZE, GradientForward
 from dcn_inspect.capture.records import DeformConvRecord
 
 __all__ = ["ReceptiveFields", "receptive_fields"]
@@ -73,6 +77,10 @@ class ReceptiveFields:
     saliency_boxes: torch.Tensor
     numbers: List[ErfNumbers]
     notes: List[str] = field(default_factory=list)
+    # the saliency search's prior: x- [U, w] and y-marginals [U, h] (float64) of
+    # sum_colour |dr/dX| on the resized image in the model input X
+    saliency_prior: Optional[Prior] = None
+    saliency_error: Optional[float] = None  # the search's error bound (None: not searched)
 
     @property
     def num_units(self) -> int:
@@ -88,13 +96,18 @@ def _erfs_and_offset_fields(
     channel: Optional[int],
     batch_size: int,
     on_batch: Optional[Callable[[int], None]],
-) -> Tuple[torch.Tensor, Dict[str, List[torch.Tensor]]]:
-    """The ERF of every unit [U, H, W] (float32) and, per followed layer, the offset gradient
-    fields of the batches whose re-run reproduced the layer's output. ``hw``: the original
-    image's size and the resized image's inside the model input."""
+) -> Tuple[torch.Tensor, Prior, Dict[str, List[torch.Tensor]]]:
+    """The ERF of every unit [U, H, W] (float32), the x- [U, w] and y-marginals [U, h]
+    (float64) of ``sum_colour |dr/dX|`` on the resized image (the saliency prior) and, per
+    followed layer, the offset gradient fields of the batches whose re-run reproduced the
+    layer's output. ``hw``: the original image's size and the resized image's (h, w) inside the
+    model input."""
     layer = levels[0]
     original_hw, content_hw = hw
-    erf = torch.zeros((int(units.shape[0]),) + tuple(original_hw), dtype=torch.float32)
+    count = int(units.shape[0])
+    erf = torch.zeros((count,) + tuple(original_hw), dtype=torch.float32)
+    prior_x = torch.zeros(count, content_hw[1], dtype=torch.float64)
+    prior_y = torch.zeros(count, content_hw[0], dtype=torch.float64)
     offset_fields: Dict[str, List[torch.Tensor]] = {name: [] for name in levels}
     for batch in forward.backward_units(layer, units, channel, levels, batch_size):
         size = batch.input_grad.shape[0]
@@ -102,12 +115,15 @@ def _erfs_and_offset_fields(
         erf[batch.start : batch.start + size] = effective_receptive_field(
             content.float().cpu(), original_hw, std
         )
+        magnitude = content.detach().abs().sum(dim=-3).to(torch.float64).cpu()  # [B, h, w]
+        prior_x[batch.start : batch.start + size] = magnitude.sum(dim=-2)
+        prior_y[batch.start : batch.start + size] = magnitude.sum(dim=-1)
         for name in levels:
             if name in batch.offset_grads:
                 offset_fields[name].append(batch.offset_grads[name].cpu())
         if on_batch is not None:
             on_batch(size)
-    return erf, offset_fields
+    return erf, (prior_x, prior_y), offset_fields
 
 
 def _point_gradients(
@@ -167,18 +183,19 @@ def _saliency(
     unit_xy_input: torch.Tensor,
     responses: torch.Tensor,
     channel: Optional[int],
-    search: Tuple[Optional[float], Optional[int], Tuple[int, int]],
+    search: Tuple[Optional[float], Optional[int], Tuple[int, int], Prior],
     batch_size: int,
     on_units: Optional[Callable[[int], None]],
 ) -> List[SaliencyRegion]:
     """The saliency regions of ``units`` of ``record``'s layer (model-input pixels, on the
-    resized image: ``search`` is the error bound, the step and that image's size), searched a
-    batch of units at a time; none when the error bound is None or there are no units."""
-    saliency_error, saliency_step, content_hw = search
+    resized image: ``search`` is the error bound, the step, that image's size and the units'
+    marginals of |dr/dX| on it), searched a batch of units at a time; none when the
+    error bound is None or there are no units."""
+    saliency_error, saliency_step, content_hw, prior = search
     if saliency_error is None or not int(units.shape[0]):
         return []
-    # what a gradient forward saves bounds a plain one's peak
-    masked_batch = forward.replicas(batch_size, BATCH_MEMORY_BYTES)
+    # masked images carry no gradients: their batch is bounded by a plain forward's maps
+    masked_batch = forward.replicas(batch_size, layer=record.name, gradients=False)
 
     def evaluate(indices: torch.Tensor, boxes_in: torch.Tensor) -> torch.Tensor:
         return forward.evaluate_masked(record.name, units[indices], boxes_in, channel, masked_batch)
@@ -195,6 +212,7 @@ def _saliency(
         step,
         chunk=masked_batch,
         on_units=on_units,
+        prior=prior,
     )
 
 
@@ -221,6 +239,23 @@ def _numbers(
     return numbers
 
 
+def _content_size(
+    forward: GradientForward, content_hw: Optional[Tuple[int, int]]
+) -> Tuple[int, int]:
+    """The resized image's size inside the model input (default: the whole input)."""
+    if content_hw is None:
+        return (int(forward.images.shape[-2]), int(forward.images.shape[-1]))
+    return (int(content_hw[0]), int(content_hw[1]))
+
+
+def _unit_centres(record: DeformConvRecord, units: torch.Tensor) -> torch.Tensor:
+    """The centres (x, y) [U, 2] of ``units`` (row, col) of ``record``'s layer, model-input
+    pixels."""
+    frame = record.geometry.output_frame
+    rows, cols = units[:, 0].to(torch.float64), units[:, 1].to(torch.float64)
+    return torch.stack(frame.to_image(cols, rows), dim=1)
+
+
 def receptive_fields(
     forward: GradientForward,
     records: Sequence[DeformConvRecord],
@@ -238,21 +273,23 @@ def receptive_fields(
     on_batch: Optional[Callable[[int], None]] = None,
     content_hw: Optional[Tuple[int, int]] = None,
     on_saliency: Optional[Callable[[int], None]] = None,
+    keep_graph: bool = True,
 ) -> ReceptiveFields:
     """ERF, gradient-weighted sampling trees, theoretical receptive field, saliency region and
     summary numbers of ``units`` [U, 2] of ``records[0]``'s layer, traced through ``records``
     (top first), for the image of ``forward``. ``boxes`` [N, 4] (original pixels): the unit's
     box is the smallest containing its centre (for ``ErfNumbers.mass_in_box``).
-    ``saliency_error=None`` skips the saliency search; ``saliency_step`` is its resolution in
+    ``saliency_error=None`` skips the saliency search (at most 12 masked forwards per unit,
+    guided by the units' marginals of |dr/dX|); ``saliency_step`` is its resolution in
     model-input pixels (default: the layer's stride, rounded, at least 1). ``content_hw``: the
     resized image's size inside the model input, the rest being padding (default: the whole
     input). ``on_batch(n)`` is told of every batch of n units whose gradients are done,
-    ``on_saliency(n)`` of every batch of n units whose saliency search is done (with n = 0 when
-    the search starts).
+    ``on_saliency(n)`` of every batch of n units whose saliency search is done (n = 0 when it
+    starts). ``keep_graph=False`` frees ``forward``'s graph before the masked forwards
+    (:meth:`GradientForward.release_graph`): no backward through it afterwards.
     """
     layer = records[0].name
-    input_hw = (int(forward.images.shape[-2]), int(forward.images.shape[-1]))
-    content_hw = input_hw if content_hw is None else (int(content_hw[0]), int(content_hw[1]))
+    content_hw = _content_size(forward, content_hw)
     sx, sy = original_hw[1] / content_hw[1], original_hw[0] / content_hw[0]
     units = torch.as_tensor(units, dtype=torch.long).reshape(-1, 2)
     trees = trace_sampling_trees(
@@ -260,19 +297,16 @@ def receptive_fields(
     )
     responses = forward.responses(layer, units, channel)
     levels = [r.name for r in records]
-    erf, offset_fields = _erfs_and_offset_fields(
+    erf, prior, offset_fields = _erfs_and_offset_fields(
         forward, units, levels, (original_hw, content_hw), std, channel, batch_size, on_batch
     )
     notes: List[str] = []
     point_gradients = _point_gradients(trees, records, offset_fields, group, (sx, sy), notes)
-    unit_xy_input = torch.stack(
-        records[0].geometry.output_frame.to_image(
-            units[:, 1].to(torch.float64), units[:, 0].to(torch.float64)
-        ),
-        dim=1,
-    )
+    unit_xy_input = _unit_centres(records[0], units)
     scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float64)
     theoretical = _theoretical(forward, layer, unit_xy_input, scale, notes)
+    if not keep_graph:
+        forward.release_graph()  # the search's masked forwards need no graph
     regions = _saliency(
         forward,
         records[0],
@@ -280,7 +314,7 @@ def receptive_fields(
         unit_xy_input,
         responses,
         channel,
-        (saliency_error, saliency_step, content_hw),
+        (saliency_error, saliency_step, content_hw, prior),
         batch_size,
         on_saliency,
     )
@@ -299,4 +333,6 @@ def receptive_fields(
         saliency_boxes=_region_boxes(regions, scale),
         numbers=_numbers(erf, trees.unit_xy, boxes),
         notes=notes,
+        saliency_prior=prior,
+        saliency_error=saliency_error,
     )

@@ -41,14 +41,20 @@ RESPONSE_DEFINITION = (
 SALIENCY_SCHEDULE = (
     "masking value: the dataset mean (zero after normalisation); model-input pixels outside the "
     "box are masked (the padding of a padded model input is masked already; boxes stay on the "
-    "resized image). Boxes move in multiples of saliency_step model-input pixels (default: the "
-    "layer's output stride) and always contain the unit's pixel. 0) the image with every pixel "
-    "masked: when it passes, the unit has no region (saliency_status "
-    "masked_image_within_bound); 1) square windows centred on the unit, half-sizes step*2^k, "
-    "until one passes (the whole image always does); 2) bisection of the half-size between the "
-    "last failing and the first passing square; 3) each side (left, top, right, bottom) in turn "
-    "moved inward by the largest multiple of step that still passes (bisection), never past "
-    "the unit. A box passes when |r_box - r| <= saliency_error * |r|."
+    "resized image). Box edges sit on multiples of saliency_step model-input pixels (default: "
+    "the layer's output stride) or the image border, and boxes always contain the unit's pixel. "
+    "At most 12 masked forwards per unit (max_forwards_per_unit): 0) the image with every pixel "
+    "masked (1 forward): when it passes, the unit has no region (saliency_status "
+    "masked_image_within_bound); 1) a nested family of candidate boxes from the unit's own "
+    "|dr/dX| (summed over colour, its x- and y-marginals on the resized image): Box(q), q in "
+    "[0, 1], has each side where at most (1 - q) of the gradient mass on that side of the unit "
+    "lies beyond it, snapped outward to the step grid, from the unit's cell (q = 0) to the "
+    "gradient's support (q = 1), at most 127 boxes (subsampled evenly), then the whole image "
+    "(squares centred on the unit, half-sizes k*step, when the gradient is zero); 2) binary "
+    "search for the smallest passing box of the family (at most 7 forwards); 3) each side "
+    "(left, top, right, bottom) tried once moved inward by one step, never past the unit, kept "
+    "when the box still passes (at most 4 forwards). A box passes when |r_box - r| <= "
+    "saliency_error * |r|."
 )
 
 

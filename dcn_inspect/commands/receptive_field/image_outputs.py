@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from dcn_inspect.analysis.receptive_field.fields import ReceptiveFields
+from dcn_inspect.analysis.receptive_field.saliency import MAX_FORWARDS_PER_UNIT, saliency_cost
 from dcn_inspect.analysis.receptive_field.table import (
     RECEPTIVE_FIELD_CSV,
     field_arrays,
@@ -30,7 +31,13 @@ from dcn_inspect.io.images import ModelInput
 from dcn_inspect.io.outputs import write_csv, write_figure, write_npz
 from dcn_inspect.models.loaded_model import RANDOM_WEIGHTS_TITLE
 
-__all__ = ["ImageFields", "image_summary", "output_names", "write_image_outputs"]
+__all__ = [
+    "ImageFields",
+    "image_summary",
+    "output_names",
+    "saliency_summary",
+    "write_image_outputs",
+]
 
 
 @dataclass
@@ -175,6 +182,21 @@ def write_image_outputs(
     return ImageFields(path, units, fields, csv_path, npz_path, figure_path, table)
 
 
+def saliency_summary(item: ReceptiveFields) -> Dict[str, Any]:
+    """What one model's saliency search cost and reached on one image: the error bound, the
+    budget of masked forwards per unit, the forwards each unit took (max, mean) and the relative
+    error reached (max, mean over the units with a region); ``searched`` False without a
+    search."""
+    if item.saliency_error is None:
+        return {"searched": False}
+    return {
+        "searched": True,
+        "error_bound": item.saliency_error,
+        "max_forwards_per_unit": MAX_FORWARDS_PER_UNIT,
+        **saliency_cost(item.saliency),
+    }
+
+
 def image_summary(
     path: Path,
     model_input: ModelInput,
@@ -203,6 +225,7 @@ def image_summary(
         "saliency_evaluations": {
             role: [r.evaluations for r in f.saliency] for role, f in fields.items()
         },
+        "saliency": {role: saliency_summary(f) for role, f in fields.items()},
         "point_gradients": model_fields.point_gradients is not None,
         "outputs": [item.csv.name, item.npz.name, item.figure.name],
     }

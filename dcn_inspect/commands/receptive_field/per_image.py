@@ -390,6 +390,7 @@ def _fields(
         on_batch=progress("gradients"),
         content_hw=model_input.content_hw,
         on_saliency=progress("saliency search"),
+        keep_graph=False,  # the graph's activations are freed before the masked forwards
     )
 
 

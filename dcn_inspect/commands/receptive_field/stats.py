@@ -10,7 +10,8 @@ with that layer alone followed. The per-category statistics are mergeable
 (:class:`~dcn_inspect.analysis.category_stats.CategoryStats`), written in the dilation-stats
 layout; radii in original-image pixels, areas in original-image pixels². A unit without a
 saliency region (the masked image already meets the error bound) counts in the radius table
-only; ``summary.json`` counts them per layer.
+only; ``summary.json`` counts them per layer, with the saliency search's masked forwards per
+unit and the relative error it reached (over all layers and per layer).
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ import torch
 from dcn_inspect.analysis.category_stats import BINS, CategoryStats, LogBins
 from dcn_inspect.analysis.dilation_tables import category_table_columns, table_frame
 from dcn_inspect.analysis.receptive_field.fields import ReceptiveFields, receptive_fields
-from dcn_inspect.analysis.receptive_field.saliency import DEFAULT_SALIENCY_ERROR, FOUND
+from dcn_inspect.analysis.receptive_field.saliency import (
+    DEFAULT_SALIENCY_ERROR,
+    FOUND,
+    MAX_FORWARDS_PER_UNIT,
+    SaliencyRegion,
+    saliency_cost,
+)
 from dcn_inspect.analysis.receptive_field.table import NOT_SEARCHED, STATS_UNITS_CSV
 from dcn_inspect.analysis.sample_points import tree_on_image
 from dcn_inspect.analysis.size_categories import (
@@ -111,6 +118,7 @@ class _Tally:
     followed: List[str] = field(default_factory=list)  # layer names, top first
     used: int = 0  # images measured
     without_region: Dict[str, int] = field(default_factory=dict)  # per layer: no saliency region
+    saliency: Dict[str, List[SaliencyRegion]] = field(default_factory=dict)  # per layer
 
     def add(self, image: str, layer: str, item: ReceptiveFields, codes: torch.Tensor) -> None:
         """The units of one image and layer (``codes``: their category codes)."""
@@ -121,6 +129,7 @@ class _Tally:
         )
         area = self.area.setdefault(layer, CategoryStats(len(CATEGORIES), self.area_bins))
         self.without_region.setdefault(layer, 0)
+        self.saliency.setdefault(layer, []).extend(item.saliency)
         if item.saliency:
             boxes = item.saliency_boxes
             sizes = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -300,6 +309,7 @@ def _measure(
                     saliency_step=own.saliency_step,
                     batch_size=own.batch_size,
                     content_hw=model_input.content_hw,
+                    keep_graph=record is not records[-1],  # freed after the last layer's
                 )
                 tally.add(entry.file_name, record.name, item, codes)
             tally.used += 1
@@ -473,10 +483,21 @@ def _fill_summary(
         "definition": RESPONSE_DEFINITION,
         "channel": "sum over channels" if own.channel is None else own.channel,
     }
-    run.summary["saliency"] = {
+    saliency: Dict[str, Any] = {
         "searched": own.saliency_error is not None,
         "error": own.saliency_error,
         "schedule": SALIENCY_SCHEDULE,
         # left out of saliency_area_table: the masked image already meets the bound
         "units_without_region": {name: tally.without_region.get(name, 0) for name in order},
     }
+    if own.saliency_error is not None:  # its cost and the error reached, all layers and each
+        every = [r for name in order for r in tally.saliency.get(name, [])]
+        saliency.update(
+            {
+                "error_bound": own.saliency_error,
+                "max_forwards_per_unit": MAX_FORWARDS_PER_UNIT,
+                **saliency_cost(every),
+                "per_layer": {name: saliency_cost(tally.saliency.get(name, [])) for name in order},
+            }
+        )
+    run.summary["saliency"] = saliency
