@@ -571,10 +571,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 cells = " ".join(f"{row[n]:>10.3f}" if n in row else f"{'-':>10}" for n in columns)
                 nat_conv = row["native"] / row["conv2d"] if "native" in row else float("nan")
                 gemm_conv = row["gemm"] / row["conv2d"]
-                ref_nat = (
-                    row["reference"] / row["native"]
+                ref_nat = (  # without the reference: "-", not "nanx"
+                    f"{row['reference'] / row['native']:>7.2f}x"
                     if "native" in row and "reference" in row
-                    else float("nan")
+                    else f"{'-':>8}"
                 )
                 path = ""
                 if args.device == "cpu" and "native" in row:
@@ -593,7 +593,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     )
                 print(
                     f"{name:<8} {kind:<8} {cells} {nat_conv:>8.2f}x {gemm_conv:>8.2f}x "
-                    f"{ref_nat:>7.2f}x{path}",
+                    f"{ref_nat}{path}",
                     flush=True,
                 )
             print(f"{'':<8} {'':<8} {_verdict(name, result['fwd'], result['fwd+bwd'])}", flush=True)

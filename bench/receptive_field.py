@@ -142,9 +142,10 @@ def _print_result(
     )
     print(f"  gradient forward (once per image): {result['forward_s']:.2f} s")
     copies = forward.replicas(batch_size, layer=levels[0])
+    budget = forward.memory_budget(gradients=True)
     print(
         f"  saved activations of one image: {forward.saved_bytes / 1024**2:.0f} MiB -> {copies} "
-        f"copies per batched backward (budget {forward.memory_budget() / 1024**2:.0f} MiB)"
+        f"copies per batched backward (budget {budget / 1024**2:.0f} MiB)"
     )
     batched, single = result["backward_per_unit_s"], result["backward_one_at_a_time_per_unit_s"]
     print(

@@ -169,7 +169,8 @@ def test_plain_convs_erf_support_equals_the_hand_computed_receptive_field() -> N
         dtype=torch.float64,
     )
     torch.testing.assert_close(boxes, expected_boxes)
-    (batch,) = list(forward.backward_units("dcn_b", units, batch_size=8))
+    # room for the copies: the three units in one batch
+    (batch,) = list(forward.backward_units("dcn_b", units, batch_size=8, memory_bytes=1 << 40))
     erf = effective_receptive_field(batch.input_grad, (40, 36), STD).numpy()
     for u, (i, j) in enumerate(units.tolist()):
         expected = np.zeros((40, 36), dtype=bool)
@@ -226,7 +227,7 @@ def test_constant_offset_erf_support_is_the_union_of_the_trees_bilinear_footprin
     units = torch.tensor([[15, 16], [2, 30], [27, 1]])  # the border units' trees leave the image
     trees = trace_sampling_trees(records, units)
     assert trees.points_per_unit(3) == 729
-    (batch,) = list(forward.backward_units("dcn3", units))
+    (batch,) = list(forward.backward_units("dcn3", units, memory_bytes=1 << 40))
     erf = effective_receptive_field(batch.input_grad, hw, STD).numpy()
     sizes = []
     for u in range(3):
@@ -410,7 +411,10 @@ def test_in_place_ops_after_a_layer_do_not_change_its_gradients() -> None:
         forward = GradientForward(model, image)
         (batch,) = list(
             forward.backward_units(
-                "dcn_b", torch.tensor([[9, 9], [3, 15]]), levels=["dcn_b", "dcn_a"]
+                "dcn_b",
+                torch.tensor([[9, 9], [3, 15]]),
+                levels=["dcn_b", "dcn_a"],
+                memory_bytes=1 << 40,  # both units in one batch of copies
             )
         )
         results.append(batch)
@@ -1158,7 +1162,9 @@ def test_batched_copies_single_backwards_and_vmap_give_the_same_gradients() -> N
     forward = GradientForward(model, torch.rand(1, 3, 18, 22))
     units = torch.tensor([[9, 9], [3, 15], [0, 0], [17, 21], [8, 2]])
     levels = ["dcn_b", "dcn_a"]
-    copies = list(forward.backward_units("dcn_b", units, levels=levels, batch_size=3))
+    copies = list(
+        forward.backward_units("dcn_b", units, levels=levels, batch_size=3, memory_bytes=1 << 40)
+    )
     assert [b.input_grad.shape[0] for b in copies] == [3, 2]
     one_by_one = list(
         forward.backward_units(

@@ -50,9 +50,13 @@ def _weight_bytes(model: nn.Module) -> int:
 def test_budget_is_the_share_of_baseline_weights_and_saved_activations(
     forward: GradientForward,
 ) -> None:
-    own = PROCESS_BASELINE_BYTES + _weight_bytes(forward.model) + forward.saved_bytes
+    tensors = _weight_bytes(forward.model) + forward.saved_bytes
     assert forward.saved_bytes > 0
+    # masked images: a share of everything; gradient copies: of the model's own tensors only
+    # (a backward through the kept graph is cheaper than a copy's forward+backward)
+    own = PROCESS_BASELINE_BYTES + tensors
     assert forward.memory_budget() == int(EXTRA_MEMORY_SHARE * own)
+    assert forward.memory_budget(gradients=True) == int(EXTRA_MEMORY_SHARE * tensors)
 
 
 def test_a_gradient_copy_costs_twice_what_the_forward_had_saved_by_the_units_layer(
@@ -94,8 +98,8 @@ def test_replicas_are_the_budget_over_the_copy_at_most_the_batch_size_at_least_o
 def test_replicas_follow_the_default_budget_and_are_the_same_on_the_same_input() -> None:
     model, image = TwoLayers().eval(), torch.rand(1, 3, 18, 22)
     first, again = GradientForward(model, image), GradientForward(model, image)
-    budget = first.memory_budget()
     for gradients in (True, False):
+        budget = first.memory_budget(gradients)
         expected = max(1, min(64, budget // first.copy_bytes("dcn_b", gradients)))
         assert first.replicas(64, layer="dcn_b", gradients=gradients) == expected
         assert again.replicas(64, layer="dcn_b", gradients=gradients) == expected
@@ -161,3 +165,25 @@ def test_released_graph_frees_the_saved_activations_and_keeps_the_numbers() -> N
             next(forward.backward_units(records[0].name, UNITS[:1]))
     kept, released = results
     assert torch.equal(kept.erf, released.erf) and kept.saliency == released.saliency
+
+
+def test_a_dropped_gradient_forward_leaves_no_graph_behind() -> None:
+    """The saved-bytes count (a saved-tensors hook) must not tie a node to its own saved output
+    (ReLU saves its result): such a cycle runs through C++, no garbage collection frees it, and
+    every image's graph would stay until the process ends."""
+    import gc
+
+    def graph_tensors() -> int:
+        return sum(
+            1
+            for o in gc.get_objects()
+            if isinstance(o, torch.Tensor) and o.grad_fn is not None and o.shape[-2:] == (18, 22)
+        )
+
+    gc.collect()
+    before = graph_tensors()
+    forward = GradientForward(TwoLayers().eval(), torch.rand(1, 3, 18, 22))
+    assert forward.saved_bytes > 0 and graph_tensors() > before
+    del forward
+    gc.collect()
+    assert graph_tensors() == before
