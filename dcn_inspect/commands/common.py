@@ -309,3 +309,20 @@ def offset_field_arrays(
         }
         arrays[f"{key}/geometry"] = np.array(json.dumps(geometry, sort_keys=True))
     return arrays
+
+
+def layer_summary(level: int, record: DeformConvRecord) -> Dict[str, Any]:
+    """A followed layer's entry of ``summary.json`` (level 1 = the top layer)."""
+    return {
+        "level": level,
+        "name": record.name,
+        "module_type": record.module_type,
+        "kernel_points": record.kernel_points,
+        "offset_groups": record.offset_groups,
+        "modulated": record.modulated,
+        # the op entry point that received the offsets (op-level capture), else null
+        "op": record.op,
+        # "DCNv3"/"DCNv4": offsets converted to the standard layout
+        "converted_from": record.converted_from,
+        "geometry": record.geometry.as_dict(),
+    }

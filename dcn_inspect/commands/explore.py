@@ -36,7 +36,13 @@ from dcn_inspect.capture.attention_calls import DECODER, ENCODER, AttentionRecor
 from dcn_inspect.capture.records import DeformConvRecord
 from dcn_inspect.capture.selection import select_layers
 from dcn_inspect.capture.session import probe
-from dcn_inspect.commands.common import CommandRun, image_list, images_of_run, start_run
+from dcn_inspect.commands.common import (
+    CommandRun,
+    image_list,
+    images_of_run,
+    layer_summary,
+    start_run,
+)
 from dcn_inspect.commands.options import ImageInput, ModelChoice
 from dcn_inspect.core.columns import describe
 from dcn_inspect.core.defaults import (
@@ -211,7 +217,7 @@ def _page_of_image(
         "input_hw": list(model_input.input_hw),
         "scale_to_original": list(model_input.scale_to_original),
         "top_layer_map_hw": top_hw,
-        "layers": [_layer_summary(level, r) for level, r in enumerate(records, start=1)],
+        "layers": [layer_summary(level, r) for level, r in enumerate(records, start=1)],
         "offset_group_choices": data["groups"],
         "offset_groups_note": data["group_note"],
         "offset_maps": [layer["name"] for layer in data["layers"]],
@@ -344,17 +350,3 @@ def _random_weights_note(loaded: LoadedModel) -> Optional[str]:
     return spell_parameters(
         f"{loaded.name}: random weights (no `weights` given), the offsets are untrained"
     )
-
-
-def _layer_summary(level: int, record: DeformConvRecord) -> Dict[str, Any]:
-    return {
-        "level": level,
-        "name": record.name,
-        "module_type": record.module_type,
-        "kernel_points": record.kernel_points,
-        "offset_groups": record.offset_groups,
-        "modulated": record.modulated,
-        "op": record.op,
-        "converted_from": record.converted_from,
-        "geometry": record.geometry.as_dict(),
-    }

@@ -53,6 +53,7 @@ from dcn_inspect.commands.common import (
     check_npz_path,
     image_list,
     images_of_run,
+    layer_summary,
     make_parent_dir,
     offset_field_arrays,
     start_run,
@@ -475,22 +476,6 @@ def _note_approximate_frames(
         )
 
 
-def _layer_summary(level: int, record: DeformConvRecord) -> Dict[str, Any]:
-    return {
-        "level": level,
-        "name": record.name,
-        "module_type": record.module_type,
-        "kernel_points": record.kernel_points,
-        "offset_groups": record.offset_groups,
-        "modulated": record.modulated,
-        # the op entry point that received the offsets (op-level capture), else null
-        "op": record.op,
-        # "DCNv3"/"DCNv4": offsets converted to the standard layout
-        "converted_from": record.converted_from,
-        "geometry": record.geometry.as_dict(),
-    }
-
-
 def _image_summary(
     path: Path,
     model_input: ModelInput,
@@ -506,7 +491,7 @@ def _image_summary(
         "input_hw": list(model_input.input_hw),
         "scale_to_original": [sx, sy],
         "top_layer_map_hw": list(records[0].geometry.output_hw),
-        "layers": [_layer_summary(level, r) for level, r in enumerate(records, start=1)],
+        "layers": [layer_summary(level, r) for level, r in enumerate(records, start=1)],
         "units": [
             {"unit": k, **u.as_dict(), "category": c.as_dict() if c else None}
             for k, (u, c) in enumerate(zip(units, item.categories))
