@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from typing import List
+from typing import List, Sequence
 
 import pytest
 
 HEAVY = ("pandas", "matplotlib")
 
 
-def _imported_after(code: str) -> List[str]:
-    """The modules of :data:`HEAVY` in ``sys.modules`` after ``code`` ran in a fresh
+def _imported_after(code: str, modules: Sequence[str] = HEAVY) -> List[str]:
+    """The modules of ``modules`` in ``sys.modules`` after ``code`` ran in a fresh
     interpreter."""
-    probe = f"{code}\nimport sys\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    probe = (
+        f"{code}\nimport sys\nprint(sorted(m for m in {tuple(modules)!r} if m in sys.modules))\n"
+    )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300
     )
@@ -64,3 +66,33 @@ def test_the_table_brings_pandas_and_the_figure_matplotlib() -> None:
         "import numpy as np\n"
         "formatted(__import__('pandas').DataFrame({'a': np.zeros(2)}), [Column('a', '')])"
     )
+
+
+#: A gradient forward of a small deformable model and the backwards of two units, one of them
+#: with its offset gradients (the op run again): all that ``receptive-field`` asks of autograd.
+_BACKWARDS = """
+import torch
+from torch import nn
+from dcn_inspect.capture.gradients import GradientForward
+from dcn_inspect.ops import DeformConv2dPack
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DeformConv2dPack(4, 4, 3, padding=1)).eval()
+forward = GradientForward(model, torch.rand(1, 3, 16, 16))
+(layer,) = forward.calls
+units = torch.tensor([[3, 4], [8, 8]])
+batches = list(forward.backward_units(layer, units, levels=[layer], batch_size=1))
+assert len(batches) == 2 and all(b.offset_grads for b in batches)
+"""
+
+
+def test_the_backwards_of_units_do_not_import_sympy() -> None:
+    """A tensor ``grad_outputs`` makes torch check its shape through torch.fx's symbolic shapes,
+    which imports sympy (0.45 s); the unit backwards take the gradient of a scalar instead."""
+    assert _imported_after(_BACKWARDS, ("sympy",)) == []
+    # not vacuous: torch's own way imports it
+    assert _imported_after(
+        "import torch\nx = torch.ones(2, requires_grad=True)\n"
+        "torch.autograd.grad(x * 2, x, torch.ones(2))",
+        ("sympy",),
+    ) == ["sympy"]

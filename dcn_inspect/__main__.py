@@ -1,3 +1,3 @@
-from dcn_inspect.cli import main
+from dcn_inspect.cli import run
 
-main()
+run()

@@ -1518,6 +1518,40 @@ def test_figure_titles_keep_the_unit_position_channel_and_legends_stay_inside(
     _texts_inside(figure)
 
 
+@pytest.mark.parametrize("search", [True, False], ids=["saliency", "no-saliency"])
+def test_legend_names_the_saliency_region_only_where_one_is_drawn(
+    search: bool, tiny: Dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.colors import to_hex
+    from matplotlib.patches import Rectangle
+
+    from dcn_inspect.commands.receptive_field import receptive_field
+    from dcn_inspect.report.receptive_field import SALIENCY_COLOUR
+
+    unbiased = tiny["root"] / "tiny_unbiased.py"  # every masked response 0: regions are found
+    unbiased.write_text(BIASED_SOURCE)
+    figures = _captured_figure(monkeypatch)
+    receptive_field(
+        [tiny["image"]],
+        model=f"{unbiased}:build_unbiased",
+        at=["20,16"],
+        out=tiny["root"] / "out",
+        progress=False,
+        **({} if search else {"saliency_error": None}),
+    )
+    (figure,) = figures
+    labels = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert "unit" in labels and "theoretical receptive field" in labels
+    assert ("saliency region" in labels) == search
+    boxes = [
+        p
+        for ax in figure.axes
+        for p in ax.patches
+        if isinstance(p, Rectangle) and to_hex(p.get_edgecolor()) == to_hex(SALIENCY_COLOUR)
+    ]
+    assert len(boxes) == (1 if search else 0)
+
+
 def test_figure_titles_say_random_weights(
     tiny: Dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

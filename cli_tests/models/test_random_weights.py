@@ -50,6 +50,26 @@ def test_a_registered_architecture_without_weights_warns_and_notes_it_in_its_sum
     assert loaded.titled("scene.png") == "scene.png (random weights)"
 
 
+def test_random_weights_are_the_same_on_every_run_and_leave_the_random_state_alone(
+    no_bundled_weights: None,
+) -> None:
+    """Same inputs, same bytes: the initialisation is seeded (``summary.json`` names the seed),
+    and loading does not move the caller's random stream."""
+    import torch
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with pytest.warns(DcnInspectWarning):
+        first = load_model("dcn-sample")
+    assert torch.equal(torch.rand(3), expected_next)
+    with pytest.warns(DcnInspectWarning):
+        second = load_model("dcn-sample")
+    one, two = first.model.state_dict(), second.model.state_dict()
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert first.summary()["random_weights_seed"] == 0
+
+
 def test_trained_weights_give_no_warning_and_no_note() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", DcnInspectWarning)

@@ -21,6 +21,9 @@ from dcn_inspect.models.registry import Preprocess
 #: trained): the warning, ``summary.json``'s ``model.note`` and, shorter, the figure titles.
 RANDOM_WEIGHTS_NOTE = "random weights: no weights given and none bundled, the offsets are untrained"
 RANDOM_WEIGHTS_TITLE = "random weights"
+#: The seed of that random initialisation: the same untrained model, and the same bytes, on
+#: every run (``summary.json``'s ``model.random_weights_seed``).
+RANDOM_WEIGHTS_SEED = 0
 
 
 @dataclass
@@ -60,6 +63,7 @@ class LoadedModel:
             summary["import"] = self.meta["import"]
         if self.random_weights:
             summary["random_weights"] = True
+            summary["random_weights_seed"] = RANDOM_WEIGHTS_SEED
             summary["note"] = RANDOM_WEIGHTS_NOTE
         return summary
 

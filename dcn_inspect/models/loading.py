@@ -28,6 +28,7 @@ from dcn_inspect.models.checkpoint import (
 )
 from dcn_inspect.models.loaded_model import (
     RANDOM_WEIGHTS_NOTE,
+    RANDOM_WEIGHTS_SEED,
     LoadedModel,
     model_device,
     warn_non_finite_weights,
@@ -173,7 +174,10 @@ def load_model(
         arch = registry.get(spec)
         path = Path(weights) if weights is not None else arch.bundled_weights
         if path is None:
-            model = arch.build()
+            # seeded, and the caller's random state left as it was
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_WEIGHTS_SEED)
+                model = arch.build()
             loaded = LoadedModel(
                 model, spec, arch.name, dict(arch.default_config), arch.preprocess, "registered"
             )

@@ -21,9 +21,14 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import matplotlib as mpl
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.axis import Axis
+from matplotlib.backends.backend_agg import RendererAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 
 from dcn_inspect.analysis.category_stats import CategoryStats
 from dcn_inspect.analysis.size_categories import CATEGORIES
@@ -34,6 +39,12 @@ DISPLAY_BINS = 60
 MIN_DISPLAY_BINS = 8
 #: Panels per figure row.
 COLUMNS = 3
+#: One panel's size, inches (axes and the labels around them).
+PANEL_WIDTH, PANEL_HEIGHT = 4.2, 3.2
+#: Panel title and suptitle font sizes, points.
+TITLE_SIZE, SUPTITLE_SIZE = 10, 11
+#: Space kept around texts, points.
+TEXT_PAD = 4.0
 
 
 def display_range(layer_stats: CategoryStats) -> tuple:
@@ -86,35 +97,87 @@ def draw_dilation_histograms(
     names = list(stats)
     columns = min(COLUMNS, max(1, len(names)))
     rows = max(1, math.ceil(len(names) / columns))
-    figure = Figure(figsize=(4.2 * columns, 3.2 * rows), constrained_layout=True)
-    for k, name in enumerate(names):
-        axes = figure.add_subplot(rows, columns, k + 1)
-        layer_stats = stats[name]
-        # Each layer on its own range: deformation differs a lot between layers.
-        low, high = display_range(layer_stats)
-        edges = np.linspace(low, high, display_bins(layer_stats, low, high) + 1)
-        centres = 0.5 * (edges[:-1] + edges[1:])
-        for c, category in enumerate(CATEGORIES):
-            n = int(layer_stats.count[c])
-            if n == 0:
-                continue
-            density = category_density(layer_stats, c, edges)
-            colour = COLOURS[category]
-            axes.step(centres, density, where="mid", color=colour, label=f"{category} (n={n})")
-            axes.axvline(float(layer_stats.mean[c]), color=colour, linestyle="--", linewidth=0.8)
-        axes.set_title(name, fontsize=10)
-        axes.set_xlabel(f"effective dilation ({units})")
-        axes.set_ylabel("density")
-        axes.set_xlim(low, high)
-        if axes.get_legend_handles_labels()[0]:
-            axes.legend(fontsize=7, frameon=False)
     title = titled(
         f"Effective dilation by object size (thresholds: {thresholds_name}; dashed: mean)"
     )
     # Wrapped to the figure's width (about 12 characters of 11 pt text per inch): one panel's
     # figure is narrower than the title.
-    figure.suptitle(textwrap.fill(title, width=int(4.2 * columns * 12)), fontsize=11)
+    title = textwrap.fill(title, width=int(PANEL_WIDTH * columns * 12))
+    title_height = (title.count("\n") + 1) * SUPTITLE_SIZE * 1.2 + 2 * TEXT_PAD  # points
+    figure = Figure(figsize=(PANEL_WIDTH * columns, PANEL_HEIGHT * rows + title_height / 72))
+    axes_list = [figure.add_subplot(rows, columns, k + 1) for k in range(len(names))]
+    for axes, name in zip(axes_list, names):
+        _draw_layer(axes, name, stats[name], units)
+    figure.suptitle(title, fontsize=SUPTITLE_SIZE, y=1 - TEXT_PAD / 72 / figure.get_figheight())
+    _place_panels(figure, axes_list, (rows, columns), title_height)
     return figure
+
+
+def _draw_layer(axes: Axes, name: str, layer_stats: CategoryStats, units: str) -> None:
+    """One layer's panel: a density curve and a dashed mean per non-empty category."""
+    # Each layer on its own range: deformation differs a lot between layers.
+    low, high = display_range(layer_stats)
+    edges = np.linspace(low, high, display_bins(layer_stats, low, high) + 1)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    for c, category in enumerate(CATEGORIES):
+        n = int(layer_stats.count[c])
+        if n == 0:
+            continue
+        density = category_density(layer_stats, c, edges)
+        colour = COLOURS[category]
+        axes.step(centres, density, where="mid", color=colour, label=f"{category} (n={n})")
+        axes.axvline(float(layer_stats.mean[c]), color=colour, linestyle="--", linewidth=0.8)
+    axes.set_title(name, fontsize=TITLE_SIZE)
+    axes.set_xlabel(f"effective dilation ({units})")
+    axes.set_ylabel("density")
+    axes.set_xlim(low, high)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=7, frameon=False)
+
+
+def _place_panels(
+    figure: Figure, axes_list: List[Axes], grid: Tuple[int, int], title_height: float
+) -> None:
+    """Margins from the texts' measured sizes: the widest tick labels of any panel, one line of
+    tick labels, axis label and panel title; ``title_height`` (points) on top for the suptitle.
+
+    A fixed layout computed once: matplotlib's constrained layout measured every tick of every
+    panel in an extra draw, a second of a 13-panel figure's saving (``bench/commands.py``).
+    """
+    rows, columns = grid
+    width, height = figure.get_figwidth() * 72, figure.get_figheight() * 72  # points
+    label_size = FontProperties(size=mpl.rcParams["axes.labelsize"]).get_size_in_points()
+    tick_size = FontProperties(size=mpl.rcParams["ytick.labelsize"]).get_size_in_points()
+    tick_room = mpl.rcParams["ytick.major.size"] + mpl.rcParams["ytick.major.pad"]
+    label_room = label_size * 1.2 + mpl.rcParams["axes.labelpad"]
+    figure.subplots_adjust(left=0.1, right=0.9)  # positions for the locators; final below
+    renderer, font = RendererAgg(1, 1, 72), FontProperties(size=tick_size)  # 72 dpi: points
+    widest_y = max([_widest_tick_label(a.yaxis, renderer, font) for a in axes_list] + [0.0])
+    widest_x = max([_widest_tick_label(a.xaxis, renderer, font) for a in axes_list] + [0.0])
+    left = TEXT_PAD + label_room + tick_room + widest_y
+    right = TEXT_PAD + widest_x / 2  # a tick at the right end is centred on the frame's edge
+    bottom = TEXT_PAD + label_room + tick_room + tick_size * 1.2
+    top = TEXT_PAD + mpl.rcParams["axes.titlepad"] + TITLE_SIZE * 1.2
+    cell_width, cell_height = width / columns, (height - title_height) / rows
+    axes_width, axes_height = cell_width - left - right, cell_height - top - bottom
+    figure.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - (title_height + top) / height,
+        wspace=(left + right) / axes_width,
+        hspace=(top + bottom) / axes_height,
+    )
+
+
+def _widest_tick_label(axis: Axis, renderer: RendererAgg, font: FontProperties) -> float:
+    """Width (``renderer``'s pixels) of the widest tick label ``axis`` will draw: its locator
+    and formatter on its view limits, as the draw calls them."""
+    low, high = sorted(axis.get_view_interval())
+    locations = [v for v in axis.get_major_locator()() if low <= v <= high]
+    labels = axis.get_major_formatter().format_ticks(locations)
+    sizes = [renderer.get_text_width_height_descent(t, font, ismath="$" in t) for t in labels]
+    return max([float(size[0]) for size in sizes] + [0.0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -254,6 +254,13 @@ def draw_receptive_field_figure(
     titles = [_wrapped(panel.title, PANEL_WIDTH - 0.1, 7) for panel in shown]
     title_lines = max([t.count("\n") + 1 for t in titles] or [0])
     label = _wrapped(ERF_LABEL, figure_width - 0.2, 8)
+    # a box no panel draws (no saliency search, no theoretical field) has no legend entry
+    drawn = (
+        True,
+        any(p.theoretical is not None for p in shown),
+        any(p.saliency is not None for p in shown),
+    )
+    legend_labels = [name if keep else "" for name, keep in zip(legend_labels, drawn)]
     legend = _legend(shown, figure_width, legend_labels)
     # per row: the panel and its title (7 pt lines); below: colour bar, its label, the legend
     below = 0.55 + 0.16 * (label.count("\n") + 1) + 0.17 * legend.rows
