@@ -15,10 +15,12 @@ own resize gives an 800x1067 input, padded to 800x1088). Each pair is two whole 
 The hand-written scripts build the model and preprocess with the public library API
 (``dcn_inspect.models.registry``, ``dcn_inspect.io.images.read_model_input``: the model's own
 resize, normalisation and padding, so the forwards have the same sizes), never the CLI, and run
-under the same environment (same torch thread count). ``--repeats`` rounds, the command and its
-hand-written twin back to back in each (which runs first alternates), so a busy machine slows
-both alike; reported: the medians of the seconds, the median of the rounds' ratios (the verdict)
-and each round's ratio.
+under the same environment (same torch thread count) and end as a script does, through Python's
+teardown, which the command skips once its outputs are written (``dcn_inspect.cli.run``: 0.4-0.7
+s of every torch process on a 2-core CPU; ``--twins-skip-teardown`` ends them that way too).
+``--repeats`` rounds, the command and its hand-written twin back to back in each (which runs
+first alternates), so a busy machine slows both alike; reported: the medians of the seconds,
+the median of the rounds' ratios (the verdict) and each round's ratio.
 
     .venv/bin/python bench/commands.py                      # all three, --repeats 3
     .venv/bin/python bench/commands.py --only sample-points --repeats 5
@@ -95,6 +97,14 @@ for ux, uy in units:
 print("threads", torch.get_num_threads())
 """
 )
+
+
+#: ``--twins-skip-teardown``: the twins end as ``dcn_inspect.cli.run`` ends the command.
+SKIP_TEARDOWN = """
+import os
+sys.stdout.flush()
+os._exit(0)
+"""
 
 
 def photo_like(seed: int, width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
@@ -202,14 +212,21 @@ def main(argv: Sequence[str] = ()) -> None:
     parser.add_argument("--model", default="resnet50-dcn-mmdet")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=COMMANDS, action="append")
+    parser.add_argument(
+        "--twins-skip-teardown",
+        action="store_true",
+        help="end the hand-written scripts as the command ends (os._exit once done): what the "
+        "command's own work costs, its faster exit left out",
+    )
     args = parser.parse_args(list(argv) or None)
     chosen = args.only or list(COMMANDS)
     root = Path(tempfile.mkdtemp(prefix="dcn-bench-commands-"))
     try:
         image, dataset = write_inputs(root / "data")
         scripts = {"forward": root / "hand_forward.py", "backward": root / "hand_backward.py"}
-        scripts["forward"].write_text(HAND_FORWARD)
-        scripts["backward"].write_text(HAND_BACKWARD)
+        ending = SKIP_TEARDOWN if args.twins_skip_teardown else ""
+        scripts["forward"].write_text(HAND_FORWARD + ending)
+        scripts["backward"].write_text(HAND_BACKWARD + ending)
         runs = pairs(args.model, image, dataset, scripts)
         times: Dict[str, List[Tuple[float, float]]] = {name: [] for name in chosen}
         for round_ in range(args.repeats):

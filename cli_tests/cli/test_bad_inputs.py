@@ -1112,12 +1112,20 @@ def _noise_dataset(root: Path, count: int, side: int = 64) -> Path:
     return path
 
 
+def _interruptible() -> None:
+    """In the child before it runs: Ctrl-C back to its default. A shell's background job (``make
+    test &``) starts with SIGINT ignored, which Python and the command then keep, as they
+    should; these tests are about a run that can be interrupted."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args: List[str], **kwargs: object) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "dcn_inspect", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_interruptible,
         **kwargs,
     )
 

@@ -134,8 +134,7 @@ def run() -> None:
     happen at exit (``atexit`` callbacks, ``weakref.finalize`` of open runs, logging) runs here,
     the standard streams are flushed, then ``os._exit``. When another non-daemon thread is
     still alive, or a profiler or tracer (``python -m cProfile``, coverage) watches, the normal
-    exit runs instead. Tests call :func:`main` (it raises
-    ``SystemExit`` as before).
+    exit runs instead. Tests call :func:`main`, which ends in ``SystemExit`` as before.
     """
     try:
         main()
