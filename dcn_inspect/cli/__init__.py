@@ -154,7 +154,7 @@ def run() -> None:
     watched = sys.getprofile() is not None or sys.gettrace() is not None
     if working or watched:
         sys.exit(code)
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # what Python's own exit runs (CPython's, there since 3.0)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
