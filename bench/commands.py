@@ -122,25 +122,40 @@ def photo_like(seed: int, width: int = WIDTH, height: int = HEIGHT) -> Image.Ima
     return Image.fromarray(field.clip(0, 255).astype(np.uint8))
 
 
-def write_inputs(folder: Path) -> Tuple[Path, Path]:
-    """(one image, a COCO json of DATASET_IMAGES images with a few boxes each) under ``folder``."""
-    images = folder / "images"
+def write_photo_dataset(
+    images: Path,
+    count: int,
+    size: Tuple[int, int],
+    sides: Sequence[int],
+    stem: str,
+    jitter: bool = False,
+) -> Path:
+    """``count`` photo-like JPEGs of ``size`` (width, height) in ``images`` and a COCO json beside
+    them with one box per image and side of ``sides`` (squares; ``jitter``: width and height each
+    the side times U(0.8, 1.2)) at random places -> the json's path. ``bench/scale.py`` uses it
+    too."""
     images.mkdir(parents=True)
+    width, height = size
     rng = np.random.default_rng(0)
     entries, annotations = [], []
-    for k in range(DATASET_IMAGES):
-        name = f"photo_{k:02d}.jpg"
-        photo_like(k).save(images / name, quality=90)
-        entries.append({"id": k + 1, "file_name": name, "width": WIDTH, "height": HEIGHT})
-        for side in (24, 80, 300):  # one small, medium and large box per image
-            x, y = rng.uniform(0, WIDTH - side), rng.uniform(0, HEIGHT - side)
+    for k in range(count):
+        name = f"{stem}_{k:03d}.jpg"
+        photo_like(k, width, height).save(images / name, quality=90)
+        entries.append({"id": k + 1, "file_name": name, "width": width, "height": height})
+        for side in sides:
+            w, h = (
+                (float(side * rng.uniform(0.8, 1.2)), float(side * rng.uniform(0.8, 1.2)))
+                if jitter
+                else (float(side), float(side))
+            )
+            x, y = float(rng.uniform(0, width - w)), float(rng.uniform(0, height - h))
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": k + 1,
                     "category_id": 1,
-                    "bbox": [round(x, 1), round(y, 1), side, side],
-                    "area": float(side * side),
+                    "bbox": [round(x, 1), round(y, 1), round(w, 1), round(h, 1)],
+                    "area": round(w, 1) * round(h, 1),
                     "iscrowd": 0,
                 }
             )
@@ -151,7 +166,16 @@ def write_inputs(folder: Path) -> Tuple[Path, Path]:
     }
     dataset = images / "annotations.json"
     dataset.write_text(json.dumps(coco))
-    return images / entries[0]["file_name"], dataset
+    return dataset
+
+
+def write_inputs(folder: Path) -> Tuple[Path, Path]:
+    """(one image, a COCO json of DATASET_IMAGES images with one small, medium and large box
+    each) under ``folder``."""
+    dataset = write_photo_dataset(
+        folder / "images", DATASET_IMAGES, (WIDTH, HEIGHT), (24, 80, 300), "photo"
+    )
+    return dataset.parent / "photo_000.jpg", dataset
 
 
 def cli() -> List[str]:

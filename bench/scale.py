@@ -38,8 +38,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-import numpy as np
-from commands import photo_like  # bench/commands.py: the same photo-like test images
+from commands import write_photo_dataset  # bench/commands.py: the same photo-like images
 
 COCO_VAL2017_IMAGES = 5000
 HEIGHT, WIDTH = 800, 1333
@@ -47,35 +46,9 @@ HEIGHT, WIDTH = 800, 1333
 
 def write_dataset(folder: Path, count: int) -> Path:
     """``count`` JPEGs and a COCO json with small, medium and large boxes."""
-    images_dir = folder / "images"
-    images_dir.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    images, annotations = [], []
-    for k in range(count):
-        name = f"scale_{k:03d}.jpg"
-        photo_like(k, WIDTH, HEIGHT).save(images_dir / name, quality=90)
-        images.append({"id": k + 1, "file_name": name, "width": WIDTH, "height": HEIGHT})
-        for side in (40, 150, 420):
-            w, h = float(side * rng.uniform(0.8, 1.2)), float(side * rng.uniform(0.8, 1.2))
-            x, y = float(rng.uniform(0, WIDTH - w)), float(rng.uniform(0, HEIGHT - h))
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": k + 1,
-                    "category_id": 1,
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
-    coco = {
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": 1, "name": "object"}],
-    }
-    path = folder / "instances.json"
-    path.write_text(json.dumps(coco))
-    return path
+    return write_photo_dataset(
+        folder / "images", count, (WIDTH, HEIGHT), (40, 150, 420), "scale", jitter=True
+    )
 
 
 def run_timed(command: Sequence[str], env: Dict[str, str]) -> float:
